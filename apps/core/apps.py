@@ -1,0 +1,9 @@
+"""App configuration of ``apps.core``."""
+
+from django.apps import AppConfig
+
+
+class CoreConfig(AppConfig):
+    name = "apps.core"
+    label = "core"
+    verbose_name = "Accounts and quotas"

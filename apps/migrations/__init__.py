@@ -1,0 +1,1 @@
+"""VM migrations between nodes: requests, their state machine, progress and audit trail."""

@@ -1,0 +1,29 @@
+"""Modes, statuses and phases of a VM migration."""
+
+from django.db import models
+
+
+class MigrationMode(models.TextChoices):
+    LIVE = "live", "Live"
+    COLD = "cold", "Cold"
+
+
+class MigrationStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    PREPARING = "preparing", "Preparing"
+    TRANSFERRING = "transferring", "Transferring"
+    SWITCHING = "switching", "Switching"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class MigrationPhase(models.TextChoices):
+    NONE = "", "None"
+    DISK = "disk", "Disk"
+    MEMORY = "memory", "Memory"
+
+
+ACTIVE_STATUSES = frozenset(
+    {MigrationStatus.QUEUED, MigrationStatus.PREPARING, MigrationStatus.TRANSFERRING, MigrationStatus.SWITCHING}
+)

@@ -1,0 +1,49 @@
+"""A VM migration request and its recorded outcome."""
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from apps.vms.models import VM, Node
+
+from .choices import ACTIVE_STATUSES, MigrationMode, MigrationPhase, MigrationStatus
+
+
+class Migration(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vm = models.ForeignKey(VM, on_delete=models.CASCADE, related_name="migrations")
+    source_node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="outgoing_migrations", db_index=False)
+    dest_node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="incoming_migrations")
+    mode = models.CharField(max_length=8, choices=MigrationMode.choices, default=MigrationMode.LIVE)
+    status = models.CharField(max_length=16, choices=MigrationStatus.choices, default=MigrationStatus.QUEUED)
+    phase = models.CharField(max_length=8, choices=MigrationPhase.choices, default=MigrationPhase.NONE, blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="requested_migrations"
+    )
+    bandwidth_limit_mbps = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    stats = models.JSONField(default=dict, blank=True, help_text="Final statistics: bytes, downtime, durations.")
+
+    class Meta:
+        db_table = "migrations"
+        ordering = ("-created_at", "-id")
+        indexes = [
+            models.Index(fields=["status"], name="migrations_status_idx"),
+            models.Index(fields=["source_node", "dest_node"], name="migrations_nodes_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=("vm",),
+                condition=Q(status__in=sorted(ACTIVE_STATUSES)),
+                name="one_active_migration_per_vm",
+            ),
+            models.CheckConstraint(condition=~Q(source_node=models.F("dest_node")), name="migration_nodes_differ"),
+        ]
+
+    def __str__(self) -> str:
+        return f"migration {self.id} of {self.vm_id}"

@@ -1,0 +1,1 @@
+"""Monitoring: API request logs, metrics, alert rules and alerts."""

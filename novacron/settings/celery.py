@@ -1,0 +1,26 @@
+"""Celery: Redis broker, JSON only, a ``control`` queue and one ``node.<name>`` queue per node."""
+
+from .cache import REDIS_URL
+from .env import env, env_int
+
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", REDIS_URL, help="Celery broker URL (default: REDIS_URL).")
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_TASK_DEFAULT_QUEUE = "control"
+CELERY_TASK_ROUTES = {"apps.*": {"queue": "control"}}
+# At-least-once delivery: a task is acknowledged after it ran, and redelivered when its worker dies.
+# Every task is idempotent (state transitions check the current state), so a redelivery is harmless.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # Longer than the longest task (a cold migration of a large disk), so no task is redelivered while it runs.
+    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 6 * 3600, help="Seconds before an unacked task is redelivered."),
+}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_WORKER_SEND_TASK_EVENTS = True

@@ -1,0 +1,34 @@
+"""Database: PostgreSQL through psycopg 3 and its connection pool; SQLite as the embedded default."""
+
+from typing import Any
+
+import dj_database_url
+
+from .base import VAR_DIR
+from .env import env, env_int
+
+DATABASE_URL = env(
+    "DATABASE_URL",
+    f"sqlite:///{VAR_DIR / 'novacron.sqlite3'}",
+    help="Database URL, e.g. postgres://user:pass@host:5432/novacron; default a SQLite file under var/.",
+)
+
+_database: dict[str, Any] = dict(dj_database_url.parse(DATABASE_URL))
+if _database["ENGINE"] == "django.db.backends.postgresql":
+    # Django's own psycopg pool: persistent connections must stay off (CONN_MAX_AGE=0) with it.
+    _database["CONN_MAX_AGE"] = 0
+    _database.setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("DB_POOL_MIN", 2, help="PostgreSQL pool: connections kept open per process."),
+        "max_size": env_int("DB_POOL_MAX", 8, help="PostgreSQL pool: most connections per process."),
+        "max_lifetime": env_int("DB_POOL_MAX_LIFETIME", 1800, help="PostgreSQL pool: seconds before recycling."),
+        "max_idle": env_int("DB_POOL_MAX_IDLE", 300, help="PostgreSQL pool: seconds an idle connection is kept."),
+        "timeout": env_int("DB_POOL_TIMEOUT", 10, help="PostgreSQL pool: seconds to wait for a connection."),
+    }
+    # With the pool, Django turns this into psycopg_pool's check on checkout: a backend killed by
+    # pg_terminate_backend is replaced, not handed to a request.
+    _database["CONN_HEALTH_CHECKS"] = True
+else:
+    _database.setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+DATABASES = {"default": _database}
