@@ -1,0 +1,112 @@
+"""Where a node keeps its VMs: the on-disk layout under the data directory.
+
+    DATA/disks/<uuid>.qcow2            the VM's disk (overlay on the image's base, or an empty qcow2)
+    DATA/run/<uuid>/                   mode 0700, one per VM created on this node
+        spec.json                      the VmSpec it was created from
+        qmp.sock                       QMP monitor socket (mode 0600)
+        serial.log, serial.log.1       serial console of this run and of the previous one
+        qemu.pid                       written (and locked) by QEMU itself
+        exit.json                      how the last run ended, when the driver knows
+        lock                           flock taken by every driver operation on this VM
+    DATA/accel-probe.json              cached result of the KVM probe
+
+A unix socket path must fit in ``sun_path`` (108 bytes with the NUL), so the data directory path is
+checked here rather than failing later inside QEMU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.qemu.errors import DataDirError
+
+UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) minus the terminating NUL on Linux
+UUID_LEN = 36
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """The files of one VM."""
+
+    disk: Path
+    run_dir: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.run_dir / "spec.json"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "serial.log"
+
+    @property
+    def previous_serial_log(self) -> Path:
+        return self.run_dir / "serial.log.1"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def exit_record(self) -> Path:
+        return self.run_dir / "exit.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir / "lock"
+
+
+@dataclass(frozen=True)
+class NodeLayout:
+    """The data directory of one node."""
+
+    data_dir: Path
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.data_dir / "disks"
+
+    @property
+    def run_root(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def probe_cache(self) -> Path:
+        return self.data_dir / "accel-probe.json"
+
+    def vm(self, uuid: str) -> VmPaths:
+        return VmPaths(disk=self.disks_dir / f"{uuid}.qcow2", run_dir=self.run_root / uuid)
+
+    def ensure(self) -> None:
+        """Create the directories and prove they are writable; raise `DataDirError` otherwise."""
+        longest_socket = len(str(self.run_root.absolute())) + 1 + UUID_LEN + len("/qmp.sock")
+        if longest_socket > UNIX_PATH_MAX:
+            raise DataDirError(
+                f"data dir {self.data_dir} is too long: QMP socket paths under it would be {longest_socket} "
+                f"bytes, the limit for unix sockets is {UNIX_PATH_MAX}; choose a shorter path"
+            )
+        try:
+            self.disks_dir.mkdir(parents=True, exist_ok=True)
+            self.run_root.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.run_root, 0o700)
+            for directory in (self.disks_dir, self.run_root):
+                probe = directory / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+        except OSError as exc:
+            raise DataDirError(
+                f"data dir {self.data_dir} is not writable ({exc.strerror or exc}); "
+                "create it and give the node worker's user write access"
+            ) from exc
+
+    def vm_uuids(self) -> list[str]:
+        """The uuids of the VMs that have a run directory, sorted."""
+        if not self.run_root.is_dir():
+            return []
+        return sorted(entry.name for entry in self.run_root.iterdir() if entry.is_dir())
