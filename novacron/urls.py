@@ -1,6 +1,19 @@
-"""URL routes: the API under /api/v1/, health probes, admin."""
+"""URL routes: the API under /api/v1/, health probes, admin, and JSON errors for API paths."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+from apps.core.views import healthz, readyz
+
+urlpatterns = [
+    path("api/v1/", include("apps.core.urls")),
+    path("api-auth/", include("rest_framework.urls")),
+    path("healthz", healthz, name="healthz"),
+    path("readyz", readyz, name="readyz"),
+    path("admin/", admin.site.urls),
+]
+
+handler404 = "apps.core.handlers.not_found"
+handler500 = "apps.core.handlers.server_error"
+handler400 = "apps.core.handlers.bad_request"
+handler403 = "apps.core.handlers.permission_denied"

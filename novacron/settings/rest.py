@@ -42,4 +42,14 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": "/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "NodeStatusEnum": "apps.vms.choices.NodeStatus",
+        "VMStateEnum": "apps.vms.choices.VMState",
+        "ImageKindEnum": "apps.vms.choices.ImageKind",
+        "BatchKindEnum": "apps.vms.choices.BatchKind",
+        "BatchStatusEnum": "apps.vms.choices.BatchStatus",
+        "BatchItemStatusEnum": "apps.vms.choices.BatchItemStatus",
+        "MigrationStatusEnum": "apps.migrations.choices.MigrationStatus",
+        "MigrationModeEnum": "apps.migrations.choices.MigrationMode",
+    },
 }

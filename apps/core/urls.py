@@ -1,0 +1,25 @@
+"""Routes of the API v1: every app's endpoints under one router."""
+
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from apps.migrations.views import MigrationViewSet
+from apps.vms.views import BatchViewSet, ImageViewSet, MeView, NodeViewSet, VMViewSet
+
+from .views import TokenView
+
+router = DefaultRouter()
+router.register("vms", VMViewSet, basename="vm")
+router.register("batches", BatchViewSet, basename="batch")
+router.register("nodes", NodeViewSet, basename="node")
+router.register("images", ImageViewSet, basename="image")
+router.register("migrations", MigrationViewSet, basename="migration")
+
+urlpatterns = [
+    path("auth/token/", TokenView.as_view(), name="token"),
+    path("users/me/", MeView.as_view(), name="me"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("", include(router.urls)),
+]

@@ -1,0 +1,132 @@
+"""Django admin for the fleet: VMs (with lifecycle actions), nodes, images, quotas and batches."""
+
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+
+from apps.core.errors import NovaCronError
+from apps.migrations.choices import MigrationMode
+from apps.migrations.services import migration_request
+
+from . import services
+from .choices import VMAction
+from .models import VM, BatchItem, BatchOperation, Image, Node, Quota
+
+
+def _each(modeladmin: admin.ModelAdmin[VM], request: HttpRequest, queryset: QuerySet[VM], verb: str, call: object) -> None:
+    done, failed = 0, []
+    for vm in queryset:
+        try:
+            call(vm)  # type: ignore[operator]
+            done += 1
+        except NovaCronError as exc:
+            failed.append(f"{vm.name}: {exc.message}")
+    if done:
+        modeladmin.message_user(request, f"{verb} requested for {done} VM(s).", messages.SUCCESS)
+    for line in failed:
+        modeladmin.message_user(request, line, messages.ERROR)
+
+
+@admin.register(VM)
+class VMAdmin(admin.ModelAdmin[VM]):
+    list_display = ("name", "state", "node", "owner", "image", "vcpus", "memory_mb", "disk_gb", "created_at")
+    list_filter = ("state", "node", "image")
+    search_fields = ("name", "id", "owner__username")
+    list_select_related = ("node", "owner", "image")
+    readonly_fields = ("id", "owner", "node", "state", "state_reason", "pending_action", "created_at", "updated_at", "deleted_at")
+    fields = ("id", "name", "owner", "image", "node", "state", "state_reason", "pending_action", "vcpus", "memory_mb", "disk_gb", "created_at", "updated_at", "deleted_at")
+    actions = ("start_vms", "stop_vms", "reboot_vms", "live_migrate_vms", "delete_vms")
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # VMs are created through the API, which places them and reserves capacity
+
+    def has_delete_permission(self, request: HttpRequest, obj: VM | None = None) -> bool:
+        return False  # deletion goes through the node: use the "Delete" action
+
+    @admin.action(description="Start selected VMs")
+    def start_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
+        _each(self, request, queryset, "Start", lambda vm: services.vm_request_action(vm=vm, action=VMAction.START))
+
+    @admin.action(description="Stop selected VMs")
+    def stop_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
+        _each(self, request, queryset, "Stop", lambda vm: services.vm_request_action(vm=vm, action=VMAction.STOP))
+
+    @admin.action(description="Reboot selected VMs")
+    def reboot_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
+        _each(self, request, queryset, "Reboot", lambda vm: services.vm_request_action(vm=vm, action=VMAction.REBOOT))
+
+    @admin.action(description="Live-migrate selected VMs (scheduler picks the destination)")
+    def live_migrate_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
+        _each(
+            self,
+            request,
+            queryset,
+            "Migration",
+            lambda vm: migration_request(vm=vm, requested_by=request.user, mode=MigrationMode.LIVE),
+        )
+
+    @admin.action(description="Delete selected VMs (through their nodes)")
+    def delete_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
+        _each(self, request, queryset, "Deletion", lambda vm: services.vm_delete(vm=vm))
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin[Node]):
+    list_display = (
+        "name",
+        "status",
+        "address",
+        "dwcp_address",
+        "allocated_vcpus",
+        "vcpus",
+        "allocated_memory_mb",
+        "memory_mb",
+        "allocated_disk_gb",
+        "disk_gb",
+        "last_heartbeat",
+    )
+    list_filter = ("status",)
+    search_fields = ("name", "address")
+    readonly_fields = ("allocated_vcpus", "allocated_memory_mb", "allocated_disk_gb", "hypervisor", "last_heartbeat")
+
+
+@admin.register(Image)
+class ImageAdmin(admin.ModelAdmin[Image]):
+    list_display = ("name", "kind", "format", "path", "kernel_path", "size_bytes", "created_at")
+    list_filter = ("kind", "format")
+    search_fields = ("name",)
+
+
+class BatchItemInline(admin.TabularInline[BatchItem, BatchOperation]):
+    model = BatchItem
+    fields = ("index", "vm", "status", "error", "updated_at")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+
+@admin.register(BatchOperation)
+class BatchOperationAdmin(admin.ModelAdmin[BatchOperation]):
+    list_display = ("id", "kind", "status", "owner", "total", "created_at", "finished_at")
+    list_filter = ("kind", "status")
+    readonly_fields = ("id", "owner", "kind", "status", "total", "created_at", "finished_at")
+    inlines = (BatchItemInline,)
+
+
+class QuotaInline(admin.StackedInline[Quota, object]):
+    model = Quota
+    can_delete = True
+    extra = 0
+    max_num = 1
+
+
+User = get_user_model()
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class NovaCronUserAdmin(UserAdmin):
+    inlines = (QuotaInline,)

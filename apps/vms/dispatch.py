@@ -1,0 +1,59 @@
+"""Sending work to node queues: always after the surrounding transaction commits.
+
+The control plane names node tasks through ``workers.contract`` and never imports node code.
+"""
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from celery import group
+from django.db import transaction
+
+from novacron.celery import app
+from workers import contract
+
+from .models import VM
+
+
+def vm_spec(vm: VM) -> dict[str, Any]:
+    """The VM description a node needs to create and run it (keys: ``contract.VM_SPEC_KEYS``)."""
+    image = vm.image
+    return {
+        "id": str(vm.id),
+        "name": vm.name,
+        "vcpus": vm.vcpus,
+        "memory_mb": vm.memory_mb,
+        "disk_gb": vm.disk_gb,
+        "image": {
+            "name": image.name,
+            "kind": image.kind,
+            "format": image.format,
+            "path": image.path,
+            "kernel_path": image.kernel_path,
+            "initrd_path": image.initrd_path,
+            "cmdline": image.cmdline,
+        },
+    }
+
+
+def _signature(vm: VM, task_name: str) -> Any:
+    assert vm.node is not None, "only VMs placed on a node get node tasks"
+    return app.signature(
+        task_name,
+        kwargs={"vm": vm_spec(vm), "request_id": uuid.uuid4().hex},
+        queue=contract.node_queue(vm.node.name),
+    )
+
+
+def send_on_commit(vm: VM, task_name: str) -> None:
+    """Send one node task for ``vm`` once the current transaction commits."""
+    signature = _signature(vm, task_name)
+    transaction.on_commit(signature.apply_async)
+
+
+def send_group(vms: Iterable[VM], task_name: str) -> None:
+    """Send one task per VM to each VM's node queue, as one Celery group (called outside transactions)."""
+    signatures = [_signature(vm, task_name) for vm in vms]
+    if signatures:
+        group(signatures).apply_async()

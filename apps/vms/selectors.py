@@ -1,0 +1,77 @@
+"""Reads of the fleet, always through the caller's tenancy: users see their own, staff see all."""
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
+
+from .choices import VMState
+from .models import VM, BatchOperation, Quota
+
+AnyUser = AbstractBaseUser | AnonymousUser
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_vms: int
+    max_vcpus: int
+    max_memory_mb: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    vms: int
+    vcpus: int
+    memory_mb: int
+
+
+def user_quota(*, user: AnyUser) -> Limits:
+    row = Quota.objects.filter(user_id=user.pk).values("max_vms", "max_vcpus", "max_memory_mb").first()
+    return Limits(**(row or Quota.defaults()))
+
+
+def user_usage(*, user: AnyUser) -> Usage:
+    totals = (
+        VM.objects.filter(owner_id=user.pk)
+        .exclude(state=VMState.DELETED)
+        .aggregate(vms=Count("id"), vcpus=Coalesce(Sum("vcpus"), 0), memory_mb=Coalesce(Sum("memory_mb"), 0))
+    )
+    return Usage(**totals)
+
+
+def user_profile(*, user: AnyUser) -> dict[str, Any]:
+    return {
+        "id": user.pk,
+        "username": user.get_username(),
+        "email": getattr(user, "email", ""),
+        "is_staff": bool(getattr(user, "is_staff", False)),
+        "quota": asdict(user_quota(user=user)),
+        "usage": asdict(user_usage(user=user)),
+    }
+
+
+def _is_staff(user: AnyUser) -> bool:
+    return bool(getattr(user, "is_staff", False))
+
+
+def vm_visible(*, user: AnyUser) -> QuerySet[VM]:
+    """Every VM ``user`` may see, deleted ones included (for detail lookups)."""
+    queryset = VM.objects.select_related("node", "image", "owner")
+    return queryset if _is_staff(user) else queryset.filter(owner_id=user.pk)
+
+
+def vm_list(*, user: AnyUser, state: str | None = None, include_deleted: bool = False) -> QuerySet[VM]:
+    """The VM list: live VMs unless ``state`` asks for another, newest first (index-backed)."""
+    queryset = vm_visible(user=user)
+    if state:
+        return queryset.filter(state=state)
+    if not include_deleted:
+        queryset = queryset.filter(~Q(state=VMState.DELETED))
+    return queryset
+
+
+def batch_visible(*, user: AnyUser) -> QuerySet[BatchOperation]:
+    queryset = BatchOperation.objects.all()
+    return queryset if _is_staff(user) else queryset.filter(owner_id=user.pk)

@@ -1,0 +1,207 @@
+"""Input and output shapes of the VM, batch, node, image and user endpoints."""
+
+from typing import Any
+
+from rest_framework import serializers
+
+from apps.core.serializers import NameOrIdField, StrictInputMixin
+
+from .choices import BatchItemStatus
+from .models import MAX_DISK_GB, MAX_MEMORY_MB, MAX_VCPUS, VM, BatchItem, BatchOperation, Image, Node, name_validator
+from .services import VMChanges, VMRequest
+
+
+class VMSerializer(serializers.ModelSerializer[VM]):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    node = serializers.CharField(source="node.name", read_only=True, allow_null=True, default=None)
+    image = serializers.CharField(source="image.name", read_only=True)
+
+    class Meta:
+        model = VM
+        fields = (
+            "id",
+            "name",
+            "owner",
+            "node",
+            "image",
+            "state",
+            "state_reason",
+            "pending_action",
+            "vcpus",
+            "memory_mb",
+            "disk_gb",
+            "created_at",
+            "updated_at",
+        )
+        read_only_fields = fields
+
+
+def _name_field(**kwargs: Any) -> serializers.CharField:
+    return serializers.CharField(max_length=63, validators=[name_validator], **kwargs)
+
+
+class VMCreateSerializer(StrictInputMixin, serializers.Serializer[VMRequest]):
+    name = _name_field()
+    image = NameOrIdField(Image.objects.all())
+    vcpus = serializers.IntegerField(min_value=1, max_value=MAX_VCPUS)
+    memory_mb = serializers.IntegerField(min_value=64, max_value=MAX_MEMORY_MB)
+    disk_gb = serializers.IntegerField(min_value=1, max_value=MAX_DISK_GB)
+    node = NameOrIdField(Node.objects.all(), required=False, allow_null=True)
+
+    def to_request(self) -> VMRequest:
+        return VMRequest(**self.validated_data)
+
+
+class VMUpdateSerializer(StrictInputMixin, serializers.Serializer[VMChanges]):
+    name = _name_field(required=False)
+    vcpus = serializers.IntegerField(min_value=1, max_value=MAX_VCPUS, required=False)
+    memory_mb = serializers.IntegerField(min_value=64, max_value=MAX_MEMORY_MB, required=False)
+    disk_gb = serializers.IntegerField(min_value=1, max_value=MAX_DISK_GB, required=False)
+
+    def to_changes(self) -> VMChanges:
+        return VMChanges(**self.validated_data)
+
+
+class VMBatchUpdateItemSerializer(VMUpdateSerializer):
+    id = serializers.UUIDField()
+
+
+class VMBatchCreateSerializer(StrictInputMixin, serializers.Serializer[Any]):
+    vms = VMCreateSerializer(many=True, allow_empty=False)
+
+
+class VMBatchUpdateSerializer(StrictInputMixin, serializers.Serializer[Any]):
+    vms = VMBatchUpdateItemSerializer(many=True, allow_empty=False)
+
+
+class VMBatchDeleteSerializer(StrictInputMixin, serializers.Serializer[Any]):
+    ids = serializers.ListField(child=serializers.UUIDField(), allow_empty=False)
+
+
+class BatchItemSerializer(serializers.ModelSerializer[BatchItem]):
+    vm = serializers.UUIDField(source="vm_id", read_only=True, allow_null=True)
+
+    class Meta:
+        model = BatchItem
+        fields = ("index", "vm", "status", "error", "updated_at")
+        read_only_fields = fields
+
+
+class BatchSerializer(serializers.ModelSerializer[BatchOperation]):
+    counts = serializers.SerializerMethodField()
+    items = BatchItemSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = BatchOperation
+        fields = ("id", "kind", "status", "total", "counts", "created_at", "finished_at", "items")
+        read_only_fields = fields
+
+    def get_counts(self, batch: BatchOperation) -> dict[str, int]:
+        items = batch.items.all()
+        counts = {status.value: 0 for status in BatchItemStatus}
+        for item in items:
+            counts[item.status] += 1
+        return counts
+
+
+class BatchSummarySerializer(BatchSerializer):
+    class Meta(BatchSerializer.Meta):
+        fields = ("id", "kind", "status", "total", "counts", "created_at", "finished_at")
+
+
+class NodeSerializer(StrictInputMixin, serializers.ModelSerializer[Node]):
+    free_vcpus = serializers.IntegerField(read_only=True)
+    free_memory_mb = serializers.IntegerField(read_only=True)
+    free_disk_gb = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Node
+        fields = (
+            "id",
+            "name",
+            "address",
+            "dwcp_address",
+            "status",
+            "status_reason",
+            "vcpus",
+            "memory_mb",
+            "disk_gb",
+            "allocated_vcpus",
+            "allocated_memory_mb",
+            "allocated_disk_gb",
+            "free_vcpus",
+            "free_memory_mb",
+            "free_disk_gb",
+            "hypervisor",
+            "last_heartbeat",
+            "created_at",
+            "updated_at",
+        )
+        read_only_fields = (
+            "status_reason",
+            "allocated_vcpus",
+            "allocated_memory_mb",
+            "allocated_disk_gb",
+            "hypervisor",
+            "last_heartbeat",
+            "created_at",
+            "updated_at",
+        )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        node = Node(**{**self._current(), **attrs})
+        node.clean()
+        return attrs
+
+    def _current(self) -> dict[str, Any]:
+        if self.instance is None:
+            return {}
+        return {
+            field: getattr(self.instance, field)
+            for field in ("allocated_vcpus", "allocated_memory_mb", "allocated_disk_gb", "vcpus", "memory_mb", "disk_gb")
+        }
+
+
+class ImageSerializer(StrictInputMixin, serializers.ModelSerializer[Image]):
+    class Meta:
+        model = Image
+        fields = (
+            "id",
+            "name",
+            "kind",
+            "format",
+            "path",
+            "size_bytes",
+            "checksum",
+            "kernel_path",
+            "initrd_path",
+            "cmdline",
+            "created_at",
+        )
+        read_only_fields = ("created_at",)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        current = {} if self.instance is None else {f: getattr(self.instance, f) for f in self.Meta.fields[1:-1]}
+        Image(**{**current, **attrs}).clean()
+        return attrs
+
+
+class QuotaSerializer(serializers.Serializer[Any]):
+    max_vms = serializers.IntegerField()
+    max_vcpus = serializers.IntegerField()
+    max_memory_mb = serializers.IntegerField()
+
+
+class UsageSerializer(serializers.Serializer[Any]):
+    vms = serializers.IntegerField()
+    vcpus = serializers.IntegerField()
+    memory_mb = serializers.IntegerField()
+
+
+class MeSerializer(serializers.Serializer[Any]):
+    id = serializers.IntegerField()
+    username = serializers.CharField()
+    email = serializers.CharField()
+    is_staff = serializers.BooleanField()
+    quota = QuotaSerializer()
+    usage = UsageSerializer()

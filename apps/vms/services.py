@@ -1,0 +1,477 @@
+"""Writes to the fleet: VM lifecycle requests, batches, node and image registration, node reports.
+
+Every service runs in one transaction, checks what a client can get wrong (400), quotas (403), state
+(409) and capacity (409) before writing anything, and sends node tasks only after commit.
+"""
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from apps.core.conf import novacron_setting
+from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
+from workers import contract
+
+from . import dispatch, scheduler
+from .choices import ACTIVE_STATES, BatchItemStatus, BatchKind, BatchStatus, NodeStatus, VMAction, VMState
+from .models import VM, BatchItem, BatchOperation, Image, Node
+from .selectors import user_quota, user_usage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VMRequest:
+    """A validated request for one VM (references already resolved)."""
+
+    name: str
+    image: Image
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    node: Node | None = None
+
+    @property
+    def demand(self) -> scheduler.Demand:
+        return scheduler.Demand(self.vcpus, self.memory_mb, self.disk_gb)
+
+
+@dataclass(frozen=True)
+class VMChanges:
+    """Changes to one VM; ``None`` means unchanged."""
+
+    name: str | None = None
+    vcpus: int | None = None
+    memory_mb: int | None = None
+    disk_gb: int | None = None
+
+    @property
+    def resizes(self) -> bool:
+        return any(value is not None for value in (self.vcpus, self.memory_mb, self.disk_gb))
+
+
+@dataclass
+class _Held:
+    """Capacity a VM holds, for releasing it."""
+
+    items: list[tuple[int, scheduler.Demand]] = field(default_factory=list)
+
+
+def _demand(vm: VM) -> scheduler.Demand:
+    return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
+
+
+def _lock_owner(owner: AbstractBaseUser) -> None:
+    """Serialize a user's quota-checked writes (concurrent creates cannot both pass the check)."""
+    get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+
+
+def _check_quota(owner: AbstractBaseUser, *, vms: int, vcpus: int, memory_mb: int) -> None:
+    limits = user_quota(user=owner)
+    usage = user_usage(user=owner)
+    problems = []
+    if usage.vms + vms > limits.max_vms:
+        problems.append(f"VMs {usage.vms}+{vms} > {limits.max_vms}")
+    if usage.vcpus + vcpus > limits.max_vcpus:
+        problems.append(f"vCPUs {usage.vcpus}+{vcpus} > {limits.max_vcpus}")
+    if usage.memory_mb + memory_mb > limits.max_memory_mb:
+        problems.append(f"memory {usage.memory_mb}+{memory_mb} MiB > {limits.max_memory_mb} MiB")
+    if problems:
+        raise QuotaExceeded("Quota exceeded: " + "; ".join(problems) + ".")
+
+
+def _check_new_names(owner: AbstractBaseUser, names: Sequence[str], key: Any) -> None:
+    errors: dict[str, list[str]] = {}
+    first_seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in first_seen:
+            errors[key(index)] = [f"Name {name!r} is repeated (first at item {first_seen[name]})."]
+        first_seen.setdefault(name, index)
+    taken = set(
+        VM.objects.filter(owner_id=owner.pk, name__in=set(names))
+        .exclude(state=VMState.DELETED)
+        .values_list("name", flat=True)
+    )
+    for index, name in enumerate(names):
+        if name in taken:
+            errors.setdefault(key(index), []).append(f"You already have a VM named {name!r}.")
+    if errors:
+        raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
+
+
+def _create_many(*, owner: AbstractBaseUser, requests: Sequence[VMRequest], name_key: Any) -> list[VM]:
+    _lock_owner(owner)
+    _check_new_names(owner, [request.name for request in requests], name_key)
+    _check_quota(
+        owner,
+        vms=len(requests),
+        vcpus=sum(request.vcpus for request in requests),
+        memory_mb=sum(request.memory_mb for request in requests),
+    )
+    nodes = scheduler.reserve(
+        demands=[request.demand for request in requests], pinned=[request.node for request in requests]
+    )
+    vms = [
+        VM(
+            owner_id=owner.pk,
+            name=request.name,
+            image=request.image,
+            node=node,
+            vcpus=request.vcpus,
+            memory_mb=request.memory_mb,
+            disk_gb=request.disk_gb,
+            state=VMState.PENDING,
+        )
+        for request, node in zip(requests, nodes, strict=True)
+    ]
+    try:
+        with transaction.atomic():
+            return VM.objects.bulk_create(vms)
+    except IntegrityError as exc:
+        # Only a concurrent create of the same name gets here (names were checked under the owner lock).
+        raise Conflict("A VM with one of these names was created concurrently; retry.") from exc
+
+
+@transaction.atomic
+def vm_create(*, owner: AbstractBaseUser, request: VMRequest) -> VM:
+    """Record a VM as ``pending`` on a node with reserved capacity; its node creates it after commit."""
+    (vm,) = _create_many(owner=owner, requests=[request], name_key=lambda _index: "name")
+    dispatch.send_on_commit(vm, contract.NODE_VM_CREATE)
+    return vm
+
+
+def _check_batch_size(count: int) -> None:
+    limit = novacron_setting("BATCH_MAX_ITEMS")
+    if count > limit:
+        raise TooManyItems(f"A batch holds at most {limit} items; this one has {count}.")
+    if count == 0:
+        raise InvalidInput("A batch needs at least one item.", fields={"vms": ["This list may not be empty."]})
+
+
+def _new_batch(owner: AbstractBaseUser, kind: BatchKind, vms: Sequence[VM], status: BatchItemStatus) -> BatchOperation:
+    batch = BatchOperation.objects.create(owner_id=owner.pk, kind=kind, total=len(vms))
+    BatchItem.objects.bulk_create(
+        [BatchItem(batch=batch, index=index, vm=vm, status=status) for index, vm in enumerate(vms)]
+    )
+    return batch
+
+
+@transaction.atomic
+def vm_batch_create(*, owner: AbstractBaseUser, requests: Sequence[VMRequest]) -> tuple[BatchOperation, list[VM]]:
+    """Create up to ``BATCH_MAX_ITEMS`` VMs in one transaction; the node tasks go out as one group."""
+    _check_batch_size(len(requests))
+    vms = _create_many(owner=owner, requests=requests, name_key=lambda index: f"vms[{index}].name")
+    batch = _new_batch(owner, BatchKind.CREATE, vms, BatchItemStatus.PENDING)
+    _send_batch_on_commit(batch, contract.NODE_VM_CREATE)
+    return batch, vms
+
+
+def _send_batch_on_commit(batch: BatchOperation, task_name: str) -> None:
+    from .tasks import batch_dispatch  # noqa: PLC0415 - tasks import services
+
+    batch_id = str(batch.pk)
+    transaction.on_commit(lambda: batch_dispatch.delay(batch_id=batch_id, task_name=task_name))
+
+
+def _require(vm: VM, allowed: Iterable[str], action: str) -> None:
+    if vm.state not in allowed:
+        raise InvalidState(f"Cannot {action} VM {vm.name}: it is {vm.state}.")
+
+
+def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
+    """Validate and apply ``changes`` to a locked ``vm``; return the updated field names."""
+    _require(vm, ACTIVE_STATES - {VMState.DELETING}, "change")
+    updated: list[str] = []
+    if changes.name is not None and changes.name != vm.name:
+        vm.name = changes.name
+        updated.append("name")
+    if changes.resizes:
+        _require(vm, {VMState.STOPPED}, "resize (stop it first)")
+        if changes.disk_gb is not None and changes.disk_gb < vm.disk_gb:
+            raise InvalidInput("Disks can grow but not shrink.", fields={"disk_gb": ["Must be at least the current size."]})
+        new = scheduler.Demand(
+            changes.vcpus if changes.vcpus is not None else vm.vcpus,
+            changes.memory_mb if changes.memory_mb is not None else vm.memory_mb,
+            changes.disk_gb if changes.disk_gb is not None else vm.disk_gb,
+        )
+        old = _demand(vm)
+        grow = scheduler.Demand(
+            max(new.vcpus - old.vcpus, 0), max(new.memory_mb - old.memory_mb, 0), max(new.disk_gb - old.disk_gb, 0)
+        )
+        shrink = scheduler.Demand(
+            max(old.vcpus - new.vcpus, 0), max(old.memory_mb - new.memory_mb, 0), max(old.disk_gb - new.disk_gb, 0)
+        )
+        _check_quota(vm.owner, vms=0, vcpus=grow.vcpus, memory_mb=grow.memory_mb)
+        if vm.node_id is not None:
+            assert vm.node is not None
+            if grow != scheduler.Demand(0, 0, 0):
+                scheduler.reserve(demands=[grow], pinned=[vm.node])
+            scheduler.release(node_id=vm.node_id, demand=shrink)
+        vm.vcpus, vm.memory_mb, vm.disk_gb = new.vcpus, new.memory_mb, new.disk_gb
+        updated += ["vcpus", "memory_mb", "disk_gb"]
+    return updated
+
+
+@transaction.atomic
+def vm_update(*, vm: VM, changes: VMChanges) -> VM:
+    """Rename a VM, or resize a stopped one (capacity and quota re-checked)."""
+    _lock_owner(vm.owner)
+    vm = VM.objects.select_for_update().select_related("node", "owner").get(pk=vm.pk)
+    if changes.name is not None and changes.name != vm.name:
+        _check_new_names(vm.owner, [changes.name], lambda _index: "name")
+    updated = _apply_changes(vm, changes)
+    if updated:
+        try:
+            with transaction.atomic():
+                vm.save(update_fields=[*updated, "updated_at"])
+        except IntegrityError as exc:
+            raise Conflict("A VM with that name was created concurrently; retry.") from exc
+    return vm
+
+
+@transaction.atomic
+def vm_batch_update(
+    *, owner: AbstractBaseUser, changes: Sequence[tuple[VM, VMChanges]]
+) -> tuple[BatchOperation, list[VM]]:
+    """Apply changes to many VMs at once: all or nothing."""
+    _check_batch_size(len(changes))
+    _lock_owner(owner)
+    ids = [vm.pk for vm, _ in changes]
+    locked = VM.objects.select_for_update().select_related("node", "owner").in_bulk(ids)
+    renamed = [(index, change.name) for index, (vm, change) in enumerate(changes) if change.name not in (None, vm.name)]
+    if renamed:
+        names = [name for _, name in renamed]
+        positions = [index for index, _ in renamed]
+        _check_new_names(owner, names, lambda i: f"vms[{positions[i]}].name")  # type: ignore[arg-type]
+    errors: dict[str, list[str]] = {}
+    saved: list[VM] = []
+    for index, (vm, change) in enumerate(changes):
+        current = locked[vm.pk]
+        try:
+            updated = _apply_changes(current, change)
+        except (InvalidState, InvalidInput, QuotaExceeded) as exc:
+            errors[f"vms[{index}]"] = [exc.message]
+            continue
+        if updated:
+            current.save(update_fields=[*updated, "updated_at"])
+        saved.append(current)
+    if errors:
+        transaction.set_rollback(True)
+        raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
+    batch = _new_batch(owner, BatchKind.UPDATE, saved, BatchItemStatus.SUCCEEDED)
+    batch.status = BatchStatus.COMPLETED
+    batch.finished_at = timezone.now()
+    batch.save(update_fields=["status", "finished_at"])
+    return batch, saved
+
+
+def _mark_deleting(vm: VM) -> bool:
+    """Move a locked VM towards deletion; return True when a node must still delete it."""
+    _require(vm, ACTIVE_STATES, "delete")
+    if vm.node_id is None:
+        _finish_delete(vm)
+        return False
+    vm.state = VMState.DELETING
+    vm.pending_action = VMAction.NONE
+    vm.save(update_fields=["state", "pending_action", "updated_at"])
+    return True
+
+
+def _finish_delete(vm: VM) -> None:
+    if vm.node_id is not None and vm.state != VMState.DELETED:
+        scheduler.release(node_id=vm.node_id, demand=_demand(vm))
+    vm.state = VMState.DELETED
+    vm.pending_action = VMAction.NONE
+    vm.deleted_at = timezone.now()
+    vm.save(update_fields=["state", "pending_action", "deleted_at", "updated_at"])
+
+
+@transaction.atomic
+def vm_delete(*, vm: VM) -> VM:
+    """Request deletion: ``deleting`` until the node confirms (or ``deleted`` at once if it is on none)."""
+    vm = VM.objects.select_for_update().select_related("node", "image").get(pk=vm.pk)
+    if vm.state == VMState.DELETING:
+        dispatch.send_on_commit(vm, contract.NODE_VM_DELETE)  # a repeated DELETE re-sends: idempotent on the node
+        return vm
+    if _mark_deleting(vm):
+        dispatch.send_on_commit(vm, contract.NODE_VM_DELETE)
+    return vm
+
+
+@transaction.atomic
+def vm_batch_delete(*, owner: AbstractBaseUser, vms: Sequence[VM]) -> tuple[BatchOperation, list[VM]]:
+    _check_batch_size(len(vms))
+    locked = VM.objects.select_for_update().select_related("node", "image").in_bulk([vm.pk for vm in vms])
+    errors = {
+        f"ids[{index}]": [f"VM {vm.name} is already {locked[vm.pk].state}."]
+        for index, vm in enumerate(vms)
+        if locked[vm.pk].state not in ACTIVE_STATES - {VMState.DELETING}
+    }
+    if errors:
+        raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
+    ordered = [locked[vm.pk] for vm in vms]
+    remote = [vm for vm in ordered if _mark_deleting(vm)]
+    batch = _new_batch(owner, BatchKind.DELETE, ordered, BatchItemStatus.PENDING)
+    done = {vm.pk for vm in ordered} - {vm.pk for vm in remote}
+    if done:
+        BatchItem.objects.filter(batch=batch, vm_id__in=done).update(status=BatchItemStatus.SUCCEEDED)
+    if remote:
+        _send_batch_on_commit(batch, contract.NODE_VM_DELETE)
+    else:
+        batch.status = BatchStatus.COMPLETED
+        batch.finished_at = timezone.now()
+        batch.save(update_fields=["status", "finished_at"])
+    return batch, ordered
+
+
+_ACTIONS: dict[VMAction, tuple[frozenset[VMState], str]] = {
+    VMAction.START: (frozenset({VMState.STOPPED, VMState.ERROR}), contract.NODE_VM_START),
+    VMAction.STOP: (frozenset({VMState.RUNNING, VMState.ERROR}), contract.NODE_VM_STOP),
+    VMAction.REBOOT: (frozenset({VMState.RUNNING}), contract.NODE_VM_REBOOT),
+}
+
+
+@transaction.atomic
+def vm_request_action(*, vm: VM, action: VMAction) -> VM:
+    """Ask the VM's node to start, stop or reboot it; 409 when its state does not allow that."""
+    vm = VM.objects.select_for_update().select_related("node", "image").get(pk=vm.pk)
+    allowed, task_name = _ACTIONS[action]
+    if vm.pending_action and vm.pending_action != action:
+        raise InvalidState(f"Cannot {action} VM {vm.name}: a {vm.pending_action} is still in progress.")
+    if vm.pending_action != action:
+        _require(vm, allowed, str(action))
+    if vm.node is None:
+        raise InvalidState(f"Cannot {action} VM {vm.name}: it is on no node.")
+    if vm.node.status == NodeStatus.DOWN:
+        raise InvalidState(f"Cannot {action} VM {vm.name}: its node {vm.node.name} is down.")
+    vm.pending_action = action
+    vm.save(update_fields=["pending_action", "updated_at"])
+    dispatch.send_on_commit(vm, task_name)
+    return vm
+
+
+# --- Reports from nodes (run by the control worker) -------------------------------------------------
+
+
+def _finish_batch_items(vm: VM, ok: bool, reason: str) -> None:
+    items = list(BatchItem.objects.filter(vm=vm, status=BatchItemStatus.PENDING).select_related("batch"))
+    for item in items:
+        item.status = BatchItemStatus.SUCCEEDED if ok else BatchItemStatus.FAILED
+        item.error = "" if ok else reason[:1000]
+        item.save(update_fields=["status", "error", "updated_at"])
+    for batch_id in {item.batch_id for item in items}:
+        batch_update_status(batch_id=batch_id)
+
+
+def batch_update_status(*, batch_id: Any) -> None:
+    """Close a batch once no item is pending (the group's completion callback)."""
+    batch = BatchOperation.objects.select_for_update().get(pk=batch_id)
+    if batch.status != BatchStatus.RUNNING:
+        return
+    statuses = list(batch.items.values_list("status", flat=True))
+    if BatchItemStatus.PENDING in statuses:
+        return
+    failed = statuses.count(BatchItemStatus.FAILED)
+    batch.status = (
+        BatchStatus.COMPLETED if failed == 0 else BatchStatus.FAILED if failed == len(statuses) else BatchStatus.PARTIAL
+    )
+    batch.finished_at = timezone.now()
+    batch.save(update_fields=["status", "finished_at"])
+
+
+@transaction.atomic
+def vm_record_report(*, vm_id: str, operation: str, ok: bool, state: str, reason: str, node: str) -> VM | None:
+    """Apply a node's report of an operation's outcome. Idempotent: a duplicate report changes nothing."""
+    vm = VM.objects.select_for_update().select_related("node").filter(pk=vm_id).first()
+    if vm is None:
+        logger.warning("report for unknown VM %s from node %s ignored", vm_id, node)
+        return None
+    if vm.node is None or vm.node.name != node:
+        logger.warning("report for VM %s from node %s, but it is on %s: ignored", vm_id, node, vm.node)
+        return vm
+    if vm.state == VMState.DELETED:
+        return vm
+    if operation == "delete":
+        if ok:
+            _finish_delete(vm)
+        else:
+            vm.state, vm.state_reason = VMState.ERROR, f"Delete failed: {reason}"[:1000]
+            vm.save(update_fields=["state", "state_reason", "updated_at"])
+        _finish_batch_items(vm, ok, reason)
+        return vm
+    if vm.state == VMState.DELETING:
+        return vm  # a late report of an earlier operation; the delete decides
+    if operation == "create" and not ok:
+        # The node cleaned up what it started; give the capacity back so the VM holds nothing.
+        scheduler.release(node_id=vm.node.pk, demand=_demand(vm))
+        vm.node = None
+        vm.state, vm.state_reason = VMState.ERROR, f"Create failed: {reason}"[:1000]
+        vm.save(update_fields=["node", "state", "state_reason", "updated_at"])
+        _finish_batch_items(vm, False, reason)
+        return vm
+    if state in VMState.values and state not in (VMState.DELETED, VMState.DELETING):
+        vm.state = state
+    vm.state_reason = "" if ok else f"{operation.capitalize()} failed: {reason}"[:1000]
+    if vm.pending_action == operation or operation == "create":
+        vm.pending_action = VMAction.NONE
+    vm.save(update_fields=["state", "state_reason", "pending_action", "updated_at"])
+    if operation == "create":
+        _finish_batch_items(vm, ok, reason)
+    return vm
+
+
+@transaction.atomic
+def node_register(
+    *, name: str, address: str, dwcp_address: str, vcpus: int, memory_mb: int, disk_gb: int, hypervisor: dict[str, Any]
+) -> Node:
+    """Create or refresh a node from its worker's registration; a node coming back is ``up`` again."""
+    node = Node.objects.select_for_update().filter(name=name).first()
+    if node is None:
+        node = Node(name=name)
+    node.address, node.dwcp_address = address, dwcp_address
+    node.vcpus, node.memory_mb, node.disk_gb = vcpus, memory_mb, disk_gb
+    node.hypervisor = hypervisor
+    node.last_heartbeat = timezone.now()
+    if node.status == NodeStatus.DOWN or node._state.adding:
+        node.status, node.status_reason = NodeStatus.UP, ""
+    node.full_clean()
+    node.save()
+    return node
+
+
+@transaction.atomic
+def image_register(**fields: Any) -> Image:
+    image = Image(**fields)
+    image.full_clean()
+    image.save()
+    return image
+
+
+@transaction.atomic
+def node_delete(*, node: Node) -> None:
+    """Forget a node that holds no live VM (deleted VMs keep their history without it)."""
+    node = Node.objects.select_for_update().get(pk=node.pk)
+    live = VM.objects.filter(node=node).exclude(state=VMState.DELETED).count()
+    if live:
+        raise Conflict(f"Node {node.name} still holds {live} VM(s); migrate or delete them first.")
+    from apps.migrations.models import Migration  # noqa: PLC0415 - migrations depend on vms
+
+    if Migration.objects.filter(Q(source_node=node) | Q(dest_node=node)).exists():
+        raise Conflict(f"Node {node.name} appears in migration records; set it to maintenance instead.")
+    VM.objects.filter(node=node).update(node=None)
+    node.delete()
+
+
+@transaction.atomic
+def image_delete(*, image: Image) -> None:
+    used = VM.objects.filter(image=image).count()
+    if used:
+        raise Conflict(f"Image {image.name} is used by {used} VM record(s).")
+    image.delete()

@@ -1,0 +1,35 @@
+"""Control-queue tasks of the VM app: batch fan-out and the reports node workers send back.
+
+Tasks take ids, re-fetch, call one service, and are idempotent: at-least-once delivery may run them
+twice and a repeated report changes nothing.
+"""
+
+from typing import Any
+
+from celery import shared_task
+
+from workers import contract
+
+from . import dispatch, services
+from .models import VM, BatchItem
+
+
+@shared_task(name="apps.vms.tasks.batch_dispatch", acks_late=True, time_limit=120)
+def batch_dispatch(*, batch_id: str, task_name: str) -> int:
+    """Send a batch's node tasks as one Celery group; each item completes through ``vm_report``."""
+    vm_ids = BatchItem.objects.filter(batch_id=batch_id, status="pending").values_list("vm_id", flat=True)
+    vms = list(VM.objects.filter(pk__in=list(vm_ids), node__isnull=False).select_related("node", "image"))
+    dispatch.send_group(vms, task_name)
+    return len(vms)
+
+
+@shared_task(name=contract.CONTROL_VM_REPORT, acks_late=True, time_limit=60)
+def vm_report(*, vm_id: str, operation: str, ok: bool, state: str, reason: str = "", node: str) -> None:
+    """A node reports the outcome of an operation on a VM."""
+    services.vm_record_report(vm_id=vm_id, operation=operation, ok=ok, state=state, reason=reason, node=node)
+
+
+@shared_task(name=contract.CONTROL_NODE_REGISTER, acks_late=True, time_limit=60)
+def node_register(**fields: Any) -> None:
+    """A node worker announces itself (at start and whenever its facts change)."""
+    services.node_register(**fields)

@@ -1,0 +1,221 @@
+"""VM, batch, node, image and user endpoints. Thin: validate, call one service, serialize."""
+
+from typing import Any
+
+from django.db.models import Prefetch, QuerySet
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import mixins, permissions, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.core.conf import novacron_setting
+from apps.core.errors import InvalidInput, TooManyItems
+from apps.core.permissions import IsStaffOrReadOnly
+from apps.migrations.serializers import MigrateRequestSerializer, MigrationSerializer
+from apps.migrations.services import migration_request
+
+from . import services
+from .choices import VMAction
+from .filters import VMFilter
+from .models import VM, BatchItem, BatchOperation, Image, Node
+from .selectors import batch_visible, user_profile, vm_list, vm_visible
+from .serializers import (
+    BatchSerializer,
+    BatchSummarySerializer,
+    ImageSerializer,
+    MeSerializer,
+    NodeSerializer,
+    VMBatchCreateSerializer,
+    VMBatchDeleteSerializer,
+    VMBatchUpdateSerializer,
+    VMCreateSerializer,
+    VMSerializer,
+    VMUpdateSerializer,
+)
+
+BatchResponse = inline_serializer(
+    "BatchResponse", fields={"batch": BatchSummarySerializer(), "vms": VMSerializer(many=True)}
+)
+
+
+def _batch_response(batch: BatchOperation, vms: list[VM]) -> Response:
+    batch = BatchOperation.objects.prefetch_related("items").get(pk=batch.pk)
+    body = {"batch": BatchSummarySerializer(batch).data, "vms": VMSerializer(vms, many=True).data}
+    return Response(body, status=status.HTTP_202_ACCEPTED)
+
+
+def _check_list_size(data: Any, key: str) -> None:
+    """Refuse an oversized batch before validating its items (413, not a thousand item errors)."""
+    if isinstance(data, dict) and isinstance(data.get(key), list):
+        limit = novacron_setting("BATCH_MAX_ITEMS")
+        if len(data[key]) > limit:
+            raise TooManyItems(f"A batch holds at most {limit} items; this one has {len(data[key])}.")
+
+
+class VMViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    viewsets.GenericViewSet[VM],
+):
+    """VMs of the caller (all VMs for staff)."""
+
+    serializer_class = VMSerializer
+    filterset_class = VMFilter
+    lookup_value_regex = "[0-9a-fA-F-]{36}"
+
+    def get_queryset(self) -> QuerySet[VM]:
+        if self.action == "list":
+            return vm_list(user=self.request.user, include_deleted="state" in self.request.query_params)
+        return vm_visible(user=self.request.user)
+
+    def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
+        return {
+            "create": VMCreateSerializer,
+            "partial_update": VMUpdateSerializer,
+            "batch": VMBatchCreateSerializer,
+            "migrate": MigrateRequestSerializer,
+        }.get(self.action, VMSerializer)
+
+    @extend_schema(request=VMCreateSerializer, responses={202: VMSerializer})
+    def create(self, request: Request) -> Response:
+        serializer = VMCreateSerializer(data=request.data, context=self.get_serializer_context())
+        serializer.is_valid(raise_exception=True)
+        vm = services.vm_create(owner=request.user, request=serializer.to_request())  # type: ignore[arg-type]
+        return Response(VMSerializer(vm).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=VMUpdateSerializer, responses={200: VMSerializer})
+    def partial_update(self, request: Request, pk: str) -> Response:
+        vm = self.get_object()
+        serializer = VMUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        vm = services.vm_update(vm=vm, changes=serializer.to_changes())
+        return Response(VMSerializer(vm).data)
+
+    @extend_schema(request=None, responses={202: VMSerializer})
+    def destroy(self, request: Request, pk: str) -> Response:
+        vm = services.vm_delete(vm=self.get_object())
+        return Response(VMSerializer(vm).data, status=status.HTTP_202_ACCEPTED)
+
+    def _act(self, action_name: VMAction) -> Response:
+        vm = services.vm_request_action(vm=self.get_object(), action=action_name)
+        return Response(VMSerializer(vm).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: VMSerializer})
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str) -> Response:
+        return self._act(VMAction.START)
+
+    @extend_schema(request=None, responses={202: VMSerializer})
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, pk: str) -> Response:
+        return self._act(VMAction.STOP)
+
+    @extend_schema(request=None, responses={202: VMSerializer})
+    @action(detail=True, methods=["post"])
+    def reboot(self, request: Request, pk: str) -> Response:
+        return self._act(VMAction.REBOOT)
+
+    @extend_schema(request=MigrateRequestSerializer, responses={202: MigrationSerializer})
+    @action(detail=True, methods=["post"])
+    def migrate(self, request: Request, pk: str) -> Response:
+        vm = self.get_object()
+        serializer = MigrateRequestSerializer(data=request.data, context=self.get_serializer_context())
+        serializer.is_valid(raise_exception=True)
+        migration = migration_request(vm=vm, requested_by=request.user, **serializer.validated_data)  # type: ignore[arg-type]
+        return Response(MigrationSerializer(migration).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(methods=["POST"], request=VMBatchCreateSerializer, responses={202: BatchResponse})
+    @extend_schema(methods=["PUT"], request=VMBatchUpdateSerializer, responses={202: BatchResponse})
+    @extend_schema(methods=["DELETE"], request=VMBatchDeleteSerializer, responses={202: BatchResponse})
+    @action(detail=False, methods=["post", "put", "delete"])
+    def batch(self, request: Request) -> Response:
+        if request.method == "POST":
+            return self._batch_create(request)
+        if request.method == "PUT":
+            return self._batch_update(request)
+        return self._batch_delete(request)
+
+    def _batch_create(self, request: Request) -> Response:
+        _check_list_size(request.data, "vms")
+        serializer = VMBatchCreateSerializer(data=request.data, context=self.get_serializer_context())
+        serializer.is_valid(raise_exception=True)
+        requests = [services.VMRequest(**item) for item in serializer.validated_data["vms"]]
+        batch, vms = services.vm_batch_create(owner=request.user, requests=requests)  # type: ignore[arg-type]
+        return _batch_response(batch, vms)
+
+    def _visible_by_id(self, ids: list[Any], key: str) -> list[VM]:
+        found = vm_visible(user=self.request.user).in_bulk(ids)
+        missing = {f"{key}[{index}]": ["No such VM."] for index, vm_id in enumerate(ids) if vm_id not in found}
+        if missing:
+            raise InvalidInput(next(iter(missing.values()))[0], fields=missing)
+        return [found[vm_id] for vm_id in ids]
+
+    def _batch_update(self, request: Request) -> Response:
+        _check_list_size(request.data, "vms")
+        serializer = VMBatchUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        items = serializer.validated_data["vms"]
+        vms = self._visible_by_id([item["id"] for item in items], "vms")
+        changes = [
+            (vm, services.VMChanges(**{k: v for k, v in item.items() if k != "id"}))
+            for vm, item in zip(vms, items, strict=True)
+        ]
+        batch, updated = services.vm_batch_update(owner=request.user, changes=changes)  # type: ignore[arg-type]
+        return _batch_response(batch, updated)
+
+    def _batch_delete(self, request: Request) -> Response:
+        _check_list_size(request.data, "ids")
+        serializer = VMBatchDeleteSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        vms = self._visible_by_id(serializer.validated_data["ids"], "ids")
+        batch, deleted = services.vm_batch_delete(owner=request.user, vms=vms)  # type: ignore[arg-type]
+        return _batch_response(batch, deleted)
+
+
+class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[BatchOperation]):
+    """Batch operations of the caller, with per-item status and counts."""
+
+    serializer_class = BatchSerializer
+
+    def get_queryset(self) -> QuerySet[BatchOperation]:
+        items = Prefetch("items", queryset=BatchItem.objects.order_by("index"))
+        return batch_visible(user=self.request.user).prefetch_related(items)
+
+    def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
+        return BatchSummarySerializer if self.action == "list" else BatchSerializer
+
+
+class NodeViewSet(viewsets.ModelViewSet[Node]):
+    """Hypervisor nodes: everyone reads, staff write (nodes normally register through their worker)."""
+
+    serializer_class = NodeSerializer
+    permission_classes = (permissions.IsAuthenticated, IsStaffOrReadOnly)
+    queryset = Node.objects.all()
+    filterset_fields = ("status", "name")
+    pagination_class = None
+
+    def perform_destroy(self, instance: Node) -> None:
+        services.node_delete(node=instance)
+
+
+class ImageViewSet(viewsets.ModelViewSet[Image]):
+    """The image catalog: everyone reads, staff register images."""
+
+    serializer_class = ImageSerializer
+    permission_classes = (permissions.IsAuthenticated, IsStaffOrReadOnly)
+    queryset = Image.objects.all()
+    filterset_fields = ("kind", "name")
+    pagination_class = None
+
+    def perform_destroy(self, instance: Image) -> None:
+        services.image_delete(image=instance)
+
+
+class MeView(APIView):
+    """The caller, their quota and their current usage."""
+
+    @extend_schema(responses=MeSerializer)
+    def get(self, request: Request) -> Response:
+        return Response(user_profile(user=request.user))
