@@ -1,0 +1,1 @@
+"""NovaCron test guest (placeholder docstring, being written)."""

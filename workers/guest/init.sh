@@ -1,0 +1,193 @@
+#!/bin/sh
+# NovaCron test guest: PID 1 of the busybox initramfs built by workers/guest/build.py.
+# Prints "tick N" every 100 ms on the serial console, optionally keeps rewriting dirty_mb MiB of RAM at
+# dirty_rate_mb MiB/s, and answers one-line requests read from the console (see workers/guest/__init__.py).
+# PID 1 must never exit: nothing here uses "set -e" and the request loop never ends.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /run /tmp
+mount -t tmpfs -o mode=0755 tmpfs /run
+# Requests arrive on the console: no echo, so the output stream holds only the guest's own lines.
+stty -echo 2>/dev/null
+echo
+
+DIRTY_FILE=/dirty/mem
+DIRTY_MB=0
+DIRTY_RATE_MB=0
+CHUNK_KB=256
+
+is_number() {
+	case $1 in '' | *[!0-9]*) return 1 ;; esac
+	return 0
+}
+
+for arg in $(cat /proc/cmdline); do
+	case $arg in
+	dirty_mb=*) is_number "${arg#*=}" && DIRTY_MB=$((${arg#*=} + 0)) ;;
+	dirty_rate_mb=*) is_number "${arg#*=}" && DIRTY_RATE_MB=$((${arg#*=} + 0)) ;;
+	esac
+done
+
+# NOW = seconds since boot in centiseconds, read without forking (busybox date has no %N).
+now_cs() {
+	read -r up _ </proc/uptime
+	NOW=$((${up%.*} * 100 + 1${up#*.} - 100))
+}
+
+sleep_cs() {
+	sleep "$(($1 / 100)).$(($1 % 100 / 10))$(($1 % 10))"
+}
+
+ticker() {
+	n=0
+	now_cs
+	next=$NOW
+	while :; do
+		echo "tick $n"
+		n=$((n + 1))
+		next=$((next + 10))
+		now_cs
+		# Late (guest paused, CPU starved): resynchronise instead of printing a burst of ticks.
+		[ $((next - NOW)) -le 0 ] && next=$((NOW + 10))
+		sleep_cs $((next - NOW))
+	done
+}
+
+# Fill DIRTY_FILE once, then rewrite it chunk by chunk, round robin, at DIRTY_RATE_MB MiB/s.
+# /run/dirty.pause (created by a "pause" request) stops the writes; /run/dirty.paused acknowledges it.
+dirtier() {
+	total_kb=$((DIRTY_MB * 1024))
+	rate_kb=$((DIRTY_RATE_MB * 1024))
+	if ! dd if=/dev/urandom of=$DIRTY_FILE bs=1M count="$DIRTY_MB" iflag=fullblock 2>/dev/null; then
+		echo "dirty error fill-failed"
+		return
+	fi
+	echo "dirty ready $DIRTY_MB $DIRTY_RATE_MB"
+	pos_kb=0
+	done_kb=0
+	now_cs
+	start=$NOW
+	while :; do
+		if [ -e /run/dirty.pause ]; then
+			: >/run/dirty.paused
+			sleep 0.05
+			now_cs
+			start=$NOW
+			done_kb=0
+			continue
+		fi
+		rm -f /run/dirty.paused
+		if [ "$rate_kb" -eq 0 ]; then
+			sleep 0.1
+			continue
+		fi
+		now_cs
+		due_kb=$(((NOW - start) * rate_kb / 100))
+		# Never owe more than one second of writes: a guest that cannot keep up just runs at its ceiling.
+		[ $((due_kb - done_kb)) -gt "$rate_kb" ] && done_kb=$((due_kb - rate_kb))
+		if [ $((due_kb - done_kb)) -lt $CHUNK_KB ]; then
+			sleep 0.02
+			continue
+		fi
+		dd if=/dev/urandom of=$DIRTY_FILE bs=${CHUNK_KB}k count=1 seek=$((pos_kb / CHUNK_KB)) \
+			conv=notrunc iflag=fullblock 2>/dev/null
+		done_kb=$((done_kb + CHUNK_KB))
+		pos_kb=$(((pos_kb + CHUNK_KB) % total_kb))
+	done
+}
+
+# Block devices: load virtio-blk (shipped as modules) only when a virtio block device is present.
+DISK=
+for dev in /sys/bus/pci/devices/*; do
+	[ -r "$dev/vendor" ] || continue
+	read -r vendor <"$dev/vendor"
+	read -r device <"$dev/device"
+	if [ "$vendor" = 0x1af4 ] && { [ "$device" = 0x1001 ] || [ "$device" = 0x1042 ]; }; then
+		for mod in $(cat /lib/modules/load-order); do
+			insmod "/lib/modules/$mod.ko" 2>/dev/null
+		done
+		break
+	fi
+done
+[ -b /dev/vda ] && DISK=/dev/vda
+
+DISK_MAGIC=novacron-testguest
+
+disk_write() {
+	printf '%s %s\n' "$DISK_MAGIC" "$1" | dd of=$DISK bs=512 count=1 conv=sync,fsync 2>/dev/null
+}
+
+disk_read() {
+	line=$(dd if=$DISK bs=512 count=1 2>/dev/null | head -n 1 | tr -d '\000')
+	case $line in "$DISK_MAGIC "*) echo "${line#"$DISK_MAGIC "}" ;; *) echo "-" ;; esac
+}
+
+handle() {
+	cmd=$1
+	tag=${2:--}
+	case $cmd in
+	'') ;;
+	ping) echo "pong $tag" ;;
+	checksum)
+		if [ "$DIRTY_MB" -gt 0 ] && [ -f $DIRTY_FILE ]; then
+			set -- $(md5sum $DIRTY_FILE)
+			echo "checksum $tag $1"
+		else
+			echo "checksum $tag none"
+		fi
+		;;
+	pause)
+		if [ "$DIRTY_MB" -eq 0 ]; then
+			echo "error $tag no-dirty-memory"
+			return
+		fi
+		: >/run/dirty.pause
+		waited=0
+		while [ ! -e /run/dirty.paused ] && [ $waited -lt 600 ]; do
+			sleep 0.05
+			waited=$((waited + 1))
+		done
+		if [ -e /run/dirty.paused ]; then echo "paused $tag"; else echo "error $tag pause-timeout"; fi
+		;;
+	resume)
+		rm -f /run/dirty.pause
+		echo "resumed $tag"
+		;;
+	disk-write)
+		if [ -z "$DISK" ]; then
+			echo "error $tag no-disk"
+		elif [ -z "$3" ]; then
+			echo "error $tag missing-value"
+		else
+			disk_write "$3" && echo "disk-written $tag $3" || echo "error $tag disk-write-failed"
+		fi
+		;;
+	disk-read)
+		if [ -z "$DISK" ]; then echo "error $tag no-disk"; else echo "disk $tag $(disk_read)"; fi
+		;;
+	*) echo "error $tag unknown-command $cmd" ;;
+	esac
+}
+
+ticker &
+if [ "$DIRTY_MB" -gt 0 ]; then
+	mkdir -p /dirty
+	mount -t tmpfs -o size=$((DIRTY_MB + 1))m tmpfs /dirty
+	dirtier &
+fi
+
+while :; do
+	while read -r line; do
+		# Unquoted on purpose: split the request into words (no globbing of request text).
+		set -f
+		set -- $line
+		set +f
+		handle "$@"
+	done
+	# End of input (console hangup): keep serving.
+	sleep 1
+done
