@@ -1,0 +1,598 @@
+"""`QemuDriver`: the lifecycle of the VMs on one node (create, start, stop, reboot, status, delete).
+
+Rules it keeps:
+
+* Every operation is idempotent, so a retried or duplicated Celery task is harmless: creating an
+  existing VM makes no second disk, starting a running VM starts no second QEMU, stopping or deleting
+  a stopped or absent VM succeeds.
+* Operations on one VM serialize on an ``flock`` in its run directory (across threads and processes);
+  QEMU also locks its own pidfile, so two QEMUs can never run for one VM.
+* QEMU runs daemonized and outlives the worker. Its state is read back from the run directory (pidfile,
+  /proc, QMP), never from memory, so a new driver instance after a restart sees what the old one saw:
+  `discover` lists the VMs and reconnects QMP to the live ones.
+* How the last run ended is written to ``exit.json`` when the driver ends it (powerdown, quit, kill) or
+  sees QEMU's SHUTDOWN event; a QEMU that vanished otherwise was killed or crashed. A daemonized QEMU
+  is not our child, so its exit status cannot be collected: the reason names how it ended instead,
+  together with the last lines of its serial console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from workers.qemu.accel import (
+    DEFAULT_PROBE_TIMEOUT,
+    Accelerator,
+    AcceleratorSetting,
+    ProbeResult,
+    cached_probe_kvm,
+    resolve_accelerator,
+)
+from workers.qemu.errors import (
+    DataDirError,
+    InvalidSpec,
+    QemuError,
+    QemuStartError,
+    QmpError,
+    QmpProtocolError,
+    VmNotFound,
+    VmNotRunning,
+)
+from workers.qemu.layout import NodeLayout, VmPaths
+from workers.qemu.process import is_alive, kill_hard, read_pid, wait_gone
+from workers.qemu.qmp import DEFAULT_QMP_TIMEOUT, EventLoopThread, QmpEvent, QmpSession
+from workers.qemu.spec import DiskImage, KernelImage, VmSpec
+from workers.qemu.tools import QemuTools
+
+logger = logging.getLogger(__name__)
+
+SERIAL_TAIL_LINES = 10
+SERIAL_TAIL_BYTES = 16 * 1024
+ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[A-Za-z])")
+KILL_TIMEOUT = 5.0
+# QEMU run states (query-status "status") that mean the guest is not executing but QEMU is fine.
+PAUSED_QEMU_STATES = frozenset(
+    {"paused", "prelaunch", "inmigrate", "postmigrate", "finish-migrate", "suspended", "save-vm",
+     "restore-vm", "debug", "colo", "shutdown"}
+)  # fmt: skip
+# QEMU run states that mean something went wrong inside the guest or with its storage.
+FAULTED_QEMU_STATES = frozenset({"guest-panicked", "internal-error", "io-error", "watchdog"})
+
+
+class VmState(StrEnum):
+    """What a VM is doing, as far as this node can tell."""
+
+    RUNNING = "running"  # QEMU alive, guest CPUs running
+    PAUSED = "paused"  # QEMU alive, guest CPUs stopped (see qemu_status for why)
+    STOPPED = "stopped"  # no QEMU; it was never started or ended cleanly
+    DEAD = "dead"  # no QEMU, and nobody shut it down: killed or crashed
+    UNKNOWN = "unknown"  # QEMU alive but QMP did not give a usable answer
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """A VM's state with the evidence behind it."""
+
+    uuid: str
+    state: VmState
+    reason: str
+    pid: int | None = None
+    qemu_status: str | None = None  # query-status "status", when QEMU answered
+    serial_tail: tuple[str, ...] = ()  # last lines of the serial console, for stopped/dead VMs
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for reports to the control plane."""
+        data = asdict(self)
+        data["state"] = str(self.state)
+        data["serial_tail"] = list(self.serial_tail)
+        return data
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What a node registers with: capacity, QEMU version and the accelerator it will use."""
+
+    cpu_count: int
+    memory_mb: int
+    disk_free_gb: float
+    data_dir: str
+    qemu_version: str
+    kvm_usable: bool
+    kvm_probe_reason: str
+    accelerator: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """Per-node driver options; everything but ``data_dir`` has a default."""
+
+    data_dir: Path
+    accelerator: AcceleratorSetting = AcceleratorSetting.AUTO
+    powerdown_timeout: float = 60.0  # how long stop waits for the guest to act on ACPI powerdown
+    quit_timeout: float = 10.0  # how long stop waits for QEMU to exit after `quit`
+    start_timeout: float = 30.0  # how long QEMU may take to daemonize
+    qmp_timeout: float = DEFAULT_QMP_TIMEOUT
+    probe_timeout: float = DEFAULT_PROBE_TIMEOUT
+    cpu_model: str | None = None  # None: "host" under KVM, "max" under TCG
+    qemu_system: str = "qemu-system-x86_64"
+    qemu_img: str = "qemu-img"
+
+    def cpu_model_for(self, accelerator: Accelerator) -> str:
+        if self.cpu_model:
+            return self.cpu_model
+        return "host" if accelerator is Accelerator.KVM else "max"
+
+
+class QemuDriver:
+    """Runs the VMs of one node's data directory. Close it (or use ``with``) to drop QMP sessions."""
+
+    def __init__(self, settings: DriverSettings) -> None:
+        self.settings = settings
+        self.layout = NodeLayout(settings.data_dir)
+        self.tools = QemuTools.locate(settings.qemu_system, settings.qemu_img)
+        self.layout.ensure()
+        self._accelerator: Accelerator | None = None
+        self._loop = EventLoopThread()
+        self._sessions: dict[str, QmpSession] = {}
+
+    def __enter__(self) -> QemuDriver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect every QMP session; the QEMU processes keep running."""
+        for session in self._sessions.values():
+            with contextlib.suppress(QmpError):
+                session.close()
+        self._sessions.clear()
+        self._loop.close()
+
+    # ----------------------------------------------------------------- node
+
+    @property
+    def accelerator(self) -> Accelerator:
+        """The accelerator VMs start with (the setting, or the cached probe's verdict for auto)."""
+        if self._accelerator is None:
+            self._accelerator = resolve_accelerator(
+                self.settings.accelerator,
+                self.tools,
+                self.layout.probe_cache,
+                cpu_model=self.settings.cpu_model_for(Accelerator.KVM),
+                timeout=self.settings.probe_timeout,
+            )
+        return self._accelerator
+
+    def kvm_probe(self) -> ProbeResult:
+        """The (cached) KVM probe result for this node."""
+        return cached_probe_kvm(
+            self.tools,
+            self.layout.probe_cache,
+            cpu_model=self.settings.cpu_model_for(Accelerator.KVM),
+            timeout=self.settings.probe_timeout,
+        )
+
+    def node_facts(self) -> NodeFacts:
+        """CPU count, memory, free disk of the data dir, QEMU version and KVM usability."""
+        self.layout.ensure()
+        probe = self.kvm_probe()
+        try:
+            free_bytes = shutil.disk_usage(self.layout.data_dir).free
+        except OSError as exc:
+            raise DataDirError(f"cannot read the free space of {self.layout.data_dir}: {exc}") from exc
+        return NodeFacts(
+            cpu_count=os.cpu_count() or 1,
+            memory_mb=psutil.virtual_memory().total // (1024 * 1024),
+            disk_free_gb=round(free_bytes / 1024**3, 2),
+            data_dir=str(self.layout.data_dir),
+            qemu_version=probe.qemu_version,
+            kvm_usable=probe.kvm_usable,
+            kvm_probe_reason=probe.reason,
+            accelerator=str(self.accelerator),
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def create(self, spec: VmSpec) -> VmStatus:
+        """Make the VM's disk and run directory; a repeat with the same spec changes nothing."""
+        paths = self.layout.vm(spec.uuid)
+        paths.run_dir.mkdir(mode=0o700, exist_ok=True)
+        with self._locked(paths):
+            if paths.spec.exists():
+                existing = self._load_spec(paths)
+                if existing != spec:
+                    raise InvalidSpec(
+                        f"VM {spec.uuid} already exists on this node with a different spec; "
+                        "delete it first or use a new uuid"
+                    )
+            _check_image_files(spec)
+            if not paths.disk.exists():
+                self._create_disk(spec, paths)
+            if not paths.spec.exists():
+                _write_json_atomically(paths.spec, spec.to_dict())
+        return self.status(spec.uuid)
+
+    def start(self, uuid: str) -> VmStatus:
+        """Start QEMU for a created VM, or return the status of the one already running."""
+        paths = self._existing(uuid)
+        with self._locked(paths):
+            if self._live_pid(paths) is not None:
+                return self.status(uuid)
+            spec = self._load_spec(paths)
+            _check_image_files(spec)
+            if not paths.disk.exists():
+                raise VmNotFound(
+                    f"the disk of VM {uuid} ({paths.disk}) is missing; delete and re-create the VM"
+                )
+            self._drop_session(uuid)
+            for stale in (paths.pidfile, paths.qmp_socket, paths.exit_record):
+                stale.unlink(missing_ok=True)
+            if paths.serial_log.exists():
+                paths.serial_log.replace(paths.previous_serial_log)
+            self._launch(spec, paths)
+            session = self._session(uuid)
+            session.connect()
+        return self.status(uuid)
+
+    def stop(self, uuid: str, *, powerdown_timeout: float | None = None) -> VmStatus:
+        """ACPI powerdown, wait ``powerdown_timeout`` s (default: the setting), then `quit`, then SIGKILL."""
+        paths = self._existing(uuid)
+        timeout = self.settings.powerdown_timeout if powerdown_timeout is None else powerdown_timeout
+        with self._locked(paths):
+            pid = self._live_pid(paths)
+            if pid is None:
+                return self.status(uuid)
+            marker = str(paths.qmp_socket)
+            session = self._session(uuid)
+            try:
+                session.execute("system_powerdown")
+            except QmpError as exc:
+                logger.warning("VM %s: system_powerdown failed (%s); going straight to quit", uuid, exc)
+                timeout = 0.0
+            if wait_gone(pid, marker, timeout):
+                self._record_exit(paths, "stopped: the guest powered off after an ACPI powerdown request")
+            else:
+                self._quit_or_kill(uuid, paths, pid, f"the guest ignored ACPI powerdown for {timeout:g} s")
+            self._drop_session(uuid)
+        return self.status(uuid)
+
+    def reboot(self, uuid: str) -> VmStatus:
+        """Hard-reset the guest (QMP ``system_reset``); the QEMU process stays the same."""
+        paths = self._existing(uuid)
+        with self._locked(paths):
+            if self._live_pid(paths) is None:
+                raise VmNotRunning(f"cannot reboot VM {uuid}: it is not running; start it instead")
+            self._session(uuid).execute("system_reset")
+        return self.status(uuid)
+
+    def delete(self, uuid: str) -> None:
+        """Kill QEMU if it runs, then remove the disk and run files; deleting an absent VM is a no-op."""
+        paths = self.layout.vm(uuid)
+        if paths.run_dir.exists():
+            with self._locked(paths):
+                pid = self._live_pid(paths)
+                if pid is not None:
+                    self._quit_or_kill(uuid, paths, pid, "the VM is being deleted")
+                self._drop_session(uuid)
+                shutil.rmtree(paths.run_dir, ignore_errors=True)
+        paths.disk.unlink(missing_ok=True)
+        _temporary_disk(paths).unlink(missing_ok=True)
+        if paths.run_dir.exists() or paths.disk.exists():
+            raise QemuError(f"could not remove all files of VM {uuid} under {self.layout.data_dir}")
+
+    # --------------------------------------------------------------- status
+
+    def status(self, uuid: str) -> VmStatus:
+        """RUNNING/PAUSED from ``query-status`` while QEMU lives; STOPPED/DEAD with the reason otherwise."""
+        paths = self._existing(uuid)
+        pid = self._live_pid(paths)
+        if pid is not None:
+            try:
+                answer = self._session(uuid).execute("query-status")
+            except QmpError as exc:
+                if self._live_pid(paths) is None:  # it exited while we asked
+                    return self._stopped_status(uuid, paths)
+                return VmStatus(
+                    uuid, VmState.UNKNOWN, f"QEMU (pid {pid}) is alive but QMP failed: {exc}", pid
+                )
+            return _status_from_query(uuid, pid, answer)
+        return self._stopped_status(uuid, paths)
+
+    def discover(self) -> list[VmStatus]:
+        """Every VM in the run directory, reconnecting QMP to those whose QEMU is alive."""
+        statuses = []
+        for uuid in self.layout.vm_uuids():
+            paths = self.layout.vm(uuid)
+            if not paths.spec.exists():
+                logger.warning(
+                    "run directory %s has no spec.json (interrupted create); skipped", paths.run_dir
+                )
+                continue
+            statuses.append(self.status(uuid))
+        return statuses
+
+    def paths(self, uuid: str) -> VmPaths:
+        """The files of a VM (disk, QMP socket, serial log, ...), whether or not they exist yet."""
+        return self.layout.vm(uuid)
+
+    # -------------------------------------------------- raw QMP (migration)
+
+    def execute(
+        self,
+        uuid: str,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Run any QMP command on a running VM and return QEMU's ``return`` value."""
+        paths = self._existing(uuid)
+        if self._live_pid(paths) is None:
+            raise VmNotRunning(f"cannot run QMP {command!r} on VM {uuid}: it is not running")
+        return self._session(uuid).execute(command, arguments, timeout=timeout)
+
+    def qmp(self, uuid: str) -> QmpSession:
+        """The VM's QMP session (connected), for event marks and waits around `execute`."""
+        paths = self._existing(uuid)
+        if self._live_pid(paths) is None:
+            raise VmNotRunning(f"VM {uuid} is not running: it has no QMP session")
+        session = self._session(uuid)
+        session.connect()
+        return session
+
+    # -------------------------------------------------------------- helpers
+
+    def _existing(self, uuid: str) -> VmPaths:
+        paths = self.layout.vm(uuid)
+        if not paths.spec.exists():
+            raise VmNotFound(f"no VM {uuid} on this node (no {paths.spec}); create it first")
+        return paths
+
+    def _load_spec(self, paths: VmPaths) -> VmSpec:
+        try:
+            return VmSpec.from_dict(json.loads(paths.spec.read_text()))
+        except (OSError, ValueError) as exc:
+            raise InvalidSpec(f"cannot read {paths.spec}: {exc}; delete and re-create the VM") from exc
+
+    @contextlib.contextmanager
+    def _locked(self, paths: VmPaths) -> Iterator[None]:
+        with open(paths.lock, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _live_pid(self, paths: VmPaths) -> int | None:
+        pid = read_pid(paths.pidfile)
+        return pid if pid is not None and is_alive(pid, str(paths.qmp_socket)) else None
+
+    def _session(self, uuid: str) -> QmpSession:
+        session = self._sessions.get(uuid)
+        if session is None:
+            session = QmpSession(
+                self.layout.vm(uuid).qmp_socket, self._loop, timeout=self.settings.qmp_timeout
+            )
+            self._sessions[uuid] = session
+        return session
+
+    def _drop_session(self, uuid: str) -> None:
+        session = self._sessions.pop(uuid, None)
+        if session is not None:
+            with contextlib.suppress(QmpError):
+                session.close()
+
+    def _create_disk(self, spec: VmSpec, paths: VmPaths) -> None:
+        # qemu-img writes to a temporary name that is renamed into place, so a create interrupted
+        # half-way never leaves a disk that a retry would take as finished.
+        temporary = _temporary_disk(paths)
+        temporary.unlink(missing_ok=True)
+        if isinstance(spec.image, DiskImage):
+            self.tools.img_create_overlay(temporary, spec.image.path, spec.image.format)
+        else:
+            self.tools.img_create_empty(temporary, spec.disk_gb)
+        temporary.replace(paths.disk)
+
+    def _command(self, spec: VmSpec, paths: VmPaths) -> list[str]:
+        accelerator = self.accelerator
+        command = [
+            str(self.tools.system),
+            "-name", f"guest={_opt_escape(spec.name)}",
+            "-uuid", spec.uuid,
+            "-machine", f"q35,accel={accelerator},graphics=off",
+            "-cpu", self.settings.cpu_model_for(accelerator),
+            "-smp", str(spec.vcpus),
+            "-m", str(spec.memory_mb),
+            "-nodefaults",
+            "-no-user-config",
+            "-display", "none",
+            "-nic", "none",
+            "-daemonize",
+            "-pidfile", str(paths.pidfile),
+            "-qmp", f"unix:{_opt_escape(paths.qmp_socket)},server=on,wait=off",
+            "-chardev", f"file,id=serial0,path={_opt_escape(paths.serial_log)}",
+            "-serial", "chardev:serial0",
+            "-blockdev", f"driver=file,filename={_opt_escape(paths.disk)},node-name=file0",
+            "-blockdev", "driver=qcow2,file=file0,node-name=disk0",
+            "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0",
+        ]  # fmt: skip
+        if isinstance(spec.image, KernelImage):
+            command += ["-kernel", str(spec.image.kernel_path)]
+            if spec.image.initrd_path is not None:
+                command += ["-initrd", str(spec.image.initrd_path)]
+            command += ["-append", spec.kernel_cmdline]
+        return command
+
+    def _launch(self, spec: VmSpec, paths: VmPaths) -> None:
+        command = self._command(spec, paths)
+        # stderr goes to a file, not a pipe: the daemonized QEMU inherits it, and a pipe would keep us
+        # waiting for an EOF that only comes when the VM ends.
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                result = subprocess.run(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    timeout=self.settings.start_timeout,
+                    check=False,
+                    umask=0o077,  # pidfile, serial log: readable by the worker's user only
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise QemuStartError(
+                    f"QEMU for VM {spec.uuid} did not daemonize within {self.settings.start_timeout:g} s"
+                ) from exc
+            stderr.seek(0)
+            message = stderr.read().decode(errors="replace").strip()
+        if result.returncode != 0:
+            raise QemuStartError(
+                f"QEMU for VM {spec.uuid} failed to start (exit {result.returncode}): {message}"
+            )
+        if not paths.qmp_socket.exists():
+            raise QemuStartError(
+                f"QEMU for VM {spec.uuid} started but created no QMP socket at {paths.qmp_socket}"
+            )
+        os.chmod(paths.qmp_socket, 0o600)
+        if message:
+            logger.warning("VM %s: QEMU said while starting: %s", spec.uuid, message)
+
+    def _quit_or_kill(self, uuid: str, paths: VmPaths, pid: int, why: str) -> None:
+        marker = str(paths.qmp_socket)
+        session = self._session(uuid)
+        try:
+            session.execute("quit")
+        except QmpProtocolError:
+            pass  # the session may close before the reply arrives: QEMU is exiting
+        except QmpError as exc:
+            logger.warning("VM %s: quit failed (%s); killing QEMU", uuid, exc)
+        if wait_gone(pid, marker, self.settings.quit_timeout):
+            self._record_exit(paths, f"stopped: QEMU was told to quit ({why})")
+            return
+        if kill_hard(pid, marker, KILL_TIMEOUT):
+            self._record_exit(
+                paths, f"stopped: QEMU was killed after ignoring quit for {self.settings.quit_timeout:g} s"
+            )
+            return
+        raise QemuError(f"QEMU of VM {uuid} (pid {pid}) survived quit and SIGKILL; check the host")
+
+    def _record_exit(self, paths: VmPaths, reason: str) -> None:
+        if paths.run_dir.exists():
+            _write_json_atomically(paths.exit_record, {"reason": reason, "at": datetime.now(UTC).isoformat()})
+
+    def _stopped_status(self, uuid: str, paths: VmPaths) -> VmStatus:
+        tail = _serial_tail(paths.serial_log)
+        try:
+            recorded = json.loads(paths.exit_record.read_text())
+            return VmStatus(uuid, VmState.STOPPED, str(recorded["reason"]), serial_tail=tail)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no usable record: look at what the process left behind
+        shutdown = self._seen_shutdown(uuid)
+        if shutdown is not None:
+            reason = (
+                f"stopped: QEMU shut down (SHUTDOWN event, reason {shutdown.data.get('reason', 'unknown')})"
+            )
+            self._record_exit(paths, reason)
+            return VmStatus(uuid, VmState.STOPPED, reason, serial_tail=tail)
+        stale_pid = read_pid(paths.pidfile)
+        if stale_pid is not None:
+            # QEMU removes its pidfile when it exits normally; a leftover one means it did not.
+            return VmStatus(
+                uuid,
+                VmState.DEAD,
+                f"QEMU (pid {stale_pid}) is gone without a shutdown: it was killed or crashed "
+                "(see the last serial lines); start the VM again or delete it",
+                serial_tail=tail,
+            )
+        if not paths.serial_log.exists():
+            return VmStatus(uuid, VmState.STOPPED, "created, never started")
+        return VmStatus(
+            uuid,
+            VmState.STOPPED,
+            "QEMU exited by itself (no pidfile left, no shutdown recorded)",
+            serial_tail=tail,
+        )
+
+    def _seen_shutdown(self, uuid: str) -> QmpEvent | None:
+        session = self._sessions.get(uuid)
+        if session is None:
+            return None
+        shutdowns = [event for event in session.events_since(0) if event.name == "SHUTDOWN"]
+        return shutdowns[-1] if shutdowns else None
+
+
+def _status_from_query(uuid: str, pid: int, answer: Any) -> VmStatus:
+    if not isinstance(answer, dict) or not isinstance(answer.get("status"), str):
+        return VmStatus(
+            uuid,
+            VmState.UNKNOWN,
+            f"QEMU (pid {pid}) answered query-status with {answer!r}, not a status",
+            pid,
+        )
+    qemu_status = answer["status"]
+    if qemu_status == "running":
+        return VmStatus(uuid, VmState.RUNNING, "running", pid, qemu_status)
+    if qemu_status in FAULTED_QEMU_STATES:
+        return VmStatus(uuid, VmState.PAUSED, f"guest stopped by a fault: {qemu_status}", pid, qemu_status)
+    if qemu_status in PAUSED_QEMU_STATES:
+        return VmStatus(uuid, VmState.PAUSED, f"paused ({qemu_status})", pid, qemu_status)
+    return VmStatus(
+        uuid, VmState.UNKNOWN, f"QEMU reports an unrecognised status {qemu_status!r}", pid, qemu_status
+    )
+
+
+def _check_image_files(spec: VmSpec) -> None:
+    image = spec.image
+    required = (
+        [image.path]
+        if isinstance(image, DiskImage)
+        else [image.kernel_path] + ([image.initrd_path] if image.initrd_path else [])
+    )
+    for path in required:
+        if not path.is_file():
+            raise InvalidSpec(f"image file {path} does not exist on this node; copy the image here first")
+
+
+def _temporary_disk(paths: VmPaths) -> Path:
+    return paths.disk.with_name(paths.disk.name + ".partial")
+
+
+def _opt_escape(value: Path | str) -> str:
+    # In QEMU's key=value option syntax a comma is doubled to be taken literally.
+    return str(value).replace(",", ",,")
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def _serial_tail(log: Path) -> tuple[str, ...]:
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, log.stat().st_size - SERIAL_TAIL_BYTES))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return ()
+    lines = [ANSI_ESCAPE.sub("", line).strip() for line in text.splitlines()]
+    return tuple(line for line in lines if line)[-SERIAL_TAIL_LINES:]
