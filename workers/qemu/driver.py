@@ -10,10 +10,14 @@ Rules it keeps:
 * QEMU runs daemonized and outlives the worker. Its state is read back from the run directory (pidfile,
   /proc, QMP), never from memory, so a new driver instance after a restart sees what the old one saw:
   `discover` lists the VMs and reconnects QMP to the live ones.
-* How the last run ended is written to ``exit.json`` when the driver ends it (powerdown, quit, kill) or
-  sees QEMU's SHUTDOWN event; a QEMU that vanished otherwise was killed or crashed. A daemonized QEMU
-  is not our child, so its exit status cannot be collected: the reason names how it ended instead,
-  together with the last lines of its serial console.
+* QEMU serves one client per QMP monitor, so the driver holds no session between operations: each
+  operation connects to ``qmp.sock``, runs its commands and disconnects, and any number of worker
+  processes can share a VM. Long jobs that watch events (live migration) get their own monitor,
+  ``qmp-jobs.sock``, through `QemuDriver.job_session`, so they never block status queries.
+* How the last run ended is written to ``exit.json`` when the driver ends it (powerdown, quit, kill).
+  QEMU deletes its pidfile when it exits normally, so a leftover pidfile without a live process means
+  it was killed or crashed. A daemonized QEMU is not our child and its exit status cannot be collected:
+  the reason says how it ended instead, with the last lines of its serial console.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from workers.qemu.errors import (
 )
 from workers.qemu.layout import NodeLayout, VmPaths
 from workers.qemu.process import is_alive, kill_hard, read_pid, wait_gone
-from workers.qemu.qmp import DEFAULT_QMP_TIMEOUT, EventLoopThread, QmpEvent, QmpSession
+from workers.qemu.qmp import DEFAULT_QMP_TIMEOUT, EventLoopThread, QmpSession
 from workers.qemu.spec import DiskImage, KernelImage, VmSpec
 from workers.qemu.tools import QemuTools
 
@@ -143,7 +147,7 @@ class DriverSettings:
 
 
 class QemuDriver:
-    """Runs the VMs of one node's data directory. Close it (or use ``with``) to drop QMP sessions."""
+    """Runs the VMs of one node's data directory. Close it (or use ``with``) to stop its QMP thread."""
 
     def __init__(self, settings: DriverSettings) -> None:
         self.settings = settings
@@ -152,7 +156,6 @@ class QemuDriver:
         self.layout.ensure()
         self._accelerator: Accelerator | None = None
         self._loop = EventLoopThread()
-        self._sessions: dict[str, QmpSession] = {}
 
     def __enter__(self) -> QemuDriver:
         return self
@@ -161,11 +164,7 @@ class QemuDriver:
         self.close()
 
     def close(self) -> None:
-        """Disconnect every QMP session; the QEMU processes keep running."""
-        for session in self._sessions.values():
-            with contextlib.suppress(QmpError):
-                session.close()
-        self._sessions.clear()
+        """Stop the QMP event-loop thread (idempotent); the QEMU processes keep running."""
         self._loop.close()
 
     # ----------------------------------------------------------------- node
@@ -244,14 +243,11 @@ class QemuDriver:
                 raise VmNotFound(
                     f"the disk of VM {uuid} ({paths.disk}) is missing; delete and re-create the VM"
                 )
-            self._drop_session(uuid)
-            for stale in (paths.pidfile, paths.qmp_socket, paths.exit_record):
+            for stale in (paths.pidfile, paths.qmp_socket, paths.jobs_socket, paths.exit_record):
                 stale.unlink(missing_ok=True)
             if paths.serial_log.exists():
                 paths.serial_log.replace(paths.previous_serial_log)
             self._launch(spec, paths)
-            session = self._session(uuid)
-            session.connect()
         return self.status(uuid)
 
     def stop(self, uuid: str, *, powerdown_timeout: float | None = None) -> VmStatus:
@@ -263,9 +259,8 @@ class QemuDriver:
             if pid is None:
                 return self.status(uuid)
             marker = str(paths.qmp_socket)
-            session = self._session(uuid)
             try:
-                session.execute("system_powerdown")
+                self._qmp_call(paths, "system_powerdown")
             except QmpError as exc:
                 logger.warning("VM %s: system_powerdown failed (%s); going straight to quit", uuid, exc)
                 timeout = 0.0
@@ -273,7 +268,6 @@ class QemuDriver:
                 self._record_exit(paths, "stopped: the guest powered off after an ACPI powerdown request")
             else:
                 self._quit_or_kill(uuid, paths, pid, f"the guest ignored ACPI powerdown for {timeout:g} s")
-            self._drop_session(uuid)
         return self.status(uuid)
 
     def reboot(self, uuid: str) -> VmStatus:
@@ -282,7 +276,7 @@ class QemuDriver:
         with self._locked(paths):
             if self._live_pid(paths) is None:
                 raise VmNotRunning(f"cannot reboot VM {uuid}: it is not running; start it instead")
-            self._session(uuid).execute("system_reset")
+            self._qmp_call(paths, "system_reset")
         return self.status(uuid)
 
     def delete(self, uuid: str) -> None:
@@ -293,7 +287,6 @@ class QemuDriver:
                 pid = self._live_pid(paths)
                 if pid is not None:
                     self._quit_or_kill(uuid, paths, pid, "the VM is being deleted")
-                self._drop_session(uuid)
                 shutil.rmtree(paths.run_dir, ignore_errors=True)
         paths.disk.unlink(missing_ok=True)
         _temporary_disk(paths).unlink(missing_ok=True)
@@ -308,7 +301,7 @@ class QemuDriver:
         pid = self._live_pid(paths)
         if pid is not None:
             try:
-                answer = self._session(uuid).execute("query-status")
+                answer = self._qmp_call(paths, "query-status")
             except QmpError as exc:
                 if self._live_pid(paths) is None:  # it exited while we asked
                     return self._stopped_status(uuid, paths)
@@ -345,20 +338,24 @@ class QemuDriver:
         *,
         timeout: float | None = None,
     ) -> Any:
-        """Run any QMP command on a running VM and return QEMU's ``return`` value."""
+        """Run one QMP command on a running VM and return QEMU's ``return`` value."""
         paths = self._existing(uuid)
         if self._live_pid(paths) is None:
             raise VmNotRunning(f"cannot run QMP {command!r} on VM {uuid}: it is not running")
-        return self._session(uuid).execute(command, arguments, timeout=timeout)
+        return self._qmp_call(paths, command, arguments, timeout=timeout)
 
-    def qmp(self, uuid: str) -> QmpSession:
-        """The VM's QMP session (connected), for event marks and waits around `execute`."""
+    @contextlib.contextmanager
+    def job_session(self, uuid: str) -> Iterator[QmpSession]:
+        """A QMP session on the VM's jobs monitor, held for a long job that waits for events.
+
+        Only one job session per VM can be open at a time (QEMU serves one client per monitor);
+        lifecycle operations and status use the other monitor and are not blocked by it.
+        """
         paths = self._existing(uuid)
         if self._live_pid(paths) is None:
-            raise VmNotRunning(f"VM {uuid} is not running: it has no QMP session")
-        session = self._session(uuid)
-        session.connect()
-        return session
+            raise VmNotRunning(f"VM {uuid} is not running: it has no QMP monitor")
+        with self._connected(paths.jobs_socket) as session:
+            yield session
 
     # -------------------------------------------------------------- helpers
 
@@ -387,20 +384,26 @@ class QemuDriver:
         pid = read_pid(paths.pidfile)
         return pid if pid is not None and is_alive(pid, str(paths.qmp_socket)) else None
 
-    def _session(self, uuid: str) -> QmpSession:
-        session = self._sessions.get(uuid)
-        if session is None:
-            session = QmpSession(
-                self.layout.vm(uuid).qmp_socket, self._loop, timeout=self.settings.qmp_timeout
-            )
-            self._sessions[uuid] = session
-        return session
-
-    def _drop_session(self, uuid: str) -> None:
-        session = self._sessions.pop(uuid, None)
-        if session is not None:
+    @contextlib.contextmanager
+    def _connected(self, socket_path: Path) -> Iterator[QmpSession]:
+        session = QmpSession(socket_path, self._loop, timeout=self.settings.qmp_timeout)
+        session.connect()
+        try:
+            yield session
+        finally:
             with contextlib.suppress(QmpError):
                 session.close()
+
+    def _qmp_call(
+        self,
+        paths: VmPaths,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        with self._connected(paths.qmp_socket) as session:
+            return session.execute(command, arguments, timeout=timeout)
 
     def _create_disk(self, spec: VmSpec, paths: VmPaths) -> None:
         # qemu-img writes to a temporary name that is renamed into place, so a create interrupted
@@ -430,6 +433,7 @@ class QemuDriver:
             "-daemonize",
             "-pidfile", str(paths.pidfile),
             "-qmp", f"unix:{_opt_escape(paths.qmp_socket)},server=on,wait=off",
+            "-qmp", f"unix:{_opt_escape(paths.jobs_socket)},server=on,wait=off",
             "-chardev", f"file,id=serial0,path={_opt_escape(paths.serial_log)}",
             "-serial", "chardev:serial0",
             "-blockdev", f"driver=file,filename={_opt_escape(paths.disk)},node-name=file0",
@@ -468,19 +472,19 @@ class QemuDriver:
             raise QemuStartError(
                 f"QEMU for VM {spec.uuid} failed to start (exit {result.returncode}): {message}"
             )
-        if not paths.qmp_socket.exists():
-            raise QemuStartError(
-                f"QEMU for VM {spec.uuid} started but created no QMP socket at {paths.qmp_socket}"
-            )
-        os.chmod(paths.qmp_socket, 0o600)
+        for socket_path in (paths.qmp_socket, paths.jobs_socket):
+            if not socket_path.exists():
+                raise QemuStartError(
+                    f"QEMU for VM {spec.uuid} started but created no QMP socket {socket_path}"
+                )
+            os.chmod(socket_path, 0o600)
         if message:
             logger.warning("VM %s: QEMU said while starting: %s", spec.uuid, message)
 
     def _quit_or_kill(self, uuid: str, paths: VmPaths, pid: int, why: str) -> None:
         marker = str(paths.qmp_socket)
-        session = self._session(uuid)
         try:
-            session.execute("quit")
+            self._qmp_call(paths, "quit")
         except QmpProtocolError:
             pass  # the session may close before the reply arrives: QEMU is exiting
         except QmpError as exc:
@@ -506,13 +510,6 @@ class QemuDriver:
             return VmStatus(uuid, VmState.STOPPED, str(recorded["reason"]), serial_tail=tail)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no usable record: look at what the process left behind
-        shutdown = self._seen_shutdown(uuid)
-        if shutdown is not None:
-            reason = (
-                f"stopped: QEMU shut down (SHUTDOWN event, reason {shutdown.data.get('reason', 'unknown')})"
-            )
-            self._record_exit(paths, reason)
-            return VmStatus(uuid, VmState.STOPPED, reason, serial_tail=tail)
         stale_pid = read_pid(paths.pidfile)
         if stale_pid is not None:
             # QEMU removes its pidfile when it exits normally; a leftover one means it did not.
@@ -528,16 +525,9 @@ class QemuDriver:
         return VmStatus(
             uuid,
             VmState.STOPPED,
-            "QEMU exited by itself (no pidfile left, no shutdown recorded)",
+            "QEMU exited cleanly on its own (the guest powered off, or a QMP client told it to quit)",
             serial_tail=tail,
         )
-
-    def _seen_shutdown(self, uuid: str) -> QmpEvent | None:
-        session = self._sessions.get(uuid)
-        if session is None:
-            return None
-        shutdowns = [event for event in session.events_since(0) if event.name == "SHUTDOWN"]
-        return shutdowns[-1] if shutdowns else None
 
 
 def _status_from_query(uuid: str, pid: int, answer: Any) -> VmStatus:

@@ -3,7 +3,8 @@
     DATA/disks/<uuid>.qcow2            the VM's disk (overlay on the image's base, or an empty qcow2)
     DATA/run/<uuid>/                   mode 0700, one per VM created on this node
         spec.json                      the VmSpec it was created from
-        qmp.sock                       QMP monitor socket (mode 0600)
+        qmp.sock                       QMP monitor for lifecycle operations and status (mode 0600)
+        qmp-jobs.sock                  second QMP monitor, for long jobs such as migration (mode 0600)
         serial.log, serial.log.1       serial console of this run and of the previous one
         qemu.pid                       written (and locked) by QEMU itself
         exit.json                      how the last run ended, when the driver knows
@@ -40,6 +41,10 @@ class VmPaths:
     @property
     def qmp_socket(self) -> Path:
         return self.run_dir / "qmp.sock"
+
+    @property
+    def jobs_socket(self) -> Path:
+        return self.run_dir / "qmp-jobs.sock"
 
     @property
     def serial_log(self) -> Path:
@@ -85,7 +90,7 @@ class NodeLayout:
 
     def ensure(self) -> None:
         """Create the directories and prove they are writable; raise `DataDirError` otherwise."""
-        longest_socket = len(str(self.run_root.absolute())) + 1 + UUID_LEN + len("/qmp.sock")
+        longest_socket = len(str(self.run_root.absolute())) + 1 + UUID_LEN + len("/qmp-jobs.sock")
         if longest_socket > UNIX_PATH_MAX:
             raise DataDirError(
                 f"data dir {self.data_dir} is too long: QMP socket paths under it would be {longest_socket} "
