@@ -4,7 +4,7 @@ import os
 
 from celery import Celery
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "novacron.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "novacron.settings.main")
 
 app = Celery("novacron")
 app.config_from_object("django.conf:settings", namespace="CELERY")

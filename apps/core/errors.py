@@ -18,8 +18,8 @@ from rest_framework.views import exception_handler as drf_exception_handler
 class NovaCronError(Exception):
     """A failure the client can act on: a stable ``code``, an HTTP ``status`` and a message."""
 
-    code = "error"
-    status = status.HTTP_400_BAD_REQUEST
+    code: str = "error"
+    status: int = status.HTTP_400_BAD_REQUEST
 
     def __init__(self, message: str, *, fields: dict[str, list[str]] | None = None) -> None:
         super().__init__(message)
@@ -74,6 +74,9 @@ def _flatten(detail: Any, prefix: str = "") -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     if isinstance(detail, dict):
         for key, value in detail.items():
+            if isinstance(key, int):  # a list serializer's errors, keyed by item index
+                out.update(_flatten(value, f"{prefix}[{key}]"))
+                continue
             name = "non_field_errors" if key in ("non_field_errors", "__all__") and not prefix else str(key)
             path = f"{prefix}.{name}" if prefix else name
             out.update(_flatten(value, path))
@@ -119,7 +122,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         response.data = error_body("invalid", _summary(fields), fields)
     elif isinstance(exc, drf.APIException):
         detail = exc.detail
-        message = str(detail) if not isinstance(detail, (dict, list)) else str(next(iter(_flatten(detail).values()))[0])
+        message = (
+            str(detail)
+            if not isinstance(detail, (dict, list))
+            else str(next(iter(_flatten(detail).values()))[0])
+        )
         code = exc.get_codes() if isinstance(exc.get_codes(), str) else exc.default_code
         response.data = error_body(str(code), message)
     return response

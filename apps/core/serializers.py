@@ -41,18 +41,20 @@ class NameOrIdField(serializers.Field):
         model = self.queryset.model._meta.verbose_name
         if isinstance(data, bool) or not isinstance(data, (str, int)) or data == "":
             self.fail("invalid", model=model)
-        refs: dict[tuple[str, Any], Model | None] = self.context.setdefault("refs", {})
+        refs: dict[tuple[str, Any], Model | None] = self.context.setdefault("refs", {})  # type: ignore[attr-defined]
         key = (self.queryset.model._meta.label, data)
         if key not in refs:
             text = str(data)
             if text.isdigit() and len(text) < 19:
-                refs[key] = self.queryset.filter(pk=int(text)).first() or self.queryset.filter(name=text).first()
+                refs[key] = (
+                    self.queryset.filter(pk=int(text)).first() or self.queryset.filter(name=text).first()
+                )
             else:
                 refs[key] = self.queryset.filter(name=text[:200]).first()
         found = refs[key]
         if found is None:
             self.fail("not_found", model=model, value=data)
-        return found  # type: ignore[return-value]
+        return found
 
     def to_representation(self, value: Any) -> str:
         return str(value.name)

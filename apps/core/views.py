@@ -42,7 +42,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
         logger.warning("readiness: redis unreachable: %s", exc)
         checks["redis"] = f"unreachable: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
-    return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)
+    return JsonResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
+    )
 
 
 class TokenThrottle(AnonRateThrottle):

@@ -25,5 +25,10 @@ class MigrationPhase(models.TextChoices):
 
 
 ACTIVE_STATUSES = frozenset(
-    {MigrationStatus.QUEUED, MigrationStatus.PREPARING, MigrationStatus.TRANSFERRING, MigrationStatus.SWITCHING}
+    {
+        MigrationStatus.QUEUED,
+        MigrationStatus.PREPARING,
+        MigrationStatus.TRANSFERRING,
+        MigrationStatus.SWITCHING,
+    }
 )

@@ -14,11 +14,15 @@ from .choices import ACTIVE_STATUSES, MigrationMode, MigrationPhase, MigrationSt
 class Migration(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     vm = models.ForeignKey(VM, on_delete=models.CASCADE, related_name="migrations")
-    source_node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="outgoing_migrations", db_index=False)
+    source_node = models.ForeignKey(
+        Node, on_delete=models.PROTECT, related_name="outgoing_migrations", db_index=False
+    )
     dest_node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="incoming_migrations")
     mode = models.CharField(max_length=8, choices=MigrationMode.choices, default=MigrationMode.LIVE)
     status = models.CharField(max_length=16, choices=MigrationStatus.choices, default=MigrationStatus.QUEUED)
-    phase = models.CharField(max_length=8, choices=MigrationPhase.choices, default=MigrationPhase.NONE, blank=True)
+    phase = models.CharField(
+        max_length=8, choices=MigrationPhase.choices, default=MigrationPhase.NONE, blank=True
+    )
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="requested_migrations"
     )
@@ -27,7 +31,9 @@ class Migration(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
-    stats = models.JSONField(default=dict, blank=True, help_text="Final statistics: bytes, downtime, durations.")
+    stats = models.JSONField(
+        default=dict, blank=True, help_text="Final statistics: bytes, downtime, durations."
+    )
 
     class Meta:
         db_table = "migrations"
@@ -42,7 +48,9 @@ class Migration(models.Model):
                 condition=Q(status__in=sorted(ACTIVE_STATUSES)),
                 name="one_active_migration_per_vm",
             ),
-            models.CheckConstraint(condition=~Q(source_node=models.F("dest_node")), name="migration_nodes_differ"),
+            models.CheckConstraint(
+                condition=~Q(source_node=models.F("dest_node")), name="migration_nodes_differ"
+            ),
         ]
 
     def __str__(self) -> str:

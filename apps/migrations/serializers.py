@@ -15,7 +15,9 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
     vm_name = serializers.CharField(source="vm.name", read_only=True)
     source_node = serializers.CharField(source="source_node.name", read_only=True)
     dest_node = serializers.CharField(source="dest_node.name", read_only=True)
-    requested_by = serializers.CharField(source="requested_by.username", read_only=True, allow_null=True, default=None)
+    requested_by = serializers.CharField(
+        source="requested_by.username", read_only=True, allow_null=True, default=None
+    )
 
     class Meta:
         model = Migration
@@ -42,4 +44,6 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
 class MigrateRequestSerializer(StrictInputMixin, serializers.Serializer[Any]):
     dest_node = NameOrIdField(Node.objects.all(), required=False, allow_null=True)
     mode = serializers.ChoiceField(choices=MigrationMode.choices, default=MigrationMode.LIVE)
-    bandwidth_limit_mbps = serializers.IntegerField(min_value=1, max_value=400_000, required=False, allow_null=True)
+    bandwidth_limit_mbps = serializers.IntegerField(
+        min_value=1, max_value=400_000, required=False, allow_null=True
+    )

@@ -1,6 +1,6 @@
 """Migration requests: validate, pick and reserve the destination, record the request as ``queued``."""
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
 from apps.core.errors import Conflict, InvalidInput, InvalidState
@@ -21,13 +21,13 @@ _MIGRATABLE = {
 def migration_request(
     *,
     vm: VM,
-    requested_by: AbstractBaseUser,
+    requested_by: User,
     mode: MigrationMode,
     dest_node: Node | None = None,
     bandwidth_limit_mbps: int | None = None,
 ) -> Migration:
     """Record a migration of ``vm`` with the destination's capacity reserved for its duration."""
-    vm = VM.objects.select_for_update().select_related("node").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related("node").get(pk=vm.pk)
     if vm.state not in _MIGRATABLE[mode]:
         raise InvalidState(f"Cannot {mode}-migrate VM {vm.name}: it is {vm.state}.")
     if vm.pending_action:
@@ -36,7 +36,9 @@ def migration_request(
     if source is None:
         raise InvalidState(f"Cannot migrate VM {vm.name}: it is on no node.")
     if dest_node is not None and dest_node.pk == source.pk:
-        raise InvalidInput("The destination is the VM's current node.", fields={"dest_node": ["Pick another node."]})
+        raise InvalidInput(
+            "The destination is the VM's current node.", fields={"dest_node": ["Pick another node."]}
+        )
     if dest_node is not None and dest_node.status != NodeStatus.UP:
         raise InvalidState(f"Node {dest_node.name} is {dest_node.status}: it takes no migrations.")
     demand = scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)

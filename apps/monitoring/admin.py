@@ -7,13 +7,33 @@ from .models import Alert, AlertRule, APILog
 
 @admin.register(AlertRule)
 class AlertRuleAdmin(admin.ModelAdmin[AlertRule]):
-    list_display = ("name", "metric", "aggregation", "comparison", "threshold", "window_seconds", "for_seconds", "severity", "scope", "enabled")
+    list_display = (
+        "name",
+        "metric",
+        "aggregation",
+        "comparison",
+        "threshold",
+        "window_seconds",
+        "for_seconds",
+        "severity",
+        "scope",
+        "enabled",
+    )
     list_filter = ("severity", "scope", "enabled")
 
 
 @admin.register(Alert)
 class AlertAdmin(admin.ModelAdmin[Alert]):
-    list_display = ("rule", "subject", "status", "severity", "value", "started_at", "acknowledged_at", "resolved_at")
+    list_display = (
+        "rule",
+        "subject",
+        "status",
+        "severity",
+        "value",
+        "started_at",
+        "acknowledged_at",
+        "resolved_at",
+    )
     list_filter = ("status", "severity")
     list_select_related = ("rule",)
 

@@ -88,7 +88,9 @@ class Alert(models.Model):
         indexes = [models.Index(fields=["status", "severity"], name="alerts_status_severity_idx")]
         constraints = [
             models.UniqueConstraint(
-                fields=("rule", "subject"), condition=~Q(status=AlertStatus.RESOLVED), name="one_open_alert_per_subject"
+                fields=("rule", "subject"),
+                condition=~Q(status=AlertStatus.RESOLVED),
+                name="one_open_alert_per_subject",
             )
         ]
 

@@ -1,11 +1,12 @@
 """Django admin for the fleet: VMs (with lifecycle actions), nodes, images, quotas and batches."""
 
 from django.contrib import admin, messages
-from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from apps.core.auth import request_user
 from apps.core.errors import NovaCronError
 from apps.migrations.choices import MigrationMode
 from apps.migrations.services import migration_request
@@ -15,7 +16,9 @@ from .choices import VMAction
 from .models import VM, BatchItem, BatchOperation, Image, Node, Quota
 
 
-def _each(modeladmin: admin.ModelAdmin[VM], request: HttpRequest, queryset: QuerySet[VM], verb: str, call: object) -> None:
+def _each(
+    modeladmin: admin.ModelAdmin[VM], request: HttpRequest, queryset: QuerySet[VM], verb: str, call: object
+) -> None:
     done, failed = 0, []
     for vm in queryset:
         try:
@@ -35,8 +38,33 @@ class VMAdmin(admin.ModelAdmin[VM]):
     list_filter = ("state", "node", "image")
     search_fields = ("name", "id", "owner__username")
     list_select_related = ("node", "owner", "image")
-    readonly_fields = ("id", "owner", "node", "state", "state_reason", "pending_action", "created_at", "updated_at", "deleted_at")
-    fields = ("id", "name", "owner", "image", "node", "state", "state_reason", "pending_action", "vcpus", "memory_mb", "disk_gb", "created_at", "updated_at", "deleted_at")
+    readonly_fields = (
+        "id",
+        "owner",
+        "node",
+        "state",
+        "state_reason",
+        "pending_action",
+        "created_at",
+        "updated_at",
+        "deleted_at",
+    )
+    fields = (
+        "id",
+        "name",
+        "owner",
+        "image",
+        "node",
+        "state",
+        "state_reason",
+        "pending_action",
+        "vcpus",
+        "memory_mb",
+        "disk_gb",
+        "created_at",
+        "updated_at",
+        "deleted_at",
+    )
     actions = ("start_vms", "stop_vms", "reboot_vms", "live_migrate_vms", "delete_vms")
     show_full_result_count = False
 
@@ -48,15 +76,33 @@ class VMAdmin(admin.ModelAdmin[VM]):
 
     @admin.action(description="Start selected VMs")
     def start_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
-        _each(self, request, queryset, "Start", lambda vm: services.vm_request_action(vm=vm, action=VMAction.START))
+        _each(
+            self,
+            request,
+            queryset,
+            "Start",
+            lambda vm: services.vm_request_action(vm=vm, action=VMAction.START),
+        )
 
     @admin.action(description="Stop selected VMs")
     def stop_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
-        _each(self, request, queryset, "Stop", lambda vm: services.vm_request_action(vm=vm, action=VMAction.STOP))
+        _each(
+            self,
+            request,
+            queryset,
+            "Stop",
+            lambda vm: services.vm_request_action(vm=vm, action=VMAction.STOP),
+        )
 
     @admin.action(description="Reboot selected VMs")
     def reboot_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
-        _each(self, request, queryset, "Reboot", lambda vm: services.vm_request_action(vm=vm, action=VMAction.REBOOT))
+        _each(
+            self,
+            request,
+            queryset,
+            "Reboot",
+            lambda vm: services.vm_request_action(vm=vm, action=VMAction.REBOOT),
+        )
 
     @admin.action(description="Live-migrate selected VMs (scheduler picks the destination)")
     def live_migrate_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
@@ -65,7 +111,7 @@ class VMAdmin(admin.ModelAdmin[VM]):
             request,
             queryset,
             "Migration",
-            lambda vm: migration_request(vm=vm, requested_by=request.user, mode=MigrationMode.LIVE),
+            lambda vm: migration_request(vm=vm, requested_by=request_user(request), mode=MigrationMode.LIVE),
         )
 
     @admin.action(description="Delete selected VMs (through their nodes)")
@@ -90,7 +136,13 @@ class NodeAdmin(admin.ModelAdmin[Node]):
     )
     list_filter = ("status",)
     search_fields = ("name", "address")
-    readonly_fields = ("allocated_vcpus", "allocated_memory_mb", "allocated_disk_gb", "hypervisor", "last_heartbeat")
+    readonly_fields = (
+        "allocated_vcpus",
+        "allocated_memory_mb",
+        "allocated_disk_gb",
+        "hypervisor",
+        "last_heartbeat",
+    )
 
 
 @admin.register(Image)
@@ -116,14 +168,13 @@ class BatchOperationAdmin(admin.ModelAdmin[BatchOperation]):
     inlines = (BatchItemInline,)
 
 
-class QuotaInline(admin.StackedInline[Quota, object]):
+class QuotaInline(admin.StackedInline[Quota, User]):
     model = Quota
     can_delete = True
     extra = 0
     max_num = 1
 
 
-User = get_user_model()
 admin.site.unregister(User)
 
 

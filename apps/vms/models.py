@@ -48,7 +48,9 @@ class Node(models.Model):
     allocated_vcpus = models.PositiveIntegerField(default=0)
     allocated_memory_mb = models.PositiveBigIntegerField(default=0)
     allocated_disk_gb = models.PositiveBigIntegerField(default=0)
-    hypervisor = models.JSONField(default=dict, blank=True, help_text="QEMU version, accelerator, KVM usability.")
+    hypervisor = models.JSONField(
+        default=dict, blank=True, help_text="QEMU version, accelerator, KVM usability."
+    )
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -57,11 +59,15 @@ class Node(models.Model):
         db_table = "nodes"
         ordering = ("name",)
         constraints = [
-            models.CheckConstraint(condition=Q(allocated_vcpus__lte=F("vcpus")), name="node_vcpus_not_overcommitted"),
+            models.CheckConstraint(
+                condition=Q(allocated_vcpus__lte=F("vcpus")), name="node_vcpus_not_overcommitted"
+            ),
             models.CheckConstraint(
                 condition=Q(allocated_memory_mb__lte=F("memory_mb")), name="node_memory_not_overcommitted"
             ),
-            models.CheckConstraint(condition=Q(allocated_disk_gb__lte=F("disk_gb")), name="node_disk_not_overcommitted"),
+            models.CheckConstraint(
+                condition=Q(allocated_disk_gb__lte=F("disk_gb")), name="node_disk_not_overcommitted"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -86,11 +92,17 @@ class Node(models.Model):
     def clean(self) -> None:
         errors = {}
         if self.vcpus is not None and self.allocated_vcpus > self.vcpus:
-            errors["vcpus"] = f"{self.allocated_vcpus} vCPUs are allocated on this node; capacity cannot be lower."
+            errors["vcpus"] = (
+                f"{self.allocated_vcpus} vCPUs are allocated on this node; capacity cannot be lower."
+            )
         if self.memory_mb is not None and self.allocated_memory_mb > self.memory_mb:
-            errors["memory_mb"] = f"{self.allocated_memory_mb} MiB are allocated on this node; capacity cannot be lower."
+            errors["memory_mb"] = (
+                f"{self.allocated_memory_mb} MiB are allocated on this node; capacity cannot be lower."
+            )
         if self.disk_gb is not None and self.allocated_disk_gb > self.disk_gb:
-            errors["disk_gb"] = f"{self.allocated_disk_gb} GiB are allocated on this node; capacity cannot be lower."
+            errors["disk_gb"] = (
+                f"{self.allocated_disk_gb} GiB are allocated on this node; capacity cannot be lower."
+            )
         if errors:
             raise ValidationError(errors)
 
@@ -99,7 +111,9 @@ class Image(models.Model):
     name = models.CharField(max_length=63, unique=True, validators=[name_validator])
     kind = models.CharField(max_length=8, choices=ImageKind.choices, default=ImageKind.DISK)
     format = models.CharField(max_length=8, choices=ImageFormat.choices, default=ImageFormat.QCOW2)
-    path = models.CharField(max_length=1024, blank=True, help_text="Base disk path on the nodes (disk images).")
+    path = models.CharField(
+        max_length=1024, blank=True, help_text="Base disk path on the nodes (disk images)."
+    )
     size_bytes = models.PositiveBigIntegerField(default=0)
     checksum = models.CharField(max_length=80, blank=True, help_text="sha256 of the base disk or kernel.")
     kernel_path = models.CharField(max_length=1024, blank=True)
@@ -128,14 +142,22 @@ class Image(models.Model):
 class VM(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=63, validators=[name_validator])
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vms", db_index=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vms", db_index=False
+    )
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="vms", null=True, blank=True)
     image = models.ForeignKey(Image, on_delete=models.PROTECT, related_name="vms")
     state = models.CharField(max_length=16, choices=VMState.choices, default=VMState.PENDING)
-    state_reason = models.CharField(max_length=1000, blank=True, help_text="Why the VM is in its state (errors).")
-    pending_action = models.CharField(max_length=8, choices=VMAction.choices, default=VMAction.NONE, blank=True)
+    state_reason = models.CharField(
+        max_length=1000, blank=True, help_text="Why the VM is in its state (errors)."
+    )
+    pending_action = models.CharField(
+        max_length=8, choices=VMAction.choices, default=VMAction.NONE, blank=True
+    )
     vcpus = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(MAX_VCPUS)])
-    memory_mb = models.PositiveIntegerField(validators=[MinValueValidator(64), MaxValueValidator(MAX_MEMORY_MB)])
+    memory_mb = models.PositiveIntegerField(
+        validators=[MinValueValidator(64), MaxValueValidator(MAX_MEMORY_MB)]
+    )
     disk_gb = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(MAX_DISK_GB)])
     created_at = models.DateTimeField(auto_now_add=True, db_index=False)
     updated_at = models.DateTimeField(auto_now=True)

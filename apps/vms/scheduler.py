@@ -35,7 +35,11 @@ class _Room:
     disk_gb: int
 
     def fits(self, demand: Demand) -> bool:
-        return self.vcpus >= demand.vcpus and self.memory_mb >= demand.memory_mb and self.disk_gb >= demand.disk_gb
+        return (
+            self.vcpus >= demand.vcpus
+            and self.memory_mb >= demand.memory_mb
+            and self.disk_gb >= demand.disk_gb
+        )
 
     def take(self, demand: Demand) -> None:
         self.vcpus -= demand.vcpus
@@ -48,7 +52,10 @@ def _describe(demand: Demand) -> str:
 
 
 def reserve(
-    *, demands: Sequence[Demand | None], pinned: Sequence[Node | None] | None = None, exclude: Iterable[int] = ()
+    *,
+    demands: Sequence[Demand | None],
+    pinned: Sequence[Node | None] | None = None,
+    exclude: Iterable[int] = (),
 ) -> list[Node | None]:
     """Place each demand (``None`` entries are skipped) and reserve the capacity; return the chosen nodes.
 

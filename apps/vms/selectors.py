@@ -28,7 +28,7 @@ class Usage:
 
 
 def user_quota(*, user: AnyUser) -> Limits:
-    row = Quota.objects.filter(user_id=user.pk).values("max_vms", "max_vcpus", "max_memory_mb").first()
+    row = Quota.objects.filter(user_id=user.pk or 0).values("max_vms", "max_vcpus", "max_memory_mb").first()
     return Limits(**(row or Quota.defaults()))
 
 

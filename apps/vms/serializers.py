@@ -7,7 +7,17 @@ from rest_framework import serializers
 from apps.core.serializers import NameOrIdField, StrictInputMixin
 
 from .choices import BatchItemStatus
-from .models import MAX_DISK_GB, MAX_MEMORY_MB, MAX_VCPUS, VM, BatchItem, BatchOperation, Image, Node, name_validator
+from .models import (
+    MAX_DISK_GB,
+    MAX_MEMORY_MB,
+    MAX_VCPUS,
+    VM,
+    BatchItem,
+    BatchOperation,
+    Image,
+    Node,
+    name_validator,
+)
 from .services import VMChanges, VMRequest
 
 
@@ -106,7 +116,7 @@ class BatchSerializer(serializers.ModelSerializer[BatchOperation]):
 
 class BatchSummarySerializer(BatchSerializer):
     class Meta(BatchSerializer.Meta):
-        fields = ("id", "kind", "status", "total", "counts", "created_at", "finished_at")
+        fields = ("id", "kind", "status", "total", "counts", "created_at", "finished_at")  # type: ignore[assignment]
 
 
 class NodeSerializer(StrictInputMixin, serializers.ModelSerializer[Node]):
@@ -158,7 +168,14 @@ class NodeSerializer(StrictInputMixin, serializers.ModelSerializer[Node]):
             return {}
         return {
             field: getattr(self.instance, field)
-            for field in ("allocated_vcpus", "allocated_memory_mb", "allocated_disk_gb", "vcpus", "memory_mb", "disk_gb")
+            for field in (
+                "allocated_vcpus",
+                "allocated_memory_mb",
+                "allocated_disk_gb",
+                "vcpus",
+                "memory_mb",
+                "disk_gb",
+            )
         }
 
 
@@ -181,7 +198,9 @@ class ImageSerializer(StrictInputMixin, serializers.ModelSerializer[Image]):
         read_only_fields = ("created_at",)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        current = {} if self.instance is None else {f: getattr(self.instance, f) for f in self.Meta.fields[1:-1]}
+        current = (
+            {} if self.instance is None else {f: getattr(self.instance, f) for f in self.Meta.fields[1:-1]}
+        )
         Image(**{**current, **attrs}).clean()
         return attrs
 

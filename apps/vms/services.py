@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -68,12 +68,12 @@ def _demand(vm: VM) -> scheduler.Demand:
     return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
 
 
-def _lock_owner(owner: AbstractBaseUser) -> None:
+def _lock_owner(owner: User) -> None:
     """Serialize a user's quota-checked writes (concurrent creates cannot both pass the check)."""
     get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
 
 
-def _check_quota(owner: AbstractBaseUser, *, vms: int, vcpus: int, memory_mb: int) -> None:
+def _check_quota(owner: User, *, vms: int, vcpus: int, memory_mb: int) -> None:
     limits = user_quota(user=owner)
     usage = user_usage(user=owner)
     problems = []
@@ -87,7 +87,7 @@ def _check_quota(owner: AbstractBaseUser, *, vms: int, vcpus: int, memory_mb: in
         raise QuotaExceeded("Quota exceeded: " + "; ".join(problems) + ".")
 
 
-def _check_new_names(owner: AbstractBaseUser, names: Sequence[str], key: Any) -> None:
+def _check_new_names(owner: User, names: Sequence[str], key: Any) -> None:
     errors: dict[str, list[str]] = {}
     first_seen: dict[str, int] = {}
     for index, name in enumerate(names):
@@ -106,7 +106,7 @@ def _check_new_names(owner: AbstractBaseUser, names: Sequence[str], key: Any) ->
         raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
 
 
-def _create_many(*, owner: AbstractBaseUser, requests: Sequence[VMRequest], name_key: Any) -> list[VM]:
+def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -> list[VM]:
     _lock_owner(owner)
     _check_new_names(owner, [request.name for request in requests], name_key)
     _check_quota(
@@ -140,7 +140,7 @@ def _create_many(*, owner: AbstractBaseUser, requests: Sequence[VMRequest], name
 
 
 @transaction.atomic
-def vm_create(*, owner: AbstractBaseUser, request: VMRequest) -> VM:
+def vm_create(*, owner: User, request: VMRequest) -> VM:
     """Record a VM as ``pending`` on a node with reserved capacity; its node creates it after commit."""
     (vm,) = _create_many(owner=owner, requests=[request], name_key=lambda _index: "name")
     dispatch.send_on_commit(vm, contract.NODE_VM_CREATE)
@@ -152,10 +152,12 @@ def _check_batch_size(count: int) -> None:
     if count > limit:
         raise TooManyItems(f"A batch holds at most {limit} items; this one has {count}.")
     if count == 0:
-        raise InvalidInput("A batch needs at least one item.", fields={"vms": ["This list may not be empty."]})
+        raise InvalidInput(
+            "A batch needs at least one item.", fields={"vms": ["This list may not be empty."]}
+        )
 
 
-def _new_batch(owner: AbstractBaseUser, kind: BatchKind, vms: Sequence[VM], status: BatchItemStatus) -> BatchOperation:
+def _new_batch(owner: User, kind: BatchKind, vms: Sequence[VM], status: BatchItemStatus) -> BatchOperation:
     batch = BatchOperation.objects.create(owner_id=owner.pk, kind=kind, total=len(vms))
     BatchItem.objects.bulk_create(
         [BatchItem(batch=batch, index=index, vm=vm, status=status) for index, vm in enumerate(vms)]
@@ -164,7 +166,7 @@ def _new_batch(owner: AbstractBaseUser, kind: BatchKind, vms: Sequence[VM], stat
 
 
 @transaction.atomic
-def vm_batch_create(*, owner: AbstractBaseUser, requests: Sequence[VMRequest]) -> tuple[BatchOperation, list[VM]]:
+def vm_batch_create(*, owner: User, requests: Sequence[VMRequest]) -> tuple[BatchOperation, list[VM]]:
     """Create up to ``BATCH_MAX_ITEMS`` VMs in one transaction; the node tasks go out as one group."""
     _check_batch_size(len(requests))
     vms = _create_many(owner=owner, requests=requests, name_key=lambda index: f"vms[{index}].name")
@@ -195,7 +197,9 @@ def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
     if changes.resizes:
         _require(vm, {VMState.STOPPED}, "resize (stop it first)")
         if changes.disk_gb is not None and changes.disk_gb < vm.disk_gb:
-            raise InvalidInput("Disks can grow but not shrink.", fields={"disk_gb": ["Must be at least the current size."]})
+            raise InvalidInput(
+                "Disks can grow but not shrink.", fields={"disk_gb": ["Must be at least the current size."]}
+            )
         new = scheduler.Demand(
             changes.vcpus if changes.vcpus is not None else vm.vcpus,
             changes.memory_mb if changes.memory_mb is not None else vm.memory_mb,
@@ -203,10 +207,14 @@ def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
         )
         old = _demand(vm)
         grow = scheduler.Demand(
-            max(new.vcpus - old.vcpus, 0), max(new.memory_mb - old.memory_mb, 0), max(new.disk_gb - old.disk_gb, 0)
+            max(new.vcpus - old.vcpus, 0),
+            max(new.memory_mb - old.memory_mb, 0),
+            max(new.disk_gb - old.disk_gb, 0),
         )
         shrink = scheduler.Demand(
-            max(old.vcpus - new.vcpus, 0), max(old.memory_mb - new.memory_mb, 0), max(old.disk_gb - new.disk_gb, 0)
+            max(old.vcpus - new.vcpus, 0),
+            max(old.memory_mb - new.memory_mb, 0),
+            max(old.disk_gb - new.disk_gb, 0),
         )
         _check_quota(vm.owner, vms=0, vcpus=grow.vcpus, memory_mb=grow.memory_mb)
         if vm.node_id is not None:
@@ -223,7 +231,7 @@ def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
 def vm_update(*, vm: VM, changes: VMChanges) -> VM:
     """Rename a VM, or resize a stopped one (capacity and quota re-checked)."""
     _lock_owner(vm.owner)
-    vm = VM.objects.select_for_update().select_related("node", "owner").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "owner").get(pk=vm.pk)
     if changes.name is not None and changes.name != vm.name:
         _check_new_names(vm.owner, [changes.name], lambda _index: "name")
     updated = _apply_changes(vm, changes)
@@ -238,18 +246,21 @@ def vm_update(*, vm: VM, changes: VMChanges) -> VM:
 
 @transaction.atomic
 def vm_batch_update(
-    *, owner: AbstractBaseUser, changes: Sequence[tuple[VM, VMChanges]]
+    *, owner: User, changes: Sequence[tuple[VM, VMChanges]]
 ) -> tuple[BatchOperation, list[VM]]:
     """Apply changes to many VMs at once: all or nothing."""
     _check_batch_size(len(changes))
     _lock_owner(owner)
     ids = [vm.pk for vm, _ in changes]
-    locked = VM.objects.select_for_update().select_related("node", "owner").in_bulk(ids)
-    renamed = [(index, change.name) for index, (vm, change) in enumerate(changes) if change.name not in (None, vm.name)]
+    locked = VM.objects.select_for_update(of=("self",)).select_related("node", "owner").in_bulk(ids)
+    renamed = [
+        (index, change.name)
+        for index, (vm, change) in enumerate(changes)
+        if change.name is not None and change.name != vm.name
+    ]
     if renamed:
-        names = [name for _, name in renamed]
         positions = [index for index, _ in renamed]
-        _check_new_names(owner, names, lambda i: f"vms[{positions[i]}].name")  # type: ignore[arg-type]
+        _check_new_names(owner, [name for _, name in renamed], lambda i: f"vms[{positions[i]}].name")
     errors: dict[str, list[str]] = {}
     saved: list[VM] = []
     for index, (vm, change) in enumerate(changes):
@@ -296,9 +307,11 @@ def _finish_delete(vm: VM) -> None:
 @transaction.atomic
 def vm_delete(*, vm: VM) -> VM:
     """Request deletion: ``deleting`` until the node confirms (or ``deleted`` at once if it is on none)."""
-    vm = VM.objects.select_for_update().select_related("node", "image").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "image").get(pk=vm.pk)
     if vm.state == VMState.DELETING:
-        dispatch.send_on_commit(vm, contract.NODE_VM_DELETE)  # a repeated DELETE re-sends: idempotent on the node
+        dispatch.send_on_commit(
+            vm, contract.NODE_VM_DELETE
+        )  # a repeated DELETE re-sends: idempotent on the node
         return vm
     if _mark_deleting(vm):
         dispatch.send_on_commit(vm, contract.NODE_VM_DELETE)
@@ -306,9 +319,13 @@ def vm_delete(*, vm: VM) -> VM:
 
 
 @transaction.atomic
-def vm_batch_delete(*, owner: AbstractBaseUser, vms: Sequence[VM]) -> tuple[BatchOperation, list[VM]]:
+def vm_batch_delete(*, owner: User, vms: Sequence[VM]) -> tuple[BatchOperation, list[VM]]:
     _check_batch_size(len(vms))
-    locked = VM.objects.select_for_update().select_related("node", "image").in_bulk([vm.pk for vm in vms])
+    locked = (
+        VM.objects.select_for_update(of=("self",))
+        .select_related("node", "image")
+        .in_bulk([vm.pk for vm in vms])
+    )
     errors = {
         f"ids[{index}]": [f"VM {vm.name} is already {locked[vm.pk].state}."]
         for index, vm in enumerate(vms)
@@ -341,7 +358,7 @@ _ACTIONS: dict[VMAction, tuple[frozenset[VMState], str]] = {
 @transaction.atomic
 def vm_request_action(*, vm: VM, action: VMAction) -> VM:
     """Ask the VM's node to start, stop or reboot it; 409 when its state does not allow that."""
-    vm = VM.objects.select_for_update().select_related("node", "image").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "image").get(pk=vm.pk)
     allowed, task_name = _ACTIONS[action]
     if vm.pending_action and vm.pending_action != action:
         raise InvalidState(f"Cannot {action} VM {vm.name}: a {vm.pending_action} is still in progress.")
@@ -380,16 +397,22 @@ def batch_update_status(*, batch_id: Any) -> None:
         return
     failed = statuses.count(BatchItemStatus.FAILED)
     batch.status = (
-        BatchStatus.COMPLETED if failed == 0 else BatchStatus.FAILED if failed == len(statuses) else BatchStatus.PARTIAL
+        BatchStatus.COMPLETED
+        if failed == 0
+        else BatchStatus.FAILED
+        if failed == len(statuses)
+        else BatchStatus.PARTIAL
     )
     batch.finished_at = timezone.now()
     batch.save(update_fields=["status", "finished_at"])
 
 
 @transaction.atomic
-def vm_record_report(*, vm_id: str, operation: str, ok: bool, state: str, reason: str, node: str) -> VM | None:
+def vm_record_report(
+    *, vm_id: str, operation: str, ok: bool, state: str, reason: str, node: str
+) -> VM | None:
     """Apply a node's report of an operation's outcome. Idempotent: a duplicate report changes nothing."""
-    vm = VM.objects.select_for_update().select_related("node").filter(pk=vm_id).first()
+    vm = VM.objects.select_for_update(of=("self",)).select_related("node").filter(pk=vm_id).first()
     if vm is None:
         logger.warning("report for unknown VM %s from node %s ignored", vm_id, node)
         return None
@@ -419,7 +442,7 @@ def vm_record_report(*, vm_id: str, operation: str, ok: bool, state: str, reason
     if state in VMState.values and state not in (VMState.DELETED, VMState.DELETING):
         vm.state = state
     vm.state_reason = "" if ok else f"{operation.capitalize()} failed: {reason}"[:1000]
-    if vm.pending_action == operation or operation == "create":
+    if operation in (vm.pending_action, "create"):
         vm.pending_action = VMAction.NONE
     vm.save(update_fields=["state", "state_reason", "pending_action", "updated_at"])
     if operation == "create":
@@ -429,7 +452,14 @@ def vm_record_report(*, vm_id: str, operation: str, ok: bool, state: str, reason
 
 @transaction.atomic
 def node_register(
-    *, name: str, address: str, dwcp_address: str, vcpus: int, memory_mb: int, disk_gb: int, hypervisor: dict[str, Any]
+    *,
+    name: str,
+    address: str,
+    dwcp_address: str,
+    vcpus: int,
+    memory_mb: int,
+    disk_gb: int,
+    hypervisor: dict[str, Any],
 ) -> Node:
     """Create or refresh a node from its worker's registration; a node coming back is ``up`` again."""
     node = Node.objects.select_for_update().filter(name=name).first()

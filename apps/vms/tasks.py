@@ -4,6 +4,7 @@ Tasks take ids, re-fetch, call one service, and are idempotent: at-least-once de
 twice and a repeated report changes nothing.
 """
 
+import uuid
 from typing import Any
 
 from celery import shared_task
@@ -11,13 +12,16 @@ from celery import shared_task
 from workers import contract
 
 from . import dispatch, services
+from .choices import BatchItemStatus
 from .models import VM, BatchItem
 
 
 @shared_task(name="apps.vms.tasks.batch_dispatch", acks_late=True, time_limit=120)
 def batch_dispatch(*, batch_id: str, task_name: str) -> int:
     """Send a batch's node tasks as one Celery group; each item completes through ``vm_report``."""
-    vm_ids = BatchItem.objects.filter(batch_id=batch_id, status="pending").values_list("vm_id", flat=True)
+    vm_ids = BatchItem.objects.filter(
+        batch_id=uuid.UUID(batch_id), status=BatchItemStatus.PENDING
+    ).values_list("vm_id", flat=True)
     vms = list(VM.objects.filter(pk__in=list(vm_ids), node__isnull=False).select_related("node", "image"))
     dispatch.send_group(vms, task_name)
     return len(vms)

@@ -10,6 +10,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.core.auth import request_user
 from apps.core.conf import novacron_setting
 from apps.core.errors import InvalidInput, TooManyItems
 from apps.core.permissions import IsStaffOrReadOnly
@@ -71,18 +72,19 @@ class VMViewSet(
         return vm_visible(user=self.request.user)
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
-        return {
+        classes: dict[str, type[serializers.BaseSerializer[Any]]] = {
             "create": VMCreateSerializer,
             "partial_update": VMUpdateSerializer,
             "batch": VMBatchCreateSerializer,
             "migrate": MigrateRequestSerializer,
-        }.get(self.action, VMSerializer)
+        }
+        return classes.get(self.action, VMSerializer)
 
     @extend_schema(request=VMCreateSerializer, responses={202: VMSerializer})
     def create(self, request: Request) -> Response:
         serializer = VMCreateSerializer(data=request.data, context=self.get_serializer_context())
         serializer.is_valid(raise_exception=True)
-        vm = services.vm_create(owner=request.user, request=serializer.to_request())  # type: ignore[arg-type]
+        vm = services.vm_create(owner=request_user(request), request=serializer.to_request())
         return Response(VMSerializer(vm).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=VMUpdateSerializer, responses={200: VMSerializer})
@@ -123,7 +125,7 @@ class VMViewSet(
         vm = self.get_object()
         serializer = MigrateRequestSerializer(data=request.data, context=self.get_serializer_context())
         serializer.is_valid(raise_exception=True)
-        migration = migration_request(vm=vm, requested_by=request.user, **serializer.validated_data)  # type: ignore[arg-type]
+        migration = migration_request(vm=vm, requested_by=request_user(request), **serializer.validated_data)
         return Response(MigrationSerializer(migration).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(methods=["POST"], request=VMBatchCreateSerializer, responses={202: BatchResponse})
@@ -142,12 +144,14 @@ class VMViewSet(
         serializer = VMBatchCreateSerializer(data=request.data, context=self.get_serializer_context())
         serializer.is_valid(raise_exception=True)
         requests = [services.VMRequest(**item) for item in serializer.validated_data["vms"]]
-        batch, vms = services.vm_batch_create(owner=request.user, requests=requests)  # type: ignore[arg-type]
+        batch, vms = services.vm_batch_create(owner=request_user(request), requests=requests)
         return _batch_response(batch, vms)
 
     def _visible_by_id(self, ids: list[Any], key: str) -> list[VM]:
         found = vm_visible(user=self.request.user).in_bulk(ids)
-        missing = {f"{key}[{index}]": ["No such VM."] for index, vm_id in enumerate(ids) if vm_id not in found}
+        missing = {
+            f"{key}[{index}]": ["No such VM."] for index, vm_id in enumerate(ids) if vm_id not in found
+        }
         if missing:
             raise InvalidInput(next(iter(missing.values()))[0], fields=missing)
         return [found[vm_id] for vm_id in ids]
@@ -162,7 +166,7 @@ class VMViewSet(
             (vm, services.VMChanges(**{k: v for k, v in item.items() if k != "id"}))
             for vm, item in zip(vms, items, strict=True)
         ]
-        batch, updated = services.vm_batch_update(owner=request.user, changes=changes)  # type: ignore[arg-type]
+        batch, updated = services.vm_batch_update(owner=request_user(request), changes=changes)
         return _batch_response(batch, updated)
 
     def _batch_delete(self, request: Request) -> Response:
@@ -170,7 +174,7 @@ class VMViewSet(
         serializer = VMBatchDeleteSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         vms = self._visible_by_id(serializer.validated_data["ids"], "ids")
-        batch, deleted = services.vm_batch_delete(owner=request.user, vms=vms)  # type: ignore[arg-type]
+        batch, deleted = services.vm_batch_delete(owner=request_user(request), vms=vms)
         return _batch_response(batch, deleted)
 
 

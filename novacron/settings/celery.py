@@ -17,8 +17,10 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    # Longer than the longest task (a cold migration of a large disk), so no task is redelivered while it runs.
-    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 6 * 3600, help="Seconds before an unacked task is redelivered."),
+    # Longer than the longest task (a cold migration of a large disk): no redelivery while one runs.
+    "visibility_timeout": env_int(
+        "CELERY_VISIBILITY_TIMEOUT", 6 * 3600, help="Seconds before an unacked task is redelivered."
+    ),
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -4,7 +4,7 @@ from typing import Any
 
 import dj_database_url
 
-from .base import VAR_DIR
+from .django import VAR_DIR
 from .env import env, env_int
 
 DATABASE_URL = env(
@@ -20,8 +20,12 @@ if _database["ENGINE"] == "django.db.backends.postgresql":
     _database.setdefault("OPTIONS", {})["pool"] = {
         "min_size": env_int("DB_POOL_MIN", 2, help="PostgreSQL pool: connections kept open per process."),
         "max_size": env_int("DB_POOL_MAX", 8, help="PostgreSQL pool: most connections per process."),
-        "max_lifetime": env_int("DB_POOL_MAX_LIFETIME", 1800, help="PostgreSQL pool: seconds before recycling."),
-        "max_idle": env_int("DB_POOL_MAX_IDLE", 300, help="PostgreSQL pool: seconds an idle connection is kept."),
+        "max_lifetime": env_int(
+            "DB_POOL_MAX_LIFETIME", 1800, help="PostgreSQL pool: seconds before recycling."
+        ),
+        "max_idle": env_int(
+            "DB_POOL_MAX_IDLE", 300, help="PostgreSQL pool: seconds an idle connection is kept."
+        ),
         "timeout": env_int("DB_POOL_TIMEOUT", 10, help="PostgreSQL pool: seconds to wait for a connection."),
     }
     # With the pool, Django turns this into psycopg_pool's check on checkout: a backend killed by

@@ -38,7 +38,7 @@ def env(name: str, default: str, *, help: str) -> str: ...
 def env(name: str, default: T, *, cast: Callable[[str], T], help: str) -> T: ...
 @overload
 def env(name: str, *, help: str) -> str: ...
-def env(name: str, default: object = _MISSING, *, cast: Callable[[str], object] = str, help: str) -> object:  # noqa: A002
+def env(name: str, default: object = _MISSING, *, cast: Callable[[str], object] = str, help: str) -> object:
     """Return the variable ``name`` converted by ``cast``; without a default it is required."""
     DOCUMENTED[name] = help
     raw = os.environ.get(name)
@@ -52,13 +52,13 @@ def env(name: str, default: object = _MISSING, *, cast: Callable[[str], object] 
         raise ImproperlyConfigured(f"The environment variable {name} is invalid: {exc}") from exc
 
 
-def env_bool(name: str, default: bool, *, help: str) -> bool:  # noqa: A002
+def env_bool(name: str, default: bool, *, help: str) -> bool:
     return env(name, default, cast=_to_bool, help=help)
 
 
-def env_int(name: str, default: int, *, help: str) -> int:  # noqa: A002
+def env_int(name: str, default: int, *, help: str) -> int:
     return env(name, default, cast=int, help=help)
 
 
-def env_list(name: str, default: list[str], *, help: str) -> list[str]:  # noqa: A002
+def env_list(name: str, default: list[str], *, help: str) -> list[str]:
     return env(name, default, cast=_to_list, help=help)

@@ -10,13 +10,19 @@ NOVACRON = {
     "DEFAULT_QUOTA": {
         "max_vms": env_int("QUOTA_MAX_VMS", 100, help="Default per-user quota: VMs (not deleted)."),
         "max_vcpus": env_int("QUOTA_MAX_VCPUS", 400, help="Default per-user quota: vCPUs."),
-        "max_memory_mb": env_int("QUOTA_MAX_MEMORY_MB", 819200, help="Default per-user quota: memory in MiB."),
+        "max_memory_mb": env_int(
+            "QUOTA_MAX_MEMORY_MB", 819200, help="Default per-user quota: memory in MiB."
+        ),
     },
     "BATCH_MAX_ITEMS": 1000,
     "NODE_HEARTBEAT_TIMEOUT": env_int(
         "NODE_HEARTBEAT_TIMEOUT", 30, help="Seconds without a heartbeat before a node is marked down."
     ),
-    "MIGRATION_MAX_OUTGOING": env_int("MIGRATION_MAX_OUTGOING", 2, help="Concurrent outgoing migrations per node."),
-    "MIGRATION_MAX_INCOMING": env_int("MIGRATION_MAX_INCOMING", 2, help="Concurrent incoming migrations per node."),
+    "MIGRATION_MAX_OUTGOING": env_int(
+        "MIGRATION_MAX_OUTGOING", 2, help="Concurrent outgoing migrations per node."
+    ),
+    "MIGRATION_MAX_INCOMING": env_int(
+        "MIGRATION_MAX_INCOMING", 2, help="Concurrent incoming migrations per node."
+    ),
     "ADMIN_USERNAME": "admin",
 }

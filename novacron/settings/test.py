@@ -5,9 +5,11 @@ import os
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 os.environ.setdefault("DWCP_SECRET", "test-dwcp-secret")
 os.environ.setdefault("CACHE_KEY_PREFIX", f"novacron-test-{os.getpid()}")
+# A Redis database of its own, so queued test messages never reach a running development system.
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 
-from . import *  # noqa: E402, F403
-from . import NOVACRON, REST_FRAMEWORK  # noqa: E402
+from .main import *  # noqa: F403
+from .main import NOVACRON, REST_FRAMEWORK
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"user": "100000/min", "anon": "100000/min", "token": "5/min"}

@@ -11,18 +11,18 @@ class Migration(migrations.Migration):
     atomic = False
 
     dependencies = [
-        ('vm_migrations', '0001_initial'),
-        ('vms', '0002_indexes'),
+        ("vm_migrations", "0001_initial"),
+        ("vms", "0002_indexes"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         AddIndexConcurrentlyWherePossible(
-            model_name='migration',
-            index=models.Index(fields=['status'], name='migrations_status_idx'),
+            model_name="migration",
+            index=models.Index(fields=["status"], name="migrations_status_idx"),
         ),
         AddIndexConcurrentlyWherePossible(
-            model_name='migration',
-            index=models.Index(fields=['source_node', 'dest_node'], name='migrations_nodes_idx'),
+            model_name="migration",
+            index=models.Index(fields=["source_node", "dest_node"], name="migrations_nodes_idx"),
         ),
     ]

@@ -6,86 +6,209 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('vms', '0001_initial'),
+        ("vms", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='AlertRule',
+            name="AlertRule",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('metric', models.CharField(max_length=100)),
-                ('aggregation', models.CharField(choices=[('avg', 'Average'), ('p95', '95th percentile'), ('max', 'Maximum')], default='avg', max_length=8)),
-                ('comparison', models.CharField(choices=[('gt', '>'), ('gte', '>='), ('lt', '<'), ('lte', '<=')], default='gt', max_length=4)),
-                ('threshold', models.FloatField()),
-                ('window_seconds', models.PositiveIntegerField(default=300)),
-                ('for_seconds', models.PositiveIntegerField(default=300)),
-                ('severity', models.CharField(choices=[('info', 'Info'), ('warning', 'Warning'), ('critical', 'Critical')], default='warning', max_length=10)),
-                ('scope', models.CharField(choices=[('global', 'Control plane'), ('node', 'Each node'), ('vm', 'Each VM')], default='global', max_length=8)),
-                ('enabled', models.BooleanField(default=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100, unique=True)),
+                ("metric", models.CharField(max_length=100)),
+                (
+                    "aggregation",
+                    models.CharField(
+                        choices=[("avg", "Average"), ("p95", "95th percentile"), ("max", "Maximum")],
+                        default="avg",
+                        max_length=8,
+                    ),
+                ),
+                (
+                    "comparison",
+                    models.CharField(
+                        choices=[("gt", ">"), ("gte", ">="), ("lt", "<"), ("lte", "<=")],
+                        default="gt",
+                        max_length=4,
+                    ),
+                ),
+                ("threshold", models.FloatField()),
+                ("window_seconds", models.PositiveIntegerField(default=300)),
+                ("for_seconds", models.PositiveIntegerField(default=300)),
+                (
+                    "severity",
+                    models.CharField(
+                        choices=[("info", "Info"), ("warning", "Warning"), ("critical", "Critical")],
+                        default="warning",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "scope",
+                    models.CharField(
+                        choices=[("global", "Control plane"), ("node", "Each node"), ("vm", "Each VM")],
+                        default="global",
+                        max_length=8,
+                    ),
+                ),
+                ("enabled", models.BooleanField(default=True)),
             ],
             options={
-                'db_table': 'alert_rules',
-                'ordering': ('name',),
+                "db_table": "alert_rules",
+                "ordering": ("name",),
             },
         ),
         migrations.CreateModel(
-            name='APILog',
+            name="APILog",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('timestamp', models.DateTimeField()),
-                ('method', models.CharField(max_length=8)),
-                ('endpoint', models.CharField(help_text='The route pattern, not the raw path with ids.', max_length=255)),
-                ('status', models.PositiveSmallIntegerField()),
-                ('duration_ms', models.FloatField()),
-                ('response_bytes', models.PositiveIntegerField(default=0)),
-                ('request_id', models.CharField(blank=True, max_length=64)),
-                ('user', models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("timestamp", models.DateTimeField()),
+                ("method", models.CharField(max_length=8)),
+                (
+                    "endpoint",
+                    models.CharField(
+                        help_text="The route pattern, not the raw path with ids.", max_length=255
+                    ),
+                ),
+                ("status", models.PositiveSmallIntegerField()),
+                ("duration_ms", models.FloatField()),
+                ("response_bytes", models.PositiveIntegerField(default=0)),
+                ("request_id", models.CharField(blank=True, max_length=64)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        db_index=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'API log',
-                'db_table': 'api_logs',
+                "verbose_name": "API log",
+                "db_table": "api_logs",
             },
         ),
         migrations.CreateModel(
-            name='Metric',
+            name="Metric",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('timestamp', models.DateTimeField()),
-                ('name', models.CharField(max_length=100)),
-                ('value', models.FloatField()),
-                ('node', models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, to='vms.node')),
-                ('vm', models.ForeignKey(blank=True, db_index=False, null=True, on_delete=django.db.models.deletion.SET_NULL, to='vms.vm')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("timestamp", models.DateTimeField()),
+                ("name", models.CharField(max_length=100)),
+                ("value", models.FloatField()),
+                (
+                    "node",
+                    models.ForeignKey(
+                        blank=True,
+                        db_index=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to="vms.node",
+                    ),
+                ),
+                (
+                    "vm",
+                    models.ForeignKey(
+                        blank=True,
+                        db_index=False,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to="vms.vm",
+                    ),
+                ),
             ],
             options={
-                'db_table': 'metrics',
+                "db_table": "metrics",
             },
         ),
         migrations.CreateModel(
-            name='Alert',
+            name="Alert",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('subject', models.CharField(blank=True, help_text='Node or VM the alert is about, if any.', max_length=100)),
-                ('status', models.CharField(choices=[('firing', 'Firing'), ('acknowledged', 'Acknowledged'), ('resolved', 'Resolved')], default='firing', max_length=14)),
-                ('severity', models.CharField(choices=[('info', 'Info'), ('warning', 'Warning'), ('critical', 'Critical')], max_length=10)),
-                ('value', models.FloatField()),
-                ('message', models.CharField(max_length=500)),
-                ('started_at', models.DateTimeField()),
-                ('acknowledged_at', models.DateTimeField(blank=True, null=True)),
-                ('resolved_at', models.DateTimeField(blank=True, null=True)),
-                ('acknowledged_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('rule', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='alerts', to='monitoring.alertrule')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "subject",
+                    models.CharField(
+                        blank=True, help_text="Node or VM the alert is about, if any.", max_length=100
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("firing", "Firing"),
+                            ("acknowledged", "Acknowledged"),
+                            ("resolved", "Resolved"),
+                        ],
+                        default="firing",
+                        max_length=14,
+                    ),
+                ),
+                (
+                    "severity",
+                    models.CharField(
+                        choices=[("info", "Info"), ("warning", "Warning"), ("critical", "Critical")],
+                        max_length=10,
+                    ),
+                ),
+                ("value", models.FloatField()),
+                ("message", models.CharField(max_length=500)),
+                ("started_at", models.DateTimeField()),
+                ("acknowledged_at", models.DateTimeField(blank=True, null=True)),
+                ("resolved_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "acknowledged_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "rule",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="alerts",
+                        to="monitoring.alertrule",
+                    ),
+                ),
             ],
             options={
-                'db_table': 'alerts',
-                'ordering': ('-started_at',),
-                'constraints': [models.UniqueConstraint(condition=models.Q(('status', 'resolved'), _negated=True), fields=('rule', 'subject'), name='one_open_alert_per_subject')],
+                "db_table": "alerts",
+                "ordering": ("-started_at",),
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("status", "resolved"), _negated=True),
+                        fields=("rule", "subject"),
+                        name="one_open_alert_per_subject",
+                    )
+                ],
             },
         ),
     ]

@@ -11,26 +11,26 @@ class Migration(migrations.Migration):
     atomic = False
 
     dependencies = [
-        ('monitoring', '0001_initial'),
-        ('vms', '0002_indexes'),
+        ("monitoring", "0001_initial"),
+        ("vms", "0002_indexes"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         AddIndexConcurrentlyWherePossible(
-            model_name='alert',
-            index=models.Index(fields=['status', 'severity'], name='alerts_status_severity_idx'),
+            model_name="alert",
+            index=models.Index(fields=["status", "severity"], name="alerts_status_severity_idx"),
         ),
         AddIndexConcurrentlyWherePossible(
-            model_name='apilog',
-            index=models.Index(fields=['-timestamp'], name='api_logs_timestamp_idx'),
+            model_name="apilog",
+            index=models.Index(fields=["-timestamp"], name="api_logs_timestamp_idx"),
         ),
         AddIndexConcurrentlyWherePossible(
-            model_name='apilog',
-            index=models.Index(fields=['user', 'endpoint'], name='api_logs_user_endpoint_idx'),
+            model_name="apilog",
+            index=models.Index(fields=["user", "endpoint"], name="api_logs_user_endpoint_idx"),
         ),
         AddIndexConcurrentlyWherePossible(
-            model_name='metric',
-            index=models.Index(fields=['-timestamp'], name='metrics_timestamp_idx'),
+            model_name="metric",
+            index=models.Index(fields=["-timestamp"], name="metrics_timestamp_idx"),
         ),
     ]

@@ -11,21 +11,25 @@ class Migration(migrations.Migration):
     atomic = False
 
     dependencies = [
-        ('vms', '0001_initial'),
+        ("vms", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         AddIndexConcurrentlyWherePossible(
-            model_name='vm',
-            index=models.Index(condition=models.Q(('state', 'deleted'), _negated=True), fields=['state'], name='vms_state_live_idx'),
+            model_name="vm",
+            index=models.Index(
+                condition=models.Q(("state", "deleted"), _negated=True),
+                fields=["state"],
+                name="vms_state_live_idx",
+            ),
         ),
         AddIndexConcurrentlyWherePossible(
-            model_name='vm',
-            index=models.Index(fields=['owner', '-created_at'], name='vms_owner_created_idx'),
+            model_name="vm",
+            index=models.Index(fields=["owner", "-created_at"], name="vms_owner_created_idx"),
         ),
         AddIndexConcurrentlyWherePossible(
-            model_name='vm',
-            index=models.Index(fields=['-created_at'], name='vms_created_idx'),
+            model_name="vm",
+            index=models.Index(fields=["-created_at"], name="vms_created_idx"),
         ),
     ]

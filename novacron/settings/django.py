@@ -5,11 +5,15 @@ from pathlib import Path
 from .env import env, env_bool, env_list
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
-VAR_DIR = Path(env("NOVACRON_VAR_DIR", str(BASE_DIR / "var"), help="Directory for the SQLite file, logs and run files."))
+VAR_DIR = Path(
+    env("NOVACRON_VAR_DIR", str(BASE_DIR / "var"), help="Directory for the SQLite file, logs and run files.")
+)
 
 DEBUG = env_bool("DEBUG", False, help="Django debug mode; never on in production.")
 if DEBUG:
-    SECRET_KEY = env("SECRET_KEY", "insecure-debug-only-key", help="Django secret key; required when DEBUG is off.")
+    SECRET_KEY = env(
+        "SECRET_KEY", "insecure-debug-only-key", help="Django secret key; required when DEBUG is off."
+    )
 else:
     SECRET_KEY = env("SECRET_KEY", help="Django secret key; required when DEBUG is off.")
 
@@ -87,7 +91,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
-_HTTPS = env_bool("HTTPS", False, help="Set when served behind TLS: secure cookies, HSTS and the SSL redirect.")
+_HTTPS = env_bool(
+    "HTTPS", False, help="Set when served behind TLS: secure cookies, HSTS and the SSL redirect."
+)
 SESSION_COOKIE_SECURE = _HTTPS
 CSRF_COOKIE_SECURE = _HTTPS
 SECURE_SSL_REDIRECT = _HTTPS

@@ -1,0 +1,32 @@
+# NovaCron: `make run` starts the whole system locally, `make test` runs the whole suite.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test lint typecheck unit clean
+
+setup: $(VENV)/.installed  ## idempotent install step used by run and test
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements-dev.txt
+	touch $@
+
+run: setup  ## control plane, control worker, beat, Flower and the local nodes
+	scripts/run-local.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy .
+
+# The suite runs against a real PostgreSQL (pytest-django creates test_<name> from this URL) and Redis.
+test: export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/novacron
+test: setup lint typecheck  ## the whole suite
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# `make run`: the whole system on this machine — web (granian), control worker, beat, Flower and
+# the local nodes — under honcho. Secrets are generated once into var/secrets.env (mode 0600).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p var
+export HOST="${HOST:-127.0.0.1}" PORT="${PORT:-8000}" FLOWER_PORT="${FLOWER_PORT:-5555}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+
+redis_up() { .venv/bin/python - "$REDIS_URL" <<'PY'
+import sys, redis
+try:
+    redis.Redis.from_url(sys.argv[1], socket_connect_timeout=1).ping()
+except redis.RedisError:
+    sys.exit(1)
+PY
+}
+if redis_up; then
+  scripts/system-deps.sh
+else
+  scripts/system-deps.sh --with-redis
+  echo "starting a local redis-server on 127.0.0.1:6379 (data in var/redis)"
+  mkdir -p var/redis
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --dir "$PWD/var/redis" --save "" --appendonly no \
+    --logfile "$PWD/var/redis/redis.log"
+  for _ in $(seq 50); do redis_up && break; sleep 0.1; done
+fi
+
+if [[ ! -f var/secrets.env ]]; then
+  umask 077
+  {
+    echo "SECRET_KEY=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+    echo "DWCP_SECRET=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    echo "NOVACRON_ADMIN_PASSWORD=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(12))')"
+  } > var/secrets.env
+fi
+set -a
+# shellcheck disable=SC1091
+source var/secrets.env
+set +a
+export SECRET_KEY DWCP_SECRET NOVACRON_ADMIN_PASSWORD
+export ALLOWED_HOSTS="${ALLOWED_HOSTS:-127.0.0.1,localhost,$HOST}"
+
+.venv/bin/python manage.py migrate --no-input -v 0
+.venv/bin/python manage.py bootstrap
+.venv/bin/python manage.py collectstatic --no-input -v 0
+
+cat <<MSG
+
+NovaCron is starting:
+  API (browsable)  http://$HOST:$PORT/api/v1/
+  API docs         http://$HOST:$PORT/api/v1/docs/
+  Admin            http://$HOST:$PORT/admin/      user admin, password: $NOVACRON_ADMIN_PASSWORD
+  Flower           http://127.0.0.1:$FLOWER_PORT/  user admin, same password
+  Database         ${DATABASE_URL:-SQLite file var/novacron.sqlite3}
+Stop with Ctrl-C.
+
+MSG
+exec .venv/bin/honcho start -f Procfile

@@ -1,0 +1,111 @@
+"""Shared fixtures: users, tokens, API clients and fleet factories on the real PostgreSQL."""
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+_sequence = itertools.count(1)
+
+
+@pytest.fixture
+def make_user(db: None) -> Callable[..., Any]:
+    def make(username: str | None = None, *, staff: bool = False, password: str = "pw-correct-horse") -> Any:
+        name = username or f"user{next(_sequence)}"
+        return get_user_model().objects.create_user(
+            username=name, password=password, is_staff=staff, is_superuser=staff
+        )
+
+    return make
+
+
+@pytest.fixture
+def user(make_user: Callable[..., Any]) -> Any:
+    return make_user("alice")
+
+
+@pytest.fixture
+def other_user(make_user: Callable[..., Any]) -> Any:
+    return make_user("bob")
+
+
+@pytest.fixture
+def staff(make_user: Callable[..., Any]) -> Any:
+    return make_user("operator", staff=True)
+
+
+def _client_for(user: Any) -> APIClient:
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def api(user: Any) -> APIClient:
+    return _client_for(user)
+
+
+@pytest.fixture
+def other_api(other_user: Any) -> APIClient:
+    return _client_for(other_user)
+
+
+@pytest.fixture
+def staff_api(staff: Any) -> APIClient:
+    return _client_for(staff)
+
+
+@pytest.fixture
+def client_for() -> Callable[[Any], APIClient]:
+    return _client_for
+
+
+@pytest.fixture
+def make_node(db: None) -> Callable[..., Any]:
+    from apps.vms.models import Node
+
+    def make(name: str | None = None, **fields: Any) -> Node:
+        values = {
+            "address": "127.0.0.1",
+            "dwcp_address": "127.0.0.1:7000",
+            "vcpus": 16,
+            "memory_mb": 32768,
+            "disk_gb": 500,
+        } | fields
+        return Node.objects.create(name=name or f"node{next(_sequence)}", **values)
+
+    return make
+
+
+@pytest.fixture
+def make_image(db: None) -> Callable[..., Any]:
+    from apps.vms.models import Image
+
+    def make(name: str = "debian-12", **fields: Any) -> Image:
+        values = {
+            "kind": "disk",
+            "format": "qcow2",
+            "path": "/var/lib/novacron/images/debian-12.qcow2",
+        } | fields
+        return Image.objects.create(name=name, **values)
+
+    return make
+
+
+@pytest.fixture
+def node(make_node: Callable[..., Any]) -> Any:
+    return make_node("node1")
+
+
+@pytest.fixture
+def image(make_image: Callable[..., Any]) -> Any:
+    return make_image()
+
+
+def vm_payload(name: str = "web-1", image: Any = "debian-12", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "image": image, "vcpus": 2, "memory_mb": 1024, "disk_gb": 10} | extra
