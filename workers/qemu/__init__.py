@@ -2,4 +2,59 @@
 
 It runs `qemu-img` and a daemonized `qemu-system-x86_64` per VM and talks QMP through `qemu.qmp`.
 It never imports Django: the node worker calls it and reports results through the control queue.
+
+    driver = QemuDriver(DriverSettings(data_dir=Path("/var/lib/novacron")))
+    driver.create(VmSpec.from_dict(task_kwargs["vm"]))
+    status = driver.start(uuid)          # VmStatus(state=VmState.RUNNING, ...)
 """
+
+from workers.qemu.accel import Accelerator, AcceleratorSetting, ProbeResult
+from workers.qemu.driver import DriverSettings, NodeFacts, QemuDriver, VmState, VmStatus
+from workers.qemu.errors import (
+    DataDirError,
+    InvalidSpec,
+    QemuError,
+    QemuImgError,
+    QemuNotInstalled,
+    QemuStartError,
+    QmpCommandError,
+    QmpConnectError,
+    QmpError,
+    QmpProtocolError,
+    QmpTimeout,
+    VmNotFound,
+    VmNotRunning,
+)
+from workers.qemu.layout import VmPaths
+from workers.qemu.qmp import QmpEvent, QmpSession
+from workers.qemu.spec import DiskImage, KernelImage, VmSpec
+
+__all__ = [
+    "Accelerator",
+    "AcceleratorSetting",
+    "DataDirError",
+    "DiskImage",
+    "DriverSettings",
+    "InvalidSpec",
+    "KernelImage",
+    "NodeFacts",
+    "ProbeResult",
+    "QemuDriver",
+    "QemuError",
+    "QemuImgError",
+    "QemuNotInstalled",
+    "QemuStartError",
+    "QmpCommandError",
+    "QmpConnectError",
+    "QmpError",
+    "QmpEvent",
+    "QmpProtocolError",
+    "QmpSession",
+    "QmpTimeout",
+    "VmNotFound",
+    "VmNotRunning",
+    "VmPaths",
+    "VmSpec",
+    "VmState",
+    "VmStatus",
+]

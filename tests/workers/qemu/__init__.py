@@ -1,0 +1,1 @@
+"""Tests of the QEMU driver (workers/qemu), against real QEMU."""
