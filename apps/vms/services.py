@@ -120,7 +120,7 @@ def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -
     )
     vms = [
         VM(
-            owner_id=owner.pk,
+            owner=owner,
             name=request.name,
             image=request.image,
             node=node,

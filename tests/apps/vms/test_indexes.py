@@ -1,0 +1,85 @@
+"""The seed report's indexes exist on PostgreSQL, and the VM list queries use them at 100k rows."""
+
+import io
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.db import connection
+
+from apps.vms.selectors import vm_list
+
+pytestmark = pytest.mark.django_db
+
+EXPECTED = {
+    "vms_state_live_idx": ("vms", "(state)", "WHERE"),
+    "vms_owner_created_idx": ("vms", "(owner_id, created_at DESC)", None),
+    "vms_created_idx": ("vms", "(created_at DESC)", None),
+    "migrations_status_idx": ("migrations", "(status)", None),
+    "migrations_nodes_idx": ("migrations", "(source_node_id, dest_node_id)", None),
+    "api_logs_timestamp_idx": ("api_logs", '("timestamp" DESC)', None),
+    "api_logs_user_endpoint_idx": ("api_logs", "(user_id, endpoint)", None),
+    "metrics_timestamp_idx": ("metrics", '("timestamp" DESC)', None),
+    "alerts_status_severity_idx": ("alerts", "(status, severity)", None),
+}
+
+
+def test_seed_indexes_exist_and_are_valid():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname, tablename, indexdef FROM pg_indexes WHERE schemaname = 'public'")
+        found = {name: (table, definition) for name, table, definition in cursor.fetchall()}
+        cursor.execute(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE NOT i.indisvalid"
+        )
+        invalid = {row[0] for row in cursor.fetchall()}
+    for name, (table, columns, where) in EXPECTED.items():
+        assert name in found, f"missing index {name}"
+        assert found[name][0] == table
+        assert columns in found[name][1], found[name][1]
+        if where:
+            assert "WHERE" in found[name][1] and "deleted" in found[name][1]
+        assert name not in invalid
+
+
+def _copy_vms(owner_ids: list[int], image_id: int, node_id: int, count: int) -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    buffer = io.StringIO()
+    for index in range(count):
+        state = "deleted" if index % 10 == 0 else ("running" if index % 3 else "stopped")
+        created = (start + timedelta(seconds=index)).isoformat()
+        owner = owner_ids[index % len(owner_ids)]
+        buffer.write(
+            f"{uuid.uuid4()}\tvm-{index}\t{owner}\t{node_id}\t{image_id}\t{state}\t\t\t1\t256\t1\t{created}\t{created}\t\\N\n"
+        )
+    buffer.seek(0)
+    columns = (
+        "id, name, owner_id, node_id, image_id, state, state_reason, pending_action, vcpus, memory_mb, disk_gb, "
+        "created_at, updated_at, deleted_at"
+    )
+    with connection.cursor() as cursor:
+        with cursor.copy(f"COPY vms ({columns}) FROM STDIN") as copy:
+            copy.write(buffer.getvalue())
+        cursor.execute("ANALYZE vms")
+
+
+def _plan(queryset) -> str:
+    return queryset.explain()
+
+
+def test_vm_list_queries_use_an_index_at_100k_rows(make_user, make_node, make_image):
+    users = [make_user(f"tenant{i}") for i in range(50)]
+    staff = make_user("ops", staff=True)
+    node, image = make_node("n1"), make_image()
+    _copy_vms([user.pk for user in users], image.pk, node.pk, 100_000)
+    page = slice(0, 51)
+    plans = {
+        "tenant list": _plan(vm_list(user=users[0]).order_by("-created_at", "-id")[page]),
+        "staff list": _plan(vm_list(user=staff).order_by("-created_at", "-id")[page]),
+        "tenant by state": _plan(
+            vm_list(user=users[0], state="stopped").order_by("-created_at", "-id")[page]
+        ),
+        "staff by state": _plan(vm_list(user=staff, state="stopped").order_by("-created_at", "-id")[page]),
+    }
+    for label, plan in plans.items():
+        assert "Index" in plan, f"{label} does not use an index:\n{plan}"
+        assert "Seq Scan on vms" not in plan, f"{label} scans the table:\n{plan}"

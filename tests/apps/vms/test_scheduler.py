@@ -1,0 +1,89 @@
+"""Placement under concurrency: many simultaneous creates never overcommit a node (real PostgreSQL)."""
+
+import threading
+from collections import Counter
+
+import pytest
+from django.db import connection
+
+from apps.core.errors import NoCapacity
+from apps.vms.models import VM, Node
+from apps.vms.services import VMRequest, vm_create
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_creates_never_overcommit(make_user, make_node, make_image):
+    # Room for exactly 5 VMs of 2 vCPUs on each of two nodes; 24 threads race for it.
+    make_node("a", vcpus=10, memory_mb=100_000, disk_gb=1000)
+    make_node("b", vcpus=10, memory_mb=100_000, disk_gb=1000)
+    image = make_image()
+    users = [make_user(f"racer{i}") for i in range(24)]
+    outcomes: Counter[str] = Counter()
+    barrier = threading.Barrier(len(users))
+    lock = threading.Lock()
+
+    def create(user) -> None:
+        try:
+            barrier.wait()
+            vm_create(
+                owner=user, request=VMRequest(name="vm", image=image, vcpus=2, memory_mb=512, disk_gb=10)
+            )
+            result = "created"
+        except NoCapacity:
+            result = "no_capacity"
+        finally:
+            connection.close()
+        with lock:
+            outcomes[result] += 1
+
+    threads = [threading.Thread(target=create, args=(user,)) for user in users]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert outcomes == {"created": 10, "no_capacity": 14}
+    for node in Node.objects.all():
+        assert node.allocated_vcpus == 10
+        assert node.allocated_vcpus == sum(VM.objects.filter(node=node).values_list("vcpus", flat=True))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_creates_of_one_user_respect_the_quota(make_user, make_node, make_image):
+    from apps.core.errors import QuotaExceeded
+    from apps.vms.models import Quota
+
+    make_node("a", vcpus=1000, memory_mb=1_000_000, disk_gb=100_000)
+    image = make_image()
+    owner = make_user("greedy")
+    Quota.objects.create(user=owner, max_vms=3, max_vcpus=100, max_memory_mb=100_000)
+    barrier = threading.Barrier(12)
+    results: list[str] = []
+
+    def create(index: int) -> None:
+        try:
+            barrier.wait()
+            vm_create(
+                owner=owner,
+                request=VMRequest(name=f"vm{index}", image=image, vcpus=1, memory_mb=64, disk_gb=1),
+            )
+            results.append("created")
+        except QuotaExceeded:
+            results.append("quota")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(results) == ["created"] * 3 + ["quota"] * 9
+    assert VM.objects.filter(owner=owner).count() == 3
+
+
+def test_database_refuses_an_overcommitted_node(make_node):
+    from django.db import IntegrityError, transaction
+
+    node = make_node("c", vcpus=4)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Node.objects.filter(pk=node.pk).update(allocated_vcpus=5)

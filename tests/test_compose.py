@@ -1,0 +1,56 @@
+"""compose.yaml names the services of the design and only variables the settings really read."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from novacron.settings.env import DOCUMENTED
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+# Variables read by the images and processes themselves, not by Django settings.
+NOT_SETTINGS = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
+# Read by `manage.py bootstrap` (the admin password) rather than by the settings modules.
+BOOTSTRAP = {"NOVACRON_ADMIN_PASSWORD"}
+
+
+def test_compose_has_every_service_of_the_design():
+    assert set(COMPOSE["services"]) == {
+        "postgres",
+        "redis",
+        "web",
+        "control",
+        "beat",
+        "flower",
+        "node1",
+        "node2",
+    }
+
+
+def test_every_variable_compose_sets_is_read_by_the_settings():
+    import novacron.settings.main  # noqa: F401  (fills DOCUMENTED)
+
+    for name, service in COMPOSE["services"].items():
+        for variable in service.get("environment", {}):
+            if name == "postgres":
+                assert variable in NOT_SETTINGS
+                continue
+            assert variable in DOCUMENTED or variable in BOOTSTRAP, f"{name} sets {variable}, read by nobody"
+
+
+def test_required_secrets_are_passed_from_the_environment_not_written_down():
+    text = (ROOT / "compose.yaml").read_text()
+    for secret in ("SECRET_KEY", "DWCP_SECRET", "POSTGRES_PASSWORD", "NOVACRON_ADMIN_PASSWORD"):
+        for value in re.findall(rf"{secret}: (.*)", text):
+            assert value.startswith("${"), f"{secret} is written into compose.yaml"
+
+
+def test_every_variable_the_settings_read_is_in_the_readme_table():
+    import novacron.settings.main  # noqa: F401
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [
+        name for name in DOCUMENTED if not name.startswith("NOVACRON_TEST") and f"`{name}`" not in readme
+    ]
+    assert not missing, f"README configuration table lacks {missing}"
