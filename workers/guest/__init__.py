@@ -1,1 +1,64 @@
-"""NovaCron test guest (placeholder docstring, being written)."""
+"""The NovaCron test guest: a Debian kernel + busybox initramfs that shows, on its serial console, that it
+keeps running (``tick N`` every 100 ms) and keeps its memory (a checksum of RAM it keeps rewriting).
+
+Build (from Debian packages only, nothing installed on the host; a second run reuses the output)::
+
+    python -m workers.guest.build [--out var/images/testguest] [--cache var/cache/testguest-debs]
+
+This writes ``vmlinux`` (uncompressed ELF kernel, PVH boot; ``vmlinuz`` only if PVH boot failed, see the
+manifest's ``fallback``), ``initrd.img`` (gzip newc cpio) and ``manifest.json``::
+
+    {"format": 1, "name": "testguest",
+     "kernel": {"path": "vmlinux", "size": ..., "sha256": ..., "boot": "pvh" | "bzimage",
+                "package": "linux-image-6.1.0-56-amd64", "version": "6.1.192-2", "release": "6.1.0-56-amd64"},
+     "initrd": {"path": "initrd.img", "size": ..., "sha256": ..., "compression": "gzip",
+                "busybox_package": "busybox-static", "busybox_version": ..., "modules": [...]},
+     "cmdline": "console=ttyS0 quiet", "fallback": null | "why vmlinuz is used",
+     "boot_check": {"accel": "tcg", "first_tick_seconds": 2.7, "checked_at": <unix time>} | null,
+     "inputs": {package names and versions, sha256 of the builder sources}}
+
+Paths in the manifest are relative to its directory.
+
+Boot (TCG; KVM works the same way on hosts where it really boots Linux)::
+
+    qemu-system-x86_64 -machine q35,accel=tcg -m 256 -nodefaults -no-user-config -display none \\
+        -kernel vmlinux -initrd initrd.img \\
+        -append "console=ttyS0 quiet dirty_mb=16 dirty_rate_mb=8" \\
+        -chardev socket,id=console,path=console.sock,server=on,wait=off,logfile=console.log \\
+        -serial chardev:console
+
+(``-nographic`` with ``-serial stdio`` works too.) Optional: a virtio-blk disk, e.g. ``-blockdev
+driver=file,filename=disk.qcow2,node-name=file0 -blockdev driver=qcow2,file=file0,node-name=disk0 -device
+virtio-blk-pci,drive=disk0``, becomes ``/dev/vda`` (init loads the virtio modules only when one is present).
+
+Kernel command line (besides ``console=ttyS0``): ``dirty_mb=M`` fills M MiB of a tmpfs (RAM) with random
+data, then, with ``dirty_rate_mb=R``, keeps rewriting it round robin at about R MiB/s (under TCG the guest
+cannot exceed roughly 20-25 MiB/s; ``dirty_rate_mb=0`` or absent: filled once, never rewritten). Size the
+guest's RAM to M plus about 64 MiB.
+
+Serial console output: an empty line first, then ``tick 0``, ``tick 1``, ... every 100 ms (paced from
+``/proc/uptime``; after a pause the count resumes without a burst), and ``dirty ready M R`` once the dirty
+memory is filled (``dirty error fill-failed`` if it does not fit). Lines end in ``\\r\\n``; the log also
+starts with firmware escape codes.
+
+Request protocol: write one line ``COMMAND TAG [VALUE]`` to the serial port input (the unix socket above);
+TAG is a word chosen by the caller (``-`` if omitted) and is repeated in the one-line answer, which may
+come between tick lines. The console does not echo input.
+
+==========================  ======================================================================
+request                     answer
+==========================  ======================================================================
+``ping TAG``                ``pong TAG``
+``checksum TAG``            ``checksum TAG <md5 hex of the dirty memory>`` or ``checksum TAG none``
+``pause TAG``               ``paused TAG`` once no rewrite is in flight (the checksum stays fixed)
+``resume TAG``              ``resumed TAG`` (rewriting restarts at the configured rate)
+``disk-write TAG VALUE``    ``disk-written TAG VALUE``: ``novacron-testguest VALUE`` in sector 0 of
+                            /dev/vda, fsynced
+``disk-read TAG``           ``disk TAG VALUE`` (``-`` when sector 0 holds no marker)
+==========================  ======================================================================
+
+Failures answer ``error TAG <reason>`` (``no-dirty-memory``, ``no-disk``, ``unknown-command CMD``, ...).
+A checksum of 16 MiB takes about 0.5 s under TCG. :mod:`workers.guest.boot` implements a client
+(:class:`~workers.guest.boot.GuestVM`, :class:`~workers.guest.boot.SerialConsole`). PID 1 never exits;
+the guest has no ACPI handling, so stop it with QMP ``quit`` or by killing QEMU.
+"""

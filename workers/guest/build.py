@@ -69,9 +69,22 @@ def _run(command: list[str], cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def _candidate(name: str) -> str | None:
-    match = re.search(r"^\s*Candidate:\s*(\S+)", _run(["apt-cache", "policy", name]), re.MULTILINE)
-    return None if match is None or match.group(1) == "(none)" else match.group(1)
+def _candidates(*names: str) -> dict[str, str]:
+    """Candidate versions (what ``apt-get install`` would pick) of the packages apt knows."""
+    found: dict[str, str] = {}
+    for block in re.split(r"^(?=\S)", _run(["apt-cache", "policy", *names]), flags=re.MULTILINE):
+        match = re.match(r"(\S+):\n\s+Installed:.*\n\s+Candidate:\s*(\S+)", block)
+        if match and match.group(2) != "(none)":
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def _kernel_dependency() -> str | None:
+    result = subprocess.run(
+        ["apt-cache", "depends", KERNEL_METAPACKAGE], capture_output=True, text=True, check=False
+    )
+    names = re.findall(r"^\s*Depends:\s*(linux-image-\d\S*)", result.stdout, re.MULTILINE)
+    return names[0] if result.returncode == 0 and names else None
 
 
 def resolve_packages(log: Log) -> tuple[Package, Package]:
@@ -79,20 +92,19 @@ def resolve_packages(log: Log) -> tuple[Package, Package]:
 
     Runs ``apt-get update`` once when the package lists do not know the metapackage.
     """
-    if _candidate(KERNEL_METAPACKAGE) is None:
-        log("apt package lists miss linux-image-amd64: running apt-get update")
+    kernel = _kernel_dependency()
+    if kernel is None:
+        log(f"apt package lists do not resolve {KERNEL_METAPACKAGE}: running apt-get update")
         _run(["apt-get", "update"])
-    depends = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
-    names = re.findall(r"^\s*Depends:\s*(linux-image-\d\S*)", depends, re.MULTILINE)
-    if not names:
-        raise BuildError(f"{KERNEL_METAPACKAGE} depends on no linux-image-<version> package:\n{depends}")
-    kernel_version = _candidate(names[0])
-    busybox_version = _candidate(BUSYBOX_PACKAGE)
-    if kernel_version is None or busybox_version is None:
-        raise BuildError(f"no installable version of {names[0]} or {BUSYBOX_PACKAGE}")
-    if not kernel_version.startswith(KERNEL_SERIES):
-        raise BuildError(f"{names[0]} is {kernel_version}, expected a {KERNEL_SERIES}x kernel")
-    return Package(names[0], kernel_version), Package(BUSYBOX_PACKAGE, busybox_version)
+        kernel = _kernel_dependency()
+    if kernel is None:
+        raise BuildError(f"{KERNEL_METAPACKAGE} depends on no linux-image-<version> package")
+    versions = _candidates(kernel, BUSYBOX_PACKAGE)
+    if kernel not in versions or BUSYBOX_PACKAGE not in versions:
+        raise BuildError(f"apt has no installable version of {kernel} or {BUSYBOX_PACKAGE}: {versions}")
+    if not versions[kernel].startswith(KERNEL_SERIES):
+        raise BuildError(f"{kernel} is {versions[kernel]}, expected a {KERNEL_SERIES}x kernel")
+    return Package(kernel, versions[kernel]), Package(BUSYBOX_PACKAGE, versions[BUSYBOX_PACKAGE])
 
 
 def _deb_field(deb: Path, name: str) -> str:

@@ -18,7 +18,6 @@ echo
 DIRTY_FILE=/dirty/mem
 DIRTY_MB=0
 DIRTY_RATE_MB=0
-CHUNK_KB=256
 
 is_number() {
 	case $1 in '' | *[!0-9]*) return 1 ;; esac
@@ -57,17 +56,21 @@ ticker() {
 	done
 }
 
-# Fill DIRTY_FILE once, then rewrite it chunk by chunk, round robin, at DIRTY_RATE_MB MiB/s.
+# Fill DIRTY_FILE once, then rewrite it round robin at DIRTY_RATE_MB MiB/s, in dd calls of about 100 ms
+# worth of data (at least 256 KiB) so that process start-up does not cap the rate.
 # /run/dirty.pause (created by a "pause" request) stops the writes; /run/dirty.paused acknowledges it.
 dirtier() {
-	total_kb=$((DIRTY_MB * 1024))
+	unit_kb=64
+	total=$((DIRTY_MB * 1024 / unit_kb))
 	rate_kb=$((DIRTY_RATE_MB * 1024))
+	chunk=$((rate_kb / 10 / unit_kb))
+	[ $chunk -lt 4 ] && chunk=4
 	if ! dd if=/dev/urandom of=$DIRTY_FILE bs=1M count="$DIRTY_MB" iflag=fullblock 2>/dev/null; then
 		echo "dirty error fill-failed"
 		return
 	fi
 	echo "dirty ready $DIRTY_MB $DIRTY_RATE_MB"
-	pos_kb=0
+	pos=0
 	done_kb=0
 	now_cs
 	start=$NOW
@@ -89,14 +92,16 @@ dirtier() {
 		due_kb=$(((NOW - start) * rate_kb / 100))
 		# Never owe more than one second of writes: a guest that cannot keep up just runs at its ceiling.
 		[ $((due_kb - done_kb)) -gt "$rate_kb" ] && done_kb=$((due_kb - rate_kb))
-		if [ $((due_kb - done_kb)) -lt $CHUNK_KB ]; then
+		if [ $((due_kb - done_kb)) -lt $((chunk * unit_kb)) ]; then
 			sleep 0.02
 			continue
 		fi
-		dd if=/dev/urandom of=$DIRTY_FILE bs=${CHUNK_KB}k count=1 seek=$((pos_kb / CHUNK_KB)) \
-			conv=notrunc iflag=fullblock 2>/dev/null
-		done_kb=$((done_kb + CHUNK_KB))
-		pos_kb=$(((pos_kb + CHUNK_KB) % total_kb))
+		n=$chunk
+		[ $((pos + n)) -gt $total ] && n=$((total - pos))
+		dd if=/dev/urandom of=$DIRTY_FILE bs=${unit_kb}k count=$n seek=$pos conv=notrunc iflag=fullblock \
+			2>/dev/null
+		done_kb=$((done_kb + n * unit_kb))
+		pos=$(((pos + n) % total))
 	done
 }
 

@@ -1,0 +1,1 @@
+"""Tests of the test guest builder and its QEMU console harness."""
