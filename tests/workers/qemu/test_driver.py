@@ -234,7 +234,7 @@ def test_a_kernel_qemu_cannot_load_is_a_clear_start_error(
     junk.write_bytes(b"\0" * 4096)
     spec = guest_spec(image=KernelImage(junk, testguest.initrd_path))
     driver.create(spec)
-    with pytest.raises(QemuStartError, match="failed to start .*kernel too old") as raised:
+    with pytest.raises(QemuStartError, match=r"failed to start .*kernel too old") as raised:
         driver.start(spec.uuid)
     print(f"\n{raised.value}")
     assert driver.status(spec.uuid).state is VmState.STOPPED
