@@ -27,14 +27,12 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ from workers.qemu.accel import (
     cached_probe_kvm,
     resolve_accelerator,
 )
+from workers.qemu.cmdline import qemu_command
 from workers.qemu.errors import (
     DataDirError,
     InvalidSpec,
@@ -61,51 +60,13 @@ from workers.qemu.errors import (
 from workers.qemu.layout import NodeLayout, VmPaths
 from workers.qemu.process import is_alive, kill_hard, read_pid, wait_gone
 from workers.qemu.qmp import DEFAULT_QMP_TIMEOUT, EventLoopThread, QmpSession
-from workers.qemu.spec import DiskImage, KernelImage, VmSpec
+from workers.qemu.spec import DiskImage, VmSpec
+from workers.qemu.status import VmState, VmStatus, serial_tail, status_from_query
 from workers.qemu.tools import QemuTools
 
 logger = logging.getLogger(__name__)
 
-SERIAL_TAIL_LINES = 10
-SERIAL_TAIL_BYTES = 16 * 1024
-ANSI_ESCAPE = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|[A-Za-z])")
 KILL_TIMEOUT = 5.0
-# QEMU run states (query-status "status") that mean the guest is not executing but QEMU is fine.
-PAUSED_QEMU_STATES = frozenset(
-    {"paused", "prelaunch", "inmigrate", "postmigrate", "finish-migrate", "suspended", "save-vm",
-     "restore-vm", "debug", "colo", "shutdown"}
-)  # fmt: skip
-# QEMU run states that mean something went wrong inside the guest or with its storage.
-FAULTED_QEMU_STATES = frozenset({"guest-panicked", "internal-error", "io-error", "watchdog"})
-
-
-class VmState(StrEnum):
-    """What a VM is doing, as far as this node can tell."""
-
-    RUNNING = "running"  # QEMU alive, guest CPUs running
-    PAUSED = "paused"  # QEMU alive, guest CPUs stopped (see qemu_status for why)
-    STOPPED = "stopped"  # no QEMU; it was never started or ended cleanly
-    DEAD = "dead"  # no QEMU, and nobody shut it down: killed or crashed
-    UNKNOWN = "unknown"  # QEMU alive but QMP did not give a usable answer
-
-
-@dataclass(frozen=True)
-class VmStatus:
-    """A VM's state with the evidence behind it."""
-
-    uuid: str
-    state: VmState
-    reason: str
-    pid: int | None = None
-    qemu_status: str | None = None  # query-status "status", when QEMU answered
-    serial_tail: tuple[str, ...] = ()  # last lines of the serial console, for stopped/dead VMs
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for reports to the control plane."""
-        data = asdict(self)
-        data["state"] = str(self.state)
-        data["serial_tail"] = list(self.serial_tail)
-        return data
 
 
 @dataclass(frozen=True)
@@ -308,7 +269,7 @@ class QemuDriver:
                 return VmStatus(
                     uuid, VmState.UNKNOWN, f"QEMU (pid {pid}) is alive but QMP failed: {exc}", pid
                 )
-            return _status_from_query(uuid, pid, answer)
+            return status_from_query(uuid, pid, answer)
         return self._stopped_status(uuid, paths)
 
     def discover(self) -> list[VmStatus]:
@@ -416,39 +377,15 @@ class QemuDriver:
             self.tools.img_create_empty(temporary, spec.disk_gb)
         temporary.replace(paths.disk)
 
-    def _command(self, spec: VmSpec, paths: VmPaths) -> list[str]:
-        accelerator = self.accelerator
-        command = [
-            str(self.tools.system),
-            "-name", f"guest={_opt_escape(spec.name)}",
-            "-uuid", spec.uuid,
-            "-machine", f"q35,accel={accelerator},graphics=off",
-            "-cpu", self.settings.cpu_model_for(accelerator),
-            "-smp", str(spec.vcpus),
-            "-m", str(spec.memory_mb),
-            "-nodefaults",
-            "-no-user-config",
-            "-display", "none",
-            "-nic", "none",
-            "-daemonize",
-            "-pidfile", str(paths.pidfile),
-            "-qmp", f"unix:{_opt_escape(paths.qmp_socket)},server=on,wait=off",
-            "-qmp", f"unix:{_opt_escape(paths.jobs_socket)},server=on,wait=off",
-            "-chardev", f"file,id=serial0,path={_opt_escape(paths.serial_log)}",
-            "-serial", "chardev:serial0",
-            "-blockdev", f"driver=file,filename={_opt_escape(paths.disk)},node-name=file0",
-            "-blockdev", "driver=qcow2,file=file0,node-name=disk0",
-            "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0",
-        ]  # fmt: skip
-        if isinstance(spec.image, KernelImage):
-            command += ["-kernel", str(spec.image.kernel_path)]
-            if spec.image.initrd_path is not None:
-                command += ["-initrd", str(spec.image.initrd_path)]
-            command += ["-append", spec.kernel_cmdline]
-        return command
-
     def _launch(self, spec: VmSpec, paths: VmPaths) -> None:
-        command = self._command(spec, paths)
+        accelerator = self.accelerator
+        command = qemu_command(
+            self.tools.system,
+            spec,
+            paths,
+            accelerator=accelerator,
+            cpu_model=self.settings.cpu_model_for(accelerator),
+        )
         # stderr goes to a file, not a pipe: the daemonized QEMU inherits it, and a pipe would keep us
         # waiting for an EOF that only comes when the VM ends.
         with tempfile.TemporaryFile() as stderr:
@@ -504,7 +441,7 @@ class QemuDriver:
             _write_json_atomically(paths.exit_record, {"reason": reason, "at": datetime.now(UTC).isoformat()})
 
     def _stopped_status(self, uuid: str, paths: VmPaths) -> VmStatus:
-        tail = _serial_tail(paths.serial_log)
+        tail = serial_tail(paths.serial_log)
         try:
             recorded = json.loads(paths.exit_record.read_text())
             return VmStatus(uuid, VmState.STOPPED, str(recorded["reason"]), serial_tail=tail)
@@ -530,26 +467,6 @@ class QemuDriver:
         )
 
 
-def _status_from_query(uuid: str, pid: int, answer: Any) -> VmStatus:
-    if not isinstance(answer, dict) or not isinstance(answer.get("status"), str):
-        return VmStatus(
-            uuid,
-            VmState.UNKNOWN,
-            f"QEMU (pid {pid}) answered query-status with {answer!r}, not a status",
-            pid,
-        )
-    qemu_status = answer["status"]
-    if qemu_status == "running":
-        return VmStatus(uuid, VmState.RUNNING, "running", pid, qemu_status)
-    if qemu_status in FAULTED_QEMU_STATES:
-        return VmStatus(uuid, VmState.PAUSED, f"guest stopped by a fault: {qemu_status}", pid, qemu_status)
-    if qemu_status in PAUSED_QEMU_STATES:
-        return VmStatus(uuid, VmState.PAUSED, f"paused ({qemu_status})", pid, qemu_status)
-    return VmStatus(
-        uuid, VmState.UNKNOWN, f"QEMU reports an unrecognised status {qemu_status!r}", pid, qemu_status
-    )
-
-
 def _check_image_files(spec: VmSpec) -> None:
     image = spec.image
     required = (
@@ -566,23 +483,7 @@ def _temporary_disk(paths: VmPaths) -> Path:
     return paths.disk.with_name(paths.disk.name + ".partial")
 
 
-def _opt_escape(value: Path | str) -> str:
-    # In QEMU's key=value option syntax a comma is doubled to be taken literally.
-    return str(value).replace(",", ",,")
-
-
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     temporary.replace(path)
-
-
-def _serial_tail(log: Path) -> tuple[str, ...]:
-    try:
-        with open(log, "rb") as handle:
-            handle.seek(max(0, log.stat().st_size - SERIAL_TAIL_BYTES))
-            text = handle.read().decode(errors="replace")
-    except OSError:
-        return ()
-    lines = [ANSI_ESCAPE.sub("", line).strip() for line in text.splitlines()]
-    return tuple(line for line in lines if line)[-SERIAL_TAIL_LINES:]

@@ -1,0 +1,57 @@
+"""The `qemu-system-x86_64` command line of a VM.
+
+The disk is always the pair ``file0`` (file protocol node) + ``disk0`` (qcow2 format node) behind a
+``virtio-blk-pci`` device: live migration mirrors ``disk0`` and exports it over NBD by that name, so
+both ends of a migration must use exactly these node names. The serial console is the only console
+(``graphics=off`` also makes SeaBIOS print there); there is no NIC yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from workers.qemu.accel import Accelerator
+from workers.qemu.layout import VmPaths
+from workers.qemu.spec import KernelImage, VmSpec
+
+FILE_NODE = "file0"
+DISK_NODE = "disk0"
+
+
+def qemu_command(
+    qemu_system: Path, spec: VmSpec, paths: VmPaths, *, accelerator: Accelerator, cpu_model: str
+) -> list[str]:
+    """The full argument vector that starts ``spec`` daemonized with its run files in ``paths``."""
+    command = [
+        str(qemu_system),
+        "-name", f"guest={opt_escape(spec.name)}",
+        "-uuid", spec.uuid,
+        "-machine", f"q35,accel={accelerator},graphics=off",
+        "-cpu", cpu_model,
+        "-smp", str(spec.vcpus),
+        "-m", str(spec.memory_mb),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-nic", "none",
+        "-daemonize",
+        "-pidfile", str(paths.pidfile),
+        "-qmp", f"unix:{opt_escape(paths.qmp_socket)},server=on,wait=off",
+        "-qmp", f"unix:{opt_escape(paths.jobs_socket)},server=on,wait=off",
+        "-chardev", f"file,id=serial0,path={opt_escape(paths.serial_log)}",
+        "-serial", "chardev:serial0",
+        "-blockdev", f"driver=file,filename={opt_escape(paths.disk)},node-name={FILE_NODE}",
+        "-blockdev", f"driver=qcow2,file={FILE_NODE},node-name={DISK_NODE}",
+        "-device", f"virtio-blk-pci,drive={DISK_NODE},id=virtio-{DISK_NODE}",
+    ]  # fmt: skip
+    if isinstance(spec.image, KernelImage):
+        command += ["-kernel", str(spec.image.kernel_path)]
+        if spec.image.initrd_path is not None:
+            command += ["-initrd", str(spec.image.initrd_path)]
+        command += ["-append", spec.kernel_cmdline]
+    return command
+
+
+def opt_escape(value: Path | str) -> str:
+    """Escape a value for QEMU's ``key=value,...`` option syntax (a literal comma is doubled)."""
+    return str(value).replace(",", ",,")
