@@ -32,9 +32,21 @@ VM_SPEC_KEYS: Final = (
 )
 
 # Control tasks sent by nodes.
-# kwargs {"vm_id", "operation": one of OPERATIONS, "ok": bool, "state": str, "reason": str, "node": str}
+# kwargs {"vm_id", "operation": one of OPERATIONS, "ok": bool, "state": str, "reason": str, "node": str,
+#         "final": bool (False for "work has started" reports)}
 CONTROL_VM_REPORT: Final = "novacron.control.vm_report"
 # kwargs {"name", "address", "dwcp_address", "vcpus", "memory_mb", "disk_gb", "hypervisor": {...}}
 CONTROL_NODE_REGISTER: Final = "novacron.control.node_register"
+# kwargs {"node": str, "vms": [{"id", "state", "reason"}], "complete": bool}. Sent at start with every VM
+# the node holds (complete=True: the control side reconciles) and whenever a VM's state changes by
+# itself (a QEMU that died, a guest that powered off).
+CONTROL_NODE_VM_STATES: Final = "novacron.control.node_vm_states"
 
 OPERATIONS: Final = ("create", "start", "stop", "reboot", "delete")
+
+# Node VM states as reported (see workers.qemu.VmState): running, paused, stopped, dead, unknown.
+
+# Redis keys written by nodes and read by the control side.
+HEARTBEAT_KEY: Final = "novacron:node:{name}:heartbeat"  # JSON {"ts": epoch seconds, "vms": n}; with a TTL
+METRICS_LIST: Final = "novacron:metrics"  # JSON samples [{"ts", "node", "vm"?, "name", "value"}], capped
+METRICS_LIST_MAX: Final = 100_000  # a control plane that is down for a while loses the oldest samples

@@ -37,12 +37,14 @@ def vm_spec(vm: VM) -> dict[str, Any]:
     }
 
 
-def _signature(vm: VM, task_name: str) -> Any:
-    assert vm.node is not None, "only VMs placed on a node get node tasks"
+def _signature(vm: VM, task_name: str, node_name: str | None = None) -> Any:
+    if node_name is None:
+        assert vm.node is not None, "only VMs placed on a node get node tasks"
+        node_name = vm.node.name
     return app.signature(
         task_name,
         kwargs={"vm": vm_spec(vm), "request_id": uuid.uuid4().hex},
-        queue=contract.node_queue(vm.node.name),
+        queue=contract.node_queue(node_name),
     )
 
 
@@ -50,6 +52,11 @@ def send_on_commit(vm: VM, task_name: str) -> None:
     """Send one node task for ``vm`` once the current transaction commits."""
     signature = _signature(vm, task_name)
     transaction.on_commit(signature.apply_async)
+
+
+def send_to_node_on_commit(node_name: str, vm: VM, task_name: str) -> None:
+    """Send a node task for ``vm`` to a node it is not recorded on (cleaning up a leftover copy)."""
+    transaction.on_commit(_signature(vm, task_name, node_name).apply_async)
 
 
 def send_group(vms: Iterable[VM], task_name: str) -> None:

@@ -7,7 +7,9 @@ twice and a repeated report changes nothing.
 import uuid
 from typing import Any
 
+import redis
 from celery import shared_task
+from django.conf import settings
 
 from workers import contract
 
@@ -28,12 +30,29 @@ def batch_dispatch(*, batch_id: str, task_name: str) -> int:
 
 
 @shared_task(name=contract.CONTROL_VM_REPORT, acks_late=True, time_limit=60)
-def vm_report(*, vm_id: str, operation: str, ok: bool, state: str, reason: str = "", node: str) -> None:
-    """A node reports the outcome of an operation on a VM."""
-    services.vm_record_report(vm_id=vm_id, operation=operation, ok=ok, state=state, reason=reason, node=node)
+def vm_report(
+    *, vm_id: str, operation: str, ok: bool, state: str, reason: str = "", node: str, final: bool = True
+) -> None:
+    """A node reports the outcome of an operation on a VM (or, ``final=False``, that work started)."""
+    services.vm_record_report(
+        vm_id=vm_id, operation=operation, ok=ok, state=state, reason=reason, node=node, final=final
+    )
 
 
 @shared_task(name=contract.CONTROL_NODE_REGISTER, acks_late=True, time_limit=60)
 def node_register(**fields: Any) -> None:
     """A node worker announces itself (at start and whenever its facts change)."""
     services.node_register(**fields)
+
+
+@shared_task(name=contract.CONTROL_NODE_VM_STATES, acks_late=True, time_limit=60)
+def node_vm_states(*, node: str, vms: list[dict[str, Any]], complete: bool) -> None:
+    """A node lists its VMs' states: all of them at start, or those that changed by themselves."""
+    services.node_apply_vm_states(node=node, vms=vms, complete=complete)
+
+
+@shared_task(name="apps.vms.tasks.nodes_check_heartbeats", acks_late=True, time_limit=30, expires=10)
+def nodes_check_heartbeats() -> dict[str, int]:
+    """Beat task: fold heartbeats from Redis into the node rows, mark silent nodes down."""
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+    return services.nodes_check_heartbeats(client=client)

@@ -22,6 +22,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
         "CELERY_VISIBILITY_TIMEOUT", 6 * 3600, help="Seconds before an unacked task is redelivered."
     ),
 }
+CELERY_BEAT_SCHEDULE = {
+    "nodes-check-heartbeats": {"task": "apps.vms.tasks.nodes_check_heartbeats", "schedule": 5.0},
+    "metrics-flush": {"task": "apps.monitoring.tasks.metrics_flush", "schedule": 10.0},
+}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SEND_SENT_EVENT = True

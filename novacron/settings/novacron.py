@@ -15,6 +15,12 @@ NOVACRON = {
         ),
     },
     "BATCH_MAX_ITEMS": 1000,
+    "CPU_ALLOCATION_RATIO": env(
+        "CPU_ALLOCATION_RATIO", 4.0, cast=float, help="vCPUs offered per host CPU when a node registers."
+    ),
+    "RAM_ALLOCATION_RATIO": env(
+        "RAM_ALLOCATION_RATIO", 1.0, cast=float, help="Memory offered per MiB of host memory at registration."
+    ),
     "NODE_HEARTBEAT_TIMEOUT": env_int(
         "NODE_HEARTBEAT_TIMEOUT", 30, help="Seconds without a heartbeat before a node is marked down."
     ),

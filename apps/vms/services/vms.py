@@ -1,4 +1,4 @@
-"""Writes to the fleet: VM lifecycle requests, batches, node and image registration, node reports.
+"""VM lifecycle requests from users and operators: create, change, delete, start/stop/reboot, batches.
 
 Every service runs in one transaction, checks what a client can get wrong (400), quotas (403), state
 (409) and capacity (409) before writing anything, and sends node tasks only after commit.
@@ -6,23 +6,29 @@ Every service runs in one transaction, checks what a client can get wrong (400),
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
+from apps.vms import dispatch, scheduler
+from apps.vms.choices import (
+    ACTIVE_STATES,
+    BatchItemStatus,
+    BatchKind,
+    BatchStatus,
+    NodeStatus,
+    VMAction,
+    VMState,
+)
+from apps.vms.models import VM, BatchItem, BatchOperation, Image, Node
+from apps.vms.selectors import user_quota, user_usage
 from workers import contract
-
-from . import dispatch, scheduler
-from .choices import ACTIVE_STATES, BatchItemStatus, BatchKind, BatchStatus, NodeStatus, VMAction, VMState
-from .models import VM, BatchItem, BatchOperation, Image, Node
-from .selectors import user_quota, user_usage
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +61,6 @@ class VMChanges:
     @property
     def resizes(self) -> bool:
         return any(value is not None for value in (self.vcpus, self.memory_mb, self.disk_gb))
-
-
-@dataclass
-class _Held:
-    """Capacity a VM holds, for releasing it."""
-
-    items: list[tuple[int, scheduler.Demand]] = field(default_factory=list)
 
 
 def _demand(vm: VM) -> scheduler.Demand:
@@ -176,7 +175,7 @@ def vm_batch_create(*, owner: User, requests: Sequence[VMRequest]) -> tuple[Batc
 
 
 def _send_batch_on_commit(batch: BatchOperation, task_name: str) -> None:
-    from .tasks import batch_dispatch  # noqa: PLC0415 - tasks import services
+    from apps.vms.tasks import batch_dispatch  # noqa: PLC0415 - tasks import services
 
     batch_id = str(batch.pk)
     transaction.on_commit(lambda: batch_dispatch.delay(batch_id=batch_id, task_name=task_name))
@@ -372,136 +371,3 @@ def vm_request_action(*, vm: VM, action: VMAction) -> VM:
     vm.save(update_fields=["pending_action", "updated_at"])
     dispatch.send_on_commit(vm, task_name)
     return vm
-
-
-# --- Reports from nodes (run by the control worker) -------------------------------------------------
-
-
-def _finish_batch_items(vm: VM, ok: bool, reason: str) -> None:
-    items = list(BatchItem.objects.filter(vm=vm, status=BatchItemStatus.PENDING).select_related("batch"))
-    for item in items:
-        item.status = BatchItemStatus.SUCCEEDED if ok else BatchItemStatus.FAILED
-        item.error = "" if ok else reason[:1000]
-        item.save(update_fields=["status", "error", "updated_at"])
-    for batch_id in {item.batch_id for item in items}:
-        batch_update_status(batch_id=batch_id)
-
-
-def batch_update_status(*, batch_id: Any) -> None:
-    """Close a batch once no item is pending (the group's completion callback)."""
-    batch = BatchOperation.objects.select_for_update().get(pk=batch_id)
-    if batch.status != BatchStatus.RUNNING:
-        return
-    statuses = list(batch.items.values_list("status", flat=True))
-    if BatchItemStatus.PENDING in statuses:
-        return
-    failed = statuses.count(BatchItemStatus.FAILED)
-    batch.status = (
-        BatchStatus.COMPLETED
-        if failed == 0
-        else BatchStatus.FAILED
-        if failed == len(statuses)
-        else BatchStatus.PARTIAL
-    )
-    batch.finished_at = timezone.now()
-    batch.save(update_fields=["status", "finished_at"])
-
-
-@transaction.atomic
-def vm_record_report(
-    *, vm_id: str, operation: str, ok: bool, state: str, reason: str, node: str
-) -> VM | None:
-    """Apply a node's report of an operation's outcome. Idempotent: a duplicate report changes nothing."""
-    vm = VM.objects.select_for_update(of=("self",)).select_related("node").filter(pk=vm_id).first()
-    if vm is None:
-        logger.warning("report for unknown VM %s from node %s ignored", vm_id, node)
-        return None
-    if vm.node is None or vm.node.name != node:
-        logger.warning("report for VM %s from node %s, but it is on %s: ignored", vm_id, node, vm.node)
-        return vm
-    if vm.state == VMState.DELETED:
-        return vm
-    if operation == "delete":
-        if ok:
-            _finish_delete(vm)
-        else:
-            vm.state, vm.state_reason = VMState.ERROR, f"Delete failed: {reason}"[:1000]
-            vm.save(update_fields=["state", "state_reason", "updated_at"])
-        _finish_batch_items(vm, ok, reason)
-        return vm
-    if vm.state == VMState.DELETING:
-        return vm  # a late report of an earlier operation; the delete decides
-    if operation == "create" and not ok:
-        # The node cleaned up what it started; give the capacity back so the VM holds nothing.
-        scheduler.release(node_id=vm.node.pk, demand=_demand(vm))
-        vm.node = None
-        vm.state, vm.state_reason = VMState.ERROR, f"Create failed: {reason}"[:1000]
-        vm.save(update_fields=["node", "state", "state_reason", "updated_at"])
-        _finish_batch_items(vm, False, reason)
-        return vm
-    if state in VMState.values and state not in (VMState.DELETED, VMState.DELETING):
-        vm.state = state
-    vm.state_reason = "" if ok else f"{operation.capitalize()} failed: {reason}"[:1000]
-    if operation in (vm.pending_action, "create"):
-        vm.pending_action = VMAction.NONE
-    vm.save(update_fields=["state", "state_reason", "pending_action", "updated_at"])
-    if operation == "create":
-        _finish_batch_items(vm, ok, reason)
-    return vm
-
-
-@transaction.atomic
-def node_register(
-    *,
-    name: str,
-    address: str,
-    dwcp_address: str,
-    vcpus: int,
-    memory_mb: int,
-    disk_gb: int,
-    hypervisor: dict[str, Any],
-) -> Node:
-    """Create or refresh a node from its worker's registration; a node coming back is ``up`` again."""
-    node = Node.objects.select_for_update().filter(name=name).first()
-    if node is None:
-        node = Node(name=name)
-    node.address, node.dwcp_address = address, dwcp_address
-    node.vcpus, node.memory_mb, node.disk_gb = vcpus, memory_mb, disk_gb
-    node.hypervisor = hypervisor
-    node.last_heartbeat = timezone.now()
-    if node.status == NodeStatus.DOWN or node._state.adding:
-        node.status, node.status_reason = NodeStatus.UP, ""
-    node.full_clean()
-    node.save()
-    return node
-
-
-@transaction.atomic
-def image_register(**fields: Any) -> Image:
-    image = Image(**fields)
-    image.full_clean()
-    image.save()
-    return image
-
-
-@transaction.atomic
-def node_delete(*, node: Node) -> None:
-    """Forget a node that holds no live VM (deleted VMs keep their history without it)."""
-    node = Node.objects.select_for_update().get(pk=node.pk)
-    live = VM.objects.filter(node=node).exclude(state=VMState.DELETED).count()
-    if live:
-        raise Conflict(f"Node {node.name} still holds {live} VM(s); migrate or delete them first.")
-    from apps.migrations.models import Migration  # noqa: PLC0415 - migrations depend on vms
-
-    if Migration.objects.filter(Q(source_node=node) | Q(dest_node=node)).exists():
-        raise Conflict(f"Node {node.name} appears in migration records; set it to maintenance instead.")
-    VM.objects.filter(node=node).update(node=None)
-    node.delete()
-
-
-@transaction.atomic
-def image_delete(*, image: Image) -> None:
-    used = VM.objects.filter(image=image).count()
-    if used:
-        raise Conflict(f"Image {image.name} is used by {used} VM record(s).")
-    image.delete()

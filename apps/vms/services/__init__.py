@@ -1,0 +1,34 @@
+"""Writes to the fleet, by entity: VM requests (``vms``), node reports (``reports``), nodes and images."""
+
+from .nodes import image_delete, node_delete, node_register
+from .reports import batch_update_status, node_apply_vm_states, nodes_check_heartbeats, vm_record_report
+from .vms import (
+    VMChanges,
+    VMRequest,
+    vm_batch_create,
+    vm_batch_delete,
+    vm_batch_update,
+    vm_create,
+    vm_delete,
+    vm_request_action,
+    vm_update,
+)
+
+__all__ = [
+    "VMChanges",
+    "VMRequest",
+    "batch_update_status",
+    "image_delete",
+    "node_apply_vm_states",
+    "node_delete",
+    "node_register",
+    "nodes_check_heartbeats",
+    "vm_batch_create",
+    "vm_batch_delete",
+    "vm_batch_update",
+    "vm_create",
+    "vm_delete",
+    "vm_record_report",
+    "vm_request_action",
+    "vm_update",
+]

@@ -1,0 +1,108 @@
+"""``python -m workers.node --name NAME --data-dir DIR --dwcp-listen HOST:PORT``: run a node worker."""
+
+import logging
+import os
+import sys
+from typing import Any
+
+import redis
+from celery import Celery, signals
+from kombu import Queue
+
+from workers import contract
+from workers.qemu import DataDirError, DriverSettings, QemuDriver, QemuNotInstalled
+
+from .config import ConfigError, NodeConfig, from_args
+from .monitor import Monitor
+from .reports import Reporter
+from .tasks import register_tasks
+
+logger = logging.getLogger("workers.node")
+
+
+def make_app(config: NodeConfig) -> Celery:
+    """A Celery app without Django: JSON only, at-least-once, consuming ``node.<name>`` alone."""
+    app = Celery(f"novacron-node-{config.name}", broker=config.redis_url)
+    queue = contract.node_queue(config.name)
+    app.conf.update(
+        accept_content=["json"],
+        task_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(queue, routing_key=queue)],
+        task_default_queue=queue,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        # Matches the control plane: no redelivery while a long task (a disk transfer) still runs.
+        broker_transport_options={
+            "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "21600"))
+        },
+    )
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        config = from_args(argv)
+        driver = QemuDriver(
+            DriverSettings(
+                data_dir=config.data_dir,
+                accelerator=config.accelerator,
+                powerdown_timeout=config.powerdown_timeout,
+            )
+        )
+        facts = driver.node_facts()
+    except (ConfigError, QemuNotInstalled, DataDirError) as exc:
+        print(f"novacron node: {exc}", file=sys.stderr)
+        return 2
+    app = make_app(config)
+    reporter = Reporter(app, config.name)
+    register_tasks(app, driver, reporter)
+    client = redis.Redis.from_url(config.redis_url)
+    monitor = Monitor(config, driver, reporter, client)
+
+    @signals.worker_ready.connect(weak=False)
+    def announce(**_: Any) -> None:
+        # Register first, then hand over every VM this node holds so the control side reconciles.
+        reporter.register(address=config.address, dwcp_address=config.dwcp_address, facts=facts)
+        reporter.vm_states(driver.discover(), complete=True)
+        monitor.start()
+        logger.info(
+            "node %s ready: queue %s, accelerator %s",
+            config.name,
+            contract.node_queue(config.name),
+            facts.accelerator,
+        )
+
+    @signals.worker_shutdown.connect(weak=False)
+    def shut_down(**_: Any) -> None:
+        monitor.stop()
+        driver.close()
+
+    app.worker_main(
+        [
+            "worker",
+            "--hostname",
+            f"{config.name}@%h",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(config.concurrency),
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            os.environ.get("LOG_LEVEL", "INFO"),
+        ]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Node worker configuration: command-line flags with environment defaults, validated at start."""
+
+import argparse
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.qemu import AcceleratorSetting
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A setting a person must fix before the worker can start."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    data_dir: Path
+    dwcp_host: str
+    dwcp_port: int
+    address: str
+    redis_url: str
+    dwcp_secret: str
+    accelerator: AcceleratorSetting
+    concurrency: int
+    heartbeat_interval: float
+    metrics_interval: float
+    powerdown_timeout: float
+
+    @property
+    def dwcp_address(self) -> str:
+        return f"{self.dwcp_host}:{self.dwcp_port}"
+
+    @property
+    def heartbeat_ttl(self) -> int:
+        """Seconds a heartbeat stays in Redis: a few missed beats before it disappears."""
+        return max(int(self.heartbeat_interval * 4), 5)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--dwcp-listen must be HOST:PORT (e.g. 127.0.0.1:7001), not {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m workers.node", description="Run a NovaCron node worker.")
+    p.add_argument("--name", required=True, help="node name (its queue is node.<name>)")
+    p.add_argument("--data-dir", required=True, type=Path, help="directory for disks and run files")
+    p.add_argument("--dwcp-listen", required=True, help="HOST:PORT of this node's DWCP listener")
+    p.add_argument(
+        "--address",
+        default=env("NODE_ADDRESS", ""),
+        help="address other nodes reach (default: the DWCP host)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=env("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="broker and Redis (env REDIS_URL)",
+    )
+    p.add_argument(
+        "--accelerator",
+        default=env("NODE_ACCELERATOR", "auto"),
+        choices=[setting.value for setting in AcceleratorSetting],
+        help="kvm, tcg, or auto (a probe decides; env NODE_ACCELERATOR)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=int(env("NODE_CONCURRENCY", "4")), help="parallel node tasks"
+    )
+    p.add_argument("--heartbeat-interval", type=float, default=float(env("NODE_HEARTBEAT_INTERVAL", "3")))
+    p.add_argument("--metrics-interval", type=float, default=float(env("NODE_METRICS_INTERVAL", "10")))
+    p.add_argument(
+        "--powerdown-timeout",
+        type=float,
+        default=float(env("NODE_POWERDOWN_TIMEOUT", "30")),
+        help="seconds stop waits for the guest to act on ACPI powerdown before quitting QEMU",
+    )
+    return p
+
+
+def from_args(argv: list[str] | None = None) -> NodeConfig:
+    args = parser().parse_args(argv)
+    if not NAME_PATTERN.match(args.name):
+        raise ConfigError(f"--name {args.name!r}: use 1-63 letters, digits, dots, dashes or underscores")
+    host, port = _host_port(args.dwcp_listen)
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    if args.heartbeat_interval <= 0 or args.metrics_interval <= 0:
+        raise ConfigError("intervals must be positive")
+    wildcard = host in ("0.0.0.0", "::")  # noqa: S104 - recognising a wildcard, not binding one
+    address = args.address or (socket.getfqdn() if wildcard else host)
+    return NodeConfig(
+        name=args.name,
+        data_dir=args.data_dir.resolve(),
+        dwcp_host=host,
+        dwcp_port=port,
+        address=address,
+        redis_url=args.redis_url,
+        dwcp_secret=os.environ.get("DWCP_SECRET", ""),
+        accelerator=AcceleratorSetting(args.accelerator),
+        concurrency=args.concurrency,
+        heartbeat_interval=args.heartbeat_interval,
+        metrics_interval=args.metrics_interval,
+        powerdown_timeout=args.powerdown_timeout,
+    )
