@@ -36,6 +36,7 @@ def qemu_command(
         "-nic", "none",
         "-daemonize",
         "-pidfile", str(paths.pidfile),
+        "-D", str(paths.qemu_log),  # also keeps QEMU's error messages once stderr is gone
         "-qmp", f"unix:{opt_escape(paths.qmp_socket)},server=on,wait=off",
         "-qmp", f"unix:{opt_escape(paths.jobs_socket)},server=on,wait=off",
         "-chardev", f"file,id=serial0,path={opt_escape(paths.serial_log)}",

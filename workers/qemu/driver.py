@@ -61,7 +61,7 @@ from workers.qemu.layout import NodeLayout, VmPaths
 from workers.qemu.process import is_alive, kill_hard, read_pid, wait_gone
 from workers.qemu.qmp import DEFAULT_QMP_TIMEOUT, EventLoopThread, QmpSession
 from workers.qemu.spec import DiskImage, VmSpec
-from workers.qemu.status import VmState, VmStatus, serial_tail, status_from_query
+from workers.qemu.status import VmState, VmStatus, log_tail, status_from_query
 from workers.qemu.tools import QemuTools
 
 logger = logging.getLogger(__name__)
@@ -206,8 +206,12 @@ class QemuDriver:
                 )
             for stale in (paths.pidfile, paths.qmp_socket, paths.jobs_socket, paths.exit_record):
                 stale.unlink(missing_ok=True)
-            if paths.serial_log.exists():
-                paths.serial_log.replace(paths.previous_serial_log)
+            for current, previous in (
+                (paths.serial_log, paths.previous_serial_log),
+                (paths.qemu_log, paths.previous_qemu_log),
+            ):
+                if current.exists():
+                    current.replace(previous)
             self._launch(spec, paths)
         return self.status(uuid)
 
@@ -404,7 +408,10 @@ class QemuDriver:
                     f"QEMU for VM {spec.uuid} did not daemonize within {self.settings.start_timeout:g} s"
                 ) from exc
             stderr.seek(0)
-            message = stderr.read().decode(errors="replace").strip()
+            # With -D, QEMU sends its error messages to the log file rather than to stderr.
+            message = " / ".join(
+                (*stderr.read().decode(errors="replace").strip().splitlines(), *log_tail(paths.qemu_log))
+            )
         if result.returncode != 0:
             raise QemuStartError(
                 f"QEMU for VM {spec.uuid} failed to start (exit {result.returncode}): {message}"
@@ -441,30 +448,30 @@ class QemuDriver:
             _write_json_atomically(paths.exit_record, {"reason": reason, "at": datetime.now(UTC).isoformat()})
 
     def _stopped_status(self, uuid: str, paths: VmPaths) -> VmStatus:
-        tail = serial_tail(paths.serial_log)
+        serial = log_tail(paths.serial_log)
+        messages = log_tail(paths.qemu_log)
         try:
             recorded = json.loads(paths.exit_record.read_text())
-            return VmStatus(uuid, VmState.STOPPED, str(recorded["reason"]), serial_tail=tail)
+            return VmStatus(uuid, VmState.STOPPED, str(recorded["reason"]), None, None, serial, messages)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no usable record: look at what the process left behind
+        last_message = f"; QEMU's last message: {messages[-1]}" if messages else ""
         stale_pid = read_pid(paths.pidfile)
         if stale_pid is not None:
             # QEMU removes its pidfile when it exits normally; a leftover one means it did not.
-            return VmStatus(
-                uuid,
-                VmState.DEAD,
-                f"QEMU (pid {stale_pid}) is gone without a shutdown: it was killed or crashed "
-                "(see the last serial lines); start the VM again or delete it",
-                serial_tail=tail,
+            reason = (
+                f"QEMU (pid {stale_pid}) is gone without a shutdown: it was killed or crashed{last_message} "
+                "(see the last serial lines); start the VM again or delete it"
             )
+            return VmStatus(uuid, VmState.DEAD, reason, None, None, serial, messages)
         if not paths.serial_log.exists():
             return VmStatus(uuid, VmState.STOPPED, "created, never started")
-        return VmStatus(
-            uuid,
-            VmState.STOPPED,
-            "QEMU exited cleanly on its own (the guest powered off, or a QMP client told it to quit)",
-            serial_tail=tail,
+        reason = (
+            f"QEMU exited on its own{last_message}"
+            if messages
+            else "QEMU exited cleanly on its own (the guest powered off, or a QMP client told it to quit)"
         )
+        return VmStatus(uuid, VmState.STOPPED, reason, None, None, serial, messages)
 
 
 def _check_image_files(spec: VmSpec) -> None:

@@ -6,6 +6,7 @@
         qmp.sock                       QMP monitor for lifecycle operations and status (mode 0600)
         qmp-jobs.sock                  second QMP monitor, for long jobs such as migration (mode 0600)
         serial.log, serial.log.1       serial console of this run and of the previous one
+        qemu.log, qemu.log.1           QEMU's own messages once daemonized (-D), this run and the previous
         qemu.pid                       written (and locked) by QEMU itself
         exit.json                      how the last run ended, when the driver knows
         lock                           flock taken by every driver operation on this VM
@@ -53,6 +54,14 @@ class VmPaths:
     @property
     def previous_serial_log(self) -> Path:
         return self.run_dir / "serial.log.1"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    @property
+    def previous_qemu_log(self) -> Path:
+        return self.run_dir / "qemu.log.1"
 
     @property
     def pidfile(self) -> Path:

@@ -40,12 +40,14 @@ class VmStatus:
     pid: int | None = None
     qemu_status: str | None = None  # query-status "status", when QEMU answered
     serial_tail: tuple[str, ...] = ()  # last lines of the serial console, for stopped/dead VMs
+    qemu_messages: tuple[str, ...] = ()  # last lines QEMU itself logged, for stopped/dead VMs
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for reports to the control plane."""
         data = asdict(self)
         data["state"] = str(self.state)
         data["serial_tail"] = list(self.serial_tail)
+        data["qemu_messages"] = list(self.qemu_messages)
         return data
 
 
@@ -70,8 +72,8 @@ def status_from_query(uuid: str, pid: int, answer: Any) -> VmStatus:
     )
 
 
-def serial_tail(log: Path) -> tuple[str, ...]:
-    """The last non-empty lines of a serial log, without terminal escape codes."""
+def log_tail(log: Path) -> tuple[str, ...]:
+    """The last non-empty lines of a serial console or QEMU log, without terminal escape codes."""
     try:
         with open(log, "rb") as handle:
             handle.seek(max(0, log.stat().st_size - SERIAL_TAIL_BYTES))

@@ -239,3 +239,18 @@ def test_a_kernel_qemu_cannot_load_is_a_clear_start_error(
     print(f"\n{raised.value}")
     assert driver.status(spec.uuid).state is VmState.STOPPED
     assert qemu_processes_for(driver.paths(spec.uuid).qmp_socket) == []
+
+
+def test_a_qemu_terminated_by_a_signal_is_reported_with_qemus_own_message(
+    driver: QemuDriver, guest_spec: SpecFactory
+):
+    spec = guest_spec()
+    driver.create(spec)
+    pid = driver.start(spec.uuid).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid, str(driver.paths(spec.uuid).qmp_socket), 5)
+    status = driver.status(spec.uuid)
+    assert status.state is VmState.STOPPED  # QEMU shuts down cleanly on SIGTERM
+    assert "terminating on signal 15" in status.reason
+    assert any("terminating on signal 15" in line for line in status.qemu_messages)
