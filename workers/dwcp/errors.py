@@ -1,0 +1,71 @@
+"""Exceptions raised by DWCP.
+
+The split follows h11: a ``LocalProtocolError`` means *we* were about to break the protocol (a bug
+or a misuse of the API on this side), a ``RemoteProtocolError`` means the peer sent something we
+refuse. Both derive from ``ProtocolError`` so callers that only want "the conversation broke" catch
+one class. Transfer-level failures that are not protocol violations (a refused ticket, a digest
+mismatch, a cut connection) are ``TransferError`` subclasses carrying a machine-readable ``code``.
+"""
+
+from __future__ import annotations
+
+
+class DWCPError(Exception):
+    """Root of every DWCP exception."""
+
+
+class ProtocolError(DWCPError):
+    """The byte conversation is broken; the connection must be dropped."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes or frames the protocol does not allow."""
+
+
+class ChecksumMismatch(RemoteProtocolError):
+    """A frame's payload did not decode to bytes matching its xxh3-64 checksum."""
+
+
+class TicketError(DWCPError):
+    """A transfer ticket was refused; ``reason`` says why (forged, expired, replayed, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+class TransferError(DWCPError):
+    """A transfer did not complete. ``code`` is stable and machine-readable."""
+
+    code = "transfer_failed"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class TransferRefused(TransferError):
+    """The receiver refused to start the transfer (bad ticket, bad target, busy)."""
+
+    code = "refused"
+
+
+class TransferInterrupted(TransferError):
+    """The connection was cut mid-transfer; a new ``send_file`` call resumes where it stopped."""
+
+    code = "interrupted"
+
+
+class TransferCancelled(TransferError):
+    """The transfer was cancelled through its handle."""
+
+    code = "cancelled"
+
+
+class ConfigurationError(DWCPError):
+    """DWCP was started without something it needs (the shared secret, a root directory)."""

@@ -1,0 +1,116 @@
+"""Every size, count and time limit of DWCP, in one place, each with the reason for its value.
+
+A receiver trusts nothing a peer declares: each length read off the wire is checked against one
+of these before anything is allocated, so a hostile or broken peer can cost at most these bounds.
+"""
+
+from __future__ import annotations
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+# Protocol version spoken by this code. Peers negotiate min(ours, theirs); there is only one.
+PROTOCOL_VERSION = 1
+# Oldest version we still accept; raising it is how an incompatible change is rolled out.
+MIN_PROTOCOL_VERSION = 1
+
+# Chunks are the unit of compression, checksumming, resume and dedup. 1 MiB amortises the
+# per-frame Python overhead (one header, one hash call, one syscall) to well under 1 % while
+# keeping the in-flight memory (queue depth x chunk) small.
+DEFAULT_CHUNK_SIZE = 1 * MiB
+# Smallest chunk a sender may pick: below this the per-frame overhead dominates and resume
+# journals / base indexes grow needlessly.
+MIN_CHUNK_SIZE = 64 * KiB
+# Largest raw (decoded) size of one data frame. Bounds the allocation a peer can force per frame
+# and the decompression output (no decompression bombs).
+MAX_CHUNK_SIZE = 4 * MiB
+# Control frames carry small JSON documents (tickets, resume ranges). 1 MiB holds the held-range
+# list of a badly fragmented multi-TiB resume and nothing we would ever want to parse slower.
+MAX_CONTROL_PAYLOAD = 1 * MiB
+# A base-image index is 24 bytes per chunk: 16 MiB covers a ~680 GiB base at 1 MiB chunks.
+MAX_INDEX_PAYLOAD = 16 * MiB
+# Hard cap on any frame's wire length, whatever its type: the largest of the limits above.
+MAX_FRAME_PAYLOAD = MAX_INDEX_PAYLOAD
+# Files larger than this are refused at OPEN: 64 TiB is far beyond any VM disk we host and keeps
+# chunk counts (and the per-chunk checksum arrays) bounded.
+MAX_FILE_SIZE = 64 * TiB
+
+# Parallel TCP streams per transfer. More than 16 stops helping even on long fat links and
+# multiplies threads and socket buffers (2 x 8 MiB each) per transfer.
+MAX_STREAMS = 16
+# Chosen from bench/dwcp: on loopback and on a 1 Gbit veth link 4 streams saturate what two
+# cores can checksum and compress; more only add contention.
+DEFAULT_STREAMS = 4
+# Transfers a server runs at once; each costs up to MAX_STREAMS threads and buffers.
+MAX_SESSIONS = 64
+
+# Socket buffers. 8 MiB covers the bandwidth-delay product of 1 Gbit at 64 ms RTT, so one stream
+# is never window-limited on the links we run on.
+SOCKET_BUFFER_SIZE = 8 * MiB
+# Congestion control we ask for; BBR keeps throughput on lossy/shaped links where CUBIC backs off.
+PREFERRED_CONGESTION_CONTROL = b"bbr"
+# TCP keepalive: notice a dead peer (pulled cable, crashed host) within about a minute on an
+# otherwise idle pooled connection or a stalled tunnel.
+KEEPALIVE_IDLE_SECONDS = 30
+KEEPALIVE_INTERVAL_SECONDS = 10
+KEEPALIVE_PROBES = 3
+
+# The whole handshake (hello + mutual proof) must finish within this; stops slowloris peers from
+# holding server threads.
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# A peer must keep bytes flowing during a transfer; a silent connection is dead after this long.
+IO_TIMEOUT_SECONDS = 60.0
+# Client side: an idle pooled connection is dropped after this long. Must stay below
+# SERVER_IDLE_TIMEOUT_SECONDS so the client never reuses a connection the server is closing.
+POOL_IDLE_SECONDS = 30.0
+# Server side: how long an authenticated connection may sit between transfers.
+SERVER_IDLE_TIMEOUT_SECONDS = 120.0
+# Idle connections kept per peer address; one full set of streams is what a next transfer needs.
+POOL_MAX_IDLE_PER_PEER = MAX_STREAMS
+# Secondary streams must attach this soon after the primary opened the transfer.
+ATTACH_TIMEOUT_SECONDS = 10.0
+# After sending ERROR we read and discard what the peer still sends for this long, so it sees our
+# error frame instead of a TCP reset.
+ERROR_LINGER_SECONDS = 1.0
+
+# Sender pipeline: encoded chunks waiting for a stream writer. With 1 MiB chunks this bounds the
+# sender's buffered data to ~QUEUE_DEPTH MiB for any file size (memory stays flat).
+SEND_QUEUE_DEPTH = 16
+# Tunnel chunks are smaller than file chunks: QEMU's migration stream and NBD replies are latency
+# sensitive, and 256 KiB still amortises per-frame overhead.
+TUNNEL_CHUNK_SIZE = 256 * KiB
+# Receiver reorder window for tunnels, in frames: a stream whose next frame is further ahead than
+# this waits, so reordering memory is bounded by window x TUNNEL_CHUNK_SIZE (16 MiB).
+REORDER_WINDOW = 64
+
+# Tickets: the control plane mints them just before a transfer; five minutes covers queueing.
+DEFAULT_TICKET_TTL_SECONDS = 300
+# Receivers refuse tickets valid further ahead than this: the replay memory keeps every seen
+# transfer id until its expiry, so this bounds that memory, and limits a leaked ticket's value.
+MAX_TICKET_LIFETIME_SECONDS = 3600
+# Clock skew tolerated between control plane and nodes (NTP keeps them far closer).
+TICKET_CLOCK_SKEW_SECONDS = 30
+# Longest ticket we parse; real ones are ~400 bytes. Also bounds node names, targets and ids.
+MAX_TICKET_LENGTH = 4 * KiB
+MAX_NAME_LENGTH = 255
+MAX_TARGET_LENGTH = 1024
+
+# Adaptive codec: a chunk whose sample compresses to more than this fraction of its size is sent
+# raw without compressing the rest (the incompressible fast path).
+INCOMPRESSIBLE_SAMPLE_RATIO = 0.97
+# After compressing a whole chunk, keep the result only if it saves at least this much.
+MIN_COMPRESSION_GAIN = 0.03
+# Bytes sampled (in three slices) to decide compressibility: cheap next to a 1 MiB chunk.
+COMPRESSIBILITY_SAMPLE_SIZE = 12 * KiB
+# How often the adaptive policy re-decides the compression level from the pipeline's stalls.
+ADAPT_INTERVAL_SECONDS = 0.5
+
+# Progress: at most five updates a second reach reporters (Redis, terminal).
+PROGRESS_INTERVAL_SECONDS = 0.2
+# Resume journal is rewritten at most this often; losing the last second only costs a re-send.
+JOURNAL_INTERVAL_SECONDS = 1.0
+# Chunks per file: the receiver keeps one bit per chunk (2 MiB at this cap) and one 8-byte checksum
+# per chunk while verifying; 2**24 chunks is 16 TiB at 1 MiB chunks.
+MAX_CHUNKS_PER_FILE = 2**24

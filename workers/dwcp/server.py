@@ -1,0 +1,514 @@
+"""The DWCP server a node runs: accepts authenticated connections and serves transfers on them.
+
+One thread per connection (see ``transport`` for why threads). A connection authenticates once,
+then carries any number of transfers one after the other (the client pools it). ``OPEN`` starts a
+transfer with a ticket, verified against this node's name, the shared secret and the replay
+guard; ``ATTACH`` adds a stream to an opened transfer, proven by the session key handed out in
+``ACCEPT``. Refusals are answered with ``ERROR`` and logged; the connection stays usable.
+
+File targets and tunnel sockets are confined to the server's root directories.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import codecs, limits
+from .control import TransferControl
+from .errors import (
+    ChecksumMismatch,
+    ConfigurationError,
+    ProtocolError,
+    RemoteProtocolError,
+    TicketError,
+    TransferError,
+)
+from .files import FileReceiver, IncomingFile, TargetRefused, resolve_target
+from .frames import ControlMessage, Frame, FrameType, control_frame, make_frame, parse_control
+from .progress import ProgressTracker
+from .protocol import Capability, State
+from .sender import codec_pool
+from .tickets import ReplayGuard, Ticket, secret_bytes, verify_ticket
+from .transport import Address, Channel, parse_address, tune_socket
+from .tunnel import TunnelEndpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _send_error(channel: Channel, code: str, message: str) -> None:
+    with contextlib.suppress(OSError, ProtocolError):
+        channel.send(control_frame(FrameType.ERROR, {"code": code, "message": message}))
+
+
+def _linger_and_close(channel: Channel) -> None:
+    """After a fatal ERROR: read and drop what is in flight so the peer sees our frame, not a reset."""
+    with contextlib.suppress(OSError):
+        channel.sock.shutdown(socket.SHUT_WR)
+        channel.sock.settimeout(limits.ERROR_LINGER_SECONDS)
+        deadline = time.monotonic() + limits.ERROR_LINGER_SECONDS
+        while time.monotonic() < deadline and channel.sock.recv(1 << 20):
+            pass
+    channel.close()
+
+
+class _Session(abc.ABC):
+    """State shared by the streams of one transfer on this server."""
+
+    def __init__(self, server: DWCPServer, ticket: Ticket, streams: int) -> None:
+        self.server = server
+        self.ticket = ticket
+        self.streams = streams
+        self.session_key = secrets.token_hex(16)
+        self.attached = 1
+        self.active = 0
+        self.cond = threading.Condition()
+        self.failed: str | None = None
+
+    def enter(self) -> None:
+        with self.cond:
+            self.active += 1
+
+    def leave(self) -> None:
+        with self.cond:
+            self.active -= 1
+            last = self.active == 0
+            self.cond.notify_all()
+        if last:
+            self.server._forget(self)
+            self.release()
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Free the session's resources once no stream uses them."""
+
+    def fail(self, reason: str) -> None:
+        with self.cond:
+            if self.failed is None:
+                self.failed = reason
+            self.cond.notify_all()
+
+    @abc.abstractmethod
+    def serve(self, channel: Channel, *, primary: bool) -> None:
+        """Run one stream of this transfer until it ends on that connection."""
+
+
+class _FileSession(_Session):
+    def __init__(self, server: DWCPServer, ticket: Ticket, streams: int, receiver: FileReceiver) -> None:
+        super().__init__(server, ticket, streams)
+        self.receiver = receiver
+        self.ended = 0
+        self.finished = False
+
+    def release(self) -> None:
+        if not self.finished:
+            self.receiver.suspend()
+            logger.info(
+                "DWCP transfer %s to %s stopped with %d of %d chunks held (resumable)",
+                self.ticket.transfer_id,
+                self.ticket.target,
+                self.receiver.held.held,
+                self.receiver.count,
+            )
+
+    def serve(self, channel: Channel, *, primary: bool) -> None:
+        try:
+            while True:
+                try:
+                    frame = channel.receive()
+                except TimeoutError:
+                    if self.failed is not None:
+                        raise TransferError(self.failed) from None
+                    continue
+                if frame is None:
+                    raise TransferError("sender closed the connection mid-transfer", code="interrupted")
+                if frame.type is FrameType.DATA:
+                    self.receiver.write(frame)
+                elif frame.type is FrameType.END:
+                    self._end(channel, parse_control(frame), primary=primary)
+                    return
+                elif frame.type is FrameType.CANCEL:
+                    self.finished = True
+                    self.receiver.discard()
+                    logger.info("DWCP transfer %s cancelled by the sender", self.ticket.transfer_id)
+                    channel.send(control_frame(FrameType.RESULT, {"ok": False, "cancelled": True}))
+                    return
+                elif frame.type is FrameType.ERROR:
+                    raise TransferError(f"sender failed: {parse_control(frame).fields.get('message')}")
+                else:
+                    raise RemoteProtocolError(f"unexpected {frame.type.name} during a file transfer")
+        except (ChecksumMismatch, RemoteProtocolError, TransferError, OSError) as exc:
+            code = (
+                "checksum_mismatch" if isinstance(exc, ChecksumMismatch) else getattr(exc, "code", "failed")
+            )
+            logger.warning(
+                "DWCP transfer %s to %s failed: %s", self.ticket.transfer_id, self.ticket.target, exc
+            )
+            self.fail(str(exc))
+            _send_error(channel, code, str(exc))
+            _linger_and_close(channel)
+
+    def _end(self, channel: Channel, message: ControlMessage, *, primary: bool) -> None:
+        if not primary:
+            with self.cond:
+                self.ended += 1
+                self.cond.notify_all()
+            channel.send(control_frame(FrameType.RESULT, {"ok": True}))
+            return
+        streams = message.integer("streams", low=1, high=limits.MAX_STREAMS)
+        digest = message.text("digest", max_length=64)
+        with self.cond:
+            if not self.cond.wait_for(
+                lambda: self.ended >= streams - 1 or self.failed is not None, limits.IO_TIMEOUT_SECONDS
+            ):
+                raise TransferError("secondary streams never finished", code="interrupted")
+            if self.failed is not None:
+                raise TransferError(self.failed)
+        self.receiver.finish(digest, codec_pool())
+        self.finished = True
+        logger.info(
+            "DWCP transfer %s: %s verified (%d bytes, %d written, %d from base references)",
+            self.ticket.transfer_id,
+            self.ticket.target,
+            self.receiver.spec.size,
+            self.receiver.bytes_written,
+            self.receiver.bytes_referenced,
+        )
+        channel.send(control_frame(FrameType.RESULT, {"ok": True, "digest": digest}))
+
+
+class _TunnelSession(_Session):
+    def __init__(
+        self, server: DWCPServer, ticket: Ticket, streams: int, local: socket.socket, caps: Capability
+    ):
+        super().__init__(server, ticket, streams)
+        policy = codecs.AdaptivePolicy(
+            codecs.CodecMode.AUTO,
+            allow_lz4=bool(caps & Capability.LZ4),
+            allow_zstd=bool(caps & Capability.ZSTD),
+        )
+        tracker = ProgressTracker(ticket.transfer_id, total_bytes=None)
+        self.endpoint = TunnelEndpoint(local, policy=policy, control=TransferControl(), tracker=tracker)
+
+    def serve(self, channel: Channel, *, primary: bool) -> None:
+        writer = threading.Thread(target=self.endpoint.write_channel, args=(channel,), daemon=True)
+        writer.start()
+        self.endpoint.read_channel(channel, responder=True)
+        if self.endpoint.failure is not None and channel.state is not State.READY:
+            _send_error(channel, "tunnel_failed", str(self.endpoint.failure))
+            _linger_and_close(channel)
+            self.fail(str(self.endpoint.failure))
+
+    def release(self) -> None:
+        self.endpoint.close()
+        logger.info(
+            "DWCP tunnel %s to %s closed (%d bytes in, %d bytes out)",
+            self.ticket.transfer_id,
+            self.ticket.target,
+            self.endpoint.bytes_in,
+            self.endpoint.bytes_out,
+        )
+
+
+class DWCPServer:
+    """A DWCP listener: ``start()`` it (returns at once), ``stop()`` it; or use it as a context manager.
+
+    ``root`` confines file targets (and base images); ``tunnel_root`` confines the unix sockets
+    tunnels may reach (defaults to ``root``). ``listen`` may use port 0; ``address`` tells the
+    port actually bound.
+    """
+
+    def __init__(
+        self,
+        *,
+        listen: str | Address,
+        root: str | os.PathLike[str],
+        node_name: str,
+        secret: str | bytes,
+        tunnel_root: str | os.PathLike[str] | None = None,
+        replay_guard: ReplayGuard | None = None,
+    ) -> None:
+        self._listen = parse_address(listen) if isinstance(listen, str) else listen
+        self.root = Path(root)
+        self.tunnel_root = Path(tunnel_root) if tunnel_root is not None else self.root
+        for directory in (self.root, self.tunnel_root):
+            if not directory.is_dir():
+                raise ConfigurationError(f"DWCP root {directory} is not a directory")
+        if not node_name:
+            raise ConfigurationError("DWCP server needs this node's name")
+        self.node_name = node_name
+        self._secret = secret_bytes(secret)
+        self.replay_guard = replay_guard or ReplayGuard()
+        self._sessions: dict[str, _Session] = {}
+        self._targets: set[str] = set()
+        self._lock = threading.Lock()
+        self._channels: set[Channel] = set()
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.connections_accepted = 0
+
+    @property
+    def address(self) -> Address:
+        if self._listener is None:
+            raise ConfigurationError("server not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    @property
+    def address_text(self) -> str:
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def start(self) -> DWCPServer:
+        infos = socket.getaddrinfo(self._listen[0], self._listen[1], type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tune_socket(listener)  # accepted sockets inherit buffers and congestion control
+        listener.bind(sockaddr)
+        listener.listen(128)
+        self._listener = listener
+        self._thread = threading.Thread(target=self._accept_loop, name="dwcp-accept", daemon=True)
+        self._thread.start()
+        logger.info(
+            "DWCP server for node %s listening on %s, root %s", self.node_name, self.address_text, self.root
+        )
+        return self
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.start()
+        self._stopping.wait()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            channels = list(self._channels)
+        for channel in channels:
+            with contextlib.suppress(OSError):
+                channel.sock.shutdown(socket.SHUT_RDWR)
+            channel.close()
+
+    def __enter__(self) -> DWCPServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                logger.exception("DWCP accept failed")
+                continue
+            self.connections_accepted += 1
+            threading.Thread(
+                target=self._serve_connection, args=(sock, peer[:2]), name="dwcp-conn", daemon=True
+            ).start()
+
+    def _serve_connection(self, sock: socket.socket, peer: Address) -> None:
+        try:
+            channel = Channel.accept(sock, peer, self._secret)
+        except (ProtocolError, OSError) as exc:
+            logger.warning("DWCP handshake with %s:%s failed: %s", peer[0], peer[1], exc)
+            sock.close()
+            return
+        with self._lock:
+            self._channels.add(channel)
+        idle_since = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    frame = channel.receive()
+                except TimeoutError:
+                    if time.monotonic() - idle_since > limits.SERVER_IDLE_TIMEOUT_SECONDS:
+                        return
+                    continue
+                if frame is None:
+                    return
+                if frame.type is FrameType.OPEN:
+                    self._open(channel, frame)
+                else:  # the state machine allows only OPEN or ATTACH on an idle connection
+                    self._attach(channel, frame)
+                if channel.state is not State.READY:
+                    return
+                idle_since = time.monotonic()
+        except (ProtocolError, OSError) as exc:
+            if not self._stopping.is_set():
+                logger.warning("DWCP connection from %s:%s dropped: %s", peer[0], peer[1], exc)
+        except Exception:  # a bug must cost one connection, not the server
+            logger.exception("DWCP connection from %s:%s failed unexpectedly", peer[0], peer[1])
+        finally:
+            with self._lock:
+                self._channels.discard(channel)
+            channel.close()
+
+    def _forget(self, session: _Session) -> None:
+        with self._lock:
+            self._sessions.pop(session.ticket.transfer_id, None)
+            self._targets.discard(session.ticket.target)
+
+    def _refuse(self, channel: Channel, code: str, message: str) -> None:
+        logger.warning("DWCP refused a transfer from %s: %s (%s)", channel.peer[0], message, code)
+        channel.send(control_frame(FrameType.ERROR, {"code": code, "message": message}))
+
+    def _open(self, channel: Channel, frame: Frame) -> None:
+        request = parse_control(frame)
+        try:
+            ticket = verify_ticket(
+                request.text("ticket", max_length=limits.MAX_TICKET_LENGTH),
+                secret=self._secret,
+                node_name=self.node_name,
+                replay_guard=self.replay_guard,
+            )
+            session = self._create_session(channel, ticket, request)
+        except TicketError as exc:
+            self._refuse(channel, f"ticket_{exc.reason}", str(exc))
+            return
+        except (TransferError, RemoteProtocolError) as exc:
+            self._refuse(channel, getattr(exc, "code", "bad_request"), str(exc))
+            return
+        session.enter()
+        try:
+            session.serve(channel, primary=True)
+        finally:
+            session.leave()
+
+    def _create_session(self, channel: Channel, ticket: Ticket, request: ControlMessage) -> _Session:
+        source_node = request.text("source_node", max_length=limits.MAX_NAME_LENGTH)
+        if source_node != ticket.source_node:
+            raise TransferError(
+                f"ticket is for source {ticket.source_node!r}, sender says {source_node!r}",
+                code="wrong_source",
+            )
+        kind = request.text("kind", max_length=16)
+        if kind != ticket.kind:
+            raise TransferError(f"ticket is for a {ticket.kind}, not a {kind}", code="wrong_kind")
+        streams = request.integer("streams", low=1, high=limits.MAX_STREAMS)
+        with self._lock:
+            if len(self._sessions) >= limits.MAX_SESSIONS:
+                raise TransferError("server is busy", code="busy")
+            if ticket.target in self._targets:
+                raise TransferError(f"{ticket.target} is already being transferred", code="busy")
+            self._targets.add(ticket.target)
+        try:
+            session: _Session
+            extra: dict[str, Any] = {}
+            if kind == "file":
+                session, extra = self._file_session(channel, ticket, request, streams)
+            else:
+                session = self._tunnel_session(channel, ticket, streams)
+        except BaseException:
+            with self._lock:
+                self._targets.discard(ticket.target)
+            raise
+        with self._lock:
+            self._sessions[ticket.transfer_id] = session
+        index = extra.pop("index_payload", b"")
+        accept = {"session_key": session.session_key, "streams": streams, "transfer_id": ticket.transfer_id}
+        channel.send(control_frame(FrameType.ACCEPT, accept | extra))
+        if index:
+            channel.send(make_frame(FrameType.INDEX, index))
+        return session
+
+    def _file_session(
+        self, channel: Channel, ticket: Ticket, request: ControlMessage, streams: int
+    ) -> tuple[_Session, dict[str, Any]]:
+        size = request.integer("size", low=0, high=limits.MAX_FILE_SIZE)
+        chunk_size = request.integer("chunk_size", low=limits.MIN_CHUNK_SIZE, high=limits.MAX_CHUNK_SIZE)
+        if chunk_size & (chunk_size - 1):
+            raise RemoteProtocolError("chunk_size must be a power of two")
+        if size // chunk_size > limits.MAX_CHUNKS_PER_FILE:
+            raise TransferError("file has too many chunks; use larger chunks", code="too_large")
+        base_name = request.optional_text("base")
+        base = None
+        if base_name is not None:
+            if not channel.protocol.capabilities & Capability.REFERENCES:
+                raise RemoteProtocolError("base references were not negotiated")
+            base = resolve_target(self.root, base_name)
+            if not base.is_file():
+                raise TargetRefused(f"base {base_name!r} does not exist on node {self.node_name}")
+        target = resolve_target(self.root, ticket.target)
+        if target.exists() and not target.is_file():
+            raise TargetRefused(f"target {ticket.target!r} exists and is not a regular file")
+        spec = IncomingFile(
+            target=target,
+            size=size,
+            chunk_size=chunk_size,
+            source_id=request.text("source_id", max_length=64),
+            base=base,
+        )
+        receiver = FileReceiver(spec)
+        index_payload = receiver.base_index(codec_pool()) if base is not None else b""
+        held = receiver.held_ranges()
+        if held:
+            logger.info(
+                "DWCP transfer %s resumes %s: %d of %d chunks already held",
+                ticket.transfer_id,
+                ticket.target,
+                receiver.held.held,
+                receiver.count,
+            )
+        session = _FileSession(self, ticket, streams, receiver)
+        return session, {"held": held, "index": bool(index_payload), "index_payload": index_payload}
+
+    def _tunnel_session(self, channel: Channel, ticket: Ticket, streams: int) -> _Session:
+        if not channel.protocol.capabilities & Capability.TUNNEL:
+            raise RemoteProtocolError("tunnels were not negotiated")
+        path = resolve_target(self.tunnel_root, ticket.target)
+        try:
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                raise TargetRefused(f"tunnel target {ticket.target!r} is not a unix socket")
+            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            local.connect(os.fspath(path))
+        except OSError as exc:
+            raise TargetRefused(f"cannot connect to tunnel target {ticket.target!r}: {exc}") from None
+        return _TunnelSession(self, ticket, streams, local, channel.protocol.capabilities)
+
+    def _attach(self, channel: Channel, frame: Frame) -> None:
+        request = parse_control(frame)
+        transfer_id = request.text("transfer_id", max_length=limits.MAX_NAME_LENGTH)
+        key = request.text("session_key", max_length=64)
+        with self._lock:
+            session = self._sessions.get(transfer_id)
+        if session is None or not hmac.compare_digest(session.session_key.encode(), key.encode()):
+            self._refuse(channel, "unknown_session", f"no transfer {transfer_id} with that session key")
+            return
+        with session.cond:
+            if session.attached >= session.streams or session.failed is not None:
+                refused = True
+            else:
+                refused = False
+                session.attached += 1
+                session.active += 1
+        if refused:
+            self._refuse(channel, "too_many_streams", f"transfer {transfer_id} has all its streams")
+            return
+        channel.send(control_frame(FrameType.ATTACHED, {}))
+        try:
+            session.serve(channel, primary=False)
+        finally:
+            session.leave()

@@ -1,0 +1,318 @@
+"""Socket adapters around the sans-I/O ``protocol.Connection``: tuned TCP, channels, the pool.
+
+Threads, not asyncio. Everything heavy in DWCP releases the GIL (``send``/``recv_into``,
+``pread``/``pwrite``, lz4, zstd, xxh3, BLAKE2), so a handful of OS threads per transfer use every
+core without an event loop re-entering Python per read; blocking sockets with bounded queues give
+end-to-end backpressure for free (a full queue blocks the producer, a full socket blocks the
+writer); and the embedding node worker is a synchronous Celery process that can start a server
+thread or call ``send_file`` without owning a loop. Thread counts stay bounded by ``MAX_STREAMS``
+and ``MAX_SESSIONS``.
+
+A ``Channel`` is one authenticated TCP connection: it serialises writers, takes frames off the
+socket reading exactly the bytes the state machine asks for (payloads land in their final buffer
+without an extra copy), and knows whether it may go back to the ``ConnectionPool`` for reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import limits
+from .errors import ConfigurationError, RemoteProtocolError
+from .frames import Frame
+from .protocol import (
+    ALL_CAPABILITIES,
+    Capability,
+    ConnectionClosed,
+    HandshakeComplete,
+    NeedData,
+    Role,
+    State,
+)
+from .protocol import (
+    Connection as ProtocolConnection,
+)
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+
+def parse_address(text: str) -> Address:
+    """``HOST:PORT`` or ``[V6]:PORT`` to a (host, port) tuple."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigurationError(f"address must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _available_congestion_controls() -> set[bytes]:
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control", "rb") as handle:
+            return set(handle.read().split())
+    except OSError:
+        return set()
+
+
+AVAILABLE_CONGESTION_CONTROLS = _available_congestion_controls()
+
+
+def _set_buffer(sock: socket.socket, forced: int, plain: int) -> None:
+    # SO_*BUFFORCE (root) bypasses net.core.[rw]mem_max; otherwise the kernel caps the request.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, forced, limits.SOCKET_BUFFER_SIZE)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, limits.SOCKET_BUFFER_SIZE)
+
+
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Large buffers, BBR, keepalive, no Nagle; call before connect/listen so windows scale."""
+    _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF)
+    _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, limits.KEEPALIVE_IDLE_SECONDS)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, limits.KEEPALIVE_INTERVAL_SECONDS)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, limits.KEEPALIVE_PROBES)
+    # Tunnel frames are latency sensitive (NBD requests, migration handshakes); file frames are
+    # large enough that Nagle would gain nothing.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if limits.PREFERRED_CONGESTION_CONTROL in AVAILABLE_CONGESTION_CONTROLS:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, limits.PREFERRED_CONGESTION_CONTROL)
+
+
+def congestion_control(sock: socket.socket) -> str:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+
+def _send_buffers(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
+def _recv_exact(sock: socket.socket, count: int) -> bytearray:
+    buffer = bytearray(count)
+    view = memoryview(buffer)
+    received = 0
+    while received < count:
+        try:
+            got = sock.recv_into(view[received:], count - received)
+        except TimeoutError:
+            if received == 0:
+                raise  # nothing consumed: the caller may simply wait again
+            continue  # mid-frame: keep reading; TCP keepalive notices a dead peer
+
+        if got == 0:
+            view.release()
+            del buffer[received:]
+            break
+        received += got
+    return buffer
+
+
+@dataclass
+class ChannelStats:
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    frames_received: int = 0
+    bytes_received: int = 0
+
+
+class Channel:
+    """One authenticated DWCP connection over a blocking TCP socket."""
+
+    def __init__(self, sock: socket.socket, protocol: ProtocolConnection, peer: Address) -> None:
+        self.sock = sock
+        self.protocol = protocol
+        self.peer = peer
+        self.stats = ChannelStats()
+        self.idle_since = time.monotonic()
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+
+    # -- establishing ----------------------------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        address: Address,
+        secret: bytes,
+        *,
+        capabilities: Capability = ALL_CAPABILITIES,
+        timeout: float = limits.HANDSHAKE_TIMEOUT_SECONDS,
+    ) -> Channel:
+        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            tune_socket(sock)
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            protocol = ProtocolConnection(Role.INITIATOR, secret, capabilities=capabilities)
+            channel = cls(sock, protocol, address)
+            sock.sendall(protocol.initiate())
+            channel._finish_handshake()
+            sock.settimeout(limits.IO_TIMEOUT_SECONDS)
+            return channel
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    def accept(cls, sock: socket.socket, peer: Address, secret: bytes) -> Channel:
+        """Server side: run the handshake on an accepted socket (raises on failure)."""
+        sock.settimeout(limits.HANDSHAKE_TIMEOUT_SECONDS)
+        channel = cls(sock, ProtocolConnection(Role.RESPONDER, secret), peer)
+        channel._finish_handshake()
+        sock.settimeout(limits.IO_TIMEOUT_SECONDS)
+        return channel
+
+    def _finish_handshake(self) -> HandshakeComplete:
+        deadline = time.monotonic() + limits.HANDSHAKE_TIMEOUT_SECONDS
+        while True:
+            event = self.protocol.next_event()
+            outgoing = self.protocol.data_to_send()
+            if outgoing:
+                self.sock.sendall(outgoing)
+            if isinstance(event, HandshakeComplete):
+                return event
+            if isinstance(event, ConnectionClosed):
+                raise RemoteProtocolError("peer closed the connection during the handshake")
+            if time.monotonic() > deadline:
+                raise RemoteProtocolError("handshake took too long")
+            assert isinstance(event, NeedData)
+            self.protocol.receive_data(_recv_exact_or_eof(self.sock, event.count))
+
+    # -- frames ----------------------------------------------------------------------------------
+
+    def send(self, frame: Frame) -> int:
+        """Send one frame; returns the bytes it took on the wire."""
+        with self._send_lock:
+            with self._state_lock:
+                header, payload = self.protocol.send(frame)
+            _send_buffers(self.sock, (header, payload))
+            size = len(header) + len(payload)
+            self.stats.frames_sent += 1
+            self.stats.bytes_sent += size
+            return size
+
+    def receive(self) -> Frame | None:
+        """Next frame from the peer; None when it closed the connection cleanly while idle."""
+        while True:
+            with self._state_lock:
+                event = self.protocol.next_event()
+            if isinstance(event, Frame):
+                self.stats.frames_received += 1
+                self.stats.bytes_received += event.wire_length
+                return event
+            if isinstance(event, ConnectionClosed):
+                return None
+            assert isinstance(event, NeedData)
+            data = _recv_exact_or_eof(self.sock, event.count)
+            with self._state_lock:
+                self.protocol.receive_data(data)
+
+    @property
+    def state(self) -> State:
+        return self.protocol.state
+
+    def reusable(self) -> bool:
+        """Idle, authenticated and (as far as a non-blocking peek can tell) still connected."""
+        if self.protocol.state is not State.READY:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        # Readable while idle means EOF, or bytes nobody asked for: drop the connection either way.
+        return not readable
+
+    def close(self) -> None:
+        self.protocol.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _recv_exact_or_eof(sock: socket.socket, count: int) -> bytes | bytearray:
+    data = _recv_exact(sock, count)
+    if len(data) < count:
+        # A short read means EOF: hand over what came, then the end marker on the next call.
+        return bytes(data) if data else b""
+    return data
+
+
+class ConnectionPool:
+    """Idle authenticated channels per (peer, secret), reused by later transfers."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[Address, bytes], list[Channel]] = {}
+        self._lock = threading.Lock()
+        self.connects = 0
+        self.reuses = 0
+
+    @staticmethod
+    def _key(address: Address, secret: bytes) -> tuple[Address, bytes]:
+        return address, hashlib.sha256(secret).digest()
+
+    def acquire(self, address: Address, secret: bytes) -> Channel:
+        key = self._key(address, secret)
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(key, [])
+                channel = idle.pop() if idle else None
+            if channel is None:
+                break
+            if now - channel.idle_since < limits.POOL_IDLE_SECONDS and channel.reusable():
+                self.reuses += 1
+                return channel
+            channel.close()
+        self.connects += 1
+        return Channel.connect(address, secret)
+
+    def release(self, channel: Channel, secret: bytes) -> None:
+        """Give back a channel after a transfer; it is closed unless idle and healthy."""
+        if not channel.reusable():
+            channel.close()
+            return
+        channel.idle_since = time.monotonic()
+        key = self._key(channel.peer, secret)
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < limits.POOL_MAX_IDLE_PER_PEER:
+                idle.append(channel)
+                return
+        channel.close()
+
+    def close(self) -> None:
+        with self._lock:
+            channels = [channel for idle in self._idle.values() for channel in idle]
+            self._idle.clear()
+        for channel in channels:
+            channel.close()
+
+
+_default_pool = ConnectionPool()
+
+
+def default_pool() -> ConnectionPool:
+    """The process-wide pool ``send_file`` and ``open_tunnel`` use unless given another."""
+    return _default_pool
