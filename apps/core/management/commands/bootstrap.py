@@ -53,10 +53,11 @@ class Command(BaseCommand):
         fields = {
             "kind": ImageKind.KERNEL,
             "format": ImageFormat.RAW,
-            "kernel_path": str(base / manifest["kernel"]),
-            "initrd_path": str(base / manifest["initrd"]),
+            "kernel_path": str(base / manifest["kernel"]["path"]),
+            "initrd_path": str(base / manifest["initrd"]["path"]),
             "cmdline": manifest.get("cmdline", "console=ttyS0"),
-            "checksum": manifest.get("kernel_sha256", ""),
+            "checksum": manifest["kernel"].get("sha256", ""),
+            "size_bytes": manifest["kernel"].get("size", 0),
         }
         image, created = Image.objects.update_or_create(name="testguest", defaults=fields)
         self.stdout.write(f"image {image.name!r} {'registered' if created else 'updated'}")

@@ -1,0 +1,222 @@
+"""A real cluster for integration tests: the control worker (with beat) and two node workers as processes.
+
+The processes share the test database (committed data: tests use ``transaction=True``) and a Redis
+database of their own; the VMs are the test guest under TCG.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from apps.vms.models import Image, Node
+
+ROOT = Path(__file__).resolve().parents[3]
+GUEST_DIR = ROOT / "var" / "images" / "testguest"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _database_url() -> str:
+    db = settings.DATABASES["default"]
+    credentials = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
+    return f"postgres://{credentials}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@dataclass
+class Process:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.popen = subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+            self.popen.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@dataclass
+class Cluster:
+    workdir: Path
+    short_dir: Path
+    env: dict[str, str]
+    control: Process
+    nodes: dict[str, Process] = field(default_factory=dict)
+    data_dirs: dict[str, Path] = field(default_factory=dict)
+
+    def node_process(self, name: str, port: int) -> Process:
+        data_dir = self.short_dir / name  # unix socket paths under it must fit in 107 bytes
+        self.data_dirs[name] = data_dir
+        command = [
+            sys.executable,
+            "-m",
+            "workers.node",
+            "--name",
+            name,
+            "--data-dir",
+            str(data_dir),
+            "--dwcp-listen",
+            f"127.0.0.1:{port}",
+            "--accelerator",
+            "tcg",
+            "--heartbeat-interval",
+            "1",
+        ]
+        return Process(name, command, self.env, self.workdir / f"{name}.log")
+
+    def start_node(self, name: str) -> None:
+        self.nodes[name].start()
+
+    def stop(self) -> None:
+        for process in self.nodes.values():
+            process.stop()
+        self.control.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def test_guest() -> Path:
+    manifest = GUEST_DIR / "manifest.json"
+    if not manifest.exists():
+        subprocess.run(
+            [sys.executable, "-m", "workers.guest.build", "--out", str(GUEST_DIR)], cwd=ROOT, check=True
+        )
+    return manifest
+
+
+@pytest.fixture
+def guest_image(test_guest: Path, transactional_db: None) -> Image:
+    subprocess.run(
+        [sys.executable, "manage.py", "bootstrap"],
+        cwd=ROOT,
+        env=os.environ
+        | {
+            "DJANGO_SETTINGS_MODULE": "novacron.settings.main",
+            "DATABASE_URL": _database_url(),
+            "SECRET_KEY": "integration",
+            "NOVACRON_ADMIN_PASSWORD": "integration-admin",
+        },
+        check=True,
+        capture_output=True,
+    )
+    return Image.objects.get(name="testguest")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, transactional_db: None, guest_image: Image) -> Iterator[Cluster]:
+    suffix = f"{int(time.time() * 1000) % 1000000}"
+    env = os.environ | {
+        "DJANGO_SETTINGS_MODULE": "novacron.settings.main",
+        "DATABASE_URL": _database_url(),
+        "REDIS_URL": settings.REDIS_URL,
+        "SECRET_KEY": "integration",
+        "DWCP_SECRET": settings.DWCP_SECRET,
+        "NODE_POWERDOWN_TIMEOUT": "1",
+        "NODE_HEARTBEAT_TIMEOUT": "6",
+        "CPU_ALLOCATION_RATIO": "16",
+        "LOG_LEVEL": "INFO",
+    }
+    control = Process(
+        "control",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "novacron",
+            "worker",
+            "-B",
+            "-Q",
+            "control",
+            "-n",
+            f"control{suffix}@%h",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "4",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(tmp_path / "beat-schedule"),
+        ],
+        env,
+        tmp_path / "control.log",
+    )
+    short_dir = Path(tempfile.mkdtemp(prefix="nc-"))
+    cluster = Cluster(tmp_path, short_dir, env, control)
+    for index in (1, 2):
+        name = f"n{index}-{suffix}"
+        cluster.nodes[name] = cluster.node_process(name, _free_port())
+    control.start()
+    for process in cluster.nodes.values():
+        process.start()
+    try:
+        wait_for(
+            lambda: Node.objects.filter(name__in=list(cluster.nodes)).count() == 2,
+            60,
+            "both nodes to register",
+        )
+        yield cluster
+    except BaseException:
+        for process in [control, *cluster.nodes.values()]:
+            print(f"--- {process.name} ---\n{process.output()}")
+        raise
+    finally:
+        cluster.stop()
+        for data_dir in cluster.data_dirs.values():
+            for pidfile in data_dir.glob("run/*/qemu.pid"):
+                with contextlib.suppress(ValueError, ProcessLookupError):
+                    os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        shutil.rmtree(short_dir, ignore_errors=True)
