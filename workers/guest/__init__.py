@@ -43,13 +43,15 @@ starts with firmware escape codes.
 
 Request protocol: write one line ``COMMAND TAG [VALUE]`` to the serial port input (the unix socket above);
 TAG is a word chosen by the caller (``-`` if omitted) and is repeated in the one-line answer, which may
-come between tick lines. The console does not echo input.
+come between tick lines. Init turns the console's echo off; send requests only after the first ``tick``
+line, since input that reaches the kernel's tty before init runs is echoed into the output.
 
 ==========================  ======================================================================
 request                     answer
 ==========================  ======================================================================
 ``ping TAG``                ``pong TAG``
-``checksum TAG``            ``checksum TAG <md5 hex of the dirty memory>`` or ``checksum TAG none``
+``checksum TAG``            ``checksum TAG <md5 hex of the dirty memory>``; ``checksum TAG none``
+                            without dirty_mb; ``error TAG dirty-not-ready`` before ``dirty ready``
 ``pause TAG``               ``paused TAG`` once no rewrite is in flight (the checksum stays fixed)
 ``resume TAG``              ``resumed TAG`` (rewriting restarts at the configured rate)
 ``disk-write TAG VALUE``    ``disk-written TAG VALUE``: ``novacron-testguest VALUE`` in sector 0 of

@@ -3,7 +3,8 @@
 ``python -m workers.guest.build [--out DIR] [--cache DIR] [--no-boot-check]``
 
 Nothing is installed on the host: the packages are fetched with ``apt-get download`` into a cache and read
-with ``dpkg-deb``. The kernel is the real package behind the ``linux-image-amd64`` metapackage; its
+with ``dpkg-deb --fsys-tarfile`` (only the files needed are taken; those of the kernel package are kept
+in the cache too). The kernel is the real package behind the ``linux-image-amd64`` metapackage; its
 ``vmlinuz`` is decompressed to an ELF ``vmlinux`` for PVH boot (about three times faster to boot under TCG).
 The initramfs holds the static busybox, the init script ``init.sh`` and the virtio-blk modules. A boot check
 runs the result under TCG; if the uncompressed kernel does not reach the first tick, the compressed
@@ -141,6 +142,46 @@ def deb_members(deb: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
     return found
 
 
+def kernel_files(deb: Path, release: str, log: Log) -> tuple[bytes, dict[str, bytes]]:
+    """The ``vmlinuz`` and the block/virtio modules (by module name) of a kernel package.
+
+    Reading them means decompressing the whole 70 MB data archive, so they are kept next to the .deb
+    (``<deb>.files/``) for the next build with the same package.
+    """
+    unpacked = deb.with_name(deb.name + ".files")
+    if not unpacked.is_dir():
+        log(f"extracting {deb.name}")
+        module_root = f"lib/modules/{release}/"
+        files = deb_members(
+            deb,
+            lambda path: (
+                path == f"boot/vmlinuz-{release}"
+                or (
+                    path.startswith(module_root)
+                    and path.endswith(".ko")
+                    and any(d in path for d in MODULE_DIRS)
+                )
+            ),
+        )
+        vmlinuz = files.pop(f"boot/vmlinuz-{release}", None)
+        if vmlinuz is None:
+            raise BuildError(f"{deb.name} has no boot/vmlinuz-{release}")
+        with tempfile.TemporaryDirectory(dir=deb.parent) as tmp:
+            staging = Path(tmp) / "files"
+            (staging / "modules").mkdir(parents=True)
+            (staging / "vmlinuz").write_bytes(vmlinuz)
+            for path, data in files.items():
+                (staging / "modules" / Path(path).name).write_bytes(data)
+            try:
+                staging.rename(unpacked)
+            except OSError:
+                # Another build (other output directory) unpacked the same package meanwhile.
+                if not unpacked.is_dir():
+                    raise
+    modules = {ko.stem: ko.read_bytes() for ko in (unpacked / "modules").glob("*.ko")}
+    return (unpacked / "vmlinuz").read_bytes(), modules
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -252,24 +293,8 @@ def build(
         kernel_deb = download(kernel_pkg, cache, log)
         busybox_deb = download(busybox_pkg, cache, log)
 
-        log(f"extracting {kernel_deb.name}")
         release = kernel_pkg.name.removeprefix("linux-image-")
-        module_root = f"lib/modules/{release}/"
-        files = deb_members(
-            kernel_deb,
-            lambda path: (
-                path == f"boot/vmlinuz-{release}"
-                or (
-                    path.startswith(module_root)
-                    and path.endswith(".ko")
-                    and any(d in path for d in MODULE_DIRS)
-                )
-            ),
-        )
-        vmlinuz = files.pop(f"boot/vmlinuz-{release}", None)
-        if vmlinuz is None:
-            raise BuildError(f"{kernel_deb.name} has no boot/vmlinuz-{release}")
-        modules = {Path(path).stem: data for path, data in files.items()}
+        vmlinuz, modules = kernel_files(kernel_deb, release, log)
         order = load_order(DISK_MODULES, modules)
         busybox = deb_members(busybox_deb, lambda path: path == "bin/busybox").get("bin/busybox")
         if busybox is None:

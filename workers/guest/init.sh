@@ -4,6 +4,8 @@
 # dirty_rate_mb MiB/s, and answers one-line requests read from the console (see workers/guest/__init__.py).
 # PID 1 must never exit: nothing here uses "set -e" and the request loop never ends.
 
+# Requests arrive on the console: turn echo off first, so the output holds only the guest's own lines.
+/bin/busybox stty -echo 2>/dev/null
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -11,8 +13,6 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /run /tmp
 mount -t tmpfs -o mode=0755 tmpfs /run
-# Requests arrive on the console: no echo, so the output stream holds only the guest's own lines.
-stty -echo 2>/dev/null
 echo
 
 DIRTY_FILE=/dirty/mem
@@ -69,6 +69,7 @@ dirtier() {
 		echo "dirty error fill-failed"
 		return
 	fi
+	: >/run/dirty.ready
 	echo "dirty ready $DIRTY_MB $DIRTY_RATE_MB"
 	pos=0
 	done_kb=0
@@ -138,11 +139,13 @@ handle() {
 	'') ;;
 	ping) echo "pong $tag" ;;
 	checksum)
-		if [ "$DIRTY_MB" -gt 0 ] && [ -f $DIRTY_FILE ]; then
+		if [ "$DIRTY_MB" -eq 0 ]; then
+			echo "checksum $tag none"
+		elif [ ! -e /run/dirty.ready ]; then
+			echo "error $tag dirty-not-ready"
+		else
 			set -- $(md5sum $DIRTY_FILE)
 			echo "checksum $tag $1"
-		else
-			echo "checksum $tag none"
 		fi
 		;;
 	pause)

@@ -6,7 +6,11 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.workers.guest.test_cpio_kernel import parse_newc
+from workers.guest import build as build_module
+from workers.guest.boot import GuestError
 from workers.guest.build import build
 from workers.guest.kernel import has_pvh_entry
 
@@ -56,3 +60,27 @@ def test_second_build_reuses_the_output(guest_manifest: Path):
     assert build(boot_check=False, log=lambda message: None) == guest_manifest
     assert time.monotonic() - started < 15
     assert [path.stat().st_mtime_ns for path in files] == before
+
+
+def test_falls_back_to_vmlinuz_when_pvh_boot_fails(
+    guest_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The boot check is replaced here (a real TCG boot of both kernels would take ~10 s more); the real
+    # check runs in `python -m workers.guest.build` and the guests booted in test_guest_*.py.
+    checked: list[str] = []
+
+    def boot_check(out: Path, kernel_name: str, log: object) -> float:
+        checked.append(kernel_name)
+        if kernel_name == "vmlinux":
+            raise GuestError("no line matching 'tick' within 90 s")
+        return 7.5
+
+    monkeypatch.setattr(build_module, "check_boot", boot_check)
+    manifest_path = build(out=tmp_path, boot_check=True, log=lambda message: None)
+    manifest = json.loads(manifest_path.read_text())
+    assert checked == ["vmlinux", "vmlinuz"]
+    assert manifest["kernel"]["path"] == "vmlinuz" and manifest["kernel"]["boot"] == "bzimage"
+    assert "PVH boot of the uncompressed vmlinux failed" in manifest["fallback"]
+    assert manifest["boot_check"]["first_tick_seconds"] == 7.5
+    assert not (tmp_path / "vmlinux").exists()
+    assert (tmp_path / "vmlinuz").read_bytes()[0x202:0x206] == b"HdrS"  # bzImage setup header

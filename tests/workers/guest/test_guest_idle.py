@@ -1,0 +1,41 @@
+"""Boot real test guests under TCG without dirtying: stable checksums, the disk marker, no dirty memory."""
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from workers.guest.boot import GuestError, GuestImage, GuestVM
+
+pytestmark = pytest.mark.qemu
+
+
+def test_idle_memory_checksum_is_stable_and_disk_marker_persists(guest_image: GuestImage, tmp_path: Path):
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8M"], check=True)
+    with GuestVM(guest_image, tmp_path / "run", extra_cmdline="dirty_mb=4 dirty_rate_mb=0", disk=disk) as vm:
+        console = vm.start()
+        vm.wait_first_tick(60)
+        console.wait_for(r"dirty ready 4 0$", 30)
+        first = console.checksum()
+        time.sleep(0.3)
+        assert console.checksum() == first
+        assert console.request("disk-read") == ["-"]
+        assert console.request("disk-write", "marker-42") == ["marker-42"]
+        assert console.request("disk-read") == ["marker-42"]
+    raw = tmp_path / "disk.raw"
+    subprocess.run(
+        ["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={disk}", f"of={raw}", "bs=512", "count=1"],
+        check=True,
+    )
+    assert raw.read_bytes().startswith(b"novacron-testguest marker-42\n")
+
+
+def test_guest_without_dirty_memory_answers_none(guest_image: GuestImage, tmp_path: Path):
+    with GuestVM(guest_image, tmp_path) as vm:
+        console = vm.start()
+        vm.wait_first_tick(60)
+        assert console.checksum() == "none"
+        with pytest.raises(GuestError, match="no-dirty-memory"):
+            console.request("pause")
