@@ -185,11 +185,17 @@ class QemuDriver:
                         f"VM {spec.uuid} already exists on this node with a different spec; "
                         "delete it first or use a new uuid"
                     )
-            _check_image_files(spec)
-            if not paths.disk.exists():
-                self._create_disk(spec, paths)
-            if not paths.spec.exists():
+                return self.status(spec.uuid)
+            try:
+                _check_image_files(spec)
+                if not paths.disk.exists():
+                    self._create_disk(spec, paths)
                 _write_json_atomically(paths.spec, spec.to_dict())
+            except BaseException:
+                # A create that fails leaves nothing behind (spec.json is written last).
+                paths.disk.unlink(missing_ok=True)
+                shutil.rmtree(paths.run_dir, ignore_errors=True)
+                raise
         return self.status(spec.uuid)
 
     def start(self, uuid: str) -> VmStatus:

@@ -19,10 +19,11 @@ checked here rather than failing later inside QEMU.
 from __future__ import annotations
 
 import os
+import uuid as uuid_module
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.qemu.errors import DataDirError
+from workers.qemu.errors import DataDirError, InvalidSpec
 
 UNIX_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) minus the terminating NUL on Linux
 UUID_LEN = 36
@@ -95,7 +96,11 @@ class NodeLayout:
         return self.data_dir / "accel-probe.json"
 
     def vm(self, uuid: str) -> VmPaths:
-        return VmPaths(disk=self.disks_dir / f"{uuid}.qcow2", run_dir=self.run_root / uuid)
+        """The files of VM ``uuid``; anything but a UUID is refused, so no path can escape the data dir."""
+        canonical = canonical_uuid(uuid)
+        if canonical is None:
+            raise InvalidSpec(f"{uuid!r} is not a VM uuid")
+        return VmPaths(disk=self.disks_dir / f"{canonical}.qcow2", run_dir=self.run_root / canonical)
 
     def ensure(self) -> None:
         """Create the directories and prove they are writable; raise `DataDirError` otherwise."""
@@ -123,4 +128,16 @@ class NodeLayout:
         """The uuids of the VMs that have a run directory, sorted."""
         if not self.run_root.is_dir():
             return []
-        return sorted(entry.name for entry in self.run_root.iterdir() if entry.is_dir())
+        return sorted(
+            entry.name
+            for entry in self.run_root.iterdir()
+            if entry.is_dir() and canonical_uuid(entry.name) == entry.name
+        )
+
+
+def canonical_uuid(text: str) -> str | None:
+    """The lower-case hyphenated form of a UUID, or None when ``text`` is not one."""
+    try:
+        return str(uuid_module.UUID(text))
+    except (ValueError, TypeError, AttributeError):
+        return None

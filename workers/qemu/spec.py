@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.qemu.errors import InvalidSpec
+from workers.qemu.layout import canonical_uuid
 
 DISK_FORMATS = ("qcow2", "raw")
 # Generous ceilings that still catch unit mistakes (MiB given as bytes, GiB given as MiB).
@@ -66,12 +67,9 @@ class VmSpec:
     extra_kernel_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        try:
-            canonical = str(uuid_module.UUID(self.uuid))
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise InvalidSpec(
-                f"uuid must be a UUID such as {uuid_module.uuid4()}, not {self.uuid!r}"
-            ) from exc
+        canonical = canonical_uuid(self.uuid)
+        if canonical is None:
+            raise InvalidSpec(f"uuid must be a UUID such as {uuid_module.uuid4()}, not {self.uuid!r}")
         object.__setattr__(self, "uuid", canonical)
         if not self.name or len(self.name) > 63:
             raise InvalidSpec("name must be 1 to 63 characters long")

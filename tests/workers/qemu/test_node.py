@@ -89,3 +89,11 @@ def test_creating_from_a_missing_base_leaves_no_disk(driver: QemuDriver, data_di
     with pytest.raises(InvalidSpec, match="does not exist on this node"):
         driver.create(spec)
     assert list(driver.layout.disks_dir.iterdir()) == []
+    assert list(driver.layout.run_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad_uuid", ["../../etc", "", "not-a-uuid", "6f1c2a8e/../x"])
+def test_operations_refuse_anything_but_a_uuid(driver: QemuDriver, bad_uuid: str):
+    for operation in (driver.status, driver.start, driver.stop, driver.reboot, driver.delete):
+        with pytest.raises(InvalidSpec, match="is not a VM uuid"):
+            operation(bad_uuid)
