@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make run`: the whole system on this machine — web (granian), control worker, beat, Flower and
-# the local nodes — under honcho. Secrets are generated once into var/secrets.env (mode 0600).
+# two local nodes — under honcho. Secrets are generated once into var/secrets.env (mode 0600).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p var
@@ -41,6 +41,13 @@ set +a
 export SECRET_KEY DWCP_SECRET NOVACRON_ADMIN_PASSWORD
 export ALLOWED_HOSTS="${ALLOWED_HOSTS:-127.0.0.1,localhost,$HOST}"
 
+if [[ ! -f var/images/testguest/manifest.json ]]; then
+  echo "building the test guest image (Debian kernel + busybox, once)"
+  .venv/bin/python -m workers.guest.build --out var/images/testguest
+fi
+# The busybox test guest ignores ACPI: give it a short grace period before stop falls back to quit.
+export NODE_POWERDOWN_TIMEOUT="${NODE_POWERDOWN_TIMEOUT:-5}"
+
 .venv/bin/python manage.py migrate --no-input -v 0
 .venv/bin/python manage.py bootstrap
 .venv/bin/python manage.py collectstatic --no-input -v 0
@@ -52,6 +59,8 @@ NovaCron is starting:
   API docs         http://$HOST:$PORT/api/v1/docs/
   Admin            http://$HOST:$PORT/admin/      user admin, password: $NOVACRON_ADMIN_PASSWORD
   Flower           http://127.0.0.1:$FLOWER_PORT/  user admin, same password
+  Nodes            node1 (DWCP 127.0.0.1:7001), node2 (DWCP 127.0.0.1:7002), data in var/nodes/
+  Try              POST /api/v1/vms/ {"name": "demo", "image": "testguest", "vcpus": 1, "memory_mb": 128, "disk_gb": 1}
   Database         ${DATABASE_URL:-SQLite file var/novacron.sqlite3}
 Stop with Ctrl-C.
 
