@@ -306,6 +306,11 @@ class DWCPServer:
                 channel.sock.shutdown(socket.SHUT_RDWR)
             channel.close()
 
+    def active_transfers(self) -> list[str]:
+        """Transfer ids currently running on this server."""
+        with self._lock:
+            return list(self._sessions)
+
     def __enter__(self) -> DWCPServer:
         return self.start()
 

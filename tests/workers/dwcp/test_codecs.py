@@ -1,0 +1,97 @@
+"""Per-chunk codecs: zero elision, the incompressible fast path, lz4/zstd, and the adaptive policy."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from workers.dwcp import codecs
+from workers.dwcp.codecs import LADDER, AdaptivePolicy, CodecMode, Level
+from workers.dwcp.errors import ChecksumMismatch
+from workers.dwcp.frames import Codec, FrameType, make_frame
+
+CHUNK = 1024 * 1024
+TEXT = (b"the quick brown fox jumps over the lazy dog; " * 30000)[:CHUNK]
+
+
+def round_trip(data: bytes, level: Level) -> tuple[Codec, int]:
+    chunk = codecs.encode(data, level)
+    frame = make_frame(
+        FrameType.DATA, chunk.payload, codec=chunk.codec, raw_length=chunk.raw_length, checksum=chunk.checksum
+    )
+    assert bytes(codecs.decode(frame)) == data
+    return chunk.codec, len(chunk.payload)
+
+
+@pytest.mark.parametrize("level", LADDER, ids=lambda level: level.label)
+def test_every_level_round_trips_text_random_and_zeros(level: Level) -> None:
+    assert round_trip(bytes(CHUNK), level) == (Codec.ZERO, 0)
+    codec, wire = round_trip(os.urandom(CHUNK), level)
+    assert (codec, wire) == (Codec.RAW, CHUNK)
+    codec, wire = round_trip(TEXT, level)
+    assert codec is level.codec
+    assert wire < CHUNK // 10 or level.codec is Codec.RAW
+
+
+def test_random_data_takes_the_fast_path_without_full_compression() -> None:
+    assert codecs.looks_incompressible(os.urandom(CHUNK))
+    assert not codecs.looks_incompressible(TEXT)
+
+
+def test_a_chunk_that_barely_compresses_is_sent_raw() -> None:
+    data = bytearray(os.urandom(CHUNK))
+    data[: CHUNK // 50] = bytes(CHUNK // 50)  # 2 % zeros: compression would save too little
+    assert codecs.encode(bytes(data), Level(Codec.ZSTD, 3)).codec is Codec.RAW
+
+
+def test_a_corrupted_compressed_payload_is_detected() -> None:
+    chunk = codecs.encode(TEXT, Level(Codec.LZ4))
+    damaged = bytearray(chunk.payload)
+    damaged[len(damaged) // 2] ^= 0x55
+    frame = make_frame(
+        FrameType.DATA, bytes(damaged), codec=Codec.LZ4, raw_length=chunk.raw_length, checksum=chunk.checksum
+    )
+    with pytest.raises(ChecksumMismatch):
+        codecs.decode(frame)
+
+
+def test_a_decompression_bomb_cannot_exceed_the_declared_size() -> None:
+    bomb = codecs.encode(bytes([1]) * CHUNK, Level(Codec.ZSTD, 3))
+    frame = make_frame(
+        FrameType.DATA, bomb.payload, codec=Codec.ZSTD, raw_length=1000, checksum=bomb.checksum
+    )
+    with pytest.raises(ChecksumMismatch):
+        codecs.decode(frame)
+
+
+def _settle(policy: AdaptivePolicy, *, starved: float, sending: float) -> None:
+    policy._window_start = time.monotonic() - 1  # the window is over: decide now
+    policy.record(starved_seconds=starved, sending_seconds=sending)
+
+
+def test_the_policy_gets_stronger_when_the_link_is_the_bottleneck() -> None:
+    policy = AdaptivePolicy()
+    assert policy.level.codec is Codec.LZ4
+    _settle(policy, starved=0.0, sending=1.0)
+    assert policy.level == Level(Codec.ZSTD, 1)
+    _settle(policy, starved=0.01, sending=1.0)
+    assert policy.level == Level(Codec.ZSTD, 3)
+
+
+def test_the_policy_gets_lighter_when_the_cpu_is_the_bottleneck() -> None:
+    policy = AdaptivePolicy()
+    _settle(policy, starved=1.0, sending=0.1)
+    assert policy.level.codec is Codec.RAW
+    _settle(policy, starved=1.0, sending=0.1)
+    assert policy.level.codec is Codec.RAW
+
+
+def test_fixed_modes_never_move_and_respect_peer_capabilities() -> None:
+    policy = AdaptivePolicy(CodecMode.ZSTD)
+    _settle(policy, starved=1.0, sending=0.0)
+    assert policy.level.codec is Codec.ZSTD
+    with pytest.raises(ValueError):
+        AdaptivePolicy(CodecMode.ZSTD, allow_zstd=False)
+    assert all(level.codec is not Codec.ZSTD for level in AdaptivePolicy(allow_zstd=False)._ladder)
