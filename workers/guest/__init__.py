@@ -33,8 +33,8 @@ virtio-blk-pci,drive=disk0``, becomes ``/dev/vda`` (init loads the virtio module
 
 Kernel command line (besides ``console=ttyS0``): ``dirty_mb=M`` fills M MiB of a tmpfs (RAM) with random
 data, then, with ``dirty_rate_mb=R``, keeps rewriting it round robin at about R MiB/s (under TCG the guest
-cannot exceed roughly 20-25 MiB/s; ``dirty_rate_mb=0`` or absent: filled once, never rewritten). Size the
-guest's RAM to M plus about 64 MiB.
+cannot exceed roughly 20-25 MiB/s; ``dirty_rate_mb=0`` or absent: filled once, never rewritten). The guest
+needs at least 96 MiB of RAM (64 MiB does not boot) plus M.
 
 Serial console output: an empty line first, then ``tick 0``, ``tick 1``, ... every 100 ms (paced from
 ``/proc/uptime``; after a pause the count resumes without a burst), and ``dirty ready M R`` once the dirty

@@ -12,14 +12,17 @@ import itertools
 import json
 import re
 import select
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 QEMU = "qemu-system-x86_64"
+SOCKET_PATH_MAX = 100
 TICK = re.compile(r"^tick (\d+)$")
 # Request word -> word that starts its answer (an "error" line may answer any request).
 ANSWERS = {
@@ -221,6 +224,11 @@ class GuestVM:
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.serial_socket = run_dir / "console.sock"
+        self._socket_dir: Path | None = None
+        if len(str(self.serial_socket)) > SOCKET_PATH_MAX:
+            # Unix socket paths are limited to 107 bytes; deep run dirs (pytest's tmp_path) exceed it.
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="testguest-", dir="/tmp"))
+            self.serial_socket = self._socket_dir / "console.sock"
         self.serial_log = run_dir / "console.log"
         self.command = qemu_command(
             image,
@@ -270,6 +278,8 @@ class GuestVM:
             self.process.kill()
             self.process.wait(timeout=10)
         self.serial_socket.unlink(missing_ok=True)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def __enter__(self) -> GuestVM:
         return self
