@@ -306,6 +306,7 @@ def send_file(
             {
                 "ticket": ticket,
                 "kind": "file",
+                "target": name,
                 "source_node": source_node,
                 "streams": streams,
                 "size": stat.st_size,

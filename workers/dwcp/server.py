@@ -409,6 +409,11 @@ class DWCPServer:
                 f"ticket is for source {ticket.source_node!r}, sender says {source_node!r}",
                 code="wrong_source",
             )
+        target = request.text("target", max_length=limits.MAX_TARGET_LENGTH)
+        if target != ticket.target:
+            raise TransferError(
+                f"ticket is for target {ticket.target!r}, not {target!r}", code="wrong_target"
+            )
         kind = request.text("kind", max_length=16)
         if kind != ticket.kind:
             raise TransferError(f"ticket is for a {ticket.kind}, not a {kind}", code="wrong_kind")

@@ -279,7 +279,9 @@ class Tunnel:
         if not 1 <= streams <= limits.MAX_STREAMS:
             raise ValueError(f"streams must be in 1..{limits.MAX_STREAMS}")
         self.local_path = os.fspath(local_path)
-        self.transfer_id = peek_ticket(ticket).transfer_id
+        claims = peek_ticket(ticket)
+        self.transfer_id = claims.transfer_id
+        self._target = claims.target
         self.control = control
         self._address = parse_address(address)
         self._ticket = ticket
@@ -333,6 +335,7 @@ class Tunnel:
                 {
                     "ticket": self._ticket,
                     "kind": "tunnel",
+                    "target": self._target,
                     "source_node": self._source_node,
                     "streams": self._streams,
                 },

@@ -1,11 +1,7 @@
-"""Fixtures for DWCP tests: a real server on 127.0.0.1, tickets, test files and a faulty proxy."""
+"""Fixtures for DWCP tests: a real server on 127.0.0.1, a private connection pool, tickets."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,10 +10,7 @@ import pytest
 from workers.dwcp import DWCPServer, sign_ticket
 from workers.dwcp.transport import ConnectionPool
 
-SECRET = "test-secret-0123456789abcdef"
-SOURCE = "node-a"
-DEST = "node-b"
-MiB = 1024 * 1024
+from .helpers import DEST, SECRET, SOURCE
 
 
 @pytest.fixture
@@ -54,100 +47,3 @@ def ticket() -> Callable[..., str]:
         return sign_ticket(**arguments)  # type: ignore[arg-type]
 
     return make
-
-
-def write_mixed_file(path: Path, size: int, seed: int = 1) -> Path:
-    """Random, text-like and zero regions, like a VM disk: every codec gets used."""
-    rng = __import__("random").Random(seed)
-    words = [bytes(rng.choice(b"abcdefghij klmnop\n") for _ in range(8)) for _ in range(256)]
-    with path.open("wb") as handle:
-        written = 0
-        block = 0
-        while written < size:
-            length = min(MiB, size - written)
-            kind = block % 3
-            if kind == 0:
-                data = rng.randbytes(length)
-            elif kind == 1:
-                data = b"".join(rng.choice(words) for _ in range(length // 8 + 1))[:length]
-            else:
-                data = bytes(length)
-            handle.write(data)
-            written += length
-            block += 1
-    return path
-
-
-class FaultyProxy:
-    """TCP proxy on 127.0.0.1 that can cut all connections after N upstream bytes or flip one byte."""
-
-    def __init__(
-        self, target: tuple[str, int], *, cut_after: int | None = None, flip_at: int | None = None
-    ) -> None:
-        self.target = target
-        self.cut_after = cut_after
-        self.flip_at = flip_at
-        self.upstream_bytes = 0
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
-        try:
-            while True:
-                data = bytearray(source.recv(65536))
-                if not data:
-                    sink.shutdown(socket.SHUT_WR)
-                    return
-                if upstream:
-                    with self._lock:
-                        start = self.upstream_bytes
-                        self.upstream_bytes += len(data)
-                    if self.flip_at is not None and start <= self.flip_at < start + len(data):
-                        data[self.flip_at - start] ^= 0xFF
-                    if self.cut_after is not None and self.upstream_bytes > self.cut_after:
-                        self.close()
-                        return
-                sink.sendall(data)
-        except OSError:
-            return
-
-    def close(self) -> None:
-        self._closed.set()
-        self._listener.close()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(MiB), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def random_file(path: Path, size: int) -> Path:
-    path.write_bytes(os.urandom(size))
-    return path
