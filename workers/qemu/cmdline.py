@@ -19,9 +19,19 @@ DISK_NODE = "disk0"
 
 
 def qemu_command(
-    qemu_system: Path, spec: VmSpec, paths: VmPaths, *, accelerator: Accelerator, cpu_model: str
+    qemu_system: Path,
+    spec: VmSpec,
+    paths: VmPaths,
+    *,
+    accelerator: Accelerator,
+    cpu_model: str,
+    incoming: bool = False,
 ) -> list[str]:
-    """The full argument vector that starts ``spec`` daemonized with its run files in ``paths``."""
+    """The full argument vector that starts ``spec`` daemonized with its run files in ``paths``.
+
+    ``incoming`` starts a live-migration destination: CPUs stopped (``-S``, so it stays paused after
+    the migration completes until told ``cont``) and waiting for ``migrate-incoming`` (``-incoming defer``).
+    """
     command = [
         str(qemu_system),
         "-name", f"guest={opt_escape(spec.name)}",
@@ -50,6 +60,8 @@ def qemu_command(
         if spec.image.initrd_path is not None:
             command += ["-initrd", str(spec.image.initrd_path)]
         command += ["-append", spec.kernel_cmdline]
+    if incoming:
+        command += ["-S", "-incoming", "defer"]
     return command
 
 

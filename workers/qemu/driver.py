@@ -198,8 +198,12 @@ class QemuDriver:
                 raise
         return self.status(spec.uuid)
 
-    def start(self, uuid: str) -> VmStatus:
-        """Start QEMU for a created VM, or return the status of the one already running."""
+    def start(self, uuid: str, *, incoming: bool = False) -> VmStatus:
+        """Start QEMU for a created VM, or return the status of the one already running.
+
+        ``incoming=True`` starts it as a live-migration destination: paused, in state ``inmigrate``,
+        waiting for QMP ``migrate-incoming``.
+        """
         paths = self._existing(uuid)
         with self._locked(paths):
             if self._live_pid(paths) is not None:
@@ -218,7 +222,7 @@ class QemuDriver:
             ):
                 if current.exists():
                     current.replace(previous)
-            self._launch(spec, paths)
+            self._launch(spec, paths, incoming=incoming)
         return self.status(uuid)
 
     def stop(self, uuid: str, *, powerdown_timeout: float | None = None) -> VmStatus:
@@ -387,7 +391,7 @@ class QemuDriver:
             self.tools.img_create_empty(temporary, spec.disk_gb)
         temporary.replace(paths.disk)
 
-    def _launch(self, spec: VmSpec, paths: VmPaths) -> None:
+    def _launch(self, spec: VmSpec, paths: VmPaths, *, incoming: bool) -> None:
         accelerator = self.accelerator
         command = qemu_command(
             self.tools.system,
@@ -395,6 +399,7 @@ class QemuDriver:
             paths,
             accelerator=accelerator,
             cpu_model=self.settings.cpu_model_for(accelerator),
+            incoming=incoming,
         )
         # stderr goes to a file, not a pipe: the daemonized QEMU inherits it, and a pipe would keep us
         # waiting for an EOF that only comes when the VM ends.

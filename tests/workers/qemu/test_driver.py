@@ -256,3 +256,42 @@ def test_a_qemu_terminated_by_a_signal_is_reported_with_qemus_own_message(
     assert status.state is VmState.STOPPED  # QEMU shuts down cleanly on SIGTERM
     assert "terminating on signal 15" in status.reason
     assert any("terminating on signal 15" in line for line in status.qemu_messages)
+
+
+def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_an_incoming_vm(
+    driver: QemuDriver, guest_spec: SpecFactory
+):
+    source, destination = guest_spec(name="source"), guest_spec(name="destination")
+    for spec in (source, destination):
+        driver.create(spec)
+    driver.start(source.uuid)
+    source_log = driver.paths(source.uuid).serial_log
+    wait_for_serial(source_log, b"tick 3\r")
+
+    incoming = driver.start(destination.uuid, incoming=True)
+    assert (incoming.state, incoming.qemu_status) == (VmState.PAUSED, "inmigrate")
+    channel = driver.layout.data_dir / "migration.sock"
+    driver.execute(destination.uuid, "migrate-incoming", {"uri": f"unix:{channel}"})
+
+    with driver.job_session(source.uuid) as qmp:
+        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        mark = qmp.event_mark()
+        started = time.monotonic()
+        qmp.execute("migrate", {"uri": f"unix:{channel}"})
+        done = qmp.wait_event(
+            "MIGRATION",
+            after=mark,
+            timeout=60,
+            match=lambda event: event.data.get("status") in ("completed", "failed"),
+        )
+        print(f"\nmigration {done.data['status']} in {time.monotonic() - started:.2f} s")
+        assert done.data["status"] == "completed"
+    last_source_tick = last_tick(source_log)
+    assert driver.status(source.uuid).qemu_status == "postmigrate"
+
+    assert driver.status(destination.uuid).state is VmState.PAUSED  # -S: paused until told to continue
+    driver.execute(destination.uuid, "cont")
+    assert driver.status(destination.uuid).state is VmState.RUNNING
+    destination_log = driver.paths(destination.uuid).serial_log
+    wait_for_serial(destination_log, f"tick {last_source_tick + 2}\r".encode(), timeout=10)
+    assert b"tick 0\r" not in destination_log.read_bytes()  # the guest kept counting: it did not reboot
