@@ -1,0 +1,155 @@
+"""Byte-stream tunnels between unix sockets, over N TCP streams, in both directions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from workers.dwcp import DWCPServer, TransferRefused, open_tunnel
+
+from .helpers import SECRET, SOURCE, MiB
+
+
+class UnixPeer:
+    """The far end (say, QEMU's incoming migration or NBD socket): reads everything, sends its own data."""
+
+    def __init__(self, path: Path, reply: bytes, *, echo: bool = False) -> None:
+        self.received = hashlib.sha256()
+        self.received_bytes = 0
+        self.reply = reply
+        self.echo = echo
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self._listener.accept()
+        self._listener.close()
+        if self.echo:
+            while data := connection.recv(65536):
+                connection.sendall(data)
+            connection.close()
+            return
+        sender = threading.Thread(target=self._send, args=(connection,))
+        sender.start()
+        while data := connection.recv(1 << 20):
+            self.received.update(data)
+            self.received_bytes += len(data)
+        sender.join()
+        connection.close()
+
+    def _send(self, connection: socket.socket) -> None:
+        view = memoryview(self.reply)
+        for start in range(0, len(view), 300_000):  # odd-sized writes, unlike the tunnel's chunks
+            connection.sendall(view[start : start + 300_000])
+        connection.shutdown(socket.SHUT_WR)
+
+
+def connect(path: Path) -> socket.socket:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(path))
+    return client
+
+
+@pytest.mark.parametrize("streams", [1, 4])
+def test_a_tunnel_preserves_order_in_both_directions(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str], streams: int
+) -> None:
+    outbound = os.urandom(12 * MiB) + b"text " * 400_000 + bytes(3 * MiB)
+    inbound = os.urandom(10 * MiB) + bytes(2 * MiB) + b"more text " * 100_000
+    peer = UnixPeer(root / "nbd.sock", inbound)
+    tunnel = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "local.sock",
+        ticket=ticket("nbd.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        streams=streams,
+    )
+    client = connect(tmp_path / "local.sock")
+    writer = threading.Thread(target=lambda: (client.sendall(outbound), client.shutdown(socket.SHUT_WR)))
+    writer.start()
+    received = hashlib.sha256()
+    received_bytes = 0
+    while data := client.recv(1 << 20):
+        received.update(data)
+        received_bytes += len(data)
+    writer.join()
+    result = tunnel.wait(timeout=30)
+    peer.thread.join(timeout=10)
+    client.close()
+    assert (peer.received_bytes, peer.received.hexdigest()) == (
+        len(outbound),
+        hashlib.sha256(outbound).hexdigest(),
+    )
+    assert (received_bytes, received.hexdigest()) == (len(inbound), hashlib.sha256(inbound).hexdigest())
+    assert result.bytes_sent == len(outbound) and result.bytes_received == len(inbound)
+    assert result.streams == streams
+    assert result.wire_bytes < len(outbound)  # zeros and text compress
+    assert not (tmp_path / "local.sock").exists()
+
+
+def test_a_request_response_protocol_runs_through_the_tunnel(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    UnixPeer(root / "echo.sock", b"", echo=True)
+    tunnel = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "local.sock",
+        ticket=ticket("echo.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        streams=3,
+    )
+    client = connect(tmp_path / "local.sock")
+    for number in range(300):
+        request = f"request {number} ".encode() * (1 + number % 7)
+        client.sendall(request)
+        answer = b""
+        while len(answer) < len(request):
+            answer += client.recv(65536)
+        assert answer == request
+    client.shutdown(socket.SHUT_WR)
+    assert client.recv(10) == b""
+    tunnel.wait(timeout=10)
+
+
+def test_a_tunnel_to_a_missing_socket_is_refused(
+    server: DWCPServer, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    tunnel = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "local.sock",
+        ticket=ticket("nothing-here.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+    )
+    client = connect(tmp_path / "local.sock")
+    with pytest.raises(TransferRefused):
+        tunnel.wait(timeout=10)
+    assert client.recv(10) == b""
+
+
+def test_a_file_ticket_cannot_open_a_tunnel(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    UnixPeer(root / "qemu.sock", b"")
+    tunnel = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "local.sock",
+        ticket=ticket("qemu.sock", kind="file"),
+        secret=SECRET,
+        source_node=SOURCE,
+    )
+    connect(tmp_path / "local.sock")
+    with pytest.raises(TransferRefused) as refused:
+        tunnel.wait(timeout=10)
+    assert refused.value.code == "wrong_kind"
