@@ -44,6 +44,45 @@ CONTROL_NODE_VM_STATES: Final = "novacron.control.node_vm_states"
 
 OPERATIONS: Final = ("create", "start", "stop", "reboot", "delete")
 
+# --- Migrations -----------------------------------------------------------------------------------
+# Node tasks; every kwargs has "migration_id" and "vm" (VM spec). Roles: the source node sends, the
+# destination node receives; both report with CONTROL_MIGRATION_REPORT.
+# dest: {"mode", "source_node"} -> event "prepared" {"targets": {"disk": ..., "memory": ...}}
+NODE_MIGRATION_PREPARE: Final = "novacron.node.migration_prepare"
+# source: {"mode", "dest_node", "dest_dwcp_address", "tickets": {name: token}, "targets", "options"}
+#   -> event "transferred" with stats (live: QEMU completed, source paused; cold: disk sent, verified)
+NODE_MIGRATION_SEND: Final = "novacron.node.migration_send"
+# dest (cold only): {"start": bool} -> event "switched" once the VM is defined (and started)
+NODE_MIGRATION_FINISH: Final = "novacron.node.migration_finish"
+# either: {"role"} -> event "aborted": QEMU and files of this migration removed on that side
+NODE_MIGRATION_ABORT: Final = "novacron.node.migration_abort"
+# source after the switch: -> event "cleaned": source QEMU quit, disk and run files removed
+NODE_MIGRATION_CLEANUP: Final = "novacron.node.migration_cleanup"
+# kwargs {"migration_id", "node", "role": "source" | "dest", "event", "detail": str, "stats": {...},
+#         "targets"?: {...}}. Events: prepared, phase, transferred, switched, failed, cancelled, aborted, cleaned.
+CONTROL_MIGRATION_REPORT: Final = "novacron.control.migration_report"
+
+# Live progress, written by the source node at least twice a second while it transfers.
+MIGRATION_PROGRESS_KEY: Final = "novacron:migration:{id}:progress"  # hash; see MIGRATION_PROGRESS_FIELDS
+MIGRATION_EVENTS_CHANNEL: Final = "novacron:migration:{id}:events"  # pub/sub: the same fields as JSON
+MIGRATION_PROGRESS_FIELDS: Final = (
+    "phase",
+    "percent",
+    "memory_total",
+    "memory_processed",
+    "memory_remaining",
+    "dirty_rate",
+    "disk_total",
+    "disk_processed",
+    "disk_remaining",
+    "wire_bytes",
+    "rate_bps",
+    "eta_seconds",
+    "updated",
+)
+# Control knobs the source polls while it transfers (hash): "bandwidth_limit_mbps", "cancel", "force_complete".
+MIGRATION_CONTROL_KEY: Final = "novacron:migration:{id}:control"
+
 # Node VM states as reported (see workers.qemu.VmState): running, paused, stopped, dead, unknown.
 
 # Redis keys written by nodes and read by the control side.

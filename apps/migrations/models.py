@@ -34,6 +34,12 @@ class Migration(models.Model):
     stats = models.JSONField(
         default=dict, blank=True, help_text="Final statistics: bytes, downtime, durations."
     )
+    percent = models.FloatField(default=0.0, help_text="Progress 0-100; never decreases.")
+    vm_state_before = models.CharField(
+        max_length=16, blank=True, help_text="VM state to return to on failure."
+    )
+    cancel_requested = models.BooleanField(default=False)
+    last_progress_at = models.DateTimeField(null=True, blank=True, help_text="For the stall watchdog.")
 
     class Meta:
         db_table = "migrations"
@@ -55,3 +61,22 @@ class Migration(models.Model):
 
     def __str__(self) -> str:
         return f"migration {self.id} of {self.vm_id}"
+
+
+class MigrationEvent(models.Model):
+    """One transition of a migration: the audit trail (who, when, from, to, why)."""
+
+    migration = models.ForeignKey(Migration, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(auto_now_add=True)
+    actor = models.CharField(max_length=150, help_text="A username, a node name, or 'system'.")
+    from_status = models.CharField(max_length=16, choices=MigrationStatus.choices, blank=True)
+    to_status = models.CharField(max_length=16, choices=MigrationStatus.choices)
+    phase = models.CharField(max_length=8, choices=MigrationPhase.choices, blank=True)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        db_table = "migration_events"
+        ordering = ("at", "id")
+
+    def __str__(self) -> str:
+        return f"{self.migration_id}: {self.from_status} -> {self.to_status}"

@@ -1,14 +1,51 @@
-"""Shapes of migration requests and records."""
+"""Shapes of migration requests, records, live progress and the audit trail."""
 
 from typing import Any
 
+from django.conf import settings
 from rest_framework import serializers
 
 from apps.core.serializers import NameOrIdField, StrictInputMixin
 from apps.vms.models import Node
 
-from .choices import MigrationMode
-from .models import Migration
+from . import progress as live
+from .choices import ACTIVE_STATUSES, MigrationMode
+from .models import Migration, MigrationEvent
+
+
+class MigrationEventSerializer(serializers.ModelSerializer[MigrationEvent]):
+    class Meta:
+        model = MigrationEvent
+        fields = ("at", "actor", "from_status", "to_status", "phase", "detail")
+        read_only_fields = fields
+
+
+def progress_view(migration: Migration, current: dict[str, Any]) -> dict[str, Any]:
+    """The progress block of a migration: live figures while it runs, final ones after."""
+    source = current if migration.status in ACTIVE_STATUSES else migration.stats
+
+    def figure(name: str) -> float | None:
+        value = source.get(name)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def triple(prefix: str) -> dict[str, float | None]:
+        return {
+            "total": figure(f"{prefix}_total"),
+            "processed": figure(f"{prefix}_processed"),
+            "remaining": figure(f"{prefix}_remaining"),
+        }
+
+    memory = triple("memory") | {"dirty_rate": figure("dirty_rate")}
+    return {
+        "percent": round(max(migration.percent, figure("percent") or 0.0), 2),
+        "memory": memory,
+        "disk": triple("disk"),
+        "wire_bytes": figure("wire_bytes"),
+        "rate_bps": figure("rate_bps"),
+        "eta_seconds": figure("eta_seconds"),
+        "downtime_ms": figure("downtime_ms"),
+        "total_seconds": figure("total_seconds"),
+    }
 
 
 class MigrationSerializer(serializers.ModelSerializer[Migration]):
@@ -18,6 +55,14 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
     requested_by = serializers.CharField(
         source="requested_by.username", read_only=True, allow_null=True, default=None
     )
+    percent = serializers.SerializerMethodField()
+    memory = serializers.SerializerMethodField()
+    disk = serializers.SerializerMethodField()
+    wire_bytes = serializers.SerializerMethodField()
+    rate_bps = serializers.SerializerMethodField()
+    eta_seconds = serializers.SerializerMethodField()
+    downtime_ms = serializers.SerializerMethodField()
+    total_seconds = serializers.SerializerMethodField()
 
     class Meta:
         model = Migration
@@ -30,6 +75,14 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
             "mode",
             "status",
             "phase",
+            "percent",
+            "memory",
+            "disk",
+            "wire_bytes",
+            "rate_bps",
+            "eta_seconds",
+            "downtime_ms",
+            "total_seconds",
             "requested_by",
             "bandwidth_limit_mbps",
             "created_at",
@@ -40,6 +93,51 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
         )
         read_only_fields = fields
 
+    def _progress(self, migration: Migration) -> dict[str, Any]:
+        cache: dict[Any, dict[str, Any]] = self.context.setdefault("progress", {})  # type: ignore[attr-defined]
+        if migration.pk not in cache:
+            current = {}
+            if migration.status in ACTIVE_STATUSES:
+                import redis  # noqa: PLC0415 - only needed for running migrations
+
+                current = live.read(
+                    redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2), str(migration.pk)
+                )
+            cache[migration.pk] = progress_view(migration, current)
+        return cache[migration.pk]
+
+    def get_percent(self, migration: Migration) -> float:
+        return float(self._progress(migration)["percent"])
+
+    def get_memory(self, migration: Migration) -> dict[str, float | None]:
+        return dict(self._progress(migration)["memory"])
+
+    def get_disk(self, migration: Migration) -> dict[str, float | None]:
+        return dict(self._progress(migration)["disk"])
+
+    def get_wire_bytes(self, migration: Migration) -> float | None:
+        return self._progress(migration)["wire_bytes"]
+
+    def get_rate_bps(self, migration: Migration) -> float | None:
+        return self._progress(migration)["rate_bps"]
+
+    def get_eta_seconds(self, migration: Migration) -> float | None:
+        return self._progress(migration)["eta_seconds"]
+
+    def get_downtime_ms(self, migration: Migration) -> float | None:
+        return self._progress(migration)["downtime_ms"]
+
+    def get_total_seconds(self, migration: Migration) -> float | None:
+        return self._progress(migration)["total_seconds"]
+
+
+class MigrationDetailSerializer(MigrationSerializer):
+    history = MigrationEventSerializer(source="events", many=True, read_only=True)
+
+    class Meta(MigrationSerializer.Meta):
+        fields = (*MigrationSerializer.Meta.fields, "history")  # type: ignore[assignment]
+        read_only_fields = fields  # type: ignore[assignment]
+
 
 class MigrateRequestSerializer(StrictInputMixin, serializers.Serializer[Any]):
     dest_node = NameOrIdField(Node.objects.all(), required=False, allow_null=True)
@@ -47,3 +145,7 @@ class MigrateRequestSerializer(StrictInputMixin, serializers.Serializer[Any]):
     bandwidth_limit_mbps = serializers.IntegerField(
         min_value=1, max_value=400_000, required=False, allow_null=True
     )
+
+
+class MigrationUpdateSerializer(StrictInputMixin, serializers.Serializer[Any]):
+    bandwidth_limit_mbps = serializers.IntegerField(min_value=1, max_value=400_000, allow_null=True)

@@ -1,20 +1,109 @@
-"""Migration requests: validate, pick and reserve the destination, record the request as ``queued``."""
+"""Migrations: requests, the state machine, scheduling within per-node limits, node reports, control.
 
+States: queued -> preparing -> transferring (phases disk, memory) -> switching -> completed, or
+failed / cancelled, both rolled back (the VM stays on its source, the destination's reservation is
+released and its half-made copy removed). Every transition is recorded as a MigrationEvent. The
+work itself is a sequence of node tasks (prepare on the destination, send on the source, finish on
+the destination, cleanup on the source) chained through the reports each node sends back.
+"""
+
+import logging
+from datetime import timedelta
+from typing import Any, Literal
+
+import redis
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
+from django.db.models import Count, Q
+from django.utils import timezone
 
-from apps.core.errors import Conflict, InvalidInput, InvalidState
-from apps.vms import scheduler
+from apps.core.conf import novacron_setting
+from apps.core.errors import Conflict, InvalidInput, InvalidState, NoCapacity
+from apps.vms import dispatch, scheduler
 from apps.vms.choices import NodeStatus, VMState
 from apps.vms.models import VM, Node
+from workers import contract
+from workers.dwcp import sign_ticket
 
-from .choices import MigrationMode
-from .models import Migration
+from . import progress
+from .choices import ACTIVE_STATUSES, MigrationMode, MigrationPhase, MigrationStatus
+from .models import Migration, MigrationEvent
+
+logger = logging.getLogger(__name__)
+
+S = MigrationStatus
+TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
+    S.QUEUED: frozenset({S.PREPARING, S.CANCELLED, S.FAILED}),
+    S.PREPARING: frozenset({S.TRANSFERRING, S.CANCELLED, S.FAILED}),
+    S.TRANSFERRING: frozenset({S.SWITCHING, S.CANCELLED, S.FAILED}),
+    S.SWITCHING: frozenset({S.COMPLETED, S.FAILED}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+RUNNING_STATUSES = frozenset({S.PREPARING, S.TRANSFERRING, S.SWITCHING})
+TERMINAL_STATUSES = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
 
 _MIGRATABLE = {
     MigrationMode.LIVE: frozenset({VMState.RUNNING}),
     MigrationMode.COLD: frozenset({VMState.RUNNING, VMState.STOPPED}),
 }
+
+
+def _demand(vm: VM) -> scheduler.Demand:
+    return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
+
+
+def _transition(
+    migration: Migration, to: MigrationStatus, *, actor: str, detail: str = "", phase: str | None = None
+) -> None:
+    """Move a locked migration to ``to`` (checked against the table) and record the event."""
+    current = MigrationStatus(migration.status)
+    if to not in TRANSITIONS[current]:
+        raise InvalidState(f"Migration {migration.pk} cannot go from {current} to {to}.")
+    now = timezone.now()
+    migration.status = to
+    if phase is not None:
+        migration.phase = phase
+    if to == S.PREPARING:
+        migration.started_at = now
+    if to in RUNNING_STATUSES:
+        migration.last_progress_at = now
+    if to in TERMINAL_STATUSES:
+        migration.finished_at = now
+        migration.phase = MigrationPhase.NONE
+    migration.save()
+    MigrationEvent.objects.create(
+        migration=migration,
+        actor=actor[:150],
+        from_status=current,
+        to_status=to,
+        phase=migration.phase,
+        detail=detail,
+    )
+
+
+def _record_phase(migration: Migration, phase: str, *, actor: str) -> None:
+    if phase == migration.phase or phase not in MigrationPhase.values:
+        return
+    migration.phase = phase
+    migration.save(update_fields=["phase"])
+    MigrationEvent.objects.create(
+        migration=migration,
+        actor=actor,
+        from_status=migration.status,
+        to_status=migration.status,
+        phase=phase,
+        detail=f"phase {phase}",
+    )
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+
+
+# --- Requests ---------------------------------------------------------------------------------------
 
 
 @transaction.atomic
@@ -26,8 +115,10 @@ def migration_request(
     dest_node: Node | None = None,
     bandwidth_limit_mbps: int | None = None,
 ) -> Migration:
-    """Record a migration of ``vm`` with the destination's capacity reserved for its duration."""
+    """Record a migration of ``vm`` as ``queued`` with the destination's capacity reserved."""
     vm = VM.objects.select_for_update(of=("self",)).select_related("node").get(pk=vm.pk)
+    if vm.state == VMState.MIGRATING:
+        raise Conflict(f"VM {vm.name} is already being migrated.")
     if vm.state not in _MIGRATABLE[mode]:
         raise InvalidState(f"Cannot {mode}-migrate VM {vm.name}: it is {vm.state}.")
     if vm.pending_action:
@@ -41,18 +132,415 @@ def migration_request(
         )
     if dest_node is not None and dest_node.status != NodeStatus.UP:
         raise InvalidState(f"Node {dest_node.name} is {dest_node.status}: it takes no migrations.")
-    demand = scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
-    (dest,) = scheduler.reserve(demands=[demand], pinned=[dest_node], exclude={source.pk})
+    (dest,) = scheduler.reserve(demands=[_demand(vm)], pinned=[dest_node], exclude={source.pk})
     assert dest is not None
     try:
         with transaction.atomic():
-            return Migration.objects.create(
+            migration = Migration.objects.create(
                 vm=vm,
                 source_node=source,
                 dest_node=dest,
                 mode=mode,
                 requested_by=requested_by,
                 bandwidth_limit_mbps=bandwidth_limit_mbps,
+                vm_state_before=vm.state,
             )
     except IntegrityError as exc:
         raise Conflict(f"VM {vm.name} is already being migrated.") from exc
+    MigrationEvent.objects.create(
+        migration=migration,
+        actor=requested_by.get_username(),
+        to_status=S.QUEUED,
+        detail=f"{mode} migration from {source.name} to {dest.name} requested",
+    )
+    vm.state = VMState.MIGRATING
+    vm.save(update_fields=["state", "updated_at"])
+    transaction.on_commit(_schedule_soon)
+    return migration
+
+
+def _schedule_soon() -> None:
+    from .tasks import migrations_schedule  # noqa: PLC0415 - tasks import services
+
+    migrations_schedule.delay()
+
+
+# --- Scheduling -------------------------------------------------------------------------------------
+
+
+def migrations_schedule() -> list[str]:
+    """Start queued migrations, oldest first, while their nodes are under the concurrency limits."""
+    started: list[str] = []
+    max_out = novacron_setting("MIGRATION_MAX_OUTGOING")
+    max_in = novacron_setting("MIGRATION_MAX_INCOMING")
+    with transaction.atomic():
+        # One scheduler at a time: lock the queued rows; a concurrent call waits, then sees them started.
+        queued = list(
+            Migration.objects.select_for_update(of=("self",))
+            .filter(status=S.QUEUED)
+            .select_related("vm", "vm__image", "vm__node", "source_node", "dest_node")
+            .order_by("created_at")
+        )
+        if not queued:
+            return started
+        running = Migration.objects.filter(status__in=RUNNING_STATUSES)
+        outgoing = dict(
+            running.values_list("source_node").annotate(n=Count("id")).values_list("source_node", "n")
+        )
+        incoming = dict(
+            running.values_list("dest_node").annotate(n=Count("id")).values_list("dest_node", "n")
+        )
+        for migration in queued:
+            if (
+                outgoing.get(migration.source_node_id, 0) >= max_out
+                or incoming.get(migration.dest_node_id, 0) >= max_in
+            ):
+                continue
+            outgoing[migration.source_node_id] = outgoing.get(migration.source_node_id, 0) + 1
+            incoming[migration.dest_node_id] = incoming.get(migration.dest_node_id, 0) + 1
+            _transition(
+                migration,
+                S.PREPARING,
+                actor="system",
+                detail=f"started; preparing {migration.dest_node.name}",
+            )
+            _send(
+                migration,
+                migration.dest_node,
+                contract.NODE_MIGRATION_PREPARE,
+                mode=migration.mode,
+                source_node=migration.source_node.name,
+            )
+            started.append(str(migration.pk))
+    return started
+
+
+def _send(migration: Migration, node: Node, task: str, **kwargs: Any) -> None:
+    """Send a migration task to ``node`` after commit."""
+    payload = {"migration_id": str(migration.pk), "vm": dispatch.vm_spec(migration.vm), **kwargs}
+    signature = dispatch.app.signature(task, kwargs=payload, queue=contract.node_queue(node.name))
+    transaction.on_commit(signature.apply_async)
+
+
+def _options(migration: Migration) -> dict[str, Any]:
+    return {
+        "bandwidth_limit_mbps": migration.bandwidth_limit_mbps,
+        "downtime_limit_ms": novacron_setting("MIGRATION_DOWNTIME_LIMIT_MS"),
+        "auto_converge": True,
+        "streams": novacron_setting("MIGRATION_STREAMS"),
+    }
+
+
+def _tickets(migration: Migration, targets: dict[str, str]) -> dict[str, str]:
+    secret = settings.DWCP_SECRET
+    if not secret:
+        raise InvalidState("DWCP_SECRET is not set on the control plane: no transfer can be authorised.")
+    kind: Literal["file", "tunnel"] = "tunnel" if migration.mode == MigrationMode.LIVE else "file"
+    return {
+        name: sign_ticket(
+            secret=secret,
+            source_node=migration.source_node.name,
+            dest_node=migration.dest_node.name,
+            kind=kind,
+            target=target,
+            transfer_id=f"{migration.pk}-{name}",
+            ttl_seconds=novacron_setting("MIGRATION_TICKET_TTL"),
+        )
+        for name, target in targets.items()
+    }
+
+
+# --- Reports from nodes -----------------------------------------------------------------------------
+
+
+@transaction.atomic
+def migration_report(
+    *,
+    migration_id: str,
+    node: str,
+    role: str,
+    event: str,
+    detail: str = "",
+    stats: dict[str, Any] | None = None,
+    targets: dict[str, str] | None = None,
+) -> None:
+    """Apply a node's report. Idempotent: a report that no longer fits the state is logged and dropped."""
+    migration = (
+        Migration.objects.select_for_update(of=("self",))
+        .select_related("vm", "vm__image", "vm__node", "source_node", "dest_node")
+        .filter(pk=migration_id)
+        .first()
+    )
+    if migration is None:
+        logger.warning("report %s for unknown migration %s from %s ignored", event, migration_id, node)
+        return
+    expected = migration.source_node if role == "source" else migration.dest_node
+    if expected.name != node:
+        logger.warning(
+            "migration %s: %s report from %s, expected %s; ignored", migration_id, role, node, expected
+        )
+        return
+    actor = f"node {node}"
+    if stats:
+        migration.stats = {**migration.stats, **stats}
+        migration.save(update_fields=["stats"])
+    status = MigrationStatus(migration.status)
+    if event in ("aborted", "cleaned"):
+        MigrationEvent.objects.create(
+            migration=migration,
+            actor=actor,
+            from_status=status,
+            to_status=status,
+            detail=f"{role} {event}: {detail}",
+        )
+        return
+    if status in TERMINAL_STATUSES:
+        logger.info("migration %s is %s; late %s report from %s ignored", migration_id, status, event, node)
+        return
+    if event == "phase":
+        _record_phase(migration, detail, actor=actor)
+    elif event == "prepared" and status == S.PREPARING:
+        _on_prepared(migration, targets or {}, actor)
+    elif event == "transferred" and status == S.TRANSFERRING:
+        _transition(migration, S.SWITCHING, actor=actor, detail=detail or "transfer complete")
+        if migration.mode == MigrationMode.COLD:
+            start = migration.vm_state_before == VMState.RUNNING
+            _send(migration, migration.dest_node, contract.NODE_MIGRATION_FINISH, start=start)
+    elif event == "switched" and status in (S.TRANSFERRING, S.SWITCHING):
+        if status == S.TRANSFERRING:
+            _transition(migration, S.SWITCHING, actor=actor, detail="destination took over")
+        _complete(migration, actor, detail)
+    elif event == "cancelled":
+        _roll_back(migration, S.CANCELLED, actor=actor, detail=detail or "cancelled")
+    elif event == "failed":
+        _roll_back(migration, S.FAILED, actor=actor, detail=f"{role} {node}: {detail}")
+    else:
+        logger.info(
+            "migration %s (%s): %s report from %s does not apply; ignored", migration_id, status, event, node
+        )
+
+
+def _on_prepared(migration: Migration, targets: dict[str, str], actor: str) -> None:
+    if migration.cancel_requested:
+        _roll_back(migration, S.CANCELLED, actor="system", detail="cancelled while preparing")
+        return
+    try:
+        tickets = _tickets(migration, targets)
+    except InvalidState as exc:
+        _roll_back(migration, S.FAILED, actor="system", detail=exc.message)
+        return
+    _transition(migration, S.TRANSFERRING, actor=actor, detail="destination ready", phase=MigrationPhase.DISK)
+    progress.set_control(_redis(), str(migration.pk), bandwidth_limit_mbps=migration.bandwidth_limit_mbps)
+    _send(
+        migration,
+        migration.source_node,
+        contract.NODE_MIGRATION_SEND,
+        mode=migration.mode,
+        dest_node=migration.dest_node.name,
+        dest_dwcp_address=migration.dest_node.dwcp_address,
+        tickets=tickets,
+        targets=targets,
+        options=_options(migration),
+    )
+
+
+def _complete(migration: Migration, actor: str, detail: str) -> None:
+    vm = VM.objects.select_for_update(of=("self",)).get(pk=migration.vm_id)
+    source = migration.source_node
+    scheduler.release(node_id=source.pk, demand=_demand(vm))
+    vm.node = migration.dest_node
+    started = migration.mode == MigrationMode.LIVE or migration.vm_state_before == VMState.RUNNING
+    vm.state = VMState.RUNNING if started else VMState.STOPPED
+    vm.state_reason = ""
+    vm.save(update_fields=["node", "state", "state_reason", "updated_at"])
+    final = progress.read(_redis(), str(migration.pk))
+    migration.stats = {**migration.stats, **{key: value for key, value in final.items() if key != "updated"}}
+    if migration.started_at:
+        migration.stats["total_seconds"] = round((timezone.now() - migration.started_at).total_seconds(), 3)
+    migration.percent = 100.0
+    _transition(migration, S.COMPLETED, actor=actor, detail=detail or f"now on {migration.dest_node.name}")
+    _send(migration, source, contract.NODE_MIGRATION_CLEANUP)
+    node_drain_progress(node_id=source.pk)
+    transaction.on_commit(_schedule_soon)
+
+
+def _roll_back(migration: Migration, to: MigrationStatus, *, actor: str, detail: str) -> None:
+    """Fail or cancel: the VM stays where it was, the destination is released and cleaned."""
+    was = MigrationStatus(migration.status)
+    _transition(migration, to, actor=actor, detail=detail)
+    migration.error = detail if to == S.FAILED else ""
+    migration.save(update_fields=["error"])
+    vm = VM.objects.select_for_update(of=("self",)).get(pk=migration.vm_id)
+    scheduler.release(node_id=migration.dest_node_id, demand=_demand(vm))
+    if vm.state == VMState.MIGRATING:
+        vm.state = migration.vm_state_before or VMState.RUNNING
+        vm.state_reason = f"Migration {to}: {detail}"[:1000] if to == S.FAILED else ""
+        vm.save(update_fields=["state", "state_reason", "updated_at"])
+    if was != S.QUEUED:
+        progress.set_control(_redis(), str(migration.pk), cancel=True)
+        _send(migration, migration.dest_node, contract.NODE_MIGRATION_ABORT, role="dest")
+        _send(
+            migration,
+            migration.source_node,
+            contract.NODE_MIGRATION_ABORT,
+            role="source",
+            restart=migration.vm_state_before == VMState.RUNNING,
+        )
+    transaction.on_commit(_schedule_soon)
+
+
+# --- Control while it runs --------------------------------------------------------------------------
+
+
+def _locked(migration: Migration) -> Migration:
+    return (
+        Migration.objects.select_for_update(of=("self",))
+        .select_related("vm", "vm__image", "source_node", "dest_node")
+        .get(pk=migration.pk)
+    )
+
+
+@transaction.atomic
+def migration_cancel(*, migration: Migration, actor: str) -> Migration:
+    """Cancel in any phase before the switch; queued and preparing ones stop at once."""
+    migration = _locked(migration)
+    status = MigrationStatus(migration.status)
+    if status in TERMINAL_STATUSES or status == S.SWITCHING:
+        raise InvalidState(f"Migration {migration.pk} is {status}: too late to cancel.")
+    migration.cancel_requested = True
+    migration.save(update_fields=["cancel_requested"])
+    if status in (S.QUEUED, S.PREPARING):
+        _roll_back(migration, S.CANCELLED, actor=actor, detail=f"cancelled by {actor} while {status}")
+    else:
+        # The source stops its transfer within a poll interval and reports "cancelled".
+        progress.set_control(_redis(), str(migration.pk), cancel=True)
+        MigrationEvent.objects.create(
+            migration=migration, actor=actor, from_status=status, to_status=status, detail="cancel requested"
+        )
+    return migration
+
+
+@transaction.atomic
+def migration_set_bandwidth(
+    *, migration: Migration, bandwidth_limit_mbps: int | None, actor: str
+) -> Migration:
+    migration = _locked(migration)
+    if migration.status in TERMINAL_STATUSES:
+        raise InvalidState(f"Migration {migration.pk} is {migration.status}.")
+    migration.bandwidth_limit_mbps = bandwidth_limit_mbps
+    migration.save(update_fields=["bandwidth_limit_mbps"])
+    progress.set_control(_redis(), str(migration.pk), bandwidth_limit_mbps=bandwidth_limit_mbps)
+    MigrationEvent.objects.create(
+        migration=migration,
+        actor=actor,
+        from_status=migration.status,
+        to_status=migration.status,
+        detail=f"bandwidth limit {bandwidth_limit_mbps or 'lifted'}"
+        + (" Mbit/s" if bandwidth_limit_mbps else ""),
+    )
+    return migration
+
+
+@transaction.atomic
+def migration_force_complete(*, migration: Migration, actor: str) -> Migration:
+    """Ask the source to pause the guest and copy what is left (for guests that dirty memory too fast)."""
+    migration = _locked(migration)
+    if migration.status != S.TRANSFERRING or migration.mode != MigrationMode.LIVE:
+        raise InvalidState("Only a live migration that is transferring can be forced to complete.")
+    progress.set_control(_redis(), str(migration.pk), force_complete=True)
+    MigrationEvent.objects.create(
+        migration=migration,
+        actor=actor,
+        from_status=migration.status,
+        to_status=migration.status,
+        detail="force-complete requested",
+    )
+    return migration
+
+
+def migrations_watchdog() -> list[str]:
+    """Fail running migrations whose progress has not moved for ``MIGRATION_STALL_TIMEOUT`` seconds."""
+    timeout = timedelta(seconds=novacron_setting("MIGRATION_STALL_TIMEOUT"))
+    client = _redis()
+    failed = []
+    now = timezone.now()
+    for migration in Migration.objects.filter(status__in=RUNNING_STATUSES):
+        moved = progress.note_movement(client, str(migration.pk))
+        if moved:
+            Migration.objects.filter(pk=migration.pk).update(last_progress_at=now)
+            continue
+        if (migration.last_progress_at or migration.created_at) < now - timeout:
+            with transaction.atomic():
+                locked = _locked(migration)
+                if locked.status in RUNNING_STATUSES:
+                    _roll_back(
+                        locked,
+                        S.FAILED,
+                        actor="watchdog",
+                        detail=f"no progress for {int(timeout.total_seconds())} s",
+                    )
+                    failed.append(str(migration.pk))
+    return failed
+
+
+# --- Drain ------------------------------------------------------------------------------------------
+
+
+def node_drain(*, node: Node, requested_by: User) -> dict[str, Any]:
+    """Move every VM off ``node`` (live when running, cold when stopped); the node goes to maintenance
+    once it is empty. Per-VM results: the migration id, or why it could not be requested."""
+    with transaction.atomic():
+        node = Node.objects.select_for_update().get(pk=node.pk)
+        if node.status == NodeStatus.DOWN:
+            raise InvalidState(f"Node {node.name} is down: its VMs cannot be moved live.")
+        node.status = NodeStatus.DRAINING
+        node.status_reason = f"Draining, requested by {requested_by.get_username()}."
+        node.save(update_fields=["status", "status_reason", "updated_at"])
+    results: list[dict[str, Any]] = []
+    vms = VM.objects.filter(node=node).exclude(state__in=[VMState.DELETED]).order_by("created_at")
+    for vm in vms:
+        if vm.state == VMState.MIGRATING:
+            active = Migration.objects.filter(vm=vm, status__in=ACTIVE_STATUSES).first()
+            results.append(
+                {
+                    "vm": str(vm.pk),
+                    "name": vm.name,
+                    "migration": str(active.pk) if active else None,
+                    "result": "already migrating",
+                }
+            )
+            continue
+        mode = MigrationMode.LIVE if vm.state == VMState.RUNNING else MigrationMode.COLD
+        try:
+            migration = migration_request(vm=vm, requested_by=requested_by, mode=mode)
+        except (InvalidState, Conflict, InvalidInput, NoCapacity) as exc:
+            results.append({"vm": str(vm.pk), "name": vm.name, "migration": None, "result": exc.message})
+            continue
+        results.append(
+            {
+                "vm": str(vm.pk),
+                "name": vm.name,
+                "migration": str(migration.pk),
+                "result": f"{mode} migration queued",
+            }
+        )
+    node_drain_progress(node_id=node.pk)
+    return {"node": node.name, "status": Node.objects.get(pk=node.pk).status, "vms": results}
+
+
+@transaction.atomic
+def node_drain_progress(*, node_id: int) -> None:
+    """A draining node with no VM left and no migration in flight goes to maintenance."""
+    node = Node.objects.select_for_update().get(pk=node_id)
+    if node.status != NodeStatus.DRAINING:
+        return
+    busy = (
+        VM.objects.filter(node=node).exclude(state=VMState.DELETED).exists()
+        or Migration.objects.filter(
+            Q(source_node=node) | Q(dest_node=node), status__in=ACTIVE_STATUSES
+        ).exists()
+    )
+    if not busy:
+        node.status = NodeStatus.MAINTENANCE
+        node.status_reason = "Drained: no VMs left."
+        node.save(update_fields=["status", "status_reason", "updated_at"])

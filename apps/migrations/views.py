@@ -1,16 +1,139 @@
-"""Migration endpoints: list and detail, scoped to the caller."""
+"""Migration endpoints: list, detail with history, bandwidth changes, cancel, force-complete, SSE."""
 
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import close_old_connections
 from django.db.models import QuerySet
-from rest_framework import mixins, viewsets
+from django.http import StreamingHttpResponse
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, renderers, serializers, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
 
+from apps.core.auth import request_user
+from workers import contract
+
+from . import services
 from .models import Migration
 from .selectors import migration_visible
-from .serializers import MigrationSerializer
+from .serializers import MigrationDetailSerializer, MigrationSerializer, MigrationUpdateSerializer
+
+STREAM_MAX_SECONDS = 3600  # an SSE client reconnects after this; bounds a thread held by a slow migration
+STREAM_TICK_SECONDS = 0.5  # at least two updates a second while something changes
+STREAM_KEEPALIVE_SECONDS = 15
 
 
-class MigrationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Migration]):
-    serializer_class = MigrationSerializer
+class EventStreamRenderer(renderers.BaseRenderer):
+    media_type = "text/event-stream"
+    format = "sse"
+    charset = "utf-8"
+
+    def render(
+        self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None
+    ) -> bytes:
+        return json.dumps(data).encode()
+
+
+class MigrationViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet[Migration],
+):
+    """Migrations of the caller's VMs (all for staff), with live progress while they run."""
+
     filterset_fields = ("status", "mode", "vm")
+    http_method_names = ("get", "patch", "post", "head", "options")
 
     def get_queryset(self) -> QuerySet[Migration]:
-        return migration_visible(user=self.request.user)
+        queryset = migration_visible(user=self.request.user)
+        return queryset.prefetch_related("events") if self.action == "retrieve" else queryset
+
+    def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
+        if self.action == "retrieve":
+            return MigrationDetailSerializer
+        if self.action == "partial_update":
+            return MigrationUpdateSerializer
+        return MigrationSerializer
+
+    @extend_schema(request=MigrationUpdateSerializer, responses={200: MigrationSerializer})
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        migration = self.get_object()
+        serializer = MigrationUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        migration = services.migration_set_bandwidth(
+            migration=migration,
+            bandwidth_limit_mbps=serializer.validated_data["bandwidth_limit_mbps"],
+            actor=request_user(request).get_username(),
+        )
+        return Response(MigrationSerializer(migration).data)
+
+    @extend_schema(request=None, responses={202: MigrationSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        migration = services.migration_cancel(
+            migration=self.get_object(), actor=request_user(request).get_username()
+        )
+        return Response(MigrationSerializer(migration).data, status=202)
+
+    @extend_schema(request=None, responses={202: MigrationSerializer})
+    @action(detail=True, methods=["post"], url_path="force-complete")
+    def force_complete(self, request: Request, pk: str) -> Response:
+        migration = services.migration_force_complete(
+            migration=self.get_object(), actor=request_user(request).get_username()
+        )
+        return Response(MigrationSerializer(migration).data, status=202)
+
+    @extend_schema(
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(description="Server-Sent Events: progress, end")
+        }
+    )
+    @action(detail=True, methods=["get"], renderer_classes=[EventStreamRenderer, renderers.JSONRenderer])
+    def events(self, request: Request, pk: str) -> StreamingHttpResponse:
+        migration = self.get_object()
+        response = StreamingHttpResponse(_stream(migration.pk), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+
+def _event(name: str, data: Any) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+def _stream(migration_id: Any) -> Iterator[str]:
+    """Progress snapshots as they change, then ``end`` once the migration is over."""
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(contract.MIGRATION_EVENTS_CHANNEL.format(id=migration_id))
+    started = time.monotonic()
+    last_sent = started
+    previous: dict[str, Any] | None = None
+    yield "retry: 2000\n\n"
+    try:
+        while time.monotonic() - started < STREAM_MAX_SECONDS:
+            migration = Migration.objects.select_related("vm", "source_node", "dest_node").get(
+                pk=migration_id
+            )
+            snapshot = dict(MigrationSerializer(migration).data)
+            if snapshot != previous:
+                yield _event("progress", snapshot)
+                previous = snapshot
+                last_sent = time.monotonic()
+            if migration.status in services.TERMINAL_STATUSES:
+                yield _event("end", {"status": migration.status, "error": migration.error})
+                return
+            if time.monotonic() - last_sent > STREAM_KEEPALIVE_SECONDS:
+                yield ": keepalive\n\n"
+                last_sent = time.monotonic()
+            pubsub.get_message(timeout=STREAM_TICK_SECONDS)  # wakes early when the source publishes
+    finally:
+        pubsub.close()
+        close_old_connections()

@@ -15,7 +15,7 @@ from apps.core.conf import novacron_setting
 from apps.core.errors import InvalidInput, TooManyItems
 from apps.core.permissions import IsStaffOrReadOnly
 from apps.migrations.serializers import MigrateRequestSerializer, MigrationSerializer
-from apps.migrations.services import migration_request
+from apps.migrations.services import migration_request, node_drain
 
 from . import services
 from .choices import VMAction
@@ -27,6 +27,7 @@ from .serializers import (
     BatchSummarySerializer,
     ImageSerializer,
     MeSerializer,
+    NodeDrainSerializer,
     NodeSerializer,
     VMBatchCreateSerializer,
     VMBatchDeleteSerializer,
@@ -202,6 +203,13 @@ class NodeViewSet(viewsets.ModelViewSet[Node]):
 
     def perform_destroy(self, instance: Node) -> None:
         services.node_delete(node=instance)
+
+    @extend_schema(request=None, responses={202: NodeDrainSerializer})
+    @action(detail=True, methods=["post"], permission_classes=[permissions.IsAdminUser])
+    def drain(self, request: Request, pk: str) -> Response:
+        """Move every VM off this node within the migration limits; it goes to maintenance once empty."""
+        result = node_drain(node=self.get_object(), requested_by=request_user(request))
+        return Response(result, status=status.HTTP_202_ACCEPTED)
 
 
 class ImageViewSet(viewsets.ModelViewSet[Image]):

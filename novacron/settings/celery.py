@@ -25,6 +25,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 CELERY_BEAT_SCHEDULE = {
     "nodes-check-heartbeats": {"task": "apps.vms.tasks.nodes_check_heartbeats", "schedule": 5.0},
     "metrics-flush": {"task": "apps.monitoring.tasks.metrics_flush", "schedule": 10.0},
+    "migrations-watchdog": {"task": "apps.migrations.tasks.migrations_watchdog", "schedule": 10.0},
+    "migrations-schedule": {"task": "apps.migrations.tasks.migrations_schedule", "schedule": 15.0},
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

@@ -30,5 +30,19 @@ NOVACRON = {
     "MIGRATION_MAX_INCOMING": env_int(
         "MIGRATION_MAX_INCOMING", 2, help="Concurrent incoming migrations per node."
     ),
+    "MIGRATION_DOWNTIME_LIMIT_MS": env_int(
+        "MIGRATION_DOWNTIME_LIMIT_MS",
+        100,
+        help="Live migration: the longest pause QEMU may plan for the switch.",
+    ),
+    "MIGRATION_STREAMS": env_int(
+        "MIGRATION_STREAMS", 4, help="DWCP parallel TCP streams per migration transfer."
+    ),
+    "MIGRATION_TICKET_TTL": env_int(
+        "MIGRATION_TICKET_TTL", 300, help="Seconds a DWCP transfer ticket is valid."
+    ),
+    "MIGRATION_STALL_TIMEOUT": env_int(
+        "MIGRATION_STALL_TIMEOUT", 120, help="Seconds without progress before the watchdog fails a migration."
+    ),
     "ADMIN_USERNAME": "admin",
 }

@@ -284,6 +284,8 @@ def vm_batch_update(
 
 def _mark_deleting(vm: VM) -> bool:
     """Move a locked VM towards deletion; return True when a node must still delete it."""
+    if vm.state == VMState.MIGRATING:
+        raise InvalidState(f"Cannot delete VM {vm.name} while it migrates; cancel the migration first.")
     _require(vm, ACTIVE_STATES, "delete")
     if vm.node_id is None:
         _finish_delete(vm)

@@ -1,0 +1,61 @@
+"""Live migration progress and control knobs in Redis (keys in ``workers.contract``).
+
+The source node writes the progress hash; the API reads it while a migration runs and folds it into
+the row when it ends. The control hash carries what an operator changes while it runs (bandwidth,
+cancel, force-complete); the source polls it.
+"""
+
+from typing import Any
+
+import redis
+
+from workers import contract
+
+_NUMERIC = frozenset(contract.MIGRATION_PROGRESS_FIELDS) - {"phase"}
+_MOVEMENT_KEY = "novacron:migration:{id}:watchdog"
+
+
+def read(client: redis.Redis, migration_id: str) -> dict[str, Any]:
+    """The latest progress of a migration (empty when the source has reported none)."""
+    try:
+        raw = client.hgetall(contract.MIGRATION_PROGRESS_KEY.format(id=migration_id))
+    except redis.RedisError:
+        return {}
+    progress: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        if name in _NUMERIC:
+            try:
+                progress[name] = float(text)
+            except ValueError:
+                continue
+        elif name == "phase":
+            progress[name] = text
+    return progress
+
+
+def set_control(client: redis.Redis, migration_id: str, **knobs: Any) -> None:
+    """Set knobs for the source to pick up (``None`` clears a bandwidth limit)."""
+    mapping: dict[Any, Any] = {
+        key: ("" if value is None else str(int(value) if isinstance(value, bool) else value))
+        for key, value in knobs.items()
+    }
+    key = contract.MIGRATION_CONTROL_KEY.format(id=migration_id)
+    pipe = client.pipeline()
+    pipe.hset(key, mapping=mapping)
+    pipe.expire(key, 7 * 24 * 3600)
+    pipe.execute()
+
+
+def note_movement(client: redis.Redis, migration_id: str) -> bool:
+    """True when the transferred byte counts moved since the previous call (for the watchdog)."""
+    progress = read(client, migration_id)
+    fingerprint = ":".join(
+        str(int(progress.get(name, 0))) for name in ("wire_bytes", "memory_processed", "disk_processed")
+    )
+    key = _MOVEMENT_KEY.format(id=migration_id)
+    previous = client.getset(key, fingerprint)
+    client.expire(key, 24 * 3600)
+    previous_text = previous.decode() if isinstance(previous, bytes) else previous
+    return previous_text is not None and previous_text != fingerprint
