@@ -7,6 +7,7 @@ from .celery import *  # noqa: F403
 from .database import *  # noqa: F403
 from .django import *  # noqa: F403
 from .logging import *  # noqa: F403
+from .monitoring import *  # noqa: F403
 from .novacron import *  # noqa: F403
 from .rest import *  # noqa: F403
 

@@ -1,16 +1,30 @@
-"""Monitoring writes: metric samples drained from Redis in one bulk insert per flush."""
+"""Metric samples: node samples drained from Redis, control-plane samples, retention.
+
+Node workers push samples to a capped Redis list; ``metrics_flush`` moves them into ``metrics`` with
+one bulk insert. ``control_metrics_sample`` turns the counters the web processes keep in Redis (see
+``keys.REQUEST_STATS``) plus queue depths and migrations into rows of the same table, so alerts,
+the series API and the dashboard read one place. ``metrics_prune`` enforces the retention.
+"""
 
 import json
 import logging
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
+from django.db.models import F, FloatField, Sum
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast
 
+from apps.migrations.choices import ACTIVE_STATUSES
+from apps.migrations.models import Migration
 from apps.vms.models import VM, Node
 from workers import contract
 
-from .models import Metric
+from ..conf import monitoring_setting
+from ..keys import API_LOG_DROPPED, API_LOG_LIST, LAST_SAMPLE, LATENCY_BUCKETS_MS, REQUEST_STATS
+from ..models import APILog, Metric
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +73,116 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
         logger.warning("metric sample dropped (%s): %r", exc, raw[:200])
         return None
     return sample
+
+
+# kombu's Redis transport keeps a queue's prioritised messages in sibling lists "<queue>\x06\x16<n>".
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+DEFAULT_SAMPLE_INTERVAL = 10.0  # seconds assumed before the first sample (the beat period)
+
+
+def control_metrics_sample(*, client: redis.Redis, now: float | None = None) -> int:
+    """Store one sample of the control plane's own metrics; returns the number of rows written.
+
+    Request counters are read and reset in one Redis transaction, so each request counts in
+    exactly one sample whatever the number of web processes.
+    """
+    now = time.time() if now is None else now
+    pipe = client.pipeline(transaction=True)
+    pipe.hgetall(REQUEST_STATS)
+    pipe.delete(REQUEST_STATS)
+    pipe.set(LAST_SAMPLE, repr(now), get=True)
+    pipe.get(API_LOG_DROPPED)
+    pipe.llen(API_LOG_LIST)
+    raw_stats, _, last_sample, dropped, backlog = pipe.execute()
+    interval = now - float(last_sample) if last_sample else DEFAULT_SAMPLE_INTERVAL
+    if interval <= 0:
+        interval = DEFAULT_SAMPLE_INTERVAL
+    stats = {key.decode(): int(value) for key, value in raw_stats.items()}
+    values: list[tuple[str, float, int | None]] = []  # (name, value, node id)
+    requests = stats.get("requests", 0)
+    values.append(("api.requests_per_second", requests / interval, None))
+    if requests:
+        values.append(("api.error_ratio", stats.get("errors", 0) / requests, None))
+        values.append(("api.latency_avg_ms", stats.get("duration_us", 0) / 1000 / requests, None))
+        values.append(("api.latency_p95_ms", histogram_quantile(0.95, stats), None))
+        values.append(("db.queries_per_request", stats.get("db_queries", 0) / requests, None))
+    if stats.get("db_queries"):
+        values.append(("db.query_avg_ms", stats.get("db_us", 0) / 1000 / stats["db_queries"], None))
+    lookups = stats.get("cache_hits", 0) + stats.get("cache_misses", 0)
+    if lookups:
+        values.append(("cache.hit_ratio", stats.get("cache_hits", 0) / lookups, None))
+    values.append(("api.logs_dropped_total", float(int(dropped or 0)), None))
+    values.append(("api.logs_backlog", float(backlog), None))
+    values.append(("queue.control.depth", float(queue_depth(client, contract.CONTROL_QUEUE)), None))
+    for node_id, node_name in Node.objects.values_list("pk", "name"):
+        values.append(
+            ("queue.node.depth", float(queue_depth(client, contract.node_queue(node_name))), node_id)
+        )
+    values.append(
+        ("migrations.active", float(Migration.objects.filter(status__in=ACTIVE_STATUSES).count()), None)
+    )
+    moved = _migration_bytes_since(datetime.fromtimestamp(now - interval, tz=UTC))
+    if moved is not None:
+        values.append(("migrations.bytes_per_second", moved / interval, None))
+    timestamp = datetime.fromtimestamp(now, tz=UTC)
+    Metric.objects.bulk_create(
+        [Metric(timestamp=timestamp, name=name, value=value, node_id=node) for name, value, node in values]
+    )
+    return len(values)
+
+
+def histogram_quantile(quantile: float, stats: dict[str, int]) -> float:
+    """The ``quantile`` of request latency (ms) from the bucket counters, interpolated in its bucket."""
+    counts = [stats.get(f"le_{bound}", 0) for bound in LATENCY_BUCKETS_MS] + [stats.get("le_inf", 0)]
+    total = sum(counts)
+    if not total:
+        return 0.0
+    target = quantile * total
+    seen = 0
+    lower = 0.0
+    for bound, count in zip(LATENCY_BUCKETS_MS, counts, strict=False):
+        if count and seen + count >= target:
+            return lower + (bound - lower) * (target - seen) / count
+        seen += count
+        lower = float(bound)
+    return float(LATENCY_BUCKETS_MS[-1])  # in the open-ended bucket: its lower bound is all we know
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in a Celery queue on the Redis broker (every priority list)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(queue)
+    for step in _PRIORITY_STEPS:
+        pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{step}")
+    return int(sum(pipe.execute()))
+
+
+def _migration_bytes_since(since: datetime) -> float | None:
+    """Bytes put on the wire by migrations finished since ``since`` (None when none recorded any)."""
+    total = (
+        Migration.objects.filter(finished_at__gt=since, stats__has_key="wire_bytes")
+        .annotate(wire=Cast(KT("stats__wire_bytes"), FloatField()))
+        .aggregate(total=Sum(F("wire")))["total"]
+    )
+    return float(total) if total is not None else None
+
+
+def metrics_prune(
+    *, now: datetime | None = None, days: int | None = None, batch: int | None = None
+) -> dict[str, int]:
+    """Delete metric samples and API logs older than the retention, ``batch`` rows per statement."""
+    now = now or datetime.now(tz=UTC)
+    cutoff = now - timedelta(days=days if days is not None else monitoring_setting("METRICS_RETENTION_DAYS"))
+    size = batch or monitoring_setting("RETENTION_DELETE_BATCH")
+    deleted = {"metrics": 0, "api_logs": 0}
+    for key, model in (("metrics", Metric), ("api_logs", APILog)):
+        while True:
+            ids = list(model.objects.filter(timestamp__lt=cutoff).values_list("pk", flat=True)[:size])
+            if not ids:
+                break
+            count, _ = model.objects.filter(pk__in=ids).delete()
+            deleted[key] += count
+            if len(ids) < size:
+                break
+    return deleted

@@ -1,0 +1,16 @@
+"""Redis keys the web processes write and the control worker reads, and the latency buckets.
+
+The web side never writes the database for monitoring: each request adds one JSON entry to the
+API log list and bumps counters in the stats hash, in one Lua call (one round trip, atomic).
+"""
+
+from typing import Final
+
+API_LOG_LIST: Final = "novacron:monitoring:api_logs"  # LPUSH by web, drained from the tail
+API_LOG_DROPPED: Final = "novacron:monitoring:api_logs_dropped"  # counter of entries refused when full
+REQUEST_STATS: Final = "novacron:monitoring:request_stats"  # hash of counters since the last sample
+LAST_SAMPLE: Final = "novacron:monitoring:last_sample"  # epoch seconds of the last control-plane sample
+
+# Upper bounds (milliseconds) of the request latency histogram kept in REQUEST_STATS; the same
+# bounds (in seconds) serve the Prometheus histogram, so both views agree.
+LATENCY_BUCKETS_MS: Final = (5, 10, 25, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000)

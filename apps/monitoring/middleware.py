@@ -1,0 +1,180 @@
+"""Request monitoring: request ids, Prometheus observations and API logs without a database write.
+
+For every request the middleware times the response, counts database queries and cache look-ups
+(through :mod:`.instruments`), and labels everything by the *route pattern* (``/api/v1/vms/{pk}/``)
+so that label values stay few. API requests (``/api/...``) are also logged: one Lua call to Redis
+pushes the entry onto a bounded list (or counts a drop when the list is full) and bumps the
+counters the control-plane sampler reads. The control worker writes the list to the database in
+bulk (``services.api_logs_flush``). Nothing is buffered in this process, so a shutdown loses nothing.
+"""
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import redis
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest, HttpResponseBase
+from django.urls import Resolver404, resolve
+
+from . import instruments
+from .conf import monitoring_setting
+from .keys import API_LOG_DROPPED, API_LOG_LIST, LATENCY_BUCKETS_MS, REQUEST_STATS
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_GROUP = re.compile(r"\(\?P<(\w+)>[^)]*\)")
+UNMATCHED = "<unmatched>"
+REDIS_TIMEOUT_SECONDS = 0.5  # a slow Redis costs a request at most this, then the entry is dropped
+
+# KEYS: log list, drop counter, stats hash. ARGV: entry, list bound, then stats fields and increments
+# as pairs (integers; the *_us fields carry microseconds so that one HINCRBY type fits every field).
+_PUSH_SCRIPT = """
+if redis.call('LLEN', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+else
+  redis.call('INCR', KEYS[2])
+end
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
+
+_client: redis.Redis | None = None
+_push: Any = None
+
+
+def _push_script() -> Any:
+    global _client, _push  # noqa: PLW0603  (one connection pool per process, made on first use)
+    if _push is None:
+        _client = redis.Redis.from_url(
+            settings.REDIS_URL,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        )
+        _push = _client.register_script(_PUSH_SCRIPT)
+    return _push
+
+
+def route_pattern(request: HttpRequest) -> str:
+    """``/api/v1/vms/{pk}/`` for ``/api/v1/vms/<uuid>/``: the resolver's route with named groups."""
+    match = request.resolver_match
+    if match is None:
+        try:
+            match = resolve(request.path_info)
+        except Resolver404:
+            return UNMATCHED
+    route = match.route or ""
+    route = _GROUP.sub(lambda group: "{" + group.group(1) + "}", route)
+    route = route.replace("^", "").replace("$", "").replace("\\", "")
+    route = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route)
+    return "/" + route.lstrip("/")
+
+
+def latency_bucket(duration_ms: float) -> str:
+    for bound in LATENCY_BUCKETS_MS:
+        if duration_ms <= bound:
+            return f"le_{bound}"
+    return "le_inf"
+
+
+class RequestMonitorMiddleware:
+    """Outermost middleware: sees every response, including those of the other middlewares."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request.request_id = request_id  # type: ignore[attr-defined]
+        stats = instruments.RequestStats()
+        token = instruments.current_request.set(stats)
+        started_at = time.time()
+        started = time.perf_counter()
+        try:
+            with connection.execute_wrapper(_time_query):
+                response = self.get_response(request)
+        finally:
+            instruments.current_request.reset(token)
+        duration = time.perf_counter() - started
+        response[REQUEST_ID_HEADER] = request_id
+        self._record(request, response, stats, started_at=started_at, duration=duration)
+        return response
+
+    def _record(
+        self,
+        request: HttpRequest,
+        response: HttpResponseBase,
+        stats: instruments.RequestStats,
+        *,
+        started_at: float,
+        duration: float,
+    ) -> None:
+        endpoint = route_pattern(request)
+        method = request.method or "GET"
+        if method not in {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}:
+            method = "OTHER"  # arbitrary verbs must not mint label values
+        status = response.status_code
+        size = _response_bytes(response)
+        instruments.http_request_duration.labels(method=method, endpoint=endpoint).observe(duration)
+        instruments.http_requests.labels(method=method, endpoint=endpoint, status=str(status)).inc()
+        instruments.http_response_bytes.labels(method=method, endpoint=endpoint).inc(size)
+        if not request.path_info.startswith("/api/"):
+            return
+        user = getattr(request, "user", None)
+        user_id = user.pk if user is not None and user.is_authenticated else None
+        duration_ms = duration * 1000
+        entry = orjson.dumps(
+            {
+                "ts": started_at,
+                "user": user_id,
+                "method": method,
+                "endpoint": endpoint[:255],
+                "status": status,
+                "ms": round(duration_ms, 3),
+                "bytes": size,
+                "rid": request.request_id,  # type: ignore[attr-defined]
+            }
+        )
+        increments = [
+            ("requests", 1),
+            ("errors", 1 if status >= 500 else 0),
+            ("duration_us", round(duration_ms * 1000)),
+            (latency_bucket(duration_ms), 1),
+            ("db_queries", stats.db_queries),
+            ("db_us", round(stats.db_seconds * 1_000_000)),
+            ("cache_hits", stats.cache_hits),
+            ("cache_misses", stats.cache_misses),
+        ]
+        args: list[Any] = [entry, monitoring_setting("API_LOG_BUFFER_MAX")]
+        for field, amount in increments:
+            args.extend((field, amount))
+        try:
+            _push_script()(keys=[API_LOG_LIST, API_LOG_DROPPED, REQUEST_STATS], args=args)
+        except redis.RedisError as exc:
+            instruments.api_log_send_failures.inc()
+            logger.warning("API log entry lost, Redis did not take it: %s", exc)
+
+
+def _time_query(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+    started = time.perf_counter()
+    try:
+        return execute(sql, params, many, context)
+    finally:
+        instruments.record_db_query(time.perf_counter() - started)
+
+
+def _response_bytes(response: HttpResponseBase) -> int:
+    if getattr(response, "streaming", False):
+        length = response.get("Content-Length")
+        return int(length) if length and length.isdigit() else 0
+    return len(getattr(response, "content", b""))
