@@ -1069,3 +1069,42 @@ def test_concurrent_creates_never_overcommit(operator: NovaCronClient, alice: No
         assert node["allocated_memory_mb"] <= node["memory_mb"], node
         assert node["allocated_disk_gb"] <= node["disk_gb"], node
     assert sum(node["allocated_vcpus"] for node in nodes) == 10, nodes
+
+
+def test_placement_filters_and_weighs(operator: NovaCronClient, alice: NovaCronClient) -> None:
+    """Section 4: only nodes that are up and have room; most free memory first."""
+    assert operator.register_image("debian-12").status == 201
+    small = operator.register_node("small", vcpus=32, memory_mb=8192, disk_gb=500).data
+    large = operator.register_node("large", vcpus=32, memory_mb=32768, disk_gb=500).data
+
+    first = alice.create_vm("p-1", vcpus=1, memory_mb=1024, disk_gb=1)
+    assert first.status == 202, str(first)
+    assert first.data["node"] in ("large", large["id"]), first.data
+
+    # staff take the large node out of service: new VMs go elsewhere, or nowhere
+    down = operator.patch(f"/api/v1/nodes/{large['id']}/", {"status": "maintenance"})
+    assert down.status == 200, str(down)
+    second = alice.create_vm("p-2", vcpus=1, memory_mb=1024, disk_gb=1)
+    assert second.status == 202, str(second)
+    assert second.data["node"] in ("small", small["id"]), second.data
+    assert operator.patch(f"/api/v1/nodes/{small['id']}/", {"status": "draining"}).status == 200
+    nowhere = alice.create_vm("p-3", vcpus=1, memory_mb=1024, disk_gb=1)
+    assert nowhere.status == 409, str(nowhere)
+    assert nowhere.error["code"] == "no_capacity"
+
+    # users read nodes but cannot write them; a bad node or image registration is a 400
+    for resp in (
+        alice.patch(f"/api/v1/nodes/{small['id']}/", {"status": "up"}),
+        alice.delete(f"/api/v1/nodes/{small['id']}/"),
+    ):
+        assert resp.status == 403, str(resp)
+        resp.error  # noqa: B018
+    for resp in (
+        operator.register_image("floppy", kind="floppy"),
+        operator.post("/api/v1/images/", {"name": "no-path", "kind": "disk"}),
+        operator.register_node("neg", vcpus=-4),
+        operator.register_node("small"),
+        operator.patch(f"/api/v1/nodes/{small['id']}/", {"status": "exploded"}),
+    ):
+        assert resp.status == 400, str(resp)
+        assert resp.error.get("fields"), resp.data
