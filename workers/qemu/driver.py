@@ -389,6 +389,7 @@ class QemuDriver:
             self.tools.img_create_overlay(temporary, spec.image.path, spec.image.format)
         else:
             self.tools.img_create_empty(temporary, spec.disk_gb)
+        os.chmod(temporary, 0o600)  # guest data: readable by the worker's user only
         temporary.replace(paths.disk)
 
     def _launch(self, spec: VmSpec, paths: VmPaths, *, incoming: bool) -> None:
@@ -412,7 +413,7 @@ class QemuDriver:
                     stderr=stderr,
                     timeout=self.settings.start_timeout,
                     check=False,
-                    umask=0o077,  # pidfile, serial log: readable by the worker's user only
+                    umask=0o077,  # files QEMU creates before daemonizing: the worker's user only
                 )
             except subprocess.TimeoutExpired as exc:
                 raise QemuStartError(
@@ -433,6 +434,10 @@ class QemuDriver:
                     f"QEMU for VM {spec.uuid} started but created no QMP socket {socket_path}"
                 )
             os.chmod(socket_path, 0o600)
+        # The daemonized QEMU switches to umask 027 before opening some files; tighten them as well.
+        for log in (paths.serial_log, paths.qemu_log):
+            if log.exists():
+                os.chmod(log, 0o600)
         if message:
             logger.warning("VM %s: QEMU said while starting: %s", spec.uuid, message)
 
