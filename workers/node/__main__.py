@@ -10,9 +10,11 @@ from celery import Celery, signals
 from kombu import Queue
 
 from workers import contract
+from workers.dwcp import DWCPError, DWCPServer
 from workers.qemu import DataDirError, DriverSettings, QemuDriver, QemuNotInstalled
 
 from .config import ConfigError, NodeConfig, from_args
+from .migration import MigrationRunner, register_migration_tasks
 from .monitor import Monitor
 from .reports import Reporter
 from .tasks import register_tasks
@@ -67,6 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     register_tasks(app, driver, reporter)
     client = redis.Redis.from_url(config.redis_url)
     monitor = Monitor(config, driver, reporter, client)
+    register_migration_tasks(app, MigrationRunner(config, driver, app, client))
+    try:
+        dwcp = DWCPServer(
+            listen=config.dwcp_address,
+            root=config.data_dir,
+            node_name=config.name,
+            secret=config.dwcp_secret,
+            tunnel_root=config.data_dir / "run",
+        ).start()
+    except (DWCPError, OSError) as exc:
+        print(f"novacron node: cannot serve DWCP on {config.dwcp_address}: {exc}", file=sys.stderr)
+        return 2
 
     @signals.worker_ready.connect(weak=False)
     def announce(**_: Any) -> None:
@@ -84,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     @signals.worker_shutdown.connect(weak=False)
     def shut_down(**_: Any) -> None:
         monitor.stop()
+        dwcp.stop()
         driver.close()
 
     app.worker_main(

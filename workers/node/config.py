@@ -93,6 +93,11 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         raise ConfigError("--concurrency must be at least 1")
     if args.heartbeat_interval <= 0 or args.metrics_interval <= 0:
         raise ConfigError("intervals must be positive")
+    secret = os.environ.get("DWCP_SECRET", "")
+    if not secret:
+        raise ConfigError(
+            "DWCP_SECRET is not set: the node cannot authenticate transfers (use the control plane's)"
+        )
     wildcard = host in ("0.0.0.0", "::")  # noqa: S104 - recognising a wildcard, not binding one
     address = args.address or (socket.getfqdn() if wildcard else host)
     return NodeConfig(
@@ -102,7 +107,7 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         dwcp_port=port,
         address=address,
         redis_url=args.redis_url,
-        dwcp_secret=os.environ.get("DWCP_SECRET", ""),
+        dwcp_secret=secret,
         accelerator=AcceleratorSetting(args.accelerator),
         concurrency=args.concurrency,
         heartbeat_interval=args.heartbeat_interval,

@@ -1,0 +1,648 @@
+"""The node's side of migrations: prepare (destination), send (source), finish, abort, cleanup.
+
+Live migration follows the sequence measured on QEMU 7.2 (see the design notes): the destination
+QEMU waits with ``-incoming defer -S`` behind an NBD export of its empty disk; the source mirrors
+its disk into that export through one DWCP tunnel until READY, then migrates RAM through a second
+tunnel with ``pause-before-switchover``; at the pause it cancels the ready mirror (a consistent
+finish) and lets the migration complete. A watcher on the destination resumes the guest as soon as
+its incoming migration completes and reports the switch; only then does the control plane move the
+VM. Anything that fails before the switch leaves the source running and untouched.
+
+A ``migration.json`` marker in the VM's run directory records which migration and which role a
+copy belongs to, so an abort or cleanup never removes a VM this node legitimately runs.
+"""
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from workers import contract
+from workers.dwcp import (
+    DWCPError,
+    Progress,
+    TransferControl,
+    open_tunnel,
+    send_file,
+)
+from workers.qemu import QemuDriver, QemuError, QmpError, QmpSession, VmSpec, VmState
+
+from .config import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+MIRROR_NODE = "mig-target"
+MARKER = "migration.json"
+POLL_SECONDS = 0.2  # control knobs and QEMU progress; progress is published at most every PUBLISH_SECONDS
+PUBLISH_SECONDS = 0.25
+MIRROR_READY_TIMEOUT = 3600.0
+MIGRATE_TIMEOUT = 6 * 3600.0
+SWITCH_TIMEOUT = 60.0  # from pre-switchover to completed: the mirror's last blocks and the last RAM pass
+INCOMING_TIMEOUT = 6 * 3600.0
+UNLIMITED_QEMU_BANDWIDTH = 1 << 40  # bytes/s: lift QEMU's own 32 MiB/s cap; DWCP's limit is the one in force
+
+
+class MigrationAborted(Exception):
+    """The control plane cancelled the migration while this node was working on it."""
+
+
+@dataclass
+class _Publisher:
+    """Writes the progress hash and channel, coalesced to a few updates a second, percent monotonic."""
+
+    client: redis.Redis
+    migration_id: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    percent: float = 0.0
+    last: float = 0.0
+
+    def update(self, *, force: bool = False, **values: Any) -> None:
+        self.fields.update({key: value for key, value in values.items() if value is not None})
+        if "percent" in values and values["percent"] is not None:
+            self.percent = max(self.percent, min(float(values["percent"]), 100.0))
+        now = time.monotonic()
+        if not force and now - self.last < PUBLISH_SECONDS:
+            return
+        self.last = now
+        snapshot = {**self.fields, "percent": round(self.percent, 2), "updated": time.time()}
+        key = contract.MIGRATION_PROGRESS_KEY.format(id=self.migration_id)
+        try:
+            pipe = self.client.pipeline()
+            pipe.hset(key, mapping={name: str(value) for name, value in snapshot.items()})
+            pipe.expire(key, 7 * 24 * 3600)
+            pipe.publish(contract.MIGRATION_EVENTS_CHANNEL.format(id=self.migration_id), json.dumps(snapshot))
+            pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("migration %s: progress not published: %s", self.migration_id, exc)
+
+
+class _Knobs:
+    """The control hash, polled: bandwidth, cancel, force-complete."""
+
+    def __init__(self, client: redis.Redis, migration_id: str, control: TransferControl) -> None:
+        self.client = client
+        self.key = contract.MIGRATION_CONTROL_KEY.format(id=migration_id)
+        self.control = control
+        self.bandwidth: float | None = control.bandwidth_limit_mbps
+        self.force_complete = False
+
+    def poll(self) -> None:
+        try:
+            raw = self.client.hgetall(self.key)
+        except redis.RedisError as exc:
+            logger.warning("control knobs unreadable: %s", exc)
+            return
+        knobs = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+        if knobs.get("cancel") == "1":
+            self.control.cancel()
+            raise MigrationAborted("cancelled by the control plane")
+        if "bandwidth_limit_mbps" in knobs:
+            text = knobs["bandwidth_limit_mbps"]
+            bandwidth = float(text) if text else None
+            if bandwidth != self.bandwidth:
+                self.control.set_bandwidth_limit(bandwidth)
+                self.bandwidth = bandwidth
+        self.force_complete = knobs.get("force_complete") == "1"
+
+
+class MigrationRunner:
+    """Runs the migration tasks of one node."""
+
+    def __init__(self, config: NodeConfig, driver: QemuDriver, app: Celery, client: redis.Redis) -> None:
+        self.config = config
+        self.driver = driver
+        self.app = app
+        self.redis = client
+        self._controls: dict[str, TransferControl] = {}
+        self._lock = threading.Lock()
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def report(self, migration_id: str, role: str, event: str, detail: str = "", **extra: Any) -> None:
+        logger.info("migration %s (%s): %s %s", migration_id, role, event, detail)
+        self.app.send_task(
+            contract.CONTROL_MIGRATION_REPORT,
+            kwargs={
+                "migration_id": migration_id,
+                "node": self.config.name,
+                "role": role,
+                "event": event,
+                "detail": detail[:2000],
+                **extra,
+            },
+            queue=contract.CONTROL_QUEUE,
+        )
+
+    def _marker(self, uuid: str) -> Path:
+        return self.driver.paths(uuid).run_dir / MARKER
+
+    def _write_marker(self, uuid: str, migration_id: str, role: str) -> None:
+        marker = self._marker(uuid)
+        marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"migration_id": migration_id, "role": role}))
+
+    def _marked(self, uuid: str, migration_id: str, role: str) -> bool:
+        try:
+            data = json.loads(self._marker(uuid).read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(data.get("migration_id") == migration_id and data.get("role") == role)
+
+    def _guarded(self, migration_id: str, role: str, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except MigrationAborted as exc:
+            self.report(migration_id, role, "cancelled", str(exc))
+        except (QemuError, DWCPError, OSError, redis.RedisError) as exc:
+            logger.exception("migration %s (%s) failed", migration_id, role)
+            self.report(migration_id, role, "failed", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            logger.exception("migration %s (%s) failed unexpectedly", migration_id, role)
+            self.report(migration_id, role, "failed", f"node error: {exc!r}")
+
+    # -- destination -----------------------------------------------------------------------------
+
+    def prepare(self, *, migration_id: str, vm: dict[str, Any], mode: str, source_node: str) -> None:
+        spec = VmSpec.from_dict(vm)
+        self._guarded(migration_id, "dest", lambda: self._prepare(migration_id, spec, mode))
+
+    def _prepare(self, migration_id: str, spec: VmSpec, mode: str) -> None:
+        paths = self.driver.paths(spec.uuid)
+        if paths.spec.exists() and not self._marked(spec.uuid, migration_id, "dest"):
+            raise QemuError(f"VM {spec.uuid} already exists on {self.config.name}; refusing to overwrite it")
+        self._write_marker(spec.uuid, migration_id, "dest")
+        if mode == "cold":
+            paths.disk.unlink(missing_ok=True)
+            target = str(paths.disk.relative_to(self.config.data_dir))
+            self.report(
+                migration_id, "dest", "prepared", "ready to receive the disk", targets={"disk": target}
+            )
+            return
+        self.driver.create(spec)
+        self.driver.start(spec.uuid, incoming=True)
+        nbd = paths.run_dir / "nbd.sock"
+        incoming = paths.run_dir / "incoming.sock"
+        for stale in (nbd, incoming):
+            stale.unlink(missing_ok=True)
+        execute = self._executor(spec.uuid)
+        execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd)}}})
+        execute(
+            "block-export-add",
+            {"type": "nbd", "id": "mig-export", "node-name": "disk0", "name": "disk0", "writable": True},
+        )
+        execute("migrate-incoming", {"uri": f"unix:{incoming}"})
+        watcher = threading.Thread(
+            target=self._guarded,
+            args=(migration_id, "dest", lambda: self._watch_incoming(migration_id, spec.uuid)),
+            name=f"incoming-{spec.uuid[:8]}",
+            daemon=True,
+        )
+        watcher.start()
+        run_root = self.config.data_dir / "run"
+        targets = {"disk": str(nbd.relative_to(run_root)), "memory": str(incoming.relative_to(run_root))}
+        self.report(migration_id, "dest", "prepared", "incoming QEMU waiting", targets=targets)
+
+    def _executor(self, uuid: str) -> Callable[[str, dict[str, Any] | None], Any]:
+        def execute(command: str, arguments: dict[str, Any] | None = None) -> Any:
+            return self.driver.execute(uuid, command, arguments)
+
+        return execute
+
+    def _watch_incoming(self, migration_id: str, uuid: str) -> None:
+        """Resume the destination the moment its incoming migration completes (it waits paused, -S)."""
+        deadline = time.monotonic() + INCOMING_TIMEOUT
+        while time.monotonic() < deadline:
+            if not self._marked(uuid, migration_id, "dest"):
+                return  # aborted: the copy was removed
+            try:
+                status = self.driver.execute(uuid, "query-migrate").get("status")
+            except QmpError:
+                if self.driver.status(uuid).state not in (VmState.RUNNING, VmState.PAUSED):
+                    raise QemuError("the destination QEMU exited during the incoming migration") from None
+                status = None
+            if status == "completed":
+                break
+            if status == "failed":
+                raise QemuError("the incoming migration failed on the destination")
+            time.sleep(0.02)  # the guest is paused until this loop sees completion: keep it short
+        else:
+            raise QemuError("the incoming migration did not complete in time")
+        resumed_at = time.time()
+        with contextlib.suppress(QmpError):
+            self.driver.execute(uuid, "block-export-del", {"id": "mig-export", "mode": "hard"})
+        with contextlib.suppress(QmpError):
+            self.driver.execute(uuid, "nbd-server-stop")
+        self.driver.execute(uuid, "cont")
+        self._marker(uuid).unlink(missing_ok=True)
+        self.report(
+            migration_id, "dest", "switched", "destination resumed", stats={"dest_resumed_at": resumed_at}
+        )
+
+    def finish(self, *, migration_id: str, vm: dict[str, Any], start: bool) -> None:
+        """Cold: define the VM around the received disk and start it if it was running."""
+        spec = VmSpec.from_dict(vm)
+
+        def work() -> None:
+            if not self._marked(spec.uuid, migration_id, "dest"):
+                raise QemuError("no prepared copy of this migration here")
+            self.driver.create(spec)  # the received disk is in place: this only records the VM
+            if start:
+                self.driver.start(spec.uuid)
+            self._marker(spec.uuid).unlink(missing_ok=True)
+            self.report(migration_id, "dest", "switched", "started" if start else "defined (stopped)")
+
+        self._guarded(migration_id, "dest", work)
+
+    # -- source ----------------------------------------------------------------------------------
+
+    def send(
+        self,
+        *,
+        migration_id: str,
+        vm: dict[str, Any],
+        mode: str,
+        dest_node: str,
+        dest_dwcp_address: str,
+        tickets: dict[str, str],
+        targets: dict[str, str],
+        options: dict[str, Any],
+    ) -> None:
+        spec = VmSpec.from_dict(vm)
+        control = TransferControl(bandwidth_limit_mbps=options.get("bandwidth_limit_mbps"))
+        job = _SendJob(
+            migration_id=migration_id,
+            spec=spec,
+            address=dest_dwcp_address,
+            tickets=tickets,
+            targets=targets,
+            options=options,
+            control=control,
+            knobs=_Knobs(self.redis, migration_id, control),
+            publisher=_Publisher(self.redis, migration_id),
+        )
+        with self._lock:
+            self._controls[migration_id] = control
+        self._write_marker(spec.uuid, migration_id, "source")
+        try:
+            run = self._send_cold if mode == "cold" else self._send_live
+            self._guarded(migration_id, "source", lambda: run(job))
+        finally:
+            with self._lock:
+                self._controls.pop(migration_id, None)
+
+    def _send_cold(self, job: "_SendJob") -> None:
+        job.knobs.poll()
+        if self.driver.status(job.spec.uuid).state in (VmState.RUNNING, VmState.PAUSED):
+            self.driver.stop(job.spec.uuid)
+        disk = self.driver.paths(job.spec.uuid).disk
+        total = disk.stat().st_size
+        job.publisher.update(
+            phase="disk", disk_total=total, disk_processed=0, disk_remaining=total, percent=0, force=True
+        )
+        done = threading.Event()
+
+        def on_progress(progress: Progress) -> None:
+            job.publisher.update(
+                phase="disk",
+                disk_total=total,
+                disk_processed=progress.raw_bytes,
+                disk_remaining=max(total - progress.raw_bytes, 0),
+                wire_bytes=progress.wire_bytes,
+                rate_bps=progress.rate_bytes_per_second * 8,
+                eta_seconds=progress.eta_seconds,
+                percent=100.0 * progress.raw_bytes / total if total else 100.0,
+            )
+
+        def poll_knobs() -> None:
+            while not done.wait(POLL_SECONDS):
+                with contextlib.suppress(MigrationAborted):
+                    job.knobs.poll()
+
+        poller = threading.Thread(target=poll_knobs, daemon=True)
+        poller.start()
+        try:
+            result = send_file(
+                disk,
+                address=job.address,
+                name=job.targets["disk"],
+                ticket=job.tickets["disk"],
+                secret=self.config.dwcp_secret,
+                source_node=self.config.name,
+                streams=int(job.options.get("streams") or 4),
+                control=job.control,
+                reporter=_CallbackReporter(on_progress),
+            )
+        finally:
+            done.set()
+        if job.control.cancelled.is_set():
+            raise MigrationAborted("cancelled by the job.control plane")
+        job.publisher.update(
+            percent=100.0, disk_processed=total, disk_remaining=0, wire_bytes=result.wire_bytes, force=True
+        )
+        self.report(
+            job.migration_id,
+            "source",
+            "transferred",
+            f"disk sent and verified ({result.raw_bytes} bytes, {result.wire_bytes} on the wire)",
+            stats={
+                "wire_bytes": result.wire_bytes,
+                "disk_bytes": result.raw_bytes,
+                "transfer_seconds": result.seconds,
+                "codec_mix": result.codec_mix,
+                "downtime_ms": None,
+            },
+        )
+
+    def _send_live(self, job: "_SendJob") -> None:
+        paths = self.driver.paths(job.spec.uuid)
+        disk_socket = paths.run_dir / "mig-disk.sock"
+        memory_socket = paths.run_dir / "mig-mem.sock"
+        streams = int(job.options.get("streams") or 4)
+        tunnels = [
+            open_tunnel(
+                address=job.address,
+                local_path=local,
+                ticket=job.tickets[name],
+                secret=self.config.dwcp_secret,
+                source_node=self.config.name,
+                streams=streams,
+                control=job.control,
+            )
+            for name, local in (("disk", disk_socket), ("memory", memory_socket))
+        ]
+        job_id = f"mig-{job.migration_id[:8]}"
+        try:
+            with self.driver.job_session(job.spec.uuid) as qmp:
+                try:
+                    self._live_sequence(qmp, job, job_id, disk_socket, memory_socket)
+                except BaseException:
+                    self._undo_source(qmp, job_id, resume=job.knobs.force_complete)
+                    raise
+            wire = 0
+            for tunnel in tunnels:  # both ends closed their connections once the migration completed
+                try:
+                    wire += tunnel.wait(timeout=10).wire_bytes
+                except (DWCPError, TimeoutError) as exc:
+                    logger.warning("migration %s: tunnel result unavailable: %s", job.migration_id, exc)
+        finally:
+            for tunnel in tunnels:
+                tunnel.close()
+        final = job.publisher.fields
+        job.publisher.update(wire_bytes=wire, force=True)
+        self.report(
+            job.migration_id,
+            "source",
+            "transferred",
+            "live migration completed; source paused",
+            stats={
+                "downtime_ms": final.get("downtime_ms"),
+                "memory_total": final.get("memory_total"),
+                "disk_total": final.get("disk_total"),
+                "wire_bytes": wire,
+                "qemu": final.get("qemu", {}),
+            },
+        )
+
+    def _live_sequence(
+        self, qmp: QmpSession, job: "_SendJob", job_id: str, disk_socket: Path, memory_socket: Path
+    ) -> None:
+        """The QMP sequence on the source, from the mirror to the completed migration (source paused)."""
+        capabilities = [
+            {"capability": "events", "state": True},
+            {"capability": "pause-before-switchover", "state": True},
+            {"capability": "auto-converge", "state": bool(job.options.get("auto_converge", True))},
+        ]
+        qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        mark = qmp.event_mark()
+        qmp.execute(
+            "blockdev-add",
+            {
+                "driver": "nbd",
+                "node-name": MIRROR_NODE,
+                "server": {"type": "unix", "path": str(disk_socket)},
+                "export": "disk0",
+            },
+        )
+        qmp.execute(
+            "blockdev-mirror", {"job-id": job_id, "device": "disk0", "target": MIRROR_NODE, "sync": "top"}
+        )
+        deadline = time.monotonic() + MIRROR_READY_TIMEOUT
+        while not _has_event(qmp, mark, "BLOCK_JOB_READY", job_id):
+            if time.monotonic() > deadline:
+                raise QemuError("the disk mirror did not become ready in time")
+            job.knobs.poll()
+            for block_job in qmp.execute("query-block-jobs"):
+                if block_job.get("device") == job_id:
+                    # len grows as the guest writes, so this fraction can drop: the publisher keeps the
+                    # reported percent monotonic.
+                    total, offset = float(block_job["len"]), float(block_job["offset"])
+                    fraction = offset / total if total else 1.0
+                    job.publisher.update(
+                        phase="disk",
+                        disk_total=total,
+                        disk_processed=offset,
+                        disk_remaining=max(total - offset, 0),
+                        percent=50.0 * fraction,
+                    )
+            if _has_event(qmp, mark, "BLOCK_JOB_CANCELLED", job_id) or _has_event(
+                qmp, mark, "BLOCK_JOB_ERROR", job_id
+            ):
+                raise QemuError("the disk mirror failed")
+            time.sleep(POLL_SECONDS)
+        job.publisher.update(phase="memory", percent=50.0, disk_remaining=0, force=True)
+        self.report(job.migration_id, "source", "phase", "memory")
+        downtime_limit = int(job.options.get("downtime_limit_ms") or 100)
+        qmp.execute(
+            "migrate-set-parameters",
+            {"downtime-limit": downtime_limit, "max-bandwidth": UNLIMITED_QEMU_BANDWIDTH},
+        )
+        migrate_mark = qmp.event_mark()
+        qmp.execute("migrate", {"uri": f"unix:{memory_socket}"})
+        stopped_by_us = False
+        deadline = time.monotonic() + MIGRATE_TIMEOUT
+        while True:
+            if time.monotonic() > deadline:
+                raise QemuError("the memory migration did not converge in time")
+            job.knobs.poll()
+            if job.knobs.force_complete and not stopped_by_us:
+                qmp.execute("stop")  # pause-and-copy: nothing dirties memory any more, so it converges
+                stopped_by_us = True
+            info = qmp.execute("query-migrate")
+            status = info.get("status")
+            ram = info.get("ram") or {}
+            if ram:
+                total = float(ram.get("total", 0))
+                transferred = float(ram.get("transferred", 0))
+                remaining = float(ram.get("remaining", 0))
+                processed = max(total - remaining, 0.0)
+                job.publisher.update(
+                    phase="memory",
+                    memory_total=total,
+                    memory_processed=processed,
+                    memory_remaining=remaining,
+                    dirty_rate=float(ram.get("dirty-pages-rate", 0)) * float(ram.get("page-size", 4096)),
+                    rate_bps=float(ram.get("mbps", 0)) * 1_000_000,
+                    wire_bytes=transferred,
+                    eta_seconds=(remaining * 8 / (float(ram["mbps"]) * 1_000_000))
+                    if ram.get("mbps")
+                    else None,
+                    percent=50.0 + 49.0 * (processed / total if total else 0.0),
+                )
+            if status == "pre-switchover":
+                break
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"the memory migration {status}: {info.get('error-desc', '')}")
+            time.sleep(POLL_SECONDS / 4)
+        # The source CPUs are stopped: finish the mirror consistently, then let the migration complete.
+        cancel_mark = qmp.event_mark()
+        qmp.execute("block-job-cancel", {"device": job_id})
+        qmp.wait_event(
+            "BLOCK_JOB_COMPLETED",
+            timeout=SWITCH_TIMEOUT,
+            after=cancel_mark,
+            match=lambda event: event.data.get("device") == job_id,
+        )
+        qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        qmp.wait_event(
+            "MIGRATION",
+            timeout=SWITCH_TIMEOUT,
+            after=migrate_mark,
+            match=lambda event: event.data.get("status") in ("completed", "failed"),
+        )
+        info = qmp.execute("query-migrate")
+        if info.get("status") != "completed":
+            raise QemuError(f"the memory migration ended {info.get('status')}: {info.get('error-desc', '')}")
+        with contextlib.suppress(QmpError):
+            qmp.execute("blockdev-del", {"node-name": MIRROR_NODE})
+        ram = info.get("ram") or {}
+        job.publisher.update(
+            percent=99.0,
+            memory_remaining=0,
+            downtime_ms=float(info.get("downtime", 0)),
+            qemu={
+                "total_time_ms": info.get("total-time"),
+                "setup_time_ms": info.get("setup-time"),
+                "ram_transferred": ram.get("transferred"),
+                "dirty_sync_count": ram.get("dirty-sync-count"),
+            },
+            force=True,
+        )
+
+    def _undo_source(self, qmp: QmpSession, job_id: str, *, resume: bool) -> None:
+        """Put the source back as it was: no migration, no mirror, the guest running."""
+        for command, arguments in (
+            ("migrate_cancel", None),
+            ("block-job-cancel", {"device": job_id, "force": True}),
+        ):
+            with contextlib.suppress(QmpError):
+                qmp.execute(command, arguments)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(QmpError):
+                jobs = qmp.execute("query-block-jobs")
+                if not any(job.get("device") == job_id for job in jobs):
+                    break
+            time.sleep(0.1)
+        with contextlib.suppress(QmpError):
+            qmp.execute("blockdev-del", {"node-name": MIRROR_NODE})
+        with contextlib.suppress(QmpError):
+            if resume or qmp.execute("query-status").get("status") in (
+                "paused",
+                "postmigrate",
+                "finish-migrate",
+            ):
+                qmp.execute("cont")
+
+    # -- abort / cleanup -------------------------------------------------------------------------
+
+    def abort(self, *, migration_id: str, vm: dict[str, Any], role: str, restart: bool = False) -> None:
+        spec = VmSpec.from_dict(vm)
+
+        def work() -> None:
+            if role == "source":
+                with self._lock:
+                    control = self._controls.get(migration_id)
+                if control is not None:
+                    control.cancel()
+                if restart and self.driver.paths(spec.uuid).spec.exists():
+                    state = self.driver.status(spec.uuid).state
+                    if state not in (VmState.RUNNING, VmState.PAUSED):
+                        self.driver.start(spec.uuid)
+                if self._marked(spec.uuid, migration_id, "source"):
+                    self._marker(spec.uuid).unlink(missing_ok=True)
+                self.report(
+                    migration_id, role, "aborted", "source left running" if restart else "source untouched"
+                )
+                return
+            if self._marked(spec.uuid, migration_id, "dest"):
+                self.driver.delete(spec.uuid)
+                self.report(migration_id, role, "aborted", "destination copy removed")
+            else:
+                self.report(migration_id, role, "aborted", "nothing of this migration here")
+
+        self._guarded(migration_id, role, work)
+
+    def cleanup(self, *, migration_id: str, vm: dict[str, Any]) -> None:
+        spec = VmSpec.from_dict(vm)
+
+        def work() -> None:
+            if not self._marked(spec.uuid, migration_id, "source"):
+                self.report(migration_id, "source", "cleaned", "nothing to clean")
+                return
+            self.driver.delete(spec.uuid)
+            self.report(migration_id, "source", "cleaned", "source copy removed")
+
+        self._guarded(migration_id, "source", work)
+
+
+@dataclass
+class _SendJob:
+    """Everything one outgoing transfer needs."""
+
+    migration_id: str
+    spec: VmSpec
+    address: str
+    tickets: dict[str, str]
+    targets: dict[str, str]
+    options: dict[str, Any]
+    control: TransferControl
+    knobs: _Knobs
+    publisher: _Publisher
+
+
+class _CallbackReporter:
+    def __init__(self, callback: Callable[[Progress], None]) -> None:
+        self.callback = callback
+
+    def report(self, progress: Progress) -> None:
+        self.callback(progress)
+
+
+def _has_event(qmp: QmpSession, mark: int, name: str, job_id: str) -> bool:
+    return any(event.name == name and event.data.get("device") == job_id for event in qmp.events_since(mark))
+
+
+def register_migration_tasks(app: Celery, runner: MigrationRunner) -> None:
+    """Bind the migration tasks of ``workers.contract`` to this node."""
+    options: dict[str, Any] = {
+        "acks_late": True,
+        "reject_on_worker_lost": False,
+        "time_limit": int(MIGRATE_TIMEOUT) + 600,
+    }
+    app.task(name=contract.NODE_MIGRATION_PREPARE, **options)(runner.prepare)
+    app.task(name=contract.NODE_MIGRATION_SEND, **options)(runner.send)
+    app.task(name=contract.NODE_MIGRATION_FINISH, **options)(runner.finish)
+    app.task(name=contract.NODE_MIGRATION_ABORT, **options)(runner.abort)
+    app.task(name=contract.NODE_MIGRATION_CLEANUP, **options)(runner.cleanup)
