@@ -85,8 +85,10 @@ class _Session(abc.ABC):
             last = self.active == 0
             self.cond.notify_all()
         if last:
-            self.server._forget(self)
-            self.release()
+            try:
+                self.release()
+            finally:
+                self.server._forget(self)  # only now may a new transfer claim the same target
 
     @abc.abstractmethod
     def release(self) -> None:

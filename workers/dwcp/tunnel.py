@@ -219,6 +219,12 @@ class TunnelEndpoint:
                 if frame.type in (FrameType.DATA, FrameType.EOF):
                     self.receive_frame(frame)
                 elif frame.type is FrameType.END and responder:
+                    # Answer only once everything from the peer reached the local socket: the
+                    # session (and that socket) is torn down when the last stream has answered.
+                    while not (self.inbound_done.wait(0.1) or self.failed.is_set()):
+                        pass
+                    if self.failed.is_set():
+                        return
                     channel.send(control_frame(FrameType.RESULT, {"ok": True}))
                     return
                 elif frame.type is FrameType.RESULT and not responder:
