@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -68,11 +69,13 @@ def qemu_command(
     accel: str = "tcg",
     extra_cmdline: str = "",
     disk: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line that boots ``image`` with its console on ``serial_socket``.
 
     The socket is a server that does not wait for a client; everything the guest prints is also appended
     to ``serial_log``. ``disk`` (a qcow2 file) is attached as a virtio-blk device, ``/dev/vda`` in the guest.
+    ``extra_args`` are appended as they are (e.g. ``-qmp`` or ``-incoming`` options).
     """
     cmdline = f"{image.cmdline} {extra_cmdline}".strip()
     command = [
@@ -105,7 +108,7 @@ def qemu_command(
             "-device",
             "virtio-blk-pci,drive=disk0",
         ]
-    return command
+    return [*command, *extra_args]
 
 
 @dataclass
@@ -221,6 +224,7 @@ class GuestVM:
         accel: str = "tcg",
         extra_cmdline: str = "",
         disk: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.serial_socket = run_dir / "console.sock"
@@ -238,6 +242,7 @@ class GuestVM:
             accel=accel,
             extra_cmdline=extra_cmdline,
             disk=disk,
+            extra_args=extra_args,
         )
         self.stderr_path = run_dir / "qemu.stderr"
         self.process: subprocess.Popen[bytes] | None = None

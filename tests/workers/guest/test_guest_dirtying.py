@@ -19,7 +19,7 @@ def read_for(console: SerialConsole, seconds: float) -> None:
 @pytest.fixture(scope="module")
 def dirtying_guest(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
     run_dir = tmp_path_factory.mktemp("dirtying-guest")
-    with GuestVM(guest_image, run_dir, extra_cmdline="dirty_mb=32 dirty_rate_mb=8") as vm:
+    with GuestVM(guest_image, run_dir, extra_cmdline="dirty_mb=16 dirty_rate_mb=8") as vm:
         vm.start()
         vm.wait_first_tick(60)
         yield vm
@@ -28,7 +28,7 @@ def dirtying_guest(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFac
 def test_checksum_before_the_memory_is_filled_is_refused(dirtying_guest: GuestVM):
     console = dirtying_guest.console
     assert console is not None
-    # Filling 32 MiB takes over a second under TCG; the first tick comes as the fill starts.
+    # Filling 16 MiB takes most of a second under TCG; the first tick comes as the fill starts.
     console.send("checksum early")
     answer = console.wait_for(r"(checksum|error) early ", 30).string
     if not any(line.startswith("dirty ready") for line in console.lines[:-1]):
@@ -53,7 +53,7 @@ def test_checksum_changes_while_dirtying_and_holds_while_paused(dirtying_guest: 
     console = dirtying_guest.console
     assert console is not None
     if not any(line.startswith("dirty ready") for line in console.lines):
-        console.wait_for(r"dirty ready 32 8$", 30)
+        console.wait_for(r"dirty ready 16 8$", 30)
     assert console.request("ping") == []
     first = console.checksum()
     assert len(first) == 32 and int(first, 16) >= 0
