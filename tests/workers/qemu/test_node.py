@@ -97,3 +97,9 @@ def test_operations_refuse_anything_but_a_uuid(driver: QemuDriver, bad_uuid: str
     for operation in (driver.status, driver.start, driver.stop, driver.reboot, driver.delete):
         with pytest.raises(InvalidSpec, match="is not a VM uuid"):
             operation(bad_uuid)
+
+
+def test_discover_skips_foreign_directories_and_interrupted_creates(driver: QemuDriver):
+    (driver.layout.run_root / "not-a-vm").mkdir()
+    (driver.layout.run_root / str(uuid.uuid4())).mkdir()  # a create that died before writing spec.json
+    assert driver.discover() == []
