@@ -1,4 +1,4 @@
-"""URL routes: the API under /api/v1/, health probes, admin, and JSON errors for API paths."""
+"""URL routes: the API under /api/v1/, health probes, admin, /metrics, /dashboard/; JSON errors for /api/."""
 
 from django.contrib import admin
 from django.urls import include, path
@@ -11,6 +11,7 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
     path("admin/", admin.site.urls),
+    path("", include("apps.monitoring.urls")),
 ]
 
 handler404 = "apps.core.handlers.not_found"

@@ -7,6 +7,8 @@ draws the charts as SVG from the embedded data and refreshes everything from ``/
 from datetime import timedelta
 from typing import Any
 
+import redis
+from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
@@ -51,12 +53,12 @@ def _migration_row(migration: Migration, client: Any) -> dict[str, Any]:
 
 
 def dashboard_context() -> dict[str, Any]:
-    import redis  # noqa: PLC0415
-    from django.conf import settings  # noqa: PLC0415
-
     now = timezone.now()
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    client: redis.Redis | None = redis.Redis.from_url(
+        settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
+    )
     try:
+        assert client is not None
         client.ping()
     except redis.RedisError:
         client = None  # the page still shows what the database knows

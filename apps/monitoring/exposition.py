@@ -34,7 +34,7 @@ from apps.vms.models import Node
 from workers import contract
 
 from .conf import monitoring_setting
-from .keys import API_LOG_DROPPED, API_LOG_LIST
+from .keys import API_LOG_DROPPED, API_LOG_LIST, key
 from .selectors import latest_by_node
 from .services.metrics import queue_depth
 
@@ -74,8 +74,8 @@ class ControlPlaneCollector:
             ]
             for queue in queues:
                 depth.add_metric([queue], queue_depth(client, queue))
-            dropped = int(client.get(API_LOG_DROPPED) or 0)
-            backlog = client.llen(API_LOG_LIST)
+            dropped = int(client.get(key(API_LOG_DROPPED)) or 0)
+            backlog = client.llen(key(API_LOG_LIST))
         except redis.RedisError as exc:
             logger.warning("metrics: Redis figures unavailable: %s", exc)
             return

@@ -24,7 +24,7 @@ from django.urls import Resolver404, resolve
 
 from . import instruments
 from .conf import monitoring_setting
-from .keys import API_LOG_DROPPED, API_LOG_LIST, LATENCY_BUCKETS_MS, REQUEST_STATS
+from .keys import API_LOG_DROPPED, API_LOG_LIST, LATENCY_BUCKETS_MS, REQUEST_STATS, key
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class RequestMonitorMiddleware:
         for field, amount in increments:
             args.extend((field, amount))
         try:
-            _push_script()(keys=[API_LOG_LIST, API_LOG_DROPPED, REQUEST_STATS], args=args)
+            _push_script()(keys=[key(API_LOG_LIST), key(API_LOG_DROPPED), key(REQUEST_STATS)], args=args)
         except redis.RedisError as exc:
             instruments.api_log_send_failures.inc()
             logger.warning("API log entry lost, Redis did not take it: %s", exc)

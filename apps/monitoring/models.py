@@ -42,7 +42,11 @@ class Metric(models.Model):
 
     class Meta:
         db_table = "metrics"
-        indexes = [models.Index(fields=["-timestamp"], name="metrics_timestamp_idx")]
+        indexes = [
+            models.Index(fields=["-timestamp"], name="metrics_timestamp_idx"),
+            # Series, alert windows and the dashboard read one metric over a time range.
+            models.Index(fields=["name", "timestamp"], name="metrics_name_timestamp_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name}={self.value}"

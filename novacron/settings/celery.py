@@ -2,6 +2,7 @@
 
 from .cache import REDIS_URL
 from .env import env, env_int
+from .monitoring import MONITORING
 
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", REDIS_URL, help="Celery broker URL (default: REDIS_URL).")
 CELERY_RESULT_BACKEND = None
@@ -27,6 +28,13 @@ CELERY_BEAT_SCHEDULE = {
     "metrics-flush": {"task": "apps.monitoring.tasks.metrics_flush", "schedule": 10.0},
     "migrations-watchdog": {"task": "apps.migrations.tasks.migrations_watchdog", "schedule": 10.0},
     "migrations-schedule": {"task": "apps.migrations.tasks.migrations_schedule", "schedule": 15.0},
+    "api-logs-flush": {
+        "task": "apps.monitoring.tasks.api_logs_flush",
+        "schedule": MONITORING["API_LOG_FLUSH_INTERVAL"],
+    },
+    "control-metrics-sample": {"task": "apps.monitoring.tasks.control_metrics_sample", "schedule": 10.0},
+    "alerts-evaluate": {"task": "apps.monitoring.tasks.alerts_evaluate", "schedule": 30.0},
+    "metrics-prune": {"task": "apps.monitoring.tasks.metrics_prune", "schedule": 3600.0},
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

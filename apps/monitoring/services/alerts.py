@@ -90,8 +90,8 @@ def _apply(rule: AlertRule, states: list[RuleState], *, now: datetime) -> tuple[
             alert.value = newest.of(rule.aggregation)
             alert.save(update_fields=["value"])
     for subject, alert in open_alerts.items():
-        state = by_subject.get(subject)
-        if state is None or not _breaches(rule, state.windows[0]):
+        current = by_subject.get(subject)
+        if current is None or not _breaches(rule, current.windows[0]):
             alert.status = AlertStatus.RESOLVED
             alert.resolved_at = now
             alert.save(update_fields=["status", "resolved_at"])
@@ -105,7 +105,8 @@ def _notify(alert: Alert, event: str) -> None:
     from ..tasks import alert_webhook_send  # noqa: PLC0415  (tasks import services)
 
     if monitoring_setting("ALERT_WEBHOOK_URL"):
-        alert_webhook_send.delay_on_commit(alert_id=alert.pk, event=event)
+        alert_id = alert.pk
+        transaction.on_commit(lambda: alert_webhook_send.delay(alert_id=alert_id, event=event))
     logger.warning("alert %s: %s", event, alert.message)
 
 

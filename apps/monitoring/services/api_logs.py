@@ -14,7 +14,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 
 from ..conf import monitoring_setting
-from ..keys import API_LOG_LIST
+from ..keys import API_LOG_LIST, key
 from ..models import APILog
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,8 @@ def api_logs_flush(*, client: redis.Redis, batch: int | None = None) -> int:
     written = 0
     for _ in range(MAX_BATCHES_PER_RUN):
         pipe = client.pipeline(transaction=True)
-        pipe.lrange(API_LOG_LIST, -size, -1)
-        pipe.ltrim(API_LOG_LIST, 0, -size - 1)
+        pipe.lrange(key(API_LOG_LIST), -size, -1)
+        pipe.ltrim(key(API_LOG_LIST), 0, -size - 1)
         raw_entries, _ = pipe.execute()
         if not raw_entries:
             break
@@ -38,7 +38,7 @@ def api_logs_flush(*, client: redis.Redis, batch: int | None = None) -> int:
             written += _insert(raw_entries)
         except Exception:
             # Back to the tail, oldest last-in so that the order survives; re-raised for the retry.
-            client.rpush(API_LOG_LIST, *reversed(raw_entries))
+            client.rpush(key(API_LOG_LIST), *reversed(raw_entries))
             raise
         if len(raw_entries) < size:
             break

@@ -23,7 +23,7 @@ from apps.vms.models import VM, Node
 from workers import contract
 
 from ..conf import monitoring_setting
-from ..keys import API_LOG_DROPPED, API_LOG_LIST, LAST_SAMPLE, LATENCY_BUCKETS_MS, REQUEST_STATS
+from ..keys import API_LOG_DROPPED, API_LOG_LIST, LAST_SAMPLE, LATENCY_BUCKETS_MS, REQUEST_STATS, key
 from ..models import APILog, Metric
 
 logger = logging.getLogger(__name__)
@@ -89,11 +89,11 @@ def control_metrics_sample(*, client: redis.Redis, now: float | None = None) -> 
     """
     now = time.time() if now is None else now
     pipe = client.pipeline(transaction=True)
-    pipe.hgetall(REQUEST_STATS)
-    pipe.delete(REQUEST_STATS)
-    pipe.set(LAST_SAMPLE, repr(now), get=True)
-    pipe.get(API_LOG_DROPPED)
-    pipe.llen(API_LOG_LIST)
+    pipe.hgetall(key(REQUEST_STATS))
+    pipe.delete(key(REQUEST_STATS))
+    pipe.set(key(LAST_SAMPLE), repr(now), get=True)
+    pipe.get(key(API_LOG_DROPPED))
+    pipe.llen(key(API_LOG_LIST))
     raw_stats, _, last_sample, dropped, backlog = pipe.execute()
     interval = now - float(last_sample) if last_sample else DEFAULT_SAMPLE_INTERVAL
     if interval <= 0:
@@ -176,13 +176,13 @@ def metrics_prune(
     cutoff = now - timedelta(days=days if days is not None else monitoring_setting("METRICS_RETENTION_DAYS"))
     size = batch or monitoring_setting("RETENTION_DELETE_BATCH")
     deleted = {"metrics": 0, "api_logs": 0}
-    for key, model in (("metrics", Metric), ("api_logs", APILog)):
+    for table, model in (("metrics", Metric), ("api_logs", APILog)):
         while True:
             ids = list(model.objects.filter(timestamp__lt=cutoff).values_list("pk", flat=True)[:size])
             if not ids:
                 break
             count, _ = model.objects.filter(pk__in=ids).delete()
-            deleted[key] += count
+            deleted[table] += count
             if len(ids) < size:
                 break
     return deleted
