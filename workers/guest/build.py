@@ -182,10 +182,6 @@ def kernel_files(deb: Path, release: str, log: Log) -> tuple[bytes, dict[str, by
     return (unpacked / "vmlinuz").read_bytes(), modules
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -229,16 +225,16 @@ def _file_record(out: Path, name: str) -> dict[str, object]:
     return {"path": name, "size": path.stat().st_size, "sha256": _file_sha256(path)}
 
 
-def _reusable(out: Path, inputs: dict[str, str], boot_check: bool) -> dict[str, object] | None:
-    manifest_path = out / "manifest.json"
+def _up_to_date(out: Path, inputs: dict[str, str], boot_check: bool) -> bool:
+    """Whether ``out`` holds an intact build of the same inputs (boot-checked, if that is asked for)."""
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
-        return None
+        return False
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("inputs") != inputs:
-        return None
+        return False
     if boot_check and manifest.get("boot_check") is None:
-        return None
+        return False
     for key in ("kernel", "initrd"):
         record = manifest[key]
         path = out / record["path"]
@@ -247,8 +243,8 @@ def _reusable(out: Path, inputs: dict[str, str], boot_check: bool) -> dict[str, 
             or path.stat().st_size != record["size"]
             or _file_sha256(path) != record["sha256"]
         ):
-            return None
-    return dict(manifest)
+            return False
+    return True
 
 
 def check_boot(out: Path, kernel_name: str, log: Log) -> float:
@@ -290,7 +286,7 @@ def build(
         "builder_sha256": builder_fingerprint(),
     }
     with _locked(out):
-        if _reusable(out, inputs, boot_check) is not None:
+        if _up_to_date(out, inputs, boot_check):
             log(f"test guest in {out} is up to date")
             return out / "manifest.json"
         kernel_deb = download(kernel_pkg, cache, log)
@@ -312,8 +308,7 @@ def build(
             fallback = f"uncompressed vmlinux unusable ({error}); using the compressed vmlinuz"
             log(fallback)
 
-        for stale in ("vmlinux", "vmlinuz", "manifest.json"):
-            (out / stale).unlink(missing_ok=True)
+        # Files are replaced by rename, never removed first: QEMUs started from an older build keep working.
         _write(out / "initrd.img", initramfs(busybox, modules, order))
         kernel_name = "vmlinuz" if fallback else "vmlinux"
         _write(out / kernel_name, vmlinuz if fallback else vmlinux)
@@ -329,7 +324,6 @@ def build(
                     f"PVH boot of the uncompressed vmlinux failed ({error}); using the compressed vmlinuz"
                 )
                 log(fallback)
-                (out / "vmlinux").unlink()
                 kernel_name = "vmlinuz"
                 _write(out / kernel_name, vmlinuz)
                 seconds = check_boot(out, kernel_name, log)
@@ -358,6 +352,8 @@ def build(
             "inputs": inputs,
         }
         _write(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        # The kernel of the other kind, left by an earlier build, is not described by the manifest.
+        (out / ("vmlinux" if kernel_name == "vmlinuz" else "vmlinuz")).unlink(missing_ok=True)
         log(f"test guest written to {out}")
         return out / "manifest.json"
 
