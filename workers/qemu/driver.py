@@ -176,6 +176,7 @@ class QemuDriver:
     def create(self, spec: VmSpec) -> VmStatus:
         """Make the VM's disk and run directory; a repeat with the same spec changes nothing."""
         paths = self.layout.vm(spec.uuid)
+        made_run_dir = not paths.run_dir.exists()
         paths.run_dir.mkdir(mode=0o700, exist_ok=True)
         with self._locked(paths):
             if paths.spec.exists():
@@ -186,15 +187,20 @@ class QemuDriver:
                         "delete it first or use a new uuid"
                     )
                 return self.status(spec.uuid)
+            made_disk = False
             try:
                 _check_image_files(spec)
-                if not paths.disk.exists():
+                if not paths.disk.exists():  # a disk put in place beforehand (cold migration) is kept
                     self._create_disk(spec, paths)
+                    made_disk = True
                 _write_json_atomically(paths.spec, spec.to_dict())
             except BaseException:
-                # A create that fails leaves nothing behind (spec.json is written last).
-                paths.disk.unlink(missing_ok=True)
-                shutil.rmtree(paths.run_dir, ignore_errors=True)
+                # A failed create removes what it made, and only that (spec.json is written last).
+                _temporary_disk(paths).unlink(missing_ok=True)
+                if made_disk:
+                    paths.disk.unlink(missing_ok=True)
+                if made_run_dir:
+                    shutil.rmtree(paths.run_dir, ignore_errors=True)
                 raise
         return self.status(spec.uuid)
 

@@ -103,3 +103,17 @@ def test_discover_skips_foreign_directories_and_interrupted_creates(driver: Qemu
     (driver.layout.run_root / "not-a-vm").mkdir()
     (driver.layout.run_root / str(uuid.uuid4())).mkdir()  # a create that died before writing spec.json
     assert driver.discover() == []
+
+
+def test_a_failed_create_keeps_files_it_did_not_make(driver: QemuDriver, data_dir: Path):
+    spec = VmSpec(str(uuid.uuid4()), "received", 1, 128, 1, DiskImage(data_dir / "absent.qcow2"))
+    paths = driver.paths(spec.uuid)
+    paths.run_dir.mkdir(mode=0o700)
+    marker = paths.run_dir / "migration.json"
+    marker.write_text("{}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(paths.disk), "1G"], check=True)
+    with pytest.raises(InvalidSpec):
+        driver.create(spec)
+    assert marker.exists()
+    assert paths.disk.exists()
+    assert not paths.spec.exists()
