@@ -1139,3 +1139,27 @@ def test_placement_filters_and_weighs(operator: NovaCronClient, alice: NovaCronC
     ):
         assert resp.status == 400, str(resp)
         assert resp.error.get("fields"), resp.data
+
+
+def test_batch_items_take_names_or_ids(fleet: dict[str, Any], alice: NovaCronClient) -> None:
+    image_id, node_b = fleet["image"]["id"], fleet["nodes"][1]
+    items = [
+        {
+            "name": "ref-1",
+            "image": image_id,
+            "node": node_b["id"],
+            "vcpus": 1,
+            "memory_mb": 256,
+            "disk_gb": 1,
+        },
+        {"name": "ref-2", "image": "debian-12", "node": "node-a", "vcpus": 1, "memory_mb": 256, "disk_gb": 1},
+    ]
+    resp = alice.batch_create(items)
+    assert resp.status == 202, str(resp)
+    placed = {vm["name"]: vm["node"] for vm in resp.data["vms"]}
+    assert placed["ref-1"] in ("node-b", node_b["id"]) and placed["ref-2"] in (
+        "node-a",
+        fleet["nodes"][0]["id"],
+    )
+    batch = alice.batch(resp.data["batch"]["id"])
+    assert batch.status == 200 and batch.data["id"] == resp.data["batch"]["id"], str(batch)
