@@ -19,15 +19,16 @@ DIRTY_FILE=/dirty/mem
 DIRTY_MB=0
 DIRTY_RATE_MB=0
 
+# Decimal without leading zeros: ash reads "08" as bad octal, and an arithmetic error would end PID 1.
 is_number() {
-	case $1 in '' | *[!0-9]*) return 1 ;; esac
-	return 0
+	case $1 in '' | *[!0-9]* | 0?*) return 1 ;; esac
+	[ ${#1} -le 9 ]
 }
 
 for arg in $(cat /proc/cmdline); do
 	case $arg in
-	dirty_mb=*) is_number "${arg#*=}" && DIRTY_MB=$((${arg#*=} + 0)) ;;
-	dirty_rate_mb=*) is_number "${arg#*=}" && DIRTY_RATE_MB=$((${arg#*=} + 0)) ;;
+	dirty_mb=*) is_number "${arg#*=}" && DIRTY_MB=${arg#*=} ;;
+	dirty_rate_mb=*) is_number "${arg#*=}" && DIRTY_RATE_MB=${arg#*=} ;;
 	esac
 done
 
@@ -106,6 +107,8 @@ dirtier() {
 	done
 }
 
+ticker &
+
 # Block devices: load virtio-blk (shipped as modules) only when a virtio block device is present.
 DISK=
 for dev in /sys/bus/pci/devices/*; do
@@ -181,7 +184,6 @@ handle() {
 	esac
 }
 
-ticker &
 if [ "$DIRTY_MB" -gt 0 ]; then
 	mkdir -p /dirty
 	mount -t tmpfs -o size=$((DIRTY_MB + 1))m tmpfs /dirty
