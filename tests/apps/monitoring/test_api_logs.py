@@ -45,9 +45,7 @@ def test_requests_write_no_log_row_until_the_flush_and_then_one_insert_per_batch
     assert redis_client.llen(key(API_LOG_LIST)) == 0
 
 
-def test_endpoint_is_the_route_pattern_and_the_request_id_is_honoured_or_minted(
-    api, redis_client, node
-):
+def test_endpoint_is_the_route_pattern_and_the_request_id_is_honoured_or_minted(api, redis_client, node):
     vm_id = uuid.uuid4()
     answer = api.get(f"/api/v1/vms/{vm_id}/", HTTP_X_REQUEST_ID="trace-42")
     assert answer.status_code == 404
@@ -74,9 +72,9 @@ def test_entries_go_back_to_redis_when_the_insert_fails(api, redis_client):
         api.get("/api/v1/users/me/")
     buffered = redis_client.lrange(key(API_LOG_LIST), 0, -1)
     with pytest.raises(DatabaseError), transaction.atomic():
-        with connection.cursor() as cursor:  # leaves the transaction aborted: the INSERT must fail
-            with pytest.raises(ProgrammingError):
-                cursor.execute("SELECT * FROM no_such_table")
+        # A failed statement leaves the transaction aborted: the INSERT must fail too.
+        with connection.cursor() as cursor, pytest.raises(ProgrammingError):
+            cursor.execute("SELECT * FROM no_such_table")
         services.api_logs_flush(client=redis_client)
     assert redis_client.lrange(key(API_LOG_LIST), 0, -1) == buffered
     assert services.api_logs_flush(client=redis_client) == 3

@@ -102,7 +102,10 @@ def test_series_are_downsampled_in_the_database(staff_api, node, make_node):
         ({"name": "x", "since": "yesterday"}, "since"),
         ({"name": "x", "since": "2026-11-02T00:00:00Z", "until": "2026-11-01T00:00:00Z"}, "since"),
         ({"name": "x", "since": "2026-01-01T00:00:00Z", "until": "2026-11-01T00:00:00Z"}, "since"),
-        ({"name": "x", "step": "1s", "since": "2026-11-01T00:00:00Z", "until": "2026-11-02T00:00:00Z"}, "step"),
+        (
+            {"name": "x", "step": "1s", "since": "2026-11-01T00:00:00Z", "until": "2026-11-02T00:00:00Z"},
+            "step",
+        ),
         ({"name": "x", "node": "no-such-node"}, "node"),
         ({"name": "x", "vm": "not-a-uuid"}, "vm"),
         ({"name": "x", "colour": "blue"}, "colour"),
