@@ -27,19 +27,23 @@ Boot (TCG; KVM works the same way on hosts where it really boots Linux)::
         -chardev socket,id=console,path=console.sock,server=on,wait=off,logfile=console.log \\
         -serial chardev:console
 
-(``-nographic`` with ``-serial stdio`` works too.) Optional: a virtio-blk disk, e.g. ``-blockdev
-driver=file,filename=disk.qcow2,node-name=file0 -blockdev driver=qcow2,file=file0,node-name=disk0 -device
-virtio-blk-pci,drive=disk0``, becomes ``/dev/vda`` (init loads the virtio modules only when one is present).
+(``-nographic`` instead of the ``-chardev``/``-serial`` pair puts the console on stdio.) Optional: a
+virtio-blk disk, e.g. ``-blockdev driver=file,filename=disk.qcow2,node-name=file0 -blockdev
+driver=qcow2,file=file0,node-name=disk0 -device virtio-blk-pci,drive=disk0``, becomes ``/dev/vda`` (init
+loads the virtio modules only when one is present).
 
 Kernel command line (besides ``console=ttyS0``): ``dirty_mb=M`` fills M MiB of a tmpfs (RAM) with random
 data, then, with ``dirty_rate_mb=R``, keeps rewriting it round robin at about R MiB/s (under TCG the guest
-cannot exceed roughly 20-25 MiB/s; ``dirty_rate_mb=0`` or absent: filled once, never rewritten). The guest
-needs at least 96 MiB of RAM (64 MiB does not boot) plus M.
+cannot exceed roughly 20-25 MiB/s; ``dirty_rate_mb=0`` or absent: filled once, never rewritten). Values are
+decimal without leading zeros (others are ignored). The guest needs at least 96 MiB of RAM (64 MiB does
+not boot) plus M.
 
 Serial console output: an empty line first, then ``tick 0``, ``tick 1``, ... every 100 ms (paced from
-``/proc/uptime``; after a pause the count resumes without a burst), and ``dirty ready M R`` once the dirty
-memory is filled (``dirty error fill-failed`` if it does not fit). Lines end in ``\\r\\n``; the log also
-starts with firmware escape codes.
+``/proc/uptime``; after a pause or a migration the count goes on without a burst; a reset restarts it at
+0). The first tick comes about 2.7-3 s after QEMU starts under TCG on a quiet host (measured; several
+times that on an overloaded one; the compressed vmlinuz takes about three times as long). Then
+``dirty ready M R`` once the dirty memory is filled (``dirty error fill-failed`` if it does not fit).
+Lines end in ``\\r\\n``; the log also starts with firmware escape codes.
 
 Request protocol: write one line ``COMMAND TAG [VALUE]`` to the serial port input (the unix socket above);
 TAG is a word chosen by the caller (``-`` if omitted) and is repeated in the one-line answer, which may
