@@ -11,6 +11,7 @@ a thread pool and uses every core. Decoding is bounded: the output size is the f
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import struct
 import threading
@@ -77,6 +78,7 @@ def dedup_key(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+@functools.lru_cache(maxsize=64)  # lengths are the chunk size and a few tails
 def zero_checksum(length: int) -> int:
     return xxhash.xxh3_64_intdigest(memoryview(_ZEROS)[:length])
 

@@ -3,8 +3,9 @@
 Files travel as fixed-size chunks on a grid (chunk ``i`` covers ``[i*chunk_size, (i+1)*chunk_size)``).
 The grid makes resume and verification simple: the receiver keeps a bitmap of chunks it holds and
 journals it next to the partial file; the whole-file digest is the xxh3-128 of the per-chunk
-xxh3-64 values in order, which the sender computes from what it read and the receiver recomputes
-by reading back what it wrote (holes count as zero chunks on both sides). Data lands in
+xxh3-64 values in order, which the sender computes from what it read and the receiver from what
+it verified and wrote (or, after a resume, by reading the whole file back); holes count as zero
+chunks on both sides. Data lands in
 ``.<name>.dwcp-part`` and is renamed to ``<name>`` only once that digest matches.
 """
 
@@ -171,6 +172,8 @@ class FileReceiver:
         self._journal_written = 0.0
         self.bytes_written = 0
         self.bytes_referenced = 0
+        # xxh3-64 of every chunk written in this session, checked against the frame before pwrite.
+        self.checksums: list[int | None] = [None] * self.count
 
     def _load_journal(self) -> ChunkMap:
         empty = ChunkMap(self.count)
@@ -243,6 +246,7 @@ class FileReceiver:
             self.bytes_written += frame.raw_length
         with self._lock:
             self.held.add(index)
+            self.checksums[index] = frame.checksum
             now = time.monotonic()
             if now - self._journal_written >= limits.JOURNAL_INTERVAL_SECONDS:
                 self._write_journal()
@@ -263,9 +267,22 @@ class FileReceiver:
         os.replace(scratch, self.journal_path)
 
     def finish(self, expected_digest: str, executor: Executor) -> str:
-        """Read back the whole part file, compare digests, and rename into place."""
-        os.fsync(self.fd)
-        checksums = compute_checksums(self.fd, self.spec.size, self.spec.chunk_size, executor)
+        """Compare the whole-file digest with the sender's, then rename into place.
+
+        A fresh part file holds exactly the chunks verified on arrival (the rest was created as
+        holes), so its digest follows from their checksums. A resumed one may hold bytes from an
+        earlier attempt that nothing checked since, so it is read back in full instead.
+        """
+        os.fsync(self.fd)  # durable before it gets its final name: the source may be deleted next
+        if self.resumed:
+            checksums = compute_checksums(self.fd, self.spec.size, self.spec.chunk_size, executor)
+        else:
+            checksums = [
+                codecs.zero_checksum(chunk_length(index, self.spec.size, self.spec.chunk_size))
+                if value is None
+                else value
+                for index, value in enumerate(self.checksums)
+            ]
         digest = file_digest(checksums)
         if digest != expected_digest:
             self.discard()

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, TextIO
-
-import redis
-from redis.typing import EncodableT, FieldT
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from . import limits
+
+if TYPE_CHECKING:  # importing redis costs about a second of start-up; only the reporter needs it
+    import redis
+    from redis.typing import EncodableT, FieldT
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class RedisProgressReporter:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisProgressReporter:
+        import redis  # noqa: PLC0415 - deferred, see the module imports
+
         return cls(redis.Redis.from_url(url), **kwargs)
 
     def key(self, transfer_id: str) -> str:
@@ -139,6 +142,8 @@ class RedisProgressReporter:
         return f"{self._prefix}{transfer_id}:events"
 
     def report(self, progress: Progress) -> None:
+        import redis  # noqa: PLC0415 - already loaded by whoever built the client
+
         document = progress.as_dict()
         mapping: dict[FieldT, EncodableT] = {
             key: json.dumps(value) if isinstance(value, dict) else ("" if value is None else str(value))
