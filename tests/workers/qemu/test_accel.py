@@ -36,7 +36,7 @@ def test_the_probe_guest_completes_under_tcg(tools: QemuTools):
 
 @pytest.mark.parametrize("cpu_model", ["host", "qemu64"])
 def test_the_kvm_probe_answers_within_its_timeout(tools: QemuTools, cpu_model: str):
-    timeout = 2.0
+    timeout = 1.0
     started = time.monotonic()
     result = probe_kvm(tools, cpu_model=cpu_model, timeout=timeout)
     elapsed = time.monotonic() - started

@@ -260,22 +260,20 @@ def test_a_qemu_terminated_by_a_signal_is_reported_with_qemus_own_message(
     assert any("terminating on signal 15" in line for line in status.qemu_messages)
 
 
-def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_an_incoming_vm(
-    driver: QemuDriver, guest_spec: SpecFactory
+def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_another_node(
+    booted, driver: QemuDriver, guest_spec: SpecFactory
 ):
-    source, destination = guest_spec(name="source"), guest_spec(name="destination")
-    for spec in (source, destination):
-        driver.create(spec)
-    driver.start(source.uuid)
-    source_log = driver.paths(source.uuid).serial_log
-    wait_for_serial(source_log, b"tick 3\r")
-
+    # Runs last in this module: it leaves the shared guest's QEMU in "postmigrate".
+    source_driver, source = booted  # the shared guest, in its own data dir: one node ...
+    destination = guest_spec(name="destination")  # ... and this driver's data dir: another node
+    driver.create(destination)
     incoming = driver.start(destination.uuid, incoming=True)
     assert (incoming.state, incoming.qemu_status) == (VmState.PAUSED, "inmigrate")
     channel = driver.layout.data_dir / "migration.sock"
     driver.execute(destination.uuid, "migrate-incoming", {"uri": f"unix:{channel}"})
 
-    with driver.job_session(source.uuid) as qmp:
+    source_log = source_driver.paths(source.uuid).serial_log
+    with source_driver.job_session(source.uuid) as qmp:
         qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         mark = qmp.event_mark()
         started = time.monotonic()
@@ -289,7 +287,7 @@ def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_an_incoming_vm(
         print(f"\nmigration {done.data['status']} in {time.monotonic() - started:.2f} s")
         assert done.data["status"] == "completed"
     last_source_tick = last_tick(source_log)
-    assert driver.status(source.uuid).qemu_status == "postmigrate"
+    assert source_driver.status(source.uuid).qemu_status == "postmigrate"
 
     assert driver.status(destination.uuid).state is VmState.PAUSED  # -S: paused until told to continue
     driver.execute(destination.uuid, "cont")
