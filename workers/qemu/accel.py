@@ -287,9 +287,9 @@ def resolve_accelerator(
     timeout: float = DEFAULT_PROBE_TIMEOUT,
 ) -> Accelerator:
     """The accelerator to run VMs with: the setting itself, or the probe's verdict for ``auto``."""
-    if setting is AcceleratorSetting.TCG:
+    if setting == AcceleratorSetting.TCG:
         return Accelerator.TCG
-    if setting is AcceleratorSetting.KVM:
+    if setting == AcceleratorSetting.KVM:
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise QemuError(
                 "accelerator is set to kvm but /dev/kvm is missing or not read-writable; "

@@ -101,6 +101,17 @@ class DriverSettings:
     qemu_system: str = "qemu-system-x86_64"
     qemu_img: str = "qemu-img"
 
+    def __post_init__(self) -> None:
+        # Settings often arrive as plain strings from the environment: normalise and check them here.
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        try:
+            object.__setattr__(self, "accelerator", AcceleratorSetting(self.accelerator))
+        except ValueError as exc:
+            raise QemuError(f"accelerator must be one of kvm, tcg, auto; not {self.accelerator!r}") from exc
+        for name in ("powerdown_timeout", "quit_timeout", "start_timeout", "qmp_timeout", "probe_timeout"):
+            if not getattr(self, name) >= 0:
+                raise QemuError(f"{name} must be a number of seconds >= 0, not {getattr(self, name)!r}")
+
     def cpu_model_for(self, accelerator: Accelerator) -> str:
         if self.cpu_model:
             return self.cpu_model

@@ -17,6 +17,7 @@ from workers.qemu import (
     InvalidSpec,
     KernelImage,
     QemuDriver,
+    QemuError,
     QemuNotInstalled,
     VmSpec,
     VmState,
@@ -117,3 +118,13 @@ def test_a_failed_create_keeps_files_it_did_not_make(driver: QemuDriver, data_di
     assert marker.exists()
     assert paths.disk.exists()
     assert not paths.spec.exists()
+
+
+def test_settings_accept_strings_from_the_environment_and_refuse_nonsense(data_dir: Path):
+    settings = DriverSettings(str(data_dir), accelerator="tcg")  # type: ignore[arg-type]
+    assert settings.accelerator is AcceleratorSetting.TCG
+    assert settings.data_dir == data_dir
+    with pytest.raises(QemuError, match="accelerator must be one of kvm, tcg, auto"):
+        DriverSettings(data_dir, accelerator="hvf")  # type: ignore[arg-type]
+    with pytest.raises(QemuError, match="powerdown_timeout must be"):
+        DriverSettings(data_dir, powerdown_timeout=-1)
