@@ -901,11 +901,11 @@ def test_batch_of_1000_put_delete_and_pagination(
     assert alice.vm(ids[0]).data["state"] == "pending"
 
     # issue 2 "Must show": batch create of 1000 VMs under 1 s of server time. This machine is shared with
-    # other test runs, so a slow sample gets up to two more tries (more batches of 1000), and the best
+    # other test runs, so a slow sample gets one more try (another batch of 1000), and the better
     # one counts. If even that is over 1 s while the machine is overloaded (1-minute load average above
     # the CPU count), the figure measures the machine, not the server: warn instead of failing.
     samples = [server_s]
-    while min(samples) >= 1.0 and len(samples) < 3:
+    while min(samples) >= 1.0 and len(samples) < 2:
         finished = server_clock.count("POST", "/api/v1/vms/batch/")
         more = [item | {"name": f"again{len(samples)}-{n:04d}"} for n, item in enumerate(items)]
         again = alice.batch_create(more)
@@ -1044,13 +1044,15 @@ def test_vm_migration_batch_lists_have_the_list_shape(fleet: dict[str, Any], ali
     reason="server bug: GET /api/v1/nodes/ and /api/v1/images/ return a bare JSON array, "
     'not {"next","previous","results"} (section 3 "Shapes": lists are {"next","previous","results"})',
 )
-@pytest.mark.parametrize("path", ["/api/v1/nodes/", "/api/v1/images/"])
-def test_node_and_image_lists_have_the_list_shape(
-    fleet: dict[str, Any], alice: NovaCronClient, path: str
-) -> None:
-    resp = alice.get(path)
-    assert resp.status == 200, str(resp)
-    assert_list_shape(resp.data)
+def test_node_and_image_lists_have_the_list_shape(fleet: dict[str, Any], alice: NovaCronClient) -> None:
+    shapes: dict[str, Any] = {}
+    for path in ("/api/v1/nodes/", "/api/v1/images/"):
+        resp = alice.get(path)
+        assert resp.status == 200, str(resp)
+        shapes[path] = sorted(resp.data) if isinstance(resp.data, dict) else type(resp.data).__name__
+    assert all(isinstance(v, list) and {"next", "previous", "results"} <= set(v) for v in shapes.values()), (
+        shapes
+    )
 
 
 @pytest.mark.xfail(
