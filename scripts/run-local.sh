@@ -52,6 +52,12 @@ export NODE_POWERDOWN_TIMEOUT="${NODE_POWERDOWN_TIMEOUT:-5}"
 .venv/bin/python manage.py bootstrap
 .venv/bin/python manage.py collectstatic --no-input -v 0
 
+# Prometheus multiprocess mode: the web and Celery processes write their counters under this directory
+# and GET /metrics merges them. Files of an earlier run would be counted again: empty it at each start.
+export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/var/prometheus}"
+mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+find "$PROMETHEUS_MULTIPROC_DIR" -name '*.db' -type f -delete
+
 cat <<MSG
 
 NovaCron is starting:
@@ -59,6 +65,7 @@ NovaCron is starting:
   API docs         http://$HOST:$PORT/api/v1/docs/
   Admin            http://$HOST:$PORT/admin/      user admin, password: $NOVACRON_ADMIN_PASSWORD
   Flower           http://127.0.0.1:$FLOWER_PORT/  user admin, same password
+  Dashboard        http://$HOST:$PORT/dashboard/  (staff login); Prometheus text at /metrics
   Nodes            node1 (DWCP 127.0.0.1:7001), node2 (DWCP 127.0.0.1:7002), data in var/nodes/
   Try              POST /api/v1/vms/ {"name": "demo", "image": "testguest", "vcpus": 1, "memory_mb": 128, "disk_gb": 1}
   Database         ${DATABASE_URL:-SQLite file var/novacron.sqlite3}

@@ -13,6 +13,8 @@ COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 NOT_SETTINGS = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
 # Read by `manage.py bootstrap` (the admin password) rather than by the settings modules.
 BOOTSTRAP = {"NOVACRON_ADMIN_PASSWORD"}
+# Grafana's own configuration variables.
+GRAFANA_SETTINGS = {"GF_SECURITY_ADMIN_USER", "GF_SECURITY_ADMIN_PASSWORD", "GF_USERS_ALLOW_SIGN_UP"}
 
 
 def test_compose_has_every_service_of_the_design():
@@ -25,6 +27,8 @@ def test_compose_has_every_service_of_the_design():
         "flower",
         "node1",
         "node2",
+        "prometheus",
+        "grafana",
     }
 
 
@@ -36,12 +40,21 @@ def test_every_variable_compose_sets_is_read_by_the_settings():
             if name == "postgres":
                 assert variable in NOT_SETTINGS
                 continue
+            if name == "grafana":
+                assert variable in GRAFANA_SETTINGS
+                continue
             assert variable in DOCUMENTED or variable in BOOTSTRAP, f"{name} sets {variable}, read by nobody"
 
 
 def test_required_secrets_are_passed_from_the_environment_not_written_down():
     text = (ROOT / "compose.yaml").read_text()
-    for secret in ("SECRET_KEY", "DWCP_SECRET", "POSTGRES_PASSWORD", "NOVACRON_ADMIN_PASSWORD"):
+    for secret in (
+        "SECRET_KEY",
+        "DWCP_SECRET",
+        "POSTGRES_PASSWORD",
+        "NOVACRON_ADMIN_PASSWORD",
+        "METRICS_TOKEN",
+    ):
         for value in re.findall(rf"{secret}: (.*)", text):
             assert value.startswith("${"), f"{secret} is written into compose.yaml"
 
