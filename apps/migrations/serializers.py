@@ -43,7 +43,11 @@ def progress_view(migration: Migration, current: dict[str, Any]) -> dict[str, An
         "wire_bytes": figure("wire_bytes"),
         "rate_bps": figure("rate_bps"),
         "eta_seconds": figure("eta_seconds"),
-        "downtime_ms": figure("downtime_ms"),
+        # What the guest lived through (source stop -> destination resume) when both ends reported it;
+        # QEMU's own figure (stats.qemu_downtime_ms) leaves out the destination's resume.
+        "downtime_ms": figure("guest_pause_ms")
+        if figure("guest_pause_ms") is not None
+        else figure("qemu_downtime_ms"),
         "total_seconds": figure("total_seconds"),
     }
 

@@ -282,7 +282,12 @@ def migration_report(
         return
     actor = f"node {node}"
     if stats:
-        migration.stats = {**migration.stats, **stats}
+        merged = {**migration.stats, **stats}
+        stopped, resumed = merged.get("source_stopped_at"), merged.get("dest_resumed_at")
+        if isinstance(stopped, (int, float)) and isinstance(resumed, (int, float)):
+            # What the guest lived through: source CPUs stopped -> destination CPUs resumed (QMP event times).
+            merged["guest_pause_ms"] = round((resumed - stopped) * 1000, 1)
+        migration.stats = merged
         migration.save(update_fields=["stats"])
     status = MigrationStatus(migration.status)
     if event in ("aborted", "cleaned"):

@@ -33,7 +33,7 @@ from workers.dwcp import (
     open_tunnel,
     send_file,
 )
-from workers.qemu import QemuDriver, QemuError, QmpError, QmpSession, VmSpec, VmState
+from workers.qemu import QemuDriver, QemuError, QmpError, QmpSession, QmpTimeout, VmSpec, VmState
 
 from .config import NodeConfig
 
@@ -202,14 +202,18 @@ class MigrationRunner:
             "block-export-add",
             {"type": "nbd", "id": "mig-export", "node-name": "disk0", "name": "disk0", "writable": True},
         )
-        execute("migrate-incoming", {"uri": f"unix:{incoming}"})
+        # The watcher holds the second monitor before the migration can start, so no event is missed.
+        ready = threading.Event()
         watcher = threading.Thread(
             target=self._guarded,
-            args=(migration_id, "dest", lambda: self._watch_incoming(migration_id, spec.uuid)),
+            args=(migration_id, "dest", lambda: self._watch_incoming(migration_id, spec.uuid, ready)),
             name=f"incoming-{spec.uuid[:8]}",
             daemon=True,
         )
         watcher.start()
+        if not ready.wait(30):
+            raise QemuError("could not open the destination's job monitor")
+        execute("migrate-incoming", {"uri": f"unix:{incoming}"})
         run_root = self.config.data_dir / "run"
         targets = {"disk": str(nbd.relative_to(run_root)), "memory": str(incoming.relative_to(run_root))}
         self.report(migration_id, "dest", "prepared", "incoming QEMU waiting", targets=targets)
@@ -220,34 +224,47 @@ class MigrationRunner:
 
         return execute
 
-    def _watch_incoming(self, migration_id: str, uuid: str) -> None:
-        """Resume the destination the moment its incoming migration completes (it waits paused, -S)."""
-        deadline = time.monotonic() + INCOMING_TIMEOUT
-        while time.monotonic() < deadline:
-            if not self._marked(uuid, migration_id, "dest"):
-                return  # aborted: the copy was removed
-            try:
-                status = self.driver.execute(uuid, "query-migrate").get("status")
-            except QmpError:
-                if self.driver.status(uuid).state not in (VmState.RUNNING, VmState.PAUSED):
-                    raise QemuError("the destination QEMU exited during the incoming migration") from None
-                status = None
-            if status == "completed":
-                break
-            if status == "failed":
+    def _watch_incoming(self, migration_id: str, uuid: str, ready: threading.Event) -> None:
+        """Resume the destination the moment its incoming migration completes (it waits paused, -S).
+
+        The source finished its disk mirror before it let the migration complete, so nothing writes
+        to the NBD export any more: drop it, resume the guest, then stop the NBD server.
+        """
+        with self.driver.job_session(uuid) as qmp:
+            mark = qmp.event_mark()
+            ready.set()
+            deadline = time.monotonic() + INCOMING_TIMEOUT
+            while True:
+                try:
+                    event = qmp.wait_event(
+                        "MIGRATION",
+                        timeout=5,
+                        after=mark,
+                        match=lambda event: event.data.get("status") in ("completed", "failed"),
+                    )
+                    break
+                except QmpTimeout:
+                    if not self._marked(uuid, migration_id, "dest"):
+                        return  # aborted: the copy was removed
+                    if not qmp.connected or time.monotonic() > deadline:
+                        raise QemuError("the destination QEMU stopped waiting for the migration") from None
+            if event.data.get("status") != "completed":
                 raise QemuError("the incoming migration failed on the destination")
-            time.sleep(0.02)  # the guest is paused until this loop sees completion: keep it short
-        else:
-            raise QemuError("the incoming migration did not complete in time")
-        resumed_at = time.time()
-        with contextlib.suppress(QmpError):
-            self.driver.execute(uuid, "block-export-del", {"id": "mig-export", "mode": "hard"})
-        with contextlib.suppress(QmpError):
-            self.driver.execute(uuid, "nbd-server-stop")
-        self.driver.execute(uuid, "cont")
+            completed_at = event.timestamp
+            with contextlib.suppress(QmpError):
+                qmp.execute("block-export-del", {"id": "mig-export", "mode": "hard"})
+            resume_mark = qmp.event_mark()
+            qmp.execute("cont")
+            resumed = qmp.wait_event("RESUME", timeout=10, after=resume_mark)
+            with contextlib.suppress(QmpError):
+                qmp.execute("nbd-server-stop")
         self._marker(uuid).unlink(missing_ok=True)
         self.report(
-            migration_id, "dest", "switched", "destination resumed", stats={"dest_resumed_at": resumed_at}
+            migration_id,
+            "dest",
+            "switched",
+            "destination resumed",
+            stats={"dest_completed_at": completed_at, "dest_resumed_at": resumed.timestamp},
         )
 
     def finish(self, *, migration_id: str, vm: dict[str, Any], start: bool) -> None:
@@ -407,7 +424,10 @@ class MigrationRunner:
             "transferred",
             "live migration completed; source paused",
             stats={
-                "downtime_ms": final.get("downtime_ms"),
+                "qemu_downtime_ms": final.get("downtime_ms"),
+                "source_stopped_at": final.get("source_stopped_at"),
+                "mirror_completed_at": final.get("mirror_completed_at"),
+                "source_completed_at": final.get("source_completed_at"),
                 "memory_total": final.get("memory_total"),
                 "disk_total": final.get("disk_total"),
                 "wire_bytes": wire,
@@ -501,26 +521,36 @@ class MigrationRunner:
                     percent=50.0 + 49.0 * (processed / total if total else 0.0),
                 )
             if status == "pre-switchover":
+                stop = next((event for event in qmp.events_since(migrate_mark) if event.name == "STOP"), None)
+                if stop is not None:
+                    job.publisher.update(source_stopped_at=stop.timestamp)
                 break
             if status in ("failed", "cancelled"):
                 raise QemuError(f"the memory migration {status}: {info.get('error-desc', '')}")
-            time.sleep(POLL_SECONDS / 4)
+            with contextlib.suppress(QmpTimeout):  # sleeps, but wakes the moment the pause comes
+                qmp.wait_event(
+                    "MIGRATION",
+                    timeout=POLL_SECONDS,
+                    after=migrate_mark,
+                    match=lambda event: event.data.get("status") in ("pre-switchover", "failed", "cancelled"),
+                )
         # The source CPUs are stopped: finish the mirror consistently, then let the migration complete.
         cancel_mark = qmp.event_mark()
         qmp.execute("block-job-cancel", {"device": job_id})
-        qmp.wait_event(
+        mirror_done = qmp.wait_event(
             "BLOCK_JOB_COMPLETED",
             timeout=SWITCH_TIMEOUT,
             after=cancel_mark,
             match=lambda event: event.data.get("device") == job_id,
         )
         qmp.execute("migrate-continue", {"state": "pre-switchover"})
-        qmp.wait_event(
+        ended = qmp.wait_event(
             "MIGRATION",
             timeout=SWITCH_TIMEOUT,
             after=migrate_mark,
             match=lambda event: event.data.get("status") in ("completed", "failed"),
         )
+        job.publisher.update(mirror_completed_at=mirror_done.timestamp, source_completed_at=ended.timestamp)
         info = qmp.execute("query-migrate")
         if info.get("status") != "completed":
             raise QemuError(f"the memory migration ended {info.get('status')}: {info.get('error-desc', '')}")
