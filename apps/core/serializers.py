@@ -41,6 +41,8 @@ class NameOrIdField(serializers.Field):
         model = self.queryset.model._meta.verbose_name
         if isinstance(data, bool) or not isinstance(data, (str, int)) or data == "":
             self.fail("invalid", model=model)
+        if isinstance(data, str) and ("\x00" in data or len(data) > 255):
+            self.fail("invalid", model=model)
         refs: dict[tuple[str, Any], Model | None] = self.context.setdefault("refs", {})  # type: ignore[attr-defined]
         key = (self.queryset.model._meta.label, data)
         if key not in refs:

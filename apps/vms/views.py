@@ -199,7 +199,6 @@ class NodeViewSet(viewsets.ModelViewSet[Node]):
     permission_classes = (permissions.IsAuthenticated, IsStaffOrReadOnly)
     queryset = Node.objects.all()
     filterset_fields = ("status", "name")
-    pagination_class = None
 
     def perform_destroy(self, instance: Node) -> None:
         services.node_delete(node=instance)
@@ -219,7 +218,6 @@ class ImageViewSet(viewsets.ModelViewSet[Image]):
     permission_classes = (permissions.IsAuthenticated, IsStaffOrReadOnly)
     queryset = Image.objects.all()
     filterset_fields = ("kind", "name")
-    pagination_class = None
 
     def perform_destroy(self, instance: Image) -> None:
         services.image_delete(image=instance)

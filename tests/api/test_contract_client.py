@@ -1039,11 +1039,6 @@ def test_vm_migration_batch_lists_have_the_list_shape(fleet: dict[str, Any], ali
         assert_list_shape(resp.data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: GET /api/v1/nodes/ and /api/v1/images/ return a bare JSON array, "
-    'not {"next","previous","results"} (section 3 "Shapes": lists are {"next","previous","results"})',
-)
 def test_node_and_image_lists_have_the_list_shape(fleet: dict[str, Any], alice: NovaCronClient) -> None:
     shapes: dict[str, Any] = {}
     for path in ("/api/v1/nodes/", "/api/v1/images/"):
@@ -1055,11 +1050,6 @@ def test_node_and_image_lists_have_the_list_shape(fleet: dict[str, Any], alice: 
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: a NUL character in a name-or-id reference (image, node, dest_node) reaches "
-    "PostgreSQL and answers 500 (DataError) instead of 400",
-)
 def test_nul_in_name_or_id_reference_is_400(fleet: dict[str, Any], alice: NovaCronClient) -> None:
     vm_id = alice.create_vm("n-1").data["id"]
     base = {"name": "nul", "image": "debian-12", "vcpus": 1, "memory_mb": 512, "disk_gb": 5}

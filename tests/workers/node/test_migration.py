@@ -199,3 +199,93 @@ def test_cancel_while_queued_and_while_transferring(cluster: Cluster, api, dirty
     log = _run_dir(cluster, source, vm_id) / "serial.log"
     size = log.stat().st_size
     wait_for(lambda: log.stat().st_size > size, 10, "the source guest to keep printing")
+
+
+def _create_running(api, name: str, node: str, image: str = "testguest") -> str:
+    payload = {"name": name, "image": image, "vcpus": 1, "memory_mb": 128, "disk_gb": 1, "node": node}
+    vm_id = api.post("/api/v1/vms/", payload, format="json").json()["id"]
+    wait_for(lambda: VM.objects.get(pk=vm_id).state == "running", 90, f"{name} to run")
+    return vm_id
+
+
+def test_drain_moves_three_vms_two_at_a_time(cluster: Cluster, api, staff_api):
+    source, dest = list(cluster.nodes)
+    vm_ids = [_create_running(api, f"d{i}", source) for i in range(3)]
+    node_id = Node.objects.get(name=source).pk
+    assert api.post(f"/api/v1/nodes/{node_id}/drain/").status_code == 403  # staff only
+    response = staff_api.post(f"/api/v1/nodes/{node_id}/drain/")
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "draining"
+    assert [item["result"] for item in body["vms"]] == ["live migration queued"] * 3
+    seen_running: set[int] = set()
+    seen_queued = False
+
+    def drained() -> bool:
+        nonlocal seen_queued
+        statuses = list(Migration.objects.filter(vm_id__in=vm_ids).values_list("status", flat=True))
+        seen_running.add(sum(status in ("preparing", "transferring", "switching") for status in statuses))
+        seen_queued = seen_queued or "queued" in statuses
+        return all(status in ("completed", "failed", "cancelled") for status in statuses)
+
+    wait_for(drained, 240, "the drain", interval=0.1)
+    assert set(Migration.objects.filter(vm_id__in=vm_ids).values_list("status", flat=True)) == {"completed"}
+    assert max(seen_running) <= 2 and seen_queued
+    assert set(VM.objects.filter(pk__in=vm_ids).values_list("node__name", flat=True)) == {dest}
+    wait_for(
+        lambda: Node.objects.get(name=source).status == "maintenance", 10, "the node to reach maintenance"
+    )
+
+
+def test_destination_worker_killed_mid_transfer_fails_cleanly(cluster: Cluster, api, dirty_image: Image):
+    source, dest = list(cluster.nodes)
+    vm_id = _create_running(api, "orphaned", source, dirty_image.name)
+    body = api.post(
+        f"/api/v1/vms/{vm_id}/migrate/",
+        {"dest_node": dest, "mode": "live", "bandwidth_limit_mbps": 4},
+        format="json",
+    ).json()
+    migration_id = body["id"]
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
+    time.sleep(1)
+    cluster.nodes[dest].kill()
+    wait_for(
+        lambda: Migration.objects.get(pk=migration_id).status == "failed", 60, "the failure to be recorded"
+    )
+    vm = VM.objects.get(pk=vm_id)
+    assert vm.node.name == source and vm.state == "running"
+    log = _run_dir(cluster, source, vm_id) / "serial.log"
+    size = log.stat().st_size
+    wait_for(lambda: log.stat().st_size > size, 10, "the source guest to keep running")
+    assert Node.objects.get(name=dest).allocated_vcpus == 0
+    cluster.start_node(dest)  # the abort waiting in its queue removes the half-made copy
+    wait_for(lambda: not _run_dir(cluster, dest, vm_id).exists(), 60, "the destination copy to be removed")
+
+
+def test_bandwidth_change_applies_while_it_runs_and_sse_streams_progress(
+    cluster: Cluster, api, dirty_image: Image
+):
+    source, dest = list(cluster.nodes)
+    vm_id = _create_running(api, "throttled", source, dirty_image.name)
+    migration_id = api.post(
+        f"/api/v1/vms/{vm_id}/migrate/",
+        {"dest_node": dest, "mode": "live", "bandwidth_limit_mbps": 8},
+        format="json",
+    ).json()["id"]
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
+    response = api.patch(f"/api/v1/migrations/{migration_id}/", {"bandwidth_limit_mbps": None}, format="json")
+    assert response.status_code == 200 and response.json()["bandwidth_limit_mbps"] is None
+    stream = api.get(f"/api/v1/migrations/{migration_id}/events/", HTTP_ACCEPT="text/event-stream")
+    assert stream.status_code == 200 and stream["Content-Type"].startswith("text/event-stream")
+    text = b"".join(stream.streaming_content).decode()
+    events = [block for block in text.split("\n\n") if block.startswith("event:")]
+    assert events[-1].startswith("event: end")
+    assert '"status": "completed"' in events[-1]
+    percents = [
+        float(re.search(r'"percent": ([0-9.]+)', block).group(1))
+        for block in events
+        if block.startswith("event: progress")
+    ]
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    history = api.get(f"/api/v1/migrations/{migration_id}/").json()["history"]
+    assert any("bandwidth limit lifted" in event["detail"] for event in history)
