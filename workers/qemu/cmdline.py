@@ -49,7 +49,11 @@ def qemu_command(
         "-D", str(paths.qemu_log),  # also keeps QEMU's error messages once stderr is gone
         "-qmp", f"unix:{opt_escape(paths.qmp_socket)},server=on,wait=off",
         "-qmp", f"unix:{opt_escape(paths.jobs_socket)},server=on,wait=off",
-        "-chardev", f"file,id=serial0,path={opt_escape(paths.serial_log)}",
+        # The console is a socket (input for the guest, e.g. the test guest's requests) that also logs
+        # everything the guest prints to the serial log, whether or not anyone is connected.
+        "-chardev",
+        f"socket,id=serial0,path={opt_escape(paths.console_socket)},server=on,wait=off,"
+        f"logfile={opt_escape(paths.serial_log)}",
         "-serial", "chardev:serial0",
         "-blockdev", f"driver=file,filename={opt_escape(paths.disk)},node-name={FILE_NODE}",
         "-blockdev", f"driver=qcow2,file={FILE_NODE},node-name={DISK_NODE}",

@@ -231,7 +231,13 @@ class QemuDriver:
                 raise VmNotFound(
                     f"the disk of VM {uuid} ({paths.disk}) is missing; delete and re-create the VM"
                 )
-            for stale in (paths.pidfile, paths.qmp_socket, paths.jobs_socket, paths.exit_record):
+            for stale in (
+                paths.pidfile,
+                paths.qmp_socket,
+                paths.jobs_socket,
+                paths.console_socket,
+                paths.exit_record,
+            ):
                 stale.unlink(missing_ok=True)
             for current, previous in (
                 (paths.serial_log, paths.previous_serial_log),
@@ -445,11 +451,9 @@ class QemuDriver:
             raise QemuStartError(
                 f"QEMU for VM {spec.uuid} failed to start (exit {result.returncode}): {message}"
             )
-        for socket_path in (paths.qmp_socket, paths.jobs_socket):
+        for socket_path in (paths.qmp_socket, paths.jobs_socket, paths.console_socket):
             if not socket_path.exists():
-                raise QemuStartError(
-                    f"QEMU for VM {spec.uuid} started but created no QMP socket {socket_path}"
-                )
+                raise QemuStartError(f"QEMU for VM {spec.uuid} started but created no socket {socket_path}")
             os.chmod(socket_path, 0o600)
         # The daemonized QEMU switches to umask 027 before opening some files; tighten them as well.
         for log in (paths.serial_log, paths.qemu_log):

@@ -6,6 +6,7 @@
         qmp.sock                       QMP monitor for lifecycle operations and status (mode 0600)
         qmp-jobs.sock                  second QMP monitor, for long jobs such as migration (mode 0600)
         serial.log, serial.log.1       serial console of this run and of the previous one
+        console.sock                   the serial console's input and output (mode 0600)
         qemu.log, qemu.log.1           QEMU's own messages once daemonized (-D), this run and the previous
         qemu.pid                       written (and locked) by QEMU itself
         exit.json                      how the last run ended, when the driver knows
@@ -51,6 +52,11 @@ class VmPaths:
     @property
     def serial_log(self) -> Path:
         return self.run_dir / "serial.log"
+
+    @property
+    def console_socket(self) -> Path:
+        """The serial console as a unix socket (mode 0600): what the guest prints, and its input."""
+        return self.run_dir / "console.sock"
 
     @property
     def previous_serial_log(self) -> Path:

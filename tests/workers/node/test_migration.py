@@ -289,3 +289,32 @@ def test_bandwidth_change_applies_while_it_runs_and_sse_streams_progress(
     assert percents == sorted(percents) and percents[-1] == 100.0
     history = api.get(f"/api/v1/migrations/{migration_id}/").json()["history"]
     assert any("bandwidth limit lifted" in event["detail"] for event in history)
+
+
+def test_live_migration_keeps_memory_and_disk(cluster: Cluster, api, dirty_image: Image):
+    """The guest's memory checksum and a marker it wrote to its disk are the same after the move."""
+    from workers.guest.boot import SerialConsole
+
+    source, dest = list(cluster.nodes)
+    vm_id = _create_running(api, "keeper", source, dirty_image.name)
+    console = SerialConsole.connect(_run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
+    try:
+        console.wait_for(r"dirty ready", 120)
+        console.request("pause", timeout=60)  # the dirtier stops so the region has one checksum
+        before = console.checksum()
+        console.request("disk-write", "migrated-intact", timeout=60)
+    finally:
+        console.close()
+    migration_id = api.post(f"/api/v1/vms/{vm_id}/migrate/", {"dest_node": dest}, format="json").json()["id"]
+    wait_for(
+        lambda: Migration.objects.get(pk=migration_id).status in ("completed", "failed", "cancelled"),
+        120,
+        "the move",
+    )
+    assert Migration.objects.get(pk=migration_id).status == "completed"
+    console = SerialConsole.connect(_run_dir(cluster, dest, vm_id) / "console.sock", timeout=30)
+    try:
+        assert console.checksum() == before
+        assert console.request("disk-read", timeout=60) == ["migrated-intact"]
+    finally:
+        console.close()
