@@ -61,8 +61,10 @@ def alerts_evaluate() -> dict[str, int]:
 def alert_webhook_send(*, alert_id: int, event: str) -> int | None:
     """POST an alert's firing or resolution to ``ALERT_WEBHOOK_URL`` (signed), retrying on failure."""
     url = monitoring_setting("ALERT_WEBHOOK_URL")
+    if not url:
+        return None
     alert = Alert.objects.select_related("rule").filter(pk=alert_id).first()
-    if not url or alert is None:
+    if alert is None:
         return None
     return webhook_post(
         url=url, secret=monitoring_setting("ALERT_WEBHOOK_SECRET"), payload=alert_payload(alert, event)
