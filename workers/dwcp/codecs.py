@@ -198,6 +198,9 @@ class AdaptivePolicy:
         self._starved = 0.0
         self._sending = 0.0
         self._window_start = time.monotonic()
+        # The first window is the pipeline filling up (every writer waits for its first chunk):
+        # it says nothing about the bottleneck, so it is not used for a decision.
+        self._warmed_up = False
 
     @property
     def level(self) -> Level:
@@ -213,7 +216,7 @@ class AdaptivePolicy:
             if now - self._window_start < limits.ADAPT_INTERVAL_SECONDS:
                 return
             total = self._starved + self._sending
-            if total > 0:
+            if total > 0 and self._warmed_up:
                 starved_share = self._starved / total
                 if starved_share > 0.5 and self._rung > 0:
                     self._rung -= 1  # CPU-bound: lighter
@@ -221,3 +224,4 @@ class AdaptivePolicy:
                     self._rung += 1  # link-bound: stronger
             self._starved = self._sending = 0.0
             self._window_start = now
+            self._warmed_up = True

@@ -12,6 +12,7 @@ chunks on both sides. Data lands in
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import xxhash
 
 from . import codecs, limits
 from .errors import ChecksumMismatch, RemoteProtocolError, TransferError
-from .frames import Codec, Frame
+from .frames import Codec, Flags, Frame
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,12 @@ def data_chunks(fd: int, size: int, chunk_size: int) -> Iterator[int]:
     while position < size:
         try:
             start = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains (or the filesystem cannot tell: see below)
-            return
-        end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                return
+            # The filesystem cannot report holes: treat everything left as data.
+            start, end = position, size
         for index in range(max(last + 1, start // chunk_size), (end - 1) // chunk_size + 1):
             yield index
             last = index
@@ -172,6 +176,7 @@ class FileReceiver:
         self._journal_written = 0.0
         self.bytes_written = 0
         self.bytes_referenced = 0
+        self.bytes_resumed = 0  # arrived in frames flagged RESUMED (a later attempt of a cut transfer)
         # xxh3-64 of every chunk written in this session, checked against the frame before pwrite.
         self.checksums: list[int | None] = [None] * self.count
 
@@ -223,6 +228,7 @@ class FileReceiver:
     def write(self, frame: Frame) -> int:
         """Verify and store one DATA frame; returns the raw bytes it covered."""
         offset = frame.seq_or_offset
+        written = referenced = 0
         index, misalignment = divmod(offset, self.spec.chunk_size)
         if misalignment or index >= self.count:
             raise RemoteProtocolError(f"chunk offset {offset} is not on this file's chunk grid")
@@ -235,7 +241,7 @@ class FileReceiver:
             data: bytes | bytearray | memoryview = os.pread(self.base_fd, frame.raw_length, base_offset)
             codecs.verify(frame, data)
             os.pwrite(self.fd, data, offset)
-            self.bytes_referenced += frame.raw_length
+            referenced = frame.raw_length
         elif frame.codec is Codec.ZERO:
             zeros = codecs.decode(frame)
             if self.resumed:  # a fresh part file is already zero (sparse) there
@@ -243,13 +249,17 @@ class FileReceiver:
         else:
             data = codecs.decode(frame)
             os.pwrite(self.fd, data, offset)
-            self.bytes_written += frame.raw_length
+            written = frame.raw_length
         # Start writing this chunk back now (asynchronously), so the fsync before the rename finds
         # little left to do and the page cache does not fill up with a multi-GiB image.
         os.posix_fadvise(self.fd, offset, frame.raw_length, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.held.add(index)
             self.checksums[index] = frame.checksum
+            self.bytes_written += written
+            self.bytes_referenced += referenced
+            if frame.flags & Flags.RESUMED:
+                self.bytes_resumed += frame.raw_length
             now = time.monotonic()
             if now - self._journal_written >= limits.JOURNAL_INTERVAL_SECONDS:
                 self._write_journal()

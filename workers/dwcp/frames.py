@@ -69,12 +69,12 @@ class Codec(enum.IntEnum):
 
 class Flags(enum.IntFlag):
     NONE = 0
-    # On DATA: this chunk was read again after the receiver reported it missing on resume, so
-    # counters can tell fresh data from re-sent data.
-    RESENT = 1
+    # On DATA: part of a resumed transfer (the receiver reported chunks it already held), so the
+    # receiver's accounting can tell a first attempt's bytes from a retry's.
+    RESUMED = 1
 
 
-KNOWN_FLAGS: Final = int(Flags.RESENT)
+KNOWN_FLAGS: Final = int(Flags.RESUMED)
 
 
 @dataclass(frozen=True, slots=True)

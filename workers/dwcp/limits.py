@@ -105,7 +105,7 @@ MIN_COMPRESSION_GAIN = 0.03
 # Bytes sampled (in three slices) to decide compressibility: cheap next to a 1 MiB chunk.
 COMPRESSIBILITY_SAMPLE_SIZE = 12 * KiB
 # How often the adaptive policy re-decides the compression level from the pipeline's stalls.
-ADAPT_INTERVAL_SECONDS = 0.5
+ADAPT_INTERVAL_SECONDS = 0.25
 
 # Progress: at most five updates a second reach reporters (Redis, terminal).
 PROGRESS_INTERVAL_SECONDS = 0.2

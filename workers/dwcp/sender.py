@@ -40,7 +40,7 @@ from .errors import (
     TransferRefused,
 )
 from .files import INDEX_ENTRY, ChunkMap
-from .frames import HEADER_SIZE, ControlMessage, FrameType, control_frame, make_frame, parse_control
+from .frames import HEADER_SIZE, ControlMessage, Flags, FrameType, control_frame, make_frame, parse_control
 from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .tickets import peek_ticket, secret_bytes
@@ -166,6 +166,7 @@ class _FileSend:
                     FrameType.DATA,
                     chunk.payload,
                     codec=chunk.codec,
+                    flags=Flags.RESUMED if self.held.held else Flags.NONE,
                     seq_or_offset=index * self.chunk_size,
                     raw_length=chunk.raw_length,
                     checksum=chunk.checksum,

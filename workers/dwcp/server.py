@@ -179,12 +179,13 @@ class _FileSession(_Session):
         self.receiver.finish(digest, codec_pool())
         self.finished = True
         logger.info(
-            "DWCP transfer %s: %s verified (%d bytes, %d written, %d from base references)",
+            "DWCP transfer %s: %s verified (%d bytes, %d written, %d from base references, %d in a resume)",
             self.ticket.transfer_id,
             self.ticket.target,
             self.receiver.spec.size,
             self.receiver.bytes_written,
             self.receiver.bytes_referenced,
+            self.receiver.bytes_resumed,
         )
         channel.send(control_frame(FrameType.RESULT, {"ok": True, "digest": digest}))
 

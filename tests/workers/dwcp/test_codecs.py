@@ -71,8 +71,19 @@ def _settle(policy: AdaptivePolicy, *, starved: float, sending: float) -> None:
     policy.record(starved_seconds=starved, sending_seconds=sending)
 
 
-def test_the_policy_gets_stronger_when_the_link_is_the_bottleneck() -> None:
+def warmed_up(policy: AdaptivePolicy) -> AdaptivePolicy:
+    _settle(policy, starved=1.0, sending=0.0)  # the fill-up window: must not count
+    return policy
+
+
+def test_the_first_window_never_moves_the_level() -> None:
     policy = AdaptivePolicy()
+    _settle(policy, starved=1.0, sending=0.0)
+    assert policy.level.codec is Codec.LZ4
+
+
+def test_the_policy_gets_stronger_when_the_link_is_the_bottleneck() -> None:
+    policy = warmed_up(AdaptivePolicy())
     assert policy.level.codec is Codec.LZ4
     _settle(policy, starved=0.0, sending=1.0)
     assert policy.level == Level(Codec.ZSTD, 1)
@@ -81,7 +92,7 @@ def test_the_policy_gets_stronger_when_the_link_is_the_bottleneck() -> None:
 
 
 def test_the_policy_gets_lighter_when_the_cpu_is_the_bottleneck() -> None:
-    policy = AdaptivePolicy()
+    policy = warmed_up(AdaptivePolicy())
     _settle(policy, starved=1.0, sending=0.1)
     assert policy.level.codec is Codec.RAW
     _settle(policy, starved=1.0, sending=0.1)
@@ -89,7 +100,7 @@ def test_the_policy_gets_lighter_when_the_cpu_is_the_bottleneck() -> None:
 
 
 def test_fixed_modes_never_move_and_respect_peer_capabilities() -> None:
-    policy = AdaptivePolicy(CodecMode.ZSTD)
+    policy = warmed_up(AdaptivePolicy(CodecMode.ZSTD))
     _settle(policy, starved=1.0, sending=0.0)
     assert policy.level.codec is Codec.ZSTD
     with pytest.raises(ValueError):
