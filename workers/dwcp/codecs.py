@@ -172,17 +172,25 @@ def verify(frame: Frame, data: bytes | bytearray | memoryview) -> None:
 class AdaptivePolicy:
     """Chooses the compression level from where the sending pipeline stalls.
 
-    Stream writers report how long they waited for an encoded chunk (the CPU is the bottleneck)
-    and how long they spent pushing bytes into the socket (the link is). Every
-    ``ADAPT_INTERVAL_SECONDS`` the policy steps one rung lighter when writers mostly starved, and
-    one rung stronger when they mostly sat in ``send`` with encoded chunks ready. Fixed modes
-    (``lz4``, ``zstd``, ``raw``) never move.
+    After each frame a stream writer reports how long it waited for an encoded chunk and whether
+    its socket still had more than ``LINK_BACKLOG_BYTES`` unsent. A backlog means the link (or
+    the receiver behind it) is the bottleneck: spend CPU to send fewer bytes, one rung stronger.
+    No backlog while writers wait for the codec pool means the CPU is the bottleneck: one rung
+    lighter. Waiting time alone would mislead, because 8 MiB socket buffers swallow whole short
+    transfers without ever blocking ``send``. Decisions are taken every ``ADAPT_INTERVAL_SECONDS``;
+    the first window (the pipeline filling up) is ignored. Fixed modes never move.
     """
 
     def __init__(
-        self, mode: CodecMode = CodecMode.AUTO, *, allow_lz4: bool = True, allow_zstd: bool = True
+        self,
+        mode: CodecMode = CodecMode.AUTO,
+        *,
+        writers: int = 1,
+        allow_lz4: bool = True,
+        allow_zstd: bool = True,
     ) -> None:
         self.mode = mode
+        self._writers = max(1, writers)
         allowed = (
             {Codec.RAW} | ({Codec.LZ4} if allow_lz4 else set()) | ({Codec.ZSTD} if allow_zstd else set())
         )
@@ -195,33 +203,36 @@ class AdaptivePolicy:
                 raise ValueError(f"codec {mode.value} is not supported by the peer")
             self._rung = next(i for i, level in enumerate(self._ladder) if level.codec is wanted)
         self._lock = threading.Lock()
+        self._frames = 0
+        self._backlogged = 0
         self._starved = 0.0
-        self._sending = 0.0
         self._window_start = time.monotonic()
-        # The first window is the pipeline filling up (every writer waits for its first chunk):
-        # it says nothing about the bottleneck, so it is not used for a decision.
         self._warmed_up = False
 
     @property
     def level(self) -> Level:
         return self._ladder[self._rung]
 
-    def record(self, *, starved_seconds: float, sending_seconds: float) -> None:
+    def record(self, *, starved_seconds: float, backlogged: bool) -> None:
         if self.mode is not CodecMode.AUTO:
             return
         with self._lock:
+            self._frames += 1
+            self._backlogged += backlogged
             self._starved += starved_seconds
-            self._sending += sending_seconds
             now = time.monotonic()
-            if now - self._window_start < limits.ADAPT_INTERVAL_SECONDS:
+            window = now - self._window_start
+            if window < limits.ADAPT_INTERVAL_SECONDS:
                 return
-            total = self._starved + self._sending
-            if total > 0 and self._warmed_up:
-                starved_share = self._starved / total
-                if starved_share > 0.5 and self._rung > 0:
-                    self._rung -= 1  # CPU-bound: lighter
-                elif starved_share < 0.1 and self._rung < len(self._ladder) - 1:
+            if self._warmed_up:
+                backlog_share = self._backlogged / self._frames
+                # Summed over all writers, so it can exceed the window: compare per writer-second.
+                starved_share = self._starved / (window * self._writers)
+                if backlog_share > 0.5 and self._rung < len(self._ladder) - 1:
                     self._rung += 1  # link-bound: stronger
-            self._starved = self._sending = 0.0
+                elif backlog_share < 0.1 and starved_share > 0.5 and self._rung > 0:
+                    self._rung -= 1  # CPU-bound: lighter
+            self._frames = self._backlogged = 0
+            self._starved = 0.0
             self._window_start = now
             self._warmed_up = True

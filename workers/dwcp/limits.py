@@ -104,6 +104,9 @@ INCOMPRESSIBLE_SAMPLE_RATIO = 0.97
 MIN_COMPRESSION_GAIN = 0.03
 # Bytes sampled (in three slices) to decide compressibility: cheap next to a 1 MiB chunk.
 COMPRESSIBILITY_SAMPLE_SIZE = 12 * KiB
+# A socket with more than this still unsent after a write means the link (or the receiver) is
+# the bottleneck: two chunks queued per stream is more than a CPU-bound sender ever leaves behind.
+LINK_BACKLOG_BYTES = 2 * MiB
 # How often the adaptive policy re-decides the compression level from the pipeline's stalls.
 ADAPT_INTERVAL_SECONDS = 0.25
 

@@ -132,12 +132,16 @@ class _FileSend:
 
     def produce(self) -> None:
         pool = codec_pool()
+        covered = 0
         try:
             for index in files.data_chunks(self.fd, self.size, self.chunk_size):
                 if self.stop.is_set() or self.control.cancelled.is_set():
-                    break
+                    return
                 future = pool.submit(self.encode_job, index, index not in self.held)
                 self.queue.put(future)
+                covered += files.chunk_length(index, self.size, self.chunk_size)
+            # Holes are never read or sent: the receiver's part file starts out as one big hole.
+            self.tracker.add(raw=self.size - covered, wire=0, codec="hole")
         except BaseException as exc:
             self.fail(exc)
         finally:
@@ -175,10 +179,10 @@ class _FileSend:
                 if self.control.cancelled.is_set():
                     self.stop.set()
                     continue
-                sending = time.monotonic()
                 wire = channel.send(frame)
                 self.policy.record(
-                    starved_seconds=ready - started, sending_seconds=time.monotonic() - sending
+                    starved_seconds=ready - started,
+                    backlogged=channel.unsent_bytes() > limits.LINK_BACKLOG_BYTES,
                 )
                 self.tracker.add(raw=chunk.raw_length, wire=wire, codec=chunk.codec.name.lower())
             except BaseException as exc:
@@ -341,12 +345,15 @@ def send_file(
                 break
         caps = primary.protocol.capabilities
         policy = codecs.AdaptivePolicy(
-            mode, allow_lz4=bool(caps & Capability.LZ4), allow_zstd=bool(caps & Capability.ZSTD)
+            mode,
+            writers=len(channels),
+            allow_lz4=bool(caps & Capability.LZ4),
+            allow_zstd=bool(caps & Capability.ZSTD),
         )
         resumed_bytes = sum(
             files.chunk_length(i, stat.st_size, chunk_size) for i in range(count) if i in held
         )
-        tracker.add(raw=resumed_bytes, wire=0)
+        tracker.add(raw=resumed_bytes, wire=0, codec="held")
         tracker.phase = "transferring"
         transfer = _FileSend(
             fd=fd,

@@ -197,6 +197,7 @@ class _TunnelSession(_Session):
         super().__init__(server, ticket, streams)
         policy = codecs.AdaptivePolicy(
             codecs.CodecMode.AUTO,
+            writers=streams,
             allow_lz4=bool(caps & Capability.LZ4),
             allow_zstd=bool(caps & Capability.ZSTD),
         )

@@ -16,10 +16,13 @@ without an extra copy), and knows whether it may go back to the ``ConnectionPool
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import select
 import socket
+import sys
+import termios
 import threading
 import time
 from collections.abc import Sequence
@@ -229,6 +232,11 @@ class Channel:
             data = _recv_exact_or_eof(self.sock, event.count)
             with self._state_lock:
                 self.protocol.receive_data(data)
+
+    def unsent_bytes(self) -> int:
+        """Bytes written to the socket that the peer has not acknowledged yet (SIOCOUTQ)."""
+        result = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return int.from_bytes(result, sys.byteorder, signed=True)
 
     @property
     def state(self) -> State:

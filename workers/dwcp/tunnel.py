@@ -153,10 +153,10 @@ class TunnelEndpoint:
                     checksum=chunk.checksum,
                 )
                 self.control.bucket.acquire(HEADER_SIZE + frame.wire_length)
-                sending = time.monotonic()
                 wire = channel.send(frame)
                 self.policy.record(
-                    starved_seconds=ready - started, sending_seconds=time.monotonic() - sending
+                    starved_seconds=ready - started,
+                    backlogged=channel.unsent_bytes() > limits.LINK_BACKLOG_BYTES,
                 )
                 self.tracker.add(raw=chunk.raw_length, wire=wire, codec=chunk.codec.name.lower())
             except BaseException as exc:
@@ -358,7 +358,10 @@ class Tunnel:
                 )
             caps = primary.protocol.capabilities
             policy = codecs.AdaptivePolicy(
-                self._mode, allow_lz4=bool(caps & Capability.LZ4), allow_zstd=bool(caps & Capability.ZSTD)
+                self._mode,
+                writers=len(channels),
+                allow_lz4=bool(caps & Capability.LZ4),
+                allow_zstd=bool(caps & Capability.ZSTD),
             )
             tracker.phase = "transferring"
             endpoint = self._endpoint = TunnelEndpoint(

@@ -66,42 +66,48 @@ def test_a_decompression_bomb_cannot_exceed_the_declared_size() -> None:
         codecs.decode(frame)
 
 
-def _settle(policy: AdaptivePolicy, *, starved: float, sending: float) -> None:
-    policy._window_start = time.monotonic() - 1  # the window is over: decide now
-    policy.record(starved_seconds=starved, sending_seconds=sending)
+def _settle(policy: AdaptivePolicy, *, starved: float, backlogged: bool) -> None:
+    policy._window_start = time.monotonic() - 1  # a one-second window is over: decide now
+    policy.record(starved_seconds=starved, backlogged=backlogged)
 
 
 def warmed_up(policy: AdaptivePolicy) -> AdaptivePolicy:
-    _settle(policy, starved=1.0, sending=0.0)  # the fill-up window: must not count
+    _settle(policy, starved=1.0, backlogged=False)  # the fill-up window: must not count
     return policy
 
 
 def test_the_first_window_never_moves_the_level() -> None:
     policy = AdaptivePolicy()
-    _settle(policy, starved=1.0, sending=0.0)
+    _settle(policy, starved=1.0, backlogged=False)
     assert policy.level.codec is Codec.LZ4
 
 
 def test_the_policy_gets_stronger_when_the_link_is_the_bottleneck() -> None:
     policy = warmed_up(AdaptivePolicy())
     assert policy.level.codec is Codec.LZ4
-    _settle(policy, starved=0.0, sending=1.0)
+    _settle(policy, starved=0.0, backlogged=True)
     assert policy.level == Level(Codec.ZSTD, 1)
-    _settle(policy, starved=0.01, sending=1.0)
+    _settle(policy, starved=0.9, backlogged=True)  # writers also wait, but bytes still pile up
     assert policy.level == Level(Codec.ZSTD, 3)
 
 
 def test_the_policy_gets_lighter_when_the_cpu_is_the_bottleneck() -> None:
     policy = warmed_up(AdaptivePolicy())
-    _settle(policy, starved=1.0, sending=0.1)
+    _settle(policy, starved=0.8, backlogged=False)
     assert policy.level.codec is Codec.RAW
-    _settle(policy, starved=1.0, sending=0.1)
+    _settle(policy, starved=0.8, backlogged=False)
     assert policy.level.codec is Codec.RAW
+
+
+def test_the_policy_holds_when_neither_side_is_clearly_the_bottleneck() -> None:
+    policy = warmed_up(AdaptivePolicy())
+    _settle(policy, starved=0.2, backlogged=False)
+    assert policy.level.codec is Codec.LZ4
 
 
 def test_fixed_modes_never_move_and_respect_peer_capabilities() -> None:
     policy = warmed_up(AdaptivePolicy(CodecMode.ZSTD))
-    _settle(policy, starved=1.0, sending=0.0)
+    _settle(policy, starved=1.0, backlogged=False)
     assert policy.level.codec is Codec.ZSTD
     with pytest.raises(ValueError):
         AdaptivePolicy(CodecMode.ZSTD, allow_zstd=False)
