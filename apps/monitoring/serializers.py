@@ -4,6 +4,8 @@ from datetime import timedelta
 from typing import Any
 
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apps.core.serializers import NameOrIdField, StrictInputMixin
@@ -36,6 +38,7 @@ class APILogSerializer(serializers.ModelSerializer[APILog]):
         read_only_fields = fields
 
 
+@extend_schema_field(OpenApiTypes.STR)
 class StepField(serializers.Field):
     """A bucket width: seconds (``60``) or a number with a unit (``30s``, ``5m``, ``1h``, ``1d``)."""
 

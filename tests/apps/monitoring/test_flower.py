@@ -88,7 +88,9 @@ def test_flower_lists_a_node_worker_by_its_node_name_and_wants_credentials(tmp_p
                 continue
             if status == 200:
                 workers = json.loads(body)
-                if any(name.startswith(f"{node}@") for name in workers):
+                ours = [info for name, info in workers.items() if name.startswith(f"{node}@")]
+                # Flower fills a worker's entry as the inspect replies arrive: wait for its queues.
+                if ours and ours[0].get("active_queues"):
                     break
             time.sleep(0.5)
         (name,) = [name for name in workers if name.startswith(f"{node}@")]
