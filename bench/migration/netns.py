@@ -1,0 +1,80 @@
+"""Two "hosts" on this machine for benchmarks: network namespaces joined by a shaped veth link.
+
+    host  <-veth->  ns A (node A)  <-veth, tc tbf->  ns B (node B)  <-veth->  host
+
+Each namespace also has a veth to the host (for Redis); the A<->B link carries all migration
+traffic and is shaped with ``tc qdisc tbf`` on both ends. Addresses are private ones that exist only
+inside these namespaces. Needs root.
+"""
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+PREFIX = "ncbm"
+
+
+def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(command), check=check, capture_output=True, text=True)
+
+
+@dataclass(frozen=True)
+class Topology:
+    ns_a: str = f"{PREFIX}a"
+    ns_b: str = f"{PREFIX}b"
+    host_a: str = "10.231.0.1"  # host end of the host<->A link
+    a_host: str = "10.231.0.2"
+    host_b: str = "10.231.0.5"
+    b_host: str = "10.231.0.6"
+    a_link: str = "10.231.1.1"  # A's address on the shaped A<->B link
+    b_link: str = "10.231.1.2"
+
+    def exec_prefix(self, ns: str) -> list[str]:
+        return ["ip", "netns", "exec", ns]
+
+
+def _cleanup(topology: Topology) -> None:
+    for ns in (topology.ns_a, topology.ns_b):
+        sh("ip", "netns", "del", ns, check=False)
+    for link in (f"{PREFIX}ha", f"{PREFIX}hb"):
+        sh("ip", "link", "del", link, check=False)
+
+
+@contextlib.contextmanager
+def two_hosts() -> Iterator[Topology]:
+    topology = Topology()
+    _cleanup(topology)
+    try:
+        a, b = topology.ns_a, topology.ns_b
+        for ns in (a, b):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # host <-> A and host <-> B
+        for host_if, ns, ns_if, host_ip, ns_ip in (
+            (f"{PREFIX}ha", a, "eth-host", topology.host_a, topology.a_host),
+            (f"{PREFIX}hb", b, "eth-host", topology.host_b, topology.b_host),
+        ):
+            sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
+            sh("ip", "addr", "add", f"{host_ip}/30", "dev", host_if)
+            sh("ip", "link", "set", host_if, "up")
+            sh("ip", "-n", ns, "addr", "add", f"{ns_ip}/30", "dev", ns_if)
+            sh("ip", "-n", ns, "link", "set", ns_if, "up")
+        # A <-> B, the link migrations cross
+        sh("ip", "-n", a, "link", "add", "eth-peer", "type", "veth", "peer", "name", "eth-peer", "netns", b)
+        for ns, ip in ((a, topology.a_link), (b, topology.b_link)):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "eth-peer")
+            sh("ip", "-n", ns, "link", "set", "eth-peer", "up")
+        yield topology
+    finally:
+        _cleanup(topology)
+
+
+def shape(topology: Topology, rate: str | None) -> None:
+    """Limit the A<->B link to ``rate`` (e.g. "1gbit", "100mbit") in both directions; None lifts it."""
+    for ns in (topology.ns_a, topology.ns_b):
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth-peer", "root", check=False)
+        if rate is not None:
+            burst = "1mb" if rate.endswith("gbit") else "256kb"
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth-peer", "root",
+               "tbf", "rate", rate, "burst", burst, "latency", "50ms")  # fmt: skip

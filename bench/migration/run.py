@@ -1,0 +1,421 @@
+"""``make bench-migration``: NovaCron live migration against QEMU's native migration, side by side.
+
+Two node workers run in network namespaces joined by a veth link shaped with ``tc tbf`` (1 Gbit, then
+100 Mbit); a private Redis on the host serves them and the control worker. Per link it migrates a
+1 GiB test guest that holds and keeps rewriting RAM (``dirty_mb``/``dirty_rate_mb``) and has data on
+its disk, through the product's own path (API service -> control worker -> node workers -> DWCP),
+then the same guest with QEMU alone over plain TCP on the same link (NBD disk mirror + ``migrate``):
+defaults (QEMU's 32 MiB/s cap), cap lifted, and multifd with the cap lifted. It prints the table
+(medians) and writes JSON under ``bench/results/``. Needs root, QEMU and the local PostgreSQL.
+
+    python -m bench.migration.run [--runs 5] [--links 1gbit,100mbit] [--memory-mb 1024] [--dirty-mb 256]
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.migration.netns import Topology, shape, two_hosts
+
+ROOT = Path(__file__).resolve().parents[2]
+DB_NAME = "novacron_bench_migration"
+SECRET = "bench-dwcp-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def link_bytes(topology: Topology) -> int:
+    """Bytes sent by both ends of the A<->B link so far."""
+    total = 0
+    for ns in (topology.ns_a, topology.ns_b):
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, "cat", "/sys/class/net/eth-peer/statistics/tx_bytes"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        total += int(out.strip())
+    return total
+
+
+@contextmanager
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for process in started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in started:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def spawn(started: list[subprocess.Popen[bytes]], command: list[str], env: dict[str, str], log: Path) -> None:
+    with log.open("ab") as out:
+        started.append(
+            subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
+
+
+def median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+# --- NovaCron through the product ---------------------------------------------------------------------
+
+
+def novacron_runs(
+    args: argparse.Namespace, topology: Topology, workdir: Path
+) -> dict[str, list[dict[str, Any]]]:
+    from django.contrib.auth.models import User
+
+    from apps.migrations.choices import MigrationMode
+    from apps.migrations.models import Migration
+    from apps.migrations.serializers import MigrationSerializer
+    from apps.migrations.services import TERMINAL_STATUSES, migration_request
+    from apps.vms.models import VM, Image, Node
+    from apps.vms.services import VMRequest, vm_create
+
+    user, _ = User.objects.get_or_create(username="bench", defaults={"is_staff": True})
+    base = Image.objects.get(name="testguest")
+    image, _ = Image.objects.update_or_create(
+        name="testguest-bench",
+        defaults={
+            "kind": base.kind, "format": base.format, "kernel_path": base.kernel_path,
+            "initrd_path": base.initrd_path,
+            "cmdline": f"{base.cmdline} dirty_mb={args.dirty_mb} dirty_rate_mb={args.dirty_rate_mb}",
+        },
+    )  # fmt: skip
+    node_a = Node.objects.get(name="bench-a")
+    node_b = Node.objects.get(name="bench-b")
+    results: dict[str, list[dict[str, Any]]] = {}
+    vm = vm_create(
+        owner=user,
+        request=VMRequest(
+            name="mover", image=image, vcpus=1, memory_mb=args.memory_mb, disk_gb=2, node=node_a
+        ),
+    )
+    wait_for(lambda: VM.objects.get(pk=vm.pk).state == "running", 120, "the VM to run")
+    here = node_a
+    for link in args.links:
+        shape(topology, link)
+        runs = results.setdefault(link, [])
+        for index in range(args.runs):
+            serial = workdir / here.name / "run" / str(vm.pk) / "serial.log"
+            wait_for(lambda: "dirty ready" in serial.read_text(errors="replace"), 300, "the guest's RAM load")  # noqa: B023
+            there = node_b if here == node_a else node_a
+            before = link_bytes(topology)
+            migration = migration_request(vm=VM.objects.get(pk=vm.pk), requested_by=user, mode=MigrationMode.LIVE,
+                                          dest_node=there)  # fmt: skip
+            wait_for(
+                lambda: Migration.objects.get(pk=migration.pk).status in TERMINAL_STATUSES,  # noqa: B023
+                1800, "the migration", interval=0.5,
+            )  # fmt: skip
+            migration.refresh_from_db()
+            data = MigrationSerializer(migration).data
+            if migration.status != "completed":
+                raise RuntimeError(f"NovaCron migration {migration.pk} {migration.status}: {migration.error}")
+            run = {
+                "total_seconds": data["total_seconds"],
+                "downtime_ms": data["downtime_ms"],
+                "qemu_downtime_ms": migration.stats.get("qemu_downtime_ms"),
+                "link_bytes": link_bytes(topology) - before,
+                "dwcp_wire_bytes": data["wire_bytes"],
+            }
+            runs.append(run)
+            print(f"  novacron {link} run {index + 1}: {run}", flush=True)
+            here = there
+            time.sleep(2)  # the source's cleanup lands before the next run starts
+    return results
+
+
+# --- QEMU alone -----------------------------------------------------------------------------------------
+
+
+def native_runs(
+    args: argparse.Namespace, topology: Topology, workdir: Path
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    from workers.guest.boot import GuestImage
+    from workers.qemu import QmpSession
+    from workers.qemu.qmp import EventLoopThread
+
+    guest = GuestImage.from_manifest(ROOT / "var" / "images" / "testguest" / "manifest.json")
+    cmdline = f"{guest.cmdline} dirty_mb={args.dirty_mb} dirty_rate_mb={args.dirty_rate_mb}"
+    loop = EventLoopThread()
+    variants = {
+        "default": {"lift": False, "multifd": 0},
+        "cap lifted": {"lift": True, "multifd": 0},
+        "multifd x4": {"lift": True, "multifd": 4},
+    }
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    try:
+        for link in args.links:
+            shape(topology, link)
+            for variant, options in variants.items():
+                for index in range(args.native_runs):
+                    run = _native_once(
+                        topology, workdir / "native", guest, cmdline, args, options, loop, QmpSession
+                    )
+                    results.setdefault(link, {}).setdefault(variant, []).append(run)
+                    print(f"  qemu {variant} {link} run {index + 1}: {run}", flush=True)
+    finally:
+        loop.close()
+    return results
+
+
+def _qemu(
+    ns: str, guest: Any, cmdline: str, memory_mb: int, disk: Path, run: Path, extra: list[str]
+) -> list[str]:
+    return [
+        "ip", "netns", "exec", ns, "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max",
+        "-m", str(memory_mb), "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
+        "-daemonize", "-pidfile", str(run / "qemu.pid"),
+        "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
+        "-chardev", f"file,id=serial0,path={run / 'serial.log'}", "-serial", "chardev:serial0",
+        "-blockdev", f"driver=file,filename={disk},node-name=file0",
+        "-blockdev", "driver=qcow2,file=file0,node-name=disk0",
+        "-device", "virtio-blk-pci,drive=disk0",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", cmdline, *extra,
+    ]  # fmt: skip
+
+
+def _native_once(
+    topology: Topology,
+    workdir: Path,
+    guest: Any,
+    cmdline: str,
+    args: argparse.Namespace,
+    options: dict[str, Any],
+    loop: Any,
+    session_class: Any,
+) -> dict[str, Any]:
+    src_run, dst_run = workdir / "src", workdir / "dst"
+    for run in (src_run, dst_run):
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+        run.mkdir(parents=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(run / "disk.qcow2"), "2G"], check=True)
+    subprocess.run(
+        _qemu(topology.ns_a, guest, cmdline, args.memory_mb, src_run / "disk.qcow2", src_run, []), check=True
+    )
+    subprocess.run(
+        _qemu(
+            topology.ns_b,
+            guest,
+            cmdline,
+            args.memory_mb,
+            dst_run / "disk.qcow2",
+            dst_run,
+            ["-S", "-incoming", "defer"],
+        ),
+        check=True,
+    )
+    src = session_class(src_run / "qmp.sock", loop, timeout=30)
+    dst = session_class(dst_run / "qmp.sock", loop, timeout=30)
+    try:
+        wait_for(
+            lambda: "dirty ready" in (src_run / "serial.log").read_text(errors="replace"), 300, "the RAM load"
+        )
+        nbd_port, mig_port = free_port(), free_port()
+        caps = [{"capability": "events", "state": True}]
+        if options["multifd"]:
+            caps.append({"capability": "multifd", "state": True})
+        dst.execute("migrate-set-capabilities", {"capabilities": caps})
+        if options["multifd"]:
+            dst.execute("migrate-set-parameters", {"multifd-channels": options["multifd"]})
+        dst.execute(
+            "nbd-server-start",
+            {"addr": {"type": "inet", "data": {"host": topology.b_link, "port": str(nbd_port)}}},
+        )
+        dst.execute(
+            "block-export-add",
+            {"type": "nbd", "id": "exp", "node-name": "disk0", "name": "disk0", "writable": True},
+        )
+        dst.execute("migrate-incoming", {"uri": f"tcp:{topology.b_link}:{mig_port}"})
+        src.execute("migrate-set-capabilities",
+                    {"capabilities": [*caps, {"capability": "pause-before-switchover", "state": True}]})  # fmt: skip
+        params: dict[str, Any] = {"downtime-limit": 100}
+        if options["lift"]:
+            params["max-bandwidth"] = 1 << 40
+        if options["multifd"]:
+            params["multifd-channels"] = options["multifd"]
+        src.execute("migrate-set-parameters", params)
+        before = link_bytes(topology)
+        started = time.monotonic()
+        mark = src.event_mark()
+        src.execute("blockdev-add", {"driver": "nbd", "node-name": "tgt", "export": "disk0",
+                                     "server": {"type": "inet", "host": topology.b_link, "port": str(nbd_port)}})  # fmt: skip
+        src.execute("blockdev-mirror", {"job-id": "m", "device": "disk0", "target": "tgt", "sync": "full"})
+        src.wait_event("BLOCK_JOB_READY", timeout=1800, after=mark)
+        mark = src.event_mark()
+        src.execute("migrate", {"uri": f"tcp:{topology.b_link}:{mig_port}"})
+        src.wait_event(
+            "MIGRATION",
+            timeout=3600,
+            after=mark,
+            match=lambda e: e.data.get("status") in ("pre-switchover", "failed"),
+        )
+        stopped = next(e for e in src.events_since(mark) if e.name == "STOP")
+        cancel = src.event_mark()
+        src.execute("block-job-cancel", {"device": "m"})
+        src.wait_event("BLOCK_JOB_COMPLETED", timeout=60, after=cancel)
+        dst_mark = dst.event_mark()
+        src.execute("migrate-continue", {"state": "pre-switchover"})
+        dst.wait_event(
+            "MIGRATION", timeout=120, after=dst_mark, match=lambda e: e.data.get("status") == "completed"
+        )
+        dst.execute("block-export-del", {"id": "exp", "mode": "hard"})
+        resume_mark = dst.event_mark()
+        dst.execute("cont")
+        resumed = dst.wait_event("RESUME", timeout=10, after=resume_mark)
+        total = time.monotonic() - started
+        info = src.execute("query-migrate")
+        return {
+            "total_seconds": round(total, 3),
+            "downtime_ms": round((resumed.timestamp - stopped.timestamp) * 1000, 1),
+            "qemu_downtime_ms": info.get("downtime"),
+            "link_bytes": link_bytes(topology) - before,
+        }
+    finally:
+        for session in (src, dst):
+            with contextlib.suppress(Exception):  # the process may be gone already
+                session.execute("quit")
+            session.close()
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--runs", type=int, default=5, help="NovaCron migrations per link (medians over them)"
+    )
+    parser.add_argument(
+        "--native-runs", type=int, default=1, help="QEMU-only migrations per variant and link"
+    )
+    parser.add_argument("--links", default="1gbit,100mbit", type=lambda text: text.split(","))
+    parser.add_argument("--memory-mb", type=int, default=1024)
+    parser.add_argument("--dirty-mb", type=int, default=256)
+    parser.add_argument("--dirty-rate-mb", type=int, default=4)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench-migration needs root (network namespaces)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="ncbm-"))
+    redis_port = free_port()
+    with two_hosts() as topology, processes() as started:
+        spawn(started, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", topology.host_a, topology.host_b,
+                        "--save", "", "--appendonly", "no", "--protected-mode", "no"], dict(os.environ), workdir / "redis.log")  # fmt: skip
+        database_url = f"postgres://postgres@127.0.0.1:5432/{DB_NAME}"
+        subprocess.run(["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", DB_NAME], check=True)
+        subprocess.run(["createdb", "-U", "postgres", "-h", "127.0.0.1", DB_NAME], check=True)
+        env = dict(os.environ) | {
+            "DJANGO_SETTINGS_MODULE": "novacron.settings.main", "DATABASE_URL": database_url,
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SECRET_KEY": "bench", "DWCP_SECRET": SECRET,
+            "NOVACRON_ADMIN_PASSWORD": "bench-admin-password", "CPU_ALLOCATION_RATIO": "16", "LOG_LEVEL": "WARNING",
+            "MIGRATION_STALL_TIMEOUT": "600",
+        }  # fmt: skip
+        os.environ.update(env)
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=env, check=True)
+        subprocess.run(
+            [sys.executable, "manage.py", "bootstrap"], cwd=ROOT, env=env, check=True, capture_output=True
+        )
+        spawn(started, [sys.executable, "-m", "celery", "-A", "novacron", "worker", "-B", "-Q", "control", "--pool",
+                        "threads", "-c", "4", "--schedule", str(workdir / "beat")], env, workdir / "control.log")  # fmt: skip
+        for name, ns, redis_host, dwcp in (
+            ("bench-a", topology.ns_a, topology.host_a, topology.a_link),
+            ("bench-b", topology.ns_b, topology.host_b, topology.b_link),
+        ):
+            node_env = env | {"REDIS_URL": f"redis://{redis_host}:{redis_port}/0"}
+            spawn(started, ["ip", "netns", "exec", ns, sys.executable, "-m", "workers.node", "--name", name,
+                            "--data-dir", str(workdir / name), "--dwcp-listen", f"{dwcp}:7400", "--accelerator", "tcg"],
+                  node_env, workdir / f"{name}.log")  # fmt: skip
+        import django
+
+        django.setup()
+        from apps.vms.models import Node
+
+        wait_for(lambda: Node.objects.filter(name__in=["bench-a", "bench-b"]).count() == 2, 60, "the nodes")
+        print(f"NovaCron live migration ({args.runs} runs per link; logs in {workdir}):", flush=True)
+        ours = novacron_runs(args, topology, workdir)
+        print("QEMU alone, same guest, same link:", flush=True)
+        native = native_runs(args, topology, workdir)
+    report(args, ours, native)
+    subprocess.run(["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", DB_NAME], check=False)
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    ours: dict[str, list[dict[str, Any]]],
+    native: dict[str, dict[str, list[dict[str, Any]]]],
+) -> None:
+    rows = []
+    for link in args.links:
+        methods = {"NovaCron (DWCP)": ours.get(link, [])} | {
+            f"QEMU {name}": runs for name, runs in native.get(link, {}).items()
+        }
+        summary = {
+            name: {
+                "total_seconds": median([r["total_seconds"] for r in runs]),
+                "downtime_ms": median([r["downtime_ms"] for r in runs]),
+                "link_mb": median([r["link_bytes"] / 1e6 for r in runs]),
+                "runs": len(runs),
+            }
+            for name, runs in methods.items()
+            if runs
+        }
+        best_native = min(
+            (s["total_seconds"] for n, s in summary.items() if n.startswith("QEMU") and s["total_seconds"]),
+            default=None,
+        )
+        for name, s in summary.items():
+            ratio = round(s["total_seconds"] / best_native, 2) if best_native and s["total_seconds"] else None
+            rows.append({"link": link, "method": name, **s, "total_vs_best_native": ratio})
+    header = f"{'link':<9} {'method':<22} {'runs':>4} {'total s':>9} {'x best QEMU':>11} {'downtime ms':>12} {'on link MB':>11}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in rows:
+        print(f"{row['link']:<9} {row['method']:<22} {row['runs']:>4} {row['total_seconds']!s:>9} "
+              f"{row['total_vs_best_native']!s:>11} {row['downtime_ms']!s:>12} {row['link_mb']!s:>11}")  # fmt: skip
+    print("(medians; downtime = source QMP STOP -> destination RESUME; 'on link' counts both directions)")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"migration-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(
+        json.dumps({"args": vars(args), "rows": rows, "novacron": ours, "qemu": native}, indent=2)
+    )
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
