@@ -71,7 +71,9 @@ class MetricSeriesView(APIView):
         ),
     )
     def get(self, request: Request) -> Response:
-        query = SeriesQuerySerializer(data=request.query_params.dict())
+        # ``format`` belongs to DRF's content negotiation (?format=json), not to the query.
+        params = {key: value for key, value in request.query_params.items() if key != "format"}
+        query = SeriesQuerySerializer(data=params)
         query.is_valid(raise_exception=True)
         params = query.validated_data
         user = request_user(request)

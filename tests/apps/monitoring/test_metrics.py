@@ -8,6 +8,7 @@ from apps.monitoring import services
 from apps.monitoring.models import APILog, Metric
 from apps.monitoring.selectors import percentile
 from apps.monitoring.services.metrics import histogram_quantile
+from apps.vms.models import VM
 
 pytestmark = pytest.mark.django_db
 
@@ -117,10 +118,26 @@ def test_series_parameters_are_validated(staff_api, query, field):
     assert field in answer.json()["error"]["fields"]
 
 
-def test_series_are_staff_only_unless_asked_for_an_own_vm(api):
+def test_series_are_staff_only_unless_asked_for_an_own_vm(api, other_api, user, node, image):
     answer = api.get("/api/v1/metrics/", {"name": "node.cpu_percent"})
     assert answer.status_code == 404
     assert answer.json()["error"]["code"] == "not_found"
+    vm = VM.objects.create(
+        name="mine", owner=user, node=node, image=image, state="running", vcpus=1, memory_mb=512, disk_gb=1
+    )
+    _rows("vm.rss_bytes", [100.0, 300.0], start=T0, node=node, vm=vm)
+    query = {
+        "name": "vm.rss_bytes",
+        "vm": str(vm.pk),
+        "since": T0.isoformat(),
+        "until": "2026-11-01T12:01:00Z",
+        "step": "1m",
+    }
+    mine = api.get("/api/v1/metrics/", query | {"format": "json"})
+    assert mine.status_code == 200, mine.json()
+    (point,) = mine.json()["points"]
+    assert (point["count"], point["avg"], point["max"]) == (2, 200.0, 300.0)
+    assert other_api.get("/api/v1/metrics/", query).status_code == 404
 
 
 def test_retention_deletes_only_what_is_older_in_batches(node):
