@@ -1,7 +1,13 @@
-"""Django admin for alert rules, alerts and API logs."""
+"""Django admin for alert rules (editable), alerts (acknowledge action) and API logs."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
+from apps.core.auth import request_user
+
+from . import services
+from .choices import AlertStatus
 from .models import Alert, AlertRule, APILog
 
 
@@ -36,6 +42,14 @@ class AlertAdmin(admin.ModelAdmin[Alert]):
     )
     list_filter = ("status", "severity")
     list_select_related = ("rule",)
+    actions = ("acknowledge",)
+
+    @admin.action(description="Acknowledge the selected firing alerts")
+    def acknowledge(self, request: HttpRequest, queryset: QuerySet[Alert]) -> None:
+        firing = list(queryset.filter(status=AlertStatus.FIRING))
+        for alert in firing:
+            services.alert_acknowledge(alert=alert, user=request_user(request))
+        self.message_user(request, f"{len(firing)} alert(s) acknowledged.", messages.SUCCESS)
 
 
 @admin.register(APILog)

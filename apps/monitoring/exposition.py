@@ -26,7 +26,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from apps.migrations import progress as migration_progress
 from apps.migrations.choices import ACTIVE_STATUSES
 from apps.migrations.models import Migration
 from apps.vms.choices import NodeStatus
@@ -35,8 +34,7 @@ from workers import contract
 
 from .conf import monitoring_setting
 from .keys import API_LOG_DROPPED, API_LOG_LIST, key
-from .selectors import latest_by_node
-from .services.metrics import queue_depth
+from .selectors import latest_by_node, migration_live_rates, migration_wire_bytes, queue_depths
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +67,11 @@ class ControlPlaneCollector:
             depth = GaugeMetricFamily(
                 "novacron_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"]
             )
-            queues = [contract.CONTROL_QUEUE] + [
-                contract.node_queue(name) for name in Node.objects.values_list("name", flat=True)
-            ]
-            for queue in queues:
-                depth.add_metric([queue], queue_depth(client, queue))
+            names = Node.objects.values_list("name", flat=True)
+            for queue, count in queue_depths(
+                client, [contract.CONTROL_QUEUE, *map(contract.node_queue, names)]
+            ).items():
+                depth.add_metric([queue], count)
             dropped = int(client.get(key(API_LOG_DROPPED)) or 0)
             backlog = client.llen(key(API_LOG_LIST))
         except redis.RedisError as exc:
@@ -120,11 +118,7 @@ class ControlPlaneCollector:
         for status, count in Migration.objects.values_list("status").annotate(n=Count("id")).order_by():
             by_status.add_metric([status], count)
         yield by_status
-        wire_total = 0.0
-        for stats in Migration.objects.filter(stats__has_key="wire_bytes").values_list("stats", flat=True):
-            value = stats.get("wire_bytes") if isinstance(stats, dict) else None
-            if isinstance(value, (int, float)):
-                wire_total += value
+        wire_total = migration_wire_bytes() or 0.0
         yield CounterMetricFamily(
             "novacron_migration_wire_bytes", "DWCP bytes sent by finished migrations.", value=wire_total
         )
@@ -134,10 +128,9 @@ class ControlPlaneCollector:
             labels=["migration"],
         )
         client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-        for migration_id in Migration.objects.filter(status__in=ACTIVE_STATUSES).values_list("pk", flat=True):
-            live = migration_progress.read(client, str(migration_id))
-            if "rate_bps" in live:
-                rate.add_metric([str(migration_id)], live["rate_bps"])
+        active = Migration.objects.filter(status__in=ACTIVE_STATUSES).values_list("pk", flat=True)
+        for migration_id, bytes_per_second in migration_live_rates(client, active).items():
+            rate.add_metric([migration_id], bytes_per_second)
         yield rate
 
 

@@ -9,13 +9,17 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+import redis
 from django.db import connection
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, FloatField, Q, QuerySet, Sum
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast
 
 from apps.core.errors import InvalidInput
+from apps.migrations import progress as migration_progress
 from apps.migrations.choices import ACTIVE_STATUSES
 from apps.migrations.models import Migration
 from apps.vms.choices import VMState
@@ -251,5 +255,41 @@ def latest_by_node(names: Iterable[str], *, since: datetime) -> dict[tuple[str, 
     return latest
 
 
-def utcnow() -> datetime:
-    return datetime.now(tz=UTC)
+# --- Redis and migrations -------------------------------------------------------------------------
+
+# kombu's Redis transport keeps a queue's prioritised messages in sibling lists "<queue>\x06\x16<n>".
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+
+
+def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each Celery queue on the Redis broker (all priority lists), one round trip."""
+    names = list(queues)
+    pipe = client.pipeline(transaction=False)
+    for queue in names:
+        pipe.llen(queue)
+        for step in _PRIORITY_STEPS:
+            pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{step}")
+    lengths = pipe.execute()
+    per_queue = len(_PRIORITY_STEPS) + 1
+    return {queue: int(sum(lengths[i * per_queue : (i + 1) * per_queue])) for i, queue in enumerate(names)}
+
+
+def migration_wire_bytes(*, finished_since: datetime | None = None) -> float | None:
+    """Bytes DWCP put on the wire for finished migrations (since ``finished_since``); None: none recorded."""
+    rows = Migration.objects.filter(stats__has_key="wire_bytes")
+    if finished_since is not None:
+        rows = rows.filter(finished_at__gt=finished_since)
+    wire = Cast(KT("stats__wire_bytes"), FloatField())
+    total = rows.annotate(wire=wire).aggregate(total=Sum("wire"))["total"]
+    return float(total) if total is not None else None
+
+
+def migration_live_rates(client: redis.Redis, migration_ids: Iterable[Any]) -> dict[str, float]:
+    """The live DWCP rate (bytes/s) of each running migration whose source reports one."""
+    rates = {}
+    for migration_id in migration_ids:
+        live = migration_progress.read(client, str(migration_id))
+        if isinstance(live.get("rate_bps"), float):
+            rates[str(migration_id)] = live["rate_bps"]
+    return rates

@@ -13,15 +13,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from django.db.models import F, FloatField, Sum
-from django.db.models.fields.json import KT
-from django.db.models.functions import Cast
 
 from apps.migrations.choices import ACTIVE_STATUSES
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Node
 from workers import contract
 
+from .. import selectors
 from ..conf import monitoring_setting
 from ..keys import API_LOG_DROPPED, API_LOG_LIST, LAST_SAMPLE, LATENCY_BUCKETS_MS, REQUEST_STATS, key
 from ..models import APILog, Metric
@@ -75,9 +73,6 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     return sample
 
 
-# kombu's Redis transport keeps a queue's prioritised messages in sibling lists "<queue>\x06\x16<n>".
-_PRIORITY_SEPARATOR = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
 DEFAULT_SAMPLE_INTERVAL = 10.0  # seconds assumed before the first sample (the beat period)
 
 
@@ -98,7 +93,7 @@ def control_metrics_sample(*, client: redis.Redis, now: float | None = None) -> 
     interval = now - float(last_sample) if last_sample else DEFAULT_SAMPLE_INTERVAL
     if interval <= 0:
         interval = DEFAULT_SAMPLE_INTERVAL
-    stats = {key.decode(): int(value) for key, value in raw_stats.items()}
+    stats = {field.decode(): int(value) for field, value in raw_stats.items()}
     values: list[tuple[str, float, int | None]] = []  # (name, value, node id)
     requests = stats.get("requests", 0)
     values.append(("api.requests_per_second", requests / interval, None))
@@ -114,15 +109,17 @@ def control_metrics_sample(*, client: redis.Redis, now: float | None = None) -> 
         values.append(("cache.hit_ratio", stats.get("cache_hits", 0) / lookups, None))
     values.append(("api.logs_dropped_total", float(int(dropped or 0)), None))
     values.append(("api.logs_backlog", float(backlog), None))
-    values.append(("queue.control.depth", float(queue_depth(client, contract.CONTROL_QUEUE)), None))
-    for node_id, node_name in Node.objects.values_list("pk", "name"):
-        values.append(
-            ("queue.node.depth", float(queue_depth(client, contract.node_queue(node_name))), node_id)
-        )
-    values.append(
-        ("migrations.active", float(Migration.objects.filter(status__in=ACTIVE_STATUSES).count()), None)
-    )
-    moved = _migration_bytes_since(datetime.fromtimestamp(now - interval, tz=UTC))
+    nodes = dict(Node.objects.values_list("name", "pk"))
+    depths = selectors.queue_depths(client, [contract.CONTROL_QUEUE, *map(contract.node_queue, nodes)])
+    values.append(("queue.control.depth", float(depths[contract.CONTROL_QUEUE]), None))
+    for node_name, node_id in nodes.items():
+        values.append(("queue.node.depth", float(depths[contract.node_queue(node_name)]), node_id))
+    active = list(Migration.objects.filter(status__in=ACTIVE_STATUSES).values_list("pk", flat=True))
+    values.append(("migrations.active", float(len(active)), None))
+    rates = selectors.migration_live_rates(client, active)
+    if rates:
+        values.append(("migrations.rate_bytes_per_second", sum(rates.values()), None))
+    moved = selectors.migration_wire_bytes(finished_since=datetime.fromtimestamp(now - interval, tz=UTC))
     if moved is not None:
         values.append(("migrations.bytes_per_second", moved / interval, None))
     timestamp = datetime.fromtimestamp(now, tz=UTC)
@@ -147,25 +144,6 @@ def histogram_quantile(quantile: float, stats: dict[str, int]) -> float:
         seen += count
         lower = float(bound)
     return float(LATENCY_BUCKETS_MS[-1])  # in the open-ended bucket: its lower bound is all we know
-
-
-def queue_depth(client: redis.Redis, queue: str) -> int:
-    """Messages waiting in a Celery queue on the Redis broker (every priority list)."""
-    pipe = client.pipeline(transaction=False)
-    pipe.llen(queue)
-    for step in _PRIORITY_STEPS:
-        pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{step}")
-    return int(sum(pipe.execute()))
-
-
-def _migration_bytes_since(since: datetime) -> float | None:
-    """Bytes put on the wire by migrations finished since ``since`` (None when none recorded any)."""
-    total = (
-        Migration.objects.filter(finished_at__gt=since, stats__has_key="wire_bytes")
-        .annotate(wire=Cast(KT("stats__wire_bytes"), FloatField()))
-        .aggregate(total=Sum(F("wire")))["total"]
-    )
-    return float(total) if total is not None else None
 
 
 def metrics_prune(

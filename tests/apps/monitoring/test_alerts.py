@@ -222,3 +222,18 @@ def test_firing_and_resolving_post_a_signed_webhook(monitoring, django_capture_o
         assert payload["alert"]["rule"] == rule.name and payload["alert"]["value"] == 90.0
     finally:
         server.shutdown()
+
+
+def test_staff_acknowledge_alerts_and_edit_rules_in_admin(client, staff):
+    rule = AlertRule.objects.get(metric="db.query_avg_ms")
+    _samples("db.query_avg_ms", 90.0, start=T0, until=T0 + timedelta(minutes=5))
+    services.alerts_evaluate(now=T0 + timedelta(minutes=5) - timedelta(seconds=1))
+    (alert,) = _open(rule)
+    client.force_login(staff)
+    answer = client.post(
+        "/admin/monitoring/alert/", {"action": "acknowledge", "_selected_action": [alert.pk]}, follow=True
+    )
+    assert answer.status_code == 200
+    alert.refresh_from_db()
+    assert alert.status == AlertStatus.ACKNOWLEDGED and alert.acknowledged_by == staff
+    assert client.get(f"/admin/monitoring/alertrule/{rule.pk}/change/").status_code == 200

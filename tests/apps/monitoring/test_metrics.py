@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from apps.monitoring import services
+from apps.monitoring.keys import LAST_SAMPLE, key
 from apps.monitoring.models import APILog, Metric
 from apps.monitoring.selectors import percentile
 from apps.monitoring.services.metrics import histogram_quantile
@@ -155,3 +156,53 @@ def test_retention_deletes_only_what_is_older_in_batches(node):
     assert list(Metric.objects.values_list("value", flat=True).distinct()) == [2.0]
     assert Metric.objects.count() == 7
     assert list(APILog.objects.values_list("timestamp", flat=True)) == [young]
+
+
+def test_migration_throughput_is_sampled_and_exposed_when_present(
+    redis_client, client, staff, make_node, image, user, monitoring
+):
+    from django.utils import timezone
+
+    from apps.migrations.models import Migration
+    from workers import contract
+
+    source, dest = make_node("src"), make_node("dst")
+
+    def vm(name):
+        return VM.objects.create(
+            name=name,
+            owner=user,
+            node=source,
+            image=image,
+            state="running",
+            vcpus=1,
+            memory_mb=256,
+            disk_gb=1,
+        )
+
+    running = Migration.objects.create(vm=vm("a"), source_node=source, dest_node=dest, status="transferring")
+    Migration.objects.create(
+        vm=vm("b"),
+        source_node=source,
+        dest_node=dest,
+        status="completed",
+        finished_at=timezone.now(),
+        stats={"wire_bytes": 5_000_000, "downtime_ms": 40},
+    )
+    progress_key = contract.MIGRATION_PROGRESS_KEY.format(id=running.pk)
+    redis_client.hset(progress_key, mapping={"phase": "memory", "rate_bps": "12500000", "percent": "40"})
+    try:
+        now = timezone.now().timestamp()
+        redis_client.set(key(LAST_SAMPLE), repr(now - 10))
+        services.control_metrics_sample(client=redis_client, now=now)
+        client.force_login(staff)
+        text = client.get("/metrics").content.decode()
+    finally:
+        redis_client.delete(progress_key)
+    sampled = dict(Metric.objects.filter(name__startswith="migrations.").values_list("name", "value"))
+    assert sampled["migrations.active"] == 1
+    assert sampled["migrations.rate_bytes_per_second"] == 12_500_000
+    assert sampled["migrations.bytes_per_second"] == pytest.approx(5_000_000 / 10)
+    assert f'novacron_migration_rate_bytes_per_second{{migration="{running.pk}"}} 1.25e+07' in text
+    assert "novacron_migration_wire_bytes_total 5e+06" in text
+    assert 'novacron_migrations{status="transferring"} 1.0' in text
