@@ -13,6 +13,8 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import logging
+import os
 import struct
 import threading
 import time
@@ -26,6 +28,8 @@ import zstandard
 from . import limits
 from .errors import ChecksumMismatch, RemoteProtocolError
 from .frames import Codec, Frame
+
+logger = logging.getLogger(__name__)
 
 _ZEROS: Final = bytes(limits.MAX_CHUNK_SIZE)
 _OFFSET: Final = struct.Struct("!Q")
@@ -176,9 +180,11 @@ class AdaptivePolicy:
     its socket still had more than ``LINK_BACKLOG_BYTES`` unsent. A backlog means the link (or
     the receiver behind it) is the bottleneck: spend CPU to send fewer bytes, one rung stronger.
     No backlog while writers wait for the codec pool means the CPU is the bottleneck: one rung
-    lighter. Waiting time alone would mislead, because 8 MiB socket buffers swallow whole short
+    lighter, unless the codec workers spent that time reading a slow source (then no codec
+    helps). Waiting time alone would mislead, because 8 MiB socket buffers swallow whole short
     transfers without ever blocking ``send``. Decisions are taken every ``ADAPT_INTERVAL_SECONDS``;
-    the first window (the pipeline filling up) is ignored. Fixed modes never move.
+    in the first window (the pipeline filling up, every writer waiting for its first chunk) only a
+    backlog counts. Fixed modes never move.
     """
 
     def __init__(
@@ -206,12 +212,20 @@ class AdaptivePolicy:
         self._frames = 0
         self._backlogged = 0
         self._starved = 0.0
+        self._reading = 0.0
+        self._workers = os.cpu_count() or 2  # the codec pool's size
         self._window_start = time.monotonic()
         self._warmed_up = False
 
     @property
     def level(self) -> Level:
         return self._ladder[self._rung]
+
+    def record_source(self, seconds: float) -> None:
+        """Time a codec worker spent reading its chunk: a slow disk starves writers, not the CPU."""
+        if self.mode is CodecMode.AUTO:
+            with self._lock:
+                self._reading += seconds
 
     def record(self, *, starved_seconds: float, backlogged: bool) -> None:
         if self.mode is not CodecMode.AUTO:
@@ -224,15 +238,30 @@ class AdaptivePolicy:
             window = now - self._window_start
             if window < limits.ADAPT_INTERVAL_SECONDS:
                 return
-            if self._warmed_up:
-                backlog_share = self._backlogged / self._frames
-                # Summed over all writers, so it can exceed the window: compare per writer-second.
-                starved_share = self._starved / (window * self._writers)
-                if backlog_share > 0.5 and self._rung < len(self._ladder) - 1:
-                    self._rung += 1  # link-bound: stronger
-                elif backlog_share < 0.1 and starved_share > 0.5 and self._rung > 0:
-                    self._rung -= 1  # CPU-bound: lighter
+            backlog_share = self._backlogged / self._frames
+            # Summed over all writers, so it can exceed the window: compare per writer-second.
+            starved_share = self._starved / (window * self._writers)
+            previous = self._rung
+            if backlog_share > 0.5 and self._rung < len(self._ladder) - 1:
+                self._rung += 1  # link-bound: stronger
+            elif (
+                self._warmed_up
+                and backlog_share < 0.1
+                and starved_share > 0.5
+                and self._reading < 0.5 * window * self._workers
+                and self._rung > 0
+            ):
+                self._rung -= 1  # CPU-bound (codec workers busy, not reading): lighter
+            if self._rung != previous:
+                logger.debug(
+                    "codec %s -> %s: %d frames, %.0f%% backlogged, writers %.0f%% starved",
+                    self._ladder[previous].label,
+                    self.level.label,
+                    self._frames,
+                    backlog_share * 100,
+                    starved_share * 100,
+                )
             self._frames = self._backlogged = 0
-            self._starved = 0.0
+            self._starved = self._reading = 0.0
             self._window_start = now
             self._warmed_up = True

@@ -76,8 +76,9 @@ ATTACH_TIMEOUT_SECONDS = 10.0
 ERROR_LINGER_SECONDS = 1.0
 
 # Sender pipeline: encoded chunks waiting for a stream writer. With 1 MiB chunks this bounds the
-# sender's buffered data to ~QUEUE_DEPTH MiB for any file size (memory stays flat).
-SEND_QUEUE_DEPTH = 16
+# sender's buffered data to ~QUEUE_DEPTH MiB for any file size (memory stays flat); 8 keeps a
+# two-core codec pool busy, and a shallow queue lets a new codec level take effect sooner.
+SEND_QUEUE_DEPTH = 8
 # Tunnel chunks are smaller than file chunks: QEMU's migration stream and NBD replies are latency
 # sensitive, and 256 KiB still amortises per-frame overhead.
 TUNNEL_CHUNK_SIZE = 256 * KiB
@@ -104,9 +105,14 @@ INCOMPRESSIBLE_SAMPLE_RATIO = 0.97
 MIN_COMPRESSION_GAIN = 0.03
 # Bytes sampled (in three slices) to decide compressibility: cheap next to a 1 MiB chunk.
 COMPRESSIBILITY_SAMPLE_SIZE = 12 * KiB
-# A socket with more than this still unsent after a write means the link (or the receiver) is
-# the bottleneck: two chunks queued per stream is more than a CPU-bound sender ever leaves behind.
-LINK_BACKLOG_BYTES = 2 * MiB
+# TCP_NOTSENT_LOWAT: a write blocks while more than this sits in the socket not yet sent (bytes
+# in flight do not count, so a long fat pipe still fills its window). It keeps the backlog in our
+# queue, where the codec choice can still change, instead of in 8 MiB of kernel buffer; 512 KiB
+# is still 4 ms of a 1 Gbit link, far more than a writer needs to wake up and refill it.
+NOTSENT_LOWAT_BYTES = 512 * KiB
+# Unsent bytes left in the socket right after a write: a link-bound writer finds about
+# NOTSENT_LOWAT_BYTES there, a CPU-bound one finds its socket drained. Half-way is the cut.
+LINK_BACKLOG_BYTES = NOTSENT_LOWAT_BYTES // 2
 # How often the adaptive policy re-decides the compression level from the pipeline's stalls.
 ADAPT_INTERVAL_SECONDS = 0.25
 

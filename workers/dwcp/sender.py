@@ -117,7 +117,9 @@ class _FileSend:
 
     def encode_job(self, index: int, send: bool) -> tuple[int, codecs.EncodedChunk | None, int]:
         length = files.chunk_length(index, self.size, self.chunk_size)
+        started = time.monotonic()
         data = os.pread(self.fd, length, index * self.chunk_size)
+        self.policy.record_source(time.monotonic() - started)
         if len(data) != length:
             raise TransferError("source file shrank while being sent", code="source_changed")
         if not send:

@@ -22,7 +22,6 @@ import logging
 import select
 import socket
 import sys
-import termios
 import threading
 import time
 from collections.abc import Sequence
@@ -77,6 +76,8 @@ def _set_buffer(sock: socket.socket, forced: int, plain: int) -> None:
 
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in the send queue not yet sent
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
@@ -91,6 +92,7 @@ def tune_socket(sock: socket.socket) -> None:
     # Tunnel frames are latency sensitive (NBD requests, migration handshakes); file frames are
     # large enough that Nagle would gain nothing.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, limits.NOTSENT_LOWAT_BYTES)
     if limits.PREFERRED_CONGESTION_CONTROL in AVAILABLE_CONGESTION_CONTROLS:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, limits.PREFERRED_CONGESTION_CONTROL)
@@ -234,8 +236,8 @@ class Channel:
                 self.protocol.receive_data(data)
 
     def unsent_bytes(self) -> int:
-        """Bytes written to the socket that the peer has not acknowledged yet (SIOCOUTQ)."""
-        result = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        """Bytes written to the socket that TCP has not sent yet (SIOCOUTQNSD)."""
+        result = fcntl.ioctl(self.sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0")
         return int.from_bytes(result, sys.byteorder, signed=True)
 
     @property

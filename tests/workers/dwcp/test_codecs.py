@@ -76,10 +76,16 @@ def warmed_up(policy: AdaptivePolicy) -> AdaptivePolicy:
     return policy
 
 
-def test_the_first_window_never_moves_the_level() -> None:
+def test_starving_in_the_first_window_is_the_pipeline_filling_up_not_a_slow_cpu() -> None:
     policy = AdaptivePolicy()
     _settle(policy, starved=1.0, backlogged=False)
     assert policy.level.codec is Codec.LZ4
+
+
+def test_a_backlog_in_the_first_window_already_counts() -> None:
+    policy = AdaptivePolicy()
+    _settle(policy, starved=0.0, backlogged=True)
+    assert policy.level == Level(Codec.ZSTD, 1)
 
 
 def test_the_policy_gets_stronger_when_the_link_is_the_bottleneck() -> None:
@@ -97,6 +103,13 @@ def test_the_policy_gets_lighter_when_the_cpu_is_the_bottleneck() -> None:
     assert policy.level.codec is Codec.RAW
     _settle(policy, starved=0.8, backlogged=False)
     assert policy.level.codec is Codec.RAW
+
+
+def test_the_policy_does_not_blame_the_cpu_for_a_slow_disk() -> None:
+    policy = warmed_up(AdaptivePolicy())
+    policy.record_source(10.0)  # codec workers spent the window waiting for reads
+    _settle(policy, starved=0.9, backlogged=False)
+    assert policy.level.codec is Codec.LZ4
 
 
 def test_the_policy_holds_when_neither_side_is_clearly_the_bottleneck() -> None:
