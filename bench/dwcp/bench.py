@@ -1,0 +1,424 @@
+"""DWCP benchmark against nc and rsync on shaped links (issue 4, section 5).
+
+Two network namespaces joined by a veth pair, the sending side's egress shaped with
+``tc qdisc tbf`` at 1 Gbit and at 100 Mbit, plus unshaped loopback. For each link and data set
+every tool moves the same file from one side to the other into a fresh directory:
+
+* ``nc``           the raw link (OpenBSD netcat, its own buffer sizes)
+* ``rsync``        rsync daemon, whole-file, no compression
+* ``rsync -z``     the same with rsync's negotiated compression (zstd on rsync 3.2+)
+* ``dwcp``         ``python -m workers.dwcp send`` to ``serve``, adaptive codec
+
+Columns: wall seconds; effective MB/s (file bytes / wall); wire MB (payload bytes the tool put on
+the link: nc = the file, rsync = its ``--stats`` bytes sent, DWCP = its JSON ``wire_bytes``);
+efficiency (DWCP effective rate / nc's on the same link); speed-up against each peer; CPU seconds
+(user + system, sender + receiver); peak RSS (the larger of sender and receiver).
+
+Read the figures with two facts in mind: the DWCP receiver verifies the whole-file digest and
+fsyncs before renaming into place (nc and rsync do neither), and "wall" includes starting the
+Python interpreter for the sender (under a second on a slow VM); "xfer s" is DWCP's own transfer
+time without it. On a one-host benchmark sender and receiver share the same cores.
+
+Run as root (namespaces, tc): ``sudo .venv/bin/python bench/dwcp/bench.py [--quick]``.
+All traffic stays on loopback or inside the two namespaces this script creates and deletes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+MiB = 1024 * 1024
+SECRET = "bench-secret-" + os.urandom(8).hex()
+TIME_FORMAT = "TIME %e %U %S %M"
+NS_SEND = f"dwcpbench-a-{os.getpid()}"
+NS_RECV = f"dwcpbench-b-{os.getpid()}"
+SEND_IP, RECV_IP = "10.213.0.1", "10.213.0.2"
+
+
+@dataclass
+class Measurement:
+    tool: str
+    wall: float
+    raw_bytes: int
+    wire_bytes: int
+    cpu: float
+    peak_rss_kib: int
+    transfer_seconds: float | None = None  # DWCP's own figure, without interpreter start-up
+    codec_mix: dict[str, int] | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.raw_bytes / self.wall / 1e6
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    rate: str | None  # tbf rate, None = no shaping
+    loopback: bool
+
+    def wrap(self, side: str, command: list[str]) -> list[str]:
+        if self.loopback:
+            return command
+        return ["ip", "netns", "exec", NS_SEND if side == "send" else NS_RECV, *command]
+
+    @property
+    def receiver_ip(self) -> str:
+        return "127.0.0.1" if self.loopback else RECV_IP
+
+
+def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def namespaces(rate: str) -> Iterator[None]:
+    run(["ip", "netns", "add", NS_SEND])
+    run(["ip", "netns", "add", NS_RECV])
+    try:
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                "dwb0",
+                "netns",
+                NS_SEND,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "dwb1",
+                "netns",
+                NS_RECV,
+            ]
+        )
+        for ns, dev, ip in ((NS_SEND, "dwb0", SEND_IP), (NS_RECV, "dwb1", RECV_IP)):
+            run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
+            run(["ip", "-n", ns, "link", "set", dev, "up"])
+            run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        # burst must hold at least one timer tick of traffic at the rate, or tbf undershoots.
+        burst = "1mb" if rate == "1gbit" else "256kb"
+        tbf = ["tbf", "rate", rate, "burst", burst, "latency", "50ms"]
+        run(["ip", "netns", "exec", NS_SEND, "tc", "qdisc", "add", "dev", "dwb0", "root", *tbf])
+        yield
+    finally:
+        subprocess.run(["ip", "netns", "del", NS_SEND], check=False)
+        subprocess.run(["ip", "netns", "del", NS_RECV], check=False)
+
+
+def parse_time(stderr: str) -> tuple[float, float, int]:
+    match = re.findall(r"TIME ([\d.]+) ([\d.]+) ([\d.]+) (\d+)", stderr)
+    if not match:
+        raise RuntimeError(f"no /usr/bin/time line in: {stderr[-500:]}")
+    wall, user, system, rss = match[-1]
+    return float(wall), float(user) + float(system), int(rss)
+
+
+def timed(command: list[str]) -> list[str]:
+    return ["/usr/bin/time", "-f", TIME_FORMAT, *command]
+
+
+def wait_port(link: Link, port: int) -> None:
+    probe = link.wrap(
+        "send", [PYTHON, "-c", f"import socket; socket.create_connection(('{link.receiver_ip}', {port}), 1)"]
+    )
+    for _ in range(100):
+        if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"receiver on port {port} never came up")
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    # /usr/bin/time does not forward signals: stop the command it runs, then collect its report.
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    for child in children:
+        os.kill(int(child), signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    return stderr
+
+
+def bench_nc(link: Link, source: Path, target_dir: Path) -> Measurement:
+    port = 17401
+    receiver = subprocess.Popen(
+        link.wrap("recv", timed(["sh", "-c", f"nc -l -p {port} > {target_dir / 'nc.out'}"])),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.3)
+    started = time.monotonic()
+    sender = run(link.wrap("send", timed(["sh", "-c", f"nc -q 0 -N {link.receiver_ip} {port} < {source}"])))
+    _, receiver_stderr = receiver.communicate(timeout=600)
+    wall = time.monotonic() - started
+    _, send_cpu, send_rss = parse_time(sender.stderr)
+    _, recv_cpu, recv_rss = parse_time(receiver_stderr)
+    size = source.stat().st_size
+    assert (target_dir / "nc.out").stat().st_size == size, "nc lost data"
+    return Measurement("nc", wall, size, size, send_cpu + recv_cpu, max(send_rss, recv_rss))
+
+
+def bench_rsync(link: Link, source: Path, target_dir: Path, *, compress: bool) -> Measurement:
+    port = 17402
+    config = target_dir.parent / "rsyncd.conf"
+    config.write_text(
+        f"[bench]\npath = {target_dir}\nread only = false\nuse chroot = false\nuid = root\ngid = root\n"
+    )
+    daemon = subprocess.Popen(
+        link.wrap(
+            "recv", timed(["rsync", "--daemon", "--no-detach", f"--config={config}", f"--port={port}"])
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_port(link, port)
+    flags = ["-W", "--stats", "--inplace"] + (["-z"] if compress else [])
+    started = time.monotonic()
+    sender = run(
+        link.wrap("send", timed(["rsync", *flags, str(source), f"rsync://{link.receiver_ip}:{port}/bench/"]))
+    )
+    wall = time.monotonic() - started
+    daemon_stderr = stop(daemon)
+    _, send_cpu, send_rss = parse_time(sender.stderr)
+    _, recv_cpu, recv_rss = parse_time(daemon_stderr)
+    sent = int(re.search(r"Total bytes sent: ([\d,]+)", sender.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
+    return Measurement(
+        "rsync -z" if compress else "rsync",
+        wall,
+        source.stat().st_size,
+        sent,
+        send_cpu + recv_cpu,
+        max(send_rss, recv_rss),
+    )
+
+
+def bench_dwcp(link: Link, source: Path, target_dir: Path, *, codec: str, streams: int) -> Measurement:
+    port = 17403
+    env = {**os.environ, "DWCP_SECRET": SECRET, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen(
+        link.wrap(
+            "recv",
+            timed(
+                [
+                    PYTHON,
+                    "-m",
+                    "workers.dwcp",
+                    "serve",
+                    "--listen",
+                    f"{link.receiver_ip}:{port}",
+                    "--root",
+                    str(target_dir),
+                    "--node-name",
+                    "bench",
+                ]
+            ),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    wait_port(link, port)
+    started = time.monotonic()
+    sender = subprocess.run(
+        link.wrap(
+            "send",
+            timed(
+                [
+                    PYTHON,
+                    "-m",
+                    "workers.dwcp",
+                    "send",
+                    str(source),
+                    "--to",
+                    f"{link.receiver_ip}:{port}",
+                    "--name",
+                    "dwcp.out",
+                    "--node-name",
+                    "bench",
+                    "--dest-node",
+                    "bench",
+                    "--codec",
+                    codec,
+                    "--streams",
+                    str(streams),
+                ]
+            ),
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    wall = time.monotonic() - started
+    server_stderr = stop(server)
+    if sender.returncode != 0:
+        raise RuntimeError(f"dwcp send failed: {sender.stderr[-2000:]}\nserver: {server_stderr[-2000:]}")
+    summary = json.loads(sender.stdout.strip().splitlines()[-1])
+    _, send_cpu, send_rss = parse_time(sender.stderr)
+    _, recv_cpu, recv_rss = parse_time(server_stderr)
+    label = f"dwcp {codec} x{streams}"
+    return Measurement(
+        label,
+        wall,
+        summary["raw_bytes"],
+        summary["wire_bytes"],
+        send_cpu + recv_cpu,
+        max(send_rss, recv_rss),
+        summary["seconds"],
+        summary["codec_mix"],
+    )
+
+
+def make_random(path: Path, size: int) -> Path:
+    with path.open("wb") as handle:
+        for _ in range(size // MiB):
+            handle.write(os.urandom(MiB))
+    return path
+
+
+def make_zeros(path: Path, size: int) -> Path:
+    with path.open("wb") as handle:  # written, not sparse: every tool must read the zeros
+        block = bytes(MiB)
+        for _ in range(size // MiB):
+            handle.write(block)
+    return path
+
+
+def make_vm_disk(path: Path, size: int, scratch: Path) -> Path:
+    """An ext4 image about 60 % full of this machine's libraries, binaries and documentation."""
+    content = scratch / "disk-content"
+    budget = int(size * 0.6)
+    used = 0
+    for tree in ("/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/share/doc", "/usr/lib/python3"):
+        for dirpath, _, filenames in os.walk(tree):
+            for filename in filenames:
+                origin = Path(dirpath) / filename
+                if origin.is_symlink() or not origin.is_file():
+                    continue
+                length = origin.stat().st_size
+                if used + length > budget:
+                    break
+                destination = content / origin.relative_to("/")
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(origin, destination)
+                used += length
+    run(["mke2fs", "-q", "-t", "ext4", "-d", str(content), "-F", str(path), f"{size // MiB}M"])
+    shutil.rmtree(content)
+    return path
+
+
+def make_dataset(dataset: str, size: int, scratch: Path) -> Path:
+    source = scratch / f"{dataset}-{size // MiB}M.bin"
+    if not source.exists():
+        if dataset == "random":
+            make_random(source, size)
+        elif dataset == "zeros":
+            make_zeros(source, size)
+        else:
+            make_vm_disk(source, size, scratch)
+    return source
+
+
+def run_tools(link: Link, source: Path, scratch: Path, streams: int) -> list[Measurement]:
+    """Every tool once, each into a fresh, empty target directory."""
+    tools = {
+        "nc": lambda target: bench_nc(link, source, target),
+        "rsync": lambda target: bench_rsync(link, source, target, compress=False),
+        "rsync -z": lambda target: bench_rsync(link, source, target, compress=True),
+        "dwcp": lambda target: bench_dwcp(link, source, target, codec="auto", streams=streams),
+    }
+    results = []
+    for name, bench in tools.items():
+        target = scratch / "target"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        results.append(bench(target))
+        shutil.rmtree(target)
+        print(f"  {link.name} {source.name} {name}: {results[-1].wall:.2f}s", file=sys.stderr, flush=True)
+    return results
+
+
+def table(link: Link, dataset: str, results: list[Measurement]) -> str:
+    nc = next(m for m in results if m.tool == "nc")
+    peers = [m for m in results if not m.tool.startswith("dwcp")]
+    lines = [
+        f"\n{link.name} / {dataset} ({results[0].raw_bytes / MiB:.0f} MiB)",
+        f"{'tool':<16}{'wall s':>8}{'eff MB/s':>10}{'wire MB':>10}{'vs nc':>8}"
+        + "".join(f"{'vs ' + p.tool:>12}" for p in peers[1:])
+        + f"{'CPU s':>8}{'RSS MiB':>9}{'xfer s':>8}",
+    ]
+    for m in results:
+        speedups = "".join(f"{p.wall / m.wall:>11.2f}x" for p in peers[1:])
+        lines.append(
+            f"{m.tool:<16}{m.wall:>8.2f}{m.rate:>10.1f}{m.wire_bytes / 1e6:>10.1f}{m.rate / nc.rate:>7.2f}x"
+            f"{speedups}{m.cpu:>8.2f}{m.peak_rss_kib / 1024:>9.1f}"
+            + (f"{m.transfer_seconds:>8.2f}" if m.transfer_seconds is not None else "")
+        )
+    for m in results:
+        if m.codec_mix:
+            mix = ", ".join(f"{codec} {raw / m.raw_bytes:.0%}" for codec, raw in sorted(m.codec_mix.items()))
+            lines.append(f"  {m.tool} codec mix (share of file bytes): {mix}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller files, loopback and 1 Gbit only")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--links", default="loopback,1gbit,100mbit", help="comma-separated subset")
+    parser.add_argument("--datasets", default="random,zeros,vm-disk", help="comma-separated subset")
+    args = parser.parse_args()
+    wanted_links = set(args.links.split(","))
+    wanted_datasets = set(args.datasets.split(","))
+    if os.geteuid() != 0:
+        print("bench: run as root (network namespaces and tc need it)", file=sys.stderr)
+        return 2
+    scale = 4 if args.quick else 1
+    links = [Link("loopback", None, True), Link("veth 1gbit", "1gbit", False)]
+    if not args.quick:
+        links.append(Link("veth 100mbit", "100mbit", False))
+    sizes = {  # per link: keep each nc run to a few seconds
+        "loopback": {"random": 512 * MiB, "zeros": 1024 * MiB, "vm-disk": 512 * MiB},
+        "veth 1gbit": {"random": 256 * MiB, "zeros": 256 * MiB, "vm-disk": 256 * MiB},
+        "veth 100mbit": {"random": 48 * MiB, "zeros": 48 * MiB, "vm-disk": 64 * MiB},
+    }
+    report: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="dwcp-bench-", dir="/var/tmp") as scratch_name:
+        scratch = Path(scratch_name)
+        for link in links:
+            if link.name.split()[-1] not in wanted_links:
+                continue
+            for dataset, full_size in sizes[link.name].items():
+                if dataset not in wanted_datasets:
+                    continue
+                source = make_dataset(dataset, full_size // scale, scratch)
+                context = contextlib.nullcontext() if link.loopback else namespaces(link.rate or "")
+                with context:
+                    results = run_tools(link, source, scratch, args.streams)
+                report.append(table(link, dataset, results))
+                print(report[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
