@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import Conflict, InvalidInput, InvalidState, NoCapacity
+from apps.vms import cache as vm_cache
 from apps.vms import dispatch, scheduler
 from apps.vms.choices import NodeStatus, VMState
 from apps.vms.models import VM, Node
@@ -155,6 +156,7 @@ def migration_request(
     )
     vm.state = VMState.MIGRATING
     vm.save(update_fields=["state", "updated_at"])
+    vm_cache.vms_changed([vm])
     transaction.on_commit(_schedule_soon)
     return migration
 
@@ -358,6 +360,7 @@ def _complete(migration: Migration, actor: str, detail: str) -> None:
     vm.state = VMState.RUNNING if started else VMState.STOPPED
     vm.state_reason = ""
     vm.save(update_fields=["node", "state", "state_reason", "updated_at"])
+    vm_cache.vms_changed([vm])
     final = progress.read(_redis(), str(migration.pk))
     migration.stats = {**migration.stats, **{key: value for key, value in final.items() if key != "updated"}}
     if migration.started_at:
@@ -381,6 +384,7 @@ def _roll_back(migration: Migration, to: MigrationStatus, *, actor: str, detail:
         vm.state = migration.vm_state_before or VMState.RUNNING
         vm.state_reason = f"Migration {to}: {detail}"[:1000] if to == S.FAILED else ""
         vm.save(update_fields=["state", "state_reason", "updated_at"])
+        vm_cache.vms_changed([vm])
     if was != S.QUEUED:
         progress.set_control(_redis(), str(migration.pk), cancel=True)
         _send(migration, migration.dest_node, contract.NODE_MIGRATION_ABORT, role="dest")

@@ -1,8 +1,19 @@
-"""VM, batch, node, image and user endpoints. Thin: validate, call one service, serialize."""
+"""VM, batch, node, image and user endpoints. Thin: validate, call one service, serialize.
 
+The VM list, VM detail and ``users/me`` read through the response cache (:mod:`.cache`) when the
+answer is JSON; the list builds its rows without serializers (``selectors.vm_rows``), and the
+detail carries an ETag and answers ``If-None-Match`` with 304.
+"""
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
+import orjson
+import xxhash
 from django.db.models import Prefetch, QuerySet
+from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseNotModified
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -14,14 +25,26 @@ from apps.core.auth import request_user
 from apps.core.conf import novacron_setting
 from apps.core.errors import InvalidInput, TooManyItems
 from apps.core.permissions import IsStaffOrReadOnly
+from apps.core.renderers import ORJSONRenderer, dumps
 from apps.migrations.serializers import MigrateRequestSerializer, MigrationSerializer
 from apps.migrations.services import migration_request, node_drain
 
+from . import cache as vm_cache
 from . import services
 from .choices import VMAction
 from .filters import VMFilter
 from .models import VM, BatchItem, BatchOperation, Image, Node
-from .selectors import batch_visible, user_profile, vm_list, vm_visible
+from .selectors import (
+    Usage,
+    batch_visible,
+    user_profile,
+    user_quota,
+    user_usage,
+    vm_list,
+    vm_row_data,
+    vm_rows,
+    vm_visible,
+)
 from .serializers import (
     BatchSerializer,
     BatchSummarySerializer,
@@ -56,6 +79,38 @@ def _check_list_size(data: Any, key: str) -> None:
             raise TooManyItems(f"A batch holds at most {limit} items; this one has {len(data[key])}.")
 
 
+def _viewer(request: Request) -> vm_cache.Viewer:
+    user = request_user(request)
+    return vm_cache.Viewer(user_id=user.pk, is_staff=user.is_staff)
+
+
+def _wants_plain_json(request: Request) -> bool:
+    """The answer is compact JSON (not the browsable API, not indented): cacheable bytes."""
+    renderer = getattr(request, "accepted_renderer", None)
+    media_type = getattr(request, "accepted_media_type", "") or ""
+    return isinstance(renderer, ORJSONRenderer) and "indent" not in media_type
+
+
+def _json_response(body: bytes, *, etag: str | None = None) -> HttpResponse:
+    response = HttpResponse(body, content_type="application/json")
+    if etag is not None:
+        response["ETag"] = etag
+    return response
+
+
+def _etag(body: bytes) -> str:
+    return f'"{xxhash.xxh3_64_hexdigest(body)}"'
+
+
+def _etag_matches(request: Request, etag: str) -> bool:
+    """``If-None-Match`` names ``etag`` (weak comparison: gzip turns tags weak) or is ``*``."""
+    header = request.headers.get("If-None-Match", "")
+    if not header:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return etag in tags or "*" in tags
+
+
 class VMViewSet(
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
@@ -71,6 +126,45 @@ class VMViewSet(
         if self.action == "list":
             return vm_list(user=self.request.user, include_deleted="state" in self.request.query_params)
         return vm_visible(user=self.request.user)
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponseBase:  # type: ignore[override]
+        """One page of VMs: the cached body, or rows read with ``.values()`` and cached."""
+        if not _wants_plain_json(request):
+            return super().list(request, *args, **kwargs)
+        entry = vm_cache.vm_list_entry(viewer=_viewer(request), query=request.META.get("QUERY_STRING", ""))
+        if entry.body is not None:
+            return _json_response(entry.body)
+        queryset = vm_rows(self.filter_queryset(self.get_queryset()))
+        page = self.paginate_queryset(queryset)
+        assert page is not None  # every list is paginated (DEFAULT_PAGINATION_CLASS)
+        body = dumps(self.get_paginated_response([vm_row_data(row) for row in page]).data)
+        entry.store(body)
+        return _json_response(body)
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponseBase:  # type: ignore[override]
+        """One VM, with an ETag; ``If-None-Match`` with the current tag answers 304 without a body."""
+        if not _wants_plain_json(request):
+            return super().retrieve(request, *args, **kwargs)
+        try:
+            vm_id = str(uuid.UUID(kwargs["pk"]))
+        except ValueError as exc:
+            raise Http404 from exc
+        entry = vm_cache.vm_detail_entry(
+            viewer=_viewer(request), vm_id=vm_id, query=request.META.get("QUERY_STRING", "")
+        )
+        body = entry.body
+        if body is None:
+            row = vm_rows(self.get_queryset().filter(pk=vm_id)).first()
+            if row is None:
+                raise Http404
+            body = dumps(vm_row_data(row))
+            entry.store(body)
+        etag = _etag(body)
+        if _etag_matches(request, etag):
+            not_modified = HttpResponseNotModified()
+            not_modified["ETag"] = etag
+            return not_modified
+        return _json_response(body, etag=etag)
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
         classes: dict[str, type[serializers.BaseSerializer[Any]]] = {
@@ -148,7 +242,7 @@ class VMViewSet(
         batch, vms = services.vm_batch_create(owner=request_user(request), requests=requests)
         return _batch_response(batch, vms)
 
-    def _visible_by_id(self, ids: list[Any], key: str) -> list[VM]:
+    def _visible_by_id(self, ids: Sequence[Any], key: str) -> Sequence[VM]:
         found = vm_visible(user=self.request.user).in_bulk(ids)
         missing = {
             f"{key}[{index}]": ["No such VM."] for index, vm_id in enumerate(ids) if vm_id not in found
@@ -200,6 +294,10 @@ class NodeViewSet(viewsets.ModelViewSet[Node]):
     queryset = Node.objects.all()
     filterset_fields = ("status", "name")
 
+    def perform_update(self, serializer: serializers.BaseSerializer[Node]) -> None:
+        super().perform_update(serializer)
+        vm_cache.fleet_changed()  # VM bodies show node names
+
     def perform_destroy(self, instance: Node) -> None:
         services.node_delete(node=instance)
 
@@ -219,6 +317,10 @@ class ImageViewSet(viewsets.ModelViewSet[Image]):
     queryset = Image.objects.all()
     filterset_fields = ("kind", "name")
 
+    def perform_update(self, serializer: serializers.BaseSerializer[Image]) -> None:
+        super().perform_update(serializer)
+        vm_cache.fleet_changed()  # VM bodies show image names
+
     def perform_destroy(self, instance: Image) -> None:
         services.image_delete(image=instance)
 
@@ -228,4 +330,11 @@ class MeView(APIView):
 
     @extend_schema(responses=MeSerializer)
     def get(self, request: Request) -> Response:
-        return Response(user_profile(user=request.user))
+        user = request_user(request)
+        entry = vm_cache.me_usage_entry(viewer=_viewer(request))
+        if entry.body is not None:
+            usage = Usage(**orjson.loads(entry.body))
+        else:
+            usage = user_usage(user=user)
+            entry.store(orjson.dumps(asdict(usage)))
+        return Response(user_profile(user=user, quota=user_quota(user=user), usage=usage))

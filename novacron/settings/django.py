@@ -44,6 +44,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # Outermost: request ids, timing, Prometheus and API logs see every response.
     "apps.monitoring.middleware.RequestMonitorMiddleware",
+    # gzip for bodies of 1 KiB and more (compresses what every middleware below produced).
+    "apps.core.middleware.SizedGZipMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import Conflict
+from apps.vms import cache as vm_cache
 from apps.vms.choices import NodeStatus, VMState
 from apps.vms.models import VM, Image, Node
 
@@ -57,6 +58,7 @@ def node_delete(*, node: Node) -> None:
         raise Conflict(f"Node {node.name} appears in migration records; set it to maintenance instead.")
     VM.objects.filter(node=node).update(node=None)
     node.delete()
+    vm_cache.fleet_changed()  # deleted VMs showed its name
 
 
 @transaction.atomic

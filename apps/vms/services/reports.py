@@ -10,6 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.core.conf import novacron_setting
+from apps.vms import cache as vm_cache
 from apps.vms import dispatch, scheduler
 from apps.vms.choices import BatchItemStatus, BatchStatus, NodeStatus, VMAction, VMState
 from apps.vms.models import VM, BatchItem, BatchOperation, Node
@@ -67,6 +68,7 @@ def vm_record_report(
         return vm
     if vm.state == VMState.DELETED:
         return vm
+    vm_cache.vms_changed([vm])  # what follows may change what the API shows of it
     if not final:
         if operation == "create" and vm.state == VMState.PENDING:
             vm.state = VMState.PROVISIONING
@@ -119,11 +121,13 @@ def node_apply_vm_states(*, node: str, vms: list[dict[str, Any]], complete: bool
         return
     reported = {str(entry["id"]): entry for entry in vms if isinstance(entry, dict) and "id" in entry}
     records = VM.objects.select_for_update(of=("self",)).select_related("node", "image")
+    touched: list[VM] = []
     for vm in records.filter(node=node_row).exclude(state=VMState.DELETED):
         entry = reported.pop(str(vm.pk), None)
         if entry is None:
             if complete:
                 _resolve_missing(vm, node_row)
+                touched.append(vm)
             continue
         if vm.state in (VMState.PENDING, VMState.PROVISIONING):
             if complete:  # the create may have been lost with the worker; it is idempotent
@@ -141,6 +145,8 @@ def node_apply_vm_states(*, node: str, vms: list[dict[str, Any]], complete: bool
             if complete:
                 vm.pending_action = VMAction.NONE
             vm.save(update_fields=["state", "state_reason", "pending_action", "updated_at"])
+            touched.append(vm)
+    vm_cache.vms_changed(touched)
     if complete:
         for vm in records.filter(pk__in=list(reported), state=VMState.DELETED):
             dispatch.send_to_node_on_commit(node, vm, contract.NODE_VM_DELETE)
@@ -215,7 +221,7 @@ def _node_down(node: Node, now: datetime) -> None:
     node.status_reason = f"No heartbeat since {since}."
     node.save(update_fields=["status", "status_reason", "updated_at"])
     reason = f"Node {node.name} is down (no heartbeat since {since}); state unknown until it returns."
-    affected = VM.objects.filter(node=node, state__in=[VMState.RUNNING, VMState.STOPPED]).update(
-        state=VMState.ERROR, state_reason=reason, updated_at=now
-    )
+    running = VM.objects.filter(node=node, state__in=[VMState.RUNNING, VMState.STOPPED])
+    vm_cache.vm_rows_changed(running.select_for_update().values_list("id", "owner_id"))
+    affected = running.update(state=VMState.ERROR, state_reason=reason, updated_at=now)
     logger.warning("node %s marked down; %d VM(s) in error until it returns", node.name, affected)

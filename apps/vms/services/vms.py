@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
+from apps.vms import cache as vm_cache
 from apps.vms import dispatch, scheduler
 from apps.vms.choices import (
     ACTIVE_STATES,
@@ -132,10 +133,12 @@ def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -
     ]
     try:
         with transaction.atomic():
-            return VM.objects.bulk_create(vms)
+            created = VM.objects.bulk_create(vms)
     except IntegrityError as exc:
         # Only a concurrent create of the same name gets here (names were checked under the owner lock).
         raise Conflict("A VM with one of these names was created concurrently; retry.") from exc
+    vm_cache.owner_changed(owner_id=owner.pk)
+    return created
 
 
 @transaction.atomic
@@ -240,6 +243,7 @@ def vm_update(*, vm: VM, changes: VMChanges) -> VM:
                 vm.save(update_fields=[*updated, "updated_at"])
         except IntegrityError as exc:
             raise Conflict("A VM with that name was created concurrently; retry.") from exc
+        vm_cache.vms_changed([vm])
     return vm
 
 
@@ -275,6 +279,7 @@ def vm_batch_update(
     if errors:
         transaction.set_rollback(True)
         raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
+    vm_cache.vms_changed(saved)
     batch = _new_batch(owner, BatchKind.UPDATE, saved, BatchItemStatus.SUCCEEDED)
     batch.status = BatchStatus.COMPLETED
     batch.finished_at = timezone.now()
@@ -316,6 +321,7 @@ def vm_delete(*, vm: VM) -> VM:
         return vm
     if _mark_deleting(vm):
         dispatch.send_on_commit(vm, contract.NODE_VM_DELETE)
+    vm_cache.vms_changed([vm])
     return vm
 
 
@@ -336,6 +342,7 @@ def vm_batch_delete(*, owner: User, vms: Sequence[VM]) -> tuple[BatchOperation, 
         raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
     ordered = [locked[vm.pk] for vm in vms]
     remote = [vm for vm in ordered if _mark_deleting(vm)]
+    vm_cache.vms_changed(ordered)
     batch = _new_batch(owner, BatchKind.DELETE, ordered, BatchItemStatus.PENDING)
     done = {vm.pk for vm in ordered} - {vm.pk for vm in remote}
     if done:
@@ -371,5 +378,6 @@ def vm_request_action(*, vm: VM, action: VMAction) -> VM:
         raise InvalidState(f"Cannot {action} VM {vm.name}: its node {vm.node.name} is down.")
     vm.pending_action = action
     vm.save(update_fields=["pending_action", "updated_at"])
+    vm_cache.vms_changed([vm])
     dispatch.send_on_commit(vm, task_name)
     return vm

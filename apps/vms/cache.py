@@ -1,0 +1,210 @@
+"""Response cache of the VM list, VM detail and ``users/me``'s usage: JSON in Redis, per viewer.
+
+Rules:
+
+- A cached body is only ever read back by the viewer it was made for: every key holds the
+  viewer's id and whether they are staff (a user and an operator never share an entry, and an
+  operator who loses staff rights no longer reads the operator's entries).
+- Invalidation is by version counters, not by waiting for a TTL: a key embeds the versions of what
+  the body shows (``owner:<id>`` for a user's VMs, ``all`` for every VM, as staff see them,
+  ``vm:<id>`` for one VM, ``fleet`` for node and image names). Writes bump the versions
+  (:func:`vms_changed`, :func:`owner_changed`, :func:`fleet_changed`) in the services, once at
+  once and again after commit, so no reader can store pre-commit rows under the new versions for
+  longer than the transaction lasts. Old entries are never read again and expire.
+- TTLs are only upper bounds (list 60 s, detail and me 300 s): they bound what a write made
+  outside the services (a shell, a version key lost to eviction) can leave stale.
+- Redis down or slow: look-ups and stores give up (logged at most every ``LOG_EVERY_SECONDS``) and
+  the view reads the database; a request never fails because of the cache.
+
+One look-up is one round trip: a Lua script reads the versions, builds the key and returns the body.
+Hits and misses go to ``novacron_api_cache_requests_total{view,result}`` and to the monitoring
+app's cache counters (``cache.hit_ratio``).
+"""
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+from django.conf import settings
+from django.db import transaction
+from django_redis import get_redis_connection
+from prometheus_client import Counter
+
+from apps.monitoring.instruments import record_cache_lookup
+
+logger = logging.getLogger(__name__)
+
+LIST_TTL: Final = 60  # seconds; upper bounds, the version counters do the invalidating
+DETAIL_TTL: Final = 300
+ME_TTL: Final = 300
+# Version keys outlive every entry built on them (the longest TTL) by far; refreshed on each bump.
+VERSION_TTL: Final = 7 * 24 * 3600
+LOG_EVERY_SECONDS: Final = 30.0  # one warning per process per interval while Redis is away
+
+api_cache_requests = Counter(
+    "novacron_api_cache_requests", "API response cache look-ups, by view and result.", ["view", "result"]
+)
+
+# KEYS: the version keys. ARGV[1]: entry key prefix, ARGV[2]: suffix. A missing version reads 0.
+_LOOKUP_SCRIPT = """
+local parts = {ARGV[1]}
+for i = 1, #KEYS do
+  parts[#parts + 1] = redis.call('GET', KEYS[i]) or '0'
+end
+local key = table.concat(parts, ':') .. ARGV[2]
+return {key, redis.call('GET', key)}
+"""
+_lookup: Any = None
+_last_warning = 0.0
+
+
+def _warn(action: str, exc: Exception) -> None:
+    global _last_warning  # noqa: PLW0603  (per-process log throttle)
+    now = time.monotonic()
+    if now - _last_warning >= LOG_EVERY_SECONDS:
+        _last_warning = now
+        logger.warning("API cache %s skipped, Redis did not answer (reading the database): %s", action, exc)
+
+
+def _connection() -> redis.Redis:
+    return get_redis_connection("default")  # the Django cache's Redis (CACHES["default"])
+
+
+def _key(*parts: object) -> str:
+    return ":".join([settings.CACHE_KEY_PREFIX, "apicache", *(str(part) for part in parts)])
+
+
+def _version_key(name: str) -> str:
+    return _key("v", name)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Whose cache entries a request may read: the user and whether they see every VM."""
+
+    user_id: int
+    is_staff: bool
+
+    @property
+    def scope(self) -> str:
+        return f"{'s' if self.is_staff else 'u'}{self.user_id}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A resolved cache slot: the key to store under (versions included) and the body if cached."""
+
+    view: str
+    key: str | None  # None: Redis did not answer, do not store
+    body: bytes | None
+    ttl: int
+
+    def store(self, body: bytes) -> None:
+        if self.key is None:
+            return
+        try:
+            _connection().set(self.key, body, ex=self.ttl)
+        except redis.RedisError as exc:
+            _warn("store", exc)
+
+
+def _resolve(view: str, versions: Sequence[str], suffix: str, ttl: int) -> Entry:
+    global _lookup  # noqa: PLW0603  (the script object is made once per process)
+    try:
+        connection = _connection()
+        if _lookup is None:
+            _lookup = connection.register_script(_LOOKUP_SCRIPT)
+        key, body = _lookup(
+            keys=[_version_key(name) for name in versions], args=[_key(view), suffix], client=connection
+        )
+    except redis.RedisError as exc:
+        _warn("look-up", exc)
+        api_cache_requests.labels(view=view, result="error").inc()
+        record_cache_lookup(hit=False)
+        return Entry(view, None, None, ttl)
+    hit = body is not None
+    api_cache_requests.labels(view=view, result="hit" if hit else "miss").inc()
+    record_cache_lookup(hit=hit)
+    return Entry(view, key.decode() if isinstance(key, bytes) else str(key), body, ttl)
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def vm_list_entry(*, viewer: Viewer, query: str) -> Entry:
+    """The slot of one VM list page (``query``: the request's query string, filters and cursor)."""
+    scope_version = "all" if viewer.is_staff else f"owner:{viewer.user_id}"
+    return _resolve("vm_list", [scope_version, "fleet"], f":{viewer.scope}:{_digest(query)}", LIST_TTL)
+
+
+def vm_detail_entry(*, viewer: Viewer, vm_id: str, query: str) -> Entry:
+    return _resolve(
+        "vm_detail", [f"vm:{vm_id}", "fleet"], f":{viewer.scope}:{vm_id}:{_digest(query)}", DETAIL_TTL
+    )
+
+
+def me_usage_entry(*, viewer: Viewer) -> Entry:
+    """The slot of ``users/me``'s usage (its costly part: an aggregate over the caller's VMs).
+
+    The rest of ``me`` is read live: the user row is already loaded by authentication, and the
+    quota is one indexed row an operator may edit in the admin (no service to bump a version).
+    """
+    return _resolve("me", [f"owner:{viewer.user_id}"], f":{viewer.scope}", ME_TTL)
+
+
+# --- Invalidation -----------------------------------------------------------------------------------
+
+
+def _bump(names: Sequence[str]) -> None:
+    if not names:
+        return
+    try:
+        pipe = _connection().pipeline(transaction=False)
+        for name in names:
+            key = _version_key(name)
+            pipe.incr(key)
+            pipe.expire(key, VERSION_TTL)
+        pipe.execute()
+    except redis.RedisError as exc:
+        # The write stands; entries built before it live at most their TTL.
+        logger.warning("API cache invalidation of %d version(s) failed: %s", len(names), exc)
+
+
+def _bump_now_and_on_commit(names: Sequence[str]) -> None:
+    names = list(dict.fromkeys(names))
+    _bump(names)
+    if transaction.get_connection().in_atomic_block:
+        transaction.on_commit(lambda: _bump(names))
+
+
+def vms_changed(vms: Iterable[Any]) -> None:
+    """VMs changed what they show (state, name, size, node...): their detail, owners' lists and me."""
+    names: list[str] = ["all"]
+    for vm in vms:
+        names.append(f"owner:{vm.owner_id}")
+        names.append(f"vm:{vm.pk}")
+    _bump_now_and_on_commit(names)
+
+
+def vm_rows_changed(rows: Iterable[tuple[Any, int]]) -> None:
+    """Like :func:`vms_changed`, for ``(vm_id, owner_id)`` pairs of rows changed by a bulk update."""
+    names: list[str] = ["all"]
+    for vm_id, owner_id in rows:
+        names.append(f"owner:{owner_id}")
+        names.append(f"vm:{vm_id}")
+    _bump_now_and_on_commit(names)
+
+
+def owner_changed(*, owner_id: int) -> None:
+    """New VMs for ``owner_id`` (no detail of them can be cached yet): their lists and me."""
+    _bump_now_and_on_commit(["all", f"owner:{owner_id}"])
+
+
+def fleet_changed() -> None:
+    """A node or image changed name or went away: every VM body may show it."""
+    _bump_now_and_on_commit(["fleet"])
