@@ -445,6 +445,7 @@ class MigrationRunner:
             {"capability": "auto-converge", "state": bool(job.options.get("auto_converge", True))},
         ]
         qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+        _clear_leftovers(qmp.execute)
         mark = qmp.event_mark()
         qmp.execute(
             "blockdev-add",
@@ -606,6 +607,13 @@ class MigrationRunner:
                     control = self._controls.get(migration_id)
                 if control is not None:
                     control.cancel()
+                elif self.driver.status(spec.uuid).state in (VmState.RUNNING, VmState.PAUSED):
+                    # No send of this migration runs here: this worker was restarted while it ran (a
+                    # SIGKILL leaves QEMU's mirror and migration behind). Undo them in QEMU, and resume
+                    # a guest the dead attempt left paused at the switchover.
+                    _clear_leftovers(self._executor(spec.uuid))
+                    if restart and self.driver.status(spec.uuid).state == VmState.PAUSED:
+                        self.driver.execute(spec.uuid, "cont")
                 if restart and self.driver.paths(spec.uuid).spec.exists():
                     state = self.driver.status(spec.uuid).state
                     if state not in (VmState.RUNNING, VmState.PAUSED):
@@ -658,6 +666,33 @@ class _CallbackReporter:
 
     def report(self, progress: Progress) -> None:
         self.callback(progress)
+
+
+def _clear_leftovers(execute: Callable[[str, dict[str, Any] | None], Any]) -> None:
+    """Remove what an earlier attempt left in the source QEMU (its worker was killed mid-migration).
+
+    A SIGKILLed worker cannot run ``_undo_source``: QEMU keeps the failed migration, the mirror job
+    and the ``mig-target`` NBD node, and the next ``blockdev-add`` would fail on the duplicate name.
+    Every step is allowed to fail (nothing to remove is the normal case).
+    """
+    with contextlib.suppress(QmpError):
+        if execute("query-migrate", None).get("status") in ("active", "pre-switchover", "device"):
+            execute("migrate_cancel", None)
+    with contextlib.suppress(QmpError):
+        for block_job in execute("query-block-jobs", None):
+            if str(block_job.get("device", "")).startswith("mig-"):
+                execute("block-job-cancel", {"device": block_job["device"], "force": True})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            jobs = execute("query-block-jobs", None)
+        except QmpError:
+            break
+        if not any(str(job.get("device", "")).startswith("mig-") for job in jobs):
+            break
+        time.sleep(0.1)
+    with contextlib.suppress(QmpError):
+        execute("blockdev-del", {"node-name": MIRROR_NODE})
 
 
 def _has_event(qmp: QmpSession, mark: int, name: str, job_id: str) -> bool:
