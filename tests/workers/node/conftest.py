@@ -136,7 +136,7 @@ def test_guest() -> Path:
 
 @pytest.fixture
 def guest_image(test_guest: Path, transactional_db: None) -> Image:
-    subprocess.run(
+    result = subprocess.run(
         [sys.executable, "manage.py", "bootstrap"],
         cwd=ROOT,
         env=os.environ
@@ -146,19 +146,39 @@ def guest_image(test_guest: Path, transactional_db: None) -> Image:
             "SECRET_KEY": "integration",
             "NOVACRON_ADMIN_PASSWORD": "integration-admin",
         },
-        check=True,
+        check=False,
         capture_output=True,
+        text=True,
     )
+    assert result.returncode == 0, f"manage.py bootstrap failed:\n{result.stdout}\n{result.stderr}"
     return Image.objects.get(name="testguest")
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, transactional_db: None, guest_image: Image) -> Iterator[Cluster]:
+def cluster_redis_url() -> str | None:
+    """The Redis URL of the cluster's processes; ``None`` keeps the test settings' (override to isolate)."""
+    return None
+
+
+@pytest.fixture
+def cluster_extra_env() -> dict[str, str]:
+    """Extra environment for the cluster's processes (override in a test module)."""
+    return {}
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path,
+    transactional_db: None,
+    guest_image: Image,
+    cluster_redis_url: str | None,
+    cluster_extra_env: dict[str, str],
+) -> Iterator[Cluster]:
     suffix = f"{int(time.time() * 1000) % 1000000}"
     env = os.environ | {
         "DJANGO_SETTINGS_MODULE": "novacron.settings.main",
         "DATABASE_URL": _database_url(),
-        "REDIS_URL": settings.REDIS_URL,
+        "REDIS_URL": cluster_redis_url or settings.REDIS_URL,
         "SECRET_KEY": "integration",
         "DWCP_SECRET": settings.DWCP_SECRET,
         "NODE_POWERDOWN_TIMEOUT": "1",
@@ -166,6 +186,9 @@ def cluster(tmp_path: Path, transactional_db: None, guest_image: Image) -> Itera
         "CPU_ALLOCATION_RATIO": "16",
         "LOG_LEVEL": "INFO",
     }
+    if cluster_redis_url:
+        env["CELERY_BROKER_URL"] = cluster_redis_url
+    env |= cluster_extra_env
     control = Process(
         "control",
         [

@@ -190,7 +190,7 @@ def test_cancel_while_queued_and_while_transferring(cluster: Cluster, api, dirty
     wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
     time.sleep(1)
     assert api.post(f"/api/v1/migrations/{migration_id}/cancel/").status_code == 202
-    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "cancelled", 30, "the cancel")
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "cancelled", 90, "the cancel")
     vm = VM.objects.get(pk=vm_id)
     assert vm.node.name == source and vm.state == "running"
     wait_for(lambda: not _run_dir(cluster, dest, vm_id).exists(), 30, "the destination copy to be removed")
