@@ -126,13 +126,14 @@ def novacron_runs(
         ),
     )
     wait_for(lambda: VM.objects.get(pk=vm.pk).state == "running", 120, "the VM to run")
+    serial = workdir / node_a.name / "run" / str(vm.pk) / "serial.log"
+    # Filled once; from then on the guest keeps rewriting it, on whichever node it runs.
+    wait_for(lambda: "dirty ready" in serial.read_text(errors="replace"), 600, "the guest's RAM load")
     here = node_a
     for link in args.links:
         shape(topology, link)
         runs = results.setdefault(link, [])
         for index in range(args.runs):
-            serial = workdir / here.name / "run" / str(vm.pk) / "serial.log"
-            wait_for(lambda: "dirty ready" in serial.read_text(errors="replace"), 300, "the guest's RAM load")  # noqa: B023
             there = node_b if here == node_a else node_a
             before = link_bytes(topology)
             migration = migration_request(vm=VM.objects.get(pk=vm.pk), requested_by=user, mode=MigrationMode.LIVE,
