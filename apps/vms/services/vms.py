@@ -255,7 +255,7 @@ def vm_batch_update(
     _check_batch_size(len(changes))
     _lock_owner(owner)
     ids = [vm.pk for vm, _ in changes]
-    locked = VM.objects.select_for_update(of=("self",)).select_related("node", "owner").in_bulk(ids)
+    locked = VM.objects.select_for_update(of=("self",)).select_related("node", "owner", "image").in_bulk(ids)
     renamed = [
         (index, change.name)
         for index, (vm, change) in enumerate(changes)
@@ -266,6 +266,8 @@ def vm_batch_update(
         _check_new_names(owner, [name for _, name in renamed], lambda i: f"vms[{positions[i]}].name")
     errors: dict[str, list[str]] = {}
     saved: list[VM] = []
+    now = timezone.now()
+    by_fields: dict[tuple[str, ...], list[VM]] = {}  # one UPDATE per set of changed fields, not per VM
     for index, (vm, change) in enumerate(changes):
         current = locked[vm.pk]
         try:
@@ -274,11 +276,14 @@ def vm_batch_update(
             errors[f"vms[{index}]"] = [exc.message]
             continue
         if updated:
-            current.save(update_fields=[*updated, "updated_at"])
+            current.updated_at = now
+            by_fields.setdefault(tuple(updated), []).append(current)
         saved.append(current)
     if errors:
         transaction.set_rollback(True)
         raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
+    for fields, rows in by_fields.items():
+        VM.objects.bulk_update(rows, [*fields, "updated_at"])
     vm_cache.vms_changed(saved)
     batch = _new_batch(owner, BatchKind.UPDATE, saved, BatchItemStatus.SUCCEEDED)
     batch.status = BatchStatus.COMPLETED
@@ -287,8 +292,11 @@ def vm_batch_update(
     return batch, saved
 
 
-def _mark_deleting(vm: VM) -> bool:
-    """Move a locked VM towards deletion; return True when a node must still delete it."""
+def _mark_deleting(vm: VM, *, save: bool = True) -> bool:
+    """Move a locked VM towards deletion; return True when a node must still delete it.
+
+    ``save=False`` leaves writing the ``deleting`` state to the caller (one bulk UPDATE for a batch).
+    """
     if vm.state == VMState.MIGRATING:
         raise InvalidState(f"Cannot delete VM {vm.name} while it migrates; cancel the migration first.")
     _require(vm, ACTIVE_STATES, "delete")
@@ -297,7 +305,8 @@ def _mark_deleting(vm: VM) -> bool:
         return False
     vm.state = VMState.DELETING
     vm.pending_action = VMAction.NONE
-    vm.save(update_fields=["state", "pending_action", "updated_at"])
+    if save:
+        vm.save(update_fields=["state", "pending_action", "updated_at"])
     return True
 
 
@@ -330,7 +339,7 @@ def vm_batch_delete(*, owner: User, vms: Sequence[VM]) -> tuple[BatchOperation, 
     _check_batch_size(len(vms))
     locked = (
         VM.objects.select_for_update(of=("self",))
-        .select_related("node", "image")
+        .select_related("node", "image", "owner")
         .in_bulk([vm.pk for vm in vms])
     )
     errors = {
@@ -341,7 +350,11 @@ def vm_batch_delete(*, owner: User, vms: Sequence[VM]) -> tuple[BatchOperation, 
     if errors:
         raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
     ordered = [locked[vm.pk] for vm in vms]
-    remote = [vm for vm in ordered if _mark_deleting(vm)]
+    remote = [vm for vm in ordered if _mark_deleting(vm, save=False)]
+    now = timezone.now()
+    for vm in remote:
+        vm.updated_at = now
+    VM.objects.bulk_update(remote, ["state", "pending_action", "updated_at"])
     vm_cache.vms_changed(ordered)
     batch = _new_batch(owner, BatchKind.DELETE, ordered, BatchItemStatus.PENDING)
     done = {vm.pk for vm in ordered} - {vm.pk for vm in remote}
