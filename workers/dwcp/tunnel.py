@@ -169,8 +169,11 @@ class TunnelEndpoint:
         item: bytes | bytearray | memoryview | object
         if frame.type is FrameType.EOF:
             item = _EOF
-        elif frame.codec in (codecs.Codec.REF,):
+        elif frame.codec is codecs.Codec.REF:
             raise RemoteProtocolError("references are not allowed in tunnels")
+        elif frame.raw_length > limits.TUNNEL_CHUNK_SIZE:
+            # Keeps the reorder buffer within REORDER_WINDOW x TUNNEL_CHUNK_SIZE.
+            raise RemoteProtocolError(f"tunnel frame of {frame.raw_length} bytes is too large")
         else:
             item = codecs.decode(frame)
         seq = frame.seq_or_offset
