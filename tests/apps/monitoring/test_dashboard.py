@@ -38,7 +38,9 @@ def _cookie_proxy(target: str, cookie: str) -> ThreadingHTTPServer:
 
     class Forward(BaseHTTPRequestHandler):
         def do_GET(self):
-            connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
+            connection = http.client.HTTPConnection(
+                upstream.hostname or "127.0.0.1", upstream.port, timeout=30
+            )
             headers = {k: v for k, v in self.headers.items() if k.lower() not in {"cookie", "connection"}}
             headers["Cookie"] = cookie
             connection.request("GET", self.path, headers=headers)
@@ -65,7 +67,7 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as profile:
         return subprocess.run(
             [
-                CHROMIUM,
+                str(CHROMIUM),
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
