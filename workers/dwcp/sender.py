@@ -389,6 +389,9 @@ def send_file(
             watchers[0].wait()
             phase = "cancelled"
             raise TransferCancelled(f"transfer {transfer_id} cancelled")
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            raise TransferError(f"{source} changed while it was being sent", code="source_changed")
         tracker.phase = "verifying"
         digest = files.file_digest(transfer.checksums)
         primary.send(control_frame(FrameType.END, {"digest": digest, "streams": len(channels)}))

@@ -257,6 +257,10 @@ class Channel:
 
     def close(self) -> None:
         self.protocol.close()
+        # shutdown first: close() alone neither wakes a thread blocked in recv on this socket
+        # nor sends the peer a FIN while that thread still holds the file.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.sock.close()
 

@@ -300,3 +300,22 @@ def test_progress_reaches_redis_as_a_hash_and_on_the_channel(
     assert messages[-1]["phase"] == "done"
     duration = messages[-1]["elapsed_seconds"]
     assert 2 <= len(messages) <= duration * 5 + 2  # at most 5 updates a second, plus the final one
+
+
+def test_a_source_modified_during_the_transfer_is_not_delivered(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    source = random_file(tmp_path / "live.img", 4 * MiB)
+
+    def scribble() -> None:
+        with source.open("r+b") as handle:
+            handle.seek(10)
+            handle.write(b"the guest kept writing")
+
+    threading.Timer(0.3, scribble).start()
+    control = TransferControl(bandwidth_limit_mbps=40)  # ~0.9 s
+    with pytest.raises(TransferError) as failed:
+        send(server, ticket, source, "live.img", codec="raw", control=control)
+    assert failed.value.code == "source_changed"
+    wait_idle(server)
+    assert not (root / "live.img").exists()

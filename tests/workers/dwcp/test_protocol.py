@@ -175,6 +175,16 @@ def test_fuzzed_bytes_after_the_handshake_give_only_protocol_errors(data: bytes,
 
 
 @FUZZ
+@given(data=st.binary(max_size=300), splits=st.lists(st.integers(0, 300), max_size=4))
+def test_fuzzed_bytes_as_a_responder_hello_give_only_protocol_errors(data: bytes, splits: list[int]) -> None:
+    initiator = Connection(Role.INITIATOR, SECRET)
+    initiator.initiate()
+    with contextlib.suppress(ProtocolError):
+        _drain(initiator, data, splits)
+    assert initiator.state is not State.READY or data[:4] == b"DWCP"
+
+
+@FUZZ
 @given(data=st.binary(min_size=HEADER_SIZE, max_size=HEADER_SIZE))
 def test_fuzzed_headers_parse_or_raise_remote_protocol_error(data: bytes) -> None:
     try:
