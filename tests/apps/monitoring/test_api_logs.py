@@ -1,7 +1,11 @@
 """API logs: every request is logged through Redis, written in bulk, bounded, and listed for staff."""
 
 import math
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from django.db import DatabaseError, ProgrammingError, connection, transaction
@@ -12,6 +16,8 @@ from apps.monitoring.keys import API_LOG_DROPPED, API_LOG_LIST, key
 from apps.monitoring.models import APILog
 
 pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _inserts(queries) -> int:
@@ -117,3 +123,42 @@ def test_api_logs_answer_400_for_bad_filters_and_403_for_non_staff(staff_api, ap
     body = bad.json()["error"]
     assert body["code"] == "invalid" and {"status", "method", "since"} <= set(body["fields"])
     assert api.get("/api/v1/api-logs/").status_code == 403
+
+
+REDIS_DOWN_SCRIPT = """
+import django
+
+django.setup()
+from django.test import Client
+from prometheus_client import REGISTRY
+
+answer = Client().get("/api/v1/vms/", HTTP_X_REQUEST_ID="while-redis-is-down")
+assert answer.status_code == 401, answer.status_code
+assert answer["X-Request-ID"] == "while-redis-is-down"
+assert REGISTRY.get_sample_value("novacron_api_log_send_failures_total") == 1
+print("served")
+"""
+
+
+def test_requests_are_served_when_redis_is_down_and_the_loss_is_counted(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {
+        "DJANGO_SETTINGS_MODULE": "novacron.settings.test",
+        "REDIS_URL": "redis://127.0.0.1:1/0",  # nothing listens there
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'unused.sqlite3'}",
+        "NOVACRON_VAR_DIR": str(tmp_path),
+        "ALLOWED_HOSTS": "testserver",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", REDIS_DOWN_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "served" in run.stdout
+
+
+def test_every_response_carries_a_request_id(client):
+    assert len(client.get("/healthz")["X-Request-ID"]) == 32
