@@ -303,6 +303,7 @@ class Tunnel:
         self._result: TunnelResult | None = None
         self._error: BaseException | None = None
         self._endpoint: TunnelEndpoint | None = None
+        self._closing = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.local_path)
@@ -370,6 +371,8 @@ class Tunnel:
             endpoint = self._endpoint = TunnelEndpoint(
                 local, policy=policy, control=self.control, tracker=tracker
             )
+            if self._closing.is_set():  # close() ran while the streams were being opened
+                endpoint.fail(TransferCancelled("tunnel closed"))
             threads = []
             for channel in channels:
                 threads.append(threading.Thread(target=endpoint.write_channel, args=(channel,), daemon=True))
@@ -405,7 +408,8 @@ class Tunnel:
             raise TransferInterrupted(f"tunnel {self.transfer_id} interrupted: {exc}") from exc
         finally:
             if phase != "done":
-                tracker.finish("cancelled" if self.control.cancelled.is_set() else phase)
+                cancelled = self.control.cancelled.is_set() or self._closing.is_set()
+                tracker.finish("cancelled" if cancelled else phase)
             if endpoint is not None:
                 endpoint.close()
             for channel in channels:
@@ -422,8 +426,9 @@ class Tunnel:
         return self._result
 
     def close(self) -> None:
-        """Cancel: stop accepting, tear the tunnel down."""
-        self.control.cancel()
+        """Stop accepting and tear this tunnel down (a no-op once it finished). A ``control``
+        shared with other transfers is left alone: ``control.cancel()`` cancels all of them."""
+        self._closing.set()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()

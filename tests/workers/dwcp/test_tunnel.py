@@ -6,12 +6,13 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from workers.dwcp import DWCPServer, TransferRefused, open_tunnel
+from workers.dwcp import DWCPServer, TransferCancelled, TransferControl, TransferRefused, open_tunnel
 
 from .helpers import SECRET, SOURCE, MiB
 
@@ -153,3 +154,68 @@ def test_a_file_ticket_cannot_open_a_tunnel(
     with pytest.raises(TransferRefused) as refused:
         tunnel.wait(timeout=10)
     assert refused.value.code == "wrong_kind"
+
+
+def test_closing_one_tunnel_leaves_another_with_the_same_control_running(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    control = TransferControl()
+    reply = os.urandom(MiB)
+    peer = UnixPeer(root / "mem.sock", reply)
+    unused = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "disk.sock",
+        ticket=ticket("disk.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        control=control,
+    )
+    used = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "mem.sock",
+        ticket=ticket("mem.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        control=control,
+    )
+    unused.close()
+    with pytest.raises(TransferCancelled):
+        unused.wait(timeout=5)
+    assert not control.cancelled.is_set()
+    client = connect(tmp_path / "mem.sock")
+    client.sendall(b"state" * 1000)
+    client.shutdown(socket.SHUT_WR)
+    received = b""
+    while data := client.recv(1 << 20):
+        received += data
+    assert received == reply
+    assert used.wait(timeout=10).bytes_received == len(reply)
+    peer.thread.join(timeout=5)
+    assert peer.received_bytes == 5000
+
+
+def test_cancelling_a_running_tunnel_disconnects_its_client(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    UnixPeer(root / "echo.sock", b"", echo=True)
+    control = TransferControl()
+    tunnel = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "local.sock",
+        ticket=ticket("echo.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        control=control,
+    )
+    client = connect(tmp_path / "local.sock")
+    client.sendall(b"ping")
+    assert client.recv(10) == b"ping"
+    control.cancel()
+    with pytest.raises(TransferCancelled):
+        tunnel.wait(timeout=10)
+    client.settimeout(5)
+    assert client.recv(10) == b""
+    deadline = time.monotonic() + 5
+    while server.active_transfers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.active_transfers()
