@@ -33,6 +33,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _GROUP = re.compile(r"\(\?P<(\w+)>[^)]*\)")
 UNMATCHED = "<unmatched>"
 REDIS_TIMEOUT_SECONDS = 0.5  # a slow Redis costs a request at most this, then the entry is dropped
+# After a Redis failure, entries are dropped (and counted) without trying for this long, so that an
+# unreachable Redis does not add its timeout to every request.
+REDIS_BACKOFF_SECONDS = 5.0
 
 # KEYS: log list, drop counter, stats hash. ARGV: entry, list bound, then stats fields and increments
 # as pairs (integers; the *_us fields carry microseconds so that one HINCRBY type fits every field).
@@ -50,6 +53,7 @@ return 1
 
 _client: redis.Redis | None = None
 _push: Any = None
+_skip_redis_until = 0.0
 
 
 def _push_script() -> Any:
@@ -158,11 +162,22 @@ class RequestMonitorMiddleware:
         args: list[Any] = [entry, monitoring_setting("API_LOG_BUFFER_MAX")]
         for field, amount in increments:
             args.extend((field, amount))
-        try:
-            _push_script()(keys=[key(API_LOG_LIST), key(API_LOG_DROPPED), key(REQUEST_STATS)], args=args)
-        except redis.RedisError as exc:
-            instruments.api_log_send_failures.inc()
-            logger.warning("API log entry lost, Redis did not take it: %s", exc)
+        _send(args)
+
+
+def _send(args: list[Any]) -> None:
+    global _skip_redis_until  # noqa: PLW0603  (per-process back-off after a Redis failure)
+    if time.monotonic() < _skip_redis_until:
+        instruments.api_log_send_failures.inc()
+        return
+    try:
+        _push_script()(keys=[key(API_LOG_LIST), key(API_LOG_DROPPED), key(REQUEST_STATS)], args=args)
+    except redis.RedisError as exc:
+        _skip_redis_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+        instruments.api_log_send_failures.inc()
+        logger.warning(
+            "API log entries lost for %.0f s, Redis did not answer: %s", REDIS_BACKOFF_SECONDS, exc
+        )
 
 
 def _time_query(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:

@@ -136,6 +136,9 @@ answer = Client().get("/api/v1/vms/", HTTP_X_REQUEST_ID="while-redis-is-down")
 assert answer.status_code == 401, answer.status_code
 assert answer["X-Request-ID"] == "while-redis-is-down"
 assert REGISTRY.get_sample_value("novacron_api_log_send_failures_total") == 1
+for _ in range(3):  # within the back-off: no new connection attempt, still counted
+    assert Client().get("/api/v1/vms/").status_code == 401
+assert REGISTRY.get_sample_value("novacron_api_log_send_failures_total") == 4
 print("served")
 """
 
