@@ -78,7 +78,7 @@ def route_pattern(request: HttpRequest) -> str:
             return UNMATCHED
     route = match.route or ""
     route = _GROUP.sub(lambda group: "{" + group.group(1) + "}", route)
-    route = route.replace("^", "").replace("$", "").replace("\\", "")
+    route = route.replace("^", "").replace("$", "").replace("\\", "").replace("/?", "/")
     route = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route)
     return "/" + route.lstrip("/")
 

@@ -63,6 +63,11 @@ def test_endpoint_is_the_route_pattern_and_the_request_id_is_honoured_or_minted(
     assert by_request["trace-42"].endpoint == "/api/v1/vms/{pk}/"
     assert by_request["trace-42"].status == 404
     assert by_request[minted["X-Request-ID"]].endpoint == "/api/v1/nodes/{pk}/"
+    suffixed = api.get(f"/api/v1/vms/{vm_id}.json")
+    assert suffixed.status_code == 404
+    services.api_logs_flush(client=redis_client)
+    newest = APILog.objects.order_by("-id").first()
+    assert newest is not None and newest.endpoint == "/api/v1/vms/{pk}.{format}/"
 
 
 def test_a_full_buffer_drops_and_counts_instead_of_growing(api, redis_client, monitoring):
