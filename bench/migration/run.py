@@ -142,6 +142,12 @@ def novacron_runs(
                 lambda: Migration.objects.get(pk=migration.pk).status in TERMINAL_STATUSES,  # noqa: B023
                 1800, "the migration", interval=0.5,
             )  # fmt: skip
+            # The source's final report (QEMU's figures) may land just after the destination's switch.
+            wait_for(
+                lambda: "qemu_downtime_ms" in Migration.objects.get(pk=migration.pk).stats  # noqa: B023
+                or Migration.objects.get(pk=migration.pk).status != "completed",  # noqa: B023
+                30, "the source's final report",
+            )  # fmt: skip
             migration.refresh_from_db()
             data = MigrationSerializer(migration).data
             if migration.status != "completed":
