@@ -155,6 +155,7 @@ class IncomingFile:
     chunk_size: int
     source_id: str
     base: Path | None
+    resume: bool = True  # pick up a partial file left by an earlier attempt of the same source
 
 
 class FileReceiver:
@@ -166,7 +167,7 @@ class FileReceiver:
         self.part_path = spec.target.with_name(f".{spec.target.name}{PART_SUFFIX}")
         self.journal_path = spec.target.with_name(f".{spec.target.name}{JOURNAL_SUFFIX}")
         spec.target.parent.mkdir(parents=True, exist_ok=True)
-        self.held = self._load_journal()
+        self.held = self._load_journal() if spec.resume else ChunkMap(self.count)
         self.resumed = self.held.held > 0
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if self.resumed else os.O_TRUNC)
         self.fd = os.open(self.part_path, flags, 0o600)

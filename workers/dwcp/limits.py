@@ -70,8 +70,6 @@ POOL_IDLE_SECONDS = 30.0
 SERVER_IDLE_TIMEOUT_SECONDS = 120.0
 # Idle connections kept per peer address; one full set of streams is what a next transfer needs.
 POOL_MAX_IDLE_PER_PEER = MAX_STREAMS
-# Secondary streams must attach this soon after the primary opened the transfer.
-ATTACH_TIMEOUT_SECONDS = 10.0
 # After sending ERROR we read and discard what the peer still sends for this long, so it sees our
 # error frame instead of a TCP reset.
 ERROR_LINGER_SECONDS = 1.0

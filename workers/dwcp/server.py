@@ -474,6 +474,7 @@ class DWCPServer:
             chunk_size=chunk_size,
             source_id=request.text("source_id", max_length=64),
             base=base,
+            resume=bool(channel.protocol.capabilities & Capability.RESUME),
         )
         receiver = FileReceiver(spec)
         index_payload = receiver.base_index(codec_pool()) if base is not None else b""

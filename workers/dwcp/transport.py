@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from . import limits
 from .errors import ConfigurationError, RemoteProtocolError
@@ -133,14 +132,6 @@ def _recv_exact(sock: socket.socket, count: int) -> bytearray:
     return buffer
 
 
-@dataclass
-class ChannelStats:
-    frames_sent: int = 0
-    bytes_sent: int = 0
-    frames_received: int = 0
-    bytes_received: int = 0
-
-
 class Channel:
     """One authenticated DWCP connection over a blocking TCP socket."""
 
@@ -148,7 +139,6 @@ class Channel:
         self.sock = sock
         self.protocol = protocol
         self.peer = peer
-        self.stats = ChannelStats()
         self.idle_since = time.monotonic()
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -214,10 +204,7 @@ class Channel:
             with self._state_lock:
                 header, payload = self.protocol.send(frame)
             _send_buffers(self.sock, (header, payload))
-            size = len(header) + len(payload)
-            self.stats.frames_sent += 1
-            self.stats.bytes_sent += size
-            return size
+            return len(header) + len(payload)
 
     def receive(self) -> Frame | None:
         """Next frame from the peer; None when it closed the connection cleanly while idle."""
@@ -225,8 +212,6 @@ class Channel:
             with self._state_lock:
                 event = self.protocol.next_event()
             if isinstance(event, Frame):
-                self.stats.frames_received += 1
-                self.stats.bytes_received += event.wire_length
                 return event
             if isinstance(event, ConnectionClosed):
                 return None
