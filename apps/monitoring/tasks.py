@@ -38,9 +38,9 @@ def control_metrics_sample() -> int:
     return services.control_metrics_sample(client=_redis())
 
 
-@shared_task(name="apps.monitoring.tasks.metrics_prune", acks_late=True, time_limit=600, expires=3000)
+@shared_task(name="apps.monitoring.tasks.metrics_prune", acks_late=True, time_limit=120, expires=240)
 def metrics_prune() -> dict[str, int]:
-    """Beat task: delete samples and API logs older than the retention, in batches."""
+    """Beat task: delete samples and API logs older than the retention, in batches, for at most a minute."""
     return services.metrics_prune()
 
 

@@ -151,6 +151,10 @@ def test_retention_deletes_only_what_is_older_in_batches(node):
         APILog(timestamp=when, method="GET", endpoint="/api/v1/vms/", status=200, duration_ms=1)
         for when in (old, young)
     )
+    assert services.metrics_prune(now=now, days=14, batch=10, budget_seconds=0) == {
+        "metrics": 0,
+        "api_logs": 0,
+    }
     deleted = services.metrics_prune(now=now, days=14, batch=10)
     assert deleted == {"metrics": 25, "api_logs": 1}
     assert list(Metric.objects.values_list("value", flat=True).distinct()) == [2.0]
