@@ -38,7 +38,7 @@ sent), ``TransferCancelled``, ``TransferError`` (base, with ``code``); protocol 
 Layout: ``frames``/``protocol`` are the sans-I/O core (wire format, handshake, state machine),
 ``limits`` holds every bound, ``codecs`` the per-chunk codecs and adaptive policy, ``transport``
 the socket adapters and pool, ``files``/``sender`` file transfers, ``tunnel`` byte streams,
-``server`` the node server, ``progress``/``control``/``ratelimit`` the knobs around them.
+``server``/``sessions`` the node server, ``progress``/``control``/``ratelimit`` the knobs around them.
 """
 
 from .control import TransferControl

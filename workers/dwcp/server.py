@@ -11,12 +11,10 @@ File targets and tunnel sockets are confined to the server's root directories.
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import hmac
 import logging
 import os
-import secrets
 import socket
 import stat
 import threading
@@ -24,10 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import codecs, limits
-from .control import TransferControl
+from . import limits
 from .errors import (
-    ChecksumMismatch,
     ConfigurationError,
     ProtocolError,
     RemoteProtocolError,
@@ -36,192 +32,13 @@ from .errors import (
 )
 from .files import FileReceiver, IncomingFile, TargetRefused, resolve_target
 from .frames import ControlMessage, Frame, FrameType, control_frame, make_frame, parse_control
-from .progress import ProgressTracker
 from .protocol import Capability, State
 from .sender import codec_pool
+from .sessions import FileSession, Session, TunnelSession
 from .tickets import ReplayGuard, Ticket, secret_bytes, verify_ticket
 from .transport import Address, Channel, parse_address, tune_socket
-from .tunnel import TunnelEndpoint
 
 logger = logging.getLogger(__name__)
-
-
-def _send_error(channel: Channel, code: str, message: str) -> None:
-    with contextlib.suppress(OSError, ProtocolError):
-        channel.send(control_frame(FrameType.ERROR, {"code": code, "message": message}))
-
-
-def _linger_and_close(channel: Channel) -> None:
-    """After a fatal ERROR: read and drop what is in flight so the peer sees our frame, not a reset."""
-    with contextlib.suppress(OSError):
-        channel.sock.shutdown(socket.SHUT_WR)
-        channel.sock.settimeout(limits.ERROR_LINGER_SECONDS)
-        deadline = time.monotonic() + limits.ERROR_LINGER_SECONDS
-        while time.monotonic() < deadline and channel.sock.recv(1 << 20):
-            pass
-    channel.close()
-
-
-class _Session(abc.ABC):
-    """State shared by the streams of one transfer on this server."""
-
-    def __init__(self, server: DWCPServer, ticket: Ticket, streams: int) -> None:
-        self.server = server
-        self.ticket = ticket
-        self.streams = streams
-        self.session_key = secrets.token_hex(16)
-        self.attached = 1
-        self.active = 0
-        self.cond = threading.Condition()
-        self.failed: str | None = None
-
-    def enter(self) -> None:
-        with self.cond:
-            self.active += 1
-
-    def leave(self) -> None:
-        with self.cond:
-            self.active -= 1
-            last = self.active == 0
-            self.cond.notify_all()
-        if last:
-            try:
-                self.release()
-            finally:
-                self.server._forget(self)  # only now may a new transfer claim the same target
-
-    @abc.abstractmethod
-    def release(self) -> None:
-        """Free the session's resources once no stream uses them."""
-
-    def fail(self, reason: str) -> None:
-        with self.cond:
-            if self.failed is None:
-                self.failed = reason
-            self.cond.notify_all()
-
-    @abc.abstractmethod
-    def serve(self, channel: Channel, *, primary: bool) -> None:
-        """Run one stream of this transfer until it ends on that connection."""
-
-
-class _FileSession(_Session):
-    def __init__(self, server: DWCPServer, ticket: Ticket, streams: int, receiver: FileReceiver) -> None:
-        super().__init__(server, ticket, streams)
-        self.receiver = receiver
-        self.ended = 0
-        self.finished = False
-
-    def release(self) -> None:
-        if not self.finished:
-            self.receiver.suspend()
-            logger.info(
-                "DWCP transfer %s to %s stopped with %d of %d chunks held (resumable)",
-                self.ticket.transfer_id,
-                self.ticket.target,
-                self.receiver.held.held,
-                self.receiver.count,
-            )
-
-    def serve(self, channel: Channel, *, primary: bool) -> None:
-        try:
-            while True:
-                try:
-                    frame = channel.receive()
-                except TimeoutError:
-                    if self.failed is not None:
-                        raise TransferError(self.failed) from None
-                    continue
-                if frame is None:
-                    raise TransferError("sender closed the connection mid-transfer", code="interrupted")
-                if frame.type is FrameType.DATA:
-                    self.receiver.write(frame)
-                elif frame.type is FrameType.END:
-                    self._end(channel, parse_control(frame), primary=primary)
-                    return
-                elif frame.type is FrameType.CANCEL:
-                    self.finished = True
-                    self.receiver.discard()
-                    logger.info("DWCP transfer %s cancelled by the sender", self.ticket.transfer_id)
-                    channel.send(control_frame(FrameType.RESULT, {"ok": False, "cancelled": True}))
-                    return
-                elif frame.type is FrameType.ERROR:
-                    raise TransferError(f"sender failed: {parse_control(frame).fields.get('message')}")
-                else:
-                    raise RemoteProtocolError(f"unexpected {frame.type.name} during a file transfer")
-        except (ChecksumMismatch, RemoteProtocolError, TransferError, OSError) as exc:
-            code = (
-                "checksum_mismatch" if isinstance(exc, ChecksumMismatch) else getattr(exc, "code", "failed")
-            )
-            logger.warning(
-                "DWCP transfer %s to %s failed: %s", self.ticket.transfer_id, self.ticket.target, exc
-            )
-            self.fail(str(exc))
-            _send_error(channel, code, str(exc))
-            _linger_and_close(channel)
-
-    def _end(self, channel: Channel, message: ControlMessage, *, primary: bool) -> None:
-        if not primary:
-            with self.cond:
-                self.ended += 1
-                self.cond.notify_all()
-            channel.send(control_frame(FrameType.RESULT, {"ok": True}))
-            return
-        streams = message.integer("streams", low=1, high=limits.MAX_STREAMS)
-        digest = message.text("digest", max_length=64)
-        with self.cond:
-            if not self.cond.wait_for(
-                lambda: self.ended >= streams - 1 or self.failed is not None, limits.IO_TIMEOUT_SECONDS
-            ):
-                raise TransferError("secondary streams never finished", code="interrupted")
-            if self.failed is not None:
-                raise TransferError(self.failed)
-        self.receiver.finish(digest, codec_pool())
-        self.finished = True
-        logger.info(
-            "DWCP transfer %s: %s verified (%d bytes, %d written, %d from base references, %d in a resume)",
-            self.ticket.transfer_id,
-            self.ticket.target,
-            self.receiver.spec.size,
-            self.receiver.bytes_written,
-            self.receiver.bytes_referenced,
-            self.receiver.bytes_resumed,
-        )
-        channel.send(control_frame(FrameType.RESULT, {"ok": True, "digest": digest}))
-
-
-class _TunnelSession(_Session):
-    def __init__(
-        self, server: DWCPServer, ticket: Ticket, streams: int, local: socket.socket, caps: Capability
-    ):
-        super().__init__(server, ticket, streams)
-        policy = codecs.AdaptivePolicy(
-            codecs.CodecMode.AUTO,
-            writers=streams,
-            allow_lz4=bool(caps & Capability.LZ4),
-            allow_zstd=bool(caps & Capability.ZSTD),
-        )
-        tracker = ProgressTracker(ticket.transfer_id, total_bytes=None)
-        self.endpoint = TunnelEndpoint(local, policy=policy, control=TransferControl(), tracker=tracker)
-
-    def serve(self, channel: Channel, *, primary: bool) -> None:
-        writer = threading.Thread(target=self.endpoint.write_channel, args=(channel,), daemon=True)
-        writer.start()
-        self.endpoint.read_channel(channel, responder=True)
-        if self.endpoint.failure is not None and channel.state is not State.READY:
-            _send_error(channel, "tunnel_failed", str(self.endpoint.failure))
-            _linger_and_close(channel)
-            self.fail(str(self.endpoint.failure))
-
-    def release(self) -> None:
-        self.endpoint.close()
-        logger.info(
-            "DWCP tunnel %s to %s closed (%d bytes in, %d bytes out)",
-            self.ticket.transfer_id,
-            self.ticket.target,
-            self.endpoint.bytes_in,
-            self.endpoint.bytes_out,
-        )
 
 
 class DWCPServer:
@@ -253,7 +70,7 @@ class DWCPServer:
         self.node_name = node_name
         self._secret = secret_bytes(secret)
         self.replay_guard = replay_guard or ReplayGuard()
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, Session] = {}
         self._targets: set[str] = set()
         self._lock = threading.Lock()
         self._channels: set[Channel] = set()
@@ -375,7 +192,7 @@ class DWCPServer:
                 self._channels.discard(channel)
             channel.close()
 
-    def _forget(self, session: _Session) -> None:
+    def _forget(self, session: Session) -> None:
         with self._lock:
             self._sessions.pop(session.ticket.transfer_id, None)
             self._targets.discard(session.ticket.target)
@@ -406,7 +223,7 @@ class DWCPServer:
         finally:
             session.leave()
 
-    def _create_session(self, channel: Channel, ticket: Ticket, request: ControlMessage) -> _Session:
+    def _create_session(self, channel: Channel, ticket: Ticket, request: ControlMessage) -> Session:
         source_node = request.text("source_node", max_length=limits.MAX_NAME_LENGTH)
         if source_node != ticket.source_node:
             raise TransferError(
@@ -429,7 +246,7 @@ class DWCPServer:
                 raise TransferError(f"{ticket.target} is already being transferred", code="busy")
             self._targets.add(ticket.target)
         try:
-            session: _Session
+            session: Session
             extra: dict[str, Any] = {}
             if kind == "file":
                 session, extra = self._file_session(channel, ticket, request, streams)
@@ -450,7 +267,7 @@ class DWCPServer:
 
     def _file_session(
         self, channel: Channel, ticket: Ticket, request: ControlMessage, streams: int
-    ) -> tuple[_Session, dict[str, Any]]:
+    ) -> tuple[Session, dict[str, Any]]:
         size = request.integer("size", low=0, high=limits.MAX_FILE_SIZE)
         chunk_size = request.integer("chunk_size", low=limits.MIN_CHUNK_SIZE, high=limits.MAX_CHUNK_SIZE)
         if chunk_size & (chunk_size - 1):
@@ -487,10 +304,10 @@ class DWCPServer:
                 receiver.held.held,
                 receiver.count,
             )
-        session = _FileSession(self, ticket, streams, receiver)
+        session = FileSession(ticket, streams, self._forget, receiver)
         return session, {"held": held, "index": bool(index_payload), "index_payload": index_payload}
 
-    def _tunnel_session(self, channel: Channel, ticket: Ticket, streams: int) -> _Session:
+    def _tunnel_session(self, channel: Channel, ticket: Ticket, streams: int) -> Session:
         if not channel.protocol.capabilities & Capability.TUNNEL:
             raise RemoteProtocolError("tunnels were not negotiated")
         path = resolve_target(self.tunnel_root, ticket.target)
@@ -501,7 +318,7 @@ class DWCPServer:
             local.connect(os.fspath(path))
         except OSError as exc:
             raise TargetRefused(f"cannot connect to tunnel target {ticket.target!r}: {exc}") from None
-        return _TunnelSession(self, ticket, streams, local, channel.protocol.capabilities)
+        return TunnelSession(ticket, streams, self._forget, local, channel.protocol.capabilities)
 
     def _attach(self, channel: Channel, frame: Frame) -> None:
         request = parse_control(frame)
