@@ -33,6 +33,7 @@ from workers.dwcp import (
     open_tunnel,
     send_file,
 )
+from workers.dwcp.files import JOURNAL_SUFFIX, PART_SUFFIX
 from workers.qemu import QemuDriver, QemuError, QmpError, QmpSession, QmpTimeout, VmSpec, VmState
 
 from .config import NodeConfig
@@ -626,11 +627,24 @@ class MigrationRunner:
                 return
             if self._marked(spec.uuid, migration_id, "dest"):
                 self.driver.delete(spec.uuid)
+                self._remove_partial_disk(spec.uuid)
                 self.report(migration_id, role, "aborted", "destination copy removed")
             else:
                 self.report(migration_id, role, "aborted", "nothing of this migration here")
 
         self._guarded(migration_id, role, work)
+
+    def _remove_partial_disk(self, uuid: str) -> None:
+        """Drop what the DWCP receiver kept of an interrupted disk transfer (its part and journal).
+
+        Kept for a resume of the same transfer, but an aborted migration will not resume: left behind
+        they fill the disk (found by the 'destination disk full' fault test: the partial file kept
+        the full filesystem full after the rollback).
+        """
+        disk = self.driver.paths(uuid).disk
+        # The journal's scratch copy too: a journal write that hit ENOSPC leaves it behind.
+        for suffix in (PART_SUFFIX, JOURNAL_SUFFIX, f"{JOURNAL_SUFFIX}.tmp"):
+            disk.with_name(f".{disk.name}{suffix}").unlink(missing_ok=True)
 
     def cleanup(self, *, migration_id: str, vm: dict[str, Any]) -> None:
         spec = VmSpec.from_dict(vm)
