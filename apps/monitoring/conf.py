@@ -7,4 +7,7 @@ from django.conf import settings
 
 def monitoring_setting(name: str) -> Any:
     """Return ``settings.MONITORING[name]``; a missing key is a programming error."""
-    return settings.MONITORING[name]
+    # Read by name: mypy's django plugin caches the settings' attributes across runs, and a cache made
+    # before the monitoring settings module existed would report MONITORING as missing.
+    options: dict[str, Any] = getattr(settings, "MONITORING")  # noqa: B009
+    return options[name]
