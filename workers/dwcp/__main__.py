@@ -78,8 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     secret = _secret()
-    if not args.file.is_file():
-        raise ConfigurationError(f"{args.file} is not a regular file")
+    if not (args.file.is_file() or args.file.is_block_device()):
+        raise ConfigurationError(f"{args.file} is neither a regular file nor a block device")
     if not 1 <= args.streams <= limits.MAX_STREAMS:
         raise ConfigurationError(f"--streams must be in 1..{limits.MAX_STREAMS}")
     if args.bandwidth_limit_mbps is not None and args.bandwidth_limit_mbps <= 0:

@@ -46,6 +46,9 @@ MAX_STREAMS = 16
 DEFAULT_STREAMS = 4
 # Transfers a server runs at once; each costs up to MAX_STREAMS threads and buffers.
 MAX_SESSIONS = 64
+# Connections a server holds (idle pooled ones included), one thread each: a full set of streams
+# for every session, so a flood of connections cannot exhaust the node's threads or memory.
+MAX_CONNECTIONS = MAX_SESSIONS * MAX_STREAMS
 
 # Socket buffers. 8 MiB covers the bandwidth-delay product of 1 Gbit at 64 ms RTT, so one stream
 # is never window-limited on the links we run on.

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from stat import S_ISBLK
 from typing import Any
 
 import xxhash
@@ -230,8 +231,13 @@ class _Watcher:
         self.thread.join()
 
 
-def _source_id(path: Path, stat: os.stat_result) -> str:
-    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_dev}"
+def _source_size(fd: int, stat: os.stat_result) -> int:
+    """A block device reports st_size 0; its size is where its end is."""
+    return os.lseek(fd, 0, os.SEEK_END) if S_ISBLK(stat.st_mode) else stat.st_size
+
+
+def _source_id(path: Path, stat: os.stat_result, size: int) -> str:
+    identity = f"{path.resolve()}|{size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_dev}|{stat.st_rdev}"
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
@@ -302,7 +308,8 @@ def send_file(
     channels: list[Channel] = []
     started = time.monotonic()
     stat = os.fstat(fd)
-    tracker = ProgressTracker(transfer_id, total_bytes=stat.st_size, reporter=reporter)
+    size = _source_size(fd, stat)
+    tracker = ProgressTracker(transfer_id, total_bytes=size, reporter=reporter)
     phase = "failed"
     try:
         primary = pool.acquire(peer, key)
@@ -316,14 +323,14 @@ def send_file(
                 "target": name,
                 "source_node": source_node,
                 "streams": streams,
-                "size": stat.st_size,
+                "size": size,
                 "chunk_size": chunk_size,
-                "source_id": _source_id(source, stat),
+                "source_id": _source_id(source, stat, size),
                 "base": base,
             },
         )
         session_key = accepted.text("session_key", max_length=64)
-        count = files.chunk_count(stat.st_size, chunk_size)
+        count = files.chunk_count(size, chunk_size)
         held = ChunkMap.from_ranges(count, accepted.ranges("held", limit=count))
         granted = accepted.integer("streams", low=1, high=streams)
         index: dict[bytes, int] = {}
@@ -352,14 +359,12 @@ def send_file(
             allow_lz4=bool(caps & Capability.LZ4),
             allow_zstd=bool(caps & Capability.ZSTD),
         )
-        resumed_bytes = sum(
-            files.chunk_length(i, stat.st_size, chunk_size) for i in range(count) if i in held
-        )
+        resumed_bytes = sum(files.chunk_length(i, size, chunk_size) for i in range(count) if i in held)
         tracker.add(raw=resumed_bytes, wire=0, codec="held")
         tracker.phase = "transferring"
         transfer = _FileSend(
             fd=fd,
-            size=stat.st_size,
+            size=size,
             chunk_size=chunk_size,
             held=held,
             index=index,
@@ -390,7 +395,7 @@ def send_file(
             phase = "cancelled"
             raise TransferCancelled(f"transfer {transfer_id} cancelled")
         after = os.fstat(fd)
-        if (after.st_size, after.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        if (_source_size(fd, after), after.st_mtime_ns) != (size, stat.st_mtime_ns):
             raise TransferError(f"{source} changed while it was being sent", code="source_changed")
         tracker.phase = "verifying"
         digest = files.file_digest(transfer.checksums)
@@ -405,7 +410,7 @@ def send_file(
         final = tracker.finish(phase)
         return TransferResult(
             transfer_id=transfer_id,
-            raw_bytes=stat.st_size,
+            raw_bytes=size,
             wire_bytes=final.wire_bytes,
             seconds=time.monotonic() - started,
             streams=len(channels),

@@ -77,6 +77,7 @@ class DWCPServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._connection_slots = threading.BoundedSemaphore(limits.MAX_CONNECTIONS)
         self.connections_accepted = 0
 
     @property
@@ -150,12 +151,24 @@ class DWCPServer:
                     return
                 logger.exception("DWCP accept failed")
                 continue
+            if not self._connection_slots.acquire(blocking=False):
+                logger.warning(
+                    "DWCP refused a connection from %s: %d connections open", peer[0], limits.MAX_CONNECTIONS
+                )
+                sock.close()
+                continue
             self.connections_accepted += 1
             threading.Thread(
                 target=self._serve_connection, args=(sock, peer[:2]), name="dwcp-conn", daemon=True
             ).start()
 
     def _serve_connection(self, sock: socket.socket, peer: Address) -> None:
+        try:
+            self._serve_authenticated(sock, peer)
+        finally:
+            self._connection_slots.release()
+
+    def _serve_authenticated(self, sock: socket.socket, peer: Address) -> None:
         try:
             channel = Channel.accept(sock, peer, self._secret)
         except (ProtocolError, OSError) as exc:

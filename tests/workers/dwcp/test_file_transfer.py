@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -319,3 +320,20 @@ def test_a_source_modified_during_the_transfer_is_not_delivered(
     assert failed.value.code == "source_changed"
     wait_idle(server)
     assert not (root / "live.img").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"), reason="needs root and losetup")
+def test_a_block_device_is_sent_by_its_real_size(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    backing = write_mixed_file(tmp_path / "backing.img", 6 * MiB)
+    attached = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    if attached.returncode != 0:
+        pytest.skip(f"no loop device available: {attached.stderr.strip()}")
+    device = attached.stdout.strip()
+    try:
+        result = send(server, ticket, Path(device), "from-device.img")
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+    assert result.raw_bytes == 6 * MiB  # type: ignore[attr-defined]
+    assert sha256_of(root / "from-device.img") == sha256_of(backing)

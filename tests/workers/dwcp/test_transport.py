@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from workers.dwcp.transport import (
     congestion_control,
 )
 
-from .helpers import SECRET
+from .helpers import DEST, SECRET
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -62,3 +63,15 @@ def test_garbage_and_silence_are_dropped_and_the_server_keeps_serving(
     assert time.monotonic() - started < 3
     channel = pool.acquire(server.address, SECRET.encode())
     assert channel.reusable()
+
+
+def test_connections_beyond_the_limit_are_closed_at_once(
+    root: Path, pool: ConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_CONNECTIONS", 1)
+    with DWCPServer(listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET) as server:
+        first = pool.acquire(server.address, SECRET.encode())
+        with pytest.raises((RemoteProtocolError, OSError)):
+            Channel.connect(server.address, SECRET.encode())
+        assert first.reusable()
+        pool.release(first, SECRET.encode())
