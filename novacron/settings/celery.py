@@ -17,12 +17,29 @@ CELERY_TASK_ROUTES = {"apps.*": {"queue": "control"}}
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Redelivery after a crash. With the Redis transport, "unacknowledged" means a copy of the message in
+# an ``unacked`` hash; after a SIGKILL (thread pool: the whole worker dies, there is no parent to notice
+# a lost child) that copy is put back on its queue only once it is older than ``visibility_timeout``,
+# by whichever consumer of the *same hash* sweeps next. Node workers keep the shared default hash and
+# a 6 h timeout: their migration tasks may legitimately run that long and must not run twice. The
+# control worker's tasks all end within their 60-120 s time limits, so it keeps its unacked copies in
+# hashes of its own with a short timeout: a report or batch dispatch lost with a killed control worker
+# runs again a few minutes later (found by tests/faults: VMs stayed "provisioning" for 6 h). Every
+# control task is idempotent, so a redelivery while a slow original still runs is harmless.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    # Longer than the longest task (a cold migration of a large disk): no redelivery while one runs.
     "visibility_timeout": env_int(
-        "CELERY_VISIBILITY_TIMEOUT", 6 * 3600, help="Seconds before an unacked task is redelivered."
+        "CELERY_CONTROL_VISIBILITY_TIMEOUT",
+        300,
+        help="Seconds before a control task lost with its worker is redelivered.",
     ),
+    "unacked_key": "unacked.control",
+    "unacked_index_key": "unacked_index.control",
+    "unacked_mutex_key": "unacked_mutex.control",
+    # Sweep every 5 s (default: every 10th call of a 10 s timer).
+    "unacked_restore_interval": 5,
+    "unacked_restore_throttle": 1,
 }
+# Node workers read CELERY_VISIBILITY_TIMEOUT themselves (workers/node/__main__.py; default 6 h).
 CELERY_BEAT_SCHEDULE = {
     "nodes-check-heartbeats": {"task": "apps.vms.tasks.nodes_check_heartbeats", "schedule": 5.0},
     "metrics-flush": {"task": "apps.monitoring.tasks.metrics_flush", "schedule": 10.0},
