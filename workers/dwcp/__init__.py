@@ -2,33 +2,43 @@
 
 Public API (everything else in this package is internal)::
 
-    # control plane: mint a ticket for one transfer (pure Python, no Django)
+    # control plane: mint a ticket for one transfer (pure Python, no Django). For kind="file"
+    # the target is the path under the receiver's root the sender must ask for; for
+    # kind="tunnel" it is the unix socket, relative to the receiver's tunnel_root, to connect to.
     sign_ticket(*, secret, source_node, dest_node, kind: "file" | "tunnel", target,
                 transfer_id=None, ttl_seconds=300) -> str
     verify_ticket(token, *, secret, node_name, replay_guard=None) -> Ticket   # raises TicketError
 
     # node worker: run the server (returns at once; stop() to shut down; also a context manager)
     server = DWCPServer(listen="0.0.0.0:7400", root="/var/lib/novacron", node_name="node-2",
-                        secret=secret, tunnel_root=None)
-    server.start(); ...; server.stop()
+                        secret=secret, tunnel_root=None)    # tunnel_root defaults to root
+    server.start(); server.active_transfers() -> list[str]; server.stop()
 
-    # node worker (source side): send a file; blocks; raises TransferError subclasses
+    # source side: send a file or block device; blocks until the receiver verified the
+    # whole-file digest and renamed it into place; name must equal the ticket's target
     send_file(path, *, address="node-2:7400", name="vms/42/disk.qcow2", ticket=token,
-              secret=secret, source_node="node-1", streams=4, codec="auto",
-              base=None, control=None, reporter=None) -> TransferResult
+              secret=secret, source_node="node-1", streams=4, codec="auto" | "lz4" | "zstd" | "raw",
+              chunk_size=1 MiB, base=None, control=None, reporter=None, pool=None) -> TransferResult
+    # TransferResult: transfer_id, raw_bytes, wire_bytes, seconds, streams, codec_mix, digest,
+    # resumed_bytes; base names a file under the receiver's root whose equal chunks go as references
 
-    # migrations: a local unix socket joined to a unix socket on the peer node
+    # migrations: listen on a local unix socket; its first client is joined to the ticket's
+    # socket on the peer (one connection per tunnel, both directions, order preserved)
     tunnel = open_tunnel(address="node-2:7400", local_path="/run/novacron/vm42-mig.sock",
-                         ticket=token, secret=secret, source_node="node-1", streams=4)
+                         ticket=token, secret=secret, source_node="node-1", streams=4,
+                         codec="auto", control=None, reporter=None, pool=None)
     # point QEMU at unix:/run/novacron/vm42-mig.sock; then
-    tunnel.wait() -> TunnelResult      # or tunnel.close() to cancel
+    tunnel.wait(timeout=None) -> TunnelResult   # after both directions reached EOF
+    tunnel.close()                              # tears down this tunnel only
 
-    # live control of a running transfer, from any thread
+    # live control of running transfers (may be shared), from any thread
     control = TransferControl(bandwidth_limit_mbps=None)
     control.set_bandwidth_limit(200); control.cancel()
 
-    # progress (at most 5 updates/s): RedisProgressReporter(redis_client, key_prefix=...)
-    # writes hash <prefix><transfer_id> and publishes on <prefix><transfer_id>:events
+    # progress, at most 5 updates/s, to any Reporter (report(progress: Progress) -> None):
+    # RedisProgressReporter(redis_client, key_prefix="novacron:dwcp:") writes the hash
+    # <prefix><transfer_id> and publishes the same JSON on <prefix><transfer_id>:events;
+    # CallbackReporter(fn) and TerminalReporter() are the others
 
 Errors: ``TicketError`` (refused ticket), ``TransferRefused``, ``TransferInterrupted`` (call
 ``send_file`` again with a new ticket: the receiver reports what it holds and only the rest is
