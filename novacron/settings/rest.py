@@ -23,9 +23,10 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "apps.core.errors.exception_handler",
+    # Fixed-window counters (one Redis round trip); DRF's classes rewrite a list of every request.
     "DEFAULT_THROTTLE_CLASSES": [
-        "rest_framework.throttling.UserRateThrottle",
-        "rest_framework.throttling.AnonRateThrottle",
+        "apps.core.throttling.UserWindowThrottle",
+        "apps.core.throttling.AnonWindowThrottle",
     ],
     "DEFAULT_THROTTLE_RATES": {
         "user": env("THROTTLE_USER", "6000/min", help="API requests a user may make (DRF rate syntax)."),
