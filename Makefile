@@ -34,5 +34,9 @@ test: export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/novacron
 test: setup lint typecheck  ## the whole suite
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# API benchmark at 1M VMs (issue 7): its own database and Redis db, granian + wrk; not run by `make test`.
+bench-api: setup  ## BENCH_ARGS="--quick" for a 100k-VM smoke run; results in bench/results/
+	$(PY) bench/api/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
