@@ -45,6 +45,7 @@ from .frames import HEADER_SIZE, ControlMessage, Flags, FrameType, control_frame
 from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .tickets import peek_ticket, secret_bytes
+from .tls import TLSConfig
 from .transport import Channel, ConnectionPool, default_pool, parse_address
 
 logger = logging.getLogger(__name__)
@@ -284,11 +285,13 @@ def send_file(
     control: TransferControl | None = None,
     reporter: Reporter | None = None,
     pool: ConnectionPool | None = None,
+    tls: TLSConfig | None = None,
 ) -> TransferResult:
     """Send the file at ``path`` to the DWCP server at ``address`` (``HOST:PORT``) as ``name``.
 
     ``ticket`` must be a ticket for ``kind="file"`` and ``target=name``; ``base`` names a file
-    under the receiver's root whose identical chunks are sent as references. Blocks until the
+    under the receiver's root whose identical chunks are sent as references; ``tls`` wraps every
+    connection in mutually authenticated TLS (the server must use TLS too). Blocks until the
     receiver verified the whole-file digest and renamed the file into place. Raises
     ``TransferRefused``, ``TransferInterrupted`` (retry with a new ticket to resume),
     ``TransferCancelled`` or another ``TransferError``.
@@ -312,7 +315,7 @@ def send_file(
     tracker = ProgressTracker(transfer_id, total_bytes=size, reporter=reporter)
     phase = "failed"
     try:
-        primary = pool.acquire(peer, key)
+        primary = pool.acquire(peer, key, tls)
         channels.append(primary)
         accepted = negotiate(
             primary,
@@ -340,7 +343,7 @@ def send_file(
                 raise RemoteProtocolError("expected the base INDEX frame")
             index = _parse_index(frame.payload)
         for stream in range(1, granted):
-            channel = pool.acquire(peer, key)
+            channel = pool.acquire(peer, key, tls)
             channels.append(channel)
             try:
                 negotiate(

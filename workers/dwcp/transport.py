@@ -21,6 +21,7 @@ import hashlib
 import logging
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ from .protocol import (
 from .protocol import (
     Connection as ProtocolConnection,
 )
+from .tls import TLSConfig, client_context, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,10 @@ def congestion_control(sock: socket.socket) -> str:
 
 
 def _send_buffers(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS sockets: one record per buffer
+        for buffer in buffers:
+            sock.sendall(buffer)
+        return
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     while views:
         sent = sock.sendmsg(views)
@@ -135,10 +141,13 @@ def _recv_exact(sock: socket.socket, count: int) -> bytearray:
 class Channel:
     """One authenticated DWCP connection over a blocking TCP socket."""
 
-    def __init__(self, sock: socket.socket, protocol: ProtocolConnection, peer: Address) -> None:
+    def __init__(
+        self, sock: socket.socket, protocol: ProtocolConnection, peer: Address, tls: TLSConfig | None = None
+    ) -> None:
         self.sock = sock
         self.protocol = protocol
         self.peer = peer
+        self.tls = tls
         self.idle_since = time.monotonic()
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -153,6 +162,7 @@ class Channel:
         *,
         capabilities: Capability = ALL_CAPABILITIES,
         timeout: float = limits.HANDSHAKE_TIMEOUT_SECONDS,
+        tls: TLSConfig | None = None,
     ) -> Channel:
         infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
         family, _, _, _, sockaddr = infos[0]
@@ -161,8 +171,10 @@ class Channel:
             tune_socket(sock)
             sock.settimeout(timeout)
             sock.connect(sockaddr)
+            if tls is not None:
+                sock = client_context(tls).wrap_socket(sock)
             protocol = ProtocolConnection(Role.INITIATOR, secret, capabilities=capabilities)
-            channel = cls(sock, protocol, address)
+            channel = cls(sock, protocol, address, tls)
             sock.sendall(protocol.initiate())
             channel._finish_handshake()
             sock.settimeout(limits.IO_TIMEOUT_SECONDS)
@@ -172,10 +184,14 @@ class Channel:
             raise
 
     @classmethod
-    def accept(cls, sock: socket.socket, peer: Address, secret: bytes) -> Channel:
-        """Server side: run the handshake on an accepted socket (raises on failure)."""
+    def accept(
+        cls, sock: socket.socket, peer: Address, secret: bytes, tls: TLSConfig | None = None
+    ) -> Channel:
+        """Server side: run the TLS (if configured) and DWCP handshakes on an accepted socket."""
         sock.settimeout(limits.HANDSHAKE_TIMEOUT_SECONDS)
-        channel = cls(sock, ProtocolConnection(Role.RESPONDER, secret), peer)
+        if tls is not None:
+            sock = server_context(tls).wrap_socket(sock, server_side=True)
+        channel = cls(sock, ProtocolConnection(Role.RESPONDER, secret), peer, tls)
         channel._finish_handshake()
         sock.settimeout(limits.IO_TIMEOUT_SECONDS)
         return channel
@@ -233,6 +249,8 @@ class Channel:
         """Idle, authenticated and (as far as a non-blocking peek can tell) still connected."""
         if self.protocol.state is not State.READY:
             return False
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return False
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
@@ -262,17 +280,19 @@ class ConnectionPool:
     """Idle authenticated channels per (peer, secret), reused by later transfers."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[Address, bytes], list[Channel]] = {}
+        self._idle: dict[tuple[Address, bytes, TLSConfig | None], list[Channel]] = {}
         self._lock = threading.Lock()
         self.connects = 0
         self.reuses = 0
 
     @staticmethod
-    def _key(address: Address, secret: bytes) -> tuple[Address, bytes]:
-        return address, hashlib.sha256(secret).digest()
+    def _key(
+        address: Address, secret: bytes, tls: TLSConfig | None
+    ) -> tuple[Address, bytes, TLSConfig | None]:
+        return address, hashlib.sha256(secret).digest(), tls
 
-    def acquire(self, address: Address, secret: bytes) -> Channel:
-        key = self._key(address, secret)
+    def acquire(self, address: Address, secret: bytes, tls: TLSConfig | None = None) -> Channel:
+        key = self._key(address, secret, tls)
         now = time.monotonic()
         while True:
             with self._lock:
@@ -285,7 +305,7 @@ class ConnectionPool:
                 return channel
             channel.close()
         self.connects += 1
-        return Channel.connect(address, secret)
+        return Channel.connect(address, secret, tls=tls)
 
     def release(self, channel: Channel, secret: bytes) -> None:
         """Give back a channel after a transfer; it is closed unless idle and healthy."""
@@ -293,7 +313,7 @@ class ConnectionPool:
             channel.close()
             return
         channel.idle_since = time.monotonic()
-        key = self._key(channel.peer, secret)
+        key = self._key(channel.peer, secret, channel.tls)
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < limits.POOL_MAX_IDLE_PER_PEER:

@@ -39,6 +39,7 @@ from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .sender import codec_pool, negotiate
 from .tickets import peek_ticket, secret_bytes
+from .tls import TLSConfig
 from .transport import Channel, ConnectionPool, default_pool, parse_address
 
 logger = logging.getLogger(__name__)
@@ -284,6 +285,7 @@ class Tunnel:
         control: TransferControl,
         reporter: Reporter | None,
         pool: ConnectionPool,
+        tls: TLSConfig | None,
     ) -> None:
         if not 1 <= streams <= limits.MAX_STREAMS:
             raise ValueError(f"streams must be in 1..{limits.MAX_STREAMS}")
@@ -300,6 +302,7 @@ class Tunnel:
         self._mode = codecs.CodecMode(codec)
         self._reporter = reporter
         self._pool = pool
+        self._tls = tls
         self._result: TunnelResult | None = None
         self._error: BaseException | None = None
         self._endpoint: TunnelEndpoint | None = None
@@ -337,7 +340,7 @@ class Tunnel:
         endpoint: TunnelEndpoint | None = None
         phase = "failed"
         try:
-            primary = self._pool.acquire(self._address, self._secret)
+            primary = self._pool.acquire(self._address, self._secret, self._tls)
             channels.append(primary)
             accepted = negotiate(
                 primary,
@@ -353,7 +356,7 @@ class Tunnel:
             session_key = accepted.text("session_key", max_length=64)
             granted = accepted.integer("streams", low=1, high=self._streams)
             for stream in range(1, granted):
-                channel = self._pool.acquire(self._address, self._secret)
+                channel = self._pool.acquire(self._address, self._secret, self._tls)
                 channels.append(channel)
                 negotiate(
                     channel,
@@ -449,6 +452,7 @@ def open_tunnel(
     control: TransferControl | None = None,
     reporter: Reporter | None = None,
     pool: ConnectionPool | None = None,
+    tls: TLSConfig | None = None,
 ) -> Tunnel:
     """Listen on the unix socket ``local_path``; the first client to connect is joined, through
     the DWCP server at ``address``, to the unix socket the ticket's target names on that node.
@@ -467,4 +471,5 @@ def open_tunnel(
         control=control or TransferControl(),
         reporter=reporter,
         pool=pool or default_pool(),
+        tls=tls,
     )
