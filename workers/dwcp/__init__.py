@@ -31,10 +31,6 @@ Public API (everything else in this package is internal)::
     tunnel.wait(timeout=None) -> TunnelResult   # after both directions reached EOF
     tunnel.close()                              # tears down this tunnel only
 
-    # optional TLS, mutually authenticated by the fleet CA: pass tls= to DWCPServer, send_file
-    # and open_tunnel (every connection then needs it)
-    tls = TLSConfig(cert_file=..., key_file=..., ca_file=...)
-
     # live control of running transfers (may be shared), from any thread
     control = TransferControl(bandwidth_limit_mbps=None)
     control.set_bandwidth_limit(200); control.cancel()
@@ -52,8 +48,7 @@ sent), ``TransferCancelled``, ``TransferError`` (base, with ``code``); protocol 
 Layout: ``frames``/``protocol`` are the sans-I/O core (wire format, handshake, state machine),
 ``limits`` holds every bound, ``codecs`` the per-chunk codecs and adaptive policy, ``transport``
 the socket adapters and pool, ``files``/``sender`` file transfers, ``tunnel`` byte streams,
-``server``/``sessions`` the node server, ``tls`` the optional TLS contexts,
-``progress``/``control``/``ratelimit`` the knobs around them.
+``server``/``sessions`` the node server, ``progress``/``control``/``ratelimit`` the knobs around them.
 """
 
 from .control import TransferControl
@@ -74,7 +69,6 @@ from .progress import CallbackReporter, Progress, RedisProgressReporter, Reporte
 from .sender import TransferResult, send_file
 from .server import DWCPServer
 from .tickets import ReplayGuard, Ticket, sign_ticket, verify_ticket
-from .tls import TLSConfig
 from .transport import ConnectionPool, default_pool
 from .tunnel import Tunnel, TunnelResult, open_tunnel
 
@@ -92,7 +86,6 @@ __all__ = [
     "RemoteProtocolError",
     "ReplayGuard",
     "Reporter",
-    "TLSConfig",
     "TerminalReporter",
     "Ticket",
     "TicketError",

@@ -3,7 +3,6 @@
     python -m workers.dwcp serve --listen HOST:PORT --root DIR [--node-name NAME]
     python -m workers.dwcp send FILE --to HOST:PORT --name NAME [--streams N]
         [--codec auto|lz4|zstd|raw] [--bandwidth-limit-mbps N] [--base NAME]
-    (both also take --tls-cert FILE --tls-key FILE --tls-ca FILE for mutually authenticated TLS)
 
 Both read the shared secret from ``DWCP_SECRET``. ``send`` signs its own ticket with it (the
 control plane does this for real migrations), shows a progress bar when stderr is a terminal and
@@ -28,7 +27,6 @@ from .progress import TerminalReporter
 from .sender import send_file
 from .server import DWCPServer
 from .tickets import sign_ticket
-from .tls import TLSConfig
 
 # The CLI's peers are named by host; the server checks tickets against its --node-name, which
 # defaults to this host's name on both sides so an operator needs no extra flags.
@@ -51,7 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", required=True, metavar="HOST:PORT")
     serve.add_argument("--root", required=True, type=Path, metavar="DIR", help="files land under DIR only")
     serve.add_argument("--node-name", default=DEFAULT_NODE_NAME, help="this node's name in tickets")
-    _tls_arguments(serve)
     send = commands.add_parser("send", help="send one file to a DWCP server")
     send.add_argument("file", type=Path)
     send.add_argument("--to", required=True, metavar="HOST:PORT")
@@ -62,30 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--base", default=None, help="a file under the server's root to reference")
     send.add_argument("--node-name", default=DEFAULT_NODE_NAME, help="this node's name")
     send.add_argument("--dest-node", default=DEFAULT_NODE_NAME, help="the server's --node-name")
-    _tls_arguments(send)
     return parser
 
 
-def _tls_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("TLS (all three, or none)")
-    group.add_argument("--tls-cert", help="this node's certificate (PEM)")
-    group.add_argument("--tls-key", help="its private key (PEM)")
-    group.add_argument("--tls-ca", help="the fleet CA that peers' certificates must chain to (PEM)")
-
-
-def _tls(args: argparse.Namespace) -> TLSConfig | None:
-    given = [args.tls_cert, args.tls_key, args.tls_ca]
-    if not any(given):
-        return None
-    if not all(given):
-        raise ConfigurationError("TLS needs --tls-cert, --tls-key and --tls-ca together")
-    return TLSConfig(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca)
-
-
 def _serve(args: argparse.Namespace) -> int:
-    server = DWCPServer(
-        listen=args.listen, root=args.root, node_name=args.node_name, secret=_secret(), tls=_tls(args)
-    )
+    server = DWCPServer(listen=args.listen, root=args.root, node_name=args.node_name, secret=_secret())
     server.start()
     print(json.dumps({"listening": server.address_text, "root": str(args.root)}), flush=True)
 
@@ -106,7 +84,6 @@ def _send(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--streams must be in 1..{limits.MAX_STREAMS}")
     if args.bandwidth_limit_mbps is not None and args.bandwidth_limit_mbps <= 0:
         raise ConfigurationError("--bandwidth-limit-mbps must be positive")
-    tls = _tls(args)
     ticket = sign_ticket(
         secret=secret, source_node=args.node_name, dest_node=args.dest_node, kind="file", target=args.name
     )
@@ -124,7 +101,6 @@ def _send(args: argparse.Namespace) -> int:
         base=args.base,
         control=control,
         reporter=TerminalReporter() if sys.stderr.isatty() else None,
-        tls=tls,
     )
     document = {
         "transfer_id": result.transfer_id,

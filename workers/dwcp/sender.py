@@ -45,7 +45,6 @@ from .frames import HEADER_SIZE, ControlMessage, Flags, FrameType, control_frame
 from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .tickets import peek_ticket, secret_bytes
-from .tls import TLSConfig
 from .transport import Channel, ConnectionPool, default_pool, parse_address
 
 logger = logging.getLogger(__name__)
@@ -285,13 +284,11 @@ def send_file(
     control: TransferControl | None = None,
     reporter: Reporter | None = None,
     pool: ConnectionPool | None = None,
-    tls: TLSConfig | None = None,
 ) -> TransferResult:
     """Send the file at ``path`` to the DWCP server at ``address`` (``HOST:PORT``) as ``name``.
 
     ``ticket`` must be a ticket for ``kind="file"`` and ``target=name``; ``base`` names a file
-    under the receiver's root whose identical chunks are sent as references; ``tls`` wraps every
-    connection in mutually authenticated TLS (the server must use TLS too). Blocks until the
+    under the receiver's root whose identical chunks are sent as references. Blocks until the
     receiver verified the whole-file digest and renamed the file into place. Raises
     ``TransferRefused``, ``TransferInterrupted`` (retry with a new ticket to resume),
     ``TransferCancelled`` or another ``TransferError``.
@@ -315,7 +312,7 @@ def send_file(
     tracker = ProgressTracker(transfer_id, total_bytes=size, reporter=reporter)
     phase = "failed"
     try:
-        primary = pool.acquire(peer, key, tls)
+        primary = pool.acquire(peer, key)
         channels.append(primary)
         accepted = negotiate(
             primary,
@@ -343,7 +340,7 @@ def send_file(
                 raise RemoteProtocolError("expected the base INDEX frame")
             index = _parse_index(frame.payload)
         for stream in range(1, granted):
-            channel = pool.acquire(peer, key, tls)
+            channel = pool.acquire(peer, key)
             channels.append(channel)
             try:
                 negotiate(

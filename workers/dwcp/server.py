@@ -36,7 +36,6 @@ from .protocol import Capability, State
 from .sender import codec_pool
 from .sessions import FileSession, Session, TunnelSession
 from .tickets import ReplayGuard, Ticket, secret_bytes, verify_ticket
-from .tls import TLSConfig
 from .transport import Address, Channel, parse_address, tune_socket
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class DWCPServer:
 
     ``root`` confines file targets (and base images); ``tunnel_root`` confines the unix sockets
     tunnels may reach (defaults to ``root``). ``listen`` may use port 0; ``address`` tells the
-    port actually bound. With ``tls`` every connection must be TLS with a certificate of the CA.
+    port actually bound.
     """
 
     def __init__(
@@ -59,7 +58,6 @@ class DWCPServer:
         secret: str | bytes,
         tunnel_root: str | os.PathLike[str] | None = None,
         replay_guard: ReplayGuard | None = None,
-        tls: TLSConfig | None = None,
     ) -> None:
         self._listen = parse_address(listen) if isinstance(listen, str) else listen
         self.root = Path(root)
@@ -72,7 +70,6 @@ class DWCPServer:
         self.node_name = node_name
         self._secret = secret_bytes(secret)
         self.replay_guard = replay_guard or ReplayGuard()
-        self.tls = tls
         self._sessions: dict[str, Session] = {}
         self._targets: set[str] = set()
         self._lock = threading.Lock()
@@ -173,7 +170,7 @@ class DWCPServer:
 
     def _serve_authenticated(self, sock: socket.socket, peer: Address) -> None:
         try:
-            channel = Channel.accept(sock, peer, self._secret, self.tls)
+            channel = Channel.accept(sock, peer, self._secret)
         except (ProtocolError, OSError) as exc:
             logger.warning("DWCP handshake with %s:%s failed: %s", peer[0], peer[1], exc)
             sock.close()

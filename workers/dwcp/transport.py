@@ -21,7 +21,6 @@ import hashlib
 import logging
 import select
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -42,7 +41,6 @@ from .protocol import (
 from .protocol import (
     Connection as ProtocolConnection,
 )
-from .tls import TLSConfig, client_context, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +102,6 @@ def congestion_control(sock: socket.socket) -> str:
 
 
 def _send_buffers(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
-    if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS sockets: one record per buffer
-        for buffer in buffers:
-            sock.sendall(buffer)
-        return
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     while views:
         sent = sock.sendmsg(views)
@@ -141,13 +135,10 @@ def _recv_exact(sock: socket.socket, count: int) -> bytearray:
 class Channel:
     """One authenticated DWCP connection over a blocking TCP socket."""
 
-    def __init__(
-        self, sock: socket.socket, protocol: ProtocolConnection, peer: Address, tls: TLSConfig | None = None
-    ) -> None:
+    def __init__(self, sock: socket.socket, protocol: ProtocolConnection, peer: Address) -> None:
         self.sock = sock
         self.protocol = protocol
         self.peer = peer
-        self.tls = tls
         self.idle_since = time.monotonic()
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -162,7 +153,6 @@ class Channel:
         *,
         capabilities: Capability = ALL_CAPABILITIES,
         timeout: float = limits.HANDSHAKE_TIMEOUT_SECONDS,
-        tls: TLSConfig | None = None,
     ) -> Channel:
         infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
         family, _, _, _, sockaddr = infos[0]
@@ -171,10 +161,8 @@ class Channel:
             tune_socket(sock)
             sock.settimeout(timeout)
             sock.connect(sockaddr)
-            if tls is not None:
-                sock = client_context(tls).wrap_socket(sock)
             protocol = ProtocolConnection(Role.INITIATOR, secret, capabilities=capabilities)
-            channel = cls(sock, protocol, address, tls)
+            channel = cls(sock, protocol, address)
             sock.sendall(protocol.initiate())
             channel._finish_handshake()
             sock.settimeout(limits.IO_TIMEOUT_SECONDS)
@@ -184,14 +172,10 @@ class Channel:
             raise
 
     @classmethod
-    def accept(
-        cls, sock: socket.socket, peer: Address, secret: bytes, tls: TLSConfig | None = None
-    ) -> Channel:
-        """Server side: run the TLS (if configured) and DWCP handshakes on an accepted socket."""
+    def accept(cls, sock: socket.socket, peer: Address, secret: bytes) -> Channel:
+        """Server side: run the handshake on an accepted socket (raises on failure)."""
         sock.settimeout(limits.HANDSHAKE_TIMEOUT_SECONDS)
-        if tls is not None:
-            sock = server_context(tls).wrap_socket(sock, server_side=True)
-        channel = cls(sock, ProtocolConnection(Role.RESPONDER, secret), peer, tls)
+        channel = cls(sock, ProtocolConnection(Role.RESPONDER, secret), peer)
         channel._finish_handshake()
         sock.settimeout(limits.IO_TIMEOUT_SECONDS)
         return channel
@@ -249,8 +233,6 @@ class Channel:
         """Idle, authenticated and (as far as a non-blocking peek can tell) still connected."""
         if self.protocol.state is not State.READY:
             return False
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return False
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
@@ -280,19 +262,17 @@ class ConnectionPool:
     """Idle authenticated channels per (peer, secret), reused by later transfers."""
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[Address, bytes, TLSConfig | None], list[Channel]] = {}
+        self._idle: dict[tuple[Address, bytes], list[Channel]] = {}
         self._lock = threading.Lock()
         self.connects = 0
         self.reuses = 0
 
     @staticmethod
-    def _key(
-        address: Address, secret: bytes, tls: TLSConfig | None
-    ) -> tuple[Address, bytes, TLSConfig | None]:
-        return address, hashlib.sha256(secret).digest(), tls
+    def _key(address: Address, secret: bytes) -> tuple[Address, bytes]:
+        return address, hashlib.sha256(secret).digest()
 
-    def acquire(self, address: Address, secret: bytes, tls: TLSConfig | None = None) -> Channel:
-        key = self._key(address, secret, tls)
+    def acquire(self, address: Address, secret: bytes) -> Channel:
+        key = self._key(address, secret)
         now = time.monotonic()
         while True:
             with self._lock:
@@ -305,7 +285,7 @@ class ConnectionPool:
                 return channel
             channel.close()
         self.connects += 1
-        return Channel.connect(address, secret, tls=tls)
+        return Channel.connect(address, secret)
 
     def release(self, channel: Channel, secret: bytes) -> None:
         """Give back a channel after a transfer; it is closed unless idle and healthy."""
@@ -313,7 +293,7 @@ class ConnectionPool:
             channel.close()
             return
         channel.idle_since = time.monotonic()
-        key = self._key(channel.peer, secret, channel.tls)
+        key = self._key(channel.peer, secret)
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < limits.POOL_MAX_IDLE_PER_PEER:

@@ -39,7 +39,6 @@ from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .sender import codec_pool, negotiate
 from .tickets import peek_ticket, secret_bytes
-from .tls import TLSConfig
 from .transport import Channel, ConnectionPool, default_pool, parse_address
 
 logger = logging.getLogger(__name__)
@@ -285,7 +284,6 @@ class Tunnel:
         control: TransferControl,
         reporter: Reporter | None,
         pool: ConnectionPool,
-        tls: TLSConfig | None,
     ) -> None:
         if not 1 <= streams <= limits.MAX_STREAMS:
             raise ValueError(f"streams must be in 1..{limits.MAX_STREAMS}")
@@ -302,7 +300,6 @@ class Tunnel:
         self._mode = codecs.CodecMode(codec)
         self._reporter = reporter
         self._pool = pool
-        self._tls = tls
         self._result: TunnelResult | None = None
         self._error: BaseException | None = None
         self._endpoint: TunnelEndpoint | None = None
@@ -340,7 +337,7 @@ class Tunnel:
         endpoint: TunnelEndpoint | None = None
         phase = "failed"
         try:
-            primary = self._pool.acquire(self._address, self._secret, self._tls)
+            primary = self._pool.acquire(self._address, self._secret)
             channels.append(primary)
             accepted = negotiate(
                 primary,
@@ -356,7 +353,7 @@ class Tunnel:
             session_key = accepted.text("session_key", max_length=64)
             granted = accepted.integer("streams", low=1, high=self._streams)
             for stream in range(1, granted):
-                channel = self._pool.acquire(self._address, self._secret, self._tls)
+                channel = self._pool.acquire(self._address, self._secret)
                 channels.append(channel)
                 negotiate(
                     channel,
@@ -452,7 +449,6 @@ def open_tunnel(
     control: TransferControl | None = None,
     reporter: Reporter | None = None,
     pool: ConnectionPool | None = None,
-    tls: TLSConfig | None = None,
 ) -> Tunnel:
     """Listen on the unix socket ``local_path``; the first client to connect is joined, through
     the DWCP server at ``address``, to the unix socket the ticket's target names on that node.
@@ -471,5 +467,4 @@ def open_tunnel(
         control=control or TransferControl(),
         reporter=reporter,
         pool=pool or default_pool(),
-        tls=tls,
     )
