@@ -229,8 +229,8 @@ class ControlMessage:
             return None
         return self.text(key, max_length=max_length)
 
-    def integer(self, key: str, *, low: int, high: int, default: int | None = None) -> int:
-        value = self.fields.get(key, default)
+    def integer(self, key: str, *, low: int, high: int) -> int:
+        value = self.fields.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise self._error(key, f"must be an integer in {low}..{high}")
         return value
