@@ -26,7 +26,7 @@ from workers.dwcp import (
 )
 from workers.dwcp.transport import ConnectionPool
 
-from .helpers import SECRET, SOURCE, FaultyProxy, MiB, random_file, sha256_of, write_mixed_file
+from .helpers import DEST, SECRET, SOURCE, FaultyProxy, MiB, random_file, sha256_of, write_mixed_file
 
 
 def send(server: DWCPServer, ticket: Callable[..., str], path: Path, name: str, **options: object) -> object:
@@ -337,3 +337,31 @@ def test_a_block_device_is_sent_by_its_real_size(
         subprocess.run(["losetup", "--detach", device], check=True)
     assert result.raw_bytes == 6 * MiB  # type: ignore[attr-defined]
     assert sha256_of(root / "from-device.img") == sha256_of(backing)
+
+
+def test_a_transfer_resumes_on_a_restarted_server_from_its_journal(
+    root: Path, tmp_path: Path, ticket: Callable[..., str], pool: ConnectionPool
+) -> None:
+    source = random_file(tmp_path / "big.bin", 16 * MiB)
+    first = DWCPServer(listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET).start()
+    control = TransferControl(bandwidth_limit_mbps=64)  # ~8 MB/s: the stop lands mid-transfer
+    threading.Timer(1.0, first.stop).start()
+    with pytest.raises(TransferInterrupted):
+        send_file(
+            source,
+            address=first.address_text,
+            name="big.bin",
+            ticket=ticket("big.bin"),
+            secret=SECRET,
+            source_node=SOURCE,
+            codec="raw",
+            control=control,
+            pool=pool,
+        )
+    wait_idle(first)
+    assert list(root.glob(".big.bin.dwcp-journal"))
+    with DWCPServer(listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET) as second:
+        result = send(second, ticket, source, "big.bin", pool=pool)
+    assert result.resumed_bytes >= 2 * MiB  # type: ignore[attr-defined]
+    assert sha256_of(root / "big.bin") == sha256_of(source)
+    assert not list(root.glob(".big.bin.*"))
