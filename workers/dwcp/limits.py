@@ -109,9 +109,11 @@ MIN_COMPRESSION_GAIN = 0.03
 COMPRESSIBILITY_SAMPLE_SIZE = 12 * KiB
 # TCP_NOTSENT_LOWAT: a write blocks while more than this sits in the socket not yet sent (bytes
 # in flight do not count, so a long fat pipe still fills its window). It keeps the backlog in our
-# queue, where the codec choice can still change, instead of in 8 MiB of kernel buffer; 512 KiB
-# is still 4 ms of a 1 Gbit link, far more than a writer needs to wake up and refill it.
-NOTSENT_LOWAT_BYTES = 512 * KiB
+# queue, where the codec choice can still change, instead of in 8 MiB of kernel buffer. 2 MiB is
+# 16 ms of a 1 Gbit link: enough to keep the link busy while a writer thread waits for a core on
+# a hypervisor whose guests keep the CPUs busy (512 KiB did worse on a loaded two-core VM, in
+# runs too noisy to say by how much).
+NOTSENT_LOWAT_BYTES = 2 * MiB
 # Unsent bytes left in the socket right after a write: a link-bound writer finds about
 # NOTSENT_LOWAT_BYTES there, a CPU-bound one finds its socket drained. Half-way is the cut.
 LINK_BACKLOG_BYTES = NOTSENT_LOWAT_BYTES // 2
