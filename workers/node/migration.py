@@ -160,6 +160,22 @@ class MigrationRunner:
             return False
         return bool(data.get("migration_id") == migration_id and data.get("role") == role)
 
+    def _redelivered(self, uuid: str, migration_id: str, role: str) -> bool:
+        """Whether this prepare/send already started here once: then it must not run again.
+
+        Migration tasks run at most once per node. They are ``acks_late`` without
+        ``reject_on_worker_lost``, but the broker can still hand one out twice: when the worker's
+        broker connection drops while the task runs, kombu puts the unacknowledged message back on
+        the queue (found by the fault test 'Redis restarted during a live migration'). A second send
+        of a completed live migration would resume the paused source beside the running destination.
+        The marker written when the task started tells a repeat apart; what the first run did is
+        settled by its own reports or, if it died, by the watchdog and the abort that follows.
+        """
+        if not self._marked(uuid, migration_id, role):
+            return False
+        logger.warning("migration %s (%s): task delivered again; not running it twice", migration_id, role)
+        return True
+
     def _guarded(self, migration_id: str, role: str, work: Callable[[], None]) -> None:
         try:
             work()
@@ -176,6 +192,8 @@ class MigrationRunner:
 
     def prepare(self, *, migration_id: str, vm: dict[str, Any], mode: str, source_node: str) -> None:
         spec = VmSpec.from_dict(vm)
+        if self._redelivered(spec.uuid, migration_id, "dest"):
+            return
         self._guarded(migration_id, "dest", lambda: self._prepare(migration_id, spec, mode))
 
     def _prepare(self, migration_id: str, spec: VmSpec, mode: str) -> None:
@@ -298,6 +316,8 @@ class MigrationRunner:
         options: dict[str, Any],
     ) -> None:
         spec = VmSpec.from_dict(vm)
+        if self._redelivered(spec.uuid, migration_id, "source"):
+            return
         control = TransferControl(bandwidth_limit_mbps=options.get("bandwidth_limit_mbps"))
         job = _SendJob(
             migration_id=migration_id,
