@@ -1,0 +1,253 @@
+"""Node-side faults: a node worker killed mid-work, the DWCP connection cut, the destination disk full.
+
+The worker is killed with SIGKILL (its process group; the daemonized QEMUs live on, as in production)
+and started again, as a supervisor would. Each scenario ends with the fleet invariant.
+"""
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from apps.migrations.models import Migration
+from apps.vms.models import VM, Image
+from tests.faults.conftest import FaultRecord
+from tests.faults.invariants import (
+    assert_invariant,
+    create_running,
+    disk_path,
+    holders,
+    qemu_pid,
+    run_dir,
+    sha256,
+    wait_terminal,
+)
+from tests.workers.node import test_migration, test_node_worker
+from tests.workers.node.conftest import Cluster, wait_for
+
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.integration,
+    pytest.mark.qemu,
+    pytest.mark.django_db(transaction=True),
+]
+
+DATA_MB = 24
+
+
+@pytest.fixture
+def dirty_image(guest_image: Image) -> Image:
+    return test_migration.dirty_image.__wrapped__(guest_image)  # type: ignore[attr-defined]
+
+
+def _stopped_with_data(cluster: Cluster, api, name: str, node: str, tmp_path: Path) -> tuple[str, str]:
+    """A stopped VM whose disk holds DATA_MB of random bytes; returns its id and the disk's sha256."""
+    vm_id = create_running(api, name, node)
+    assert api.post(f"/api/v1/vms/{vm_id}/stop/").status_code == 202
+    wait_for(
+        lambda: VM.objects.get(pk=vm_id).state == "stopped" and not VM.objects.get(pk=vm_id).pending_action,
+        60,
+        "the VM to stop",
+    )
+    noise = tmp_path / "noise.bin"
+    with noise.open("wb") as handle:
+        handle.write(__import__("os").urandom(DATA_MB << 20))
+    disk = disk_path(cluster, node, vm_id)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -s {noise} 0 {DATA_MB}M", str(disk)],
+        check=True,
+        capture_output=True,
+    )
+    return vm_id, sha256(disk)
+
+
+def _migrate(api, vm_id: str, dest: str, mode: str, mbps: int | None) -> str:
+    body = {"dest_node": dest, "mode": mode}
+    if mbps:
+        body["bandwidth_limit_mbps"] = mbps
+    response = api.post(f"/api/v1/vms/{vm_id}/migrate/", body, format="json")
+    assert response.status_code == 202, response.json()
+    return str(response.json()["id"])
+
+
+def test_node_worker_killed_during_create(cluster: Cluster, api, fault: FaultRecord):
+    fault.describe(
+        scenario="kill -9 of the node worker while it creates a VM",
+        action="POST /vms/ pinned to a node; SIGKILL its worker once the run dir appears; restart it",
+        invariant="the VM ends running or error, never two QEMUs; capacity held only when running; fleet invariant",
+    )
+    fault.note("reuses tests/workers/node/test_node_worker.py's scenario, then checks the fleet invariant")
+    fault.injected()
+    test_node_worker.test_node_worker_killed_during_create_ends_running_or_error_never_duplicated(
+        cluster, api
+    )
+    fault.recovered()
+    if VM.objects.filter(state="error").exists():
+        VM.objects.filter(state="error", node__isnull=True).update(state="deleted")
+    assert_invariant(cluster)
+
+
+def test_source_worker_killed_during_live_migration(
+    cluster: Cluster, api, dirty_image: Image, fault: FaultRecord
+):
+    fault.describe(
+        scenario="kill -9 of the source node worker during a live migration",
+        action="live-migrate a memory-dirtying guest at 4 Mbit/s; SIGKILL the source worker while "
+        "transferring; restart it",
+        invariant="migration failed with an error; VM running on the source only (guest keeps ticking, "
+        "disk marker intact); destination copy removed; capacity; a second migration then succeeds",
+    )
+    from workers.guest.boot import SerialConsole
+
+    source, dest = list(cluster.nodes)
+    vm_id = create_running(api, "src-kill", source, dirty_image.name)
+    console = SerialConsole.connect(run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
+    try:
+        console.wait_for(r"dirty ready", 120)
+        console.request("disk-write", "before-the-fault", timeout=60)
+    finally:
+        console.close()
+    migration_id = _migrate(api, vm_id, dest, "live", 4)
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
+    time.sleep(1.5)
+    cluster.nodes[source].kill()
+    fault.injected()
+    cluster.start_node(source)
+    migration = wait_terminal(migration_id, 90)
+    fault.recovered()
+    fault.note(f"migration ended {migration.status}: {migration.error}")
+    assert migration.status == "failed" and migration.error
+    assert_invariant(cluster)
+    vm = VM.objects.select_related("node").get(pk=vm_id)
+    assert vm.node.name == source and vm.state == "running"
+    log = run_dir(cluster, source, vm_id) / "serial.log"
+    size = log.stat().st_size
+    wait_for(lambda: log.stat().st_size > size, 15, "the source guest to keep running (not paused)")
+    console = SerialConsole.connect(run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
+    try:
+        assert console.request("disk-read", timeout=60) == ["before-the-fault"]
+    finally:
+        console.close()
+    # The source QEMU holds no leftover of the failed attempt: the next migration goes through.
+    again = wait_terminal(_migrate(api, vm_id, dest, "live", None), 120)
+    assert again.status == "completed", again.error
+    assert_invariant(cluster)
+
+
+def test_destination_worker_killed_during_live_migration(
+    cluster: Cluster, api, dirty_image: Image, fault: FaultRecord
+):
+    fault.describe(
+        scenario="kill -9 of the destination node worker during a live migration",
+        action="live-migrate at 4 Mbit/s; SIGKILL the destination worker while transferring; restart it",
+        invariant="migration failed; VM running on the source only; destination copy removed; capacity",
+    )
+    fault.note("reuses tests/workers/node/test_migration.py's scenario, then checks the fleet invariant")
+    fault.injected()
+    test_migration.test_destination_worker_killed_mid_transfer_fails_cleanly(cluster, api, dirty_image)
+    fault.recovered()
+    assert_invariant(cluster)
+
+
+def test_source_worker_killed_during_cold_migration(
+    cluster: Cluster, api, fault: FaultRecord, tmp_path: Path
+):
+    fault.describe(
+        scenario="kill -9 of the source node worker during a cold migration",
+        action=f"cold-migrate a stopped VM with {DATA_MB} MiB of random data at 16 Mbit/s; SIGKILL the "
+        "source worker mid-transfer; restart it",
+        invariant="migration failed with an error; VM stopped on the source with a byte-identical disk "
+        "(sha256); partial destination disk removed; capacity",
+    )
+    source, dest = list(cluster.nodes)
+    vm_id, checksum = _stopped_with_data(cluster, api, "cold-kill", source, tmp_path)
+    migration_id = _migrate(api, vm_id, dest, "cold", 16)
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
+    time.sleep(2)
+    cluster.nodes[source].kill()
+    fault.injected()
+    cluster.start_node(source)
+    migration = wait_terminal(migration_id, 90)
+    assert_invariant(cluster)
+    fault.recovered()
+    fault.note(f"migration ended {migration.status}: {migration.error}")
+    assert migration.status == "failed" and migration.error
+    vm = VM.objects.select_related("node").get(pk=vm_id)
+    assert vm.node.name == source and vm.state == "stopped"
+    assert sha256(disk_path(cluster, source, vm_id)) == checksum
+    assert not disk_path(cluster, dest, vm_id).exists()
+
+
+def test_dwcp_connection_cut_during_cold_migration(cluster: Cluster, api, fault: FaultRecord, tmp_path: Path):
+    fault.describe(
+        scenario="DWCP connections cut mid-transfer",
+        action=f"cold-migrate a stopped VM with {DATA_MB} MiB of random data at 16 Mbit/s; destroy every "
+        "TCP connection to the destination's DWCP port (ss -K) mid-transfer",
+        invariant="migration ends (completed, or failed with an error); the VM is on exactly one node, "
+        "stopped, with a byte-identical disk (sha256); capacity",
+    )
+    source, dest = list(cluster.nodes)
+    vm_id, checksum = _stopped_with_data(cluster, api, "cut", source, tmp_path)
+    port = VM.objects.none()  # placeholder for typing clarity
+    from apps.vms.models import Node
+
+    port = int(Node.objects.get(name=dest).dwcp_address.rsplit(":", 1)[1])
+    migration_id = _migrate(api, vm_id, dest, "cold", 16)
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
+    time.sleep(2)
+    killed = subprocess.run(
+        ["ss", "-K", "-t", "state", "established", f"( dport = :{port} or sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    fault.injected()
+    fault.note(f"ss -K destroyed {max(len(killed.stdout.splitlines()) - 1, 0)} socket(s)")
+    migration = wait_terminal(migration_id, 90)
+    assert_invariant(cluster)
+    fault.recovered()
+    fault.note(f"migration ended {migration.status}: {migration.error}")
+    assert migration.status in ("completed", "failed")
+    if migration.status == "failed":
+        assert migration.error
+    vm = VM.objects.select_related("node").get(pk=vm_id)
+    assert vm.state == "stopped"
+    assert sha256(disk_path(cluster, vm.node.name, vm_id)) == checksum
+
+
+def test_destination_disk_full_during_cold_migration(
+    cluster: Cluster, api, fault: FaultRecord, tmp_path: Path
+):
+    fault.describe(
+        scenario="destination disk full",
+        action=f"mount an 8 MiB tmpfs as the destination's disks directory; cold-migrate a stopped VM "
+        f"holding {DATA_MB} MiB of random data",
+        invariant="migration failed with an error naming the cause; VM stopped on the source with a "
+        "byte-identical disk; nothing left on the destination; capacity",
+    )
+    source, dest = list(cluster.nodes)
+    vm_id, checksum = _stopped_with_data(cluster, api, "full", source, tmp_path)
+    disks = cluster.data_dirs[dest] / "disks"
+    disks.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disks)], check=True)
+    try:
+        migration_id = _migrate(api, vm_id, dest, "cold", None)
+        fault.injected()
+        migration = wait_terminal(migration_id, 90)
+        assert_invariant(cluster)
+        fault.recovered()
+        fault.note(f"migration ended {migration.status}: {migration.error}")
+        assert migration.status == "failed"
+        assert "space" in migration.error.lower(), migration.error
+        vm = VM.objects.select_related("node").get(pk=vm_id)
+        assert vm.node.name == source and vm.state == "stopped"
+        assert sha256(disk_path(cluster, source, vm_id)) == checksum
+        try:
+            wait_for(lambda: not any(disks.iterdir()), 30, "the partial disk to be removed")
+        except AssertionError:
+            raise AssertionError(f"left on the destination: {[p.name for p in disks.iterdir()]}") from None
+        assert holders(cluster, vm_id) == [source]
+        assert qemu_pid(cluster, source, vm_id) is None
+    finally:
+        subprocess.run(["umount", "-l", str(disks)], check=False)
