@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 PART_SUFFIX = ".dwcp-part"
 JOURNAL_SUFFIX = ".dwcp-journal"
+INDEX_SUFFIX = ".dwcp-index"
 _CHECKSUM = struct.Struct("!Q")
 INDEX_ENTRY = struct.Struct("!16sQ")  # BLAKE2b-128 of a base chunk, its offset
 
@@ -56,7 +57,7 @@ def resolve_target(root: Path, name: str) -> Path:
         raise TargetRefused(f"target {name!r} resolves outside the server root")
     if candidate.is_symlink():
         raise TargetRefused(f"target {name!r} is a symlink")
-    if resolved.name.startswith(".") and resolved.name.endswith((PART_SUFFIX, JOURNAL_SUFFIX)):
+    if resolved.name.startswith(".") and resolved.name.endswith((PART_SUFFIX, JOURNAL_SUFFIX, INDEX_SUFFIX)):
         raise TargetRefused(f"target {name!r} collides with DWCP's own working files")
     return resolved
 
@@ -209,12 +210,22 @@ class FileReceiver:
         return self.held.ranges()
 
     def base_index(self, executor: Executor) -> bytes:
-        """INDEX payload: BLAKE2b-128 and offset of each non-zero chunk of the base file."""
-        if self.base_fd is None:
+        """INDEX payload: BLAKE2b-128 and offset of each non-zero chunk of the base file.
+
+        Hashing a multi-GiB base takes seconds, so the result is kept next to the base in
+        ``.<base>.<chunk size>.dwcp-index`` and reused while the base's size and mtime match.
+        """
+        if self.base_fd is None or self.spec.base is None:
             return b""
         base_fd = self.base_fd
-        size = os.fstat(base_fd).st_size
+        stat = os.fstat(base_fd)
         chunk_size = self.spec.chunk_size
+        cache = self.spec.base.with_name(f".{self.spec.base.name}.{chunk_size}{INDEX_SUFFIX}")
+        stamp = f"{stat.st_size} {stat.st_mtime_ns} {stat.st_ino}\n".encode()
+        with contextlib.suppress(OSError):
+            cached = cache.read_bytes()
+            if cached.startswith(stamp):
+                return cached[len(stamp) :]
         max_entries = limits.MAX_INDEX_PAYLOAD // INDEX_ENTRY.size
 
         def entry(index: int) -> bytes:
@@ -223,8 +234,13 @@ class FileReceiver:
                 return b""  # tails and zero chunks are handled without references
             return INDEX_ENTRY.pack(codecs.dedup_key(data), index * chunk_size)
 
-        entries = [e for e in executor.map(entry, data_chunks(base_fd, size, chunk_size)) if e]
-        return b"".join(entries[:max_entries])
+        entries = [e for e in executor.map(entry, data_chunks(base_fd, stat.st_size, chunk_size)) if e]
+        payload = b"".join(entries[:max_entries])
+        scratch = cache.with_name(cache.name + ".tmp")
+        with contextlib.suppress(OSError):  # only a cache: a read-only image directory is fine
+            scratch.write_bytes(stamp + payload)
+            os.replace(scratch, cache)
+        return payload
 
     def write(self, frame: Frame) -> int:
         """Verify and store one DATA frame; returns the raw bytes it covered."""

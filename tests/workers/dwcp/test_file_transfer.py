@@ -234,6 +234,16 @@ def test_chunks_of_a_named_base_image_are_sent_as_references(
     assert sha256_of(root / "vm.img") == sha256_of(source)
     assert result.codec_mix.get("ref", 0) == 15 * MiB  # type: ignore[attr-defined]
     assert result.wire_bytes < 2 * MiB  # type: ignore[attr-defined]
+    cache = root / f".base.img.{MiB}.dwcp-index"
+    assert cache.is_file()
+    # The cached index is used next time, and thrown away once the base changes.
+    again = send(server, ticket, source, "vm2.img", base="base.img")
+    assert again.codec_mix.get("ref", 0) == 15 * MiB  # type: ignore[attr-defined]
+    with base.open("r+b") as handle:
+        handle.write(os.urandom(MiB))  # the first chunk of the base no longer matches
+    changed = send(server, ticket, source, "vm3.img", base="base.img")
+    assert changed.codec_mix.get("ref", 0) == 14 * MiB  # type: ignore[attr-defined]
+    assert sha256_of(root / "vm3.img") == sha256_of(source)
 
 
 def test_the_bandwidth_limit_is_roughly_honoured_and_can_change_while_running(
