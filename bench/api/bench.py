@@ -488,13 +488,15 @@ def run_wrk(
         BENCH_LINES=str(lines[scenario.lines]),
         BENCH_BATCH=str(scenario.batch),
         BENCH_TOKEN=writer_token,
-        BENCH_RUN=f"{run_id}{scenario.name.replace('_', '')[:12]}{scenario.connections}",
+        BENCH_RUN=run_id
+        + "".join(ch for ch in scenario.name if ch.isalnum())[:12]
+        + str(scenario.connections),
     )
     command = [
         "wrk",
         f"-t{min(threads, scenario.connections)}",
         f"-c{scenario.connections}",
-        f"-d{scenario.duration}s",
+        f"-d{max(1, round(scenario.duration))}s",
         "--timeout",
         "10s",
         "-s",
