@@ -114,7 +114,7 @@ def novacron_runs(
         defaults={
             "kind": base.kind, "format": base.format, "kernel_path": base.kernel_path,
             "initrd_path": base.initrd_path,
-            "cmdline": f"{base.cmdline} dirty_mb={args.dirty_mb} dirty_rate_mb={args.dirty_rate_mb}",
+            "cmdline": f"{base.cmdline} dirty_mb={args.dirty_mb} dirty_rate_mb={args.dirty_rate_mb} dirty_data={args.dirty_data}",
         },
     )  # fmt: skip
     node_a = Node.objects.get(name="bench-a")
@@ -178,7 +178,7 @@ def native_runs(
     from workers.qemu.qmp import EventLoopThread
 
     guest = GuestImage.from_manifest(ROOT / "var" / "images" / "testguest" / "manifest.json")
-    cmdline = f"{guest.cmdline} dirty_mb={args.dirty_mb} dirty_rate_mb={args.dirty_rate_mb}"
+    cmdline = f"{guest.cmdline} dirty_mb={args.dirty_mb} dirty_rate_mb={args.dirty_rate_mb} dirty_data={args.dirty_data}"
     loop = EventLoopThread()
     variants = {
         "default": {"lift": False, "multifd": 0},
@@ -339,6 +339,10 @@ def main() -> int:
     parser.add_argument("--memory-mb", type=int, default=1024)
     parser.add_argument("--dirty-mb", type=int, default=256)
     parser.add_argument("--dirty-rate-mb", type=int, default=4)
+    parser.add_argument(
+        "--dirty-data", choices=("binaries", "random"), default="binaries",
+        help="what the guest's RAM holds: program text and data (realistic) or random bytes (incompressible)",
+    )  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench-migration needs root (network namespaces)", file=sys.stderr)

@@ -34,7 +34,10 @@ loads the virtio modules only when one is present).
 
 Kernel command line (besides ``console=ttyS0``): ``dirty_mb=M`` fills M MiB of a tmpfs (RAM) with random
 data, then, with ``dirty_rate_mb=R``, keeps rewriting it round robin at about R MiB/s (under TCG the guest
-cannot exceed roughly 20-25 MiB/s; ``dirty_rate_mb=0`` or absent: filled once, never rewritten). Values are
+cannot exceed roughly 20-25 MiB/s; ``dirty_rate_mb=0`` or absent: filled once, never rewritten).
+``dirty_data=binaries`` fills and rewrites it with program text and data (busybox, the kernel modules, the
+kernel's symbol table) instead of random bytes, like a real guest's RAM: its migration stream compresses
+about 2.3x with lz4 and 3.1x with zstd-1, where random data does not compress at all. Values are
 decimal without leading zeros (others are ignored). The guest needs at least 96 MiB of RAM (64 MiB does
 not boot) plus M.
 

@@ -18,6 +18,8 @@ echo
 DIRTY_FILE=/dirty/mem
 DIRTY_MB=0
 DIRTY_RATE_MB=0
+DIRTY_DATA=random
+CORPUS=/run/corpus
 
 # Decimal without leading zeros: ash reads "08" as bad octal, and an arithmetic error would end PID 1.
 is_number() {
@@ -29,6 +31,7 @@ for arg in $(cat /proc/cmdline); do
 	case $arg in
 	dirty_mb=*) is_number "${arg#*=}" && DIRTY_MB=${arg#*=} ;;
 	dirty_rate_mb=*) is_number "${arg#*=}" && DIRTY_RATE_MB=${arg#*=} ;;
+	dirty_data=binaries) DIRTY_DATA=binaries ;;
 	esac
 done
 
@@ -66,9 +69,30 @@ dirtier() {
 	rate_kb=$((DIRTY_RATE_MB * 1024))
 	chunk=$((rate_kb / 10 / unit_kb))
 	[ $chunk -lt 4 ] && chunk=4
-	if ! dd if=/dev/urandom of=$DIRTY_FILE bs=1M count="$DIRTY_MB" iflag=fullblock 2>/dev/null; then
-		echo "dirty error fill-failed"
-		return
+	if [ "$DIRTY_DATA" = binaries ]; then
+		# What a real guest's RAM holds: program text and data (busybox, kernel modules, the kernel's
+		# symbol table), here 64 KiB blocks taken from that corpus at shifting offsets.
+		cat /bin/busybox /lib/modules/*.ko /proc/kallsyms >$CORPUS 2>/dev/null
+		corpus_blocks=$(($(wc -c <$CORPUS) / 65536))
+		if [ "$corpus_blocks" -le $((chunk + 8)) ]; then
+			echo "dirty error corpus-too-small"
+			return
+		fi
+		source=$CORPUS
+		block=0
+		while [ $block -lt $total ]; do
+			n=$((corpus_blocks - 7))
+			[ $((block + n)) -gt $total ] && n=$((total - block))
+			dd if=$CORPUS of=$DIRTY_FILE bs=64k count=$n seek=$block skip=$((block % 7)) conv=notrunc \
+				2>/dev/null || { echo "dirty error fill-failed"; return; }
+			block=$((block + n))
+		done
+	else
+		source=/dev/urandom
+		if ! dd if=/dev/urandom of=$DIRTY_FILE bs=1M count="$DIRTY_MB" iflag=fullblock 2>/dev/null; then
+			echo "dirty error fill-failed"
+			return
+		fi
 	fi
 	: >/run/dirty.ready
 	echo "dirty ready $DIRTY_MB $DIRTY_RATE_MB"
@@ -100,7 +124,12 @@ dirtier() {
 		fi
 		n=$chunk
 		[ $((pos + n)) -gt $total ] && n=$((total - pos))
-		dd if=/dev/urandom of=$DIRTY_FILE bs=${unit_kb}k count=$n seek=$pos conv=notrunc iflag=fullblock \
+		if [ "$source" = /dev/urandom ]; then
+			skip=0
+		else
+			skip=$(((pos * 7 + done_kb) % (corpus_blocks - n)))
+		fi
+		dd if=$source of=$DIRTY_FILE bs=${unit_kb}k count=$n seek=$pos skip=$skip conv=notrunc iflag=fullblock \
 			2>/dev/null
 		done_kb=$((done_kb + n * unit_kb))
 		pos=$(((pos + n) % total))
