@@ -52,7 +52,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 LUA = Path(__file__).resolve().parent / "scenario.lua"
 VENV_BIN = ROOT / ".venv" / "bin"
-DEFAULT_GRANIAN = "--workers 2 --blocking-threads 4 --http auto --backpressure 64"
+DEFAULT_GRANIAN = (
+    "--workers 2 --blocking-threads 4 --backpressure 32 --http auto --http1-keep-alive"  # the Procfile's
+)
 
 
 @dataclass
