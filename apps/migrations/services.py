@@ -7,6 +7,7 @@ work itself is a sequence of node tasks (prepare on the destination, send on the
 the destination, cleanup on the source) chained through the reports each node sends back.
 """
 
+import json
 import logging
 from datetime import timedelta
 from typing import Any, Literal
@@ -481,6 +482,14 @@ def migrations_watchdog() -> list[str]:
         if (migration.last_progress_at or migration.created_at) < now - timeout:
             with transaction.atomic():
                 locked = _locked(migration)
+                if locked.status == S.SWITCHING and _destination_runs(client, locked):
+                    # Past the switch the source QEMU has handed its guest over: rolling back would
+                    # leave the guest running on a node the records do not name (seen in the soak test
+                    # when a 'switched' report never arrived). The destination's heartbeat decides.
+                    _complete(
+                        locked, "watchdog", f"{locked.dest_node.name} runs the VM (no switch report came)"
+                    )
+                    continue
                 if locked.status in RUNNING_STATUSES:
                     _roll_back(
                         locked,
@@ -490,6 +499,22 @@ def migrations_watchdog() -> list[str]:
                     )
                     failed.append(str(migration.pk))
     return failed
+
+
+def _destination_runs(client: redis.Redis, migration: Migration) -> bool:
+    """Whether the destination's latest heartbeat shows the migrating VM's guest running (not paused)."""
+    try:
+        raw = client.get(contract.HEARTBEAT_KEY.format(name=migration.dest_node.name))
+        beat = json.loads(raw) if raw else {}
+    except (redis.RedisError, ValueError):
+        return False
+    vms = beat.get("vms") if isinstance(beat, dict) else None
+    return any(
+        isinstance(entry, dict)
+        and entry.get("id") == str(migration.vm_id)
+        and entry.get("node_state") == "running"
+        for entry in vms or []
+    )
 
 
 # --- Drain ------------------------------------------------------------------------------------------

@@ -631,7 +631,14 @@ class MigrationRunner:
                 elif self.driver.status(spec.uuid).state in (VmState.RUNNING, VmState.PAUSED):
                     # No send of this migration runs here: this worker was restarted while it ran (a
                     # SIGKILL leaves QEMU's mirror and migration behind). Undo them in QEMU, and resume
-                    # a guest the dead attempt left paused at the switchover.
+                    # a guest the dead attempt left paused at the switchover -- unless QEMU's migration
+                    # completed: then the destination holds the guest and resuming this copy would run
+                    # it twice (what the soak test saw when the watchdog failed a switching migration).
+                    if self._handed_over(spec.uuid):
+                        self.report(
+                            migration_id, role, "aborted", "source stays paused: its migration completed"
+                        )
+                        return
                     _clear_leftovers(self._executor(spec.uuid))
                     if restart and self.driver.status(spec.uuid).state == VmState.PAUSED:
                         self.driver.execute(spec.uuid, "cont")
@@ -653,6 +660,12 @@ class MigrationRunner:
                 self.report(migration_id, role, "aborted", "nothing of this migration here")
 
         self._guarded(migration_id, role, work)
+
+    def _handed_over(self, uuid: str) -> bool:
+        try:
+            return bool(self.driver.execute(uuid, "query-migrate").get("status") == "completed")
+        except QemuError:
+            return False
 
     def _remove_partial_disk(self, uuid: str) -> None:
         """Drop what the DWCP receiver kept of an interrupted disk transfer (its part and journal).
