@@ -748,6 +748,10 @@ def _has_event(qmp: QmpSession, mark: int, name: str, job_id: str) -> bool:
 
 def register_migration_tasks(app: Celery, runner: MigrationRunner) -> None:
     """Bind the migration tasks of ``workers.contract`` to this node."""
+    # At most once per node: a migration step must not run twice (a second send of a completed live
+    # migration would resume the handed-over source). ``reject_on_worker_lost`` is off and prepare/send
+    # check their marker against a redelivery; a step lost with its worker is settled by the control
+    # side's watchdog (MIGRATION_STALL_TIMEOUT) and the abort that follows.
     options: dict[str, Any] = {
         "acks_late": True,
         "reject_on_worker_lost": False,

@@ -1,7 +1,19 @@
 """The node's Celery tasks: VM lifecycle operations, each idempotent and reported to the control queue.
 
-A task re-delivered after a worker crash (``acks_late`` + ``reject_on_worker_lost``) runs again; the
-driver's operations are idempotent by VM uuid (no second disk, no second QEMU), so it converges.
+Delivery: at least once. Tasks are acknowledged after they ran (``acks_late``), and the driver's
+operations are idempotent by VM uuid (no second disk, no second QEMU), so running one twice converges.
+What brings a lost task back depends on how it was lost:
+
+- the worker's broker connection dropped while it ran: kombu puts the message back on the queue at
+  once, and it runs again;
+- the worker was killed (SIGKILL, host crash): with the thread pool nothing survives to notice, and the
+  Redis transport redelivers only after ``CELERY_VISIBILITY_TIMEOUT`` (6 h, sized for migrations). The
+  prompt path is reconciliation instead: at start the worker sends every VM it holds
+  (``complete=True``) and the control side re-sends the create of a VM still pending/provisioning and
+  settles a VM whose start/stop/reboot was in flight (``pending_action``) to the state the node observes,
+  clearing the pending action (``apps.vms.services.reports.node_apply_vm_states``). A node that never
+  comes back is marked down after ``NODE_HEARTBEAT_TIMEOUT``: its VMs go to ``error`` ("state unknown
+  until it returns") and keep their pending action, so no other action is accepted for them meanwhile.
 """
 
 import logging
