@@ -59,7 +59,8 @@ NODE_MIGRATION_ABORT: Final = "novacron.node.migration_abort"
 # source after the switch: -> event "cleaned": source QEMU quit, disk and run files removed
 NODE_MIGRATION_CLEANUP: Final = "novacron.node.migration_cleanup"
 # kwargs {"migration_id", "node", "role": "source" | "dest", "event", "detail": str, "stats": {...},
-#         "targets"?: {...}}. Events: prepared, phase, transferred, switched, failed, cancelled, aborted, cleaned.
+#         "targets"?: {...}}.
+# Events: prepared, phase, transferred, switched, failed, cancelled, aborted, cleaned.
 CONTROL_MIGRATION_REPORT: Final = "novacron.control.migration_report"
 
 # Live progress, written by the source node at least twice a second while it transfers.
@@ -80,7 +81,8 @@ MIGRATION_PROGRESS_FIELDS: Final = (
     "eta_seconds",
     "updated",
 )
-# Control knobs the source polls while it transfers (hash): "bandwidth_limit_mbps", "cancel", "force_complete".
+# Control knobs the source polls while it transfers (a hash):
+# "bandwidth_limit_mbps", "cancel", "force_complete".
 MIGRATION_CONTROL_KEY: Final = "novacron:migration:{id}:control"
 
 # Node VM states as reported (see workers.qemu.VmState): running, paused, stopped, dead, unknown.

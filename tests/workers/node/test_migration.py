@@ -102,7 +102,9 @@ def test_live_migration_keeps_the_guest_running(cluster: Cluster, api, dirty_ima
     assert percents == sorted(percents), f"percent ran backwards: {percents}"
     assert percents[-1] == 100.0
     # The source's final figures may land just after the destination's switch completed it.
-    wait_for(lambda: "qemu_downtime_ms" in Migration.objects.get(pk=migration_id).stats, 30, "the source's report")
+    wait_for(
+        lambda: "qemu_downtime_ms" in Migration.objects.get(pk=migration_id).stats, 30, "the source's report"
+    )
     body = api.get(f"/api/v1/migrations/{migration_id}/").json()
     assert body["downtime_ms"] is not None and body["total_seconds"] > 0
     assert body["wire_bytes"] > 0
