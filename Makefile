@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint typecheck guest bench-migration clean
+.PHONY: setup run test lint typecheck guest bench-migration clean soak faults reliability
 
 setup: $(VENV)/.installed  ## idempotent install step used by run and test
 
@@ -40,3 +40,16 @@ bench-api: setup  ## BENCH_ARGS="--quick" for a 100k-VM smoke run; results in be
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+
+# Ten minutes of mixed API load and continuous live migrations between two nodes (not in CI).
+soak: setup
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
+# The fault-injection scenarios alone, then docs/RELIABILITY.md rendered from their records.
+faults: export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/novacron
+faults: setup
+	rm -rf artifacts/faults
+	$(VENV)/bin/pytest -m faults tests/faults -q $(PYTEST_ARGS)
+
+reliability: faults
+	$(PY) -m tests.faults.report

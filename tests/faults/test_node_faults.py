@@ -63,7 +63,7 @@ def _stopped_with_data(cluster: Cluster, api, name: str, node: str, tmp_path: Pa
 
 
 def _migrate(api, vm_id: str, dest: str, mode: str, mbps: int | None) -> str:
-    body = {"dest_node": dest, "mode": mode}
+    body: dict[str, str | int] = {"dest_node": dest, "mode": mode}
     if mbps:
         body["bandwidth_limit_mbps"] = mbps
     response = api.post(f"/api/v1/vms/{vm_id}/migrate/", body, format="json")
@@ -189,7 +189,6 @@ def test_dwcp_connection_cut_during_cold_migration(cluster: Cluster, api, fault:
     )
     source, dest = list(cluster.nodes)
     vm_id, checksum = _stopped_with_data(cluster, api, "cut", source, tmp_path)
-    port = VM.objects.none()  # placeholder for typing clarity
     from apps.vms.models import Node
 
     port = int(Node.objects.get(name=dest).dwcp_address.rsplit(":", 1)[1])

@@ -109,8 +109,8 @@ def _producer_on(url: str) -> Iterator[None]:
     previous = celery_app.conf.broker_url
 
     def reset(broker: str) -> None:
-        celery_app.conf.broker_url = broker
-        celery_app._pool = None
+        celery_app.conf["broker_url"] = broker
+        celery_app._pool = None  # type: ignore[attr-defined]
         with contextlib.suppress(AttributeError, KeyError):
             celery_app.__dict__["amqp"]._producer_pool = None
 
