@@ -26,7 +26,7 @@ from django.http import HttpRequest, HttpResponse
 
 logger = logging.getLogger(__name__)
 
-MAX_RETRIES = 2
+MAX_RETRIES = 3
 # Bodies up to this size are kept in memory so a retry can parse them again (larger ones: no retry).
 RETRY_BODY_MAX = 2 * 1024 * 1024
 
@@ -66,7 +66,7 @@ class RetryOnLostConnectionMiddleware:
             connection.close()  # back to the pool, which discards it; the retry checks out a healthy one
             body = getattr(request, "_body", None)
             if body is not None:
-                request._stream = io.BytesIO(body)  # type: ignore[attr-defined]
+                request._stream = io.BytesIO(body)
                 request._read_started = False  # type: ignore[attr-defined]
             try:
                 response: HttpResponse = view(request, *args, **kwargs)
