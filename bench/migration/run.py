@@ -387,6 +387,9 @@ def main() -> int:
         print("QEMU alone, same guest, same link:", flush=True)
         native = native_runs(args, topology, workdir)
     report(args, ours, native)
+    from django.db import connections
+
+    connections.close_all()
     subprocess.run(["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", DB_NAME], check=False)
     return 0
 
