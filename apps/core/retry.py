@@ -1,4 +1,5 @@
-"""Retry a request whose database connection was lost mid-way (a backend terminated, a failover).
+"""Retry a request whose database connection was lost mid-way (a backend terminated, a failover),
+or whose transaction PostgreSQL chose as a deadlock or serialization victim.
 
 PostgreSQL can end a backend at any time (``pg_terminate_backend``, a restart, a failover). The psycopg
 pool's health check keeps dead connections from being handed out, but a connection that dies *during*
@@ -89,6 +90,8 @@ def _lost_connection(exception: Exception) -> bool:
     if not isinstance(exception, OperationalError) or connection.in_atomic_block:
         return False
     cause = exception.__cause__
+    if isinstance(cause, psycopg.errors.DeadlockDetected | psycopg.errors.SerializationFailure):
+        return True  # PostgreSQL rolled the transaction back: running it again is the standard answer
     if isinstance(cause, psycopg_pool.PoolTimeout):
         return True
     if not isinstance(cause, psycopg.OperationalError):

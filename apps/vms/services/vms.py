@@ -69,8 +69,14 @@ def _demand(vm: VM) -> scheduler.Demand:
 
 
 def _lock_owner(owner: User) -> None:
-    """Serialize a user's quota-checked writes (concurrent creates cannot both pass the check)."""
-    get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+    """Serialize a user's quota-checked writes (concurrent creates cannot both pass the check).
+
+    FOR NO KEY UPDATE, not FOR UPDATE: it still excludes a concurrent ``_lock_owner``, but not the KEY
+    SHARE lock PostgreSQL takes on the user row when another transaction inserts a row referencing it
+    (a migration's ``requested_by``). With FOR UPDATE, a rename waiting for a VM row locked by a
+    migration request that itself waited for this user row deadlocked (seen in the soak test).
+    """
+    get_user_model().objects.select_for_update(no_key=True).filter(pk=owner.pk).first()
 
 
 def _check_quota(owner: User, *, vms: int, vcpus: int, memory_mb: int) -> None:
