@@ -18,8 +18,8 @@ if _database["ENGINE"] == "django.db.backends.postgresql":
     # Django's own psycopg pool: persistent connections must stay off (CONN_MAX_AGE=0) with it.
     _database["CONN_MAX_AGE"] = 0
     _database.setdefault("OPTIONS", {})["pool"] = {
-        # Sized for the web server of the Procfile (2 workers x 4 blocking threads): each process
-        # keeps one connection per thread open, so a burst never waits for a new backend (~5 ms).
+        # Sized for the web server of the Procfile (2 workers x 8 blocking threads): half the threads
+        # find an open connection at once, and the pool grows to one per thread (max) under load.
         "min_size": env_int("DB_POOL_MIN", 4, help="PostgreSQL pool: connections kept open per process."),
         "max_size": env_int("DB_POOL_MAX", 8, help="PostgreSQL pool: most connections per process."),
         "max_lifetime": env_int(
