@@ -27,7 +27,7 @@ from .progress import ProgressTracker
 from .protocol import Capability, State
 from .sender import codec_pool
 from .tickets import Ticket
-from .transport import Channel
+from .transport import Channel, set_tunnel_buffers
 from .tunnel import TunnelEndpoint
 
 logger = logging.getLogger(__name__)
@@ -199,9 +199,13 @@ class TunnelSession(Session):
         self.endpoint = TunnelEndpoint(local, policy=policy, control=TransferControl(), tracker=tracker)
 
     def serve(self, channel: Channel, *, primary: bool) -> None:
+        set_tunnel_buffers(channel.sock, tunnel=True)
         writer = threading.Thread(target=self.endpoint.write_channel, args=(channel,), daemon=True)
         writer.start()
-        self.endpoint.read_channel(channel, responder=True)
+        try:
+            self.endpoint.read_channel(channel, responder=True)
+        finally:
+            set_tunnel_buffers(channel.sock, tunnel=False)
         if self.endpoint.failure is not None and channel.state is not State.READY:
             send_error(channel, "tunnel_failed", str(self.endpoint.failure))
             linger_and_close(channel)

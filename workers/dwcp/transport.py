@@ -66,12 +66,12 @@ def _available_congestion_controls() -> set[bytes]:
 AVAILABLE_CONGESTION_CONTROLS = _available_congestion_controls()
 
 
-def _set_buffer(sock: socket.socket, forced: int, plain: int) -> None:
+def _set_buffer(sock: socket.socket, forced: int, plain: int, size: int = limits.SOCKET_BUFFER_SIZE) -> None:
     # SO_*BUFFORCE (root) bypasses net.core.[rw]mem_max; otherwise the kernel caps the request.
     try:
-        sock.setsockopt(socket.SOL_SOCKET, forced, limits.SOCKET_BUFFER_SIZE)
+        sock.setsockopt(socket.SOL_SOCKET, forced, size)
     except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, plain, limits.SOCKET_BUFFER_SIZE)
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
@@ -95,6 +95,16 @@ def tune_socket(sock: socket.socket) -> None:
     if limits.PREFERRED_CONGESTION_CONTROL in AVAILABLE_CONGESTION_CONTROLS:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, limits.PREFERRED_CONGESTION_CONTROL)
+
+
+def set_tunnel_buffers(sock: socket.socket, *, tunnel: bool) -> None:
+    """Small buffers while a pooled connection carries a tunnel, the bulk ones again after."""
+    size = limits.TUNNEL_SOCKET_BUFFER_SIZE if tunnel else limits.SOCKET_BUFFER_SIZE
+    lowat = limits.TUNNEL_NOTSENT_LOWAT_BYTES if tunnel else limits.NOTSENT_LOWAT_BYTES
+    with contextlib.suppress(OSError):  # a connection that just failed keeps what it had
+        _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size)
+        _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
 
 
 def congestion_control(sock: socket.socket) -> str:

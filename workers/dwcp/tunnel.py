@@ -39,7 +39,7 @@ from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .sender import codec_pool, negotiate
 from .tickets import peek_ticket, secret_bytes
-from .transport import Channel, ConnectionPool, default_pool, parse_address
+from .transport import Channel, ConnectionPool, default_pool, parse_address, set_tunnel_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +381,8 @@ class Tunnel:
                         target=endpoint.read_channel, args=(channel,), kwargs={"responder": False}
                     )
                 )
+            for channel in channels:
+                set_tunnel_buffers(channel.sock, tunnel=True)
             for thread in threads:
                 thread.daemon = True
                 thread.start()
@@ -413,6 +415,7 @@ class Tunnel:
             if endpoint is not None:
                 endpoint.close()
             for channel in channels:
+                set_tunnel_buffers(channel.sock, tunnel=False)
                 self._pool.release(channel, self._secret)
 
     def wait(self, timeout: float | None = None) -> TunnelResult:
