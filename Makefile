@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint typecheck guest bench-migration clean soak faults reliability
+.PHONY: setup run test lint typecheck guest bench-dwcp bench-migration clean soak faults reliability
 
 setup: $(VENV)/.installed  ## idempotent install step used by run and test
 
@@ -18,6 +18,9 @@ run: setup  ## control plane, control worker, beat, Flower and the local nodes
 
 guest: setup  ## the test guest (kernel + busybox initramfs from Debian packages), registered as image testguest
 	$(PY) -m workers.guest.build --out var/images/testguest
+
+bench-dwcp: setup  ## DWCP against nc and rsync on shaped namespaces and loopback (root)
+	$(PY) bench/dwcp/bench.py $(BENCH_ARGS)
 
 bench-migration: setup  ## NovaCron live migration vs QEMU alone between two namespaces (root; ~15 min)
 	$(PY) -m bench.migration.run $(BENCH_ARGS)

@@ -76,7 +76,12 @@ def test_a_tunnel_preserves_order_in_both_directions(
         streams=streams,
     )
     client = connect(tmp_path / "local.sock")
-    writer = threading.Thread(target=lambda: (client.sendall(outbound), client.shutdown(socket.SHUT_WR)))
+
+    def write_all() -> None:
+        client.sendall(outbound)
+        client.shutdown(socket.SHUT_WR)
+
+    writer = threading.Thread(target=write_all)
     writer.start()
     received = hashlib.sha256()
     received_bytes = 0
