@@ -390,7 +390,11 @@ def main() -> int:
     from django.db import connections
 
     connections.close_all()
-    subprocess.run(["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", DB_NAME], check=False)
+    for _ in range(10):  # the stopped workers' sessions take a moment to go away
+        dropped = subprocess.run(["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", DB_NAME], check=False)
+        if dropped.returncode == 0:
+            break
+        time.sleep(1)
     return 0
 
 
