@@ -628,20 +628,17 @@ class MigrationRunner:
                     control = self._controls.get(migration_id)
                 if control is not None:
                     control.cancel()
-                elif self.driver.status(spec.uuid).state in (VmState.RUNNING, VmState.PAUSED):
-                    # No send of this migration runs here: this worker was restarted while it ran (a
-                    # SIGKILL leaves QEMU's mirror and migration behind). Undo them in QEMU, and resume
-                    # a guest the dead attempt left paused at the switchover -- unless QEMU's migration
-                    # completed: then the destination holds the guest and resuming this copy would run
-                    # it twice (what the soak test saw when the watchdog failed a switching migration).
-                    if self._handed_over(spec.uuid):
-                        self.report(
-                            migration_id, role, "aborted", "source stays paused: its migration completed"
-                        )
-                        return
-                    _clear_leftovers(self._executor(spec.uuid))
-                    if restart and self.driver.status(spec.uuid).state == VmState.PAUSED:
-                        self.driver.execute(spec.uuid, "cont")
+                elif (
+                    restart
+                    and self.driver.status(spec.uuid).state == VmState.PAUSED
+                    and not self._handed_over(spec.uuid)
+                ):
+                    # No send of this migration runs here (this worker was restarted while it ran) and
+                    # the dead attempt left the guest paused at the switchover: resume it. Not when QEMU's
+                    # migration completed: the destination then holds the guest, and resuming this copy
+                    # would run it twice (what the soak test saw when the watchdog failed a switching
+                    # migration). QEMU's other leftovers are cleared by the next send.
+                    self.driver.execute(spec.uuid, "cont")
                 if restart and self.driver.paths(spec.uuid).spec.exists():
                     state = self.driver.status(spec.uuid).state
                     if state not in (VmState.RUNNING, VmState.PAUSED):
@@ -662,8 +659,12 @@ class MigrationRunner:
         self._guarded(migration_id, role, work)
 
     def _handed_over(self, uuid: str) -> bool:
+        """Whether this QEMU migrated its guest out (run state ``postmigrate``).
+
+        Not ``query-migrate``: a VM that arrived by migration reports its incoming one as completed.
+        """
         try:
-            return bool(self.driver.execute(uuid, "query-migrate").get("status") == "completed")
+            return bool(self.driver.execute(uuid, "query-status").get("status") == "postmigrate")
         except QemuError:
             return False
 
