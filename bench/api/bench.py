@@ -554,7 +554,7 @@ def measure(
         db_p95_ms=round(ordered[int(0.95 * (len(ordered) - 1))], 3) if queries else None,
         server_cpu_percent=round(100 * (cpu1 - cpu0) / (end - start), 1),
         postgres_cpu_percent=round(100 * (pg1 - pg0) / (end - start), 1),
-        machine_cpu_percent=round(machine * psutil.cpu_count(), 1),
+        machine_cpu_percent=round(machine * (psutil.cpu_count() or 1), 1),
         server_rss_mb=round(rss, 1),
         load_average=round(os.getloadavg()[0], 1),
         items_per_second=round(requests * scenario.batch / seconds, 1) if scenario.batch else None,

@@ -18,6 +18,7 @@ from django.test.utils import CaptureQueriesContext
 from rest_framework.renderers import JSONRenderer
 
 from apps.core.renderers import ORJSONRenderer
+from apps.migrations.choices import MigrationMode
 from apps.migrations.services import migration_request
 from apps.vms.cache import api_cache_requests
 from apps.vms.models import VM
@@ -190,7 +191,10 @@ def test_node_down_and_migration_show_at_once(api, user, node, make_node, image)
     assert api.get(path).json()["state"] == "running"
     assert api.get("/api/v1/vms/").json()["results"][0]["state"] == "running"
     migration_request(
-        vm=VM.objects.get(pk=vm["id"]), requested_by=user, mode="cold", dest_node=make_node("node2")
+        vm=VM.objects.get(pk=vm["id"]),
+        requested_by=user,
+        mode=MigrationMode.COLD,
+        dest_node=make_node("node2"),
     )
     assert api.get(path).json()["state"] == "migrating"
     assert api.get("/api/v1/vms/").json()["results"][0]["state"] == "migrating"
