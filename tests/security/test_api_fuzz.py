@@ -3,18 +3,20 @@ normal user and as staff. No answer may be a 5xx, and every answer must match th
 content type). Runs in-process through the WSGI app on the test database.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import schemathesis
+from django.core import signals
+from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 from rest_framework.authtoken.models import Token
 from schemathesis import checks
 
 from novacron.wsgi import application
 
-# Transactional: requests go through the WSGI handler, which closes the connection after each one.
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
 
 schema = schemathesis.openapi.from_wsgi("/api/v1/schema/", application)
 
@@ -22,6 +24,19 @@ schema = schemathesis.openapi.from_wsgi("/api/v1/schema/", application)
 EXAMPLES = 11
 CHECKS = [checks.not_a_server_error, checks.response_schema_conformance, checks.content_type_conformance]
 _counts = {"cases": 0}
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_test_connection() -> Iterator[None]:
+    """The WSGI handler closes the connection after each request; inside the test's transaction it must
+    not (Django's test client disconnects the same handlers)."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    try:
+        yield
+    finally:
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
 
 
 @pytest.fixture
