@@ -391,7 +391,9 @@ def main() -> int:
 
     connections.close_all()
     for _ in range(10):  # the stopped workers' sessions take a moment to go away
-        dropped = subprocess.run(["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", DB_NAME], check=False)
+        dropped = subprocess.run(
+            ["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", DB_NAME], check=False
+        )
         if dropped.returncode == 0:
             break
         time.sleep(1)
