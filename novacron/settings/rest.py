@@ -3,6 +3,8 @@
 from .env import env
 
 REST_FRAMEWORK = {
+    # OPTIONS on a collection route that accepts PUT (vms/batch/) must not 500 (apps/core/metadata.py).
+    "DEFAULT_METADATA_CLASS": "apps.core.metadata.CollectionSafeMetadata",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "apps.core.authentication.FastTokenAuthentication",  # DRF's token auth without ORM overhead
         "rest_framework.authentication.SessionAuthentication",
