@@ -7,6 +7,7 @@ from typing import Any
 
 import redis
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from apps.core.conf import novacron_setting
@@ -211,6 +212,53 @@ def _node_alive(node: Node, beat: dict[str, Any]) -> None:
     node.save(update_fields=fields)
     if came_back:
         node_apply_vm_states(node=node.name, vms=beat["vms"], complete=True)
+    else:
+        _settle_stale_work(node, beat["vms"])
+
+
+# A node's report of an operation can be lost: the Redis transport pops a message before it records it
+# as unacknowledged, so a control worker SIGKILLed in between loses it for good (found by the fault
+# test 'control worker killed while a batch runs': one VM stayed 'provisioning', its batch 'running').
+# The heartbeat lists every VM's observed state every few seconds; work still unsettled this long after
+# the record last changed is settled from it. Long enough for any report in flight to arrive first.
+STALE_WORK_SECONDS = 30
+
+
+def _settle_stale_work(node: Node, vms: list[dict[str, Any]]) -> None:
+    observed = {
+        str(entry["id"]): entry
+        for entry in vms
+        if isinstance(entry, dict) and "id" in entry and entry.get("state") in _OBSERVABLE
+    }
+    if not observed:
+        return
+    cutoff = timezone.now() - timedelta(seconds=STALE_WORK_SECONDS)
+    stale = (
+        VM.objects.select_for_update(of=("self",), skip_locked=True)
+        .filter(node=node, pk__in=list(observed), updated_at__lt=cutoff)
+        .filter(Q(state__in=[VMState.PENDING, VMState.PROVISIONING]) | ~Q(pending_action=VMAction.NONE))
+        .exclude(state__in=[VMState.DELETING, VMState.DELETED, VMState.MIGRATING])
+    )
+    stale_vms = list(stale)
+    if stale_vms:
+        vm_cache.vms_changed(stale_vms)
+    for vm in stale_vms:
+        entry = observed[str(vm.pk)]
+        creating = vm.state in (VMState.PENDING, VMState.PROVISIONING)
+        logger.warning(
+            "VM %s: %s not reported for %d s; settled from node %s's heartbeat (%s)",
+            vm.pk,
+            "create" if creating else vm.pending_action,
+            STALE_WORK_SECONDS,
+            node.name,
+            entry["state"],
+        )
+        vm.state = entry["state"]
+        vm.state_reason = str(entry.get("reason", ""))[:1000] if entry["state"] != VMState.RUNNING else ""
+        vm.pending_action = VMAction.NONE
+        vm.save(update_fields=["state", "state_reason", "pending_action", "updated_at"])
+        if creating:
+            _finish_batch_items(vm, entry["state"] != VMState.ERROR, vm.state_reason)
 
 
 @transaction.atomic
