@@ -16,12 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.faults.invariants import FAULT_STALL_TIMEOUT
-from tests.workers.node.conftest import (  # noqa: F401 - fixtures
-    cluster,
-    cluster_redis_url,
-    guest_image,
-    test_guest,
-)
+from tests.faults.redis_server import cluster_redis_url, private_redis  # noqa: F401 - fixtures
+from tests.workers.node.conftest import cluster, guest_image, test_guest  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts" / "faults"

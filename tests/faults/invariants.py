@@ -14,7 +14,7 @@ from apps.migrations.models import Migration
 from apps.vms.models import VM, Node
 from tests.workers.node.conftest import Cluster, wait_for
 
-FAULT_STALL_TIMEOUT = 15
+FAULT_STALL_TIMEOUT = 30
 TERMINAL = ("completed", "failed", "cancelled")
 
 

@@ -5,22 +5,16 @@ The cluster's processes and this test's own task producer point at the private s
 append-only file, as a production Redis would, so a restart loses no queued message.
 """
 
-import contextlib
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import redis
 
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Image
-from novacron.celery import app as celery_app
 from tests.faults.conftest import FaultRecord
 from tests.faults.invariants import assert_invariant, create_running, run_dir, wait_terminal
+from tests.faults.redis_server import PrivateRedis
 from tests.workers.node import test_migration
 from tests.workers.node.conftest import Cluster, wait_for
 
@@ -30,42 +24,6 @@ pytestmark = [
     pytest.mark.qemu,
     pytest.mark.django_db(transaction=True),
 ]
-
-
-class PrivateRedis:
-    def __init__(self, workdir: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=(self.workdir / "redis.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        wait_for(lambda: _pings(client), 10, "the private redis-server")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SHUTDOWN: the append-only file is flushed
-            self.process.wait(timeout=15)
 
 
 class Supervisor(threading.Thread):
@@ -84,48 +42,6 @@ class Supervisor(threading.Thread):
                     code = process.popen.returncode
                     self.restarts.append(f"node worker {name} exited ({code}) on the broker loss; restarted")
                     process.start()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@contextlib.contextmanager
-def _producer_on(url: str) -> Iterator[None]:
-    """Send this process's Celery tasks to ``url`` (the pools are rebuilt from ``broker_url``)."""
-    previous = celery_app.conf.broker_url
-
-    def reset(broker: str) -> None:
-        celery_app.conf["broker_url"] = broker
-        celery_app._pool = None  # type: ignore[attr-defined]
-        with contextlib.suppress(AttributeError, KeyError):
-            celery_app.__dict__["amqp"]._producer_pool = None
-
-    reset(url)
-    try:
-        yield
-    finally:
-        reset(previous)
-
-
-@pytest.fixture
-def cluster_redis_url(private_redis: PrivateRedis, settings) -> Iterator[str]:
-    settings.REDIS_URL = private_redis.url
-    with _producer_on(private_redis.url):
-        yield private_redis.url
 
 
 @pytest.fixture

@@ -26,6 +26,13 @@ CHECKS = [checks.not_a_server_error, checks.response_schema_conformance, checks.
 _counts = {"cases": 0}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _count_cases() -> Iterator[None]:
+    """Print how many requests were generated (operations with few parameters exhaust early)."""
+    yield
+    print(f"\nschemathesis: {_counts['cases']} generated requests")
+
+
 @pytest.fixture(autouse=True)
 def _keep_the_test_connection() -> Iterator[None]:
     """The WSGI handler closes the connection after each request; inside the test's transaction it must
