@@ -271,6 +271,13 @@ class Soak:
 
     def mover(self, vm_id: str) -> None:
         """Live-migrate one VM to the other node, again and again."""
+        try:
+            self._move(vm_id)
+        except OSError:
+            if not self.stop.is_set():  # the web server went away at shutdown: not an error then
+                raise
+
+    def _move(self, vm_id: str) -> None:
         while not self.stop.is_set():
             status, body = self.call("POST", f"/api/v1/vms/{vm_id}/migrate/", {"mode": "live"})
             if status != 202:
