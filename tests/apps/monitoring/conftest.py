@@ -1,5 +1,6 @@
 """Fixtures of the monitoring tests: the real Redis (test database) with this run's keys emptied."""
 
+import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,3 +25,20 @@ def monitoring(settings: Any) -> dict[str, Any]:
     """``settings.MONITORING``, restored after the test (pytest-django's settings fixture)."""
     settings.MONITORING = dict(settings.MONITORING)
     return settings.MONITORING
+
+
+@pytest.fixture(autouse=True)
+def default_alert_rules(request: pytest.FixtureRequest) -> None:
+    """The default rules the data migration loads, back after a transactional test flushed them.
+
+    pytest-django runs transactional tests after the others and empties every table between them, so
+    a later test would find no rules without this.
+    """
+    if "live_server" not in request.fixturenames and "transactional_db" not in request.fixturenames:
+        return
+    request.getfixturevalue("transactional_db")
+    from apps.monitoring.models import AlertRule
+
+    loader = importlib.import_module("apps.monitoring.migrations.0004_default_alert_rules")
+    for rule in loader.DEFAULT_RULES:
+        AlertRule.objects.get_or_create(name=rule["name"], defaults=rule)
