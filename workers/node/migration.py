@@ -153,6 +153,14 @@ class MigrationRunner:
         marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         marker.write_text(json.dumps({"migration_id": migration_id, "role": role}))
 
+    def _role(self, uuid: str) -> str | None:
+        """The role the migration marker gives this node's copy of ``uuid`` (None: no marker)."""
+        try:
+            role = json.loads(self._marker(uuid).read_text()).get("role")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return role if isinstance(role, str) else None
+
     def _marked(self, uuid: str, migration_id: str, role: str) -> bool:
         try:
             data = json.loads(self._marker(uuid).read_text())
@@ -198,6 +206,11 @@ class MigrationRunner:
 
     def _prepare(self, migration_id: str, spec: VmSpec, mode: str) -> None:
         paths = self.driver.paths(spec.uuid)
+        if paths.spec.exists() and self._role(spec.uuid) == "source":
+            # The copy this node sent away in an earlier migration, its cleanup still queued behind this
+            # task: the control plane records the VM elsewhere, so the leftover goes now.
+            logger.info("VM %s: removing the leftover source copy of an earlier migration", spec.uuid)
+            self.driver.delete(spec.uuid)
         if paths.spec.exists() and not self._marked(spec.uuid, migration_id, "dest"):
             raise QemuError(f"VM {spec.uuid} already exists on {self.config.name}; refusing to overwrite it")
         self._write_marker(spec.uuid, migration_id, "dest")

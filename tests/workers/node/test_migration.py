@@ -322,3 +322,28 @@ def test_live_migration_keeps_memory_and_disk(cluster: Cluster, api, dirty_image
         assert console.request("disk-read", timeout=60) == ["migrated-intact"]
     finally:
         console.close()
+
+
+def test_ping_pong_migration_back_before_the_source_is_cleaned(cluster: Cluster, api):
+    """Straight back to the node it just left: the leftover source copy there gives way."""
+    first, second = list(cluster.nodes)
+    vm_id = _create_running(api, "pingpong", first)
+    for there in (second, first):
+        migration_id = api.post(f"/api/v1/vms/{vm_id}/migrate/", {"dest_node": there}, format="json").json()[
+            "id"
+        ]
+        wait_for(
+            lambda: Migration.objects.get(pk=migration_id).status in ("completed", "failed", "cancelled"),  # noqa: B023
+            120,
+            "the migration",
+        )
+        migration = Migration.objects.get(pk=migration_id)
+        assert migration.status == "completed", migration.error
+        assert VM.objects.get(pk=vm_id).node.name == there
+    wait_for(
+        lambda: not _run_dir(cluster, second, vm_id).exists(), 30, "the second node's copy to be removed"
+    )
+    assert (Node.objects.get(name=first).allocated_vcpus, Node.objects.get(name=second).allocated_vcpus) == (
+        1,
+        0,
+    )
