@@ -320,6 +320,10 @@ def migration_report(
         _complete(migration, actor, detail)
     elif event == "cancelled":
         _roll_back(migration, S.CANCELLED, actor=actor, detail=detail or "cancelled")
+    elif event == "failed" and migration.cancel_requested:
+        # Cancelling breaks the transfer, and the side that notices first reports a failure: it is
+        # still the cancel the operator asked for.
+        _roll_back(migration, S.CANCELLED, actor=actor, detail=f"cancelled ({role} {node}: {detail})")
     elif event == "failed":
         _roll_back(migration, S.FAILED, actor=actor, detail=f"{role} {node}: {detail}")
     else:
