@@ -49,6 +49,11 @@ def dirty_image(guest_image: Image) -> Image:
     return test_migration.dirty_image.__wrapped__(guest_image)  # type: ignore[attr-defined]
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known bug (last CI rehearsal): after a Redis restart the source copy of a completed live "
+    "migration can linger (its cleanup message lost), so the VM is held by two nodes. Open in issue #8.",
+)
 def test_redis_restarted_during_live_migration(
     cluster: Cluster, api, dirty_image: Image, private_redis: PrivateRedis, fault: FaultRecord
 ):
