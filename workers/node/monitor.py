@@ -64,9 +64,9 @@ class Monitor(threading.Thread):
 
     def _report_changes(self, statuses: list[VmStatus]) -> None:
         current = {status.uuid: status.state for status in statuses}
-        changed = [
-            s for s in statuses if s.uuid in self._last_states and self._last_states[s.uuid] != s.state
-        ]
+        # A VM seen for the first time counts as changed too: one created and killed between two beats
+        # is first seen dead and must still be reported (the control side ignores what it knows).
+        changed = [s for s in statuses if self._last_states.get(s.uuid) != s.state]
         self._last_states = current
         if changed:
             self.reporter.vm_states(changed, complete=False)

@@ -133,11 +133,6 @@ def test_batch_of_20_across_both_nodes(cluster: Cluster, api):
         assert list((cluster.data_dirs[name] / "disks").glob("*.qcow2")) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="regression seen in the last CI rehearsal (2026-11-26 22:50): the node sent no state change after "
-    "QEMU was killed; it passed in ~1 s earlier the same day. Open in issue #8's note.",
-)
 def test_killed_qemu_is_reported_within_15_seconds(cluster: Cluster, api):
     vm_id = _create(api, "victim")
     wait_for(lambda: _state(vm_id) == "running", 60, "the VM to run")
