@@ -9,12 +9,15 @@ the destination, cleanup on the source) chained through the reports each node se
 
 import json
 import logging
-from datetime import timedelta
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import redis
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import Count, Q
 from django.utils import timezone
@@ -519,6 +522,121 @@ def _destination_runs(client: redis.Redis, migration: Migration) -> bool:
         and entry.get("node_state") == "running"
         for entry in vms or []
     )
+
+
+# --- Leftover copies -------------------------------------------------------------------------------
+
+# A migration's last message to a node can be lost (Redis restarted with it in flight, a worker killed
+# between taking and running it): the source's cleanup after a completed migration, or the destination's
+# abort after a failed or cancelled one. That node's copy then lingers and two nodes hold the VM (seen
+# by the fault test 'Redis restarted during a live migration'). Every heartbeat lists what its node
+# holds; a copy the records place elsewhere, still listed this long after its migration ended, gets its
+# message again. Long enough for the normal message to arrive and run first; a copy sent twice changes
+# nothing (both tasks remove only the copy whose migration marker names that migration and role).
+MIGRATION_LEFTOVER_GRACE_SECONDS = 30
+# After this many re-sends a copy that stays is no longer a lost message: it is left to an operator
+# (the migration's history shows every attempt), rather than re-sent every grace period for ever.
+MIGRATION_LEFTOVER_MAX_RESENDS = 3
+_RECONCILER = "reconciler"
+
+
+@transaction.atomic
+def node_clean_migration_leftovers(*, node: Node, vm_ids: Iterable[str], seen: datetime) -> list[str]:
+    """Send again the cleanup of copies ``node`` still held at ``seen`` that the records place elsewhere.
+
+    For each such VM with no migration involving ``node`` in flight, the last migration involving the
+    node that started decides: completed from it -> the source cleanup; failed or cancelled to it -> the
+    destination's abort. A VM recorded on ``node`` is never touched here. Returns the migration ids.
+    """
+    ids = _valid_uuids(vm_ids)
+    if not ids:
+        return []
+    strays = list(
+        VM.objects.select_for_update(of=("self",), skip_locked=True)
+        .filter(pk__in=ids)
+        .exclude(node=node)
+        .select_related("image", "node")
+    )
+    if not strays:
+        return []
+    now = timezone.now()
+    grace = timedelta(seconds=MIGRATION_LEFTOVER_GRACE_SECONDS)
+    cutoff = min(seen, now) - grace
+    sent: list[str] = []
+    for vm in strays:
+        involving = Migration.objects.filter(vm=vm).filter(Q(source_node=node) | Q(dest_node=node))
+        if involving.filter(status__in=ACTIVE_STATUSES).exists():
+            continue  # this node's copy is the migration's own business
+        last = involving.exclude(started_at=None).order_by("-started_at", "-id").first()
+        if last is None:
+            _note_left_alone(vm, node, "no started migration involved this node")
+            continue
+        ended = last.finished_at or last.created_at
+        if ended >= cutoff:
+            continue  # its own cleanup may still be on its way
+        if last.status == S.COMPLETED and last.source_node_id == node.pk:
+            task, kwargs, what = contract.NODE_MIGRATION_CLEANUP, {}, "source cleanup"
+        elif last.status in (S.FAILED, S.CANCELLED) and last.dest_node_id == node.pk:
+            task, kwargs, what = contract.NODE_MIGRATION_ABORT, {"role": "dest"}, "destination abort"
+        else:
+            _note_left_alone(vm, node, f"its last migration {last.pk} ({last.status}) does not explain it")
+            continue
+        attempts = MigrationEvent.objects.filter(migration=last, actor=_RECONCILER)
+        if attempts.filter(at__gte=now - grace).exists():
+            continue  # the last re-send may still be on its way
+        count = attempts.count()
+        if count >= MIGRATION_LEFTOVER_MAX_RESENDS:
+            _note_left_alone(vm, node, f"the {what} of migration {last.pk} was sent again {count} times")
+            continue
+        home = vm.node.name if vm.node else "no node"
+        last_try = ""
+        if count + 1 == MIGRATION_LEFTOVER_MAX_RESENDS:
+            last_try = " (last attempt: remove it by hand if it stays)"
+        logger.warning(
+            "VM %s still held by node %s, recorded on %s, %d s after migration %s ended %s: %s sent again%s",
+            vm.pk,
+            node.name,
+            home,
+            int((now - ended).total_seconds()),
+            last.pk,
+            last.status,
+            what,
+            last_try,
+        )
+        MigrationEvent.objects.create(
+            migration=last,
+            actor=_RECONCILER,
+            from_status=last.status,
+            to_status=last.status,
+            detail=f"{node.name} still holds a copy (VM recorded on {home}): {what} sent again{last_try}",
+        )
+        last.vm = vm
+        _send(last, node, task, **kwargs)
+        sent.append(str(last.pk))
+    return sent
+
+
+def _valid_uuids(values: Iterable[str]) -> list[uuid.UUID]:
+    valid = []
+    for value in values:
+        try:
+            valid.append(uuid.UUID(str(value)))
+        except ValueError:
+            logger.warning("heartbeat lists a VM id that is no UUID: %r; ignored", str(value)[:100])
+    return valid
+
+
+def _note_left_alone(vm: VM, node: Node, why: str) -> None:
+    """Warn about a stray copy this reconciliation does not remove: once per grace period, not per beat."""
+    if cache.add(f"migrations:stray-copy:{node.pk}:{vm.pk}", 1, MIGRATION_LEFTOVER_GRACE_SECONDS):
+        logger.warning(
+            "VM %s is recorded on %s (%s) but node %s holds a copy: %s; left alone",
+            vm.pk,
+            vm.node.name if vm.node else "no node",
+            vm.state,
+            node.name,
+            why,
+        )
 
 
 # --- Drain ------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The node's background loop: heartbeats, VM state changes and metrics, through Redis.
 
 Every ``heartbeat_interval`` it writes the heartbeat key (with a TTL, so a dead node's key vanishes
-by itself) holding every VM's state, and reports VMs whose state changed on their own (a QEMU that
-was killed, a guest that powered off). Every ``metrics_interval`` it pushes node and per-VM samples
-to a capped Redis list that the control worker drains in bulk.
+by itself) holding every VM's state and the ids of half-made copies without a definition, and reports
+VMs whose state changed on their own (a QEMU that was killed, a guest that powered off). Every
+``metrics_interval`` it pushes node and per-VM samples to a capped Redis list that the control worker
+drains in bulk.
 """
 
 import json
@@ -54,13 +55,24 @@ class Monitor(threading.Thread):
     def beat(self) -> None:
         statuses = self.driver.discover()
         self._report_changes(statuses)
-        payload = {"ts": time.time(), "vms": [vm_entry(status) for status in statuses]}
+        payload = {
+            "ts": time.time(),
+            "vms": [vm_entry(status) for status in statuses],
+            "partial": self._partial_copies(statuses),
+        }
         key = contract.HEARTBEAT_KEY.format(name=self.config.name)
         self.redis.set(key, json.dumps(payload), ex=self.config.heartbeat_ttl)
         now = time.monotonic()
         if now - self._last_metrics >= self.config.metrics_interval:
             self._last_metrics = now
             self._push_metrics(statuses)
+
+    def _partial_copies(self, statuses: list[VmStatus]) -> list[str]:
+        """VMs with a run directory but no definition, which ``discover`` skips: a create under way, or
+        what a migration left half-made here (a cold migration's destination before its finish). The
+        control side cleans the latter again when the abort that should have removed it was lost."""
+        defined = {status.uuid for status in statuses}
+        return [uuid for uuid in self.driver.layout.vm_uuids() if uuid not in defined]
 
     def _report_changes(self, statuses: list[VmStatus]) -> None:
         current = {status.uuid: status.state for status in statuses}

@@ -214,6 +214,19 @@ def _node_alive(node: Node, beat: dict[str, Any]) -> None:
         node_apply_vm_states(node=node.name, vms=beat["vms"], complete=True)
     else:
         _settle_stale_work(node, beat["vms"])
+    _clean_migration_leftovers(node, beat, seen)
+
+
+def _clean_migration_leftovers(node: Node, beat: dict[str, Any], seen: datetime) -> None:
+    """Copies the node holds of VMs recorded elsewhere: the cleanup a migration sent may have been lost."""
+    from apps.migrations.services import node_clean_migration_leftovers  # noqa: PLC0415 - migrations depend on vms
+
+    held = [str(entry["id"]) for entry in beat["vms"] if isinstance(entry, dict) and "id" in entry]
+    partial = beat.get("partial")  # half-made copies without a definition (older nodes send none)
+    if isinstance(partial, list):
+        held += [str(vm_id) for vm_id in partial]
+    if held:
+        node_clean_migration_leftovers(node=node, vm_ids=held, seen=seen)
 
 
 # A node's report of an operation can be lost: the Redis transport pops a message before it records it
