@@ -6,17 +6,76 @@ building that query through the ORM costs more CPU than running it. This class r
 as a fixed SQL string and builds the user and token with ``Model.from_db``: same answers (the user,
 401 "Invalid token." or "User inactive or deleted."), no caching, so a revoked token or a
 deactivated user is refused on the next request as before.
+
+A successful look-up is also remembered in Redis (:func:`remember_token`) for the VM read fast path
+(``apps/vms/middleware.py``), which answers cached reads without this query. That entry is removed
+when the token is deleted and when its user is saved or deleted (``apps/core/signals.py``), and it
+expires after ``TOKEN_MEMO_TTL`` seconds in any case (bounding a change made around the ORM's
+signals, such as ``QuerySet.update``). Only a digest of the key is stored, never the key.
 """
 
+import hashlib
+import logging
+import time
 from functools import cache
-from typing import Any
+from typing import Any, Final
 
+import redis
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
+from django_redis import get_redis_connection
 from rest_framework import exceptions
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.models import Token
+
+logger = logging.getLogger(__name__)
+
+TOKEN_MEMO_TTL: Final = 60  # seconds a remembered token answers without the database
+# A process writes a token's memo at most once per this interval (not on every request it serves),
+# and remembers at most this many tokens' write times before starting over.
+TOKEN_MEMO_REFRESH: Final = TOKEN_MEMO_TTL / 2
+TOKEN_MEMO_LOCAL_MAX: Final = 10_000
+_memo_written: dict[str, float] = {}
+
+
+def token_memo_key(key: str) -> str:
+    """Redis key of a token's memo: a digest of the token, so Redis never holds the secret."""
+    digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return f"{settings.CACHE_KEY_PREFIX}:authtoken:{digest}"
+
+
+def remember_token(key: str, user: AbstractBaseUser) -> None:
+    """Store ``"<user id>:<1 if staff else 0>"`` for an active user's token (best effort).
+
+    Skipped when this process wrote it less than ``TOKEN_MEMO_REFRESH`` ago: if it was removed
+    since, the fast path only misses (and this slower path answers) until the next write.
+    """
+    memo = f"{user.pk}:{'1' if getattr(user, 'is_staff', False) else '0'}"
+    now = time.monotonic()
+    local = f"{key}|{memo}"
+    if now - _memo_written.get(local, -TOKEN_MEMO_REFRESH) < TOKEN_MEMO_REFRESH:
+        return
+    if len(_memo_written) >= TOKEN_MEMO_LOCAL_MAX:
+        _memo_written.clear()
+    try:
+        get_redis_connection("default").set(token_memo_key(key), memo, ex=TOKEN_MEMO_TTL)
+    except redis.RedisError as exc:
+        logger.debug("token memo not stored: %s", exc)
+        return
+    _memo_written[local] = now
+
+
+def forget_tokens(keys: list[str]) -> None:
+    """Drop the memos of ``keys`` (a token deleted, its user changed); failures are logged."""
+    if not keys:
+        return
+    try:
+        get_redis_connection("default").delete(*(token_memo_key(key) for key in keys))
+    except redis.RedisError as exc:
+        # The memo still expires within TOKEN_MEMO_TTL; say so, since a revocation is waiting on it.
+        logger.warning("token memo not removed (expires within %d s): %s", TOKEN_MEMO_TTL, exc)
 
 
 def _columns(model: Any) -> dict[str, str]:
@@ -57,4 +116,5 @@ class FastTokenAuthentication(TokenAuthentication):
         if not user.is_active:
             raise exceptions.AuthenticationFailed("User inactive or deleted.")
         token.user = user
+        remember_token(key, user)
         return user, token

@@ -13,7 +13,7 @@ are allowed (as with django-redis' ``IGNORE_EXCEPTIONS``), and that is logged.
 
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from django.conf import settings
@@ -23,6 +23,28 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 
 logger = logging.getLogger(__name__)
+
+
+def _counter_prefix(scope: str) -> str:
+    return f"{settings.CACHE_KEY_PREFIX}:throttle:{scope}:"
+
+
+class UserWindow(NamedTuple):
+    """The authenticated users' current window: counter ``<key_prefix><user id>:<number>``."""
+
+    key_prefix: str
+    number: int
+    seconds: int
+    limit: int
+
+
+def user_window(now: float) -> UserWindow | None:
+    """The ``user`` rate's window at ``now`` (None: users are not rate limited); for the fast path."""
+    rate = api_settings.DEFAULT_THROTTLE_RATES.get(UserWindowThrottle.scope)
+    num_requests, duration = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
+    if num_requests is None or duration is None:
+        return None
+    return UserWindow(_counter_prefix(UserWindowThrottle.scope), int(now // duration), duration, num_requests)
 
 
 class WindowRateThrottle(BaseThrottle):
@@ -47,7 +69,7 @@ class WindowRateThrottle(BaseThrottle):
             return True
         now = time.time()
         window = int(now // self.duration)
-        key = f"{settings.CACHE_KEY_PREFIX}:throttle:{self.scope}:{client}:{window}"
+        key = f"{_counter_prefix(self.scope)}{client}:{window}"
         try:
             pipe = get_redis_connection("default").pipeline(transaction=False)
             pipe.incr(key)

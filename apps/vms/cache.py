@@ -17,6 +17,9 @@ Rules:
   the view reads the database; a request never fails because of the cache.
 
 One look-up is one round trip: a Lua script reads the versions, builds the key and returns the body.
+:func:`fast_lookup` is the same look-up for a request not yet authenticated (the VM read fast path,
+``middleware.py``): from the token's memo to the user, their rate-limit window and the entry, in one
+script. Both build keys with the same layout (``<prefix>:<versions...>:<scope>[:<vm>]:<query digest>``).
 Hits and misses go to ``novacron_api_cache_requests_total{view,result}`` and to the monitoring
 app's cache counters (``cache.hit_ratio``).
 """
@@ -34,6 +37,8 @@ from django.db import transaction
 from django_redis import get_redis_connection
 from prometheus_client import Counter
 
+from apps.core.authentication import token_memo_key
+from apps.core.throttling import UserWindow
 from apps.monitoring.instruments import record_cache_lookup
 
 logger = logging.getLogger(__name__)
@@ -59,7 +64,38 @@ local key = table.concat(parts, ':') .. ARGV[2]
 return {key, redis.call('GET', key)}
 """
 _lookup: Any = None
+_fast: Any = None
 _last_warning = 0.0
+
+# The fast path's look-up. KEYS[1]: the token memo ("<user id>:<0|1 staff>"). ARGV: [1] version key
+# prefix, [2] entry key prefix (vm_list or vm_detail), [3] VM id ('' for the list), [4] query
+# digest, [5] user throttle key prefix, [6] window number, [7] window seconds, [8] limit (-1: none).
+# Returns {0} (unknown token or no entry: the full path answers and counts), {1} (over the rate
+# limit: the full path answers 429), or {2, user id, staff, body} (a hit, counted in the window).
+# The user-dependent keys are built here, so this script assumes one Redis (no cluster slots).
+_FAST_SCRIPT = """
+local memo = redis.call('GET', KEYS[1])
+if not memo then return {0} end
+local uid, staff = string.match(memo, '^(%d+):([01])$')
+if not uid then return {0} end
+local scope, first
+if staff == '1' then scope = 's' .. uid; first = 'all' else scope = 'u' .. uid; first = 'owner:' .. uid end
+if ARGV[3] ~= '' then first = 'vm:' .. ARGV[3] end
+local v1 = redis.call('GET', ARGV[1] .. first) or '0'
+local v2 = redis.call('GET', ARGV[1] .. 'fleet') or '0'
+local key = ARGV[2] .. ':' .. v1 .. ':' .. v2 .. ':' .. scope
+if ARGV[3] ~= '' then key = key .. ':' .. ARGV[3] end
+local body = redis.call('GET', key .. ':' .. ARGV[4])
+if not body then return {0} end
+local limit = tonumber(ARGV[8])
+if limit >= 0 then
+  local counter = ARGV[5] .. uid .. ':' .. ARGV[6]
+  local count = redis.call('INCR', counter)
+  redis.call('EXPIRE', counter, tonumber(ARGV[7]) + 1)
+  if count > limit then return {1} end
+end
+return {2, uid, staff, body}
+"""
 
 
 def _warn(action: str, exc: Exception) -> None:
@@ -155,6 +191,60 @@ def me_usage_entry(*, viewer: Viewer) -> Entry:
     quota is one indexed row an operator may edit in the admin (no service to bump a version).
     """
     return _resolve("me", [f"owner:{viewer.user_id}"], f":{viewer.scope}", ME_TTL)
+
+
+@dataclass(frozen=True)
+class FastHit:
+    """A cached body found by :func:`fast_lookup`, and whose it is."""
+
+    viewer: Viewer
+    body: bytes
+
+
+#: :func:`fast_lookup` found the caller over their rate limit (the full path answers the 429).
+THROTTLED: Final = "throttled"
+
+
+def fast_lookup(
+    *, token: str, vm_id: str | None, query: str, throttle: UserWindow | None
+) -> FastHit | str | None:
+    """The cached VM list page (``vm_id`` None) or detail for a token, counted in its rate window.
+
+    ``throttle``: the users' current rate window (None when users are not rate limited). None back
+    means "not answerable here": unknown token, no entry, or Redis away; the caller then takes the
+    full path, which authenticates, counts and caches.
+    """
+    global _fast  # noqa: PLW0603  (the script object is made once per process)
+    view = "vm_list" if vm_id is None else "vm_detail"
+    window = throttle or UserWindow("", 0, 0, -1)
+    try:
+        connection = _connection()
+        if _fast is None:
+            _fast = connection.register_script(_FAST_SCRIPT)
+        answer = _fast(
+            keys=[token_memo_key(token)],
+            args=[
+                _version_key(""),
+                _key(view),
+                vm_id or "",
+                _digest(query),
+                window.key_prefix,
+                window.number,
+                window.seconds,
+                window.limit,
+            ],
+            client=connection,
+        )
+    except redis.RedisError as exc:
+        _warn("fast look-up", exc)
+        return None
+    if answer[0] == 0:
+        return None
+    if answer[0] == 1:
+        return THROTTLED
+    api_cache_requests.labels(view=view, result="hit").inc()
+    record_cache_lookup(hit=True)
+    return FastHit(Viewer(user_id=int(answer[1]), is_staff=answer[2] == b"1"), bytes(answer[3]))
 
 
 # --- Invalidation -----------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from typing import Any
 
 import orjson
-import xxhash
 from django.db.models import Prefetch, QuerySet
 from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseNotModified
 from drf_spectacular.utils import extend_schema, inline_serializer
@@ -33,6 +32,7 @@ from . import cache as vm_cache
 from . import services
 from .choices import VMAction
 from .filters import VMFilter
+from .middleware import body_etag, etag_matches
 from .models import VM, BatchItem, BatchOperation, Image, Node
 from .selectors import (
     Usage,
@@ -98,19 +98,6 @@ def _json_response(body: bytes, *, etag: str | None = None) -> HttpResponse:
     return response
 
 
-def _etag(body: bytes) -> str:
-    return f'"{xxhash.xxh3_64_hexdigest(body)}"'
-
-
-def _etag_matches(request: Request, etag: str) -> bool:
-    """``If-None-Match`` names ``etag`` (weak comparison: gzip turns tags weak) or is ``*``."""
-    header = request.headers.get("If-None-Match", "")
-    if not header:
-        return False
-    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
-    return etag in tags or "*" in tags
-
-
 class VMViewSet(
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
@@ -159,8 +146,8 @@ class VMViewSet(
                 raise Http404
             body = dumps(vm_row_data(row))
             entry.store(body)
-        etag = _etag(body)
-        if _etag_matches(request, etag):
+        etag = body_etag(body)
+        if etag_matches(request, etag):
             not_modified = HttpResponseNotModified()
             not_modified["ETag"] = etag
             return not_modified

@@ -53,6 +53,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Cached VM list pages and details answered without DRF (apps/vms/middleware.py).
+    "apps.vms.middleware.VMReadFastPathMiddleware",
     # Innermost: runs the view again when its database connection died mid-request (apps/core/retry.py).
     "apps.core.retry.RetryOnLostConnectionMiddleware",
 ]

@@ -1,0 +1,173 @@
+"""The VM read fast path (apps/vms/middleware.py): same answers as DRF, never someone else's, never stale auth.
+
+Against the real Redis and PostgreSQL. The first read of a page goes through DRF (a miss: it
+authenticates, remembers the token and caches the body); the second is answered by the middleware.
+"""
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from apps.core.authentication import token_memo_key
+from apps.vms.cache import api_cache_requests
+from tests.conftest import vm_payload
+
+pytestmark = pytest.mark.django_db
+
+# Headers that must match between the two paths (Date, Content-Length and the like are not compared).
+COMPARED = ("Content-Type", "Allow", "Vary", "ETag", "X-Frame-Options", "X-Content-Type-Options")
+
+
+@pytest.fixture(autouse=True)
+def _empty_api_cache() -> Iterator[None]:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+
+    def clear() -> None:
+        for pattern in ("apicache", "authtoken", "throttle"):
+            for found in client.scan_iter(f"{settings.CACHE_KEY_PREFIX}:{pattern}:*", count=1000):
+                client.delete(found)
+
+    clear()
+    yield
+    clear()
+
+
+def _hits(view: str) -> float:
+    return api_cache_requests.labels(view=view, result="hit")._value.get()
+
+
+def _get(client: Any, path: str, **headers: Any) -> tuple[Any, int]:
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(path, **headers)
+    return response, len(captured)
+
+
+def _create(client: Any, name: str) -> dict[str, Any]:
+    response = client.post("/api/v1/vms/", vm_payload(name=name), format="json")
+    assert response.status_code == 202, response.content
+    return response.json()
+
+
+def _same_answer(slow: Any, fast: Any) -> None:
+    assert slow.status_code == fast.status_code
+    assert slow.content == fast.content
+    for header in COMPARED:
+        assert slow.headers.get(header) == fast.headers.get(header), header
+
+
+@pytest.mark.parametrize("query", ["", "?state=pending", "?state=pending&page_hint=2"])
+def test_a_list_hit_is_answered_without_a_query_and_as_drf_answers(api, node, image, query):
+    _create(api, "web-1")
+    _create(api, "web-2")
+    hits = _hits("vm_list")
+    slow, slow_queries = _get(api, f"/api/v1/vms/{query}")
+    fast, fast_queries = _get(api, f"/api/v1/vms/{query}")
+    assert slow.status_code == 200, slow.content
+    assert slow_queries >= 2 and fast_queries == 0
+    assert _hits("vm_list") - hits == 1
+    _same_answer(slow, fast)
+
+
+def test_a_detail_hit_is_answered_as_drf_answers_with_its_etag_and_304(api, node, image):
+    vm = _create(api, "web-1")
+    path = f"/api/v1/vms/{vm['id']}/"
+    slow, _ = _get(api, path)
+    fast, fast_queries = _get(api, path)
+    assert fast_queries == 0
+    _same_answer(slow, fast)
+    not_modified, queries = _get(api, path, HTTP_IF_NONE_MATCH=fast.headers["ETag"])
+    assert (not_modified.status_code, not_modified.content, queries) == (304, b"", 0)
+    assert not_modified.headers["ETag"] == fast.headers["ETag"]
+    # The same id spelled in capitals is the same VM and the same entry.
+    upper, queries = _get(api, path.upper().replace("/API/V1/VMS/", "/api/v1/vms/"))
+    assert (upper.status_code, upper.content, queries) == (200, fast.content, 0)
+
+
+def test_hits_are_per_viewer_a_user_never_reads_anothers_entry(api, other_api, staff_api, node, image):
+    mine = _create(api, "alice-vm")
+    _create(other_api, "bob-vm")
+    for client in (api, other_api, staff_api):  # fill every viewer's entries
+        client.get("/api/v1/vms/")
+        client.get(f"/api/v1/vms/{mine['id']}/")
+    for _ in range(2):
+        assert [row["name"] for row in api.get("/api/v1/vms/").json()["results"]] == ["alice-vm"]
+        assert [row["name"] for row in other_api.get("/api/v1/vms/").json()["results"]] == ["bob-vm"]
+        assert {row["name"] for row in staff_api.get("/api/v1/vms/").json()["results"]} == {
+            "alice-vm",
+            "bob-vm",
+        }
+        assert other_api.get(f"/api/v1/vms/{mine['id']}/").status_code == 404
+        assert api.get(f"/api/v1/vms/{mine['id']}/").json()["name"] == "alice-vm"
+
+
+def test_a_deleted_token_is_refused_on_the_next_request(api, user, node, image):
+    _create(api, "web-1")
+    api.get("/api/v1/vms/")
+    assert api.get("/api/v1/vms/").status_code == 200  # a hit
+    Token.objects.filter(user=user).delete()
+    response = api.get("/api/v1/vms/")
+    assert response.status_code == 401, response.content
+
+
+def test_a_deactivated_user_is_refused_on_the_next_request(api, user, node, image):
+    _create(api, "web-1")
+    api.get("/api/v1/vms/")
+    assert api.get("/api/v1/vms/").status_code == 200
+    user.is_active = False
+    user.save()
+    assert api.get("/api/v1/vms/").status_code == 401
+
+
+def test_redis_holds_a_digest_of_the_token_never_the_token(api, user, node, image):
+    api.get("/api/v1/vms/")
+    key = Token.objects.get(user=user).key
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    assert client.get(token_memo_key(key)) == f"{user.pk}:0".encode()
+    assert key not in token_memo_key(key)
+    assert not list(client.scan_iter(f"*{key}*"))
+
+
+def test_an_unknown_or_malformed_token_is_left_to_drf(api, node, image):
+    api.get("/api/v1/vms/")
+    for header in ("Token nope", "Token ", "Token a b", "Bearer x", "Basic Zm9vOmJhcg=="):
+        response = APIClient().get("/api/v1/vms/", HTTP_AUTHORIZATION=header)
+        assert response.status_code == 401, (header, response.content)
+        assert response.json()["error"]["code"] in {"not_authenticated", "authentication_failed"}
+
+
+def test_browsable_indented_and_format_requests_are_left_to_drf(api, node, image):
+    _create(api, "web-1")
+    api.get("/api/v1/vms/")
+    html = api.get("/api/v1/vms/", HTTP_ACCEPT="text/html")
+    assert html.status_code == 200 and html["Content-Type"].startswith("text/html")
+    indented = api.get("/api/v1/vms/", HTTP_ACCEPT="application/json; indent=2")
+    assert b"\n  " in indented.content
+    browsable = api.get("/api/v1/vms/?format=api")
+    assert browsable["Content-Type"].startswith("text/html")
+
+
+def test_hits_count_against_the_rate_limit(api, node, image, settings):
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": "4/hour"},
+    }
+    statuses = [api.get("/api/v1/vms/").status_code for _ in range(6)]
+    assert statuses == [200, 200, 200, 200, 429, 429]  # one miss through DRF, three hits, then refused
+    assert "Retry-After" in api.get("/api/v1/vms/").headers
+
+
+def test_writes_show_at_once_through_the_fast_path(api, node, image):
+    vm = _create(api, "web-1")
+    path = f"/api/v1/vms/{vm['id']}/"
+    api.get(path)
+    api.get("/api/v1/vms/")
+    assert api.patch(path, {"name": "renamed"}, format="json").status_code == 200
+    assert api.get(path).json()["name"] == "renamed"
+    assert api.get("/api/v1/vms/").json()["results"][0]["name"] == "renamed"
