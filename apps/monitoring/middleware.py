@@ -8,6 +8,7 @@ counters the control-plane sampler reads. The control worker writes the list to 
 bulk (``services.api_logs_flush``). Nothing is buffered in this process, so a shutdown loses nothing.
 """
 
+import functools
 import logging
 import re
 import time
@@ -68,15 +69,26 @@ def _push_script() -> Any:
     return _push
 
 
+#: A middleware that answers without URL resolution names the route here (``request.<ROUTE_HINT>``).
+ROUTE_HINT = "novacron_route"
+
+
 def route_pattern(request: HttpRequest) -> str:
     """``/api/v1/vms/{pk}/`` for ``/api/v1/vms/<uuid>/``: the resolver's route with named groups."""
+    hint = getattr(request, ROUTE_HINT, None)
+    if isinstance(hint, str):
+        return hint
     match = request.resolver_match
     if match is None:
         try:
             match = resolve(request.path_info)
         except Resolver404:
             return UNMATCHED
-    route = match.route or ""
+    return _readable_route(match.route or "")
+
+
+@functools.lru_cache(maxsize=1024)  # one entry per URL pattern
+def _readable_route(route: str) -> str:
     route = _GROUP.sub(lambda group: "{" + group.group(1) + "}", route)
     route = route.replace("^", "").replace("$", "").replace("\\", "").replace("/?", "/")
     route = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route)

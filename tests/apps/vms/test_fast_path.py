@@ -7,6 +7,7 @@ authenticates, remembers the token and caches the body); the second is answered 
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from django.conf import settings
@@ -171,3 +172,17 @@ def test_writes_show_at_once_through_the_fast_path(api, node, image):
     assert api.patch(path, {"name": "renamed"}, format="json").status_code == 200
     assert api.get(path).json()["name"] == "renamed"
     assert api.get("/api/v1/vms/").json()["results"][0]["name"] == "renamed"
+
+
+def test_a_hit_is_in_the_api_log_with_its_user_and_route(api, user, node, image):
+    from apps.monitoring.keys import API_LOG_LIST, key
+
+    vm = _create(api, "web-1")
+    api.get(f"/api/v1/vms/{vm['id']}/")
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.delete(key(API_LOG_LIST))
+    assert _get(api, f"/api/v1/vms/{vm['id']}/")[1] == 0  # a fast-path hit
+    entries = [orjson.loads(raw) for raw in client.lrange(key(API_LOG_LIST), 0, -1)]
+    assert [(entry["user"], entry["endpoint"], entry["status"]) for entry in entries] == [
+        (user.pk, "/api/v1/vms/{pk}/", 200)
+    ]
