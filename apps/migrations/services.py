@@ -460,10 +460,17 @@ def migration_set_bandwidth(
 
 @transaction.atomic
 def migration_force_complete(*, migration: Migration, actor: str) -> Migration:
-    """Ask the source to pause the guest and copy what is left (for guests that dirty memory too fast)."""
+    """Ask the source to pause the guest and copy what is left (for guests that dirty memory too fast).
+
+    Only in the memory phase. The source also lifts the bandwidth limit for that last copy: the guest
+    is down until it arrives.
+    """
     migration = _locked(migration)
     if migration.status != S.TRANSFERRING or migration.mode != MigrationMode.LIVE:
         raise InvalidState("Only a live migration that is transferring can be forced to complete.")
+    if migration.phase != MigrationPhase.MEMORY:
+        # Pausing now would make the whole memory copy downtime: convergence is a memory matter.
+        raise InvalidState("Force-complete applies to the memory phase; the disk is still being mirrored.")
     progress.set_control(_redis(), str(migration.pk), force_complete=True)
     MigrationEvent.objects.create(
         migration=migration,

@@ -406,7 +406,7 @@ class MigrationRunner:
         finally:
             done.set()
         if job.control.cancelled.is_set():
-            raise MigrationAborted("cancelled by the job.control plane")
+            raise MigrationAborted("cancelled by the control plane")
         job.publisher.update(
             percent=100.0, disk_processed=total, disk_remaining=0, wire_bytes=result.wire_bytes, force=True
         )
@@ -543,6 +543,9 @@ class MigrationRunner:
             if job.knobs.force_complete and not stopped_by_us:
                 qmp.execute("stop")  # pause-and-copy: nothing dirties memory any more, so it converges
                 stopped_by_us = True
+                # The guest is down until the rest arrives: copy it at the link's speed. A limit
+                # set again afterwards (PATCH) still applies.
+                job.knobs.control.set_bandwidth_limit(None)
             info = qmp.execute("query-migrate")
             status = info.get("status")
             ram = info.get("ram") or {}

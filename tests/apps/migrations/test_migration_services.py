@@ -152,3 +152,26 @@ def test_force_complete_and_bandwidth_need_a_running_transfer(api, running_vm, u
     assert control[b"bandwidth_limit_mbps"] == b"50"
     with pytest.raises(Conflict):
         services.migration_request(vm=running_vm, requested_by=user, mode=MigrationMode.COLD)
+
+
+def test_force_complete_waits_for_the_memory_phase(api, running_vm, user):
+    migration = services.migration_request(
+        vm=running_vm, requested_by=user, mode=MigrationMode.LIVE, dest_node=Node.objects.get(name="dst")
+    )
+    services.migrations_schedule()
+    targets = {"disk": f"{running_vm.pk}/nbd.sock", "memory": f"{running_vm.pk}/incoming.sock"}
+    services.migration_report(
+        migration_id=str(migration.pk), node="dst", role="dest", event="prepared", targets=targets
+    )
+    services.migration_report(
+        migration_id=str(migration.pk), node="src", role="source", event="phase", detail="disk"
+    )
+    response = api.post(f"/api/v1/migrations/{migration.pk}/force-complete/")
+    assert response.status_code == 409
+    assert "memory phase" in response.json()["error"]["message"]
+    services.migration_report(
+        migration_id=str(migration.pk), node="src", role="source", event="phase", detail="memory"
+    )
+    assert api.post(f"/api/v1/migrations/{migration.pk}/force-complete/").status_code == 202
+    control = redis.Redis.from_url(settings.REDIS_URL).hgetall(f"novacron:migration:{migration.pk}:control")
+    assert control[b"force_complete"] == b"1"
