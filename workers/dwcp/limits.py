@@ -81,11 +81,18 @@ ERROR_LINGER_SECONDS = 1.0
 # sender's buffered data to ~QUEUE_DEPTH MiB for any file size (memory stays flat); 8 keeps a
 # two-core codec pool busy, and a shallow queue lets a new codec level take effect sooner.
 SEND_QUEUE_DEPTH = 8
-# Tunnel chunks are smaller than file chunks: QEMU's migration stream and NBD replies are latency
-# sensitive, and 256 KiB still amortises per-frame overhead.
-TUNNEL_CHUNK_SIZE = 256 * KiB
+# Tunnels keep little data between the two local sockets. Whatever sits in the sender's queue and
+# socket buffers counts as sent for QEMU, which stops the guest for its last pass with that backlog
+# still to cross the link: the backlog adds to the guest's pause. Per direction at most one read
+# chunk, TUNNEL_SEND_QUEUE_DEPTH chunks and TUNNEL_NOTSENT_LOWAT_BYTES per stream wait unsent
+# (~0.6 MiB with 4 streams: ~50 ms at 100 Mbit/s; with 256 KiB chunks, a queue of 8 and 256 KiB per
+# stream it was ~3 MiB, and bench-migration's guest pause over 100 Mbit/s was 165-204 ms).
+TUNNEL_CHUNK_SIZE = 64 * KiB
+TUNNEL_SEND_QUEUE_DEPTH = 4
+# The largest tunnel frame a receiver accepts (above the chunk size: peers may chunk differently).
+TUNNEL_FRAME_MAX = 256 * KiB
 # Receiver reorder window for tunnels, in frames: a stream whose next frame is further ahead than
-# this waits, so reordering memory is bounded by window x TUNNEL_CHUNK_SIZE (4 MiB).
+# this waits, so reordering memory is bounded by window x TUNNEL_FRAME_MAX (4 MiB).
 REORDER_WINDOW = 16
 # Socket buffers of a connection while it carries a tunnel. A tunnel's stream is latency sensitive
 # (QEMU's migration stream, NBD): whatever sits in buffers between the two local sockets counts as
@@ -93,7 +100,7 @@ REORDER_WINDOW = 16
 # 8 MiB per stream (the bulk-file setting) the destination finished up to 1.7 s after the source
 # over 1 Gbit (bench-migration); 1 MiB keeps the backlog to tens of ms of link time.
 TUNNEL_SOCKET_BUFFER_SIZE = 1 * MiB
-TUNNEL_NOTSENT_LOWAT_BYTES = 256 * KiB
+TUNNEL_NOTSENT_LOWAT_BYTES = 64 * KiB
 
 # Tickets: the control plane mints them just before a transfer; five minutes covers queueing.
 DEFAULT_TICKET_TTL_SECONDS = 300

@@ -62,7 +62,7 @@ class TunnelEndpoint:
         self.policy = policy
         self.control = control
         self.tracker = tracker
-        self.outbound: queue.Queue[Any] = queue.Queue(maxsize=limits.SEND_QUEUE_DEPTH)
+        self.outbound: queue.Queue[Any] = queue.Queue(maxsize=limits.TUNNEL_SEND_QUEUE_DEPTH)
         self.outbound_done = threading.Event()
         self.inbound_done = threading.Event()
         self.failed = threading.Event()
@@ -171,8 +171,8 @@ class TunnelEndpoint:
             item = _EOF
         elif frame.codec is codecs.Codec.REF:
             raise RemoteProtocolError("references are not allowed in tunnels")
-        elif frame.raw_length > limits.TUNNEL_CHUNK_SIZE:
-            # Keeps the reorder buffer within REORDER_WINDOW x TUNNEL_CHUNK_SIZE.
+        elif frame.raw_length > limits.TUNNEL_FRAME_MAX:
+            # Keeps the reorder buffer within REORDER_WINDOW x TUNNEL_FRAME_MAX.
             raise RemoteProtocolError(f"tunnel frame of {frame.raw_length} bytes is too large")
         else:
             item = codecs.decode(frame)
