@@ -7,6 +7,10 @@ guard; ``ATTACH`` adds a stream to an opened transfer, proven by the session key
 ``ACCEPT``. Refusals are answered with ``ERROR`` and logged; the connection stays usable.
 
 File targets and tunnel sockets are confined to the server's root directories.
+
+Connections still in their handshake (unauthenticated) have their own budget, a fraction of the
+connection slots; when it is full the oldest is dropped, so peers that connect and never finish
+(or finish byte by byte) cannot lock real peers out.
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ from .tickets import ReplayGuard, Ticket, secret_bytes, verify_ticket
 from .transport import Address, Channel, parse_address, tune_socket
 
 logger = logging.getLogger(__name__)
+
+# Connections still in their handshake. A real peer finishes in one round trip; when this many are
+# pending the oldest is dropped to admit the newest, so a flood of silent or slow peers only ever
+# evicts itself (refusing the newcomer instead would lock real peers out for up to
+# HANDSHAKE_TIMEOUT_SECONDS after every flood). A quarter of MAX_CONNECTIONS: a flood can never hold
+# the connection slots authenticated peers need.
+MAX_PENDING_HANDSHAKES = limits.MAX_CONNECTIONS // 4
+# Connections the kernel queues before accept(): room for a burst of a whole handshake budget, which
+# the accept loop then sorts out, instead of SYNs dropped and retried a second later.
+LISTEN_BACKLOG = 2 * MAX_PENDING_HANDSHAKES
+# serve_forever() sleeps in slices this long. The kernel hands a process-wide SIGTERM to whichever
+# thread it finds first; CPython then only runs the Python handler once the main thread executes
+# bytecode again. Blocked for good in Event.wait(), the main thread never did, and a busy server
+# ignored SIGTERM (the DWCP attack test's teardown timed out on a loaded CI host).
+STOP_CHECK_SECONDS = 0.2
 
 
 class DWCPServer:
@@ -74,6 +93,7 @@ class DWCPServer:
         self._targets: set[str] = set()
         self._lock = threading.Lock()
         self._channels: set[Channel] = set()
+        self._handshaking: dict[socket.socket, Address] = {}  # oldest first
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -99,7 +119,7 @@ class DWCPServer:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tune_socket(listener)  # accepted sockets inherit buffers and congestion control
         listener.bind(sockaddr)
-        listener.listen(128)
+        listener.listen(LISTEN_BACKLOG)
         self._listener = listener
         self._thread = threading.Thread(target=self._accept_loop, name="dwcp-accept", daemon=True)
         self._thread.start()
@@ -109,9 +129,13 @@ class DWCPServer:
         return self
 
     def serve_forever(self) -> None:
+        """Block until ``stop()``; a signal handler may call ``stop()`` (see STOP_CHECK_SECONDS)."""
         if self._listener is None:
             self.start()
-        self._stopping.wait()
+        # is_set() takes no lock, so a handler calling stop() -> Event.set() never waits for a lock
+        # this thread holds, as it could when the signal interrupts Event.wait().
+        while not self._stopping.is_set():
+            time.sleep(STOP_CHECK_SECONDS)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -123,10 +147,14 @@ class DWCPServer:
             self._thread.join(timeout=5)
         with self._lock:
             channels = list(self._channels)
+            pending = list(self._handshaking)
         for channel in channels:
             with contextlib.suppress(OSError):
                 channel.sock.shutdown(socket.SHUT_RDWR)
             channel.close()
+        for sock in pending:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and closes it
 
     def active_transfers(self) -> list[str]:
         """Transfer ids currently running on this server."""
@@ -157,6 +185,20 @@ class DWCPServer:
                 )
                 sock.close()
                 continue
+            with self._lock:
+                evicted = None
+                if len(self._handshaking) >= MAX_PENDING_HANDSHAKES:
+                    evicted = next(iter(self._handshaking))
+                    evicted_peer = self._handshaking.pop(evicted)
+                self._handshaking[sock] = peer[:2]
+            if evicted is not None:
+                logger.warning(
+                    "DWCP dropped the handshake of %s: %d handshakes pending",
+                    evicted_peer[0],
+                    MAX_PENDING_HANDSHAKES,
+                )
+                with contextlib.suppress(OSError):
+                    evicted.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and closes it
             self.connections_accepted += 1
             threading.Thread(
                 target=self._serve_connection, args=(sock, peer[:2]), name="dwcp-conn", daemon=True
@@ -164,17 +206,20 @@ class DWCPServer:
 
     def _serve_connection(self, sock: socket.socket, peer: Address) -> None:
         try:
-            self._serve_authenticated(sock, peer)
+            try:
+                channel = Channel.accept(sock, peer, self._secret)
+            except (ProtocolError, OSError) as exc:
+                logger.warning("DWCP handshake with %s:%s failed: %s", peer[0], peer[1], exc)
+                sock.close()
+                return
+            finally:
+                with self._lock:
+                    self._handshaking.pop(sock, None)
+            self._serve_authenticated(channel, peer)
         finally:
             self._connection_slots.release()
 
-    def _serve_authenticated(self, sock: socket.socket, peer: Address) -> None:
-        try:
-            channel = Channel.accept(sock, peer, self._secret)
-        except (ProtocolError, OSError) as exc:
-            logger.warning("DWCP handshake with %s:%s failed: %s", peer[0], peer[1], exc)
-            sock.close()
-            return
+    def _serve_authenticated(self, channel: Channel, peer: Address) -> None:
         with self._lock:
             self._channels.add(channel)
         idle_since = time.monotonic()

@@ -122,16 +122,23 @@ def _send_buffers(sock: socket.socket, buffers: Sequence[bytes | bytearray | mem
             views[0] = views[0][sent:]
 
 
-def _recv_exact(sock: socket.socket, count: int) -> bytearray:
+def _recv_exact(sock: socket.socket, count: int, deadline: float | None = None) -> bytearray:
+    """Read ``count`` bytes (fewer at EOF). With a ``deadline`` (monotonic) every read is bounded by
+    it, partial ones too: a peer trickling bytes cannot stretch a handshake past its deadline."""
     buffer = bytearray(count)
     view = memoryview(buffer)
     received = 0
     while received < count:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("deadline passed")
+            sock.settimeout(remaining)
         try:
             got = sock.recv_into(view[received:], count - received)
         except TimeoutError:
-            if received == 0:
-                raise  # nothing consumed: the caller may simply wait again
+            if received == 0 or deadline is not None:
+                raise  # nothing consumed (the caller may wait again), or past the deadline
             continue  # mid-frame: keep reading; TCP keepalive notices a dead peer
 
         if got == 0:
@@ -174,7 +181,7 @@ class Channel:
             protocol = ProtocolConnection(Role.INITIATOR, secret, capabilities=capabilities)
             channel = cls(sock, protocol, address)
             sock.sendall(protocol.initiate())
-            channel._finish_handshake()
+            channel._finish_handshake(timeout)
             sock.settimeout(limits.IO_TIMEOUT_SECONDS)
             return channel
         except BaseException:
@@ -186,12 +193,13 @@ class Channel:
         """Server side: run the handshake on an accepted socket (raises on failure)."""
         sock.settimeout(limits.HANDSHAKE_TIMEOUT_SECONDS)
         channel = cls(sock, ProtocolConnection(Role.RESPONDER, secret), peer)
-        channel._finish_handshake()
+        channel._finish_handshake(limits.HANDSHAKE_TIMEOUT_SECONDS)
         sock.settimeout(limits.IO_TIMEOUT_SECONDS)
         return channel
 
-    def _finish_handshake(self) -> HandshakeComplete:
-        deadline = time.monotonic() + limits.HANDSHAKE_TIMEOUT_SECONDS
+    def _finish_handshake(self, timeout: float) -> HandshakeComplete:
+        """The whole handshake, every partial read included, must end within ``timeout``."""
+        deadline = time.monotonic() + timeout
         while True:
             event = self.protocol.next_event()
             outgoing = self.protocol.data_to_send()
@@ -201,10 +209,12 @@ class Channel:
                 return event
             if isinstance(event, ConnectionClosed):
                 raise RemoteProtocolError("peer closed the connection during the handshake")
-            if time.monotonic() > deadline:
-                raise RemoteProtocolError("handshake took too long")
             assert isinstance(event, NeedData)
-            self.protocol.receive_data(_recv_exact_or_eof(self.sock, event.count))
+            try:
+                data = _recv_exact_or_eof(self.sock, event.count, deadline)
+            except TimeoutError:
+                raise RemoteProtocolError(f"handshake took longer than {timeout:g} s") from None
+            self.protocol.receive_data(data)
 
     # -- frames ----------------------------------------------------------------------------------
 
@@ -260,8 +270,8 @@ class Channel:
             self.sock.close()
 
 
-def _recv_exact_or_eof(sock: socket.socket, count: int) -> bytes | bytearray:
-    data = _recv_exact(sock, count)
+def _recv_exact_or_eof(sock: socket.socket, count: int, deadline: float | None = None) -> bytes | bytearray:
+    data = _recv_exact(sock, count, deadline)
     if len(data) < count:
         # A short read means EOF: hand over what came, then the end marker on the next call.
         return bytes(data) if data else b""
