@@ -40,7 +40,12 @@ Public API (everything else in this package is internal)::
     # <prefix><transfer_id> and publishes the same JSON on <prefix><transfer_id>:events;
     # CallbackReporter(fn) and TerminalReporter() are the others
 
-Errors: ``TicketError`` (refused ticket), ``TransferRefused``, ``TransferInterrupted`` (call
+    # optional mutual TLS 1.3 (see tls.py): by default servers and pools read DWCP_TLS_CERT,
+    # DWCP_TLS_KEY, DWCP_TLS_CA (all or none); or pass tls=TLSConfig.load(cert=, key=, ca=) / None
+    DWCPServer(..., tls=...); ConnectionPool(tls=...)   # hand the pool to send_file/open_tunnel
+
+Errors: ``TicketError`` (refused ticket), ``TLSError`` (TLS refused: certificate, peer name, one
+side without TLS), ``TransferRefused``, ``TransferInterrupted`` (call
 ``send_file`` again with a new ticket: the receiver reports what it holds and only the rest is
 sent), ``TransferCancelled``, ``TransferError`` (base, with ``code``); protocol violations are
 ``LocalProtocolError`` / ``RemoteProtocolError`` (both ``ProtocolError``).
@@ -60,6 +65,7 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
     TicketError,
+    TLSError,
     TransferCancelled,
     TransferError,
     TransferInterrupted,
@@ -69,6 +75,7 @@ from .progress import CallbackReporter, Progress, RedisProgressReporter, Reporte
 from .sender import TransferResult, send_file
 from .server import DWCPServer
 from .tickets import ReplayGuard, Ticket, sign_ticket, verify_ticket
+from .tls import TLSConfig, tls_from_environment
 from .transport import ConnectionPool, default_pool
 from .tunnel import Tunnel, TunnelResult, open_tunnel
 
@@ -86,6 +93,8 @@ __all__ = [
     "RemoteProtocolError",
     "ReplayGuard",
     "Reporter",
+    "TLSConfig",
+    "TLSError",
     "TerminalReporter",
     "Ticket",
     "TicketError",
@@ -101,5 +110,6 @@ __all__ = [
     "open_tunnel",
     "send_file",
     "sign_ticket",
+    "tls_from_environment",
     "verify_ticket",
 ]

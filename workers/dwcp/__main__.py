@@ -4,9 +4,11 @@
     python -m workers.dwcp send FILE --to HOST:PORT --name NAME [--streams N]
         [--codec auto|lz4|zstd|raw] [--bandwidth-limit-mbps N] [--base NAME]
 
-Both read the shared secret from ``DWCP_SECRET``. ``send`` signs its own ticket with it (the
-control plane does this for real migrations), shows a progress bar when stderr is a terminal and
-prints one JSON line with the result. Exit status: 0 done, 1 transfer failed, 2 bad usage.
+Both read the shared secret from ``DWCP_SECRET`` and, for mutual TLS, ``DWCP_TLS_CERT``,
+``DWCP_TLS_KEY`` and ``DWCP_TLS_CA`` (all three or none; see ``workers.dwcp.tls``). ``send`` signs
+its own ticket with the secret (the control plane does this for real migrations), shows a progress
+bar when stderr is a terminal and prints one JSON line with the result. Exit status: 0 done,
+1 transfer failed, 2 bad usage (a bad ``DWCP_TLS_*`` set included).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .progress import TerminalReporter
 from .sender import send_file
 from .server import DWCPServer
 from .tickets import sign_ticket
+from .tls import tls_from_environment
+from .transport import ConnectionPool
 
 # The CLI's peers are named by host; the server checks tickets against its --node-name, which
 # defaults to this host's name on both sides so an operator needs no extra flags.
@@ -63,9 +67,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    server = DWCPServer(listen=args.listen, root=args.root, node_name=args.node_name, secret=_secret())
+    server = DWCPServer(
+        listen=args.listen,
+        root=args.root,
+        node_name=args.node_name,
+        secret=_secret(),
+        tls=tls_from_environment(),
+    )
     server.start()
-    print(json.dumps({"listening": server.address_text, "root": str(args.root)}), flush=True)
+    banner = {"listening": server.address_text, "root": str(args.root), "tls": server.tls is not None}
+    print(json.dumps(banner), flush=True)
 
     def stop(signum: int, frame: object) -> None:
         server.stop()
@@ -78,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     secret = _secret()
+    pool = ConnectionPool(tls=tls_from_environment())
     if not (args.file.is_file() or args.file.is_block_device()):
         raise ConfigurationError(f"{args.file} is neither a regular file nor a block device")
     if not 1 <= args.streams <= limits.MAX_STREAMS:
@@ -101,6 +113,7 @@ def _send(args: argparse.Namespace) -> int:
         base=args.base,
         control=control,
         reporter=TerminalReporter() if sys.stderr.isatty() else None,
+        pool=pool,
     )
     document = {
         "transfer_id": result.transfer_id,

@@ -26,6 +26,10 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent bytes or frames the protocol does not allow."""
 
 
+class TLSMismatch(RemoteProtocolError):
+    """One side speaks TLS and the other plain DWCP (``DWCP_TLS_*`` set on one node only)."""
+
+
 class ChecksumMismatch(RemoteProtocolError):
     """A frame's payload did not decode to bytes matching its xxh3-64 checksum."""
 
@@ -65,6 +69,13 @@ class TransferCancelled(TransferError):
     """The transfer was cancelled through its handle."""
 
     code = "cancelled"
+
+
+class TLSError(TransferError):
+    """TLS with the peer failed: a certificate refused, a peer name mismatch, one side without TLS.
+    Not transient: retrying cannot help until the certificates or DWCP_TLS_* settings are fixed."""
+
+    code = "tls"
 
 
 class ConfigurationError(DWCPError):

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import limits
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError, TLSMismatch
 from .frames import HEADER_SIZE, Frame, FrameType, parse_header
 
 MAGIC: Final = b"DWCP"
 HELLO = struct.Struct("!4sHI16s")  # magic, version, capabilities, nonce
 PROOF_SIZE: Final = 32
+TLS_HANDSHAKE_RECORD: Final = 0x16  # a ClientHello's first byte, then 0x03 (a peer configured for TLS)
 NONCE_SIZE: Final = 16
 INITIATOR_LABEL: Final = b"dwcp/1 initiator proof"
 RESPONDER_LABEL: Final = b"dwcp/1 responder proof"
@@ -109,6 +110,10 @@ class Hello:
             raise RemoteProtocolError(f"hello must be {HELLO.size} bytes")
         magic, version, capabilities, nonce = HELLO.unpack(data)
         if magic != MAGIC:
+            if data[0] == TLS_HANDSHAKE_RECORD and data[1] == 3:
+                raise TLSMismatch(
+                    "peer is speaking TLS, not plain DWCP: it has DWCP_TLS_* set and this side does not"
+                )
             raise RemoteProtocolError("peer is not speaking DWCP (bad magic)")
         if version < limits.MIN_PROTOCOL_VERSION:
             raise RemoteProtocolError(f"peer speaks DWCP version {version}, we need >= 1")

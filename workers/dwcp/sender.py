@@ -302,7 +302,8 @@ def send_file(
     control = control or TransferControl()
     pool = pool or default_pool()
     peer = parse_address(address)
-    transfer_id = peek_ticket(ticket).transfer_id
+    claims = peek_ticket(ticket)
+    transfer_id = claims.transfer_id
     source = Path(path)
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     channels: list[Channel] = []
@@ -312,7 +313,7 @@ def send_file(
     tracker = ProgressTracker(transfer_id, total_bytes=size, reporter=reporter)
     phase = "failed"
     try:
-        primary = pool.acquire(peer, key)
+        primary = pool.acquire(peer, key, claims.dest_node)
         channels.append(primary)
         accepted = negotiate(
             primary,
@@ -340,7 +341,7 @@ def send_file(
                 raise RemoteProtocolError("expected the base INDEX frame")
             index = _parse_index(frame.payload)
         for stream in range(1, granted):
-            channel = pool.acquire(peer, key)
+            channel = pool.acquire(peer, key, claims.dest_node)
             channels.append(channel)
             try:
                 negotiate(

@@ -8,6 +8,12 @@ guard; ``ATTACH`` adds a stream to an opened transfer, proven by the session key
 
 File targets and tunnel sockets are confined to the server's root directories.
 
+With TLS (``tls``; from ``DWCP_TLS_*`` by default) every connection runs a mutual TLS 1.3 handshake
+before DWCP's; a peer whose certificate the CA did not sign, or that sends none, or speaks plain
+DWCP, is refused there and logged, and the server goes on serving others. Tickets are verified as
+without TLS, and the client certificate must also name the ticket's source node (``OPEN`` and
+every ``ATTACH``): a node's certificate cannot carry a transfer signed for another node.
+
 Connections still in their handshake (unauthenticated) have their own budget, a fraction of the
 connection slots; when it is full the oldest is dropped, so peers that connect and never finish
 (or finish byte by byte) cannot lock real peers out.
@@ -20,6 +26,7 @@ import hmac
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -32,6 +39,7 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
     TicketError,
+    TLSMismatch,
     TransferError,
 )
 from .files import FileReceiver, IncomingFile, TargetRefused, resolve_target
@@ -40,6 +48,7 @@ from .protocol import Capability, State
 from .sender import codec_pool
 from .sessions import FileSession, Session, TunnelSession
 from .tickets import ReplayGuard, Ticket, secret_bytes, verify_ticket
+from .tls import FROM_ENVIRONMENT, TLSSetting, describe_ssl_error, resolve
 from .transport import Address, Channel, parse_address, tune_socket
 
 logger = logging.getLogger(__name__)
@@ -60,12 +69,27 @@ LISTEN_BACKLOG = 2 * MAX_PENDING_HANDSHAKES
 STOP_CHECK_SECONDS = 0.2
 
 
+def _linger_and_close(sock: socket.socket) -> None:
+    """After a TLS refusal: FIN, not RST. Closing with the peer's hello unread would reset the
+    connection and the client would see "connection reset" instead of our alert or a clean EOF,
+    which it turns into an error naming TLS. Still counted as a pending handshake (evictable)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + limits.ERROR_LINGER_SECONDS
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            if not sock.recv(1 << 16):
+                break
+    sock.close()
+
+
 class DWCPServer:
     """A DWCP listener: ``start()`` it (returns at once), ``stop()`` it; or use it as a context manager.
 
     ``root`` confines file targets (and base images); ``tunnel_root`` confines the unix sockets
     tunnels may reach (defaults to ``root``). ``listen`` may use port 0; ``address`` tells the
-    port actually bound.
+    port actually bound. ``tls``: a ``TLSConfig``, None for plain TCP, or ``FROM_ENVIRONMENT``
+    (the default; a partial or unreadable ``DWCP_TLS_*`` set raises ``ConfigurationError`` here).
     """
 
     def __init__(
@@ -77,6 +101,7 @@ class DWCPServer:
         secret: str | bytes,
         tunnel_root: str | os.PathLike[str] | None = None,
         replay_guard: ReplayGuard | None = None,
+        tls: TLSSetting = FROM_ENVIRONMENT,
     ) -> None:
         self._listen = parse_address(listen) if isinstance(listen, str) else listen
         self.root = Path(root)
@@ -88,6 +113,7 @@ class DWCPServer:
             raise ConfigurationError("DWCP server needs this node's name")
         self.node_name = node_name
         self._secret = secret_bytes(secret)
+        self.tls = resolve(tls)
         self.replay_guard = replay_guard or ReplayGuard()
         self._sessions: dict[str, Session] = {}
         self._targets: set[str] = set()
@@ -124,7 +150,11 @@ class DWCPServer:
         self._thread = threading.Thread(target=self._accept_loop, name="dwcp-accept", daemon=True)
         self._thread.start()
         logger.info(
-            "DWCP server for node %s listening on %s, root %s", self.node_name, self.address_text, self.root
+            "DWCP server for node %s listening on %s, root %s, %s",
+            self.node_name,
+            self.address_text,
+            self.root,
+            f"TLS 1.3 ({self.tls.description})" if self.tls is not None else "plain TCP",
         )
         return self
 
@@ -207,7 +237,17 @@ class DWCPServer:
     def _serve_connection(self, sock: socket.socket, peer: Address) -> None:
         try:
             try:
-                channel = Channel.accept(sock, peer, self._secret)
+                channel = Channel.accept(sock, peer, self._secret, self.tls)
+            except ssl.SSLError as exc:
+                logger.warning(
+                    "DWCP TLS handshake with %s:%s failed: %s", peer[0], peer[1], describe_ssl_error(exc)
+                )
+                _linger_and_close(sock)
+                return
+            except TLSMismatch as exc:
+                logger.warning("DWCP handshake with %s:%s failed: %s", peer[0], peer[1], exc)
+                _linger_and_close(sock)
+                return
             except (ProtocolError, OSError) as exc:
                 logger.warning("DWCP handshake with %s:%s failed: %s", peer[0], peer[1], exc)
                 sock.close()
@@ -281,6 +321,15 @@ class DWCPServer:
         finally:
             session.leave()
 
+    @staticmethod
+    def _check_certificate(channel: Channel, source_node: str) -> None:
+        names = channel.peer_names
+        if names is not None and source_node.lower() not in names:
+            raise TransferError(
+                f"ticket is for source {source_node!r}, the client's certificate names {sorted(names)}",
+                code="wrong_source_certificate",
+            )
+
     def _create_session(self, channel: Channel, ticket: Ticket, request: ControlMessage) -> Session:
         source_node = request.text("source_node", max_length=limits.MAX_NAME_LENGTH)
         if source_node != ticket.source_node:
@@ -288,6 +337,7 @@ class DWCPServer:
                 f"ticket is for source {ticket.source_node!r}, sender says {source_node!r}",
                 code="wrong_source",
             )
+        self._check_certificate(channel, ticket.source_node)
         target = request.text("target", max_length=limits.MAX_TARGET_LENGTH)
         if target != ticket.target:
             raise TransferError(
@@ -386,6 +436,11 @@ class DWCPServer:
             session = self._sessions.get(transfer_id)
         if session is None or not hmac.compare_digest(session.session_key.encode(), key.encode()):
             self._refuse(channel, "unknown_session", f"no transfer {transfer_id} with that session key")
+            return
+        try:
+            self._check_certificate(channel, session.ticket.source_node)
+        except TransferError as exc:
+            self._refuse(channel, exc.code, str(exc))
             return
         with session.cond:
             if session.attached >= session.streams or session.failed is not None:

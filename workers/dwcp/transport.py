@@ -11,6 +11,12 @@ and ``MAX_SESSIONS``.
 A ``Channel`` is one authenticated TCP connection: it serialises writers, takes frames off the
 socket reading exactly the bytes the state machine asks for (payloads land in their final buffer
 without an extra copy), and knows whether it may go back to the ``ConnectionPool`` for reuse.
+
+With TLS (``tls.TLSConfig``; see ``tls`` for the rules and the thread-safety argument) the channel
+runs the TLS handshake right after TCP connect/accept, before DWCP's own; frames are then sealed by
+a ``tls.TLSSession`` and sent with ``sendall`` (``SSLObject`` has no ``sendmsg``) and received
+ciphertext is opened straight into the frame's buffer. ``self.sock`` stays the raw TCP socket, so
+socket options, ``SIOCOUTQNSD`` and shutdown work the same in both modes.
 """
 
 from __future__ import annotations
@@ -21,16 +27,18 @@ import hashlib
 import logging
 import select
 import socket
+import ssl
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import limits
-from .errors import ConfigurationError, RemoteProtocolError
+from .errors import ConfigurationError, RemoteProtocolError, TLSError, TLSMismatch
 from .frames import Frame
 from .protocol import (
     ALL_CAPABILITIES,
+    MAGIC,
     Capability,
     ConnectionClosed,
     HandshakeComplete,
@@ -40,6 +48,17 @@ from .protocol import (
 )
 from .protocol import (
     Connection as ProtocolConnection,
+)
+from .tls import (
+    FROM_ENVIRONMENT,
+    HANDSHAKE_FAILURE_ALERT,
+    RECV_CHUNK_SIZE,
+    TLS_RECORD_TYPES,
+    TLSConfig,
+    TLSSession,
+    TLSSetting,
+    describe_ssl_error,
+    resolve,
 )
 
 logger = logging.getLogger(__name__)
@@ -122,9 +141,16 @@ def _send_buffers(sock: socket.socket, buffers: Sequence[bytes | bytearray | mem
             views[0] = views[0][sent:]
 
 
-def _recv_exact(sock: socket.socket, count: int, deadline: float | None = None) -> bytearray:
+RecvInto = Callable[[memoryview, int], int]
+
+
+def _recv_exact(
+    sock: socket.socket, count: int, deadline: float | None = None, recv_into: RecvInto | None = None
+) -> bytearray:
     """Read ``count`` bytes (fewer at EOF). With a ``deadline`` (monotonic) every read is bounded by
-    it, partial ones too: a peer trickling bytes cannot stretch a handshake past its deadline."""
+    it, partial ones too: a peer trickling bytes cannot stretch a handshake past its deadline.
+    ``recv_into`` replaces ``sock.recv_into`` (TLS); timeouts stay those of ``sock``."""
+    recv_into = recv_into or sock.recv_into
     buffer = bytearray(count)
     view = memoryview(buffer)
     received = 0
@@ -135,7 +161,7 @@ def _recv_exact(sock: socket.socket, count: int, deadline: float | None = None) 
                 raise TimeoutError("deadline passed")
             sock.settimeout(remaining)
         try:
-            got = sock.recv_into(view[received:], count - received)
+            got = recv_into(view[received:], count - received)
         except TimeoutError:
             if received == 0 or deadline is not None:
                 raise  # nothing consumed (the caller may wait again), or past the deadline
@@ -150,12 +176,21 @@ def _recv_exact(sock: socket.socket, count: int, deadline: float | None = None) 
 
 
 class Channel:
-    """One authenticated DWCP connection over a blocking TCP socket."""
+    """One authenticated DWCP connection over a blocking TCP socket, in TLS when ``tls`` is set."""
 
-    def __init__(self, sock: socket.socket, protocol: ProtocolConnection, peer: Address) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol: ProtocolConnection,
+        peer: Address,
+        tls: TLSSession | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.sock = sock
         self.protocol = protocol
         self.peer = peer
+        self.tls = tls
+        self.server_name = server_name  # client side: the node name the server had to prove
         self.idle_since = time.monotonic()
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -170,18 +205,34 @@ class Channel:
         *,
         capabilities: Capability = ALL_CAPABILITIES,
         timeout: float = limits.HANDSHAKE_TIMEOUT_SECONDS,
+        tls: TLSConfig | None = None,
+        server_name: str | None = None,
     ) -> Channel:
-        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+        """Connect and authenticate. With ``tls`` the server's certificate must name
+        ``server_name`` (the destination node; the dialled host when None). TLS failures raise
+        ``TLSError`` saying which side refused what."""
+        host, port = address
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, sockaddr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout
+        session = None
+        if tls is not None:
+            session = TLSSession(tls.client_context, server_side=False, server_hostname=server_name or host)
         try:
             tune_socket(sock)
             sock.settimeout(timeout)
             sock.connect(sockaddr)
             protocol = ProtocolConnection(Role.INITIATOR, secret, capabilities=capabilities)
-            channel = cls(sock, protocol, address)
-            sock.sendall(protocol.initiate())
-            channel._finish_handshake(timeout)
+            channel = cls(sock, protocol, address, session, server_name)
+            try:
+                if session is not None:
+                    channel._tls_handshake(timeout, deadline)
+                channel._send_bytes(protocol.initiate())
+                channel._finish_handshake(timeout, deadline)
+            except ssl.SSLError as exc:
+                peer = f"{host}:{port}" + (f" (node {server_name})" if server_name else "")
+                raise TLSError(f"TLS with {peer} failed: {describe_ssl_error(exc)}") from exc
             sock.settimeout(limits.IO_TIMEOUT_SECONDS)
             return channel
         except BaseException:
@@ -189,32 +240,109 @@ class Channel:
             raise
 
     @classmethod
-    def accept(cls, sock: socket.socket, peer: Address, secret: bytes) -> Channel:
-        """Server side: run the handshake on an accepted socket (raises on failure)."""
-        sock.settimeout(limits.HANDSHAKE_TIMEOUT_SECONDS)
-        channel = cls(sock, ProtocolConnection(Role.RESPONDER, secret), peer)
-        channel._finish_handshake(limits.HANDSHAKE_TIMEOUT_SECONDS)
+    def accept(
+        cls, sock: socket.socket, peer: Address, secret: bytes, tls: TLSConfig | None = None
+    ) -> Channel:
+        """Server side: run the handshake(s) on an accepted socket (raises on failure; a TLS
+        failure is an ``ssl.SSLError`` after the alert went to the peer)."""
+        timeout = limits.HANDSHAKE_TIMEOUT_SECONDS
+        deadline = time.monotonic() + timeout
+        sock.settimeout(timeout)
+        session = TLSSession(tls.server_context, server_side=True) if tls is not None else None
+        channel = cls(sock, ProtocolConnection(Role.RESPONDER, secret), peer, session)
+        if session is not None:
+            first = sock.recv(len(MAGIC), socket.MSG_PEEK)
+            if first and MAGIC.startswith(first):
+                with contextlib.suppress(OSError):
+                    sock.sendall(HANDSHAKE_FAILURE_ALERT)
+                raise TLSMismatch("plain DWCP client refused: this server requires TLS (DWCP_TLS_*)")
+            channel._tls_handshake(timeout, deadline)
+        channel._finish_handshake(timeout, deadline)
         sock.settimeout(limits.IO_TIMEOUT_SECONDS)
         return channel
 
-    def _finish_handshake(self, timeout: float) -> HandshakeComplete:
-        """The whole handshake, every partial read included, must end within ``timeout``."""
-        deadline = time.monotonic() + timeout
+    def _tls_handshake(self, timeout: float, deadline: float) -> None:
+        assert self.tls is not None
+        while True:
+            try:
+                done, output = self.tls.handshake_step()
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):  # tell the peer why (an alert), if it listens
+                    self.sock.sendall(self.tls.pending_output())
+                raise
+            if output:
+                self.sock.sendall(output)
+            if done:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RemoteProtocolError(f"TLS handshake took longer than {timeout:g} s")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(RECV_CHUNK_SIZE)
+            except TimeoutError:
+                raise RemoteProtocolError(f"TLS handshake took longer than {timeout:g} s") from None
+            self.tls.feed(data)
+
+    def _finish_handshake(self, timeout: float, deadline: float) -> HandshakeComplete:
+        """The whole handshake, every partial read included, must end by ``deadline``."""
+        first_read = True
         while True:
             event = self.protocol.next_event()
             outgoing = self.protocol.data_to_send()
             if outgoing:
-                self.sock.sendall(outgoing)
+                self._send_bytes(outgoing)
             if isinstance(event, HandshakeComplete):
                 return event
             if isinstance(event, ConnectionClosed):
-                raise RemoteProtocolError("peer closed the connection during the handshake")
+                hint = "" if self.tls is not None else " (if it requires TLS, set DWCP_TLS_CERT/KEY/CA here)"
+                raise RemoteProtocolError(f"peer closed the connection during the handshake{hint}")
             assert isinstance(event, NeedData)
             try:
-                data = _recv_exact_or_eof(self.sock, event.count, deadline)
+                data = self._recv(event.count, deadline)
             except TimeoutError:
                 raise RemoteProtocolError(f"handshake took longer than {timeout:g} s") from None
+            if first_read and self.tls is None and self.protocol.role is Role.INITIATOR:
+                self._refuse_plain_answer(data)
+            first_read = False
             self.protocol.receive_data(data)
+
+    def _refuse_plain_answer(self, data: bytes | bytearray) -> None:
+        """Plain client: a TLS server answers a DWCP hello with a TLS alert or by closing."""
+        if data[:1] and data[0] in TLS_RECORD_TYPES and data[1:2] == b"\x03":
+            raise TLSError(
+                f"{self.peer[0]}:{self.peer[1]} answered with TLS: it requires TLS and this side has no "
+                "DWCP_TLS_CERT/KEY/CA settings"
+            )
+        if not data:
+            raise RemoteProtocolError(
+                f"{self.peer[0]}:{self.peer[1]} closed the connection during the handshake (a server that "
+                "requires TLS does so with a plain client: set DWCP_TLS_CERT/KEY/CA here if it does)"
+            )
+
+    # -- bytes -----------------------------------------------------------------------------------
+
+    def _send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(self.tls.seal((data,)) if self.tls is not None else data)
+
+    def _tls_recv_into(self, view: memoryview, count: int) -> int:
+        assert self.tls is not None
+        target = view[:count]
+        while True:
+            got = self.tls.read_into(target)
+            if got is not None:
+                return got
+            # A timeout here leaves the TLS state as it was: the caller may simply read again.
+            self.tls.feed(self.sock.recv(RECV_CHUNK_SIZE))
+
+    def _recv(self, count: int, deadline: float | None = None) -> bytes | bytearray:
+        recv_into = self._tls_recv_into if self.tls is not None else None
+        return _recv_exact_or_eof(self.sock, count, deadline, recv_into)
+
+    @property
+    def peer_names(self) -> set[str] | None:
+        """Names in the peer's verified TLS certificate; None on a plain connection."""
+        return self.tls.peer_names if self.tls is not None else None
 
     # -- frames ----------------------------------------------------------------------------------
 
@@ -223,7 +351,10 @@ class Channel:
         with self._send_lock:
             with self._state_lock:
                 header, payload = self.protocol.send(frame)
-            _send_buffers(self.sock, (header, payload))
+            if self.tls is None:
+                _send_buffers(self.sock, (header, payload))
+            else:
+                self.sock.sendall(self.tls.seal((header, payload)))
             return len(header) + len(payload)
 
     def receive(self) -> Frame | None:
@@ -236,7 +367,7 @@ class Channel:
             if isinstance(event, ConnectionClosed):
                 return None
             assert isinstance(event, NeedData)
-            data = _recv_exact_or_eof(self.sock, event.count)
+            data = self._recv(event.count)
             with self._state_lock:
                 self.protocol.receive_data(data)
 
@@ -252,6 +383,8 @@ class Channel:
     def reusable(self) -> bool:
         """Idle, authenticated and (as far as a non-blocking peek can tell) still connected."""
         if self.protocol.state is not State.READY:
+            return False
+        if self.tls is not None and self.tls.buffered():
             return False
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
@@ -270,29 +403,52 @@ class Channel:
             self.sock.close()
 
 
-def _recv_exact_or_eof(sock: socket.socket, count: int, deadline: float | None = None) -> bytes | bytearray:
-    data = _recv_exact(sock, count, deadline)
+def _recv_exact_or_eof(
+    sock: socket.socket, count: int, deadline: float | None = None, recv_into: RecvInto | None = None
+) -> bytes | bytearray:
+    data = _recv_exact(sock, count, deadline, recv_into)
     if len(data) < count:
         # A short read means EOF: hand over what came, then the end marker on the next call.
         return bytes(data) if data else b""
     return data
 
 
-class ConnectionPool:
-    """Idle authenticated channels per (peer, secret), reused by later transfers."""
+PoolKey = tuple[Address, bytes, str | None]
 
-    def __init__(self) -> None:
-        self._idle: dict[tuple[Address, bytes], list[Channel]] = {}
+
+class ConnectionPool:
+    """Idle authenticated channels per (peer, secret, server name), reused by later transfers.
+
+    ``tls``: a ``TLSConfig``, None for plain TCP, or ``FROM_ENVIRONMENT`` (the default), read from
+    ``DWCP_TLS_*`` at the first connection (so importing DWCP never fails on settings).
+    """
+
+    def __init__(self, *, tls: TLSSetting = FROM_ENVIRONMENT) -> None:
+        self._idle: dict[PoolKey, list[Channel]] = {}
         self._lock = threading.Lock()
+        self._tls_setting = tls
+        self._tls: TLSConfig | None = None
+        self._tls_resolved = False
         self.connects = 0
         self.reuses = 0
 
-    @staticmethod
-    def _key(address: Address, secret: bytes) -> tuple[Address, bytes]:
-        return address, hashlib.sha256(secret).digest()
+    @property
+    def tls(self) -> TLSConfig | None:
+        with self._lock:
+            if not self._tls_resolved:
+                self._tls = resolve(self._tls_setting)
+                self._tls_resolved = True
+            return self._tls
 
-    def acquire(self, address: Address, secret: bytes) -> Channel:
-        key = self._key(address, secret)
+    @staticmethod
+    def _key(address: Address, secret: bytes, server_name: str | None) -> PoolKey:
+        return address, hashlib.sha256(secret).digest(), server_name
+
+    def acquire(self, address: Address, secret: bytes, server_name: str | None = None) -> Channel:
+        """An idle channel to ``address`` or a new one. ``server_name`` is the node the server must
+        prove to be under TLS (the ticket's destination)."""
+        tls = self.tls
+        key = self._key(address, secret, server_name)
         now = time.monotonic()
         while True:
             with self._lock:
@@ -305,7 +461,7 @@ class ConnectionPool:
                 return channel
             channel.close()
         self.connects += 1
-        return Channel.connect(address, secret)
+        return Channel.connect(address, secret, tls=tls, server_name=server_name)
 
     def release(self, channel: Channel, secret: bytes) -> None:
         """Give back a channel after a transfer; it is closed unless idle and healthy."""
@@ -313,7 +469,7 @@ class ConnectionPool:
             channel.close()
             return
         channel.idle_since = time.monotonic()
-        key = self._key(channel.peer, secret)
+        key = self._key(channel.peer, secret, channel.server_name)
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < limits.POOL_MAX_IDLE_PER_PEER:

@@ -291,6 +291,7 @@ class Tunnel:
         claims = peek_ticket(ticket)
         self.transfer_id = claims.transfer_id
         self._target = claims.target
+        self._dest_node = claims.dest_node  # the node a TLS server must prove to be
         self.control = control
         self._address = parse_address(address)
         self._ticket = ticket
@@ -337,7 +338,7 @@ class Tunnel:
         endpoint: TunnelEndpoint | None = None
         phase = "failed"
         try:
-            primary = self._pool.acquire(self._address, self._secret)
+            primary = self._pool.acquire(self._address, self._secret, self._dest_node)
             channels.append(primary)
             accepted = negotiate(
                 primary,
@@ -353,7 +354,7 @@ class Tunnel:
             session_key = accepted.text("session_key", max_length=64)
             granted = accepted.integer("streams", low=1, high=self._streams)
             for stream in range(1, granted):
-                channel = self._pool.acquire(self._address, self._secret)
+                channel = self._pool.acquire(self._address, self._secret, self._dest_node)
                 channels.append(channel)
                 negotiate(
                     channel,
