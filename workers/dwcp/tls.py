@@ -240,16 +240,22 @@ class TLSSession:
                 self._incoming.write_eof()
 
     def read_into(self, view: memoryview) -> int | None:
-        """Plaintext into ``view``: bytes read, 0 at EOF, None when more ciphertext is needed."""
+        """Plaintext into ``view``: bytes read, 0 at EOF, None when more ciphertext is needed.
+        Takes as many records as are buffered (``SSL_read`` hands out one at a time)."""
+        filled = 0
         with self._lock:
-            try:
-                got = self._object.read(len(view), view)
+            while filled < len(view):
+                try:
+                    got = self._object.read(len(view) - filled, view[filled:])
+                except ssl.SSLWantReadError:
+                    return filled or None
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return filled  # close_notify, or TCP EOF: DWCP's own framing tells clean from cut
                 assert isinstance(got, int)  # with a buffer, read() returns the count
-                return got
-            except ssl.SSLWantReadError:
-                return None
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return 0  # close_notify, or TCP EOF: DWCP's own framing tells clean from cut
+                if not got:
+                    break
+                filled += got
+        return filled
 
     def buffered(self) -> bool:
         """Received bytes not yet handed out (decrypted or still sealed)."""
