@@ -695,9 +695,9 @@ def main() -> None:
     django.setup()
     server: Server | None = None
     try:
+        log(f"migrating {args.database}")  # a kept database gets this commit's new indexes too
+        call_command("migrate", verbosity=0)
         if not args.reuse:
-            log(f"migrating {args.database}")
-            call_command("migrate", verbosity=0)
             log(
                 f"seeding {args.vms:,} VMs, {args.metrics:,} metric samples, {args.api_logs:,} API logs (COPY)"
             )
