@@ -153,3 +153,22 @@ class MigrateRequestSerializer(StrictInputMixin, serializers.Serializer[Any]):
 
 class MigrationUpdateSerializer(StrictInputMixin, serializers.Serializer[Any]):
     bandwidth_limit_mbps = serializers.IntegerField(min_value=1, max_value=400_000, allow_null=True)
+
+
+def webhook_payload(event: MigrationEvent) -> dict[str, Any]:
+    """A state change as ``MIGRATION_WEBHOOK_URL`` receives it: the change and the migration now."""
+    migration = event.migration
+    return {
+        "event": {"id": event.pk, **MigrationEventSerializer(event).data},
+        "migration": {
+            "id": str(migration.pk),
+            "vm": str(migration.vm_id),
+            "vm_name": migration.vm.name,
+            "source_node": migration.source_node.name,
+            "dest_node": migration.dest_node.name,
+            "mode": migration.mode,
+            "status": migration.status,
+            "phase": migration.phase,
+            "error": migration.error,
+        },
+    }

@@ -79,7 +79,7 @@ def _transition(
         migration.finished_at = now
         migration.phase = MigrationPhase.NONE
     migration.save()
-    MigrationEvent.objects.create(
+    event = MigrationEvent.objects.create(
         migration=migration,
         actor=actor[:150],
         from_status=current,
@@ -87,6 +87,11 @@ def _transition(
         phase=migration.phase,
         detail=detail,
     )
+    if novacron_setting("MIGRATION_WEBHOOK_URL"):
+        from .tasks import migration_webhook_send  # noqa: PLC0415  (tasks import services)
+
+        event_id = event.pk
+        transaction.on_commit(lambda: migration_webhook_send.delay(event_id=event_id))
 
 
 def _record_phase(migration: Migration, phase: str, *, actor: str) -> None:

@@ -1,12 +1,17 @@
-"""Control-queue tasks of migrations: scheduling, node reports, the stall watchdog."""
+"""Control-queue tasks of migrations: scheduling, node reports, the stall watchdog, webhooks."""
 
+import urllib.error
 from typing import Any
 
 from celery import shared_task
 
+from apps.core.conf import novacron_setting
+from apps.core.webhooks import webhook_post
 from workers import contract
 
 from . import services
+from .models import MigrationEvent
+from .serializers import webhook_payload
 
 
 @shared_task(name="apps.migrations.tasks.migrations_schedule", acks_late=True, time_limit=60)
@@ -42,3 +47,32 @@ def migration_report(
 def migrations_watchdog() -> list[str]:
     """Beat task: fail migrations whose progress stopped moving."""
     return services.migrations_watchdog()
+
+
+@shared_task(
+    name="apps.migrations.tasks.migration_webhook_send",
+    acks_late=True,
+    time_limit=30,
+    autoretry_for=(urllib.error.URLError, OSError),
+    retry_backoff=5,
+    max_retries=5,
+)
+def migration_webhook_send(*, event_id: int) -> int | None:
+    """POST one recorded state change to ``MIGRATION_WEBHOOK_URL`` (signed), retrying on failure.
+
+    One task per change: a retried one can arrive after a later change, so receivers order by the
+    payload's ``event.id`` (increasing) or ``event.at``.
+    """
+    url = novacron_setting("MIGRATION_WEBHOOK_URL")
+    if not url:
+        return None
+    related = ("migration__vm", "migration__source_node", "migration__dest_node")
+    event = MigrationEvent.objects.select_related(*related).filter(pk=event_id).first()
+    if event is None:
+        return None
+    return webhook_post(
+        url=url,
+        secret=novacron_setting("MIGRATION_WEBHOOK_SECRET"),
+        payload=webhook_payload(event),
+        agent="NovaCron-migrations",
+    )

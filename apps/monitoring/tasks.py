@@ -10,10 +10,12 @@ import redis
 from celery import shared_task
 from django.conf import settings
 
+from apps.core.webhooks import webhook_post
+
 from . import services
 from .conf import monitoring_setting
 from .models import Alert
-from .webhooks import alert_payload, webhook_post
+from .webhooks import alert_payload
 
 
 def _redis() -> redis.Redis:
@@ -67,5 +69,8 @@ def alert_webhook_send(*, alert_id: int, event: str) -> int | None:
     if alert is None:
         return None
     return webhook_post(
-        url=url, secret=monitoring_setting("ALERT_WEBHOOK_SECRET"), payload=alert_payload(alert, event)
+        url=url,
+        secret=monitoring_setting("ALERT_WEBHOOK_SECRET"),
+        payload=alert_payload(alert, event),
+        agent="NovaCron-alerts",
     )

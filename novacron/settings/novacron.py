@@ -44,5 +44,13 @@ NOVACRON = {
     "MIGRATION_STALL_TIMEOUT": env_int(
         "MIGRATION_STALL_TIMEOUT", 120, help="Seconds without progress before the watchdog fails a migration."
     ),
+    "MIGRATION_WEBHOOK_URL": env(
+        "MIGRATION_WEBHOOK_URL", "", help="URL that receives a JSON POST on every migration state change."
+    ),
+    "MIGRATION_WEBHOOK_SECRET": env(
+        "MIGRATION_WEBHOOK_SECRET",
+        "",
+        help="HMAC-SHA256 key signing migration webhooks (X-NovaCron-Signature).",
+    ),
     "ADMIN_USERNAME": "admin",
 }
