@@ -88,6 +88,8 @@ MIGRATION_CONTROL_KEY: Final = "novacron:migration:{id}:control"
 # Node VM states as reported (see workers.qemu.VmState): running, paused, stopped, dead, unknown.
 
 # Redis keys written by nodes and read by the control side.
-HEARTBEAT_KEY: Final = "novacron:node:{name}:heartbeat"  # JSON {"ts": epoch seconds, "vms": n}; with a TTL
+# JSON {"ts": epoch seconds, "vms": [workers.node.reports.vm_entry(...)...], "partial": [VM ids of half-made
+# copies without a definition]}; with a TTL.
+HEARTBEAT_KEY: Final = "novacron:node:{name}:heartbeat"
 METRICS_LIST: Final = "novacron:metrics"  # JSON samples [{"ts", "node", "vm"?, "name", "value"}], capped
 METRICS_LIST_MAX: Final = 100_000  # a control plane that is down for a while loses the oldest samples
