@@ -48,6 +48,11 @@ MIRROR_READY_TIMEOUT = 3600.0
 MIGRATE_TIMEOUT = 6 * 3600.0
 SWITCH_TIMEOUT = 60.0  # from pre-switchover to completed: the mirror's last blocks and the last RAM pass
 INCOMING_TIMEOUT = 6 * 3600.0
+# After the switch both tunnels only have their closing to do. One can stay open (the soak saw the
+# disk tunnel's NBD connection linger when the source QEMU was removed before disconnecting): the
+# destination's DWCP server then keeps its target busy and refuses the VM's next migration, and the
+# source reported its end 10 s late. The tunnels are closed after this grace.
+TUNNEL_DRAIN_SECONDS = 2.0
 UNLIMITED_QEMU_BANDWIDTH = 1 << 40  # bytes/s: lift QEMU's own 32 MiB/s cap; DWCP's limit is the one in force
 # The downtime limit is what the guest sees, from its pause on the source to its resume on the
 # destination. QEMU's own downtime-limit covers only its last RAM pass; around it come the end of
@@ -450,11 +455,16 @@ class MigrationRunner:
                     self._undo_source(qmp, job_id, resume=job.knobs.force_complete)
                     raise
             wire = 0
-            for tunnel in tunnels:  # both ends closed their connections once the migration completed
+            for tunnel in tunnels:  # both ends close their connections once the migration completed
                 try:
-                    wire += tunnel.wait(timeout=10).wire_bytes
+                    wire += tunnel.wait(timeout=TUNNEL_DRAIN_SECONDS).wire_bytes
                 except (DWCPError, TimeoutError) as exc:
-                    logger.warning("migration %s: tunnel result unavailable: %s", job.migration_id, exc)
+                    logger.warning(
+                        "migration %s: tunnel closed without its result after %g s: %s",
+                        job.migration_id,
+                        TUNNEL_DRAIN_SECONDS,
+                        exc,
+                    )
         finally:
             for tunnel in tunnels:
                 tunnel.close()
