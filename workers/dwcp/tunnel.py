@@ -304,6 +304,7 @@ class Tunnel:
         self._result: TunnelResult | None = None
         self._error: BaseException | None = None
         self._endpoint: TunnelEndpoint | None = None
+        self._tracker: ProgressTracker | None = None
         self._closing = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
@@ -334,6 +335,7 @@ class Tunnel:
     def _relay(self, local: socket.socket) -> TunnelResult:
         started = time.monotonic()
         tracker = ProgressTracker(self.transfer_id, total_bytes=None, reporter=self._reporter)
+        self._tracker = tracker
         channels: list[Channel] = []
         endpoint: TunnelEndpoint | None = None
         phase = "failed"
@@ -428,6 +430,11 @@ class Tunnel:
             raise self._error
         assert self._result is not None
         return self._result
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes this tunnel has put on the wire so far (also after ``close()``)."""
+        return self._tracker.snapshot().wire_bytes if self._tracker is not None else 0
 
     def close(self) -> None:
         """Stop accepting and tear this tunnel down (a no-op once it finished). A ``control``

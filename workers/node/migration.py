@@ -48,10 +48,10 @@ MIRROR_READY_TIMEOUT = 3600.0
 MIGRATE_TIMEOUT = 6 * 3600.0
 SWITCH_TIMEOUT = 60.0  # from pre-switchover to completed: the mirror's last blocks and the last RAM pass
 INCOMING_TIMEOUT = 6 * 3600.0
-# After the switch both tunnels only have their closing to do. One can stay open (the soak saw the
-# disk tunnel's NBD connection linger when the source QEMU was removed before disconnecting): the
-# destination's DWCP server then keeps its target busy and refuses the VM's next migration, and the
-# source reported its end 10 s late. The tunnels are closed after this grace.
+# After the switch the tunnels only have their closing to do. The disk tunnel is closed at once: its
+# NBD connection could linger (the soak saw it), and while it is open the destination's DWCP server
+# keeps the VM's NBD socket busy and refuses the VM's next migration there (the soak's only failed
+# migrations, when the VM moved back within seconds). The memory tunnel gets this grace.
 TUNNEL_DRAIN_SECONDS = 2.0
 UNLIMITED_QEMU_BANDWIDTH = 1 << 40  # bytes/s: lift QEMU's own 32 MiB/s cap; DWCP's limit is the one in force
 # The downtime limit is what the guest sees, from its pause on the source to its resume on the
@@ -454,17 +454,21 @@ class MigrationRunner:
                 except BaseException:
                     self._undo_source(qmp, job_id, resume=job.knobs.force_complete)
                     raise
-            wire = 0
-            for tunnel in tunnels:  # both ends close their connections once the migration completed
-                try:
-                    wire += tunnel.wait(timeout=TUNNEL_DRAIN_SECONDS).wire_bytes
-                except (DWCPError, TimeoutError) as exc:
-                    logger.warning(
-                        "migration %s: tunnel closed without its result after %g s: %s",
-                        job.migration_id,
-                        TUNNEL_DRAIN_SECONDS,
-                        exc,
-                    )
+            disk_tunnel, memory_tunnel = tunnels
+            # The mirror has finished and its NBD client is gone: the disk tunnel has nothing left to
+            # carry. Closed now, it frees the destination's target for this VM's next migration.
+            disk_tunnel.close()
+            wire = disk_tunnel.wire_bytes
+            try:  # the memory stream ended with the migration; its tunnel closes by itself
+                wire += memory_tunnel.wait(timeout=TUNNEL_DRAIN_SECONDS).wire_bytes
+            except (DWCPError, TimeoutError) as exc:
+                wire += memory_tunnel.wire_bytes
+                logger.warning(
+                    "migration %s: memory tunnel closed without its result after %g s: %s",
+                    job.migration_id,
+                    TUNNEL_DRAIN_SECONDS,
+                    exc,
+                )
         finally:
             for tunnel in tunnels:
                 tunnel.close()
