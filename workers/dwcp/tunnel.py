@@ -43,6 +43,9 @@ from .transport import Channel, ConnectionPool, default_pool, parse_address, set
 
 logger = logging.getLogger(__name__)
 
+# close(): how long the tunnel may take to end by itself before its connections are shut down.
+CLOSE_GRACE_SECONDS = 1.0
+
 _STOP = object()
 _EOF = object()
 
@@ -305,6 +308,7 @@ class Tunnel:
         self._error: BaseException | None = None
         self._endpoint: TunnelEndpoint | None = None
         self._tracker: ProgressTracker | None = None
+        self._channels: list[Channel] = []
         self._closing = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
@@ -336,7 +340,7 @@ class Tunnel:
         started = time.monotonic()
         tracker = ProgressTracker(self.transfer_id, total_bytes=None, reporter=self._reporter)
         self._tracker = tracker
-        channels: list[Channel] = []
+        channels: list[Channel] = self._channels
         endpoint: TunnelEndpoint | None = None
         phase = "failed"
         try:
@@ -445,6 +449,14 @@ class Tunnel:
         self._listener.close()
         if self._endpoint is not None:
             self._endpoint.fail(TransferCancelled("tunnel closed"))
+        self._thread.join(timeout=CLOSE_GRACE_SECONDS)
+        if self._thread.is_alive():
+            # A stream thread blocked on its connection (waiting for a peer that never ends the
+            # tunnel) does not see the failure; shutting the sockets down wakes it. Until then the
+            # peer's server kept the tunnel's target busy, refusing the VM's next migration.
+            for channel in list(self._channels):
+                with contextlib.suppress(OSError):
+                    channel.sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5.0)
 
 

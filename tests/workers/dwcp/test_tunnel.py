@@ -224,3 +224,56 @@ def test_cancelling_a_running_tunnel_disconnects_its_client(
     while server.active_transfers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not server.active_transfers()
+
+
+def test_closing_a_tunnel_whose_peer_never_ends_frees_the_target_for_the_next(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    """The far socket keeps its connection open and never answers EOF, so the tunnel cannot end by
+    itself: close() ends it within seconds and the server lets the next tunnel to the same socket in.
+    (The soak's stuck tunnel hung after both directions had ended, in the stream threads' join; that
+    path is covered by close() shutting the connections down, which this test does not reach.)"""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(root / "nbd.sock"))
+    listener.listen(4)
+    held: list[socket.socket] = []
+    accepting = threading.Thread(
+        target=lambda: held.extend(listener.accept()[0] for _ in range(2)), daemon=True
+    )
+    accepting.start()
+    first = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "first.sock",
+        ticket=ticket("nbd.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        streams=2,
+    )
+    client = connect(tmp_path / "first.sock")
+    client.sendall(b"hello")
+    client.shutdown(socket.SHUT_WR)  # our side is done; the far side never is
+    client.close()
+    time.sleep(0.5)
+    started = time.monotonic()
+    first.close()
+    assert time.monotonic() - started < 4
+    second = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "second.sock",
+        ticket=ticket("nbd.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        streams=2,
+    )
+    client = connect(tmp_path / "second.sock")
+    client.sendall(b"again")
+    deadline = time.monotonic() + 10
+    while len(held) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(held) == 2, "the second tunnel never reached the socket: its target stayed busy"
+    assert held[1].recv(5) == b"again"
+    client.close()
+    for connection in held:
+        connection.close()
+    second.close()
+    listener.close()
