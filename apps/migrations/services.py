@@ -87,11 +87,26 @@ def _transition(
         phase=migration.phase,
         detail=detail,
     )
+    if to in TERMINAL_STATUSES:
+        _forget_progress(migration)
     if novacron_setting("MIGRATION_WEBHOOK_URL"):
         from .tasks import migration_webhook_send  # noqa: PLC0415  (tasks import services)
 
         event_id = event.pk
         transaction.on_commit(lambda: migration_webhook_send.delay(event_id=event_id))
+
+
+def _forget_progress(migration: Migration) -> None:
+    """After commit: the ended migration's Redis keys expire (its figures are in the row)."""
+    migration_id = str(migration.pk)
+
+    def forget() -> None:
+        try:
+            progress.forget(_redis(), migration_id)
+        except redis.RedisError as exc:  # they expire by their own TTL in any case
+            logger.warning("migration %s: progress keys not dropped: %s", migration_id, exc)
+
+    transaction.on_commit(forget)
 
 
 def _record_phase(migration: Migration, phase: str, *, actor: str) -> None:
@@ -312,6 +327,8 @@ def migration_report(
         return
     if status in TERMINAL_STATUSES:
         logger.info("migration %s is %s; late %s report from %s ignored", migration_id, status, event, node)
+        if role == "source":  # the source's last word comes after its last progress write
+            _forget_progress(migration)
         return
     if event == "phase":
         _record_phase(migration, detail, actor=actor)

@@ -175,3 +175,42 @@ def test_force_complete_waits_for_the_memory_phase(api, running_vm, user):
     assert api.post(f"/api/v1/migrations/{migration.pk}/force-complete/").status_code == 202
     control = redis.Redis.from_url(settings.REDIS_URL).hgetall(f"novacron:migration:{migration.pk}:control")
     assert control[b"force_complete"] == b"1"
+
+
+def test_an_ended_migration_leaves_no_keys_behind_in_redis(api, running_vm, user):
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    migration = services.migration_request(
+        vm=running_vm, requested_by=user, mode=MigrationMode.LIVE, dest_node=Node.objects.get(name="dst")
+    )
+    services.migrations_schedule()
+    targets = {"disk": f"{running_vm.pk}/nbd.sock", "memory": f"{running_vm.pk}/incoming.sock"}
+    services.migration_report(
+        migration_id=str(migration.pk), node="dst", role="dest", event="prepared", targets=targets
+    )
+    progress_key = f"novacron:migration:{migration.pk}:progress"
+    control_key = f"novacron:migration:{migration.pk}:control"
+    client.hset(progress_key, mapping={"percent": "60", "wire_bytes": "1000"})
+    client.expire(progress_key, 7 * 24 * 3600)
+    assert (
+        api.patch(
+            f"/api/v1/migrations/{migration.pk}/", {"bandwidth_limit_mbps": 50}, format="json"
+        ).status_code
+        == 200
+    )
+    assert client.exists(control_key)
+    services.migration_report(
+        migration_id=str(migration.pk), node="dst", role="dest", event="switched", stats={}
+    )
+    assert Migration.objects.get(pk=migration.pk).status == "completed"
+    assert not client.exists(control_key)
+    assert 0 < client.ttl(progress_key) <= 60
+    # The source's last progress write can land after the switch; its final report drops it again.
+    client.expire(progress_key, 7 * 24 * 3600)
+    services.migration_report(
+        migration_id=str(migration.pk),
+        node="src",
+        role="source",
+        event="transferred",
+        stats={"qemu_downtime_ms": 30},
+    )
+    assert 0 < client.ttl(progress_key) <= 60
