@@ -91,6 +91,9 @@ TUNNEL_CHUNK_SIZE = 64 * KiB
 TUNNEL_SEND_QUEUE_DEPTH = 4
 # The largest tunnel frame a receiver accepts (above the chunk size: peers may chunk differently).
 TUNNEL_FRAME_MAX = 256 * KiB
+# After the peer's END, how long the last bytes may take to reach the local socket before the tunnel
+# is failed (a local end that stopped reading must not hold the session and its target).
+TUNNEL_END_DRAIN_SECONDS = 5.0
 # Receiver reorder window for tunnels, in frames: a stream whose next frame is further ahead than
 # this waits, so reordering memory is bounded by window x TUNNEL_FRAME_MAX (4 MiB).
 REORDER_WINDOW = 16

@@ -227,8 +227,12 @@ class TunnelEndpoint:
                 elif frame.type is FrameType.END and responder:
                     # Answer only once everything from the peer reached the local socket: the
                     # session (and that socket) is torn down when the last stream has answered.
+                    # Bounded: a local end that stops reading (the soak saw QEMU's NBD server do so
+                    # after the switch) would otherwise hold this session, and its target, forever.
+                    deadline = time.monotonic() + limits.TUNNEL_END_DRAIN_SECONDS
                     while not (self.inbound_done.wait(0.1) or self.failed.is_set()):
-                        pass
+                        if time.monotonic() > deadline:
+                            self.fail(TransferError("the local socket stopped reading", code="local_socket"))
                     if self.failed.is_set():
                         return
                     channel.send(control_frame(FrameType.RESULT, {"ok": True}))
