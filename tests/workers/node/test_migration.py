@@ -1,6 +1,7 @@
 """Live and cold migration between two real node workers, through DWCP, with the test guest under TCG."""
 
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -295,8 +296,9 @@ def test_bandwidth_change_applies_while_it_runs_and_sse_streams_progress(
     assert any("bandwidth limit lifted" in event["detail"] for event in history)
 
 
-def test_live_migration_keeps_memory_and_disk(cluster: Cluster, api, dirty_image: Image):
-    """The guest's memory checksum and a marker it wrote to its disk are the same after the move."""
+def test_live_migration_keeps_memory_and_disk(cluster: Cluster, api, dirty_image: Image, tmp_path: Path):
+    """The guest's memory checksum, a marker it wrote to its disk and the whole disk (``qemu-img
+    compare`` of a copy taken before the move with the destination's disk) are the same after it."""
     from workers.guest.boot import SerialConsole
 
     source, dest = list(cluster.nodes)
@@ -309,6 +311,11 @@ def test_live_migration_keeps_memory_and_disk(cluster: Cluster, api, dirty_image
         console.request("disk-write", "migrated-intact", timeout=60)
     finally:
         console.close()
+    # The guest writes nothing more to its disk: a copy now is what the destination must end with
+    # (-U: read while the running QEMU holds the image).
+    copy = tmp_path / "before.qcow2"
+    source_disk = cluster.data_dirs[source] / "disks" / f"{vm_id}.qcow2"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(source_disk), str(copy)], check=True)
     migration_id = api.post(f"/api/v1/vms/{vm_id}/migrate/", {"dest_node": dest}, format="json").json()["id"]
     wait_for(
         lambda: Migration.objects.get(pk=migration_id).status in ("completed", "failed", "cancelled"),
@@ -322,6 +329,11 @@ def test_live_migration_keeps_memory_and_disk(cluster: Cluster, api, dirty_image
         assert console.request("disk-read", timeout=60) == ["migrated-intact"]
     finally:
         console.close()
+    dest_disk = cluster.data_dirs[dest] / "disks" / f"{vm_id}.qcow2"
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-U", str(copy), str(dest_disk)], capture_output=True, text=True, check=False
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr  # 0: identical contents
 
 
 def test_ping_pong_migration_back_before_the_source_is_cleaned(cluster: Cluster, api):
