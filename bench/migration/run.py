@@ -32,6 +32,7 @@ from bench.migration.netns import Topology, shape, two_hosts
 ROOT = Path(__file__).resolve().parents[2]
 DB_NAME = "novacron_bench_migration"
 SECRET = "bench-dwcp-secret"
+MiB = 1 << 20
 # A QEMU-only migration still short of its switch-over after this long is given up and reported so
 # (about 9x NovaCron's time over 100 Mbit/s; over that link QEMU alone may never converge on this guest).
 NATIVE_TIMEOUT_SECONDS = 120
@@ -167,10 +168,104 @@ def novacron_runs(
             print(f"  novacron {link} run {index + 1}: {run}", flush=True)
             here = there
             time.sleep(2)  # the source's cleanup lands before the next run starts
+    if args.cold:
+        cold_runs(args, topology, workdir, VM.objects.get(pk=vm.pk), user, here, results)
     # The QEMU-only runs that follow get the machine without this guest, as the migrations above had.
     vm_delete(vm=VM.objects.get(pk=vm.pk))
     wait_for(lambda: VM.objects.get(pk=vm.pk).state == "deleted", 120, "the VM's deletion")
     return results
+
+
+def _fill_disk(disk: Path, workdir: Path, megabytes: int) -> None:
+    """Give the stopped VM's disk realistic content: half random, half program text (the guest's kernel
+    and initramfs repeated), the rest of the 2 GiB unallocated."""
+    from workers.guest.boot import GuestImage
+
+    guest = GuestImage.from_manifest(ROOT / "var" / "images" / "testguest" / "manifest.json")
+    text = guest.kernel.read_bytes() + guest.initrd.read_bytes()
+    raw = workdir / "cold-fill.raw"
+    half = megabytes * MiB // 2
+    with raw.open("wb") as out:
+        out.write(os.urandom(half))
+        written = 0
+        while written < half:
+            piece = text[: half - written]
+            out.write(piece)
+            written += len(piece)
+        out.truncate(2 * 1024 * MiB)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True)
+    raw.unlink()
+
+
+def cold_runs(
+    args: argparse.Namespace,
+    topology: Topology,
+    workdir: Path,
+    vm: Any,
+    user: Any,
+    here: Any,
+    results: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Cold migration of the stopped VM per link, beside a plain DWCP file transfer of the same disk.
+
+    The same qcow2 file goes through ``python -m workers.dwcp send`` from the node holding it to the
+    other node's DWCP server, on the same link: the cold migration should move the disk at that rate
+    (its extra is stopping, defining and confirming on both sides).
+    """
+    from apps.migrations.choices import MigrationMode
+    from apps.migrations.models import Migration
+    from apps.migrations.serializers import MigrationSerializer
+    from apps.migrations.services import TERMINAL_STATUSES, migration_request
+    from apps.vms.choices import VMAction
+    from apps.vms.models import VM, Node
+    from apps.vms.services import vm_request_action
+
+    vm_request_action(vm=vm, action=VMAction.STOP)
+    wait_for(lambda: VM.objects.get(pk=vm.pk).state == "stopped", 120, "the VM to stop")
+    disk = workdir / here.name / "disks" / f"{vm.pk}.qcow2"
+    _fill_disk(disk, workdir, args.cold_mb)
+    nodes = {
+        "bench-a": (topology.ns_a, topology.a_link),
+        "bench-b": (topology.ns_b, topology.b_link),
+    }
+    for link in args.links:
+        shape(topology, link)
+        there = Node.objects.exclude(pk=here.pk).get(name__in=list(nodes))
+        disk = workdir / here.name / "disks" / f"{vm.pk}.qcow2"
+        ns, _ = nodes[here.name]
+        _, there_address = nodes[there.name]
+        sent = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "workers.dwcp", "send", str(disk),
+             "--to", f"{there_address}:7400", "--name", f"bench-cold-{link}.qcow2",
+             "--node-name", here.name, "--dest-node", there.name],
+            cwd=ROOT, env=os.environ | {"DWCP_SECRET": SECRET}, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        plain = json.loads(sent.stdout.strip().splitlines()[-1])
+        (workdir / there.name / f"bench-cold-{link}.qcow2").unlink(missing_ok=True)
+        before = link_bytes(topology)
+        migration = migration_request(
+            vm=VM.objects.get(pk=vm.pk), requested_by=user, mode=MigrationMode.COLD, dest_node=there
+        )
+        wait_for(
+            lambda: Migration.objects.get(pk=migration.pk).status in TERMINAL_STATUSES,  # noqa: B023
+            1800, "the cold migration", interval=0.5,
+        )  # fmt: skip
+        migration.refresh_from_db()
+        if migration.status != "completed":
+            raise RuntimeError(f"cold migration {migration.pk} {migration.status}: {migration.error}")
+        data = MigrationSerializer(migration).data
+        run = {
+            "total_seconds": data["total_seconds"],
+            "disk_bytes": plain["raw_bytes"],
+            "link_bytes": link_bytes(topology) - before,
+            "dwcp_wire_bytes": data["wire_bytes"],
+            "dwcp_send_seconds": plain["seconds"],
+            "dwcp_send_wire_bytes": plain["wire_bytes"],
+        }
+        results.setdefault(f"{link} cold", []).append(run)
+        print(f"  novacron cold {link}: {run}", flush=True)
+        here = there
+        time.sleep(2)  # the source's cleanup lands before the next run starts
 
 
 # --- QEMU alone -----------------------------------------------------------------------------------------
@@ -356,6 +451,10 @@ def main() -> int:
         "--native-runs", type=int, default=1, help="QEMU-only migrations per variant and link"
     )
     parser.add_argument("--links", default="1gbit,100mbit", type=lambda text: text.split(","))
+    parser.add_argument(
+        "--cold", action=argparse.BooleanOptionalAction, default=True, help="cold migration runs too"
+    )
+    parser.add_argument("--cold-mb", type=int, default=256, help="data written to the disk before them")
     parser.add_argument("--memory-mb", type=int, default=1024)
     parser.add_argument("--dirty-mb", type=int, default=256)
     parser.add_argument("--dirty-rate-mb", type=int, default=4)
@@ -457,6 +556,20 @@ def report(
         print(f"{row['link']:<9} {row['method']:<33} {row['runs']:>4} {row['total_seconds']!s:>9} "
               f"{row['total_vs_best_native']!s:>11} {row['downtime_ms']!s:>12} {row['link_mb']!s:>11}")  # fmt: skip
     print("(medians; downtime = source QMP STOP -> destination RESUME; 'on link' counts both directions)")
+    cold = [(link, run) for link in args.links for run in ours.get(f"{link} cold", [])]
+    if cold:
+        print("\ncold migration of the stopped VM against a plain DWCP file transfer of its disk, same link:")
+        print(
+            f"{'link':<9} {'disk MB':>8} {'cold s':>8} {'dwcp send s':>12} {'cold / send':>12} {'on link MB':>11}"
+        )
+        for link, run in cold:
+            ratio = (
+                round(run["total_seconds"] / run["dwcp_send_seconds"], 2)
+                if run["dwcp_send_seconds"]
+                else None
+            )
+            print(f"{link:<9} {run['disk_bytes'] / 1e6:8.1f} {run['total_seconds']!s:>8} "
+                  f"{run['dwcp_send_seconds']!s:>12} {ratio!s:>12} {run['link_bytes'] / 1e6:11.1f}")  # fmt: skip
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"migration-{time.strftime('%Y%m%d-%H%M%S')}.json"
