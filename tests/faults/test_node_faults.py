@@ -215,6 +215,60 @@ def test_dwcp_connection_cut_during_cold_migration(cluster: Cluster, api, fault:
     assert sha256(disk_path(cluster, vm.node.name, vm_id)) == checksum
 
 
+def test_dwcp_connection_cut_during_live_migration(
+    cluster: Cluster, api, dirty_image: Image, fault: FaultRecord
+):
+    fault.describe(
+        scenario="DWCP connections cut during a live migration",
+        action="live-migrate a memory-dirtying guest at 8 Mbit/s; destroy every TCP connection to the "
+        "destination's DWCP port (ss -K) while transferring",
+        invariant="migration ends (completed, or failed with an error); the VM runs on exactly one node "
+        "with its disk marker intact; capacity; a second migration then succeeds",
+    )
+    from apps.vms.models import Node
+    from workers.guest.boot import SerialConsole
+
+    source, dest = list(cluster.nodes)
+    vm_id = create_running(api, "live-cut", source, dirty_image.name)
+    console = SerialConsole.connect(run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
+    try:
+        console.wait_for(r"dirty ready", 120)
+        console.request("disk-write", "through-the-cut", timeout=60)
+    finally:
+        console.close()
+    port = int(Node.objects.get(name=dest).dwcp_address.rsplit(":", 1)[1])
+    migration_id = _migrate(api, vm_id, dest, "live", 8)
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
+    time.sleep(1.5)
+    killed = subprocess.run(
+        ["ss", "-K", "-t", "state", "established", f"( dport = :{port} or sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    fault.injected()
+    fault.note(f"ss -K destroyed {max(len(killed.stdout.splitlines()) - 1, 0)} socket(s)")
+    migration = wait_terminal(migration_id, 120)
+    assert_invariant(cluster)
+    fault.recovered()
+    fault.note(f"migration ended {migration.status}: {migration.error or 'no error'}")
+    assert migration.status in ("completed", "failed")
+    if migration.status == "failed":
+        assert migration.error
+    vm = VM.objects.select_related("node").get(pk=vm_id)
+    assert vm.state == "running"
+    console = SerialConsole.connect(run_dir(cluster, vm.node.name, vm_id) / "console.sock", timeout=30)
+    try:
+        assert console.request("disk-read", timeout=60) == ["through-the-cut"]
+    finally:
+        console.close()
+    # Nothing of the cut attempt is left in the way: the VM moves again (or back).
+    other = dest if vm.node.name == source else source
+    again = wait_terminal(_migrate(api, vm_id, other, "live", None), 120)
+    assert again.status == "completed", again.error
+    assert_invariant(cluster)
+
+
 def test_destination_disk_full_during_cold_migration(
     cluster: Cluster, api, fault: FaultRecord, tmp_path: Path
 ):
