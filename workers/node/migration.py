@@ -138,6 +138,14 @@ class MigrationRunner:
         self.redis = client
         self._controls: dict[str, TransferControl] = {}
         self._lock = threading.Lock()
+        # One lock per VM for the short steps that create or remove its files here (prepare, abort,
+        # cleanup): a ping-pong migration's prepare and the cleanup of the move before it can run at
+        # once on the same node, and the cleanup removed the new copy's disk (seen once in the soak).
+        self._vm_locks: dict[str, threading.RLock] = {}
+
+    def _vm_lock(self, uuid: str) -> threading.RLock:
+        with self._lock:
+            return self._vm_locks.setdefault(uuid, threading.RLock())
 
     # -- reporting -------------------------------------------------------------------------------
 
@@ -213,7 +221,8 @@ class MigrationRunner:
         spec = VmSpec.from_dict(vm)
         if self._redelivered(spec.uuid, migration_id, "dest"):
             return
-        self._guarded(migration_id, "dest", lambda: self._prepare(migration_id, spec, mode))
+        with self._vm_lock(spec.uuid):
+            self._guarded(migration_id, "dest", lambda: self._prepare(migration_id, spec, mode))
 
     def _prepare(self, migration_id: str, spec: VmSpec, mode: str) -> None:
         paths = self.driver.paths(spec.uuid)
@@ -695,7 +704,8 @@ class MigrationRunner:
             else:
                 self.report(migration_id, role, "aborted", "nothing of this migration here")
 
-        self._guarded(migration_id, role, work)
+        with self._vm_lock(spec.uuid):
+            self._guarded(migration_id, role, work)
 
     def _handed_over(self, uuid: str) -> bool:
         """Whether this QEMU migrated its guest out (run state ``postmigrate``).
@@ -729,7 +739,8 @@ class MigrationRunner:
             self.driver.delete(spec.uuid)
             self.report(migration_id, "source", "cleaned", "source copy removed")
 
-        self._guarded(migration_id, "source", work)
+        with self._vm_lock(spec.uuid):
+            self._guarded(migration_id, "source", work)
 
 
 @dataclass
