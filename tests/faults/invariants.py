@@ -18,6 +18,31 @@ FAULT_STALL_TIMEOUT = 30
 TERMINAL = ("completed", "failed", "cancelled")
 
 
+def dirty_guest_with_marker(cluster: Cluster, api: Any, name: str, node: str, image: str, marker: str) -> str:
+    """A running memory-dirtying guest on ``node`` that has written ``marker`` to its disk."""
+    from workers.guest.boot import SerialConsole
+
+    vm_id = create_running(api, name, node, image)
+    console = SerialConsole.connect(run_dir(cluster, node, vm_id) / "console.sock", timeout=30)
+    try:
+        console.wait_for(r"dirty ready", 120)
+        console.request("disk-write", marker, timeout=60)
+    finally:
+        console.close()
+    return vm_id
+
+
+def disk_marker(cluster: Cluster, node: str, vm_id: str) -> list[str]:
+    """What the guest on ``node`` reads back from its disk marker."""
+    from workers.guest.boot import SerialConsole
+
+    console = SerialConsole.connect(run_dir(cluster, node, vm_id) / "console.sock", timeout=30)
+    try:
+        return list(console.request("disk-read", timeout=60))
+    finally:
+        console.close()
+
+
 def create_running(api: Any, name: str, node: str, image: str = "testguest", timeout: float = 90) -> str:
     payload = {"name": name, "image": image, "vcpus": 1, "memory_mb": 128, "disk_gb": 1, "node": node}
     response = api.post("/api/v1/vms/", payload, format="json")

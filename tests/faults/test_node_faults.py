@@ -16,6 +16,8 @@ from tests.faults.conftest import FaultRecord
 from tests.faults.invariants import (
     assert_invariant,
     create_running,
+    dirty_guest_with_marker,
+    disk_marker,
     disk_path,
     holders,
     qemu_pid,
@@ -98,16 +100,9 @@ def test_source_worker_killed_during_live_migration(
         invariant="migration failed with an error; VM running on the source only (guest keeps ticking, "
         "disk marker intact); destination copy removed; capacity; a second migration then succeeds",
     )
-    from workers.guest.boot import SerialConsole
 
     source, dest = list(cluster.nodes)
-    vm_id = create_running(api, "src-kill", source, dirty_image.name)
-    console = SerialConsole.connect(run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
-    try:
-        console.wait_for(r"dirty ready", 120)
-        console.request("disk-write", "before-the-fault", timeout=60)
-    finally:
-        console.close()
+    vm_id = dirty_guest_with_marker(cluster, api, "src-kill", source, dirty_image.name, "before-the-fault")
     migration_id = _migrate(api, vm_id, dest, "live", 4)
     wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
     time.sleep(1.5)
@@ -124,11 +119,7 @@ def test_source_worker_killed_during_live_migration(
     log = run_dir(cluster, source, vm_id) / "serial.log"
     size = log.stat().st_size
     wait_for(lambda: log.stat().st_size > size, 15, "the source guest to keep running (not paused)")
-    console = SerialConsole.connect(run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
-    try:
-        assert console.request("disk-read", timeout=60) == ["before-the-fault"]
-    finally:
-        console.close()
+    assert disk_marker(cluster, source, vm_id) == ["before-the-fault"]
     # The source QEMU holds no leftover of the failed attempt: the next migration goes through.
     again = wait_terminal(_migrate(api, vm_id, dest, "live", None), 120)
     assert again.status == "completed", again.error
@@ -226,16 +217,9 @@ def test_dwcp_connection_cut_during_live_migration(
         "with its disk marker intact; capacity; a second migration then succeeds",
     )
     from apps.vms.models import Node
-    from workers.guest.boot import SerialConsole
 
     source, dest = list(cluster.nodes)
-    vm_id = create_running(api, "live-cut", source, dirty_image.name)
-    console = SerialConsole.connect(run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
-    try:
-        console.wait_for(r"dirty ready", 120)
-        console.request("disk-write", "through-the-cut", timeout=60)
-    finally:
-        console.close()
+    vm_id = dirty_guest_with_marker(cluster, api, "live-cut", source, dirty_image.name, "through-the-cut")
     port = int(Node.objects.get(name=dest).dwcp_address.rsplit(":", 1)[1])
     migration_id = _migrate(api, vm_id, dest, "live", 8)
     wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
@@ -257,11 +241,7 @@ def test_dwcp_connection_cut_during_live_migration(
         assert migration.error
     vm = VM.objects.select_related("node").get(pk=vm_id)
     assert vm.state == "running"
-    console = SerialConsole.connect(run_dir(cluster, vm.node.name, vm_id) / "console.sock", timeout=30)
-    try:
-        assert console.request("disk-read", timeout=60) == ["through-the-cut"]
-    finally:
-        console.close()
+    assert disk_marker(cluster, vm.node.name, vm_id) == ["through-the-cut"]
     # Nothing of the cut attempt is left in the way: the VM moves again (or back).
     other = dest if vm.node.name == source else source
     again = wait_terminal(_migrate(api, vm_id, other, "live", None), 120)
