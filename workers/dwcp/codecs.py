@@ -32,6 +32,7 @@ from .frames import Codec, Frame
 logger = logging.getLogger(__name__)
 
 _ZEROS: Final = bytes(limits.MAX_CHUNK_SIZE)
+_ZEROS_VIEW: Final = memoryview(_ZEROS)
 _OFFSET: Final = struct.Struct("!Q")
 
 
@@ -74,7 +75,9 @@ class EncodedChunk:
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    return data == _ZEROS[: len(data)]
+    # One memcmp against the constant, copying nothing (``==`` on a slice of it would copy the
+    # slice first, and ``==`` on memoryviews compares byte by byte: 100 times slower).
+    return _ZEROS.startswith(data)
 
 
 def dedup_key(data: bytes | bytearray | memoryview) -> bytes:
@@ -84,7 +87,7 @@ def dedup_key(data: bytes | bytearray | memoryview) -> bytes:
 
 @functools.lru_cache(maxsize=64)  # lengths are the chunk size and a few tails
 def zero_checksum(length: int) -> int:
-    return xxhash.xxh3_64_intdigest(memoryview(_ZEROS)[:length])
+    return xxhash.xxh3_64_intdigest(_ZEROS_VIEW[:length])
 
 
 _local = threading.local()
@@ -121,10 +124,10 @@ def looks_incompressible(data: bytes | bytearray | memoryview) -> bool:
 
 def encode(data: bytes | bytearray | memoryview, level: Level) -> EncodedChunk:
     """Encode one chunk at ``level`` (zero elision and the raw fast path apply at every level)."""
-    checksum = xxhash.xxh3_64_intdigest(data)
     length = len(data)
-    if is_zero(data):
-        return EncodedChunk(Codec.ZERO, b"", length, checksum)
+    if is_zero(data):  # its checksum is known: no pass over the bytes to hash them
+        return EncodedChunk(Codec.ZERO, b"", length, zero_checksum(length))
+    checksum = xxhash.xxh3_64_intdigest(data)
     if level.codec is Codec.RAW or looks_incompressible(data):
         return EncodedChunk(Codec.RAW, _as_payload(data), length, checksum)
     if level.codec is Codec.LZ4:
@@ -155,7 +158,9 @@ def decode(frame: Frame) -> bytes | bytearray | memoryview:
         if frame.codec is Codec.RAW:
             data: bytes | bytearray | memoryview = frame.payload
         elif frame.codec is Codec.ZERO:
-            data = memoryview(_ZEROS)[: frame.raw_length]
+            if frame.raw_length > limits.MAX_CHUNK_SIZE or frame.checksum != zero_checksum(frame.raw_length):
+                raise ChecksumMismatch(f"chunk at {frame.seq_or_offset} fails its xxh3-64 checksum")
+            return _ZEROS_VIEW[: frame.raw_length]  # verified by its checksum, which zeros always have
         elif frame.codec is Codec.LZ4:
             data = lz4.block.decompress(frame.payload, uncompressed_size=frame.raw_length)
         elif frame.codec is Codec.ZSTD:

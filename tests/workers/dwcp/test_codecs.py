@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import xxhash
 
 from workers.dwcp import codecs
 from workers.dwcp.codecs import LADDER, AdaptivePolicy, CodecMode, Level
@@ -64,6 +65,24 @@ def test_a_decompression_bomb_cannot_exceed_the_declared_size() -> None:
     )
     with pytest.raises(ChecksumMismatch):
         codecs.decode(frame)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_zero_detection_reads_every_byte_of_any_buffer(kind: type) -> None:
+    assert codecs.is_zero(kind(bytes(CHUNK)))
+    assert codecs.is_zero(kind(bytes(4096 + 7)))  # a file's tail
+    for position in (0, CHUNK // 2, CHUNK - 1):
+        data = bytearray(CHUNK)
+        data[position] = 1
+        assert not codecs.is_zero(kind(data))
+
+
+def test_a_zero_frame_whose_checksum_is_not_that_of_zeros_is_refused() -> None:
+    forged = make_frame(FrameType.DATA, b"", codec=Codec.ZERO, raw_length=CHUNK, checksum=12345)
+    with pytest.raises(ChecksumMismatch):
+        codecs.decode(forged)
+    zeros = codecs.encode(bytes(CHUNK), Level(Codec.LZ4))
+    assert zeros.checksum == xxhash.xxh3_64_intdigest(bytes(CHUNK))
 
 
 def _settle(policy: AdaptivePolicy, *, starved: float, backlogged: bool) -> None:
