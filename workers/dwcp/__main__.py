@@ -1,14 +1,20 @@
-"""Operator CLI: ``python -m workers.dwcp serve|send``.
+"""Operator CLI: ``python -m workers.dwcp serve|send|tunnel``.
 
-    python -m workers.dwcp serve --listen HOST:PORT --root DIR [--node-name NAME]
+    python -m workers.dwcp serve --listen HOST:PORT --root DIR [--tunnel-root DIR] [--node-name NAME]
     python -m workers.dwcp send FILE --to HOST:PORT --name NAME [--streams N]
         [--codec auto|lz4|zstd|raw] [--bandwidth-limit-mbps N] [--base NAME]
+    python -m workers.dwcp tunnel --listen-unix PATH --to HOST:PORT --target NAME [--streams N]
+        [--codec auto|lz4|zstd|raw] [--bandwidth-limit-mbps N]
 
 Both read the shared secret from ``DWCP_SECRET`` and, for mutual TLS, ``DWCP_TLS_CERT``,
 ``DWCP_TLS_KEY`` and ``DWCP_TLS_CA`` (all three or none; see ``workers.dwcp.tls``). ``send`` signs
 its own ticket with the secret (the control plane does this for real migrations), shows a progress
-bar when stderr is a terminal and prints one JSON line with the result. Exit status: 0 done,
-1 transfer failed, 2 bad usage (a bad ``DWCP_TLS_*`` set included).
+bar when stderr is a terminal and prints one JSON line with the result. ``tunnel`` listens on the
+unix socket PATH and joins its first client, through the server, to the unix socket NAME under the
+server's ``--tunnel-root`` (a QEMU migration moved by hand: ``migrate unix:PATH`` on one host,
+``-incoming unix:DIR/NAME`` on the other); it prints one JSON line once both directions ended. Its
+ticket is signed at start and lives 5 minutes: the client connects within that time. Exit status:
+0 done, 1 transfer failed, 2 bad usage (a bad ``DWCP_TLS_*`` set included).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .server import DWCPServer
 from .tickets import sign_ticket
 from .tls import tls_from_environment
 from .transport import ConnectionPool
+from .tunnel import open_tunnel
 
 # The CLI's peers are named by host; the server checks tickets against its --node-name, which
 # defaults to this host's name on both sides so an operator needs no extra flags.
@@ -52,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a DWCP server")
     serve.add_argument("--listen", required=True, metavar="HOST:PORT")
     serve.add_argument("--root", required=True, type=Path, metavar="DIR", help="files land under DIR only")
+    serve.add_argument(
+        "--tunnel-root", type=Path, default=None, metavar="DIR", help="tunnels reach sockets under DIR only"
+    )
     serve.add_argument("--node-name", default=DEFAULT_NODE_NAME, help="this node's name in tickets")
     send = commands.add_parser("send", help="send one file to a DWCP server")
     send.add_argument("file", type=Path)
@@ -63,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--base", default=None, help="a file under the server's root to reference")
     send.add_argument("--node-name", default=DEFAULT_NODE_NAME, help="this node's name")
     send.add_argument("--dest-node", default=DEFAULT_NODE_NAME, help="the server's --node-name")
+    tunnel = commands.add_parser("tunnel", help="join a local unix socket to one on the server's node")
+    tunnel.add_argument("--listen-unix", required=True, type=Path, metavar="PATH")
+    tunnel.add_argument("--to", required=True, metavar="HOST:PORT")
+    tunnel.add_argument("--target", required=True, help="socket path relative to the server's tunnel root")
+    tunnel.add_argument("--streams", type=int, default=limits.DEFAULT_STREAMS)
+    tunnel.add_argument("--codec", choices=["auto", "lz4", "zstd", "raw"], default="auto")
+    tunnel.add_argument("--bandwidth-limit-mbps", type=float, default=None)
+    tunnel.add_argument("--node-name", default=DEFAULT_NODE_NAME, help="this node's name")
+    tunnel.add_argument("--dest-node", default=DEFAULT_NODE_NAME, help="the server's --node-name")
     return parser
 
 
@@ -70,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = DWCPServer(
         listen=args.listen,
         root=args.root,
+        tunnel_root=args.tunnel_root,
         node_name=args.node_name,
         secret=_secret(),
         tls=tls_from_environment(),
@@ -87,15 +107,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_transfer_options(args: argparse.Namespace) -> None:
+    if not 1 <= args.streams <= limits.MAX_STREAMS:
+        raise ConfigurationError(f"--streams must be in 1..{limits.MAX_STREAMS}")
+    if args.bandwidth_limit_mbps is not None and args.bandwidth_limit_mbps <= 0:
+        raise ConfigurationError("--bandwidth-limit-mbps must be positive")
+
+
 def _send(args: argparse.Namespace) -> int:
     secret = _secret()
     pool = ConnectionPool(tls=tls_from_environment())
     if not (args.file.is_file() or args.file.is_block_device()):
         raise ConfigurationError(f"{args.file} is neither a regular file nor a block device")
-    if not 1 <= args.streams <= limits.MAX_STREAMS:
-        raise ConfigurationError(f"--streams must be in 1..{limits.MAX_STREAMS}")
-    if args.bandwidth_limit_mbps is not None and args.bandwidth_limit_mbps <= 0:
-        raise ConfigurationError("--bandwidth-limit-mbps must be positive")
+    _check_transfer_options(args)
     ticket = sign_ticket(
         secret=secret, source_node=args.node_name, dest_node=args.dest_node, kind="file", target=args.name
     )
@@ -129,11 +153,47 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tunnel(args: argparse.Namespace) -> int:
+    secret = _secret()
+    pool = ConnectionPool(tls=tls_from_environment())
+    _check_transfer_options(args)
+    if not args.listen_unix.parent.is_dir():
+        raise ConfigurationError(f"--listen-unix: {args.listen_unix.parent} is not a directory")
+    ticket = sign_ticket(
+        secret=secret, source_node=args.node_name, dest_node=args.dest_node, kind="tunnel", target=args.target
+    )
+    control = TransferControl(bandwidth_limit_mbps=args.bandwidth_limit_mbps)
+    tunnel = open_tunnel(
+        address=args.to,
+        local_path=args.listen_unix,
+        ticket=ticket,
+        secret=secret,
+        source_node=args.node_name,
+        streams=args.streams,
+        codec=args.codec,
+        control=control,
+        pool=pool,
+    )
+    signal.signal(signal.SIGINT, lambda signum, frame: tunnel.close())
+    signal.signal(signal.SIGTERM, lambda signum, frame: tunnel.close())
+    print(json.dumps({"listening": str(args.listen_unix), "transfer_id": tunnel.transfer_id}), flush=True)
+    while True:  # a bounded wait, so the signal handlers above get to run
+        try:
+            result = tunnel.wait(timeout=0.5)
+        except TimeoutError:
+            continue
+        print(json.dumps(result.as_dict()), flush=True)
+        return 0
+
+
+COMMANDS = {"serve": _serve, "send": _send, "tunnel": _tunnel}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
-        return _serve(args) if args.command == "serve" else _send(args)
+        return COMMANDS[args.command](args)
     except ConfigurationError as exc:
         print(f"dwcp: {exc}", file=sys.stderr)
         return 2
