@@ -134,6 +134,10 @@ NOTSENT_LOWAT_BYTES = 2 * MiB
 # Unsent bytes left in the socket right after a write: a link-bound writer finds about
 # NOTSENT_LOWAT_BYTES there, a CPU-bound one finds its socket drained. Half-way is the cut.
 LINK_BACKLOG_BYTES = NOTSENT_LOWAT_BYTES // 2
+# The same cut for a connection carrying a tunnel, whose low-water mark is far lower: against the
+# bulk cut a tunnel's socket never looked backlogged, so its policy only ever went lighter (raw
+# over 1 Gbit, lz4 at best over 100 Mbit, where zstd sends the migration stream in half the time).
+TUNNEL_LINK_BACKLOG_BYTES = TUNNEL_NOTSENT_LOWAT_BYTES // 2
 # How often the adaptive policy re-decides the compression level from the pipeline's stalls.
 ADAPT_INTERVAL_SECONDS = 0.25
 

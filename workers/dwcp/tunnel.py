@@ -159,7 +159,7 @@ class TunnelEndpoint:
                 wire = channel.send(frame)
                 self.policy.record(
                     starved_seconds=ready - started,
-                    backlogged=channel.unsent_bytes() > limits.LINK_BACKLOG_BYTES,
+                    backlogged=channel.unsent_bytes() > limits.TUNNEL_LINK_BACKLOG_BYTES,
                 )
                 self.tracker.add(raw=chunk.raw_length, wire=wire, codec=chunk.codec.name.lower())
             except BaseException as exc:
