@@ -19,8 +19,8 @@ run: setup  ## control plane, control worker, beat, Flower and the local nodes
 guest: setup  ## the test guest (kernel + busybox initramfs from Debian packages), registered as image testguest
 	$(PY) -m workers.guest.build --out var/images/testguest
 
-bench-dwcp: setup  ## DWCP against nc and rsync on shaped namespaces and loopback (root)
-	$(PY) bench/dwcp/bench.py $(BENCH_ARGS)
+bench-dwcp: setup  ## DWCP against nc, rsync and QEMU migration on shaped namespaces and loopback (root)
+	$(PY) -m bench.dwcp.bench $(BENCH_ARGS)
 
 bench-migration: setup  ## NovaCron live migration vs QEMU alone between two namespaces (root; ~15 min)
 	$(PY) -m bench.migration.run $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-"""DWCP benchmark against nc and rsync on shaped links (issue 4, section 5).
+"""DWCP benchmark against nc, rsync and QEMU's own migration on shaped links (issue 4, section 5).
 
 Two network namespaces joined by a veth pair, the sending side's egress shaped with
 ``tc qdisc tbf`` at 1 Gbit and at 100 Mbit, plus unshaped loopback. For each link and data set
@@ -9,17 +9,25 @@ every tool moves the same file from one side to the other into a fresh directory
 * ``rsync -z``     the same with rsync's negotiated compression (zstd on rsync 3.2+)
 * ``dwcp``         ``python -m workers.dwcp send`` to ``serve``, adaptive codec
 
-Columns: wall seconds; effective MB/s (file bytes / wall); wire MB (payload bytes the tool put on
-the link: nc = the file, rsync = its ``--stats`` bytes sent, DWCP = its JSON ``wire_bytes``);
-efficiency (DWCP effective rate / nc's on the same link); speed-up against each peer; CPU seconds
-(user + system, sender + receiver); peak RSS (the larger of sender and receiver).
+Data sets: random bytes, zeros (written, not sparse), a VM disk (an ext4 image about 60 % full of
+this machine's libraries, binaries and documentation, its free space sparse), and ``qemu-ram``: the
+migration stream of a loaded test guest (``bench/dwcp/qemu_ram.py``), moved as a file by the tools
+above and, live, by QEMU's native migration over TCP (one stream; multifd x4 with zstd) and by QEMU
+through a DWCP tunnel, on the same link.
+
+Columns: wall seconds; effective MB/s (data bytes / wall); goodput (wire bytes / wall: what the
+link carried per second); wire MB (payload bytes the tool put on the link: nc = the file, rsync =
+its ``--stats`` bytes sent, DWCP = its JSON ``wire_bytes``, QEMU = its ``ram.transferred``);
+efficiency (effective rate / nc's on the same link); speed-up against each peer; CPU seconds
+(user + system, sender + receiver); peak RSS (the larger of sender and receiver). Every table is
+also written as JSON to ``bench/results/``.
 
 Read the figures with two facts in mind: the DWCP receiver verifies the whole-file digest and
 fsyncs before renaming into place (nc and rsync do neither), and "wall" includes starting the
 Python interpreter for the sender (under a second on a slow VM); "xfer s" is DWCP's own transfer
 time without it. On a one-host benchmark sender and receiver share the same cores.
 
-Run as root (namespaces, tc): ``sudo .venv/bin/python bench/dwcp/bench.py [--quick]``.
+Run as root (namespaces, tc): ``sudo .venv/bin/python -m bench.dwcp.bench [--quick]``.
 All traffic stays on loopback or inside the two namespaces this script creates and deletes.
 """
 
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -37,8 +46,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+from bench.dwcp import qemu_ram
+from workers.qemu.qmp import EventLoopThread
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(REPO / ".venv" / "bin" / "python")
@@ -60,10 +73,15 @@ class Measurement:
     peak_rss_kib: int
     transfer_seconds: float | None = None  # DWCP's own figure, without interpreter start-up
     codec_mix: dict[str, int] | None = None
+    downtime_ms: float | None = None  # live migrations: the guest's pause as QEMU reports it
 
     @property
     def rate(self) -> float:
         return self.raw_bytes / self.wall / 1e6
+
+    @property
+    def goodput(self) -> float:
+        return self.wire_bytes / self.wall / 1e6
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,11 @@ class Link:
     @property
     def receiver_ip(self) -> str:
         return "127.0.0.1" if self.loopback else RECV_IP
+
+    def sent_on_link(self) -> int:
+        """Bytes the sending side's veth has sent so far (headers included)."""
+        statistics = run(["ip", "netns", "exec", NS_SEND, "cat", "/sys/class/net/dwb0/statistics/tx_bytes"])
+        return int(statistics.stdout)
 
 
 def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -326,6 +349,9 @@ def make_vm_disk(path: Path, size: int, scratch: Path) -> Path:
 
 
 def make_dataset(dataset: str, size: int, scratch: Path) -> Path:
+    if dataset == "qemu-ram":
+        with guest_loop() as loop:
+            return qemu_ram.capture_stream(qemu_ram.guest_image(REPO), scratch, loop)
     source = scratch / f"{dataset}-{size // MiB}M.bin"
     if not source.exists():
         if dataset == "random":
@@ -337,7 +363,30 @@ def make_dataset(dataset: str, size: int, scratch: Path) -> Path:
     return source
 
 
-def run_tools(link: Link, source: Path, scratch: Path, streams: int) -> list[Measurement]:
+@contextlib.contextmanager
+def guest_loop() -> Iterator[EventLoopThread]:
+    loop = EventLoopThread()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+def live_migrations(link: Link, scratch: Path, streams: int) -> list[Measurement]:
+    """The guest's RAM migrated live over the link: QEMU alone, and QEMU through a DWCP tunnel."""
+    env = {**os.environ, "DWCP_SECRET": SECRET, "PYTHONPATH": str(REPO)}
+    with guest_loop() as loop:
+        counter = None if link.loopback else link.sent_on_link
+        setup = qemu_ram.LinkSetup(link.wrap, link.receiver_ip, PYTHON, env, parse_time, streams, counter)
+        runs = qemu_ram.live_migrations(qemu_ram.guest_image(REPO), scratch / "live", loop, setup)
+    for run in runs:
+        print(f"  {link.name} live {run['tool']}: {run['wall']:.2f}s", file=sys.stderr, flush=True)
+    return [Measurement(**run) for run in runs]
+
+
+def run_tools(
+    link: Link, source: Path, scratch: Path, streams: int, wanted: set[str] | None = None
+) -> list[Measurement]:
     """Every tool once, each into a fresh, empty target directory."""
     tools = {
         "nc": lambda target: bench_nc(link, source, target),
@@ -347,6 +396,8 @@ def run_tools(link: Link, source: Path, scratch: Path, streams: int) -> list[Mea
     }
     results = []
     for name, bench in tools.items():
+        if wanted is not None and name not in wanted and name != "nc":  # nc is every ratio's base
+            continue
         target = scratch / "target"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
@@ -358,25 +409,48 @@ def run_tools(link: Link, source: Path, scratch: Path, streams: int) -> list[Mea
 
 def table(link: Link, dataset: str, results: list[Measurement]) -> str:
     nc = next(m for m in results if m.tool == "nc")
-    peers = [m for m in results if not m.tool.startswith("dwcp")]
+    peers = [m for m in results if "dwcp" not in m.tool]
+    width = max(len(m.tool) for m in results) + 2
     lines = [
         f"\n{link.name} / {dataset} ({results[0].raw_bytes / MiB:.0f} MiB)",
-        f"{'tool':<16}{'wall s':>8}{'eff MB/s':>10}{'wire MB':>10}{'vs nc':>8}"
-        + "".join(f"{'vs ' + p.tool:>12}" for p in peers[1:])
+        f"{'tool':<{width}}{'wall s':>8}{'eff MB/s':>10}{'good MB/s':>10}{'wire MB':>9}{'vs nc':>8}"
+        + "".join(f"{'vs ' + p.tool:>{max(11, len(p.tool) + 4)}}" for p in peers[1:])
         + f"{'CPU s':>8}{'RSS MiB':>9}{'xfer s':>8}",
     ]
     for m in results:
-        speedups = "".join(f"{p.wall / m.wall:>11.2f}x" for p in peers[1:])
+        speedups = "".join(f"{m.rate / p.rate:>{max(11, len(p.tool) + 4) - 1}.2f}x" for p in peers[1:])
+        rss = f"{m.peak_rss_kib / 1024:>9.1f}" if m.peak_rss_kib else f"{'-':>9}"
         lines.append(
-            f"{m.tool:<16}{m.wall:>8.2f}{m.rate:>10.1f}{m.wire_bytes / 1e6:>10.1f}{m.rate / nc.rate:>7.2f}x"
-            f"{speedups}{m.cpu:>8.2f}{m.peak_rss_kib / 1024:>9.1f}"
+            f"{m.tool:<{width}}{m.wall:>8.2f}{m.rate:>10.1f}{m.goodput:>10.1f}{m.wire_bytes / 1e6:>9.1f}"
+            f"{m.rate / nc.rate:>7.2f}x{speedups}{m.cpu:>8.2f}{rss}"
             + (f"{m.transfer_seconds:>8.2f}" if m.transfer_seconds is not None else "")
         )
     for m in results:
         if m.codec_mix:
             mix = ", ".join(f"{codec} {raw / m.raw_bytes:.0%}" for codec, raw in sorted(m.codec_mix.items()))
-            lines.append(f"  {m.tool} codec mix (share of file bytes): {mix}")
+            lines.append(f"  {m.tool} codec mix (share of data bytes): {mix}")
+        if m.downtime_ms is not None:
+            lines.append(f"  {m.tool}: guest downtime {m.downtime_ms} ms (QEMU's figure)")
     return "\n".join(lines)
+
+
+def commit_id() -> str:
+    head = run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO).stdout.strip()
+    dirty = run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO).stdout.strip()
+    return head + ("-dirty" if dirty else "")
+
+
+def write_json(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Path:
+    now = datetime.datetime.now(datetime.UTC)
+    path = REPO / "bench" / "results" / f"dwcp-{now:%Y-%m-%dT%H%M%S}-{commit_id()}.json"
+    document = {
+        "args": vars(args),
+        "load_average": os.getloadavg(),
+        "finished": now.isoformat(),
+        "rows": rows,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
 
 
 def main() -> int:
@@ -386,10 +460,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller files, loopback and 1 Gbit only")
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--links", default="loopback,1gbit,100mbit", help="comma-separated subset")
-    parser.add_argument("--datasets", default="random,zeros,vm-disk", help="comma-separated subset")
+    parser.add_argument("--datasets", default="random,zeros,vm-disk,qemu-ram", help="comma-separated subset")
+    parser.add_argument("--tools", default="nc,rsync,rsync -z,dwcp,qemu", help="comma-separated subset")
+    parser.add_argument(
+        "--size-mib", type=int, default=None, help="one size for every file data set (default: per link)"
+    )
     args = parser.parse_args()
     wanted_links = set(args.links.split(","))
     wanted_datasets = set(args.datasets.split(","))
+    wanted_tools = set(args.tools.split(","))
     if os.geteuid() != 0:
         print("bench: run as root (network namespaces and tc need it)", file=sys.stderr)
         return 2
@@ -397,12 +476,13 @@ def main() -> int:
     links = [Link("loopback", None, True), Link("veth 1gbit", "1gbit", False)]
     if not args.quick:
         links.append(Link("veth 100mbit", "100mbit", False))
-    sizes = {  # per link: keep each nc run to a few seconds
-        "loopback": {"random": 512 * MiB, "zeros": 1024 * MiB, "vm-disk": 512 * MiB},
-        "veth 1gbit": {"random": 256 * MiB, "zeros": 256 * MiB, "vm-disk": 256 * MiB},
-        "veth 100mbit": {"random": 48 * MiB, "zeros": 48 * MiB, "vm-disk": 64 * MiB},
+    sizes = {  # per link: keep each nc run to a few seconds (qemu-ram: the guest's stream, whatever it is)
+        "loopback": {"random": 512 * MiB, "zeros": 1024 * MiB, "vm-disk": 512 * MiB, "qemu-ram": 0},
+        "veth 1gbit": {"random": 256 * MiB, "zeros": 256 * MiB, "vm-disk": 256 * MiB, "qemu-ram": 0},
+        "veth 100mbit": {"random": 48 * MiB, "zeros": 48 * MiB, "vm-disk": 64 * MiB, "qemu-ram": 0},
     }
     report: list[str] = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dwcp-bench-", dir="/var/tmp") as scratch_name:
         scratch = Path(scratch_name)
         for link in links:
@@ -411,12 +491,17 @@ def main() -> int:
             for dataset, full_size in sizes[link.name].items():
                 if dataset not in wanted_datasets:
                     continue
-                source = make_dataset(dataset, full_size // scale, scratch)
+                size = args.size_mib * MiB if args.size_mib else full_size // scale
+                source = make_dataset(dataset, size, scratch)
                 context = contextlib.nullcontext() if link.loopback else namespaces(link.rate or "")
                 with context:
-                    results = run_tools(link, source, scratch, args.streams)
+                    results = run_tools(link, source, scratch, args.streams, wanted_tools)
+                    if dataset == "qemu-ram" and "qemu" in wanted_tools:
+                        results += live_migrations(link, scratch, args.streams)
                 report.append(table(link, dataset, results))
                 print(report[-1], flush=True)
+                rows += [{"link": link.name, "dataset": dataset, **asdict(m)} for m in results]
+    print(f"\nJSON: {write_json(args, rows).relative_to(REPO)}", flush=True)
     return 0
 
 
