@@ -131,8 +131,11 @@ class TunnelEndpoint:
     def write_channel(self, channel: Channel) -> None:
         """Writer loop for one channel (run in its own thread)."""
         while True:
-            started = time.monotonic()
             item = self.outbound.get()
+            # Only the wait for the codec pool tells of a busy CPU. Waiting for the queue means the
+            # local socket had nothing to send (QEMU producing slower than the link): no codec
+            # helps then, and counting it made the policy drop to raw while the link was busy.
+            started = time.monotonic()
             if item is _STOP:
                 self.outbound.put(_STOP)
                 return

@@ -128,6 +128,34 @@ def test_a_request_response_protocol_runs_through_the_tunnel(
     tunnel.wait(timeout=10)
 
 
+def test_a_slow_local_source_does_not_make_the_codec_lighter(
+    server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
+) -> None:
+    # QEMU often writes its stream slower than link and CPU could carry it: the writers then wait
+    # for data, not for the codec, and lz4 must stay (it once fell to raw after the first window).
+    peer = UnixPeer(root / "sink.sock", b"")
+    tunnel = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "local.sock",
+        ticket=ticket("sink.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        streams=4,
+    )
+    piece = b"".join(b"page %d: program text and data; " % n for n in range(3000))[: 64 * 1024]
+    with connect(tmp_path / "local.sock") as client:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            client.sendall(piece)
+            time.sleep(0.01)
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(10) == b""
+    result = tunnel.wait(timeout=10)
+    peer.thread.join(timeout=10)
+    assert peer.received_bytes == result.bytes_sent > 64 * 64 * 1024
+    assert set(result.codec_mix) == {"lz4"}, result.codec_mix
+
+
 def test_a_tunnel_to_a_missing_socket_is_refused(
     server: DWCPServer, tmp_path: Path, ticket: Callable[..., str]
 ) -> None:
