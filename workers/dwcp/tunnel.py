@@ -72,6 +72,12 @@ class TunnelEndpoint:
         self.failure: BaseException | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        # Outbound is done once the EOF and every DATA frame before it have gone out: a writer may
+        # still be sending an earlier frame when another sends the EOF, and the END that follows
+        # "done" must not overtake it on that writer's connection.
+        self._frames_sent = 0
+        self._eof_seq: int | None = None
+        self._sent_lock = threading.Lock()
         self._reorder: dict[int, bytes | bytearray | memoryview | object] = {}
         self._next_seq = 0
         self._cond = threading.Condition()
@@ -92,6 +98,16 @@ class TunnelEndpoint:
             self._cond.notify_all()
         with contextlib.suppress(OSError):
             self.local.shutdown(socket.SHUT_RDWR)
+
+    def _sent(self, *, eof_seq: int | None = None) -> None:
+        """Count one DATA frame sent, or (with ``eof_seq``) the EOF that follows that many."""
+        with self._sent_lock:
+            if eof_seq is None:
+                self._frames_sent += 1
+            else:
+                self._eof_seq = eof_seq
+            if self._eof_seq is not None and self._frames_sent == self._eof_seq:
+                self.outbound_done.set()
 
     @property
     def finished(self) -> bool:
@@ -145,7 +161,7 @@ class TunnelEndpoint:
             try:
                 if payload is _EOF:
                     channel.send(make_frame(FrameType.EOF, seq_or_offset=seq))
-                    self.outbound_done.set()
+                    self._sent(eof_seq=seq)
                     continue
                 future: Future[codecs.EncodedChunk] = payload
                 chunk = future.result()
@@ -160,6 +176,7 @@ class TunnelEndpoint:
                 )
                 self.control.bucket.acquire(HEADER_SIZE + frame.wire_length)
                 wire = channel.send(frame)
+                self._sent()
                 self.policy.record(
                     starved_seconds=ready - started,
                     backlogged=channel.unsent_bytes() > limits.TUNNEL_LINK_BACKLOG_BYTES,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.dwcp import DWCPServer, TransferCancelled, TransferControl, TransferRefused, open_tunnel
+from workers.dwcp import DWCPServer, TransferCancelled, TransferControl, TransferRefused, codecs, open_tunnel
 
 from .helpers import SECRET, SOURCE, MiB
 
@@ -154,6 +154,44 @@ def test_a_slow_local_source_does_not_make_the_codec_lighter(
     peer.thread.join(timeout=10)
     assert peer.received_bytes == result.bytes_sent > 64 * 64 * 1024
     assert set(result.codec_mix) == {"lz4"}, result.codec_mix
+
+
+def test_the_end_waits_for_a_data_frame_still_encoding_when_the_eof_went_out(
+    server: DWCPServer,
+    root: Path,
+    tmp_path: Path,
+    ticket: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The last chunk's codec job is slow, so another writer takes the EOF behind it and sends it
+    # first. The tunnel is finished only once that last DATA frame has gone out too: the END once
+    # overtook it ("initiator may not send DATA in state draining", seen under CI load).
+    encode = codecs.encode
+
+    def slow_for_the_last_chunk(data: bytes, level: codecs.Level) -> codecs.EncodedChunk:
+        if bytes(data).endswith(b"LAST"):
+            time.sleep(0.5)
+        return encode(data, level)
+
+    monkeypatch.setattr(codecs, "encode", slow_for_the_last_chunk)
+    peer = UnixPeer(root / "quiet.sock", b"")
+    tunnel = open_tunnel(
+        address=server.address_text,
+        local_path=tmp_path / "local.sock",
+        ticket=ticket("quiet.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        streams=3,
+    )
+    outbound = os.urandom(200_000) + b"LAST"
+    with connect(tmp_path / "local.sock") as client:
+        client.sendall(outbound)
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(10) == b""
+    result = tunnel.wait(timeout=10)
+    peer.thread.join(timeout=10)
+    assert result.bytes_sent == peer.received_bytes == len(outbound)
+    assert peer.received.hexdigest() == hashlib.sha256(outbound).hexdigest()
 
 
 def test_a_tunnel_to_a_missing_socket_is_refused(
