@@ -1,18 +1,22 @@
-"""What DWCP's optional mutual TLS costs: the same loopback transfer with and without it.
+"""What DWCP's optional mutual TLS costs: the same transfer with and without it.
 
-    .venv/bin/python bench/dwcp/tls_cost.py [--size-mib 1024] [--runs 3] [--streams 4] [--dir /dev/shm]
+    .venv/bin/python -m bench.dwcp.tls_cost [--size-mib 1024] [--runs 3] [--streams 4] [--dir /dev/shm]
+        [--link loopback|1gbit|100mbit]
 
 Random (incompressible) data, so every byte is sealed and opened; the CLI's ``serve`` and ``send``
 as separate processes, a fresh server per run, plain and TLS runs alternating so that load from
 other work on the machine hits both alike. Files live under ``--dir`` (tmpfs by default: the
 receiver's durable write would otherwise hide the CPU cost). Reported per mode: DWCP's own
 transfer time as MB/s (without interpreter start-up) and the CPU seconds of both processes
-(user + system, start-up included), each the median of ``--runs``. No root needed.
+(user + system, start-up included), each the median of ``--runs``. No root needed on loopback;
+``--link 1gbit`` or ``100mbit`` runs the two ends in bench-dwcp's namespaces over a ``tc tbf`` link
+(root), where the question is whether sealing keeps up with the wire.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.dwcp.bench import Link, namespaces
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "bench-tls-cost-secret-0123456789"
@@ -60,13 +66,22 @@ def cpu_seconds(process: subprocess.Popen[str]) -> float:
 
 
 def one_run(
-    source: Path, root: Path, streams: int, tls: dict[str, dict[str, str]] | None
+    link: Link, source: Path, root: Path, streams: int, tls: dict[str, dict[str, str]] | None
 ) -> tuple[float, float]:
     base = {key: value for key, value in os.environ.items() if not key.startswith("DWCP_TLS_")}
     base |= {"DWCP_SECRET": SECRET, "PYTHONPATH": str(REPO)}
-    serve = [sys.executable, "-m", "workers.dwcp", "serve", "--listen", "127.0.0.1:0", "--root", str(root)]
+    serve = [
+        sys.executable,
+        "-m",
+        "workers.dwcp",
+        "serve",
+        "--listen",
+        f"{link.receiver_ip}:0",
+        "--root",
+        str(root),
+    ]
     server = subprocess.Popen(
-        [*serve, "--node-name", DEST],
+        link.wrap("recv", [*serve, "--node-name", DEST]),
         env=base | (tls[DEST] if tls else {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -76,8 +91,9 @@ def one_run(
     banner = json.loads(server.stdout.readline())
     assert banner["tls"] is (tls is not None)
     sender = subprocess.Popen(
-        [sys.executable, "-m", "workers.dwcp", "send", str(source), "--to", banner["listening"],
-         "--name", "received.bin", "--node-name", SOURCE, "--dest-node", DEST, "--streams", str(streams)],
+        link.wrap("send", [sys.executable, "-m", "workers.dwcp", "send", str(source), "--to", banner["listening"],
+                           "--name", "received.bin", "--node-name", SOURCE, "--dest-node", DEST,
+                           "--streams", str(streams)]),
         env=base | (tls[SOURCE] if tls else {}),
         stdout=subprocess.PIPE,
         text=True,
@@ -100,7 +116,9 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=4)
     tmpfs = Path("/dev/shm")  # noqa: S108 - tmpfs on purpose (see the docstring); a private mkdtemp inside
     parser.add_argument("--dir", type=Path, default=tmpfs)
+    parser.add_argument("--link", choices=["loopback", "1gbit", "100mbit"], default="loopback")
     args = parser.parse_args()
+    link = Link(args.link, None if args.link == "loopback" else args.link, args.link == "loopback")
     work = Path(tempfile.mkdtemp(prefix="dwcp-tls-cost-", dir=args.dir))
     try:
         tls = make_certificates(work)
@@ -112,13 +130,14 @@ def main() -> int:
         root = work / "root"
         root.mkdir()
         results: dict[str, list[tuple[float, float]]] = {"plain": [], "tls": []}
-        for run in range(args.runs):
-            for mode in ("plain", "tls"):
-                rate, cpu = one_run(source, root, args.streams, tls if mode == "tls" else None)
-                results[mode].append((rate, cpu))
-                print(f"run {run + 1} {mode:5}: {rate:7.1f} MB/s, {cpu:5.2f} CPU s", flush=True)
+        with contextlib.nullcontext() if link.loopback else namespaces(args.link):
+            for run in range(args.runs):
+                for mode in ("plain", "tls"):
+                    rate, cpu = one_run(link, source, root, args.streams, tls if mode == "tls" else None)
+                    results[mode].append((rate, cpu))
+                    print(f"run {run + 1} {mode:5}: {rate:7.1f} MB/s, {cpu:5.2f} CPU s", flush=True)
         print(
-            f"\n{args.size_mib} MiB random, {args.streams} streams, loopback, {args.runs} runs each (medians)"
+            f"\n{args.size_mib} MiB random, {args.streams} streams, {args.link}, {args.runs} runs each (medians)"
         )
         print("| mode | MB/s | CPU s (both ends) |\n|---|---|---|")
         for mode, rows in results.items():
