@@ -189,7 +189,8 @@ class AdaptivePolicy:
     helps). Waiting time alone would mislead, because 8 MiB socket buffers swallow whole short
     transfers without ever blocking ``send``. Decisions are taken every ``ADAPT_INTERVAL_SECONDS``;
     in the first window (the pipeline filling up, every writer waiting for its first chunk) only a
-    backlog counts. Fixed modes never move.
+    backlog counts. Fixed modes never move. ``start`` is the codec an automatic policy begins with
+    (its lightest level; lz4 when the peer does not offer it).
     """
 
     def __init__(
@@ -199,6 +200,7 @@ class AdaptivePolicy:
         writers: int = 1,
         allow_lz4: bool = True,
         allow_zstd: bool = True,
+        start: Codec = Codec.LZ4,
     ) -> None:
         self.mode = mode
         self._writers = max(1, writers)
@@ -207,7 +209,11 @@ class AdaptivePolicy:
         )
         self._ladder = [level for level in LADDER if level.codec in allowed]
         if mode is CodecMode.AUTO:
-            self._rung = next((i for i, level in enumerate(self._ladder) if level.codec is Codec.LZ4), 0)
+            first_choice = (start, Codec.LZ4)  # the first allowed of these, else raw
+            self._rung = next(
+                (i for codec in first_choice for i, level in enumerate(self._ladder) if level.codec is codec),
+                0,
+            )
         else:
             wanted = {CodecMode.LZ4: Codec.LZ4, CodecMode.ZSTD: Codec.ZSTD, CodecMode.RAW: Codec.RAW}[mode]
             if wanted not in allowed:

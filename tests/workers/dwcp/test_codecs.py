@@ -137,6 +137,13 @@ def test_the_policy_holds_when_neither_side_is_clearly_the_bottleneck() -> None:
     assert policy.level.codec is Codec.LZ4
 
 
+def test_an_automatic_policy_starts_where_asked_and_falls_back_to_lz4() -> None:
+    assert AdaptivePolicy(start=Codec.ZSTD).level == Level(Codec.ZSTD, 1)
+    assert AdaptivePolicy(start=Codec.ZSTD, allow_zstd=False).level == Level(Codec.LZ4)
+    assert AdaptivePolicy(start=Codec.ZSTD, allow_zstd=False, allow_lz4=False).level == Level(Codec.RAW)
+    assert AdaptivePolicy().level == Level(Codec.LZ4)  # tunnels
+
+
 def test_fixed_modes_never_move_and_respect_peer_capabilities() -> None:
     policy = warmed_up(AdaptivePolicy(CodecMode.ZSTD))
     _settle(policy, starved=1.0, backlogged=False)
