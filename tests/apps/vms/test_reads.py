@@ -73,7 +73,7 @@ def fleet(user: Any, other_user: Any, node: Any, image: Any) -> None:
 def test_pages_forward_and_back_are_the_orm_paths_bytes(fleet, user, staff, query, viewer):
     who = user if viewer == "user" else staff
     path = f"/api/v1/vms/?{query}&bust=1"
-    seen = []
+    seen: list[str] = []
     while True:
         lean = _lean_page(path, who)
         assert lean == _orm_page(path, who), path
@@ -83,7 +83,7 @@ def test_pages_forward_and_back_are_the_orm_paths_bytes(fleet, user, staff, quer
             break
         path = _path(page["next"])
     assert len(seen) == len(set(seen)) > 2
-    back = []
+    back: list[str] = []
     while True:
         lean = _lean_page(path, who)
         assert lean == _orm_page(path, who), path
