@@ -1,4 +1,4 @@
-"""The VM list page and VM detail as JSON bytes from fixed SQL, without the ORM, DRF or django-filter.
+"""The VM list page and VM detail as JSON bytes from fixed SQL, without the ORM, serializers or django-filter.
 
 Profiling an uncached list page (cProfile through the WSGI handler on the benchmark's database)
 put most of its CPU in three places, none of them the answer: django-filter building its form and
@@ -8,8 +8,8 @@ page is one SQL string per shape (staff or owner, ``state`` or not, cursor direc
 per process from fixed identifiers, with psycopg's C loaders for its rows.
 
 What it answers is exactly what the ORM path answered (``tests/apps/vms/test_reads.py`` compares
-them): the same rows in the same order (``-created_at, -id``), ``VMSerializer``'s shape (through
-:func:`.selectors.vm_row_data`), and the cursor links of ``CreatedCursorPagination``, whose own
+them): the same rows in the same order (``-created_at, -id``), ``VMSerializer``'s shape and
+bytes (timestamps written by orjson), and the cursor links of ``CreatedCursorPagination``, whose own
 ``get_next_link``/``get_previous_link`` write them. Queries it does not cover (the
 ``node`` and ``name`` filters, an invalid ``state``, ``format``, an undecodable cursor) return
 ``None`` and the caller takes the ORM path, which answers them (400, 404...) as before.
@@ -36,17 +36,17 @@ from apps.core.renderers import dumps
 
 from .choices import VMState
 from .models import VM, Image, Node
-from .selectors import vm_row_data
 
 #: Query parameters that the ORM path alone answers (django-filter's filters other than ``state``).
 ORM_ONLY_PARAMS: Final = frozenset({"node", "name", "format"})
 _VALID_STATES: Final = frozenset(VMState.values)
+# ``VMSerializer``'s fields, in its order, and the columns they come from.
 _COLUMNS: Final = (
     ("id", "v.id::text"),
     ("name", "v.name"),
-    ("owner__username", "u.username"),
-    ("node__name", "n.name"),
-    ("image__name", "i.name"),
+    ("owner", "u.username"),
+    ("node", "n.name"),
+    ("image", "i.name"),
     ("state", "v.state"),
     ("state_reason", "v.state_reason"),
     ("pending_action", "v.pending_action"),
@@ -96,9 +96,10 @@ def page_sql(shape: PageShape) -> str:
 
 
 def _rows(sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    """Rows in ``VMSerializer``'s shape, timestamps still datetimes (``dumps(utc_datetimes=True)``)."""
     with connection.cursor() as cursor:
         # psycopg's C timestamp loader (Django registers a pure-Python subclass on its connections);
-        # the values are the same aware datetimes.
+        # the values are the same aware datetimes, in UTC (Django's session time zone).
         cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
         cursor.execute(sql, params)
         return [dict(zip(_NAMES, row, strict=True)) for row in cursor.fetchall()]
@@ -186,13 +187,13 @@ def vm_page(request: HttpRequest | Request, *, user_id: int, is_staff: bool) -> 
     body = {
         "next": pagination.get_next_link(),
         "previous": pagination.get_previous_link(),
-        "results": [vm_row_data(row) for row in rows],
+        "results": rows,
     }
-    return dumps(body)
+    return dumps(body, utc_datetimes=True)
 
 
 def vm_detail(*, vm_id: str, user_id: int, is_staff: bool) -> bytes | None:
     """One VM the caller may see (deleted ones included) as ``VMSerializer``'s JSON; None: no such VM."""
     sql = f"{_select()} WHERE v.id = %s"
     rows = _rows(sql, [vm_id]) if is_staff else _rows(f"{sql} AND v.owner_id = %s", [vm_id, user_id])
-    return dumps(vm_row_data(rows[0])) if rows else None
+    return dumps(rows[0], utc_datetimes=True) if rows else None
