@@ -13,9 +13,10 @@ there, another media type or Redis away, goes on to DRF unchanged, which answers
 (a request counted here is not counted again by DRF's throttle). The answer is the same either way
 (``tests/apps/vms/test_fast_path.py`` compares them).
 
-The middleware sits after the session, authentication and security middleware in ``MIDDLEWARE`` so
-that their response headers are the same on both paths, and it tells the monitoring middleware who
-asked (``request.user``) and which route answered, for the API log.
+The middleware sits after the security and frame-options middleware in ``MIDDLEWARE``, whose headers
+its answers get as DRF's do, and before the session, CSRF, authentication and messages middleware,
+which add nothing to these answers (``CommonMiddleware``'s Content-Length is set here). It tells the
+monitoring middleware who asked (``request.user``) and which route answered, for the API log.
 """
 
 import re
@@ -148,6 +149,8 @@ class VMReadFastPathMiddleware:
             response["ETag"] = etag
         response["Allow"] = LIST_ALLOW if vm_id is None else DETAIL_ALLOW
         response["Vary"] = "Accept"
+        if not response.has_header("Content-Length"):
+            response["Content-Length"] = str(len(response.content))
         return response
 
     @staticmethod

@@ -23,8 +23,19 @@ from tests.conftest import vm_payload
 
 pytestmark = pytest.mark.django_db
 
-# Headers that must match between the two paths (Date, Content-Length and the like are not compared).
-COMPARED = ("Content-Type", "Allow", "Vary", "ETag", "X-Frame-Options", "X-Content-Type-Options")
+# Headers that must match between the two paths (Date and the like are not compared).
+COMPARED = (
+    "Content-Type",
+    "Content-Length",
+    "Allow",
+    "Vary",
+    "ETag",
+    "X-Frame-Options",
+    "X-Content-Type-Options",
+    "Referrer-Policy",
+    "Cross-Origin-Opener-Policy",
+    "Set-Cookie",
+)
 
 
 @pytest.fixture(autouse=True)
