@@ -196,8 +196,18 @@ def vm_page(request: HttpRequest | Request, *, user_id: int, is_staff: bool) -> 
     return dumps(body, utc_datetimes=True)
 
 
+@cache
+def detail_sql(*, owned: bool) -> str:
+    """The SQL of one VM by id (parameters: the id, then the owner's id when ``owned``)."""
+    sql = f"{_select()} WHERE v.id = %s"
+    return f"{sql} AND v.owner_id = %s" if owned else sql
+
+
 def vm_detail(*, vm_id: str, user_id: int, is_staff: bool) -> bytes | None:
     """One VM the caller may see (deleted ones included) as ``VMSerializer``'s JSON; None: no such VM."""
-    sql = f"{_select()} WHERE v.id = %s"
-    rows = _rows(sql, [vm_id]) if is_staff else _rows(f"{sql} AND v.owner_id = %s", [vm_id, user_id])
+    rows = (
+        _rows(detail_sql(owned=False), [vm_id])
+        if is_staff
+        else _rows(detail_sql(owned=True), [vm_id, user_id])
+    )
     return dumps(rows[0], utc_datetimes=True) if rows else None
