@@ -1,4 +1,4 @@
-"""The index of staff VM lists filtered by state, newest first (``vms_state_created_idx``)."""
+"""The index of staff's VM list of errors, newest first (``vms_error_created_idx``, partial)."""
 
 from django.db import migrations, models
 
@@ -14,6 +14,10 @@ class Migration(migrations.Migration):
     operations = [
         AddIndexConcurrentlyWherePossible(
             model_name="vm",
-            index=models.Index(fields=["state", "-created_at", "-id"], name="vms_state_created_idx"),
+            index=models.Index(
+                condition=models.Q(("state", "error")),
+                fields=["-created_at", "-id"],
+                name="vms_error_created_idx",
+            ),
         ),
     ]
