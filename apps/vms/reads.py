@@ -83,7 +83,11 @@ class PageShape:
 
 @cache
 def page_sql(shape: PageShape) -> str:
-    """The SQL of one page shape (built once per process); parameters in order: see :func:`_params`."""
+    """The SQL of one page shape (built once per process).
+
+    Parameters, in order: the owner's id (not for staff), the state (with ``state``), the cursor's
+    position (with ``position``), LIMIT and OFFSET.
+    """
     where = [] if shape.staff else ["v.owner_id = %s"]
     where.append("v.state = %s" if shape.state else "NOT (v.state = 'deleted')")
     if shape.position:
