@@ -71,6 +71,7 @@ def forget_tokens(keys: list[str]) -> None:
     """Drop the memos of ``keys`` (a token deleted, its user changed); failures are logged."""
     if not keys:
         return
+    _memo_written.clear()  # this process writes the memos again on their next authentication
     try:
         get_redis_connection("default").delete(*(token_memo_key(key) for key in keys))
     except redis.RedisError as exc:

@@ -15,6 +15,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.utils.encoders import JSONEncoder
 
 _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS
+_UTC_DATETIME_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS
 _drf_encoder = JSONEncoder()
 
 # DRF escapes these two so that its JSON is also valid JavaScript; so do we.
@@ -26,9 +27,15 @@ def _default(value: Any) -> Any:
     return _drf_encoder.default(value)
 
 
-def dumps(data: Any) -> bytes:
-    """``data`` as compact UTF-8 JSON, exactly as DRF's JSON renderer would write it."""
-    body = orjson.dumps(data, default=_default, option=_ORJSON_OPTIONS)
+def dumps(data: Any, *, utc_datetimes: bool = False) -> bytes:
+    """``data`` as compact UTF-8 JSON, exactly as DRF's JSON renderer would write it.
+
+    ``utc_datetimes``: ``data``'s datetimes are aware UTC values to be written as DRF's
+    ``DateTimeField`` writes them (``2026-01-01T00:00:01.250000Z``), which orjson does itself, about
+    ten times faster than formatting them in Python first.
+    """
+    option = _UTC_DATETIME_OPTIONS if utc_datetimes else _ORJSON_OPTIONS
+    body = orjson.dumps(data, default=_default, option=option)
     if _LINE_SEPARATOR in body or _PARAGRAPH_SEPARATOR in body:
         body = body.replace(_LINE_SEPARATOR, b"\\u2028").replace(_PARAGRAPH_SEPARATOR, b"\\u2029")
     return body

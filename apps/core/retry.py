@@ -52,7 +52,7 @@ class RetryOnLostConnectionMiddleware:
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         saved = getattr(request, "_novacron_view", None)
-        if saved is None or not _lost_connection(exception):
+        if saved is None or not lost_connection(exception):
             return None
         view, args, kwargs = saved
         for attempt in range(1, MAX_RETRIES + 1):
@@ -72,7 +72,7 @@ class RetryOnLostConnectionMiddleware:
             try:
                 response: HttpResponse = view(request, *args, **kwargs)
             except DatabaseError as again:
-                if attempt == MAX_RETRIES or not _lost_connection(again):
+                if attempt == MAX_RETRIES or not lost_connection(again):
                     raise
                 exception = again
                 continue
@@ -80,7 +80,7 @@ class RetryOnLostConnectionMiddleware:
         return None
 
 
-def _lost_connection(exception: Exception) -> bool:
+def lost_connection(exception: Exception) -> bool:
     """Whether ``exception`` says the connection went away (not that a statement failed on it).
 
     Judged from the driver's error, not from the connection's state: by the time a middleware sees

@@ -38,6 +38,11 @@ class UserWindow(NamedTuple):
     limit: int
 
 
+#: Set on a Django request whose user the VM read fast path has already counted in this window
+#: (``apps/vms/middleware.py``): the ``user`` throttle lets it through without counting it again.
+COUNTED_ATTR = "novacron_user_counted"
+
+
 def user_window(now: float) -> UserWindow | None:
     """The ``user`` rate's window at ``now`` (None: users are not rate limited); for the fast path."""
     rate = api_settings.DEFAULT_THROTTLE_RATES.get(UserWindowThrottle.scope)
@@ -94,6 +99,8 @@ class UserWindowThrottle(WindowRateThrottle):
 
     def client_id(self, request: Request) -> str | None:
         user = request.user
+        if getattr(request._request, COUNTED_ATTR, False):
+            return None  # counted by the fast path's look-up (and found under the limit)
         return str(user.pk) if user and user.is_authenticated else None
 
 

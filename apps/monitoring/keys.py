@@ -1,7 +1,8 @@
 """Redis keys the web processes write and the control worker reads, and the latency buckets.
 
 The web side never writes the database for monitoring: each request adds one JSON entry to the
-API log list and bumps counters in the stats hash, in one Lua call (one round trip, atomic).
+API log list and bumps counters in the stats hash; a web process pushes its entries in batches, one
+Lua call (one round trip, atomic) per batch.
 
 Keys carry the deployment's ``CACHE_KEY_PREFIX``, so deployments (and test runs) sharing a Redis
 never mix their logs.

@@ -19,7 +19,8 @@ Rules:
 One look-up is one round trip: a Lua script reads the versions, builds the key and returns the body.
 :func:`fast_lookup` is the same look-up for a request not yet authenticated (the VM read fast path,
 ``middleware.py``): from the token's memo to the user, their rate-limit window and the entry, in one
-script. Both build keys with the same layout (``<prefix>:<versions...>:<scope>[:<vm>]:<query digest>``).
+script; on a miss it gives the caller and the slot, for the fast path to read and store the answer.
+Both build keys with the same layout (``<prefix>:<versions...>:<scope>[:<vm>]:<query digest>``).
 Hits and misses go to ``novacron_api_cache_requests_total{view,result}`` and to the monitoring
 app's cache counters (``cache.hit_ratio``).
 """
@@ -69,10 +70,12 @@ _last_warning = 0.0
 
 # The fast path's look-up. KEYS[1]: the token memo ("<user id>:<0|1 staff>"). ARGV: [1] version key
 # prefix, [2] entry key prefix (vm_list or vm_detail), [3] VM id ('' for the list), [4] query
-# digest, [5] user throttle key prefix, [6] window number, [7] window seconds, [8] limit (-1: none).
-# Returns {0} (unknown token or no entry: the full path answers and counts), {1} (over the rate
-# limit: the full path answers 429), or {2, user id, staff, body} (a hit, counted in the window).
-# The user-dependent keys are built here, so this script assumes one Redis (no cluster slots).
+# digest, [5] user throttle key prefix, [6] window number, [7] window seconds, [8] limit (-1: none),
+# [9] '1' when the caller answers a miss itself. Returns {0} (unknown token, or no entry and [9] not
+# '1': the full path answers and counts), {1} (over the rate limit: the full path answers 429),
+# {2, user id, staff, body} (a hit) or {3, user id, staff, entry key} (a miss for the caller to
+# answer and store); {2} and {3} are counted in the window. The user-dependent keys are built here,
+# so this script assumes one Redis (no cluster slots).
 _FAST_SCRIPT = """
 local memo = redis.call('GET', KEYS[1])
 if not memo then return {0} end
@@ -85,8 +88,9 @@ local v1 = redis.call('GET', ARGV[1] .. first) or '0'
 local v2 = redis.call('GET', ARGV[1] .. 'fleet') or '0'
 local key = ARGV[2] .. ':' .. v1 .. ':' .. v2 .. ':' .. scope
 if ARGV[3] ~= '' then key = key .. ':' .. ARGV[3] end
-local body = redis.call('GET', key .. ':' .. ARGV[4])
-if not body then return {0} end
+key = key .. ':' .. ARGV[4]
+local body = redis.call('GET', key)
+if not body and ARGV[9] ~= '1' then return {0} end
 local limit = tonumber(ARGV[8])
 if limit >= 0 then
   local counter = ARGV[5] .. uid .. ':' .. ARGV[6]
@@ -94,7 +98,8 @@ if limit >= 0 then
   redis.call('EXPIRE', counter, tonumber(ARGV[7]) + 1)
   if count > limit then return {1} end
 end
-return {2, uid, staff, body}
+if body then return {2, uid, staff, body} end
+return {3, uid, staff, key}
 """
 
 
@@ -162,9 +167,7 @@ def _resolve(view: str, versions: Sequence[str], suffix: str, ttl: int) -> Entry
         api_cache_requests.labels(view=view, result="error").inc()
         record_cache_lookup(hit=False)
         return Entry(view, None, None, ttl)
-    hit = body is not None
-    api_cache_requests.labels(view=view, result="hit" if hit else "miss").inc()
-    record_cache_lookup(hit=hit)
+    count_lookup(view, hit=body is not None)
     return Entry(view, key.decode() if isinstance(key, bytes) else str(key), body, ttl)
 
 
@@ -201,18 +204,27 @@ class FastHit:
     body: bytes
 
 
+@dataclass(frozen=True)
+class FastMiss:
+    """No entry yet: the caller, counted in their rate window, and the slot to fill (:meth:`Entry.store`)."""
+
+    viewer: Viewer
+    entry: Entry
+
+
 #: :func:`fast_lookup` found the caller over their rate limit (the full path answers the 429).
 THROTTLED: Final = "throttled"
 
 
 def fast_lookup(
-    *, token: str, vm_id: str | None, query: str, throttle: UserWindow | None
-) -> FastHit | str | None:
+    *, token: str, vm_id: str | None, query: str, throttle: UserWindow | None, answer_misses: bool
+) -> FastHit | FastMiss | str | None:
     """The cached VM list page (``vm_id`` None) or detail for a token, counted in its rate window.
 
-    ``throttle``: the users' current rate window (None when users are not rate limited). None back
-    means "not answerable here": unknown token, no entry, or Redis away; the caller then takes the
-    full path, which authenticates, counts and caches.
+    ``throttle``: the users' current rate window (None when users are not rate limited).
+    ``answer_misses``: the caller reads and stores a missing entry itself (:class:`FastMiss`);
+    otherwise a miss is None. None back means "not answerable here": unknown token, no entry, or
+    Redis away; the caller then takes the full path, which authenticates, counts and caches.
     """
     global _fast  # noqa: PLW0603  (the script object is made once per process)
     view = "vm_list" if vm_id is None else "vm_detail"
@@ -232,6 +244,7 @@ def fast_lookup(
                 window.number,
                 window.seconds,
                 window.limit,
+                "1" if answer_misses else "0",
             ],
             client=connection,
         )
@@ -242,9 +255,18 @@ def fast_lookup(
         return None
     if answer[0] == 1:
         return THROTTLED
-    api_cache_requests.labels(view=view, result="hit").inc()
-    record_cache_lookup(hit=True)
-    return FastHit(Viewer(user_id=int(answer[1]), is_staff=answer[2] == b"1"), bytes(answer[3]))
+    viewer = Viewer(user_id=int(answer[1]), is_staff=answer[2] == b"1")
+    if answer[0] == 3:
+        ttl = LIST_TTL if vm_id is None else DETAIL_TTL
+        return FastMiss(viewer, Entry(view, bytes(answer[3]).decode(), None, ttl))
+    count_lookup(view, hit=True)
+    return FastHit(viewer, bytes(answer[3]))
+
+
+def count_lookup(view: str, *, hit: bool) -> None:
+    """One look-up of ``view`` in the metrics (a fast-path miss is counted once it is answered)."""
+    api_cache_requests.labels(view=view, result="hit" if hit else "miss").inc()
+    record_cache_lookup(hit=hit)
 
 
 # --- Invalidation -----------------------------------------------------------------------------------

@@ -1,18 +1,22 @@
-"""The VM read fast path: cached VM list pages and details answered before DRF runs.
+"""The VM read fast path: VM list pages and details answered before DRF runs.
 
-A cached read through DRF costs about a millisecond of CPU on this machine, almost none of it the
-answer: token authentication (a query), the rate-limit counter and the cache look-up (two Redis
-round trips), content negotiation and the view machinery. For ``GET /api/v1/vms/`` and
+A read through DRF costs about a millisecond of CPU on this machine before the view does anything:
+token authentication (a query), the rate-limit counter and the cache look-up (two Redis round
+trips), content negotiation and the view machinery. For ``GET /api/v1/vms/`` and
 ``GET /api/v1/vms/<id>/`` with a token and a JSON answer wanted, this middleware makes one Redis
-call (:func:`.cache.fast_lookup`: token memo -> user -> entry -> rate window) and, on a hit, sends
-the cached bytes with the headers DRF would have sent. Everything else, a miss, an unknown token, a
-request over its rate limit, or Redis away, goes on to DRF unchanged, which authenticates, counts,
-answers and fills the cache. The answer is the same either way (``tests/apps/vms/test_fast_path.py``
-compares them).
+call (:func:`.cache.fast_lookup`: token memo -> user -> entry -> rate window). On a hit it sends the
+cached bytes with the headers DRF would have sent; on a miss it reads the page or VM with the fixed
+SQL of :mod:`.reads` (the same function the DRF view uses), stores it and sends it the same way.
+Everything else, an unknown token (no memo: DRF authenticates and writes it), a request over its
+rate limit, a query only the ORM path answers (the ``node`` and ``name`` filters), a VM that is not
+there, another media type or Redis away, goes on to DRF unchanged, which answers and fills the cache
+(a request counted here is not counted again by DRF's throttle). The answer is the same either way
+(``tests/apps/vms/test_fast_path.py`` compares them).
 
-The middleware sits after the session, authentication and security middleware in ``MIDDLEWARE`` so
-that their response headers are the same on both paths, and it tells the monitoring middleware who
-asked (``request.user``) and which route answered, for the API log.
+The middleware sits after the security and frame-options middleware in ``MIDDLEWARE``, whose headers
+its answers get as DRF's do, and before the session, CSRF, authentication and messages middleware,
+which add nothing to these answers (``CommonMiddleware``'s Content-Length is set here). It tells the
+monitoring middleware who asked (``request.user``) and which route answered, for the API log.
 """
 
 import re
@@ -23,12 +27,15 @@ from dataclasses import dataclass
 from typing import Final
 
 import xxhash
+from django.db import DatabaseError, connection
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseNotModified
 
-from apps.core.throttling import user_window
+from apps.core.retry import lost_connection
+from apps.core.throttling import COUNTED_ATTR, user_window
 from apps.monitoring.middleware import ROUTE_HINT
 
 from . import cache as vm_cache
+from . import reads
 
 LIST_PATH: Final = "/api/v1/vms/"
 _DETAIL_PATH = re.compile(r"^/api/v1/vms/(?P<pk>[0-9a-fA-F-]{36})/$")
@@ -80,7 +87,7 @@ def etag_matches(request: HttpRequest, etag: str) -> bool:
 
 
 class VMReadFastPathMiddleware:
-    """Answers cache hits of the VM list and detail; passes everything else on."""
+    """Answers VM list and detail reads of callers known by their token's memo; passes the rest on."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
@@ -108,21 +115,53 @@ class VMReadFastPathMiddleware:
         if token is None or not _wants_json(request):
             return None
         query = request.META.get("QUERY_STRING", "")
-        found = vm_cache.fast_lookup(token=token, vm_id=vm_id, query=query, throttle=user_window(time.time()))
-        if not isinstance(found, vm_cache.FastHit):
+        answer_misses = vm_id is not None or reads.list_state(request.GET)[0]
+        found = vm_cache.fast_lookup(
+            token=token,
+            vm_id=vm_id,
+            query=query,
+            throttle=user_window(time.time()),
+            answer_misses=answer_misses,
+        )
+        if isinstance(found, vm_cache.FastHit):
+            body = found.body
+        elif isinstance(found, vm_cache.FastMiss):
+            setattr(request, COUNTED_ATTR, True)  # whichever path answers, the request is counted
+            missing = self._read(request, found.viewer, vm_id)
+            if missing is None:
+                return None  # no such VM or a cursor to refuse: DRF answers (404)
+            found.entry.store(missing)
+            vm_cache.count_lookup(found.entry.view, hit=False)
+            body = missing
+        else:
             return None
         request.user = FastPathUser(found.viewer.user_id, found.viewer.is_staff)  # type: ignore[assignment]
         setattr(request, ROUTE_HINT, LIST_PATH if vm_id is None else LIST_PATH + "{pk}/")
         response: HttpResponseBase
         if vm_id is None:
-            response = HttpResponse(found.body, content_type="application/json")
+            response = HttpResponse(body, content_type="application/json")
         else:
-            etag = body_etag(found.body)
+            etag = body_etag(body)
             if etag_matches(request, etag):
                 response = HttpResponseNotModified()
             else:
-                response = HttpResponse(found.body, content_type="application/json")
+                response = HttpResponse(body, content_type="application/json")
             response["ETag"] = etag
         response["Allow"] = LIST_ALLOW if vm_id is None else DETAIL_ALLOW
         response["Vary"] = "Accept"
+        if not response.has_header("Content-Length"):
+            response["Content-Length"] = str(len(response.content))
         return response
+
+    @staticmethod
+    def _read(request: HttpRequest, viewer: vm_cache.Viewer, vm_id: str | None) -> bytes | None:
+        """The page or VM from the database (:mod:`.reads`); None when DRF must answer."""
+        try:
+            if vm_id is None:
+                return reads.vm_page(request, user_id=viewer.user_id, is_staff=viewer.is_staff)
+            return reads.vm_detail(vm_id=vm_id, user_id=viewer.user_id, is_staff=viewer.is_staff)
+        except DatabaseError as exc:
+            if not lost_connection(exc):
+                raise
+            connection.close()  # DRF's path runs the read again on a healthy connection (apps/core/retry.py)
+            return None

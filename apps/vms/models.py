@@ -173,6 +173,11 @@ class VM(models.Model):
             # (owner, created_at) serves "my VMs, newest first" with the keyset pagination of the API.
             models.Index(fields=["owner", "-created_at"], name="vms_owner_created_idx"),
             models.Index(fields=["-created_at"], name="vms_created_idx"),
+            # Staff's "what is broken" list (?state=error), newest first: error VMs are few and
+            # often old, and without this PostgreSQL walks vms_created_idx past every newer VM.
+            models.Index(
+                fields=["-created_at", "-id"], name="vms_error_created_idx", condition=Q(state=VMState.ERROR)
+            ),
         ]
         constraints = [
             models.UniqueConstraint(

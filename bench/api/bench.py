@@ -280,34 +280,44 @@ def seed(args: argparse.Namespace, timings: dict[str, float]) -> Seeded:
 
 
 def explain(seeded: Seeded) -> list[dict[str, Any]]:
-    """Plans and execution times of the read path's queries at this size (median of 20 runs)."""
+    """Plans and execution times of the read path's queries at this size (median of 20 runs).
+
+    The list and detail queries are the fixed SQL the API runs (``apps/vms/reads.py``), with the
+    parameters of a tenant's and of the staff's first page, a tenant's page in the middle of their
+    list (a cursor), a state filter and one VM.
+    """
     from django.contrib.auth import get_user_model
     from django.db import connection
 
     from apps.vms.models import VM
-    from apps.vms.selectors import user_usage, vm_list, vm_rows
+    from apps.vms.reads import PageShape, detail_sql, page_sql
+    from apps.vms.selectors import user_usage
 
     user_model = get_user_model()
     tenant = user_model.objects.get(pk=seeded.tenant_ids[1])
-    staff = user_model.objects.get(username="bench-staff")
-    ordering = ("-created_at", "-id")
-    owned = VM.objects.filter(owner=tenant).order_by(*ordering).values_list("created_at", flat=True)
+    owned = (
+        VM.objects.filter(owner=tenant).order_by("-created_at", "-id").values_list("created_at", flat=True)
+    )
     middle = owned[owned.count() // 2]  # the cursor of a page in the middle of the tenant's list
     detail_id = seeded.vm_ids[1][0]
-    queries: dict[str, Any] = {
-        "tenant list page 1": vm_rows(vm_list(user=tenant).order_by(*ordering))[:51],
-        "tenant list, later page (cursor)": vm_rows(
-            vm_list(user=tenant).filter(created_at__lt=middle).order_by(*ordering)
-        )[:51],
-        "tenant list ?state=stopped": vm_rows(vm_list(user=tenant, state="stopped").order_by(*ordering))[:51],
-        "staff list page 1": vm_rows(vm_list(user=staff).order_by(*ordering))[:51],
-        "staff list ?state=error": vm_rows(vm_list(user=staff, state="error").order_by(*ordering))[:51],
-        "detail": vm_rows(vm_list(user=tenant, include_deleted=True).filter(pk=detail_id)),
+    page = [51, 0]  # LIMIT (a page of 50 and one more) and OFFSET
+
+    def shape(staff: bool, state: bool = False, position: str = "") -> str:
+        return page_sql(PageShape(staff=staff, state=state, position=position, reverse=False))
+
+    queries: dict[str, tuple[str, list[Any]]] = {
+        "tenant list page 1": (shape(False), [tenant.pk, *page]),
+        "tenant list, later page (cursor)": (shape(False, position="<"), [tenant.pk, middle, *page]),
+        "tenant list ?state=stopped": (shape(False, state=True), [tenant.pk, "stopped", *page]),
+        "staff list page 1": (shape(True), page),
+        "staff list ?state=error": (shape(True, state=True), ["error", *page]),
+        "detail": (detail_sql(owned=True), [detail_id, tenant.pk]),
     }
     report = []
-    for label, queryset in queries.items():
-        plan = queryset.explain(analyze=True)
-        sql, params = queryset.query.sql_with_params()
+    for label, (sql, params) in queries.items():
+        with connection.cursor() as cursor:
+            cursor.execute(f"EXPLAIN ANALYZE {sql}", params)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
         report.append(_timed(label, plan, sql, params, connection))
     # users/me usage: an aggregate over the tenant's VMs (not a list: no LIMIT)
     usage_qs = VM.objects.filter(owner_id=tenant.pk).exclude(state="deleted")

@@ -47,14 +47,16 @@ MIDDLEWARE = [
     # gzip for bodies of 1 KiB and more (compresses what every middleware below produced).
     "apps.core.middleware.SizedGZipMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # VM list pages and details of token callers answered without DRF (apps/vms/middleware.py). Its
+    # answers get the security and frame headers above; the middlewares below would add nothing to
+    # them (no session, cookie, CSRF token or message is used), so they are skipped.
+    "apps.vms.middleware.VMReadFastPathMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Cached VM list pages and details answered without DRF (apps/vms/middleware.py).
-    "apps.vms.middleware.VMReadFastPathMiddleware",
     # Innermost: runs the view again when its database connection died mid-request (apps/core/retry.py).
     "apps.core.retry.RetryOnLostConnectionMiddleware",
 ]

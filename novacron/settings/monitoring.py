@@ -25,6 +25,9 @@ MONITORING = {
     "API_LOG_BUFFER_MAX": env_int(
         "API_LOG_BUFFER_MAX", 100_000, help="Most API log entries buffered in Redis before drops."
     ),
+    # Seconds between pushes of a web process's buffered API log entries to Redis (one round trip per
+    # batch); 0 pushes each entry from its request.
+    "API_LOG_PUSH_INTERVAL": 0.05,
     "API_LOG_FLUSH_BATCH": env_int(
         "API_LOG_FLUSH_BATCH", 2000, help="API log rows written by one bulk INSERT."
     ),

@@ -9,8 +9,11 @@ os.environ.setdefault("CACHE_KEY_PREFIX", f"novacron-test-{os.getpid()}")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 
 from .main import *  # noqa: F403
-from .main import NOVACRON, REST_FRAMEWORK
+from .main import MONITORING, NOVACRON, REST_FRAMEWORK
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"user": "100000/min", "anon": "100000/min", "token": "5/min"}
 NOVACRON["NODE_HEARTBEAT_TIMEOUT"] = 30
+# Each API log entry in Redis when its request ends, so tests read it at once (the batched pushes of
+# production have tests of their own: tests/apps/monitoring/test_api_logs.py).
+MONITORING["API_LOG_PUSH_INTERVAL"] = 0

@@ -138,10 +138,10 @@ def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -
         for request, node in zip(requests, nodes, strict=True)
     ]
     try:
-        with transaction.atomic():
-            created = VM.objects.bulk_create(vms)
+        created = VM.objects.bulk_create(vms)
     except IntegrityError as exc:
         # Only a concurrent create of the same name gets here (names were checked under the owner lock).
+        # No savepoint: the Conflict leaves the caller's transaction, which rolls back, unused.
         raise Conflict("A VM with one of these names was created concurrently; retry.") from exc
     vm_cache.owner_changed(owner_id=owner.pk)
     return created

@@ -1,18 +1,22 @@
-"""API logs: every request is logged through Redis, written in bulk, bounded, and listed for staff."""
+"""API logs: every request is logged through Redis (in batches per process), written in bulk, bounded, and
+listed for staff."""
 
 import math
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import DatabaseError, ProgrammingError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from apps.monitoring import services
-from apps.monitoring.keys import API_LOG_DROPPED, API_LOG_LIST, key
+from apps.monitoring.keys import API_LOG_DROPPED, API_LOG_LIST, REQUEST_STATS, key
 from apps.monitoring.models import APILog
 
 pytestmark = pytest.mark.django_db
@@ -170,3 +174,55 @@ def test_requests_are_served_when_redis_is_down_and_the_loss_is_counted(tmp_path
 
 def test_every_response_carries_a_request_id(client):
     assert len(client.get("/healthz")["X-Request-ID"]) == 32
+
+
+@pytest.fixture
+def batched(redis_client: Any, monitoring: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Batched pushes, starting and ending with this process's buffer empty."""
+    from apps.monitoring.middleware import push_api_logs
+
+    push_api_logs()
+    redis_client.delete(key(API_LOG_LIST), key(REQUEST_STATS))
+    yield monitoring
+    monitoring["API_LOG_PUSH_INTERVAL"] = 0
+    push_api_logs()
+
+
+def test_batched_entries_reach_redis_in_one_push_with_their_counters(api, redis_client, batched, node):
+    from apps.monitoring.middleware import push_api_logs
+
+    monitoring = batched
+    monitoring["API_LOG_PUSH_INTERVAL"] = 3600  # the push thread sleeps through this test
+    for _ in range(5):
+        assert api.get("/api/v1/nodes/").status_code == 200
+    assert redis_client.llen(key(API_LOG_LIST)) == 0  # still in the process's buffer
+    push_api_logs()
+    assert redis_client.llen(key(API_LOG_LIST)) == 5
+    stats = redis_client.hgetall(key(REQUEST_STATS))
+    assert int(stats[b"requests"]) == 5 and int(stats[b"errors"]) == 0
+
+
+def test_the_push_thread_sends_the_buffer_within_its_interval(api, redis_client, batched, node):
+    monitoring = batched
+    monitoring["API_LOG_PUSH_INTERVAL"] = 0.05
+    for _ in range(3):
+        api.get("/api/v1/nodes/")
+    deadline = time.monotonic() + 5
+    while redis_client.llen(key(API_LOG_LIST)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert redis_client.llen(key(API_LOG_LIST)) == 3
+
+
+def test_a_full_process_buffer_drops_and_counts(api, redis_client, batched, node):
+    from prometheus_client import REGISTRY
+
+    from apps.monitoring.middleware import push_api_logs
+
+    batched["API_LOG_PUSH_INTERVAL"] = 3600
+    batched["API_LOG_BUFFER_MAX"] = 3
+    failures = REGISTRY.get_sample_value("novacron_api_log_send_failures_total") or 0
+    for _ in range(5):
+        assert api.get("/api/v1/nodes/").status_code == 200
+    push_api_logs()
+    assert redis_client.llen(key(API_LOG_LIST)) == 3
+    assert (REGISTRY.get_sample_value("novacron_api_log_send_failures_total") or 0) - failures == 2

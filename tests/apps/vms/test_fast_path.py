@@ -1,7 +1,8 @@
 """The VM read fast path (apps/vms/middleware.py): same answers as DRF, never someone else's, never stale auth.
 
-Against the real Redis and PostgreSQL. The first read of a page goes through DRF (a miss: it
-authenticates, remembers the token and caches the body); the second is answered by the middleware.
+Against the real Redis and PostgreSQL. A read by a token without a memo goes through DRF (it
+authenticates, remembers the token and caches the body); once the token is remembered the middleware
+answers hits from the cache and misses from the database (apps/vms/reads.py), and stores them.
 """
 
 from collections.abc import Iterator
@@ -16,14 +17,25 @@ from django.test.utils import CaptureQueriesContext
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from apps.core.authentication import token_memo_key
+from apps.core.authentication import forget_tokens, token_memo_key
 from apps.vms.cache import api_cache_requests
 from tests.conftest import vm_payload
 
 pytestmark = pytest.mark.django_db
 
-# Headers that must match between the two paths (Date, Content-Length and the like are not compared).
-COMPARED = ("Content-Type", "Allow", "Vary", "ETag", "X-Frame-Options", "X-Content-Type-Options")
+# Headers that must match between the two paths (Date and the like are not compared).
+COMPARED = (
+    "Content-Type",
+    "Content-Length",
+    "Allow",
+    "Vary",
+    "ETag",
+    "X-Frame-Options",
+    "X-Content-Type-Options",
+    "Referrer-Policy",
+    "Cross-Origin-Opener-Policy",
+    "Set-Cookie",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +68,17 @@ def _create(client: Any, name: str) -> dict[str, Any]:
     return response.json()
 
 
+def _forget_token(user: Any) -> None:
+    """Drop the user's token memo: their next read goes through DRF (and writes it again)."""
+    forget_tokens([Token.objects.get(user=user).key])
+
+
+def _forget_entries() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for found in client.scan_iter(f"{settings.CACHE_KEY_PREFIX}:apicache:vm_*", count=1000):
+        client.delete(found)
+
+
 def _same_answer(slow: Any, fast: Any) -> None:
     assert slow.status_code == fast.status_code
     assert slow.content == fast.content
@@ -64,9 +87,10 @@ def _same_answer(slow: Any, fast: Any) -> None:
 
 
 @pytest.mark.parametrize("query", ["", "?state=pending", "?state=pending&page_hint=2"])
-def test_a_list_hit_is_answered_without_a_query_and_as_drf_answers(api, node, image, query):
+def test_a_list_hit_is_answered_without_a_query_and_as_drf_answers(api, user, node, image, query):
     _create(api, "web-1")
     _create(api, "web-2")
+    _forget_token(user)
     hits = _hits("vm_list")
     slow, slow_queries = _get(api, f"/api/v1/vms/{query}")
     fast, fast_queries = _get(api, f"/api/v1/vms/{query}")
@@ -76,8 +100,76 @@ def test_a_list_hit_is_answered_without_a_query_and_as_drf_answers(api, node, im
     _same_answer(slow, fast)
 
 
-def test_a_detail_hit_is_answered_as_drf_answers_with_its_etag_and_304(api, node, image):
+@pytest.mark.parametrize("query", ["", "?state=pending", "?page_size=1&bust=x"])
+def test_a_list_miss_of_a_known_token_is_read_with_one_query_and_as_drf_answers(
+    api, user, node, image, query
+):
+    for index in range(3):
+        _create(api, f"web-{index}")
+    _forget_token(user)
+    slow, _ = _get(api, f"/api/v1/vms/{query}")  # DRF: authenticates, remembers the token, caches
+    _forget_entries()
+    misses = api_cache_requests.labels(view="vm_list", result="miss")._value.get()
+    fast, fast_queries = _get(api, f"/api/v1/vms/{query}")
+    assert fast_queries == 1  # the page; the caller is known from the token's memo
+    assert api_cache_requests.labels(view="vm_list", result="miss")._value.get() - misses == 1
+    _same_answer(slow, fast)
+    hit, hit_queries = _get(api, f"/api/v1/vms/{query}")  # stored by the fast path
+    assert hit_queries == 0
+    _same_answer(slow, hit)
+    if "page_size" in query:  # the next page's cursor, both ways
+        following = fast.json()["next"].removeprefix("http://testserver")
+        _forget_token(user)
+        slow_next, _ = _get(api, following)
+        _forget_entries()
+        fast_next, queries = _get(api, following)
+        assert queries == 1
+        _same_answer(slow_next, fast_next)
+
+
+def test_a_detail_miss_of_a_known_token_is_read_with_one_query_etag_and_304(api, node, image):
     vm = _create(api, "web-1")
+    path = f"/api/v1/vms/{vm['id']}/"
+    slow, _ = _get(api, path)
+    _forget_entries()
+    fast, queries = _get(api, path)
+    assert queries == 1
+    _same_answer(slow, fast)
+    _forget_entries()
+    not_modified, queries = _get(api, path, HTTP_IF_NONE_MATCH=fast.headers["ETag"])
+    assert (not_modified.status_code, not_modified.content, queries) == (304, b"", 1)
+
+
+def test_filters_only_the_orm_knows_go_to_drf_even_for_a_known_token(api, node, image):
+    _create(api, "web-1")
+    response, queries = _get(api, "/api/v1/vms/?node=node1")
+    assert response.status_code == 200 and queries == 2  # the token and the page, through DRF
+    assert [row["name"] for row in response.json()["results"]] == ["web-1"]
+    bad, _ = _get(api, "/api/v1/vms/?state=bogus")
+    assert bad.status_code == 400
+
+
+def test_a_miss_answered_here_or_by_drf_is_counted_once_in_the_rate_window(
+    api, other_api, node, image, settings
+):
+    theirs = _create(other_api, "bob-vm")
+    settings.REST_FRAMEWORK = {
+        **settings.REST_FRAMEWORK,
+        "DEFAULT_THROTTLE_RATES": {**settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": "4/hour"},
+    }
+    statuses = [
+        api.get("/api/v1/vms/?bust=1").status_code,  # DRF (no memo yet): counted, token remembered
+        api.get("/api/v1/vms/?bust=2").status_code,  # a miss read here
+        api.get(f"/api/v1/vms/{theirs['id']}/").status_code,  # not theirs: DRF answers 404, not counted again
+        api.get("/api/v1/vms/?bust=3").status_code,
+        api.get("/api/v1/vms/?bust=4").status_code,
+    ]
+    assert statuses == [200, 200, 404, 200, 429]
+
+
+def test_a_detail_hit_is_answered_as_drf_answers_with_its_etag_and_304(api, user, node, image):
+    vm = _create(api, "web-1")
+    _forget_token(user)
     path = f"/api/v1/vms/{vm['id']}/"
     slow, _ = _get(api, path)
     fast, fast_queries = _get(api, path)

@@ -15,6 +15,11 @@ EXPECTED = {
     "vms_state_live_idx": ("vms", "(state)", "WHERE"),
     "vms_owner_created_idx": ("vms", "(owner_id, created_at DESC)", None),
     "vms_created_idx": ("vms", "(created_at DESC)", None),
+    "vms_error_created_idx": (
+        "vms",
+        "(created_at DESC, id DESC) WHERE ((state)::text = 'error'::text)",
+        None,
+    ),
     "migrations_status_idx": ("migrations", "(status)", None),
     "migrations_nodes_idx": ("migrations", "(source_node_id, dest_node_id)", None),
     "api_logs_timestamp_idx": ("api_logs", '("timestamp" DESC)', None),
@@ -83,3 +88,23 @@ def test_vm_list_queries_use_an_index_at_100k_rows(make_user, make_node, make_im
     for label, plan in plans.items():
         assert "Index" in plan, f"{label} does not use an index:\n{plan}"
         assert "Seq Scan on vms" not in plan, f"{label} scans the table:\n{plan}"
+
+
+def test_the_staff_list_of_errors_walks_its_own_index_when_errors_are_old(make_user, make_node, make_image):
+    """The fixed SQL of the staff list of errors (reads.page_sql) reads its page from vms_error_created_idx,
+    also when every error VM is older than the others (where vms_created_idx would walk past all of
+    them: PostgreSQL preferred that with an index on (state, created_at, id), measured at 1M VMs)."""
+    from apps.vms.reads import PageShape, page_sql
+
+    owner = make_user("tenant")
+    node, image = make_node("n1"), make_image()
+    _copy_vms([owner.pk], image.pk, node.pk, 50_000)
+    with connection.cursor() as cursor:  # the oldest 1000 VMs are the only ones in "error"
+        oldest = datetime(2026, 1, 1, 0, 16, 40, tzinfo=UTC)
+        cursor.execute("UPDATE vms SET state = 'error' WHERE created_at < %s", [oldest])
+        cursor.execute("ANALYZE vms")
+        for reverse in (False, True):
+            sql = page_sql(PageShape(staff=True, state=True, position="", reverse=reverse))
+            cursor.execute(f"EXPLAIN {sql}", ["error", 51, 0])
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            assert "vms_error_created_idx" in plan and "Sort" not in plan, plan

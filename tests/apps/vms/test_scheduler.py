@@ -87,3 +87,39 @@ def test_database_refuses_an_overcommitted_node(make_node):
     node = make_node("c", vcpus=4)
     with pytest.raises(IntegrityError), transaction.atomic():
         Node.objects.filter(pk=node.pk).update(allocated_vcpus=5)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_plan_made_stale_by_a_concurrent_reservation_is_placed_again_under_lock(make_node):
+    from django.db import connections, transaction
+
+    from apps.vms import scheduler
+
+    roomy = make_node("roomy", vcpus=10, memory_mb=200_000, disk_gb=1000)
+    other = make_node("other", vcpus=10, memory_mb=100_000, disk_gb=1000)
+    placed: list[Node | None] = []
+
+    def second() -> None:  # plans on "roomy" (the most free memory), then finds it full once locked
+        with transaction.atomic():
+            placed.extend(scheduler.reserve(demands=[scheduler.Demand(2, 1000, 10)]))
+        connections.close_all()
+
+    with transaction.atomic():
+        (first,) = scheduler.reserve(demands=[scheduler.Demand(10, 1000, 10)])  # every vCPU of "roomy"
+        assert first is not None and first.pk == roomy.pk
+        thread = threading.Thread(target=second)
+        thread.start()
+        with connection.cursor() as cursor:  # until the second reservation waits for roomy's row lock
+            for _ in range(500):
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                if cursor.fetchone()[0]:
+                    break
+                threading.Event().wait(0.01)
+            else:
+                raise AssertionError("the second reservation never waited for the lock")
+    thread.join(timeout=30)
+    assert [node.pk for node in placed if node is not None] == [other.pk]
+    assert Node.objects.get(pk=other.pk).allocated_vcpus == 2
+    assert Node.objects.get(pk=roomy.pk).allocated_vcpus == 10

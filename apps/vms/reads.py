@@ -1,0 +1,213 @@
+"""The VM list page and VM detail as JSON bytes from fixed SQL, without the ORM, serializers or django-filter.
+
+Profiling an uncached list page (cProfile through the WSGI handler on the benchmark's database)
+put most of its CPU in three places, none of them the answer: django-filter building its form and
+deep-copying its filters, the ORM compiling the same three-join query and cloning querysets, and
+Django's pure-Python timestamp loader (psycopg's C loader is bypassed by Django's subclass). Here a
+page is one SQL string per shape (staff or owner, ``state`` or not, cursor direction), built once
+per process from fixed identifiers, with psycopg's C loaders for its rows.
+
+What it answers is exactly what the ORM path answered (``tests/apps/vms/test_reads.py`` compares
+them): the same rows in the same order (``-created_at, -id``), ``VMSerializer``'s shape and
+bytes (timestamps written by orjson), and the cursor links of ``CreatedCursorPagination``, whose own
+``get_next_link``/``get_previous_link`` write them. Queries it does not cover (the
+``node`` and ``name`` filters, an invalid ``state``, ``format``, an undecodable cursor) return
+``None`` and the caller takes the ORM path, which answers them (400, 404...) as before.
+
+Used by the fast path (``middleware.py``, a cache miss of a caller known by their token's memo) and by
+the DRF view (the same miss after DRF's authentication), so both paths give the same bytes.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Any, Final
+
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.http import HttpRequest, QueryDict
+from django.utils.dateparse import parse_datetime
+from psycopg.types.datetime import TimestamptzLoader
+from rest_framework.exceptions import NotFound
+from rest_framework.request import Request
+
+from apps.core.pagination import CreatedCursorPagination
+from apps.core.renderers import dumps
+
+from .choices import VMState
+from .models import VM, Image, Node
+
+#: Query parameters that the ORM path alone answers (django-filter's filters other than ``state``).
+ORM_ONLY_PARAMS: Final = frozenset({"node", "name", "format"})
+_VALID_STATES: Final = frozenset(VMState.values)
+# ``VMSerializer``'s fields, in its order, and the columns they come from.
+_COLUMNS: Final = (
+    ("id", "v.id::text"),
+    ("name", "v.name"),
+    ("owner", "u.username"),
+    ("node", "n.name"),
+    ("image", "i.name"),
+    ("state", "v.state"),
+    ("state_reason", "v.state_reason"),
+    ("pending_action", "v.pending_action"),
+    ("vcpus", "v.vcpus"),
+    ("memory_mb", "v.memory_mb"),
+    ("disk_gb", "v.disk_gb"),
+    ("created_at", "v.created_at"),
+    ("updated_at", "v.updated_at"),
+)
+_NAMES: Final = tuple(name for name, _ in _COLUMNS)
+
+
+@cache
+def _select() -> str:
+    """The join of a VM with its owner, node and image, tables named by the models."""
+    quote = connection.ops.quote_name
+    tables = [quote(model._meta.db_table) for model in (VM, get_user_model(), Node, Image)]
+    return (
+        f"SELECT {', '.join(column for _, column in _COLUMNS)} FROM {tables[0]} v "  # noqa: S608
+        f"JOIN {tables[1]} u ON u.id = v.owner_id LEFT JOIN {tables[2]} n ON n.id = v.node_id "
+        f"JOIN {tables[3]} i ON i.id = v.image_id"
+    )
+
+
+@dataclass(frozen=True)
+class PageShape:
+    """What decides a page's SQL text (its parameters are the owner, state, position and window)."""
+
+    staff: bool
+    state: bool  # filtered on one state (deleted ones included); else every state but deleted
+    position: str  # "" (first page), "<" or ">" (before or after the cursor's position)
+    reverse: bool  # a "previous" cursor: read oldest first, then turn the page around
+
+
+@cache
+def page_sql(shape: PageShape) -> str:
+    """The SQL of one page shape (built once per process).
+
+    Parameters, in order: the owner's id (not for staff), the state (with ``state``), the cursor's
+    position (with ``position``), LIMIT and OFFSET.
+    """
+    where = [] if shape.staff else ["v.owner_id = %s"]
+    where.append("v.state = %s" if shape.state else "NOT (v.state = 'deleted')")
+    if shape.position:
+        where.append(f"v.created_at {shape.position} %s")
+    direction = "ASC" if shape.reverse else "DESC"
+    return (
+        f"{_select()} WHERE {' AND '.join(where)} "
+        f"ORDER BY v.created_at {direction}, v.id {direction} LIMIT %s OFFSET %s"
+    )
+
+
+def _rows(sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    """Rows in ``VMSerializer``'s shape, timestamps still datetimes (``dumps(utc_datetimes=True)``)."""
+    with connection.cursor() as cursor:
+        # psycopg's C timestamp loader (Django registers a pure-Python subclass on its connections);
+        # the values are the same aware datetimes, in UTC (Django's session time zone).
+        cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
+        cursor.execute(sql, params)
+        return [dict(zip(_NAMES, row, strict=True)) for row in cursor.fetchall()]
+
+
+class _Pagination(CreatedCursorPagination):
+    """DRF's cursor pagination with its page read by :func:`page_sql` instead of a queryset."""
+
+    def read_page(
+        self, request: Request, *, owner_id: int | None, state: str | None
+    ) -> list[dict[str, Any]] | None:
+        """The page's rows, the pagination state set for DRF's link methods; None: an invalid cursor."""
+        self.request = request
+        page_size = self.get_page_size(request) or CreatedCursorPagination.page_size
+        self.page_size = page_size
+        self.base_url = request.build_absolute_uri()
+        try:
+            self.cursor = self.decode_cursor(request)
+        except NotFound:
+            return None
+        offset, reverse = (self.cursor.offset, self.cursor.reverse) if self.cursor else (0, False)
+        # DRF's stubs type the position as an int; decode_cursor gives the string of a created_at.
+        position = None if self.cursor is None or self.cursor.position is None else str(self.cursor.position)
+        moment: datetime | None = None
+        if position is not None:
+            moment = _aware(position)
+            if moment is None:
+                return None  # the ORM path says what it makes of that position
+        # Keyset on -created_at: a forward cursor reads older rows, a reverse one newer rows.
+        shape = PageShape(
+            staff=owner_id is None,
+            state=state is not None,
+            position="" if moment is None else (">" if reverse else "<"),
+            reverse=reverse,
+        )
+        params: list[Any] = [] if owner_id is None else [owner_id]
+        if state is not None:
+            params.append(state)
+        if moment is not None:
+            params.append(moment)
+        params += [page_size + 1, offset]
+        results = _rows(page_sql(shape), params)
+        self.page = results[:page_size]
+        following = str(results[-1]["created_at"]) if len(results) > len(self.page) else None
+        if reverse:
+            self.page.reverse()
+            self.has_next = position is not None or offset > 0
+            self.has_previous = following is not None
+            self.next_position, self.previous_position = position, following
+        else:
+            self.has_next = following is not None
+            self.has_previous = position is not None or offset > 0
+            self.next_position, self.previous_position = following, position
+        return self.page
+
+
+def _aware(position: str) -> datetime | None:
+    try:
+        moment = parse_datetime(position)
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
+
+
+def list_state(query: QueryDict) -> tuple[bool, str | None]:
+    """Whether :func:`vm_page` answers ``query``, and the state it filters on."""
+    if any(name in query for name in ORM_ONLY_PARAMS):
+        return False, None
+    if "state" not in query:
+        return True, None
+    state = query.get("state")
+    return (True, state) if state in _VALID_STATES and len(query.getlist("state")) == 1 else (False, None)
+
+
+def vm_page(request: HttpRequest | Request, *, user_id: int, is_staff: bool) -> bytes | None:
+    """One VM list page as DRF's JSON body, or None when the ORM path must answer the query."""
+    drf_request = request if isinstance(request, Request) else Request(request)
+    answerable, state = list_state(drf_request.query_params)
+    if not answerable:
+        return None
+    pagination = _Pagination()
+    rows = pagination.read_page(drf_request, owner_id=None if is_staff else user_id, state=state)
+    if rows is None:
+        return None
+    body = {
+        "next": pagination.get_next_link(),
+        "previous": pagination.get_previous_link(),
+        "results": rows,
+    }
+    return dumps(body, utc_datetimes=True)
+
+
+@cache
+def detail_sql(*, owned: bool) -> str:
+    """The SQL of one VM by id (parameters: the id, then the owner's id when ``owned``)."""
+    sql = f"{_select()} WHERE v.id = %s"
+    return f"{sql} AND v.owner_id = %s" if owned else sql
+
+
+def vm_detail(*, vm_id: str, user_id: int, is_staff: bool) -> bytes | None:
+    """One VM the caller may see (deleted ones included) as ``VMSerializer``'s JSON; None: no such VM."""
+    rows = (
+        _rows(detail_sql(owned=False), [vm_id])
+        if is_staff
+        else _rows(detail_sql(owned=True), [vm_id, user_id])
+    )
+    return dumps(rows[0], utc_datetimes=True) if rows else None
