@@ -1,9 +1,10 @@
 """Placement: pick nodes for VMs and reserve their capacity atomically.
 
 Filter: nodes that are ``up`` with enough free vCPUs, memory and disk. Weigh: the most free memory
-first, recomputed after every placement so a batch spreads across nodes. Reservation happens under
-``SELECT ... FOR UPDATE`` of the chosen rows (taken in id order, so concurrent callers cannot
-deadlock; see :func:`reserve`), and the node table's check constraints refuse an overcommit whatever
+first, recomputed after every placement so a batch spreads across nodes. Reservation is one
+conditional UPDATE per chosen node (it checks the room and takes it; rows in id order, so concurrent
+callers cannot deadlock), falling back to ``SELECT ... FOR UPDATE`` of every candidate when a plan
+went stale (see :func:`reserve`); the node table's check constraints refuse an overcommit whatever
 path writes it.
 Call these functions inside the caller's transaction.
 """
@@ -109,15 +110,59 @@ def _totals(plan: Sequence[int | None], demands: Sequence[Demand | None]) -> dic
     return taken
 
 
-def _holds(nodes: dict[int, Node], taken: dict[int, Demand]) -> bool:
-    """The locked rows of ``nodes`` still have room for what the plan puts on each."""
-    return all(
-        node_id in nodes
-        and nodes[node_id].free_vcpus >= total.vcpus
-        and nodes[node_id].free_memory_mb >= total.memory_mb
-        and nodes[node_id].free_disk_gb >= total.disk_gb
-        for node_id, total in taken.items()
-    )
+class _Stale(Exception):
+    """A node of the plan no longer has its room (rolls the savepoint back, releasing the rows locked)."""
+
+
+# One node's reservation when its row still has the room: the capacity check and the update are one
+# statement and one round trip (no SELECT ... FOR UPDATE and Python check before it).
+# A concurrent reservation of the same row makes this one wait for its commit, then PostgreSQL checks
+# the WHERE again on the row as that commit left it.
+_TAKE_SQL = """
+UPDATE nodes
+SET allocated_vcpus = allocated_vcpus + %(vcpus)s,
+    allocated_memory_mb = allocated_memory_mb + %(memory_mb)s,
+    allocated_disk_gb = allocated_disk_gb + %(disk_gb)s
+WHERE id = %(pk)s AND status = %(status)s
+  AND vcpus - allocated_vcpus >= %(vcpus)s
+  AND memory_mb - allocated_memory_mb >= %(memory_mb)s
+  AND disk_gb - allocated_disk_gb >= %(disk_gb)s
+RETURNING *
+"""
+
+
+def _take(node_id: int, total: Demand) -> Node | None:
+    """Reserve ``total`` on a node that is up and still has the room; None if not (see :func:`_take_all`)."""
+    params = {
+        "pk": node_id,
+        "status": NodeStatus.UP,
+        "vcpus": total.vcpus,
+        "memory_mb": total.memory_mb,
+        "disk_gb": total.disk_gb,
+    }
+    return next(iter(Node.objects.raw(_TAKE_SQL, params)), None)
+
+
+def _take_all(taken: dict[int, Demand]) -> dict[int, Node] | None:
+    """Reserve the plan's totals node by node (id order); None, with nothing reserved, if one fails.
+
+    In a savepoint, which a failure rolls back: an UPDATE that waited for a concurrent reservation
+    and then found the room gone still holds the row's lock (PostgreSQL locks the newest version
+    before checking the WHERE again), and the caller's fallback locks every node in id order, which
+    it must do holding none of them (two transactions each holding the row the other waits for
+    deadlocked in ``test_concurrent_creates_never_overcommit``).
+    """
+    try:
+        with transaction.atomic():
+            nodes: dict[int, Node] = {}
+            for node_id in sorted(taken):
+                node = _take(node_id, taken[node_id])
+                if node is None:
+                    raise _Stale
+                nodes[node_id] = node
+            return nodes
+    except _Stale:
+        return None
 
 
 def reserve(
@@ -131,12 +176,13 @@ def reserve(
     ``pinned[i]``, when given, forces demand ``i`` onto that node (still checked for status and room).
     Raises ``NoCapacity`` naming the first demand that fits nowhere; then nothing is reserved.
 
-    The placement is planned on the candidates' current capacity read without locks, then only the
-    chosen nodes are locked and checked again: concurrent creates no longer queue on a lock of every
-    node (they used to: one ``SELECT ... FOR UPDATE`` of all up nodes per create, 100 rows in the
-    benchmark, held until commit). When the locked rows no longer hold the plan (a concurrent
-    reservation took the room) or the plan found no room, the locks of that attempt are released
-    (a savepoint) and the placement runs again on every candidate locked, as it always did.
+    The placement is planned on the candidates' current capacity read without locks, then each chosen
+    node's total is reserved by one conditional UPDATE (:data:`_TAKE_SQL`), which locks the row only
+    from there to the commit. Concurrent creates used to queue on a lock of every node, and then on a
+    ``SELECT ... FOR UPDATE`` of the chosen node held across the rest of the transaction (the
+    benchmark's mixed load spent most of its write latency there). When a node no longer has the room
+    (a concurrent reservation took it) or the plan found none, the placement runs again on every
+    candidate locked, as it always did, and is then exact.
     """
     pins = list(pinned) if pinned is not None else [None] * len(demands)
     excluded = set(exclude)
@@ -144,41 +190,26 @@ def reserve(
     if all(pin is not None for pin, demand in zip(pins, demands, strict=True) if demand is not None):
         candidates = candidates.filter(pk__in={pin.pk for pin in pins if pin is not None})
     snapshot = _rooms(row for row in candidates.values_list(*_CAPACITY) if row[0] not in excluded)
-    locked: dict[int, Node] | None = None
     try:
         plan = _place(snapshot, demands, pins)
     except NoCapacity:
         plan = []
-    if plan:
-        taken = _totals(plan, demands)
-        try:
-            with transaction.atomic():
-                rows = candidates.select_for_update().filter(pk__in=sorted(taken))
-                locked = {node.pk: node for node in rows}
-                if not _holds(locked, taken):
-                    raise _Stale
-        except _Stale:
-            locked = None
-    if locked is None:
+    reserved = _take_all(_totals(plan, demands)) if plan else None
+    if reserved is None:
         nodes = {node.pk: node for node in candidates.select_for_update() if node.pk not in excluded}
         rooms = {
             pk: _Room(pk, node.free_vcpus, node.free_memory_mb, node.free_disk_gb)
             for pk, node in nodes.items()
         }
         plan = _place(rooms, demands, pins)
-        taken = _totals(plan, demands)
-        locked = nodes
-    for node_id, total in taken.items():
-        Node.objects.filter(pk=node_id).update(
-            allocated_vcpus=F("allocated_vcpus") + total.vcpus,
-            allocated_memory_mb=F("allocated_memory_mb") + total.memory_mb,
-            allocated_disk_gb=F("allocated_disk_gb") + total.disk_gb,
-        )
-    return [None if node_id is None else locked[node_id] for node_id in plan]
-
-
-class _Stale(Exception):
-    """The locked nodes no longer hold the plan (rolls the savepoint back, releasing their locks)."""
+        for node_id, total in _totals(plan, demands).items():
+            Node.objects.filter(pk=node_id).update(
+                allocated_vcpus=F("allocated_vcpus") + total.vcpus,
+                allocated_memory_mb=F("allocated_memory_mb") + total.memory_mb,
+                allocated_disk_gb=F("allocated_disk_gb") + total.disk_gb,
+            )
+        reserved = nodes
+    return [None if node_id is None else reserved[node_id] for node_id in plan]
 
 
 def release(*, node_id: int, demand: Demand) -> None:

@@ -121,6 +121,8 @@ def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -
         vcpus=sum(request.vcpus for request in requests),
         memory_mb=sum(request.memory_mb for request in requests),
     )
+    vm_cache.owner_changed(owner_id=owner.pk)
+    # Last before the insert: the node rows the reservation updates stay locked until the commit.
     nodes = scheduler.reserve(
         demands=[request.demand for request in requests], pinned=[request.node for request in requests]
     )
@@ -143,7 +145,6 @@ def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -
         # Only a concurrent create of the same name gets here (names were checked under the owner lock).
         # No savepoint: the Conflict leaves the caller's transaction, which rolls back, unused.
         raise Conflict("A VM with one of these names was created concurrently; retry.") from exc
-    vm_cache.owner_changed(owner_id=owner.pk)
     return created
 
 
@@ -237,8 +238,13 @@ def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
 
 @transaction.atomic
 def vm_update(*, vm: VM, changes: VMChanges) -> VM:
-    """Rename a VM, or resize a stopped one (capacity and quota re-checked)."""
-    _lock_owner(vm.owner)
+    """Rename a VM, or resize a stopped one (capacity and quota re-checked).
+
+    Only a resize takes the owner's lock (it is quota-checked): a rename's name check is a courtesy
+    error, the partial unique index refuses a name taken concurrently (409).
+    """
+    if changes.resizes:
+        _lock_owner(vm.owner)
     vm = VM.objects.select_for_update(of=("self",)).select_related("node", "owner").get(pk=vm.pk)
     if changes.name is not None and changes.name != vm.name:
         _check_new_names(vm.owner, [changes.name], lambda _index: "name")

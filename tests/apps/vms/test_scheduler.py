@@ -1,4 +1,4 @@
-"""Placement under concurrency: many simultaneous creates never overcommit a node (real PostgreSQL)."""
+"""Writes under concurrency (real PostgreSQL): placement never overcommits a node, quotas and names hold."""
 
 import threading
 from collections import Counter
@@ -123,3 +123,82 @@ def test_a_plan_made_stale_by_a_concurrent_reservation_is_placed_again_under_loc
     assert [node.pk for node in placed if node is not None] == [other.pk]
     assert Node.objects.get(pk=other.pk).allocated_vcpus == 2
     assert Node.objects.get(pk=roomy.pk).allocated_vcpus == 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_plan_on_two_nodes_gone_stale_on_one_is_taken_back_whole(make_node):
+    """The first node's conditional update succeeded, the second's found its room gone: the savepoint
+    gives the first back before every node is locked and the demands are placed again."""
+    from django.db import connections, transaction
+
+    from apps.vms import scheduler
+
+    roomy = make_node("roomy", vcpus=10, memory_mb=200_000, disk_gb=1000)
+    other = make_node("other", vcpus=4, memory_mb=150_000, disk_gb=1000)
+    placed: list[Node | None] = []
+
+    def second() -> None:  # plans one demand on each node, then finds "other" full
+        with transaction.atomic():
+            placed.extend(scheduler.reserve(demands=[scheduler.Demand(2, 60_000, 10)] * 2))
+        connections.close_all()
+
+    with transaction.atomic():
+        scheduler.reserve(demands=[scheduler.Demand(4, 1000, 10)], pinned=[other])  # every vCPU of "other"
+        thread = threading.Thread(target=second)
+        thread.start()
+        with connection.cursor() as cursor:  # until the second reservation waits for other's row lock
+            for _ in range(500):
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                if cursor.fetchone()[0]:
+                    break
+                threading.Event().wait(0.01)
+            else:
+                raise AssertionError("the second reservation never waited for the lock")
+    thread.join(timeout=30)
+    assert [node.pk for node in placed if node is not None] == [roomy.pk, roomy.pk]
+    assert Node.objects.get(pk=roomy.pk).allocated_vcpus == 4
+    assert Node.objects.get(pk=roomy.pk).allocated_memory_mb == 120_000
+    assert Node.objects.get(pk=other.pk).allocated_vcpus == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_renames_to_one_name_leave_one_vm_with_it(make_user, make_node, make_image):
+    """A rename takes no owner lock: the partial unique index refuses the second (409), or its name
+    check sees the first committed (400); never two live VMs with one name."""
+    from apps.core.errors import Conflict, InvalidInput
+    from apps.vms.services import VMChanges, vm_update
+
+    make_node("a", vcpus=100, memory_mb=100_000, disk_gb=1000)
+    image = make_image()
+    owner = make_user("renamer")
+    vms = [
+        vm_create(
+            owner=owner, request=VMRequest(name=f"vm{i}", image=image, vcpus=1, memory_mb=64, disk_gb=1)
+        )
+        for i in range(8)
+    ]
+    barrier = threading.Barrier(len(vms))
+    results: list[str] = []
+
+    def rename(vm: VM) -> None:
+        try:
+            barrier.wait()
+            vm_update(vm=vm, changes=VMChanges(name="same"))
+            results.append("renamed")
+        except Conflict:
+            results.append("conflict")
+        except InvalidInput:
+            results.append("taken")
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=rename, args=(vm,)) for vm in vms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results.count("renamed") == 1
+    assert len(results) == len(vms)
+    assert VM.objects.filter(owner=owner, name="same").count() == 1
