@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 
@@ -114,37 +114,30 @@ class _Stale(Exception):
     """A node of the plan no longer has its room (rolls the savepoint back, releasing the rows locked)."""
 
 
-# One node's reservation when its row still has the room: the capacity check and the update are one
-# statement and one round trip (no SELECT ... FOR UPDATE and Python check before it).
-# A concurrent reservation of the same row makes this one wait for its commit, then PostgreSQL checks
-# the WHERE again on the row as that commit left it.
+# The plan's reservations when the rows still have the room: the capacity checks and the updates are
+# one statement and one round trip for every node of the plan (no SELECT ... FOR UPDATE and Python
+# check before it). A concurrent reservation of a row makes this wait for its commit, then
+# PostgreSQL checks the WHERE again on the row as that commit left it. Parameters: arrays of node
+# ids and of the vCPUs, MiB and GiB to add to each, the status a node must have.
 _TAKE_SQL = """
-UPDATE nodes
-SET allocated_vcpus = allocated_vcpus + %(vcpus)s,
-    allocated_memory_mb = allocated_memory_mb + %(memory_mb)s,
-    allocated_disk_gb = allocated_disk_gb + %(disk_gb)s
-WHERE id = %(pk)s AND status = %(status)s
-  AND vcpus - allocated_vcpus >= %(vcpus)s
-  AND memory_mb - allocated_memory_mb >= %(memory_mb)s
-  AND disk_gb - allocated_disk_gb >= %(disk_gb)s
-RETURNING *
+UPDATE nodes AS n
+SET allocated_vcpus = n.allocated_vcpus + t.vcpus,
+    allocated_memory_mb = n.allocated_memory_mb + t.memory_mb,
+    allocated_disk_gb = n.allocated_disk_gb + t.disk_gb
+FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[]) AS t(id, vcpus, memory_mb, disk_gb)
+WHERE n.id = t.id AND n.status = %s
+  AND n.vcpus - n.allocated_vcpus >= t.vcpus
+  AND n.memory_mb - n.allocated_memory_mb >= t.memory_mb
+  AND n.disk_gb - n.allocated_disk_gb >= t.disk_gb
+RETURNING n.*
 """
-
-
-def _take(node_id: int, total: Demand) -> Node | None:
-    """Reserve ``total`` on a node that is up and still has the room; None if not (see :func:`_take_all`)."""
-    params = {
-        "pk": node_id,
-        "status": NodeStatus.UP,
-        "vcpus": total.vcpus,
-        "memory_mb": total.memory_mb,
-        "disk_gb": total.disk_gb,
-    }
-    return next(iter(Node.objects.raw(_TAKE_SQL, params)), None)
+# Rows one UPDATE changes are locked in the order of its join, not by id: a plan on several nodes
+# locks its rows in id order first, so that two such plans cannot each hold a row the other wants.
+_LOCK_SQL = "SELECT id FROM nodes WHERE id = ANY(%s::bigint[]) ORDER BY id FOR NO KEY UPDATE"
 
 
 def _take_all(taken: dict[int, Demand]) -> dict[int, Node] | None:
-    """Reserve the plan's totals node by node (id order); None, with nothing reserved, if one fails.
+    """Reserve the plan's totals; None, with nothing reserved and no row left locked, if one fails.
 
     In a savepoint, which a failure rolls back: an UPDATE that waited for a concurrent reservation
     and then found the room gone still holds the row's lock (PostgreSQL locks the newest version
@@ -152,14 +145,22 @@ def _take_all(taken: dict[int, Demand]) -> dict[int, Node] | None:
     it must do holding none of them (two transactions each holding the row the other waits for
     deadlocked in ``test_concurrent_creates_never_overcommit``).
     """
+    ids = sorted(taken)
+    params = [
+        ids,
+        [taken[pk].vcpus for pk in ids],
+        [taken[pk].memory_mb for pk in ids],
+        [taken[pk].disk_gb for pk in ids],
+        NodeStatus.UP,
+    ]
     try:
         with transaction.atomic():
-            nodes: dict[int, Node] = {}
-            for node_id in sorted(taken):
-                node = _take(node_id, taken[node_id])
-                if node is None:
-                    raise _Stale
-                nodes[node_id] = node
+            if len(ids) > 1:
+                with connection.cursor() as cursor:
+                    cursor.execute(_LOCK_SQL, [ids])
+            nodes = {node.pk: node for node in Node.objects.raw(_TAKE_SQL, params)}
+            if len(nodes) < len(ids):
+                raise _Stale
             return nodes
     except _Stale:
         return None

@@ -107,9 +107,12 @@ class BatchSerializer(serializers.ModelSerializer[BatchOperation]):
         read_only_fields = fields
 
     def get_counts(self, batch: BatchOperation) -> dict[str, int]:
-        items = batch.items.all()
+        """Items per status; from ``context["counts"]`` when the caller counted them in the database."""
         counts = {status.value: 0 for status in BatchItemStatus}
-        for item in items:
+        if "counts" in self.context:
+            counts.update(self.context["counts"])
+            return counts
+        for item in batch.items.all():
             counts[item.status] += 1
         return counts
 
