@@ -1,8 +1,78 @@
-"""Database helpers shared by the apps' migrations."""
+"""Database helpers shared by the apps: bulk inserts by COPY, and an index operation for migrations."""
 
-from typing import Any
+import enum
+import functools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar
 
+from django.db import connection, models
 from django.db.migrations.operations import AddIndex
+from django.utils import timezone
+
+M = TypeVar("M", bound=models.Model)
+
+# Below this many rows one INSERT costs no more than a COPY (which takes two round trips).
+COPY_MIN_ROWS: Final = 50
+
+
+def _plain(value: Any) -> Any:
+    """A choices member as its value (psycopg would write an Enum by its name)."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _copy(statement: str, rows: Iterable[list[Any]]) -> None:
+    """One ``COPY ... FROM STDIN``, seen as a query by the connection's execute wrappers (the monitoring
+    middleware's query count and time) and by its query log when one is kept (DEBUG, tests)."""
+
+    def run(sql: str, params: Any, many: bool, context: dict[str, Any]) -> None:
+        with context["cursor"].cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    started = time.perf_counter()
+    with connection.cursor() as cursor, connection.wrap_database_errors:
+        execute: Callable[..., None] = run
+        for wrapper in reversed(connection.execute_wrappers):
+            execute = functools.partial(wrapper, execute)
+        execute(statement, None, False, {"connection": connection, "cursor": cursor})
+    if connection.queries_logged:
+        connection.queries_log.append({"sql": statement, "time": f"{time.perf_counter() - started:.3f}"})
+
+
+def bulk_insert(objects: Sequence[M]) -> Sequence[M]:
+    """Insert new model instances: ``bulk_create``, or on PostgreSQL for many rows one COPY.
+
+    Django's ``bulk_create`` of a thousand VMs builds one INSERT of 14,000 parameters, and psycopg's
+    client-side binding quotes each in Python: a fifth of a batch create's CPU (py-spy). COPY sends
+    the rows through psycopg's C row writer instead. The instances must hold plain values (no
+    expressions; choices members are written by value); ``auto_now``/``auto_now_add`` fields are set
+    here as ``bulk_create`` would. A primary key set in Python (the VMs' UUIDs) is written; an
+    auto-increment one is left to the database and, COPY returning nothing, not read back (the
+    instances then keep ``pk`` None). Errors come as Django's (a unique violation is an
+    ``IntegrityError``).
+    """
+    if connection.vendor != "postgresql" or len(objects) < COPY_MIN_ROWS:
+        return type(objects[0])._default_manager.bulk_create(objects) if objects else objects
+    meta = objects[0]._meta
+    fields = [field for field in meta.concrete_fields if not field.db_returning]  # auto ids: the database's
+    now = timezone.now()
+    stamped = [
+        field.attname
+        for field in fields
+        if getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False)
+    ]
+    columns = ", ".join(connection.ops.quote_name(str(field.column)) for field in fields)
+    statement = f"COPY {connection.ops.quote_name(meta.db_table)} ({columns}) FROM STDIN"
+    attnames = [field.attname for field in fields]
+    for obj in objects:
+        for attname in stamped:
+            setattr(obj, attname, now)
+    _copy(statement, ([_plain(getattr(obj, attname)) for attname in attnames] for obj in objects))
+    for obj in objects:
+        obj._state.adding = obj.pk is None
+        obj._state.db = connection.alias
+    return objects
 
 
 class AddIndexConcurrentlyWherePossible(AddIndex):

@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from apps.core.conf import novacron_setting
+from apps.core.db import bulk_insert
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
 from apps.vms import cache as vm_cache
 from apps.vms import dispatch, scheduler
@@ -140,7 +141,7 @@ def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -
         for request, node in zip(requests, nodes, strict=True)
     ]
     try:
-        created = VM.objects.bulk_create(vms)
+        created = list(bulk_insert(vms))
     except IntegrityError as exc:
         # Only a concurrent create of the same name gets here (names were checked under the owner lock).
         # No savepoint: the Conflict leaves the caller's transaction, which rolls back, unused.
@@ -168,9 +169,7 @@ def _check_batch_size(count: int) -> None:
 
 def _new_batch(owner: User, kind: BatchKind, vms: Sequence[VM], status: BatchItemStatus) -> BatchOperation:
     batch = BatchOperation.objects.create(owner_id=owner.pk, kind=kind, total=len(vms))
-    BatchItem.objects.bulk_create(
-        [BatchItem(batch=batch, index=index, vm=vm, status=status) for index, vm in enumerate(vms)]
-    )
+    bulk_insert([BatchItem(batch=batch, index=index, vm=vm, status=status) for index, vm in enumerate(vms)])
     return batch
 
 

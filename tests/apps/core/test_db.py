@@ -1,0 +1,57 @@
+"""bulk_insert: COPY on PostgreSQL writes what bulk_create would, counted and failing the same way."""
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from apps.core.db import COPY_MIN_ROWS, bulk_insert
+from apps.vms.choices import BatchItemStatus, BatchKind, VMState
+from apps.vms.models import VM, BatchItem, BatchOperation
+
+pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="COPY is PostgreSQL's")
+
+
+def _vms(owner, node, image, count: int, prefix: str = "vm") -> list[VM]:
+    return [
+        VM(owner=owner, node=node, image=image, name=f"{prefix}{i}", vcpus=1, memory_mb=64, disk_gb=1)
+        for i in range(count)
+    ]
+
+
+def test_many_rows_go_by_one_copy_and_read_back_as_written(user, node, image):
+    vms = _vms(user, node, image, COPY_MIN_ROWS)
+    with CaptureQueriesContext(connection) as captured:
+        bulk_insert(vms)
+    assert [query["sql"].split()[0] for query in captured] == ["COPY"]
+    stored = {vm.pk: vm for vm in VM.objects.filter(owner=user)}
+    assert set(stored) == {vm.pk for vm in vms}
+    first = stored[vms[0].pk]
+    assert first.state == VMState.PENDING  # the choice's value, not the Enum's name
+    assert (first.name, first.node_id, first.image_id, first.state_reason) == ("vm0", node.pk, image.pk, "")
+    assert first.created_at == vms[0].created_at == first.updated_at is not None
+    assert first.deleted_at is None
+
+
+def test_auto_ids_are_the_databases(user, node, image):
+    vms = bulk_insert(_vms(user, node, image, COPY_MIN_ROWS))
+    batch = BatchOperation.objects.create(owner=user, kind=BatchKind.CREATE, total=len(vms))
+    bulk_insert(
+        [BatchItem(batch=batch, index=i, vm=vm, status=BatchItemStatus.PENDING) for i, vm in enumerate(vms)]
+    )
+    ids = list(BatchItem.objects.filter(batch=batch).order_by("index").values_list("id", "status"))
+    assert len(ids) == COPY_MIN_ROWS and all(pk is not None for pk, _ in ids)
+    assert {status for _, status in ids} == {"pending"}
+
+
+def test_a_unique_violation_is_djangos_integrity_error(user, node, image):
+    bulk_insert(_vms(user, node, image, 1, prefix="taken"))  # taken0, by INSERT
+    with pytest.raises(IntegrityError), transaction.atomic():
+        bulk_insert(_vms(user, node, image, COPY_MIN_ROWS, prefix="taken"))
+    assert VM.objects.filter(owner=user).count() == 1
+
+
+def test_few_rows_are_one_insert(user, node, image):
+    with CaptureQueriesContext(connection) as captured:
+        bulk_insert(_vms(user, node, image, 3))
+    assert [query["sql"].split()[0] for query in captured] == ["INSERT"]
+    assert VM.objects.filter(owner=user).count() == 3
