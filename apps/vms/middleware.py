@@ -156,6 +156,8 @@ class VMReadFastPathMiddleware:
     @staticmethod
     def _read(request: HttpRequest, viewer: vm_cache.Viewer, vm_id: str | None) -> bytes | None:
         """The page or VM from the database (:mod:`.reads`); None when DRF must answer."""
+        if not reads.supported():
+            return None
         try:
             if vm_id is None:
                 return reads.vm_page(request, user_id=viewer.user_id, is_staff=viewer.is_staff)

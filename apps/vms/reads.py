@@ -168,6 +168,12 @@ def _aware(position: str) -> datetime | None:
     return moment if moment is not None and moment.tzinfo is not None else None
 
 
+def supported() -> bool:
+    """Whether this database runs the SQL here: PostgreSQL's (casts, psycopg's loaders). On another
+    (the SQLite file ``make run`` uses without ``DATABASE_URL``) the ORM path answers every read."""
+    return connection.vendor == "postgresql"
+
+
 def list_state(query: QueryDict) -> tuple[bool, str | None]:
     """Whether :func:`vm_page` answers ``query``, and the state it filters on."""
     if any(name in query for name in ORM_ONLY_PARAMS):
@@ -182,7 +188,7 @@ def vm_page(request: HttpRequest | Request, *, user_id: int, is_staff: bool) -> 
     """One VM list page as DRF's JSON body, or None when the ORM path must answer the query."""
     drf_request = request if isinstance(request, Request) else Request(request)
     answerable, state = list_state(drf_request.query_params)
-    if not answerable:
+    if not answerable or not supported():
         return None
     pagination = _Pagination()
     rows = pagination.read_page(drf_request, owner_id=None if is_staff else user_id, state=state)
@@ -204,7 +210,9 @@ def detail_sql(*, owned: bool) -> str:
 
 
 def vm_detail(*, vm_id: str, user_id: int, is_staff: bool) -> bytes | None:
-    """One VM the caller may see (deleted ones included) as ``VMSerializer``'s JSON; None: no such VM."""
+    """One VM the caller may see (deleted ones included) as ``VMSerializer``'s JSON; None: no such VM.
+
+    PostgreSQL only (:func:`supported`)."""
     rows = (
         _rows(detail_sql(owned=False), [vm_id])
         if is_staff

@@ -151,7 +151,10 @@ class VMViewSet(
         )
         body = entry.body
         if body is None:
-            body = reads.vm_detail(vm_id=vm_id, user_id=viewer.user_id, is_staff=viewer.is_staff)
+            if reads.supported():
+                body = reads.vm_detail(vm_id=vm_id, user_id=viewer.user_id, is_staff=viewer.is_staff)
+            else:
+                body = dumps(VMSerializer(self.get_object()).data)
             if body is None:
                 raise Http404
             entry.store(body)
