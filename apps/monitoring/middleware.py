@@ -157,9 +157,10 @@ class RequestMonitorMiddleware:
             method = "OTHER"  # arbitrary verbs must not mint label values
         status = response.status_code
         size = _response_bytes(response)
-        instruments.http_request_duration.labels(method=method, endpoint=endpoint).observe(duration)
-        instruments.http_requests.labels(method=method, endpoint=endpoint, status=str(status)).inc()
-        instruments.http_response_bytes.labels(method=method, endpoint=endpoint).inc(size)
+        labelled = instruments.labelled
+        labelled(instruments.http_request_duration, method=method, endpoint=endpoint).observe(duration)
+        labelled(instruments.http_requests, method=method, endpoint=endpoint, status=str(status)).inc()
+        labelled(instruments.http_response_bytes, method=method, endpoint=endpoint).inc(size)
         if not request.path_info.startswith("/api/"):
             return
         user = getattr(request, "user", None)

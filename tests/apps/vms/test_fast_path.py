@@ -278,3 +278,24 @@ def test_a_hit_is_in_the_api_log_with_its_user_and_route(api, user, node, image)
     assert [(entry["user"], entry["endpoint"], entry["status"]) for entry in entries] == [
         (user.pk, "/api/v1/vms/{pk}/", 200)
     ]
+
+
+def test_a_redis_without_the_script_or_a_lost_connection_costs_one_slow_answer_at_most(api, node, image):
+    """The fast path's own connection (one per thread): the script is loaded again when Redis lost it;
+    a connection Redis closed fails one look-up (DRF answers it) and is made again for the next."""
+    from apps.vms import cache as vm_cache
+
+    _create(api, "web-1")
+    first = api.get("/api/v1/vms/")  # through DRF (the token is not known yet): fills the cache
+    hits = _hits("vm_list")
+    assert api.get("/api/v1/vms/").content == first.content and _hits("vm_list") == hits + 1
+    server = redis.Redis.from_url(settings.REDIS_URL)
+    server.script_flush()
+    assert api.get("/api/v1/vms/").content == first.content and _hits("vm_list") == hits + 2
+    own = vm_cache._own.connection
+    host, port = own._sock.getsockname()[:2]
+    server.client_kill(f"{host}:{port}")
+    assert api.get("/api/v1/vms/").content == first.content  # DRF's answer: its look-up has the pool
+    assert _hits("vm_list") == hits + 3
+    assert api.get("/api/v1/vms/").content == first.content and _hits("vm_list") == hits + 4
+    assert vm_cache._own.connection._sock is not None
