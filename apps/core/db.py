@@ -56,7 +56,6 @@ def bulk_insert(objects: Sequence[M]) -> Sequence[M]:
         return type(objects[0])._default_manager.bulk_create(objects) if objects else objects
     meta = objects[0]._meta
     fields = [field for field in meta.concrete_fields if not field.db_returning]  # auto ids: the database's
-    now = timezone.now()
     stamped = [
         field.attname
         for field in fields
@@ -66,6 +65,7 @@ def bulk_insert(objects: Sequence[M]) -> Sequence[M]:
     statement = f"COPY {connection.ops.quote_name(meta.db_table)} ({columns}) FROM STDIN"
     attnames = [field.attname for field in fields]
     for obj in objects:
+        now = timezone.now()  # per row, as bulk_create's pre_save: lists page by (created_at, id)
         for attname in stamped:
             setattr(obj, attname, now)
     _copy(statement, ([_plain(getattr(obj, attname)) for attname in attnames] for obj in objects))

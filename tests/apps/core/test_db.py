@@ -29,6 +29,9 @@ def test_many_rows_go_by_one_copy_and_read_back_as_written(user, node, image):
     assert first.state == VMState.PENDING  # the choice's value, not the Enum's name
     assert (first.name, first.node_id, first.image_id, first.state_reason) == ("vm0", node.pk, image.pk, "")
     assert first.created_at == vms[0].created_at == first.updated_at is not None
+    # stamped row by row, as bulk_create does: a thousand equal created_at broke paging back
+    assert [vm.created_at for vm in vms] == sorted(vm.created_at for vm in vms)
+    assert len({vm.created_at for vm in vms}) > 1
     assert first.deleted_at is None
 
 
