@@ -148,7 +148,7 @@ class Entry:
         if self.key is None:
             return
         try:
-            _connection().set(self.key, body, ex=self.ttl)
+            _own_command("SET", self.key, body, "EX", self.ttl)
         except redis.RedisError as exc:
             _warn("store", exc)
 
@@ -217,17 +217,16 @@ THROTTLED: Final = "throttled"
 
 
 _FAST_SHA: Final = hashlib.sha1(_FAST_SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis names scripts so)
-_own = threading.local()  # this thread's fast-path connection and the pool it was made for
+_own = threading.local()  # this thread's own Redis connection (look-ups, stores) and its pool
 
 
-def _fast_call(memo_key: str, *args: object) -> Any:
-    """The fast script on this thread's own connection to the cache's Redis.
+def _own_command(*command: object) -> Any:
+    """One command on this thread's own connection to the cache's Redis.
 
     One connection per web thread, kept, instead of redis-py's pool check-out and release, retry and
     deprecation wrappers around every command: those were a third of a cached hit's CPU (py-spy). It
     is made with the pool's settings (address, timeouts) and made again when the cache's pool changes
-    or after an error, which is raised as redis-py raises it. A Redis without the script (restarted,
-    flushed) is given it and asked again.
+    or after an error, which is raised as redis-py raises it.
     """
     pool = _connection().connection_pool
     own = getattr(_own, "connection", None)
@@ -235,17 +234,20 @@ def _fast_call(memo_key: str, *args: object) -> Any:
         own = _own.connection = pool.connection_class(**pool.connection_kwargs)
         _own.pool = pool
     try:
-        try:
-            own.send_command("EVALSHA", _FAST_SHA, 1, memo_key, *args)
-            return own.read_response()
-        except redis.exceptions.NoScriptError:
-            own.send_command("SCRIPT", "LOAD", _FAST_SCRIPT)
-            own.read_response()
-            own.send_command("EVALSHA", _FAST_SHA, 1, memo_key, *args)
-            return own.read_response()
+        own.send_command(*command)
+        return own.read_response()
     except (redis.ConnectionError, redis.TimeoutError):
         own.disconnect()  # the next call connects again
         raise
+
+
+def _fast_call(memo_key: str, *args: object) -> Any:
+    """The fast script (:func:`_own_command`); a Redis without it (restarted, flushed) is given it."""
+    try:
+        return _own_command("EVALSHA", _FAST_SHA, 1, memo_key, *args)
+    except redis.exceptions.NoScriptError:
+        _own_command("SCRIPT", "LOAD", _FAST_SCRIPT)
+        return _own_command("EVALSHA", _FAST_SHA, 1, memo_key, *args)
 
 
 def fast_lookup(
