@@ -2,10 +2,10 @@
 
 Filter: nodes that are ``up`` with enough free vCPUs, memory and disk. Weigh: the most free memory
 first, recomputed after every placement so a batch spreads across nodes. Reservation is one
-conditional UPDATE per chosen node (it checks the room and takes it; rows in id order, so concurrent
-callers cannot deadlock), falling back to ``SELECT ... FOR UPDATE`` of every candidate when a plan
-went stale (see :func:`reserve`); the node table's check constraints refuse an overcommit whatever
-path writes it.
+conditional UPDATE of the chosen nodes (it checks their room and takes it; several rows are locked
+in id order first, so concurrent callers cannot deadlock), falling back to ``SELECT ... FOR UPDATE``
+of every candidate when a plan went stale (see :func:`reserve`); the node table's check constraints
+refuse an overcommit whatever path writes it.
 Call these functions inside the caller's transaction.
 """
 
