@@ -61,6 +61,20 @@ def _run_dir(cluster: Cluster, node: str, vm_id: str) -> Path:
     return cluster.data_dirs[node] / "run" / vm_id
 
 
+def _silence(cluster: Cluster, node: str, vm_id: str) -> str:
+    """What a guest's node shows when its console stays silent: the run directory, the serial log's
+    size and tail, and the node's log (twice in CI rehearsals a completed live migration left the
+    destination's console silent; cause not found yet)."""
+    run_dir = _run_dir(cluster, node, vm_id)
+    files = sorted(path.name for path in run_dir.iterdir()) if run_dir.exists() else "missing"
+    log = run_dir / "serial.log"
+    tail = log.read_bytes()[-400:] if log.exists() else b"(no serial.log)"
+    size = log.stat().st_size if log.exists() else 0
+    return (
+        f"run dir {files}; serial.log {size} bytes, tail {tail!r}; node log:\n{cluster.nodes[node].output()}"
+    )
+
+
 def test_live_migration_keeps_the_guest_running(cluster: Cluster, api, dirty_image: Image):
     source, dest = list(cluster.nodes)
     payload = {
@@ -94,7 +108,10 @@ def test_live_migration_keeps_the_guest_running(cluster: Cluster, api, dirty_ima
         migration.error,
         list(migration.events.values_list("detail", flat=True)),
     )
-    wait_for(lambda: len(dest_watch.ticks) >= 10, 30, "ticks on the destination")
+    try:
+        wait_for(lambda: len(dest_watch.ticks) >= 10, 30, "ticks on the destination")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {_silence(cluster, dest, vm_id)}") from None
     source_watch.stop_event.set()
     dest_watch.stop_event.set()
 
