@@ -112,4 +112,7 @@ def test_a_tunnel_over_a_slow_link_climbs_from_lz4_to_zstd(slow_link: None, tmp_
     assert result["bytes_sent"] == len(data)
     mix = result["codec_mix"]  # the random halves go raw at any level (the incompressible fast path)
     assert mix.get("zstd", 0) > mix.get("lz4", 0), mix
-    assert result["wire_bytes"] < 0.7 * len(data)
+    # Compressed overall; not a tighter bound: frames the codec pool cannot take in time go raw (the
+    # policy's answer to a busy CPU): 0.59-0.64 alone here (3 runs, raw 16-25 % of the bytes), 0.70
+    # in a CI rehearsal on the loaded 2-core machine while the mix above still held.
+    assert result["wire_bytes"] < 0.8 * len(data)
