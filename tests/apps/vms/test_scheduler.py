@@ -11,6 +11,19 @@ from apps.vms.models import VM, Node
 from apps.vms.services import VMRequest, vm_create
 
 
+def _wait_for_a_lock_wait() -> None:
+    """Until a transaction of this database waits for a lock (the test's second reservation)."""
+    with connection.cursor() as cursor:
+        for _ in range(500):
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            if cursor.fetchone()[0]:
+                return
+            threading.Event().wait(0.01)
+    raise AssertionError("the second reservation never waited for the lock")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_creates_never_overcommit(make_user, make_node, make_image):
     # Room for exactly 5 VMs of 2 vCPUs on each of two nodes; 24 threads race for it.
@@ -109,16 +122,7 @@ def test_a_plan_made_stale_by_a_concurrent_reservation_is_placed_again_under_loc
         assert first is not None and first.pk == roomy.pk
         thread = threading.Thread(target=second)
         thread.start()
-        with connection.cursor() as cursor:  # until the second reservation waits for roomy's row lock
-            for _ in range(500):
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-                if cursor.fetchone()[0]:
-                    break
-                threading.Event().wait(0.01)
-            else:
-                raise AssertionError("the second reservation never waited for the lock")
+        _wait_for_a_lock_wait()  # the second reservation waits for roomy's row lock
     thread.join(timeout=30)
     assert [node.pk for node in placed if node is not None] == [other.pk]
     assert Node.objects.get(pk=other.pk).allocated_vcpus == 2
@@ -146,16 +150,7 @@ def test_a_plan_on_two_nodes_gone_stale_on_one_is_taken_back_whole(make_node):
         scheduler.reserve(demands=[scheduler.Demand(4, 1000, 10)], pinned=[other])  # every vCPU of "other"
         thread = threading.Thread(target=second)
         thread.start()
-        with connection.cursor() as cursor:  # until the second reservation waits for other's row lock
-            for _ in range(500):
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-                if cursor.fetchone()[0]:
-                    break
-                threading.Event().wait(0.01)
-            else:
-                raise AssertionError("the second reservation never waited for the lock")
+        _wait_for_a_lock_wait()  # the second reservation waits for other's row lock
     thread.join(timeout=30)
     assert [node.pk for node in placed if node is not None] == [roomy.pk, roomy.pk]
     assert Node.objects.get(pk=roomy.pk).allocated_vcpus == 4
