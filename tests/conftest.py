@@ -1,7 +1,11 @@
-"""Shared fixtures: users, tokens, API clients and fleet factories on the real PostgreSQL."""
+"""Shared fixtures: users, tokens, API clients and fleet factories on the real PostgreSQL; a SQLite process."""
 
 import itertools
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +14,29 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 _sequence = itertools.count(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_on_sqlite(tmp_path: Path) -> Callable[[str], str]:
+    """Run a script in its own process on a fresh SQLite file (``make run``'s default database, which
+    the test process's PostgreSQL settings cannot give); its standard output, after a zero exit."""
+
+    def run(script: str) -> str:
+        env = os.environ | {
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'novacron.sqlite3'}",
+            "NOVACRON_VAR_DIR": str(tmp_path),
+            "DJANGO_SETTINGS_MODULE": "novacron.settings.test",
+            "ALLOWED_HOSTS": "testserver",
+        }
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    return run
 
 
 @pytest.fixture

@@ -4,14 +4,7 @@ PostgreSQL-only SQL (``date_bin``, ``percentile_cont``, ``DISTINCT ON``) has Pyt
 this runs them in a separate process against a fresh SQLite file.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
 
 SCRIPT = """
 from datetime import timedelta
@@ -61,17 +54,6 @@ print("sqlite ok")
 
 
 @pytest.mark.integration
-def test_series_alerts_sampling_dashboard_and_metrics_work_on_sqlite(tmp_path):
-    env = os.environ | {
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'novacron.sqlite3'}",
-        "NOVACRON_VAR_DIR": str(tmp_path),
-        "DJANGO_SETTINGS_MODULE": "novacron.settings.test",
-        "ALLOWED_HOSTS": "testserver",
-    }
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+def test_series_alerts_sampling_dashboard_and_metrics_work_on_sqlite(run_on_sqlite):
     # One process: migrate the fresh file, then exercise monitoring on it.
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "sqlite ok" in run.stdout
+    assert "sqlite ok" in run_on_sqlite(SCRIPT)

@@ -4,14 +4,7 @@ Reads by fixed SQL (``reads.py``), the scheduler's conditional UPDATE and COPY a
 SQLite the ORM paths answer. This runs the API in a separate process against a fresh SQLite file.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
 
 SCRIPT = """
 import django
@@ -58,16 +51,5 @@ print("sqlite ok")
 
 
 @pytest.mark.integration
-def test_vm_api_on_sqlite(tmp_path: Path) -> None:
-    env = os.environ | {
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'novacron.sqlite3'}",
-        "NOVACRON_VAR_DIR": str(tmp_path),
-        "DJANGO_SETTINGS_MODULE": "novacron.settings.test",
-        "ALLOWED_HOSTS": "testserver",
-    }
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "sqlite ok" in result.stdout
+def test_vm_api_on_sqlite(run_on_sqlite) -> None:
+    assert "sqlite ok" in run_on_sqlite(SCRIPT)
