@@ -231,6 +231,8 @@ def _own_command(*command: object) -> Any:
     pool = _connection().connection_pool
     own = getattr(_own, "connection", None)
     if own is None or getattr(_own, "pool", None) is not pool:
+        if own is not None:
+            own.disconnect()  # made for a pool the cache no longer uses (settings changed)
         own = _own.connection = pool.connection_class(**pool.connection_kwargs)
         _own.pool = pool
     try:
