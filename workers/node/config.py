@@ -9,6 +9,7 @@ from pathlib import Path
 
 from workers.qemu import AcceleratorSetting
 
+VERIFY_MEMORY_CHOICES = ("auto", "on", "off")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -30,6 +31,7 @@ class NodeConfig:
     heartbeat_interval: float
     metrics_interval: float
     powerdown_timeout: float
+    verify_memory: str = "auto"  # at a live migration's switch: on, off, or auto (on under TCG)
 
     @property
     def dwcp_address(self) -> str:
@@ -81,6 +83,13 @@ def parser() -> argparse.ArgumentParser:
         default=float(env("NODE_POWERDOWN_TIMEOUT", "30")),
         help="seconds stop waits for the guest to act on ACPI powerdown before quitting QEMU",
     )
+    p.add_argument(
+        "--verify-memory",
+        default=env("NODE_VERIFY_MEMORY", "auto"),
+        choices=list(VERIFY_MEMORY_CHOICES),
+        help="compare guest RAM on both nodes before a live-migrated guest resumes: on, off, or auto "
+        "(on under TCG, where QEMU 7.2 was measured losing writes; env NODE_VERIFY_MEMORY)",
+    )
     return p
 
 
@@ -89,6 +98,8 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
     if not NAME_PATTERN.match(args.name):
         raise ConfigError(f"--name {args.name!r}: use 1-63 letters, digits, dots, dashes or underscores")
     host, port = _host_port(args.dwcp_listen)
+    if args.verify_memory not in VERIFY_MEMORY_CHOICES:  # an environment default skips argparse's check
+        raise ConfigError(f"NODE_VERIFY_MEMORY must be one of auto, on, off; not {args.verify_memory!r}")
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
     if args.heartbeat_interval <= 0 or args.metrics_interval <= 0:
@@ -113,4 +124,5 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         heartbeat_interval=args.heartbeat_interval,
         metrics_interval=args.metrics_interval,
         powerdown_timeout=args.powerdown_timeout,
+        verify_memory=args.verify_memory,
     )

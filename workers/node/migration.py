@@ -4,9 +4,11 @@ Live migration follows the sequence measured on QEMU 7.2 (see the design notes):
 QEMU waits with ``-incoming defer -S`` behind an NBD export of its empty disk; the source mirrors
 its disk into that export through one DWCP tunnel until READY, then migrates RAM through a second
 tunnel with ``pause-before-switchover``; at the pause it cancels the ready mirror (a consistent
-finish) and lets the migration complete. A watcher on the destination resumes the guest as soon as
-its incoming migration completes and reports the switch; only then does the control plane move the
-VM. Anything that fails before the switch leaves the source running and untouched.
+finish) and lets the migration complete. With both copies paused, the two nodes compare the guest's
+RAM (:mod:`.memory_check`; QEMU 7.2 under TCG was measured losing writes); a watcher on the
+destination resumes the guest once its incoming migration completed and the check passed, and
+reports the switch; only then does the control plane move the VM. Anything that fails before the
+switch, a failed memory check included, leaves the source running.
 
 A ``migration.json`` marker in the VM's run directory records which migration and which role a
 copy belongs to, so an abort or cleanup never removes a VM this node legitimately runs.
@@ -34,9 +36,21 @@ from workers.dwcp import (
     send_file,
 )
 from workers.dwcp.files import JOURNAL_SUFFIX, PART_SUFFIX
-from workers.qemu import QemuDriver, QemuError, QmpError, QmpSession, QmpTimeout, VmSpec, VmState
+from workers.qemu import (
+    Accelerator,
+    QemuDriver,
+    QemuError,
+    QmpError,
+    QmpSession,
+    QmpTimeout,
+    VmSpec,
+    VmState,
+)
+from workers.qemu.memory import SECONDS_PER_GIB, memory_digest
 
+from . import memory_check
 from .config import NodeConfig
+from .memory_check import Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +67,9 @@ INCOMING_TIMEOUT = 6 * 3600.0
 # keeps the VM's NBD socket busy and refuses the VM's next migration there (the soak's only failed
 # migrations, when the VM moved back within seconds). The memory tunnel gets this grace.
 TUNNEL_DRAIN_SECONDS = 2.0
+# The memory check at the switch: how long one side waits for the other's message, at least this
+# and otherwise the time to read the guest's RAM twice.
+MEMORY_CHECK_MIN_WAIT = 30.0
 UNLIMITED_QEMU_BANDWIDTH = 1 << 40  # bytes/s: lift QEMU's own 32 MiB/s cap; DWCP's limit is the one in force
 # The downtime limit is what the guest sees, from its pause on the source to its resume on the
 # destination. QEMU's own downtime-limit covers only its last RAM pass; around it come the end of
@@ -64,6 +81,10 @@ QEMU_DOWNTIME_FLOOR_MS = 20
 
 class MigrationAborted(Exception):
     """The control plane cancelled the migration while this node was working on it."""
+
+
+class MemoryMismatch(QemuError):
+    """The guest's RAM differed between source and destination at the switch."""
 
 
 @dataclass
@@ -258,7 +279,7 @@ class MigrationRunner:
         ready = threading.Event()
         watcher = threading.Thread(
             target=self._guarded,
-            args=(migration_id, "dest", lambda: self._watch_incoming(migration_id, spec.uuid, ready)),
+            args=(migration_id, "dest", lambda: self._watch_incoming(migration_id, spec, ready)),
             name=f"incoming-{spec.uuid[:8]}",
             daemon=True,
         )
@@ -276,12 +297,14 @@ class MigrationRunner:
 
         return execute
 
-    def _watch_incoming(self, migration_id: str, uuid: str, ready: threading.Event) -> None:
-        """Resume the destination the moment its incoming migration completes (it waits paused, -S).
+    def _watch_incoming(self, migration_id: str, spec: VmSpec, ready: threading.Event) -> None:
+        """Resume the destination once its incoming migration completed (it waits paused, -S) and
+        its RAM matched the source's.
 
         The source finished its disk mirror before it let the migration complete, so nothing writes
         to the NBD export any more: drop it, resume the guest, then stop the NBD server.
         """
+        uuid = spec.uuid
         with self.driver.job_session(uuid) as qmp:
             mark = qmp.event_mark()
             ready.set()
@@ -303,6 +326,7 @@ class MigrationRunner:
             if event.data.get("status") != "completed":
                 raise QemuError("the incoming migration failed on the destination")
             completed_at = event.timestamp
+            verdict, check_ms = self._check_incoming_memory(qmp, migration_id, spec)
             # Resume first (the guest is waiting: this is downtime), then drop the export: the
             # source's mirror has finished, so no write comes through it any more.
             resume_mark = qmp.event_mark()
@@ -318,8 +342,65 @@ class MigrationRunner:
             "dest",
             "switched",
             "destination resumed",
-            stats={"dest_completed_at": completed_at, "dest_resumed_at": resumed.timestamp},
+            stats={
+                "dest_completed_at": completed_at,
+                "dest_resumed_at": resumed.timestamp,
+                "memory_check": verdict.value,
+                "memory_check_ms": check_ms,
+            },
         )
+
+    def _verifies_memory(self) -> bool:
+        setting = self.config.verify_memory
+        return setting == "on" or (setting == "auto" and self.driver.accelerator is Accelerator.TCG)
+
+    def _check_incoming_memory(
+        self, qmp: QmpSession, migration_id: str, spec: VmSpec
+    ) -> tuple[Verdict, float]:
+        """Compare the paused destination's RAM with the source's digest; stop this copy on a mismatch.
+
+        What keeps the check from being made (no digest in time, a malformed one, this copy's RAM
+        unreadable) resumes the guest unverified, as before the check existed: the source is paused
+        in ``postmigrate`` and never resumes by itself, so failing here would stop the guest on both.
+        """
+        started = time.monotonic()
+        wait = memory_check_wait(spec.memory_mb)
+        scratch = self.driver.paths(spec.uuid).run_dir
+        verdict = Verdict.UNVERIFIED
+        try:
+            own = memory_digest(qmp, spec.memory_mb, scratch=scratch) if self._verifies_memory() else None
+            offer = memory_check.wait_offer(self.redis, migration_id, wait)
+            if offer is None:
+                logger.warning("migration %s: no memory digest from the source in %g s", migration_id, wait)
+            elif offer.digest is None:
+                verdict = Verdict.SKIPPED
+            else:
+                if own is None:
+                    own = memory_digest(qmp, spec.memory_mb, scratch=scratch)
+                differing = own.differing(offer.digest)
+                if differing:
+                    self._refuse_incoming(qmp, migration_id)
+                    raise MemoryMismatch(
+                        f"guest memory arrived different from the source's in {differing} of "
+                        f"{len(offer.digest.chunks)} MiB although QEMU reported the migration complete; "
+                        "the destination copy was stopped before it ran and the source resumes"
+                    )
+                verdict = Verdict.MATCH
+        except (QemuError, ValueError) as exc:
+            if isinstance(exc, MemoryMismatch):
+                raise
+            logger.warning("migration %s: memory check not made (%s); resuming unverified", migration_id, exc)
+        memory_check.answer(self.redis, migration_id, verdict, wait)
+        if verdict is Verdict.UNVERIFIED:
+            logger.warning("migration %s: the destination resumes with its memory unverified", migration_id)
+        return verdict, round((time.monotonic() - started) * 1000, 1)
+
+    def _refuse_incoming(self, qmp: QmpSession, migration_id: str) -> None:
+        """Stop this never-run copy for good, then tell the source it may resume its own."""
+        with contextlib.suppress(QmpError):
+            qmp.execute("quit")
+        if not memory_check.answer(self.redis, migration_id, Verdict.MISMATCH, MEMORY_CHECK_MIN_WAIT):
+            logger.error("migration %s: could not tell the source of the memory mismatch", migration_id)
 
     def finish(self, *, migration_id: str, vm: dict[str, Any], start: bool) -> None:
         """Cold: define the VM around the received disk and start it if it was running."""
@@ -463,6 +544,7 @@ class MigrationRunner:
                 except BaseException:
                     self._undo_source(qmp, job_id, resume=job.knobs.force_complete)
                     raise
+                self._offer_memory(qmp, job)
             disk_tunnel, memory_tunnel = tunnels
             # The mirror has finished and its NBD client is gone: the disk tunnel has nothing left to
             # carry. Closed now, it frees the destination's target for this VM's next migration.
@@ -640,6 +722,34 @@ class MigrationRunner:
             force=True,
         )
 
+    def _offer_memory(self, qmp: QmpSession, job: "_SendJob") -> None:
+        """Send the paused source's RAM digest and act on the destination's verdict.
+
+        On ``mismatch`` the destination stopped its copy before it ran: resume this one and fail.
+        Anything else leaves the source paused, as before the check existed: the destination resumes
+        (verified or not) and the control plane settles the rest.
+        """
+        wait = memory_check_wait(job.spec.memory_mb)
+        digest = None
+        if self._verifies_memory():
+            try:
+                digest = memory_digest(
+                    qmp, job.spec.memory_mb, scratch=self.driver.paths(job.spec.uuid).run_dir
+                )
+            except QemuError as exc:
+                logger.warning("migration %s: source memory digest failed: %s", job.migration_id, exc)
+        if not memory_check.offer(self.redis, job.migration_id, digest, wait) or digest is None:
+            return
+        verdict = memory_check.wait_verdict(self.redis, job.migration_id, wait * 2)
+        if verdict is Verdict.MISMATCH:
+            qmp.execute("cont")
+            raise MemoryMismatch(
+                "the destination's memory check failed (QEMU did not deliver every guest write); "
+                "the source resumed"
+            )
+        if verdict is None:
+            logger.warning("migration %s: no memory check verdict from the destination", job.migration_id)
+
     def _undo_source(self, qmp: QmpSession, job_id: str, *, resume: bool) -> None:
         """Put the source back as it was: no migration, no mirror, the guest running."""
         for command, arguments in (
@@ -764,6 +874,11 @@ class _CallbackReporter:
 
     def report(self, progress: Progress) -> None:
         self.callback(progress)
+
+
+def memory_check_wait(memory_mb: int) -> float:
+    """Seconds one side of the memory check waits for the other's message."""
+    return max(MEMORY_CHECK_MIN_WAIT, 2 * SECONDS_PER_GIB * memory_mb / 1024)
 
 
 def _clear_leftovers(execute: Callable[[str, dict[str, Any] | None], Any]) -> None:
