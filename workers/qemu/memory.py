@@ -15,6 +15,7 @@ from 4 GiB.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 import threading
@@ -30,7 +31,7 @@ CHUNK_SIZE = 1 << 20
 Q35_ALL_LOW_LIMIT = 0xB0000000  # RAM below this size lies wholly below 4 GiB on q35
 Q35_LOW_SPLIT = 0x80000000  # larger RAM: this much below 4 GiB, the rest above
 HIGH_BASE = 1 << 32
-# pmemsave runs in QEMU's main loop; reading through a pipe it moves several hundred MB/s here.
+# pmemsave runs in QEMU's main loop; through a 1 MiB pipe it moved about 1.7 GB/s here (128 MiB: 73 ms).
 SECONDS_PER_GIB = 10.0
 MIN_TIMEOUT = 30.0
 
@@ -90,6 +91,8 @@ def _read_range(qmp: QmpSession, fifo: Path, start: int, length: int) -> list[in
     def reader() -> None:
         try:
             with open(fifo, "rb", buffering=0) as pipe:  # blocks until QEMU opens its end
+                with contextlib.suppress(OSError):  # fewer wake-ups; the default 64 KiB works too
+                    fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, CHUNK_SIZE)
                 buffer = bytearray(CHUNK_SIZE)
                 view = memoryview(buffer)
                 while True:
