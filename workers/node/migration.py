@@ -79,7 +79,7 @@ SWITCHOVER_RESERVE_MS = 40
 QEMU_DOWNTIME_FLOOR_MS = 20
 # Under TCG QEMU 7.2 loses guest writes when it iterates: measured with RAM dumps of both sides
 # (128 MiB guest dirtying 8 MiB/s), migrations that needed a second iteration pass resumed with stale
-# pages in 3 of 8, those that switched after one in none of 46. This limit lets QEMU switch after its
+# pages in 3 of 8, those that switched after one in none of 47. This limit lets QEMU switch after its
 # first pass; the guest pause grows from ~50 ms to ~0.3-0.5 s for that guest.
 TCG_QEMU_DOWNTIME_MS = 2000
 
@@ -332,11 +332,12 @@ class MigrationRunner:
                 raise QemuError("the incoming migration failed on the destination")
             completed_at = event.timestamp
             verdict, check_ms = self._check_incoming_memory(qmp, migration_id, spec)
-            # Resume first (the guest is waiting: this is downtime), then drop the export: the
-            # source's mirror has finished, so no write comes through it any more.
+            # Resume first (the guest is waiting: this is downtime), then answer the source and drop
+            # the export: the source's mirror has finished, so no write comes through it any more.
             resume_mark = qmp.event_mark()
             qmp.execute("cont")
             resumed = qmp.wait_event("RESUME", timeout=10, after=resume_mark)
+            memory_check.answer(self.redis, migration_id, verdict, MEMORY_CHECK_MIN_WAIT)
             with contextlib.suppress(QmpError):
                 qmp.execute("block-export-del", {"id": "mig-export", "mode": "hard"})
             with contextlib.suppress(QmpError):
@@ -362,7 +363,8 @@ class MigrationRunner:
     def _check_incoming_memory(
         self, qmp: QmpSession, migration_id: str, spec: VmSpec
     ) -> tuple[Verdict, float]:
-        """Compare the paused destination's RAM with the source's digest; stop this copy on a mismatch.
+        """Compare the paused destination's RAM with the source's digest; stop this copy on a mismatch
+        (and answer the source). The caller resumes the guest on any other verdict, then answers.
 
         What keeps the check from being made (no digest in time, a malformed one, this copy's RAM
         unreadable) resumes the guest unverified, as before the check existed: the source is paused
@@ -387,15 +389,14 @@ class MigrationRunner:
                     self._refuse_incoming(qmp, migration_id)
                     raise MemoryMismatch(
                         f"guest memory arrived different from the source's in {differing} of "
-                        f"{len(offer.digest.chunks)} MiB although QEMU reported the migration complete; "
-                        "the destination copy was stopped before it ran and the source resumes"
+                        f"{len(offer.digest.chunks)} MiB although QEMU reported the migration complete; the "
+                        "destination copy was stopped before it ran and the source is told to resume its own"
                     )
                 verdict = Verdict.MATCH
+        except MemoryMismatch:
+            raise
         except (QemuError, ValueError) as exc:
-            if isinstance(exc, MemoryMismatch):
-                raise
-            logger.warning("migration %s: memory check not made (%s); resuming unverified", migration_id, exc)
-        memory_check.answer(self.redis, migration_id, verdict, wait)
+            logger.warning("migration %s: memory check not made: %s", migration_id, exc)
         if verdict is Verdict.UNVERIFIED:
             logger.warning("migration %s: the destination resumes with its memory unverified", migration_id)
         return verdict, round((time.monotonic() - started) * 1000, 1)
