@@ -80,7 +80,7 @@ QEMU_DOWNTIME_FLOOR_MS = 20
 # Under TCG QEMU 7.2 loses guest writes when it iterates: measured with RAM dumps of both sides
 # (128 MiB guest dirtying 8 MiB/s), migrations that needed a second iteration pass resumed with stale
 # pages in 3 of 8, those that switched after one in none of 47. This limit lets QEMU switch after its
-# first pass; the guest pause grows from ~50 ms to ~0.3-0.5 s for that guest.
+# first pass; QEMU's part of the guest pause grew from ~50 ms to 0.24-0.53 s for that guest.
 TCG_QEMU_DOWNTIME_MS = 2000
 
 
