@@ -375,15 +375,20 @@ class MigrationRunner:
         scratch = self.driver.paths(spec.uuid).run_dir
         verdict = Verdict.UNVERIFIED
         try:
-            own = memory_digest(qmp, spec.memory_mb, scratch=scratch) if self._verifies_memory() else None
+            pid = self.driver.status(spec.uuid).pid
+            own = None
+            if self._verifies_memory():
+                own = memory_digest(qmp, spec.memory_mb, pid=pid, scratch=scratch)
             offer = memory_check.wait_offer(self.redis, migration_id, wait)
             if offer is None:
                 logger.warning("migration %s: no memory digest from the source in %g s", migration_id, wait)
             elif offer.digest is None:
                 verdict = Verdict.SKIPPED
             else:
-                if own is None:
-                    own = memory_digest(qmp, spec.memory_mb, scratch=scratch)
+                if own is None or own.method != offer.digest.method:  # both sides must read alike
+                    own = memory_digest(
+                        qmp, spec.memory_mb, pid=pid, method=offer.digest.method, scratch=scratch
+                    )
                 differing = own.differing(offer.digest)
                 if differing:
                     self._refuse_incoming(qmp, migration_id)
@@ -742,7 +747,10 @@ class MigrationRunner:
         if self._verifies_memory():
             try:
                 digest = memory_digest(
-                    qmp, job.spec.memory_mb, scratch=self.driver.paths(job.spec.uuid).run_dir
+                    qmp,
+                    job.spec.memory_mb,
+                    pid=self.driver.status(job.spec.uuid).pid,
+                    scratch=self.driver.paths(job.spec.uuid).run_dir,
                 )
             except QemuError as exc:
                 logger.warning("migration %s: source memory digest failed: %s", job.migration_id, exc)

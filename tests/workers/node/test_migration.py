@@ -12,6 +12,7 @@ import pytest
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Image, Node
 from tests.workers.node.conftest import Cluster, wait_for
+from workers.qemu.memory import ram_mapping
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu, pytest.mark.django_db(transaction=True)]
 
@@ -162,18 +163,10 @@ def _write_guest_ram(pid: int, memory_mb: int, address: int, data: bytes) -> Non
     """Write ``data`` at guest-physical ``address`` of a running QEMU behind its back (root: /proc/PID/mem).
 
     QEMU's dirty tracking never sees such a write: to a migration it is exactly a guest write that
-    QEMU lost. The guest's RAM is the one anonymous read-write mapping of its size.
+    QEMU lost.
     """
-    size = memory_mb << 20
-    starts = []
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        fields = line.split()
-        low, high = (int(value, 16) for value in fields[0].split("-"))
-        if high - low == size and fields[1] == "rw-p" and len(fields) == 5:
-            starts.append(low)
-    assert len(starts) == 1, f"no single {memory_mb} MiB RAM mapping in QEMU {pid}: {starts}"
     with open(f"/proc/{pid}/mem", "r+b", buffering=0) as memory:
-        memory.seek(starts[0] + address)
+        memory.seek(ram_mapping(pid, memory_mb) + address)
         memory.write(data)
 
 

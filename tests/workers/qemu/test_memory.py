@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from workers.qemu import QemuDriver, QemuError, VmSpec
-from workers.qemu.memory import CHUNK_SIZE, MemoryDigest, memory_digest, q35_ram_ranges
+from workers.qemu.memory import CHUNK_SIZE, PMEMSAVE, PROCESS, MemoryDigest, memory_digest, q35_ram_ranges
 from workers.qemu.qmp import QmpSession
 
 from .conftest import wait_for_serial
@@ -19,14 +19,17 @@ MEMORY_MB = 128
 
 
 @pytest.fixture
-def paused(driver: QemuDriver, guest_spec: Callable[..., VmSpec]) -> Iterator[tuple[QmpSession, VmSpec]]:
+def paused(driver: QemuDriver, guest_spec: Callable[..., VmSpec]) -> Iterator[tuple[QmpSession, int]]:
+    """A paused test guest's QMP session and QEMU process id."""
     spec = guest_spec(memory_mb=MEMORY_MB, uuid=str(uuid.uuid4()))
     driver.create(spec)
     driver.start(spec.uuid)
     wait_for_serial(driver.paths(spec.uuid).serial_log, b"tick 3\r")
+    pid = driver.status(spec.uuid).pid
+    assert pid is not None
     with driver.job_session(spec.uuid) as qmp:
         qmp.execute("stop")
-        yield qmp, spec
+        yield qmp, pid
 
 
 def test_ram_ranges_follow_the_q35_split():
@@ -39,29 +42,52 @@ def test_ram_ranges_follow_the_q35_split():
 
 
 def test_a_paused_guest_has_one_digest_and_running_changes_it(paused, tmp_path: Path):
-    qmp, _ = paused
-    first = memory_digest(qmp, MEMORY_MB, scratch=tmp_path)
+    qmp, pid = paused
+    first = memory_digest(qmp, MEMORY_MB, pid=pid, scratch=tmp_path)
+    assert first.method == PROCESS  # these tests run as root: QEMU's mapping is readable
     assert len(first.chunks) == (MEMORY_MB << 20) // CHUNK_SIZE
-    assert first.differing(memory_digest(qmp, MEMORY_MB, scratch=tmp_path)) == 0
-    assert list(tmp_path.iterdir()) == []  # the FIFO's directory is gone
+    assert first.differing(memory_digest(qmp, MEMORY_MB, pid=pid)) == 0
     qmp.execute("cont")
     time.sleep(1)  # the guest ticks and its kernel keeps time: its memory changes
     qmp.execute("stop")
-    assert 0 < first.differing(memory_digest(qmp, MEMORY_MB, scratch=tmp_path)) < MEMORY_MB
+    assert 0 < first.differing(memory_digest(qmp, MEMORY_MB, pid=pid)) < MEMORY_MB
+
+
+def test_both_methods_read_the_same_ram(paused, tmp_path: Path):
+    qmp, pid = paused
+    direct = memory_digest(qmp, MEMORY_MB, pid=pid, method=PROCESS)
+    through_qmp = memory_digest(qmp, MEMORY_MB, pid=pid, method=PMEMSAVE, scratch=tmp_path)
+    assert through_qmp.method == PMEMSAVE
+    assert direct.chunks == through_qmp.chunks
+    assert list(tmp_path.iterdir()) == []  # the FIFO's directory is gone
+    # Without a readable mapping the automatic choice falls back to QMP; a named method fails.
+    assert memory_digest(qmp, MEMORY_MB, pid=None).method == PMEMSAVE
+    with pytest.raises(QemuError, match="anonymous mappings"):
+        memory_digest(qmp, MEMORY_MB + 1, pid=pid, method=PROCESS)
+    with pytest.raises(ValueError):
+        memory_digest(qmp, MEMORY_MB, method="telepathy")
 
 
 def test_a_digest_survives_its_json_form_and_rejects_garbage():
-    digest = MemoryDigest((0, 1, 2**64 - 1))
+    digest = MemoryDigest((0, 1, 2**64 - 1), PROCESS)
     assert MemoryDigest.from_json(digest.to_json()) == digest
     assert digest.differing(MemoryDigest((0, 1))) == 1  # a missing chunk counts as different
-    for bad in ("x", ["12"], [1, 2], None, ["zz" * 8]):
+    for bad in (
+        "x",
+        ["0" * 16],
+        {"method": "pmemsave"},
+        {"method": "other", "chunks": []},
+        {"method": "pmemsave", "chunks": [1, 2]},
+        {"method": "pmemsave", "chunks": ["zz" * 8]},
+    ):
         with pytest.raises(ValueError):
             MemoryDigest.from_json(bad)
 
 
 def test_reading_a_quit_qemu_is_a_qemu_error(paused, tmp_path: Path):
-    qmp, _ = paused
+    qmp, pid = paused
     qmp.execute("quit")
     time.sleep(0.5)
-    with pytest.raises(QemuError):
-        memory_digest(qmp, MEMORY_MB, scratch=tmp_path)
+    for method in (PROCESS, PMEMSAVE):
+        with pytest.raises(QemuError):
+            memory_digest(qmp, MEMORY_MB, pid=pid, method=method, scratch=tmp_path)
