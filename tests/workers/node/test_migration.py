@@ -65,8 +65,9 @@ def _run_dir(cluster: Cluster, node: str, vm_id: str) -> Path:
 
 def _silence(cluster: Cluster, node: str, vm_id: str) -> str:
     """What a guest's node shows when its console stays silent: the run directory, the serial log's
-    size and tail, and the node's log (twice in CI rehearsals a completed live migration left the
-    destination's console silent; cause not found yet)."""
+    size and tail, and the node's log (a completed live migration left the destination's console
+    silent in CI rehearsals: its kernel had panicked on RAM QEMU did not deliver, now caught by the
+    memory check, see ``workers/qemu/memory.py``)."""
     run_dir = _run_dir(cluster, node, vm_id)
     files = sorted(path.name for path in run_dir.iterdir()) if run_dir.exists() else "missing"
     log = run_dir / "serial.log"
