@@ -181,11 +181,7 @@ def test_a_guest_write_lost_by_qemu_is_caught_before_the_destination_runs(
     difference, the destination copy never runs, and the guest goes on where it was."""
     source, dest = list(cluster.nodes)
     vm_id = _create_running(api, "lost-write", source, dirty_image.name)
-    migration_id = api.post(
-        f"/api/v1/vms/{vm_id}/migrate/",
-        {"dest_node": dest, "mode": "live", "bandwidth_limit_mbps": 100},
-        format="json",
-    ).json()["id"]
+    migration_id = _migrate_live(api, vm_id, dest, bandwidth_limit_mbps=100)
     # Past 55 % the memory phase has copied the first 10 % of RAM, the page at 16 KiB among it
     # (reserved low memory the guest kernel leaves alone).
     wait_for(
@@ -263,12 +259,7 @@ def test_cancel_while_queued_and_while_transferring(cluster: Cluster, api, dirty
     vm_id = api.post("/api/v1/vms/", payload, format="json").json()["id"]
     wait_for(lambda: VM.objects.get(pk=vm_id).state == "running", 60, "the VM to run")
     # A tight bandwidth limit keeps it transferring long enough to cancel mid-way.
-    body = api.post(
-        f"/api/v1/vms/{vm_id}/migrate/",
-        {"dest_node": dest, "mode": "live", "bandwidth_limit_mbps": 2},
-        format="json",
-    ).json()
-    migration_id = body["id"]
+    migration_id = _migrate_live(api, vm_id, dest, bandwidth_limit_mbps=2)
     wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
     time.sleep(1)
     assert api.post(f"/api/v1/migrations/{migration_id}/cancel/").status_code == 202
@@ -281,6 +272,17 @@ def test_cancel_while_queued_and_while_transferring(cluster: Cluster, api, dirty
     log = _run_dir(cluster, source, vm_id) / "serial.log"
     size = log.stat().st_size
     wait_for(lambda: log.stat().st_size > size, 10, "the source guest to keep printing")
+
+
+def _migrate_live(api, vm_id: str, dest: str, *, bandwidth_limit_mbps: int) -> str:
+    """Start a live migration of ``vm_id`` to ``dest`` under a DWCP bandwidth limit; its id."""
+    response = api.post(
+        f"/api/v1/vms/{vm_id}/migrate/",
+        {"dest_node": dest, "mode": "live", "bandwidth_limit_mbps": bandwidth_limit_mbps},
+        format="json",
+    )
+    assert response.status_code == 202, response.json()
+    return response.json()["id"]
 
 
 def _create_running(api, name: str, node: str, image: str = "testguest") -> str:
@@ -322,12 +324,7 @@ def test_drain_moves_three_vms_two_at_a_time(cluster: Cluster, api, staff_api):
 def test_destination_worker_killed_mid_transfer_fails_cleanly(cluster: Cluster, api, dirty_image: Image):
     source, dest = list(cluster.nodes)
     vm_id = _create_running(api, "orphaned", source, dirty_image.name)
-    body = api.post(
-        f"/api/v1/vms/{vm_id}/migrate/",
-        {"dest_node": dest, "mode": "live", "bandwidth_limit_mbps": 4},
-        format="json",
-    ).json()
-    migration_id = body["id"]
+    migration_id = _migrate_live(api, vm_id, dest, bandwidth_limit_mbps=4)
     wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
     time.sleep(1)
     cluster.nodes[dest].kill()
@@ -352,11 +349,7 @@ def test_bandwidth_change_applies_while_it_runs_and_sse_streams_progress(
 ):
     source, dest = list(cluster.nodes)
     vm_id = _create_running(api, "throttled", source, dirty_image.name)
-    migration_id = api.post(
-        f"/api/v1/vms/{vm_id}/migrate/",
-        {"dest_node": dest, "mode": "live", "bandwidth_limit_mbps": 8},
-        format="json",
-    ).json()["id"]
+    migration_id = _migrate_live(api, vm_id, dest, bandwidth_limit_mbps=8)
     wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
     response = api.patch(f"/api/v1/migrations/{migration_id}/", {"bandwidth_limit_mbps": None}, format="json")
     assert response.status_code == 200 and response.json()["bandwidth_limit_mbps"] is None
