@@ -34,6 +34,8 @@ name_validator = RegexValidator(
 MAX_VCPUS = 256
 MAX_MEMORY_MB = 4 * 1024 * 1024
 MAX_DISK_GB = 64 * 1024
+# The partial unique index that keeps live VM names unique per owner (services report its violations).
+VM_NAME_UNIQUE = "vm_name_unique_per_owner"
 
 
 class Node(models.Model):
@@ -181,7 +183,7 @@ class VM(models.Model):
         ]
         constraints = [
             models.UniqueConstraint(
-                fields=("owner", "name"), condition=~Q(state=VMState.DELETED), name="vm_name_unique_per_owner"
+                fields=("owner", "name"), condition=~Q(state=VMState.DELETED), name=VM_NAME_UNIQUE
             ),
         ]
 

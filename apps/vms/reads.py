@@ -60,12 +60,17 @@ _NAMES: Final = tuple(name for name, _ in _COLUMNS)
 
 
 @cache
-def _select() -> str:
-    """The join of a VM with its owner, node and image, tables named by the models."""
+def select_sql(source: str = "", extra: tuple[str, ...] = ()) -> str:
+    """The join of VMs with their owner, node and image, tables named by the models.
+
+    ``source``: where the VM rows come from (a common table expression's name); the VM table if empty.
+    ``extra``: further columns of the VM rows, after ``VMSerializer``'s (:func:`rows` names them).
+    """
     quote = connection.ops.quote_name
     tables = [quote(model._meta.db_table) for model in (VM, get_user_model(), Node, Image)]
+    columns = [column for _, column in _COLUMNS] + [f"v.{quote(name)}" for name in extra]
     return (
-        f"SELECT {', '.join(column for _, column in _COLUMNS)} FROM {tables[0]} v "  # noqa: S608
+        f"SELECT {', '.join(columns)} FROM {source or tables[0]} v "  # noqa: S608
         f"JOIN {tables[1]} u ON u.id = v.owner_id LEFT JOIN {tables[2]} n ON n.id = v.node_id "
         f"JOIN {tables[3]} i ON i.id = v.image_id"
     )
@@ -94,19 +99,21 @@ def page_sql(shape: PageShape) -> str:
         where.append(f"v.created_at {shape.position} %s")
     direction = "ASC" if shape.reverse else "DESC"
     return (
-        f"{_select()} WHERE {' AND '.join(where)} "
+        f"{select_sql()} WHERE {' AND '.join(where)} "
         f"ORDER BY v.created_at {direction}, v.id {direction} LIMIT %s OFFSET %s"
     )
 
 
-def _rows(sql: str, params: list[Any]) -> list[dict[str, Any]]:
-    """Rows in ``VMSerializer``'s shape, timestamps still datetimes (``dumps(utc_datetimes=True)``)."""
+def rows(sql: str, params: list[Any] | dict[str, Any], extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of :func:`select_sql` in ``VMSerializer``'s shape (then ``extra``'s columns), timestamps
+    still datetimes (``dumps(utc_datetimes=True)`` writes them as DRF does)."""
+    names = _NAMES + extra
     with connection.cursor() as cursor:
         # psycopg's C timestamp loader (Django registers a pure-Python subclass on its connections);
         # the values are the same aware datetimes, in UTC (Django's session time zone).
         cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
         cursor.execute(sql, params)
-        return [dict(zip(_NAMES, row, strict=True)) for row in cursor.fetchall()]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 class _Pagination(CreatedCursorPagination):
@@ -145,7 +152,7 @@ class _Pagination(CreatedCursorPagination):
         if moment is not None:
             params.append(moment)
         params += [page_size + 1, offset]
-        results = _rows(page_sql(shape), params)
+        results = rows(page_sql(shape), params)
         self.page = results[:page_size]
         following = str(results[-1]["created_at"]) if len(results) > len(self.page) else None
         if reverse:
@@ -205,7 +212,7 @@ def vm_page(request: HttpRequest | Request, *, user_id: int, is_staff: bool) -> 
 @cache
 def detail_sql(*, owned: bool) -> str:
     """The SQL of one VM by id (parameters: the id, then the owner's id when ``owned``)."""
-    sql = f"{_select()} WHERE v.id = %s"
+    sql = f"{select_sql()} WHERE v.id = %s"
     return f"{sql} AND v.owner_id = %s" if owned else sql
 
 
@@ -213,9 +220,7 @@ def vm_detail(*, vm_id: str, user_id: int, is_staff: bool) -> bytes | None:
     """One VM the caller may see (deleted ones included) as ``VMSerializer``'s JSON; None: no such VM.
 
     PostgreSQL only (:func:`supported`)."""
-    rows = (
-        _rows(detail_sql(owned=False), [vm_id])
-        if is_staff
-        else _rows(detail_sql(owned=True), [vm_id, user_id])
+    found = (
+        rows(detail_sql(owned=False), [vm_id]) if is_staff else rows(detail_sql(owned=True), [vm_id, user_id])
     )
-    return dumps(rows[0], utc_datetimes=True) if rows else None
+    return dumps(found[0], utc_datetimes=True) if found else None

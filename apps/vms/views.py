@@ -6,6 +6,7 @@ answer is JSON; a miss reads its page or VM with fixed SQL (:mod:`.reads`; the l
 answers ``If-None-Match`` with 304.
 """
 
+import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -41,8 +42,10 @@ from .selectors import (
     user_profile,
     user_quota,
     user_usage,
+    vm_data,
     vm_list,
     vm_row_data,
+    vm_row_representation,
     vm_rows,
     vm_visible,
 )
@@ -73,7 +76,7 @@ def _batch_response(batch: BatchOperation, vms: list[VM]) -> Response:
         BatchItem.objects.filter(batch_id=batch.pk).order_by().values_list("status").annotate(Count("id"))
     )
     summary = BatchSummarySerializer(batch, context={"counts": counts}).data
-    body = {"batch": summary, "vms": VMSerializer(vms, many=True).data}
+    body = {"batch": summary, "vms": [vm_data(vm) for vm in vms]}
     return Response(body, status=status.HTTP_202_ACCEPTED)
 
 
@@ -180,24 +183,35 @@ class VMViewSet(
         serializer = VMCreateSerializer(data=request.data, context=self.get_serializer_context())
         serializer.is_valid(raise_exception=True)
         vm = services.vm_create(owner=request_user(request), request=serializer.to_request())
-        return Response(VMSerializer(vm).data, status=status.HTTP_202_ACCEPTED)
+        return Response(vm_data(vm), status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=VMUpdateSerializer, responses={200: VMSerializer})
     def partial_update(self, request: Request, pk: str) -> Response:
-        vm = self.get_object()
+        """A rename in one statement (:func:`services.vm_rename`); anything else, or a rename that
+        statement does not make, through :func:`services.vm_update` (which answers 404, 400, 409)."""
         serializer = VMUpdateSerializer(data=request.data)
+        if serializer.is_valid():
+            changes = serializer.to_changes()
+            if changes.name is not None and not changes.resizes:
+                with contextlib.suppress(ValueError):  # not a UUID: get_object answers 404
+                    renamed = services.vm_rename(
+                        user=request_user(request), vm_id=uuid.UUID(pk), name=changes.name
+                    )
+                    if renamed is not None:
+                        return Response(vm_row_representation(renamed))
+        vm = self.get_object()
         serializer.is_valid(raise_exception=True)
         vm = services.vm_update(vm=vm, changes=serializer.to_changes())
-        return Response(VMSerializer(vm).data)
+        return Response(vm_data(vm))
 
     @extend_schema(request=None, responses={202: VMSerializer})
     def destroy(self, request: Request, pk: str) -> Response:
         vm = services.vm_delete(vm=self.get_object())
-        return Response(VMSerializer(vm).data, status=status.HTTP_202_ACCEPTED)
+        return Response(vm_data(vm), status=status.HTTP_202_ACCEPTED)
 
     def _act(self, action_name: VMAction) -> Response:
         vm = services.vm_request_action(vm=self.get_object(), action=action_name)
-        return Response(VMSerializer(vm).data, status=status.HTTP_202_ACCEPTED)
+        return Response(vm_data(vm), status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: VMSerializer})
     @action(detail=True, methods=["post"])

@@ -10,6 +10,7 @@ from .vms import (
     vm_batch_update,
     vm_create,
     vm_delete,
+    vm_rename,
     vm_request_action,
     vm_update,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "vm_create",
     "vm_delete",
     "vm_record_report",
+    "vm_rename",
     "vm_request_action",
     "vm_update",
 ]

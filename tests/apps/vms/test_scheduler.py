@@ -159,11 +159,19 @@ def test_a_plan_on_two_nodes_gone_stale_on_one_is_taken_back_whole(make_node):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_concurrent_renames_to_one_name_leave_one_vm_with_it(make_user, make_node, make_image):
-    """A rename takes no owner lock: the partial unique index refuses the second (409), or its name
-    check sees the first committed (400); never two live VMs with one name."""
+@pytest.mark.parametrize("service", ["vm_update", "vm_rename"])
+def test_concurrent_renames_to_one_name_leave_one_vm_with_it(service, make_user, make_node, make_image):
+    """A rename takes no owner lock: the partial unique index refuses the second (409, or 400 from
+    the one-statement rename), or vm_update's name check sees the first committed (400); never two
+    live VMs with one name."""
     from apps.core.errors import Conflict, InvalidInput
-    from apps.vms.services import VMChanges, vm_update
+    from apps.vms.services import VMChanges, vm_rename, vm_update
+
+    def renamed(vm: VM) -> None:
+        if service == "vm_update":
+            vm_update(vm=vm, changes=VMChanges(name="same"))
+        else:
+            assert vm_rename(user=owner, vm_id=vm.pk, name="same") is not None
 
     make_node("a", vcpus=100, memory_mb=100_000, disk_gb=1000)
     image = make_image()
@@ -180,7 +188,7 @@ def test_concurrent_renames_to_one_name_leave_one_vm_with_it(make_user, make_nod
     def rename(vm: VM) -> None:
         try:
             barrier.wait()
-            vm_update(vm=vm, changes=VMChanges(name="same"))
+            renamed(vm)
             results.append("renamed")
         except Conflict:
             results.append("conflict")

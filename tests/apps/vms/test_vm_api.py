@@ -184,6 +184,59 @@ def test_patch_renames_and_resizes_only_when_stopped(api, node, image):
     assert api.put(f"/api/v1/vms/{vm_id}/", vm_payload(), format="json").status_code == 405
 
 
+def test_rename_answers_the_vm_as_its_detail_shows_it_and_refreshes_the_cached_reads(api, node, image):
+    vm_id = api.post("/api/v1/vms/", vm_payload(), format="json").json()["id"]
+    before = api.get(f"/api/v1/vms/{vm_id}/").json()  # cached now, as is the list below
+    assert api.get("/api/v1/vms/").json()["results"][0]["name"] == "web-1"
+    response = api.patch(f"/api/v1/vms/{vm_id}/", {"name": "renamed"}, format="json")
+    assert response.status_code == 200
+    body = response.json()
+    assert body == api.get(f"/api/v1/vms/{vm_id}/").json()
+    assert body == {**before, "name": "renamed", "updated_at": body["updated_at"]}
+    assert body["updated_at"] > before["updated_at"]
+    assert api.get("/api/v1/vms/").json()["results"][0]["name"] == "renamed"
+    assert VM.objects.get(pk=vm_id).name == "renamed"
+
+
+def test_rename_to_the_same_name_changes_nothing(api, node, image):
+    vm_id = api.post("/api/v1/vms/", vm_payload(), format="json").json()["id"]
+    before = VM.objects.get(pk=vm_id).updated_at
+    response = api.patch(f"/api/v1/vms/{vm_id}/", {"name": "web-1"}, format="json")
+    assert response.status_code == 200
+    assert response.json()["name"] == "web-1"
+    assert VM.objects.get(pk=vm_id).updated_at == before
+
+
+def test_rename_to_a_taken_name_is_400_and_renames_nothing(api, other_api, node, image):
+    first = api.post("/api/v1/vms/", vm_payload(name="one"), format="json").json()["id"]
+    api.post("/api/v1/vms/", vm_payload(name="two"), format="json")
+    other_api.post("/api/v1/vms/", vm_payload(name="three"), format="json")
+    response = api.patch(f"/api/v1/vms/{first}/", {"name": "two"}, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"] == {"name": ["You already have a VM named 'two'."]}
+    assert VM.objects.get(pk=first).name == "one"
+    # Names are per owner: another tenant's VM name is free for this one.
+    assert api.patch(f"/api/v1/vms/{first}/", {"name": "three"}, format="json").status_code == 200
+
+
+def test_rename_of_another_tenants_vm_is_404_and_staff_may_rename_it(api, other_api, staff_api, node, image):
+    vm_id = api.post("/api/v1/vms/", vm_payload(), format="json").json()["id"]
+    assert other_api.patch(f"/api/v1/vms/{vm_id}/", {"name": "stolen"}, format="json").status_code == 404
+    assert VM.objects.get(pk=vm_id).name == "web-1"
+    response = staff_api.patch(f"/api/v1/vms/{vm_id}/", {"name": "by-staff"}, format="json")
+    assert response.status_code == 200
+    assert response.json()["owner"] == "alice"
+    assert api.get(f"/api/v1/vms/{vm_id}/").json()["name"] == "by-staff"
+
+
+def test_rename_of_a_vm_being_deleted_is_409(api, node, image):
+    vm_id = api.post("/api/v1/vms/", vm_payload(), format="json").json()["id"]
+    api.delete(f"/api/v1/vms/{vm_id}/")
+    response = api.patch(f"/api/v1/vms/{vm_id}/", {"name": "late"}, format="json")
+    assert response.status_code == 409
+    assert VM.objects.get(pk=vm_id).name == "web-1"
+
+
 def test_delete_is_202_deleting_and_node_report_releases_capacity(api, node, image):
     from apps.vms.services import vm_record_report
 
