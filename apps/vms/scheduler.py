@@ -1,11 +1,12 @@
 """Placement: pick nodes for VMs and reserve their capacity atomically.
 
 Filter: nodes that are ``up`` with enough free vCPUs, memory and disk. Weigh: the most free memory
-first, recomputed after every placement so a batch spreads across nodes. Reservation is one
-conditional UPDATE of the chosen nodes (it checks their room and takes it; several rows are locked
-in id order first, so concurrent callers cannot deadlock), falling back to ``SELECT ... FOR UPDATE``
-of every candidate when a plan went stale (see :func:`reserve`); the node table's check constraints
-refuse an overcommit whatever path writes it.
+first, recomputed after every placement so a batch spreads across nodes. A single VM free to go
+anywhere is placed and reserved by one statement on the best node that no concurrent reservation
+holds. Otherwise reservation is one conditional UPDATE of the chosen nodes (it checks their room and
+takes it; several rows are locked in id order first, so concurrent callers cannot deadlock), falling
+back to ``SELECT ... FOR UPDATE`` of every candidate when a plan went stale (see :func:`reserve`);
+the node table's check constraints refuse an overcommit whatever path writes it.
 Call these functions inside the caller's transaction.
 """
 
@@ -136,6 +137,45 @@ RETURNING n.*
 _LOCK_SQL = "SELECT id FROM nodes WHERE id = ANY(%s::bigint[]) ORDER BY id FOR NO KEY UPDATE"
 
 
+# One demand on any node, in one statement: the node with the most free memory (then vCPUs, then the
+# lowest id, as :func:`_place` weighs) that has the room and that no concurrent reservation holds is
+# locked and charged. A node another transaction is reserving on is skipped rather than waited for,
+# so concurrent creates spread over the nodes instead of queuing on one row; the locked row is the
+# newest version, rechecked for room (PostgreSQL's rule for FOR UPDATE in READ COMMITTED).
+_TAKE_BEST_SQL = """
+UPDATE nodes AS n
+SET allocated_vcpus = n.allocated_vcpus + %(vcpus)s,
+    allocated_memory_mb = n.allocated_memory_mb + %(memory_mb)s,
+    allocated_disk_gb = n.allocated_disk_gb + %(disk_gb)s
+FROM (
+    SELECT id FROM nodes
+    WHERE status = %(status)s
+      AND vcpus - allocated_vcpus >= %(vcpus)s
+      AND memory_mb - allocated_memory_mb >= %(memory_mb)s
+      AND disk_gb - allocated_disk_gb >= %(disk_gb)s
+    ORDER BY memory_mb - allocated_memory_mb DESC, vcpus - allocated_vcpus DESC, id
+    LIMIT 1
+    FOR NO KEY UPDATE SKIP LOCKED
+) AS best
+WHERE n.id = best.id
+RETURNING n.*
+"""
+
+
+def _take_best(demand: Demand) -> Node | None:
+    """Reserve ``demand`` on the best free node (:data:`_TAKE_BEST_SQL`); None, holding no lock, when
+    no node with the room is free of concurrent reservations (or there is none at all)."""
+    if connection.vendor != "postgresql":
+        return None
+    params = {
+        "vcpus": demand.vcpus,
+        "memory_mb": demand.memory_mb,
+        "disk_gb": demand.disk_gb,
+        "status": NodeStatus.UP.value,
+    }
+    return next(iter(Node.objects.raw(_TAKE_BEST_SQL, params)), None)
+
+
 def _take_all(taken: dict[int, Demand]) -> dict[int, Node] | None:
     """Reserve the plan's totals; None, with nothing reserved and no row left locked, if one fails.
 
@@ -179,7 +219,9 @@ def reserve(
     ``pinned[i]``, when given, forces demand ``i`` onto that node (still checked for status and room).
     Raises ``NoCapacity`` naming the first demand that fits nowhere; then nothing is reserved.
 
-    The placement is planned on the candidates' current capacity read without locks, then each chosen
+    A single demand free to go anywhere is placed and reserved by one statement (:func:`_take_best`)
+    on the best node no concurrent reservation holds. Otherwise, or when that finds no such node, the
+    placement is planned on the candidates' current capacity read without locks, then each chosen
     node's total is reserved by one conditional UPDATE (:data:`_TAKE_SQL`), which locks the row only
     from there to the commit. Concurrent creates used to queue on a lock of every node, and then on a
     ``SELECT ... FOR UPDATE`` of the chosen node held across the rest of the transaction (the
@@ -189,6 +231,10 @@ def reserve(
     """
     pins = list(pinned) if pinned is not None else [None] * len(demands)
     excluded = set(exclude)
+    if len(demands) == 1 and demands[0] is not None and pins[0] is None and not excluded:
+        best = _take_best(demands[0])
+        if best is not None:
+            return [best]
     candidates = Node.objects.filter(status=NodeStatus.UP).order_by("id")
     if all(pin is not None for pin, demand in zip(pins, demands, strict=True) if demand is not None):
         candidates = candidates.filter(pk__in={pin.pk for pin in pins if pin is not None})

@@ -103,7 +103,7 @@ def test_database_refuses_an_overcommitted_node(make_node):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_plan_made_stale_by_a_concurrent_reservation_is_placed_again_under_lock(make_node):
+def test_one_vm_skips_a_node_another_reservation_holds_and_takes_the_next_best(make_node):
     from django.db import connections, transaction
 
     from apps.vms import scheduler
@@ -112,17 +112,47 @@ def test_a_plan_made_stale_by_a_concurrent_reservation_is_placed_again_under_loc
     other = make_node("other", vcpus=10, memory_mb=100_000, disk_gb=1000)
     placed: list[Node | None] = []
 
-    def second() -> None:  # plans on "roomy" (the most free memory), then finds it full once locked
+    def second() -> None:  # "roomy" has the room and the most free memory, but is being reserved on
         with transaction.atomic():
             placed.extend(scheduler.reserve(demands=[scheduler.Demand(2, 1000, 10)]))
         connections.close_all()
 
     with transaction.atomic():
-        (first,) = scheduler.reserve(demands=[scheduler.Demand(10, 1000, 10)])  # every vCPU of "roomy"
+        (first,) = scheduler.reserve(demands=[scheduler.Demand(2, 1000, 10)])
         assert first is not None and first.pk == roomy.pk
         thread = threading.Thread(target=second)
         thread.start()
-        _wait_for_a_lock_wait()  # the second reservation waits for roomy's row lock
+        thread.join(timeout=30)  # done while the first reservation still holds roomy: no waiting
+        assert [node.pk for node in placed if node is not None] == [other.pk]
+    assert Node.objects.get(pk=other.pk).allocated_vcpus == 2
+    assert Node.objects.get(pk=roomy.pk).allocated_vcpus == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_plan_made_stale_by_a_concurrent_reservation_is_placed_again_under_lock(make_node):
+    """The only node with room is held by another reservation, which then takes the room: the
+    second waits for it (the locked path), finds the room gone and places on the node left."""
+    from django.db import connections, transaction
+
+    from apps.vms import scheduler
+
+    roomy = make_node("roomy", vcpus=10, memory_mb=200_000, disk_gb=1000)
+    other = make_node("other", vcpus=1, memory_mb=100_000, disk_gb=1000)
+    placed: list[Node | None] = []
+
+    def second() -> None:
+        with transaction.atomic():
+            placed.extend(scheduler.reserve(demands=[scheduler.Demand(2, 1000, 10)]))
+        connections.close_all()
+
+    with transaction.atomic():
+        (first,) = scheduler.reserve(demands=[scheduler.Demand(8, 1000, 10)])
+        assert first is not None and first.pk == roomy.pk  # roomy keeps room for 2 vCPUs for now
+        thread = threading.Thread(target=second)
+        thread.start()
+        _wait_for_a_lock_wait()  # roomy is the only node with 2 free vCPUs: the second waits for it
+        Node.objects.filter(pk=other.pk).update(vcpus=4)  # room elsewhere, committed with ...
+        scheduler.reserve(demands=[scheduler.Demand(2, 1000, 10)], pinned=[roomy])  # ... roomy full
     thread.join(timeout=30)
     assert [node.pk for node in placed if node is not None] == [other.pk]
     assert Node.objects.get(pk=other.pk).allocated_vcpus == 2
