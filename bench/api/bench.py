@@ -53,7 +53,7 @@ RESULTS = ROOT / "bench" / "results"
 LUA = Path(__file__).resolve().parent / "scenario.lua"
 VENV_BIN = ROOT / ".venv" / "bin"
 DEFAULT_GRANIAN = (
-    "--workers 2 --blocking-threads 8 --backpressure 32 --http auto --http1-keep-alive"  # the Procfile's
+    "--workers 4 --blocking-threads 2 --backpressure 16 --http auto --http1-keep-alive"  # the Procfile's
 )
 
 

@@ -18,9 +18,9 @@ if _database["ENGINE"] == "django.db.backends.postgresql":
     # Django's own psycopg pool: persistent connections must stay off (CONN_MAX_AGE=0) with it.
     _database["CONN_MAX_AGE"] = 0
     _database.setdefault("OPTIONS", {})["pool"] = {
-        # Sized for the web server of the Procfile (2 workers x 8 blocking threads): half the threads
-        # find an open connection at once, and the pool grows to one per thread (max) under load.
-        "min_size": env_int("DB_POOL_MIN", 4, help="PostgreSQL pool: connections kept open per process."),
+        # Sized for the web server of the Procfile (4 workers x 2 blocking threads): every thread finds
+        # an open connection; the control worker's 4 threads grow their pool to 4 (max: room to spare).
+        "min_size": env_int("DB_POOL_MIN", 2, help="PostgreSQL pool: connections kept open per process."),
         "max_size": env_int("DB_POOL_MAX", 8, help="PostgreSQL pool: most connections per process."),
         "max_lifetime": env_int(
             "DB_POOL_MAX_LIFETIME", 1800, help="PostgreSQL pool: seconds before recycling."
