@@ -144,7 +144,7 @@ class MigrationDetailSerializer(MigrationSerializer):
 
 
 class MigrateRequestSerializer(StrictInputMixin, serializers.Serializer[Any]):
-    dest_node = NameOrIdField(Node.objects.all(), required=False, allow_null=True)
+    dest_node = NameOrIdField(Node, required=False, allow_null=True)
     mode = serializers.ChoiceField(choices=MigrationMode.choices, default=MigrationMode.LIVE)
     bandwidth_limit_mbps = serializers.IntegerField(
         min_value=1, max_value=400_000, required=False, allow_null=True

@@ -63,7 +63,7 @@ class SeriesQuerySerializer(StrictInputMixin, serializers.Serializer[dict[str, A
     """``?name=&node=&vm=&since=&until=&step=``: one metric, a time range and a bucket width."""
 
     name = serializers.CharField(max_length=100)
-    node = NameOrIdField(queryset=Node.objects.all(), required=False)
+    node = NameOrIdField(Node, required=False)
     vm = serializers.PrimaryKeyRelatedField(queryset=VM.objects.all(), required=False)
     since = serializers.DateTimeField(required=False)
     until = serializers.DateTimeField(required=False)

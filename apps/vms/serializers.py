@@ -52,11 +52,11 @@ def _name_field(**kwargs: Any) -> serializers.CharField:
 
 class VMCreateSerializer(StrictInputMixin, serializers.Serializer[VMRequest]):
     name = _name_field()
-    image = NameOrIdField(Image.objects.all())
+    image = NameOrIdField(Image)
     vcpus = serializers.IntegerField(min_value=1, max_value=MAX_VCPUS)
     memory_mb = serializers.IntegerField(min_value=64, max_value=MAX_MEMORY_MB)
     disk_gb = serializers.IntegerField(min_value=1, max_value=MAX_DISK_GB)
-    node = NameOrIdField(Node.objects.all(), required=False, allow_null=True)
+    node = NameOrIdField(Node, required=False, allow_null=True)
 
     def to_request(self) -> VMRequest:
         return VMRequest(**self.validated_data)

@@ -4,9 +4,9 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from apps.core.db import COPY_MIN_ROWS, bulk_insert
+from apps.core.db import COPY_MIN_ROWS, bulk_insert, get_by
 from apps.vms.choices import BatchItemStatus, BatchKind, VMState
-from apps.vms.models import VM, BatchItem, BatchOperation
+from apps.vms.models import VM, BatchItem, BatchOperation, Image, Node
 
 pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="COPY is PostgreSQL's")
 
@@ -58,3 +58,17 @@ def test_few_rows_are_one_insert(user, node, image):
         bulk_insert(_vms(user, node, image, 3))
     assert [query["sql"].split()[0] for query in captured] == ["INSERT"]
     assert VM.objects.filter(owner=user).count() == 3
+
+
+def test_get_by_reads_the_instance_the_orm_reads(node, image):
+    Node.objects.filter(pk=node.pk).update(hypervisor={"qemu": "7.2", "kvm": False})
+    for model, instance in ((Node, node), (Image, image)):
+        expected = model.objects.get(pk=instance.pk)
+        for field_name, value in (("name", instance.name), ("id", instance.pk)):
+            found = get_by(model, field_name, value)
+            assert found is not None
+            assert [getattr(found, f.attname) for f in model._meta.concrete_fields] == [
+                getattr(expected, f.attname) for f in model._meta.concrete_fields
+            ]
+    assert get_by(Node, "name", node.name).hypervisor == {"qemu": "7.2", "kvm": False}
+    assert get_by(Image, "name", "no-such-image") is None
