@@ -4,12 +4,14 @@ and an index operation for migrations."""
 import enum
 import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
+import psycopg
 from django.db import connection, models
 from django.db.migrations.operations import AddIndex
 from django.utils import timezone
+from psycopg.types.datetime import TimestamptzLoader
 
 M = TypeVar("M", bound=models.Model)
 
@@ -23,22 +25,14 @@ def _plain(value: Any) -> Any:
 
 
 def _copy(statement: str, rows: Iterable[list[Any]]) -> None:
-    """One ``COPY ... FROM STDIN``, seen as a query by the connection's execute wrappers (the monitoring
-    middleware's query count and time) and by its query log when one is kept (DEBUG, tests)."""
+    """One ``COPY ... FROM STDIN`` (:func:`_through_wrappers`: counted and logged as a query)."""
 
     def run(sql: str, params: Any, many: bool, context: dict[str, Any]) -> None:
         with context["cursor"].cursor.copy(sql) as copy:
             for row in rows:
                 copy.write_row(row)
 
-    started = time.perf_counter()
-    with connection.cursor() as cursor, connection.wrap_database_errors:
-        execute: Callable[..., None] = run
-        for wrapper in reversed(connection.execute_wrappers):
-            execute = functools.partial(wrapper, execute)
-        execute(statement, None, False, {"connection": connection, "cursor": cursor})
-    if connection.queries_logged:
-        connection.queries_log.append({"sql": statement, "time": f"{time.perf_counter() - started:.3f}"})
+    _through_wrappers(run, statement, None)
 
 
 def bulk_insert(objects: Sequence[M]) -> Sequence[M]:
@@ -74,6 +68,44 @@ def bulk_insert(objects: Sequence[M]) -> Sequence[M]:
         obj._state.adding = obj.pk is None
         obj._state.db = connection.alias
     return objects
+
+
+def _through_wrappers(run: Callable[..., Any], statement: str, params: Any) -> Any:
+    """``run(statement, params, many, context)`` on a cursor of the connection, seen as a query by
+    its execute wrappers (the monitoring middleware's query count and time) and by its query log
+    when one is kept (DEBUG, tests); errors come as Django's."""
+    started = time.perf_counter()
+    with connection.cursor() as cursor, connection.wrap_database_errors:
+        execute: Callable[..., Any] = run
+        for wrapper in reversed(connection.execute_wrappers):
+            execute = functools.partial(wrapper, execute)
+        result = execute(statement, params, False, {"connection": connection, "cursor": cursor})
+    if connection.queries_logged:
+        connection.queries_log.append({"sql": statement, "time": f"{time.perf_counter() - started:.3f}"})
+    return result
+
+
+def fetch_prepared(statement: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows of ``statement`` run as a prepared statement with server-side parameters (PostgreSQL).
+
+    Django binds parameters on the client and never prepares, so PostgreSQL parses and plans every
+    query again; for the VM list page that planning (0.5 ms) cost more than running it (0.4 ms),
+    EXPLAIN ANALYZE at 1M VMs. Here the statement is prepared once per connection (psycopg keeps it
+    per parameter types) and executed with its parameters. Timestamps load through psycopg's C loader.
+    Only for fixed statements whose plan does not depend on their parameters' values: PostgreSQL may
+    switch a prepared statement to one generic plan after five executions.
+    """
+
+    def run(sql: str, params: Any, many: bool, context: dict[str, Any]) -> list[tuple[Any, ...]]:
+        with psycopg.Cursor(context["cursor"].cursor.connection) as server_side:
+            # psycopg's C timestamp loader (Django registers a pure-Python subclass on its
+            # connections); the values are the same aware datetimes, in UTC (the session's zone).
+            server_side.adapters.register_loader("timestamptz", TimestamptzLoader)
+            server_side.execute(sql, params, prepare=True)
+            return server_side.fetchall()
+
+    rows: list[tuple[Any, ...]] = _through_wrappers(run, statement, params)
+    return rows
 
 
 @functools.cache

@@ -27,10 +27,10 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.http import HttpRequest, QueryDict
 from django.utils.dateparse import parse_datetime
-from psycopg.types.datetime import TimestamptzLoader
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 
+from apps.core.db import fetch_prepared
 from apps.core.pagination import CreatedCursorPagination
 from apps.core.renderers import dumps
 
@@ -78,42 +78,46 @@ def select_sql(source: str = "", extra: tuple[str, ...] = ()) -> str:
 
 @dataclass(frozen=True)
 class PageShape:
-    """What decides a page's SQL text (its parameters are the owner, state, position and window)."""
+    """What decides a page's SQL text (its parameters are the owner and the cursor's position)."""
 
     staff: bool
-    state: bool  # filtered on one state (deleted ones included); else every state but deleted
+    state: str | None  # filtered on this state (deleted ones included); else every state but deleted
     position: str  # "" (first page), "<" or ">" (before or after the cursor's position)
     reverse: bool  # a "previous" cursor: read oldest first, then turn the page around
 
 
 @cache
 def page_sql(shape: PageShape) -> str:
-    """The SQL of one page shape (built once per process).
+    """The SQL of one page shape without its LIMIT and OFFSET (:func:`page_window`; built once).
 
-    Parameters, in order: the owner's id (not for staff), the state (with ``state``), the cursor's
-    position (with ``position``), LIMIT and OFFSET.
+    Parameters, in order: the owner's id (not for staff), the cursor's position (with ``position``).
+    The state is written into the SQL (one of :class:`VMState`'s values, checked here) and so are the
+    LIMIT and OFFSET: a prepared statement may get one generic plan (:func:`fetch_prepared`), and
+    PostgreSQL plans ``state = $1`` without the partial index of error VMs and a ``LIMIT $n`` as a
+    tenth of the rows.
     """
     where = [] if shape.staff else ["v.owner_id = %s"]
-    where.append("v.state = %s" if shape.state else "NOT (v.state = 'deleted')")
+    if shape.state is None:
+        where.append("NOT (v.state = 'deleted')")
+    else:
+        assert shape.state in _VALID_STATES, shape.state
+        where.append(f"v.state = '{shape.state}'")
     if shape.position:
         where.append(f"v.created_at {shape.position} %s")
     direction = "ASC" if shape.reverse else "DESC"
-    return (
-        f"{select_sql()} WHERE {' AND '.join(where)} "
-        f"ORDER BY v.created_at {direction}, v.id {direction} LIMIT %s OFFSET %s"
-    )
+    return f"{select_sql()} WHERE {' AND '.join(where)} ORDER BY v.created_at {direction}, v.id {direction}"
+
+
+def page_window(shape: PageShape, *, limit: int, offset: int) -> str:
+    """:func:`page_sql` with its LIMIT and OFFSET (integers, written as such)."""
+    return f"{page_sql(shape)} LIMIT {int(limit)} OFFSET {int(offset)}"
 
 
 def rows(sql: str, params: list[Any] | dict[str, Any], extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows of :func:`select_sql` in ``VMSerializer``'s shape (then ``extra``'s columns), timestamps
-    still datetimes (``dumps(utc_datetimes=True)`` writes them as DRF does)."""
+    still datetimes (``dumps(utc_datetimes=True)`` writes them as DRF does); a prepared statement."""
     names = _NAMES + extra
-    with connection.cursor() as cursor:
-        # psycopg's C timestamp loader (Django registers a pure-Python subclass on its connections);
-        # the values are the same aware datetimes, in UTC (Django's session time zone).
-        cursor.cursor.adapters.register_loader("timestamptz", TimestamptzLoader)
-        cursor.execute(sql, params)
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in fetch_prepared(sql, params)]
 
 
 class _Pagination(CreatedCursorPagination):
@@ -142,17 +146,14 @@ class _Pagination(CreatedCursorPagination):
         # Keyset on -created_at: a forward cursor reads older rows, a reverse one newer rows.
         shape = PageShape(
             staff=owner_id is None,
-            state=state is not None,
+            state=state,
             position="" if moment is None else (">" if reverse else "<"),
             reverse=reverse,
         )
         params: list[Any] = [] if owner_id is None else [owner_id]
-        if state is not None:
-            params.append(state)
         if moment is not None:
             params.append(moment)
-        params += [page_size + 1, offset]
-        results = rows(page_sql(shape), params)
+        results = rows(page_window(shape, limit=page_size + 1, offset=offset), params)
         self.page = results[:page_size]
         following = str(results[-1]["created_at"]) if len(results) > len(self.page) else None
         if reverse:
