@@ -30,6 +30,10 @@ if _database["ENGINE"] == "django.db.backends.postgresql":
         ),
         "timeout": env_int("DB_POOL_TIMEOUT", 10, help="PostgreSQL pool: seconds to wait for a connection."),
     }
+    # psycopg prepares nothing with Django's default of None, not even what asks for it. Django's own
+    # cursors bind on the client and never prepare whatever this says; the fixed statements run by
+    # apps.core.db.fetch_prepared ask to be prepared at once, so the count here is never reached.
+    _database["OPTIONS"]["prepare_threshold"] = 1_000_000
     # With the pool, Django turns this into psycopg_pool's check on checkout: a backend killed by
     # pg_terminate_backend is replaced, not handed to a request.
     _database["CONN_HEALTH_CHECKS"] = True

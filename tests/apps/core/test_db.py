@@ -4,7 +4,7 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from apps.core.db import COPY_MIN_ROWS, bulk_insert, get_by
+from apps.core.db import COPY_MIN_ROWS, bulk_insert, fetch_prepared, get_by
 from apps.vms.choices import BatchItemStatus, BatchKind, VMState
 from apps.vms.models import VM, BatchItem, BatchOperation, Image, Node
 
@@ -72,3 +72,29 @@ def test_get_by_reads_the_instance_the_orm_reads(node, image):
             ]
     assert get_by(Node, "name", node.name).hypervisor == {"qemu": "7.2", "kvm": False}
     assert get_by(Image, "name", "no-such-image") is None
+
+
+def test_fetch_prepared_reads_what_a_plain_query_reads_and_prepares_it_once(user, node, image):
+    VM.objects.create(owner=user, name="one", image=image, node=node, vcpus=1, memory_mb=64, disk_gb=1)
+    sql = "SELECT id, name, created_at FROM vms WHERE owner_id = %s AND name = %s"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [user.pk, "one"])
+        expected = cursor.fetchall()
+    with CaptureQueriesContext(connection) as captured:
+        for _ in range(3):
+            assert fetch_prepared(sql, [user.pk, "one"]) == expected
+    assert [query["sql"] for query in captured] == [sql] * 3  # counted as queries, as the ORM's are
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement = %s",
+            ["SELECT id, name, created_at FROM vms WHERE owner_id = $1 AND name = $2"],
+        )
+        assert cursor.fetchone()[0] == 1
+    assert fetch_prepared(sql, [0, "none"]) == []
+
+
+def test_fetch_prepared_raises_djangos_errors(user, node, image):
+    VM.objects.create(owner=user, name="one", image=image, node=node, vcpus=1, memory_mb=64, disk_gb=1)
+    VM.objects.create(owner=user, name="two", image=image, node=node, vcpus=1, memory_mb=64, disk_gb=1)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        fetch_prepared("UPDATE vms SET name = %s WHERE name = %s RETURNING id", ["one", "two"])
