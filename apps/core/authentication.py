@@ -1,4 +1,4 @@
-"""Token authentication in one prepared-shape SQL query, without the ORM's per-request compile.
+"""Token authentication in one fixed SQL query (a prepared statement), without the ORM's per-request compile.
 
 Every API request authenticates, so DRF's ``TokenAuthentication`` look-up
 (``Token.objects.select_related("user").get(key=...)``) is on every path, the cached ones included;
@@ -29,6 +29,8 @@ from django_redis import get_redis_connection
 from rest_framework import exceptions
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.models import Token
+
+from apps.core.db import fetch_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +109,10 @@ class FastTokenAuthentication(TokenAuthentication):
 
     def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, Any]:
         sql, token_fields, user_fields = _lookup_sql()
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [key])
-            row = cursor.fetchone()
-        if row is None:
+        found = fetch_prepared(sql, [key])
+        if not found:
             raise exceptions.AuthenticationFailed("Invalid token.")
+        row = found[0]
         token = Token.from_db(connection.alias, token_fields, row[: len(token_fields)])
         user = get_user_model().from_db(connection.alias, user_fields, row[len(token_fields) :])
         if not user.is_active:

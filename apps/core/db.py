@@ -93,8 +93,13 @@ def fetch_prepared(statement: str, params: Sequence[Any] | Mapping[str, Any]) ->
     EXPLAIN ANALYZE at 1M VMs. Here the statement is prepared once per connection (psycopg keeps it
     per parameter types) and executed with its parameters. Timestamps load through psycopg's C loader.
     Only for fixed statements whose plan does not depend on their parameters' values: PostgreSQL may
-    switch a prepared statement to one generic plan after five executions.
+    switch a prepared statement to one generic plan after five executions. On another database (the
+    SQLite file of ``make run``) the statement runs as any query.
     """
+    if connection.vendor != "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(statement, params)
+            return list(cursor.fetchall())
 
     def run(sql: str, params: Any, many: bool, context: dict[str, Any]) -> list[tuple[Any, ...]]:
         with psycopg.Cursor(context["cursor"].cursor.connection) as server_side:

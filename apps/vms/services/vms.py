@@ -17,7 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from apps.core.conf import novacron_setting
-from apps.core.db import bulk_insert
+from apps.core.db import bulk_insert, fetch_prepared
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
 from apps.vms import cache as vm_cache
 from apps.vms import dispatch, reads, scheduler
@@ -93,11 +93,9 @@ def _owner_state(owner: User, names: Sequence[str]) -> tuple[Limits, Usage, set[
     if connection.vendor != "postgresql":
         taken = VM.objects.filter(owner_id=owner.pk, name__in=set(names)).exclude(state=VMState.DELETED)
         return user_quota(user=owner), user_usage(user=owner), set(taken.values_list("name", flat=True))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            _OWNER_STATE_SQL, {"owner": owner.pk, "deleted": VMState.DELETED.value, "names": list(set(names))}
-        )
-        max_vms, max_vcpus, max_memory_mb, vms, vcpus, memory_mb, taken_names = cursor.fetchone()
+    ((max_vms, max_vcpus, max_memory_mb, vms, vcpus, memory_mb, taken_names),) = fetch_prepared(
+        _OWNER_STATE_SQL, {"owner": owner.pk, "deleted": VMState.DELETED.value, "names": list(set(names))}
+    )
     limits = Limits(max_vms, max_vcpus, max_memory_mb) if max_vms is not None else Limits(**Quota.defaults())
     return limits, Usage(vms, vcpus, memory_mb), set(taken_names)
 
@@ -114,8 +112,8 @@ def _lock_owner(owner: User) -> None:
         get_user_model().objects.select_for_update(no_key=True).filter(pk=owner.pk).first()
         return
     table = connection.ops.quote_name(get_user_model()._meta.db_table)
-    with connection.cursor() as cursor:  # one fixed statement (the ORM compiled it on every create)
-        cursor.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [owner.pk])  # noqa: S608
+    # One fixed statement (the ORM compiled it on every create), prepared.
+    fetch_prepared(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [owner.pk])  # noqa: S608
 
 
 def _check_quota(
