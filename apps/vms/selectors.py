@@ -37,7 +37,7 @@ def user_usage(*, user: AnyUser) -> Usage:
     totals = (
         VM.objects.filter(owner_id=user.pk)
         .exclude(state=VMState.DELETED)
-        .aggregate(vms=Count("id"), vcpus=Coalesce(Sum("vcpus"), 0), memory_mb=Coalesce(Sum("memory_mb"), 0))
+        .aggregate(vms=Count("*"), vcpus=Coalesce(Sum("vcpus"), 0), memory_mb=Coalesce(Sum("memory_mb"), 0))
     )
     return Usage(**totals)
 

@@ -20,6 +20,7 @@ EXPECTED = {
         "(created_at DESC, id DESC) WHERE ((state)::text = 'error'::text)",
         None,
     ),
+    "vms_owner_usage_idx": ("vms", "(owner_id) INCLUDE (vcpus, memory_mb)", "WHERE"),
     "migrations_status_idx": ("migrations", "(status)", None),
     "migrations_nodes_idx": ("migrations", "(source_node_id, dest_node_id)", None),
     "api_logs_timestamp_idx": ("api_logs", '("timestamp" DESC)', None),
@@ -110,3 +111,38 @@ def test_the_staff_list_of_errors_walks_its_own_index_when_errors_are_old(make_u
             cursor.execute(f"EXPLAIN {sql}")
             plan = "\n".join(row[0] for row in cursor.fetchall())
             assert "vms_error_created_idx" in plan and "Sort" not in plan, plan
+
+
+@pytest.mark.django_db(transaction=True)  # VACUUM runs outside a transaction
+def test_a_users_usage_is_read_from_the_covering_index(make_user, make_node, make_image):
+    """The usage of every create's quota check and of users/me: an index-only scan, not ~1 heap page
+    per VM (3.4 -> 0.5 ms for a user of 1,300 VMs at 1M)."""
+    from apps.vms.selectors import user_usage
+
+    users = [make_user(f"tenant{i}") for i in range(20)]
+    node, image = make_node("n1"), make_image()
+    _copy_vms([user.pk for user in users], image.pk, node.pk, 40_000)
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM (ANALYZE) vms")  # the visibility map, as autovacuum keeps it
+    with connection.execute_wrapper(explaining := _Explain()):
+        usage = user_usage(user=users[1])
+    # _copy_vms deletes every tenth VM: all of users[0]'s, none of users[1]'s.
+    assert (usage.vms, usage.vcpus, usage.memory_mb) == (2000, 2000, 2000 * 256)
+    assert user_usage(user=users[0]).vms == 0
+    assert any("Index Only Scan using vms_owner_usage_idx" in plan for plan in explaining.plans), (
+        explaining.plans
+    )
+
+
+class _Explain:
+    """An execute wrapper that keeps the plan of each SELECT before running it."""
+
+    def __init__(self) -> None:
+        self.plans: list[str] = []
+
+    def __call__(self, execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith("SELECT"):
+            cursor = context["cursor"]
+            cursor.execute(f"EXPLAIN {sql}", params)
+            self.plans.append("\n".join(row[0] for row in cursor.fetchall()))
+        return execute(sql, params, many, context)
