@@ -10,6 +10,7 @@ the node table's check constraints refuse an overcommit whatever path writes it.
 Call these functions inside the caller's transaction.
 """
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 
+from apps.core.db import columns, fetch_instances
 from apps.core.errors import NoCapacity
 
 from .choices import NodeStatus
@@ -158,8 +160,13 @@ FROM (
     FOR NO KEY UPDATE SKIP LOCKED
 ) AS best
 WHERE n.id = best.id
-RETURNING n.*
+RETURNING {columns}
 """
+
+
+@functools.cache
+def _take_best_sql() -> str:
+    return _TAKE_BEST_SQL.format(columns=columns(Node, "n"))
 
 
 def _take_best(demand: Demand) -> Node | None:
@@ -173,7 +180,9 @@ def _take_best(demand: Demand) -> Node | None:
         "disk_gb": demand.disk_gb,
         "status": NodeStatus.UP.value,
     }
-    return next(iter(Node.objects.raw(_TAKE_BEST_SQL, params)), None)
+    # Prepared: PostgreSQL planned it on every create (half of its 0.54 ms, the statement log).
+    found = fetch_instances(Node, _take_best_sql(), params)
+    return found[0] if found else None
 
 
 def _take_all(taken: dict[int, Demand]) -> dict[int, Node] | None:

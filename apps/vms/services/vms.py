@@ -73,16 +73,18 @@ def _demand(vm: VM) -> scheduler.Demand:
 
 # A create's checks in one round trip (after the owner's lock, so that its snapshot sees every VM
 # committed before): the quota row (none: the defaults), the live VMs' usage and which of the new
-# names are taken. PostgreSQL's SQL (arrays); other databases run the ORM queries one by one.
+# names are taken. PostgreSQL's SQL (arrays); other databases run the ORM queries one by one. The
+# deleted state is a literal in the statement: a parameter there kept PostgreSQL from the partial
+# indexes in the generic plan of the prepared statement (10 ms), so it planned every create anew.
 _OWNER_STATE_SQL = """
 SELECT q.max_vms, q.max_vcpus, q.max_memory_mb, u.vms, u.vcpus, u.memory_mb, t.names
 FROM (
     SELECT count(*), coalesce(sum(vcpus), 0), coalesce(sum(memory_mb), 0)
-    FROM vms WHERE owner_id = %(owner)s AND state <> %(deleted)s
+    FROM vms WHERE owner_id = %(owner)s AND state <> 'deleted'
 ) AS u(vms, vcpus, memory_mb)
 CROSS JOIN (
     SELECT coalesce(array_agg(name), '{}')
-    FROM vms WHERE owner_id = %(owner)s AND state <> %(deleted)s AND name = ANY(%(names)s)
+    FROM vms WHERE owner_id = %(owner)s AND state <> 'deleted' AND name = ANY(%(names)s)
 ) AS t(names)
 LEFT JOIN quotas AS q ON q.user_id = %(owner)s
 """
@@ -94,7 +96,7 @@ def _owner_state(owner: User, names: Sequence[str]) -> tuple[Limits, Usage, set[
         taken = VM.objects.filter(owner_id=owner.pk, name__in=set(names)).exclude(state=VMState.DELETED)
         return user_quota(user=owner), user_usage(user=owner), set(taken.values_list("name", flat=True))
     ((max_vms, max_vcpus, max_memory_mb, vms, vcpus, memory_mb, taken_names),) = fetch_prepared(
-        _OWNER_STATE_SQL, {"owner": owner.pk, "deleted": VMState.DELETED.value, "names": list(set(names))}
+        _OWNER_STATE_SQL, {"owner": owner.pk, "names": list(set(names))}
     )
     limits = Limits(max_vms, max_vcpus, max_memory_mb) if max_vms is not None else Limits(**Quota.defaults())
     return limits, Usage(vms, vcpus, memory_mb), set(taken_names)

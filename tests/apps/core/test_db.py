@@ -1,10 +1,12 @@
-"""bulk_insert: COPY on PostgreSQL writes what bulk_create would, counted and failing the same way."""
+"""The database helpers on PostgreSQL: bulk_insert (one prepared INSERT or COPY) writes what
+bulk_create would, counted and failing the same way; prepared statements read what plain queries
+and the ORM read."""
 
 import pytest
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from apps.core.db import COPY_MIN_ROWS, bulk_insert, fetch_prepared, get_by
+from apps.core.db import COPY_MIN_ROWS, bulk_insert, columns, fetch_instances, fetch_prepared, get_by
 from apps.vms.choices import BatchItemStatus, BatchKind, VMState
 from apps.vms.models import VM, BatchItem, BatchOperation, Image, Node
 
@@ -51,6 +53,50 @@ def test_a_unique_violation_is_djangos_integrity_error(user, node, image):
     with pytest.raises(IntegrityError), transaction.atomic():
         bulk_insert(_vms(user, node, image, COPY_MIN_ROWS, prefix="taken"))
     assert VM.objects.filter(owner=user).count() == 1
+
+
+def _fields(instance) -> list:
+    return [getattr(instance, field.attname) for field in instance._meta.concrete_fields]
+
+
+def test_one_row_is_one_prepared_insert_writing_what_save_writes(user, node, image):
+    (vm,) = _vms(user, node, image, 1)
+    with CaptureQueriesContext(connection) as captured:
+        bulk_insert([vm])
+    assert [query["sql"].split()[0] for query in captured] == ["INSERT"]
+    assert not vm._state.adding and vm.created_at is not None and vm.created_at <= vm.updated_at
+    stored = VM.objects.get(pk=vm.pk)
+    assert stored.state == VMState.PENDING  # by value
+    assert _fields(stored) == _fields(vm)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'INSERT INTO \"vms\"%%'"
+        )
+        assert cursor.fetchone()[0] == 1
+
+
+def test_one_row_with_an_auto_id_gets_the_databases_id(user):
+    batch = BatchOperation(owner=user, kind=BatchKind.CREATE, total=0)
+    bulk_insert([batch])
+    (item,) = bulk_insert([BatchItem(batch=batch, index=0, status=BatchItemStatus.PENDING)])
+    assert isinstance(item.pk, int)
+    assert BatchItem.objects.get(pk=item.pk).batch_id == batch.pk
+
+
+def test_one_row_taking_a_name_is_djangos_integrity_error(user, node, image):
+    bulk_insert(_vms(user, node, image, 1, prefix="taken"))
+    with pytest.raises(IntegrityError), transaction.atomic():
+        bulk_insert(_vms(user, node, image, 1, prefix="taken"))
+    assert VM.objects.filter(owner=user).count() == 1
+
+
+def test_fetch_instances_reads_the_instances_the_orm_reads(node):
+    Node.objects.filter(pk=node.pk).update(hypervisor={"qemu": "7.2", "kvm": False})
+    sql = f"SELECT {columns(Node, 'n')} FROM nodes AS n WHERE n.name = %s"
+    (found,) = fetch_instances(Node, sql, [node.name])
+    assert _fields(found) == _fields(Node.objects.get(pk=node.pk))
+    assert found.hypervisor == {"qemu": "7.2", "kvm": False} and not found._state.adding
+    assert fetch_instances(Node, sql, ["no-such-node"]) == []
 
 
 def test_few_rows_are_one_insert(user, node, image):

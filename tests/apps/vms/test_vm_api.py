@@ -118,6 +118,20 @@ def test_quota_exceeded_is_403_and_creates_nothing(api, user, node, image):
     assert VM.objects.count() == 1
 
 
+def test_a_deleted_vm_frees_its_name_and_its_share_of_the_quota(api, user, node, image):
+    from apps.vms.services import vm_record_report
+
+    Quota.objects.create(user=user, max_vms=1, max_vcpus=100, max_memory_mb=100000)
+    vm_id = api.post("/api/v1/vms/", vm_payload(name="a"), format="json").json()["id"]
+    assert api.post("/api/v1/vms/", vm_payload(name="a"), format="json").status_code == 400  # taken
+    api.delete(f"/api/v1/vms/{vm_id}/")
+    assert api.post("/api/v1/vms/", vm_payload(name="b"), format="json").status_code == 403  # still counted
+    vm_record_report(vm_id=vm_id, operation="delete", ok=True, state="deleted", reason="", node="node1")
+    response = api.post("/api/v1/vms/", vm_payload(name="a"), format="json")
+    assert response.status_code == 202
+    assert sorted(VM.objects.filter(name="a").values_list("state", flat=True)) == ["deleted", "pending"]
+
+
 def test_users_me_shows_quota_and_usage(api, node, image):
     api.post("/api/v1/vms/", vm_payload(), format="json")
     body = api.get("/api/v1/users/me/").json()
