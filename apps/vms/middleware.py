@@ -66,7 +66,7 @@ def _token(request: HttpRequest) -> str | None:
 
 def _wants_json(request: HttpRequest) -> bool:
     """Accept asks for nothing but (compact) JSON, and no ``format`` override is in the query."""
-    if "format" in request.GET:
+    if "format" in request.META.get("QUERY_STRING", "") and "format" in request.GET:  # parsed only then
         return False
     accept = request.META.get("HTTP_ACCEPT", "")
     parts = accept.split(",")
