@@ -41,10 +41,15 @@ def _signature(vm: VM, task_name: str, node_name: str | None = None) -> Any:
     if node_name is None:
         assert vm.node is not None, "only VMs placed on a node get node tasks"
         node_name = vm.node.name
+    request_id = uuid.uuid4().hex
     return app.signature(
         task_name,
-        kwargs={"vm": vm_spec(vm), "request_id": uuid.uuid4().hex},
+        kwargs={"vm": vm_spec(vm), "request_id": request_id},
         queue=contract.node_queue(node_name),
+        # What Flower shows of the arguments: Celery's own repr of the spec (image paths, kernel
+        # command line) was long and cost a safe-repr walk of it per message.
+        argsrepr="()",
+        kwargsrepr=f"{{'vm': '{vm.name}' ({vm.id}), 'request_id': '{request_id}'}}",
     )
 
 

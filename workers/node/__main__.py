@@ -37,7 +37,7 @@ def make_app(config: NodeConfig) -> Celery:
         task_default_queue=queue,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,  # as the control plane (novacron/settings/celery.py)
         broker_connection_retry_on_startup=True,
         # Matches the control plane: no redelivery while a long task (a disk transfer) still runs.
         broker_transport_options={

@@ -1,4 +1,5 @@
-"""Flower, as ``make run`` starts it: basic auth, and node workers listed under their node's name."""
+"""Flower, as ``make run`` starts it: basic auth, node workers listed under their node's name, and the
+tasks they run."""
 
 import base64
 import json
@@ -100,7 +101,7 @@ def test_flower_lists_a_node_worker_by_its_node_name_and_wants_credentials(tmp_p
         assert _get(f"{base}/", auth=False)[0] == 401
 
         task = "apps.monitoring.tasks.alert_webhook_send"  # returns at once without a webhook URL
-        celery_app.send_task(task, kwargs={"alert_id": 0, "event": "firing"}, queue=f"node.{node}")
+        sent = celery_app.send_task(task, kwargs={"alert_id": 0, "event": "firing"}, queue=f"node.{node}")
         deadline = time.monotonic() + 30
         done = None
         while done is None and time.monotonic() < deadline:
@@ -114,6 +115,14 @@ def test_flower_lists_a_node_worker_by_its_node_name_and_wants_credentials(tmp_p
                         done = sample.value
             time.sleep(0.2)
         assert done == 1
+        # Flower follows the task through the worker's events (senders send no task-sent event).
+        deadline = time.monotonic() + 30
+        info: dict = {}
+        while info.get("state") != "SUCCESS" and time.monotonic() < deadline:
+            status, body = _get(f"{base}/api/task/info/{sent.id}", auth=True)
+            info = json.loads(body) if status == 200 else {}
+            time.sleep(0.3)
+        assert (info.get("state"), info.get("name")) == ("SUCCESS", task)
     finally:
         for process in (flower, worker):
             process.terminate()

@@ -39,6 +39,11 @@ def test_create_returns_pending_vm_and_enqueues_create_on_its_node(
     assert body["owner"] == "alice"
     uuid.UUID(body["id"])
     assert _queued_tasks("node.node1") == ["novacron.node.vm_create"]
+    (raw,) = redis.Redis.from_url(settings.REDIS_URL).lrange("node.node1", 0, -1)
+    headers = json.loads(raw)["headers"]
+    request_id = headers["kwargsrepr"].rpartition("'request_id': '")[2].rstrip("'}")
+    assert headers["kwargsrepr"] == f"{{'vm': 'web-1' ({body['id']}), 'request_id': '{request_id}'}}"
+    assert len(request_id) == 32
     node.refresh_from_db()
     assert (node.allocated_vcpus, node.allocated_memory_mb, node.allocated_disk_gb) == (2, 1024, 10)
 
