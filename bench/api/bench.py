@@ -288,6 +288,7 @@ def explain(seeded: Seeded) -> list[dict[str, Any]]:
     """
     from django.contrib.auth import get_user_model
     from django.db import connection
+    from django.test.utils import CaptureQueriesContext
 
     from apps.vms.models import VM
     from apps.vms.reads import PageShape, detail_sql, page_window
@@ -320,9 +321,14 @@ def explain(seeded: Seeded) -> list[dict[str, Any]]:
             cursor.execute(f"EXPLAIN ANALYZE {sql}", params)
             plan = "\n".join(row[0] for row in cursor.fetchall())
         report.append(_timed(label, plan, sql, params, connection))
-    # users/me usage: an aggregate over the tenant's VMs (not a list: no LIMIT)
-    usage_qs = VM.objects.filter(owner_id=tenant.pk).exclude(state="deleted")
-    plan = usage_qs.explain(analyze=True)
+    # users/me usage: an aggregate over the tenant's VMs (not a list: no LIMIT), the statement
+    # ``user_usage`` runs (its parameters bound by psycopg on the client, as Django sends it)
+    with CaptureQueriesContext(connection) as captured:
+        user_usage(user=tenant)
+    (usage,) = captured.captured_queries
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN ANALYZE {usage['sql']}")
+        plan = "\n".join(row[0] for row in cursor.fetchall())
     samples = []
     for _ in range(20):
         started = time.perf_counter()
