@@ -115,7 +115,8 @@ class VMReadFastPathMiddleware:
         if token is None or not _wants_json(request):
             return None
         query = request.META.get("QUERY_STRING", "")
-        answer_misses = vm_id is not None or reads.list_state(request.GET)[0]
+        # The query parsed only when there is one (request.GET cost a cached page 3 % of its CPU).
+        answer_misses = vm_id is not None or not query or reads.list_state(request.GET)[0]
         found = vm_cache.fast_lookup(
             token=token,
             vm_id=vm_id,
