@@ -34,9 +34,11 @@ if _database["ENGINE"] == "django.db.backends.postgresql":
     # cursors bind on the client and never prepare whatever this says; the fixed statements run by
     # apps.core.db.fetch_prepared ask to be prepared at once, so the count here is never reached.
     _database["OPTIONS"]["prepare_threshold"] = 1_000_000
-    # With the pool, Django turns this into psycopg_pool's check on checkout: a backend killed by
-    # pg_terminate_backend is replaced, not handed to a request.
-    _database["CONN_HEALTH_CHECKS"] = True
+    # Every checkout is checked, without a round trip for a healthy connection (novacron.pgbackend):
+    # a backend killed by pg_terminate_backend is replaced, not handed to a request. Django's own
+    # check (CONN_HEALTH_CHECKS with a pool: a round trip on every checkout) stays off.
+    _database["ENGINE"] = "novacron.pgbackend"
+    _database["CONN_HEALTH_CHECKS"] = False
 else:
     _database.setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
     VAR_DIR.mkdir(parents=True, exist_ok=True)
