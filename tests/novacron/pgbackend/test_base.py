@@ -57,7 +57,8 @@ def test_a_terminated_backend_fails_and_a_closed_connection_fails():
 
 @pytest.mark.django_db(transaction=True)
 def test_a_request_never_gets_a_pooled_connection_whose_backend_was_terminated():
-    assert isinstance(connections["default"], DatabaseWrapper) and connection.pool is not None
+    wrapper = connections["default"]
+    assert isinstance(wrapper, DatabaseWrapper) and wrapper.pool is not None
     connection.ensure_connection()
     pooled = connection.connection
     pid = pooled.info.backend_pid
@@ -65,7 +66,7 @@ def test_a_request_never_gets_a_pooled_connection_whose_backend_was_terminated()
     with _connect() as observer:
         observer.execute("SELECT pg_terminate_backend(%s)", [pid])
     _until_refused(pooled)
-    for _ in range(connection.pool.max_size):  # whichever pooled connection comes, it works
+    for _ in range(wrapper.pool.max_size):  # whichever pooled connection comes, it works
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid()")
             assert cursor.fetchone()[0] != pid
