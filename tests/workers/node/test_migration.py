@@ -199,9 +199,12 @@ def test_a_guest_write_lost_by_qemu_is_caught_before_the_destination_runs(
     )
     migration = Migration.objects.get(pk=migration_id)
     assert migration.status == "failed", migration.status
-    assert "guest memory arrived different from the source's in 1 of 128 MiB" in migration.error, (
-        migration.error
+    # The MiB written behind QEMU's back at least; QEMU under TCG may lose a page or two of its own in
+    # the same migration (the check catches those too: "3 of 128 MiB" was seen in a CI rehearsal).
+    differing = re.search(
+        r"guest memory arrived different from the source's in (\d+) of 128 MiB", migration.error
     )
+    assert differing is not None and int(differing[1]) >= 1, migration.error
     vm = VM.objects.get(pk=vm_id)
     assert vm.node.name == source and vm.state == "running"
     log = _run_dir(cluster, source, vm_id) / "serial.log"
