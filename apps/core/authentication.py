@@ -30,7 +30,7 @@ from rest_framework import exceptions
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.models import Token
 
-from apps.core.db import fetch_prepared
+from apps.core.db import columns, fetch_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +92,9 @@ def _lookup_sql() -> tuple[str, list[str], list[str]]:
     quote = connection.ops.quote_name
     user_model = get_user_model()
     token_columns, user_columns = _columns(Token), _columns(user_model)
-    selected = [f"t.{quote(column)}" for column in token_columns.values()] + [
-        f"u.{quote(column)}" for column in user_columns.values()
-    ]
     # Identifiers only, from the models' metadata, quoted; the key is a query parameter.
     sql = (
-        f"SELECT {', '.join(selected)} FROM {quote(Token._meta.db_table)} t "  # noqa: S608
+        f"SELECT {columns(Token, 't')}, {columns(user_model, 'u')} FROM {quote(Token._meta.db_table)} t "  # noqa: S608
         f"JOIN {quote(user_model._meta.db_table)} u ON u.{quote(user_columns['id'])} = "
         f"t.{quote(token_columns['user_id'])} WHERE t.{quote(token_columns['key'])} = %s"
     )

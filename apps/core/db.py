@@ -83,13 +83,13 @@ def _insert_statement(
     quote = connection.ops.quote_name
     meta = model._meta
     written = tuple(field for field in meta.concrete_fields if not field.db_returning)
-    returned = tuple(str(field.attname) for field in meta.db_returning_fields)
+    returning = meta.db_returning_fields
     columns = ", ".join(quote(str(field.column)) for field in written)
     values = ", ".join(["%s"] * len(written))
     statement = f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES ({values})"  # noqa: S608
-    if returned:
-        statement += " RETURNING " + ", ".join(quote(str(field.column)) for field in meta.db_returning_fields)
-    return statement, written, returned
+    if returning:
+        statement += " RETURNING " + ", ".join(quote(str(field.column)) for field in returning)
+    return statement, written, tuple(str(field.attname) for field in returning)
 
 
 def _insert_one(obj: models.Model) -> None:
@@ -158,15 +158,18 @@ def columns(model: type[models.Model], alias: str) -> str:
 
 
 @functools.cache
-def _converters(model: type[models.Model]) -> tuple[tuple[int, tuple[Callable[..., Any], ...], Any], ...]:
-    """Per column of :func:`columns` that needs one, the converters the ORM applies to it."""
+def _loading(
+    model: type[models.Model],
+) -> tuple[list[str], tuple[tuple[int, tuple[Callable[..., Any], ...], Any], ...]]:
+    """The attribute names of :func:`columns` and, per column that needs one, the converters the ORM
+    applies to it (built once per model)."""
     found = []
     for position, field in enumerate(model._meta.concrete_fields):
         column = field.get_col(model._meta.db_table)
         converters = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
         if converters:
             found.append((position, tuple(converters), column))
-    return tuple(found)
+    return [field.attname for field in model._meta.concrete_fields], tuple(found)
 
 
 def fetch_instances(model: type[M], statement: str, params: Sequence[Any] | Mapping[str, Any]) -> list[M]:
@@ -175,8 +178,7 @@ def fetch_instances(model: type[M], statement: str, params: Sequence[Any] | Mapp
     fields). On another database than PostgreSQL the statement runs through ``raw()``."""
     if connection.vendor != "postgresql":
         return list(model._default_manager.raw(statement, params))
-    attnames = [field.attname for field in model._meta.concrete_fields]
-    converters = _converters(model)
+    attnames, converters = _loading(model)
     instances = []
     for row in fetch_prepared(statement, params):
         values = list(row)
