@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint typecheck guest bench-dwcp bench-migration clean soak faults reliability
+.PHONY: setup run test test-deps lint typecheck guest bench-dwcp bench-migration clean soak faults reliability
 
 setup: $(VENV)/.installed  ## idempotent install step used by run and test
 
@@ -33,9 +33,17 @@ typecheck: setup
 	$(VENV)/bin/mypy .
 
 # The suite runs against a real PostgreSQL (pytest-django creates test_<name> from this URL) and Redis.
+# test-deps runs first: as root it installs the Debian packages the suite drives; otherwise it prints
+# the apt-get line and stops the run before anything else.
 test: export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/novacron
-test: setup lint typecheck  ## the whole suite
+test: export REDIS_URL ?= redis://127.0.0.1:6379/15
+test: test-deps
+	$(MAKE) setup lint typecheck
+	scripts/ensure-redis.sh
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-deps:
+	scripts/system-deps.sh test
 
 # API benchmark at 1M VMs (issue 7): its own database and Redis db, granian + wrk; not run by `make test`.
 bench-api: setup  ## BENCH_ARGS="--quick" for a 100k-VM smoke run; results in bench/results/

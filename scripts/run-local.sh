@@ -7,24 +7,8 @@ mkdir -p var
 export HOST="${HOST:-127.0.0.1}" PORT="${PORT:-8000}" FLOWER_PORT="${FLOWER_PORT:-5555}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 
-redis_up() { .venv/bin/python - "$REDIS_URL" <<'PY'
-import sys, redis
-try:
-    redis.Redis.from_url(sys.argv[1], socket_connect_timeout=1).ping()
-except redis.RedisError:
-    sys.exit(1)
-PY
-}
-if redis_up; then
-  scripts/system-deps.sh
-else
-  scripts/system-deps.sh --with-redis
-  echo "starting a local redis-server on 127.0.0.1:6379 (data in var/redis)"
-  mkdir -p var/redis
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --dir "$PWD/var/redis" --save "" --appendonly no \
-    --logfile "$PWD/var/redis/redis.log"
-  for _ in $(seq 50); do redis_up && break; sleep 0.1; done
-fi
+scripts/system-deps.sh run
+scripts/ensure-redis.sh
 
 if [[ ! -f var/secrets.env ]]; then
   umask 077

@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# Installs the Debian packages NovaCron needs (as root), or prints the exact command to run.
-# Usage: scripts/system-deps.sh [--with-redis]
+# Installs the Debian packages NovaCron needs (as root), or prints the exact command and fails.
+# Usage: scripts/system-deps.sh run|test
+#   run:  what `make run` needs (QEMU, and a Redis server when none answers at REDIS_URL)
+#   test: what `make test` needs: the above, plus what the suite drives (network namespaces and tc,
+#         nc and rsync as transfer baselines, Chromium for the dashboard, redis-server for the
+#         fault scenarios' private servers, losetup for block-device sends)
+# Nothing else is touched: a package already installed is not upgraded.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+profile="${1:-}"
+case "$profile" in
+  run | test) ;;
+  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+esac
+
 packages=(qemu-system-x86 qemu-utils)
 command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
-if [[ "${1:-}" == "--with-redis" ]] && ! command -v redis-server >/dev/null; then
+if [[ "$profile" == test ]]; then
+  packages+=(iproute2 netcat-openbsd rsync chromium redis-server util-linux)
+elif ! command -v redis-server >/dev/null && ! scripts/redis-up.sh; then
   packages+=(redis-server)
 fi
+
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 if [[ $(id -u) -eq 0 ]]; then
-  echo "installing system packages: ${missing[*]}"
+  echo "installing Debian packages: ${missing[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  echo "NovaCron needs these system packages; run:" >&2
-  echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+  echo "make $profile needs these Debian packages; install them as root, then run it again:" >&2
+  echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
   exit 1
 fi
