@@ -1,7 +1,7 @@
 """The API's JSON renderer: DRF's JSON output, byte for byte, produced by orjson.
 
-orjson serializes dicts, lists, strings and numbers natively (several times faster than the standard
-library). Types it would format differently from DRF (dates and times: DRF writes ``Z`` for UTC and
+orjson serializes dicts, lists, strings and numbers natively, faster than the standard
+library. Types it would format differently from DRF (dates and times: DRF writes ``Z`` for UTC and
 cuts times to milliseconds) or does not know (lazy strings, Decimal, querysets...) are handed to
 DRF's own encoder, so the bytes are the same as ``rest_framework.renderers.JSONRenderer``'s. A
 client asking for indentation (``Accept: application/json; indent=4``) gets DRF's renderer.

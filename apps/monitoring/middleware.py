@@ -3,16 +3,16 @@
 For every request the middleware times the response, counts database queries and cache look-ups
 (through :mod:`.instruments`), and labels everything by the *route pattern* (``/api/v1/vms/{pk}/``)
 so that label values stay few. API requests (``/api/...``) are also logged: one Lua call to Redis
-pushes entries onto a bounded list (or counts drops when the list is full) and bumps the counters the
-control-plane sampler reads. The control worker writes the list to the database in bulk
+pushes entries onto a bounded list (or counts drops when the list is full) and bumps the counters
+the control-plane sampler reads. The control worker writes the list to the database in bulk
 (``services.api_logs_flush``).
 
 The entries of a process travel in batches: a request adds its entry and counters to a buffer, and a
 thread of the process pushes the buffer every ``API_LOG_PUSH_INTERVAL`` seconds in one call (one
-round trip per batch instead of one per request: a fifth of a cached read's CPU, measured by
-cProfile). The buffer is pushed at exit too; a process killed outright loses at most the entries of
-one interval, and the buffer holds at most ``API_LOG_BUFFER_MAX`` entries (more are dropped and
-counted, like a full list). ``API_LOG_PUSH_INTERVAL`` 0 pushes each entry from its request.
+round trip per batch instead of one per request). The buffer is pushed at exit too; a process killed
+outright loses at most the entries of one interval, and the buffer holds at most
+``API_LOG_BUFFER_MAX`` entries (more are dropped and counted, like a full list).
+``API_LOG_PUSH_INTERVAL`` 0 pushes each entry from its request.
 """
 
 import atexit

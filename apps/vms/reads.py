@@ -1,11 +1,10 @@
 """The VM list page and VM detail as JSON bytes from fixed SQL, without the ORM, serializers or django-filter.
 
-Profiling an uncached list page (cProfile through the WSGI handler on the benchmark's database)
-put most of its CPU in three places, none of them the answer: django-filter building its form and
-deep-copying its filters, the ORM compiling the same three-join query and cloning querysets, and
-Django's pure-Python timestamp loader (psycopg's C loader is bypassed by Django's subclass). Here a
-page is one SQL string per shape (staff or owner, ``state`` or not, cursor direction), built once
-per process from fixed identifiers, with psycopg's C loaders for its rows.
+It skips what an uncached page does not need: django-filter's form and filter copies, the ORM's
+query compilation and queryset clones, and Django's pure-Python timestamp loader (Django's subclass
+bypasses psycopg's C loader). Here a page is one SQL string per shape (staff or owner, ``state`` or
+not, cursor direction), built once per process from fixed identifiers, with psycopg's C loaders for
+its rows.
 
 What it answers is exactly what the ORM path answered (``tests/apps/vms/test_reads.py`` compares
 them): the same rows in the same order (``-created_at, -id``), ``VMSerializer``'s shape and
@@ -14,8 +13,8 @@ bytes (timestamps written by orjson), and the cursor links of ``CreatedCursorPag
 ``node`` and ``name`` filters, an invalid ``state``, ``format``, an undecodable cursor) return
 ``None`` and the caller takes the ORM path, which answers them (400, 404...) as before.
 
-Used by the fast path (``middleware.py``, a cache miss of a caller known by their token's memo) and by
-the DRF view (the same miss after DRF's authentication), so both paths give the same bytes.
+Used by the fast path (``middleware.py``, a cache miss of a caller known by their token's memo) and
+by the DRF view (the same miss after DRF's authentication), so both paths give the same bytes.
 """
 
 from dataclasses import dataclass

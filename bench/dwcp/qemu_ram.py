@@ -1,8 +1,7 @@
 """The RAM case of bench-dwcp: the QEMU migration stream of a loaded guest (issue 4, section 5).
 
 The guest is the repository's test guest under TCG with ``MEMORY_MB`` of RAM, ``DIRTY_MB`` of it
-filled with program text and data (``dirty_data=binaries``: a real guest's RAM, compressible about
-2-3x), the rest never touched (zero pages). Two things come out of it:
+filled with program text and data (``dirty_data=binaries``: a real guest's RAM, compressible), the rest never touched (zero pages). Two things come out of it:
 
 * ``capture_stream``: the migration stream itself as a file (``migrate exec:cat > FILE`` with
   QEMU's bandwidth cap lifted), which the file tools (nc, rsync, DWCP send) then move like any
@@ -16,8 +15,8 @@ filled with program text and data (``dirty_data=binaries``: a real guest's RAM, 
 Times run from the source's ``migrate`` to the destination's ``completed``; data bytes are the
 stream's (QEMU's ``ram.transferred``, counted before multifd's compression); wire bytes are the
 tunnel's payload for DWCP and, for QEMU alone, what the sender's veth interface sent (TCP/IP headers
-included, about 3.5 % over the payload), or on loopback QEMU's own count. CPU seconds are both QEMU processes' during the migration plus, for DWCP, both
-DWCP processes. RSS is the DWCP processes' peak (the QEMUs hold the guest, so none is given for them).
+included), or on loopback QEMU's own count. CPU seconds are both QEMU processes' during the migration
+plus, for DWCP, both DWCP processes. RSS is the DWCP processes' peak (the QEMUs hold the guest, so none is given for them).
 """
 
 from __future__ import annotations

@@ -33,18 +33,18 @@ driver=qcow2,file=file0,node-name=disk0 -device virtio-blk-pci,drive=disk0``, be
 loads the virtio modules only when one is present).
 
 Kernel command line (besides ``console=ttyS0``): ``dirty_mb=M`` fills M MiB of a tmpfs (RAM) with random
-data, then, with ``dirty_rate_mb=R``, keeps rewriting it round robin at about R MiB/s (under TCG the guest
-cannot exceed roughly 20-25 MiB/s; ``dirty_rate_mb=0`` or absent: filled once, never rewritten).
+data, then, with ``dirty_rate_mb=R``, keeps rewriting it round robin at about R MiB/s (under TCG the guest's
+own speed caps the rate; ``dirty_rate_mb=0`` or absent: filled once, never rewritten).
 ``dirty_data=binaries`` fills and rewrites it with program text and data (busybox, the kernel modules, the
 kernel's symbol table) instead of random bytes, like a real guest's RAM: its migration stream compresses
-about 2.3x with lz4 and 3.1x with zstd-1, where random data does not compress at all. Values are
+with lz4 and zstd, where random data does not compress at all. Values are
 decimal without leading zeros (others are ignored). The guest needs at least 96 MiB of RAM (64 MiB does
 not boot) plus M.
 
 Serial console output: an empty line first, then ``tick 0``, ``tick 1``, ... every 100 ms (paced from
 ``/proc/uptime``; after a pause or a migration the count goes on without a burst; a reset restarts it at
-0). The first tick comes about 2.7-3 s after QEMU starts under TCG on a quiet host (measured; several
-times that on an overloaded one; the compressed vmlinuz takes about three times as long). Then
+0). The first tick comes a few seconds after QEMU starts under TCG (longer on a loaded host, and longer
+with the compressed vmlinuz): wait for it rather than for a fixed time. Then
 ``dirty ready M R`` once the dirty memory is filled (``dirty error fill-failed`` if it does not fit).
 Lines end in ``\\r\\n``; the log also starts with firmware escape codes.
 
@@ -67,7 +67,7 @@ request                     answer
 ==========================  ======================================================================
 
 Failures answer ``error TAG <reason>`` (``no-dirty-memory``, ``no-disk``, ``unknown-command CMD``, ...).
-A checksum of 16 MiB takes about 0.5 s under TCG. :mod:`workers.guest.boot` implements a client
+A checksum is slow under TCG: allow for it in timeouts. :mod:`workers.guest.boot` implements a client
 (:class:`~workers.guest.boot.GuestVM`, :class:`~workers.guest.boot.SerialConsole`). PID 1 never exits;
 the guest has no ACPI handling, so stop it with QMP ``quit`` or by killing QEMU.
 """

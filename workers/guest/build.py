@@ -5,7 +5,7 @@
 Nothing is installed on the host: the packages are fetched with ``apt-get download`` into a cache and read
 with ``dpkg-deb --fsys-tarfile`` (only the files needed are taken; those of the kernel package are kept
 in the cache too). The kernel is the real package behind the ``linux-image-amd64`` metapackage; its
-``vmlinuz`` is decompressed to an ELF ``vmlinux`` for PVH boot (about three times faster to boot under TCG).
+``vmlinuz`` is decompressed to an ELF ``vmlinux`` for PVH boot (it boots faster under TCG).
 The initramfs holds the static busybox, the init script ``init.sh`` and the virtio-blk modules. A boot check
 runs the result under TCG; if the uncompressed kernel does not reach the first tick, the compressed
 ``vmlinuz`` is used instead and the manifest says why. A second run with the same inputs reuses the output.

@@ -1,8 +1,8 @@
 """Choosing the accelerator: the ``kvm|tcg|auto`` setting and the KVM probe behind ``auto``.
 
-Whether ``/dev/kvm`` exists says little: on nested hosts (the ``kvm_pvm`` flavour on our CI machines)
-it exists, a BIOS runs under it, but a Linux guest never boots. So ``auto`` runs a probe that takes
-the path a Linux kernel takes, under the same ``-machine``/``-cpu`` a VM would get:
+Whether ``/dev/kvm`` exists says little: on nested hosts (the ``kvm_pvm`` flavour on our CI
+machines) it exists, a BIOS runs under it, but a Linux guest never boots. So ``auto`` runs a probe
+that takes the path a Linux kernel takes, under the same ``-machine``/``-cpu`` a VM would get:
 
 * firmware boot, then a multiboot payload entered in 32-bit protected mode;
 * the payload builds 4-level page tables, enables PAE + long mode + paging, far-jumps to 64-bit code;
@@ -11,11 +11,11 @@ the path a Linux kernel takes, under the same ``-machine``/``-cpu`` a VM would g
   serial port and exits QEMU via ``isa-debug-exit`` with a known status (another one on a mismatch).
 
 KVM is usable when QEMU exits with that status and the marker was printed within the timeout (3 s by
-default). Measured on our nested ``kvm_pvm`` hosts: with ``-cpu host`` QEMU aborts at once (it cannot
-set MSR 0x10a); with ``-cpu qemu64`` the firmware alone takes 5.6 s and the stores ~1 s per pass,
-against ~0.2 s for the whole probe under TCG. Hardware KVM should finish in well under a second. A
-KVM slower than TCG is not worth using, so the timeout doubles as a performance floor. The result is
-cached per node in ``DATA/accel-probe.json``, keyed by QEMU version, host kernel release and CPU model.
+default). On nested ``kvm_pvm`` hosts, with ``-cpu host`` QEMU aborts at once (it cannot set MSR
+0x10a) and with ``-cpu qemu64`` the probe runs far slower than under TCG; hardware KVM finishes in
+well under a second. A KVM slower than TCG is not worth using, so the timeout doubles as a
+performance floor. The result is cached per node in ``DATA/accel-probe.json``, keyed by QEMU
+version, host kernel release and CPU model.
 """
 
 from __future__ import annotations

@@ -1,21 +1,21 @@
 """A digest of a paused guest's RAM, to prove a live migration delivered it whole.
 
 QEMU 7.2 under TCG can lose a guest write during a live migration: a page written after its last
-transfer is never marked dirty again, so the destination resumes with the older copy (measured on
-this machine: about one migration in six through a DWCP tunnel, a guest kernel oops in some of
-them; QEMU's stream itself arrives byte for byte). Comparing both sides' RAM while both are paused,
+transfer is never marked dirty again, so the destination resumes with the older copy (seen here
+in migrations through a DWCP tunnel whose stream arrived byte for byte, some ending in a guest
+kernel oops). Comparing both sides' RAM while both are paused,
 before the destination resumes, catches it.
 
 Two ways to read the RAM, hashed with xxh3 in ``CHUNK_SIZE`` pieces so a mismatch can say how
 much differs; both sides of a check must use the same one (the digest names its method):
 
 * ``process``: straight from QEMU's own mapping of the guest RAM through ``/proc/PID/mem`` (needs
-  ptrace-level access to QEMU: the same user without Yama restrictions, or root). 1 GiB in 0.15 s
-  here. The mapping is the one anonymous read-write mapping of exactly the RAM's size; the RAM block
+  ptrace-level access to QEMU: the same user without Yama restrictions, or root); the faster way.
+  The mapping is the one anonymous read-write mapping of exactly the RAM's size; the RAM block
   holds the low and the high part one after the other, as the ranges below list them.
 * ``pmemsave``: QMP ``pmemsave`` into a FIFO that a thread hashes as it arrives (nothing is written
   to disk), over the ranges where the q35 machine maps RAM: all of it below 4 GiB up to 2816 MiB,
-  else 2 GiB below and the rest from 4 GiB. 1 GiB in 0.51 s here; works wherever QMP does.
+  else 2 GiB below and the rest from 4 GiB. Slower; works wherever QMP does.
 """
 
 from __future__ import annotations
