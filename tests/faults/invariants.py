@@ -7,6 +7,7 @@ a failed one with an error that says why.
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,16 @@ def disk_marker(cluster: Cluster, node: str, vm_id: str) -> list[str]:
         console.close()
 
 
-def create_running(api: Any, name: str, node: str, image: str = "testguest", timeout: float = 90) -> str:
+def create_vm(api: Any, name: str, node: str, image: str = "testguest") -> str:
+    """POST a VM pinned to ``node``; its id, without waiting for the node to create it."""
     payload = {"name": name, "image": image, "vcpus": 1, "memory_mb": 128, "disk_gb": 1, "node": node}
     response = api.post("/api/v1/vms/", payload, format="json")
     assert response.status_code == 202, response.json()
-    vm_id = str(response.json()["id"])
+    return str(response.json()["id"])
+
+
+def create_running(api: Any, name: str, node: str, image: str = "testguest", timeout: float = 90) -> str:
+    vm_id = create_vm(api, name, node, image)
     wait_for(lambda: VM.objects.get(pk=vm_id).state == "running", timeout, f"{name} to run")
     return vm_id
 
@@ -86,6 +92,27 @@ def sha256(path: Path) -> str:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _tcp_connections(*selection: str) -> set[frozenset[str]]:
+    """The TCP connections ``ss`` lists for ``selection``, each as the set of its two endpoints (so
+    the two sockets of a loopback connection are one connection)."""
+    listing = subprocess.run(["ss", "-Htn", *selection], capture_output=True, text=True, check=True)
+    return {frozenset(line.split()[-2:]) for line in listing.stdout.splitlines() if line.strip()}
+
+
+def cut_connections(port: int) -> int:
+    """Destroy every established TCP connection to or from ``port`` (``ss -K``); how many are gone.
+
+    Counted from the kernel's socket table, not from what ``ss -K`` printed: a connection counts when
+    it was established before the cut and no socket of it exists afterwards, in any state. One closed
+    the ordinary way in between lingers in FIN_WAIT/TIME_WAIT and does not count, and a kernel
+    without socket destruction (``CONFIG_INET_DIAG_DESTROY``) destroys nothing, so the count is 0.
+    """
+    selector = f"( dport = :{port} or sport = :{port} )"
+    before = _tcp_connections("state", "established", selector)
+    subprocess.run(["ss", "-K", "-Htn", "state", "established", selector], capture_output=True, check=True)
+    return len(before - _tcp_connections("state", "all", selector))
 
 
 def wait_terminal(migration_id: str, timeout: float) -> Migration:

@@ -63,8 +63,8 @@ def test_control_worker_killed_while_a_batch_runs(cluster: Cluster, api, fault: 
         return api.get(f"/api/v1/batches/{batch_id}/").json()["status"] != "running"
 
     wait_for(done, 120, "the batch to finish", interval=0.5)
+    assert_invariant(cluster)
     fault.recovered()
     detail = api.get(f"/api/v1/batches/{batch_id}/").json()
     assert detail["status"] == "completed", detail["counts"]
     assert VM.objects.filter(state="running").count() == 6
-    assert_invariant(cluster)

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from apps.migrations.models import Migration
-from apps.vms.models import VM, Image
+from apps.vms.models import VM, Image, Node
 from tests.faults.conftest import FaultRecord
 from tests.faults.invariants import (
     assert_invariant,
     create_running,
+    create_vm,
+    cut_connections,
     dirty_guest_with_marker,
     disk_marker,
     disk_path,
@@ -25,7 +27,7 @@ from tests.faults.invariants import (
     sha256,
     wait_terminal,
 )
-from tests.workers.node import test_migration, test_node_worker
+from tests.workers.node import test_migration
 from tests.workers.node.conftest import Cluster, wait_for
 
 pytestmark = [
@@ -73,20 +75,70 @@ def _migrate(api, vm_id: str, dest: str, mode: str, mbps: int | None) -> str:
     return str(response.json()["id"])
 
 
+def _transferring(api, vm_id: str, dest: str, mode: str, mbps: int, settle: float) -> str:
+    """Start a migration of ``vm_id`` to ``dest`` and return its id ``settle`` seconds into its transfer."""
+    migration_id = _migrate(api, vm_id, dest, mode, mbps)
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
+    time.sleep(settle)
+    return migration_id
+
+
+def _dwcp_port(node: str) -> int:
+    return int(Node.objects.get(name=node).dwcp_address.rsplit(":", 1)[1])
+
+
+def _cut_dwcp(fault: FaultRecord, node: str) -> None:
+    """Cut every connection to ``node``'s DWCP port; the cut must have destroyed at least one."""
+    destroyed = cut_connections(_dwcp_port(node))
+    fault.injected()
+    fault.note(f"ss -K destroyed {destroyed} DWCP connection(s) (counted in the kernel's socket table)")
+    assert destroyed >= 1, "the cut destroyed no DWCP connection: the transfer ran on untouched"
+
+
+def _failed_back_on_source(
+    cluster: Cluster, fault: FaultRecord, migration: Migration, vm_id: str, source: str
+) -> None:
+    """A live migration hit by a killed worker failed, and the fleet settled with the VM on its source:
+    running there only, not paused (its serial log grows), its disk marker intact."""
+    assert_invariant(cluster, timeout=60)
+    fault.recovered()
+    fault.note(f"migration ended {migration.status}: {migration.error}")
+    assert migration.status == "failed" and migration.error
+    vm = VM.objects.select_related("node").get(pk=vm_id)
+    assert vm.node.name == source and vm.state == "running"
+    log = run_dir(cluster, source, vm_id) / "serial.log"
+    size = log.stat().st_size
+    wait_for(lambda: log.stat().st_size > size, 15, "the source guest to keep running (not paused)")
+    assert disk_marker(cluster, source, vm_id) == ["before-the-fault"]
+
+
 def test_node_worker_killed_during_create(cluster: Cluster, api, fault: FaultRecord):
     fault.describe(
         scenario="kill -9 of the node worker while it creates a VM",
         action="POST /vms/ pinned to a node; SIGKILL its worker once the run dir appears; restart it",
         invariant="the VM ends running or error, never two QEMUs; capacity held only when running; fleet invariant",
     )
-    fault.note("reuses tests/workers/node/test_node_worker.py's scenario, then checks the fleet invariant")
-    fault.injected()
-    test_node_worker.test_node_worker_killed_during_create_ends_running_or_error_never_duplicated(
-        cluster, api
+    node = next(iter(cluster.nodes))
+    vm_id = create_vm(api, "survivor", node)
+    wait_for(
+        lambda: run_dir(cluster, node, vm_id).exists() or VM.objects.get(pk=vm_id).state != "pending",
+        30,
+        "the node to start creating",
     )
+    cluster.nodes[node].kill()
+    fault.injected()
+    cluster.start_node(node)
+    wait_for(lambda: VM.objects.get(pk=vm_id).state in ("running", "error"), 90, "the VM to settle")
+    vm = VM.objects.get(pk=vm_id)
+    fault.note(f"the VM ended {vm.state}{f' ({vm.state_reason})' if vm.state_reason else ''}")
+    if vm.state == "error":  # nothing of it left to run: the operator would delete it
+        assert vm.node is None, f"an errored create still holds {vm.node}"
+        VM.objects.filter(pk=vm_id).update(state="deleted")
+    assert_invariant(cluster)
     fault.recovered()
-    if VM.objects.filter(state="error").exists():
-        VM.objects.filter(state="error", node__isnull=True).update(state="deleted")
+    time.sleep(3)  # a redelivered or re-sent create must not start a second QEMU
+    pids = [path.read_text().strip() for path in (cluster.data_dirs[node] / "run").glob("*/qemu.pid")]
+    assert len([pid for pid in pids if pid]) <= 1, pids
     assert_invariant(cluster)
 
 
@@ -103,23 +155,12 @@ def test_source_worker_killed_during_live_migration(
 
     source, dest = list(cluster.nodes)
     vm_id = dirty_guest_with_marker(cluster, api, "src-kill", source, dirty_image.name, "before-the-fault")
-    migration_id = _migrate(api, vm_id, dest, "live", 4)
-    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
-    time.sleep(1.5)
+    migration_id = _transferring(api, vm_id, dest, "live", 4, settle=1.5)
     cluster.nodes[source].kill()
     fault.injected()
     cluster.start_node(source)
     migration = wait_terminal(migration_id, 90)
-    fault.recovered()
-    fault.note(f"migration ended {migration.status}: {migration.error}")
-    assert migration.status == "failed" and migration.error
-    assert_invariant(cluster)
-    vm = VM.objects.select_related("node").get(pk=vm_id)
-    assert vm.node.name == source and vm.state == "running"
-    log = run_dir(cluster, source, vm_id) / "serial.log"
-    size = log.stat().st_size
-    wait_for(lambda: log.stat().st_size > size, 15, "the source guest to keep running (not paused)")
-    assert disk_marker(cluster, source, vm_id) == ["before-the-fault"]
+    _failed_back_on_source(cluster, fault, migration, vm_id, source)
     # The source QEMU holds no leftover of the failed attempt: the next migration goes through.
     again = wait_terminal(_migrate(api, vm_id, dest, "live", None), 120)
     assert again.status == "completed", again.error
@@ -131,14 +172,19 @@ def test_destination_worker_killed_during_live_migration(
 ):
     fault.describe(
         scenario="kill -9 of the destination node worker during a live migration",
-        action="live-migrate at 4 Mbit/s; SIGKILL the destination worker while transferring; restart it",
-        invariant="migration failed; VM running on the source only; destination copy removed; capacity",
+        action="live-migrate a memory-dirtying guest at 4 Mbit/s; SIGKILL the destination worker while "
+        "transferring; restart it once the migration has failed",
+        invariant="migration failed with an error; VM running on the source only (guest keeps ticking, "
+        "disk marker intact); destination copy removed; capacity",
     )
-    fault.note("reuses tests/workers/node/test_migration.py's scenario, then checks the fleet invariant")
+    source, dest = list(cluster.nodes)
+    vm_id = dirty_guest_with_marker(cluster, api, "dest-kill", source, dirty_image.name, "before-the-fault")
+    migration_id = _transferring(api, vm_id, dest, "live", 4, settle=1)
+    cluster.nodes[dest].kill()
     fault.injected()
-    test_migration.test_destination_worker_killed_mid_transfer_fails_cleanly(cluster, api, dirty_image)
-    fault.recovered()
-    assert_invariant(cluster)
+    migration = wait_terminal(migration_id, 60)
+    cluster.start_node(dest)  # the abort waiting in its queue removes the half-made copy
+    _failed_back_on_source(cluster, fault, migration, vm_id, source)
 
 
 def test_source_worker_killed_during_cold_migration(
@@ -153,9 +199,7 @@ def test_source_worker_killed_during_cold_migration(
     )
     source, dest = list(cluster.nodes)
     vm_id, checksum = _stopped_with_data(cluster, api, "cold-kill", source, tmp_path)
-    migration_id = _migrate(api, vm_id, dest, "cold", 16)
-    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
-    time.sleep(2)
+    migration_id = _transferring(api, vm_id, dest, "cold", 16, settle=2)
     cluster.nodes[source].kill()
     fault.injected()
     cluster.start_node(source)
@@ -180,20 +224,8 @@ def test_dwcp_connection_cut_during_cold_migration(cluster: Cluster, api, fault:
     )
     source, dest = list(cluster.nodes)
     vm_id, checksum = _stopped_with_data(cluster, api, "cut", source, tmp_path)
-    from apps.vms.models import Node
-
-    port = int(Node.objects.get(name=dest).dwcp_address.rsplit(":", 1)[1])
-    migration_id = _migrate(api, vm_id, dest, "cold", 16)
-    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
-    time.sleep(2)
-    killed = subprocess.run(
-        ["ss", "-K", "-t", "state", "established", f"( dport = :{port} or sport = :{port} )"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    fault.injected()
-    fault.note(f"ss -K destroyed {max(len(killed.stdout.splitlines()) - 1, 0)} socket(s)")
+    migration_id = _transferring(api, vm_id, dest, "cold", 16, settle=2)
+    _cut_dwcp(fault, dest)
     migration = wait_terminal(migration_id, 90)
     assert_invariant(cluster)
     fault.recovered()
@@ -216,22 +248,10 @@ def test_dwcp_connection_cut_during_live_migration(
         invariant="migration ends (completed, or failed with an error); the VM runs on exactly one node "
         "with its disk marker intact; capacity; a second migration then succeeds",
     )
-    from apps.vms.models import Node
-
     source, dest = list(cluster.nodes)
     vm_id = dirty_guest_with_marker(cluster, api, "live-cut", source, dirty_image.name, "through-the-cut")
-    port = int(Node.objects.get(name=dest).dwcp_address.rsplit(":", 1)[1])
-    migration_id = _migrate(api, vm_id, dest, "live", 8)
-    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
-    time.sleep(1.5)
-    killed = subprocess.run(
-        ["ss", "-K", "-t", "state", "established", f"( dport = :{port} or sport = :{port} )"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    fault.injected()
-    fault.note(f"ss -K destroyed {max(len(killed.stdout.splitlines()) - 1, 0)} socket(s)")
+    migration_id = _transferring(api, vm_id, dest, "live", 8, settle=1.5)
+    _cut_dwcp(fault, dest)
     migration = wait_terminal(migration_id, 120)
     assert_invariant(cluster)
     fault.recovered()
