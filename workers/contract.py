@@ -5,7 +5,7 @@ node tasks by name (it never imports node code) and node workers send their repo
 queue by name (they never import Django). Payloads are JSON objects whose keys are listed here.
 """
 
-from typing import Final
+from typing import Final, Literal
 
 CONTROL_QUEUE: Final = "control"
 
@@ -59,9 +59,19 @@ NODE_MIGRATION_ABORT: Final = "novacron.node.migration_abort"
 # source after the switch: -> event "cleaned": source QEMU quit, disk and run files removed
 NODE_MIGRATION_CLEANUP: Final = "novacron.node.migration_cleanup"
 # kwargs {"migration_id", "node", "role": "source" | "dest", "event", "detail": str, "stats": {...},
-#         "targets"?: {...}}.
+#         "targets"?: {...}, "cause"?: FailureCause (event "failed" only; default "error")}.
 # Events: prepared, phase, transferred, switched, failed, cancelled, aborted, cleaned.
 CONTROL_MIGRATION_REPORT: Final = "novacron.control.migration_report"
+
+# How first-hand a "failed" report's detail is. Both sides can report one failure and in either order
+# (the destination's measured memory mismatch, and the source resuming because it was told of it): the
+# migration's error is the detail of the highest-ranked cause, the first of equals; every report stays
+# in its history.
+#   relayed: this node fails because the other side told it to (it can only repeat the verdict);
+#   error: something failed here (the default);
+#   measured: a check here measured the fault (its detail holds the figures).
+FailureCause = Literal["relayed", "error", "measured"]
+FAILURE_CAUSES: Final[tuple[FailureCause, ...]] = ("relayed", "error", "measured")  # lowest rank first
 
 # Live progress, written by the source node at least twice a second while it transfers.
 MIGRATION_PROGRESS_KEY: Final = "novacron:migration:{id}:progress"  # hash; see MIGRATION_PROGRESS_FIELDS

@@ -1,4 +1,4 @@
-"""Django admin for migrations: progress bars, the audit trail, cancel from the list."""
+"""Django admin for migrations: progress bars, the audit trail, those waiting for an operator, cancel."""
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -35,9 +35,10 @@ class MigrationAdmin(admin.ModelAdmin[Migration]):
         "status",
         "phase",
         "progress",
+        "needs_operator",
         "created_at",
     )
-    list_filter = ("status", "mode")
+    list_filter = ("needs_operator", "status", "mode")
     search_fields = ("id", "vm__name", "vm__id")
     list_select_related = ("vm", "source_node", "dest_node")
     readonly_fields = [*(field.name for field in Migration._meta.fields), "progress"]

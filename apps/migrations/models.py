@@ -7,6 +7,7 @@ from django.db import models
 from django.db.models import Q
 
 from apps.vms.models import VM, Node
+from workers import contract
 
 from .choices import ACTIVE_STATUSES, MigrationMode, MigrationPhase, MigrationStatus
 
@@ -31,6 +32,12 @@ class Migration(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
+    error_cause = models.CharField(
+        max_length=8,
+        blank=True,
+        choices=[(cause, cause) for cause in contract.FAILURE_CAUSES],
+        help_text="How first-hand the error is: a better-ranked report of the same failure replaces it.",
+    )
     stats = models.JSONField(
         default=dict, blank=True, help_text="Final statistics: bytes, downtime, durations."
     )
@@ -40,6 +47,15 @@ class Migration(models.Model):
     )
     cancel_requested = models.BooleanField(default=False)
     last_progress_at = models.DateTimeField(null=True, blank=True, help_text="For the stall watchdog.")
+    dest_unknown_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Since when the watchdog cannot tell whether the destination runs the VM (switching).",
+    )
+    needs_operator = models.BooleanField(
+        default=False, help_text="Automation will not decide this migration's outcome: an operator must."
+    )
+    attention = models.TextField(blank=True, help_text="Why an operator must decide, and what is known.")
 
     class Meta:
         db_table = "migrations"

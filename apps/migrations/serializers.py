@@ -93,6 +93,9 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
             "started_at",
             "finished_at",
             "error",
+            "error_cause",
+            "needs_operator",
+            "attention",
             "stats",
         )
         read_only_fields = fields

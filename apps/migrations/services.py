@@ -11,6 +11,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -289,8 +290,13 @@ def migration_report(
     detail: str = "",
     stats: dict[str, Any] | None = None,
     targets: dict[str, str] | None = None,
+    cause: contract.FailureCause = "error",
 ) -> None:
-    """Apply a node's report. Idempotent: a report that no longer fits the state is logged and dropped."""
+    """Apply a node's report. Idempotent: a report that no longer fits the state is logged and dropped.
+
+    A failure is reported by both sides in either order: the first rolls back, a later one is recorded
+    in the history and becomes the error when its cause ranks higher (``contract.FAILURE_CAUSES``).
+    """
     migration = (
         Migration.objects.select_for_update(of=("self",))
         .select_related("vm", "vm__image", "vm__node", "source_node", "dest_node")
@@ -317,13 +323,10 @@ def migration_report(
         migration.save(update_fields=["stats"])
     status = MigrationStatus(migration.status)
     if event in ("aborted", "cleaned"):
-        MigrationEvent.objects.create(
-            migration=migration,
-            actor=actor,
-            from_status=status,
-            to_status=status,
-            detail=f"{role} {event}: {detail}",
-        )
+        _note(migration, f"{role} {event}: {detail}", actor=actor)
+        return
+    if event == "failed" and status in TERMINAL_STATUSES:
+        _late_failure(migration, actor=actor, detail=f"{role} {node}: {detail}", cause=cause)
         return
     if status in TERMINAL_STATUSES:
         logger.info("migration %s is %s; late %s report from %s ignored", migration_id, status, event, node)
@@ -350,7 +353,7 @@ def migration_report(
         # still the cancel the operator asked for.
         _roll_back(migration, S.CANCELLED, actor=actor, detail=f"cancelled ({role} {node}: {detail})")
     elif event == "failed":
-        _roll_back(migration, S.FAILED, actor=actor, detail=f"{role} {node}: {detail}")
+        _roll_back(migration, S.FAILED, actor=actor, detail=f"{role} {node}: {detail}", cause=cause)
     else:
         logger.info(
             "migration %s (%s): %s report from %s does not apply; ignored", migration_id, status, event, node
@@ -402,12 +405,20 @@ def _complete(migration: Migration, actor: str, detail: str) -> None:
     transaction.on_commit(_schedule_soon)
 
 
-def _roll_back(migration: Migration, to: MigrationStatus, *, actor: str, detail: str) -> None:
+def _roll_back(
+    migration: Migration,
+    to: MigrationStatus,
+    *,
+    actor: str,
+    detail: str,
+    cause: contract.FailureCause = "error",
+) -> None:
     """Fail or cancel: the VM stays where it was, the destination is released and cleaned."""
     was = MigrationStatus(migration.status)
     _transition(migration, to, actor=actor, detail=detail)
     migration.error = detail if to == S.FAILED else ""
-    migration.save(update_fields=["error"])
+    migration.error_cause = cause if to == S.FAILED else ""
+    migration.save(update_fields=["error", "error_cause"])
     vm = VM.objects.select_for_update(of=("self",)).get(pk=migration.vm_id)
     scheduler.release(node_id=migration.dest_node_id, demand=_demand(vm))
     if vm.state == VMState.MIGRATING:
@@ -426,6 +437,30 @@ def _roll_back(migration: Migration, to: MigrationStatus, *, actor: str, detail:
             restart=migration.vm_state_before == VMState.RUNNING,
         )
     transaction.on_commit(_schedule_soon)
+
+
+def _late_failure(migration: Migration, *, actor: str, detail: str, cause: contract.FailureCause) -> None:
+    """A failure reported after the migration ended: kept in the history; the error when it says more.
+
+    The other side's report of the same failure can arrive first (the source resuming on the
+    destination's memory-check verdict, sent before the destination's own report with the count of
+    differing MiB): what an operator reads must not depend on that order.
+    """
+    _note(migration, f"failed ({cause}): {detail}", actor=actor)
+    if migration.status != S.FAILED or not _outranks(cause, migration.error_cause):
+        return
+    previous = f"Migration {S.FAILED}: {migration.error}"[:1000]
+    migration.error, migration.error_cause = detail, cause
+    migration.save(update_fields=["error", "error_cause"])
+    VM.objects.filter(pk=migration.vm_id, state_reason=previous).update(
+        state_reason=f"Migration {S.FAILED}: {detail}"[:1000]
+    )
+
+
+def _outranks(cause: str, current: str) -> bool:
+    """Whether a failure of ``cause`` says more than the recorded one (an unranked cause ranks lowest)."""
+    ranks: dict[str, int] = {name: rank for rank, name in enumerate(contract.FAILURE_CAUSES)}
+    return ranks.get(cause, -1) > ranks.get(current, -1)
 
 
 # --- Control while it runs --------------------------------------------------------------------------
@@ -505,28 +540,33 @@ def migration_force_complete(*, migration: Migration, actor: str) -> Migration:
 
 
 def migrations_watchdog() -> list[str]:
-    """Fail running migrations whose progress has not moved for ``MIGRATION_STALL_TIMEOUT`` seconds."""
+    """Fail running migrations whose progress has not moved for ``MIGRATION_STALL_TIMEOUT`` seconds.
+
+    A stalled ``switching`` migration is settled by the destination's heartbeat instead (see
+    ``switching_decision``): never rolled back on an unknown answer. Returns the ids it failed.
+    """
     timeout = timedelta(seconds=novacron_setting("MIGRATION_STALL_TIMEOUT"))
     client = _redis()
     failed = []
     now = timezone.now()
     for migration in Migration.objects.filter(status__in=RUNNING_STATUSES):
-        moved = progress.note_movement(client, str(migration.pk))
+        try:
+            moved: bool | None = progress.note_movement(client, str(migration.pk))
+        except redis.RedisError as exc:
+            moved = None  # the progress is unreadable, not still: only the switch is looked at now
+            logger.warning("watchdog: progress of migration %s unreadable: %s", migration.pk, exc)
         if moved:
             Migration.objects.filter(pk=migration.pk).update(last_progress_at=now)
             continue
-        if (migration.last_progress_at or migration.created_at) < now - timeout:
+        if (migration.last_progress_at or migration.created_at) >= now - timeout:
+            continue
+        try:
             with transaction.atomic():
                 locked = _locked(migration)
-                if locked.status == S.SWITCHING and _destination_runs(client, locked):
-                    # Past the switch the source QEMU has handed its guest over: rolling back would
-                    # leave the guest running on a node the records do not name (seen in the soak test
-                    # when a 'switched' report never arrived). The destination's heartbeat decides.
-                    _complete(
-                        locked, "watchdog", f"{locked.dest_node.name} runs the VM (no switch report came)"
-                    )
-                    continue
-                if locked.status in RUNNING_STATUSES:
+                if locked.status == S.SWITCHING:
+                    if _settle_switching(client, locked, now=now) == "roll_back":
+                        failed.append(str(migration.pk))
+                elif locked.status in RUNNING_STATUSES and moved is not None:
                     _roll_back(
                         locked,
                         S.FAILED,
@@ -534,23 +574,135 @@ def migrations_watchdog() -> list[str]:
                         detail=f"no progress for {int(timeout.total_seconds())} s",
                     )
                     failed.append(str(migration.pk))
+        except redis.RedisError as exc:  # Redis went away mid-way: nothing was written; next tick again
+            logger.warning("watchdog: migration %s left for the next tick: %s", migration.pk, exc)
     return failed
 
 
-def _destination_runs(client: redis.Redis, migration: Migration) -> bool:
-    """Whether the destination's latest heartbeat shows the migrating VM's guest running (not paused)."""
-    try:
-        raw = client.get(contract.HEARTBEAT_KEY.format(name=migration.dest_node.name))
-        beat = json.loads(raw) if raw else {}
-    except (redis.RedisError, ValueError):
-        return False
-    vms = beat.get("vms") if isinstance(beat, dict) else None
-    return any(
-        isinstance(entry, dict)
-        and entry.get("id") == str(migration.vm_id)
-        and entry.get("node_state") == "running"
-        for entry in vms or []
+SwitchDecision = Literal["complete", "roll_back", "wait", "operator"]
+# Used when the settings name no bound (see ``_unknown_switch_bound``).
+DEFAULT_SWITCH_UNKNOWN_TIMEOUT = 300
+
+
+@dataclass(frozen=True)
+class DestinationReading:
+    """What the destination's heartbeat says of the migrating VM (``runs`` None: nothing can be told)."""
+
+    runs: bool | None
+    evidence: str
+
+
+def switching_decision(
+    *, runs: bool | None, unknown_since: datetime | None, now: datetime, bound: timedelta
+) -> SwitchDecision:
+    """What the watchdog does with a stalled ``switching`` migration, given the destination's answer.
+
+    Past the switch the source QEMU may have handed its guest over: rolling back would then leave the
+    guest running on a node the records do not name (seen in the soak test when a 'switched' report
+    never arrived). So the destination decides, and only a known answer acts: running -> complete,
+    not running -> roll back. An unknown answer (Redis unreachable, no heartbeat) waits and is asked
+    again on every tick; unknown for ``bound`` since ``unknown_since``, the migration goes to an
+    operator (and stays ``switching``: a known answer later still settles it).
+    """
+    if runs is True:
+        return "complete"
+    if runs is False:
+        return "roll_back"
+    if unknown_since is not None and now - unknown_since >= bound:
+        return "operator"
+    return "wait"
+
+
+def _unknown_switch_bound() -> timedelta:
+    """``MIGRATION_SWITCH_UNKNOWN_TIMEOUT``: how long an unknown destination answer is waited out."""
+    options: dict[str, Any] = settings.NOVACRON
+    seconds = options.get("MIGRATION_SWITCH_UNKNOWN_TIMEOUT", DEFAULT_SWITCH_UNKNOWN_TIMEOUT)
+    return timedelta(seconds=int(seconds))
+
+
+def _settle_switching(client: redis.Redis, migration: Migration, *, now: datetime) -> SwitchDecision:
+    """Apply ``switching_decision`` to a locked, stalled ``switching`` migration."""
+    reading = _destination_reading(client, migration)
+    bound = _unknown_switch_bound()
+    decision = switching_decision(
+        runs=reading.runs, unknown_since=migration.dest_unknown_since, now=now, bound=bound
     )
+    dest = migration.dest_node.name
+    if decision in ("complete", "roll_back"):
+        migration.dest_unknown_since, migration.needs_operator, migration.attention = None, False, ""
+        migration.save(update_fields=["dest_unknown_since", "needs_operator", "attention"])
+        if decision == "complete":
+            detail = f"{dest} runs the VM (no switch report came): {reading.evidence}"
+            _complete(migration, "watchdog", detail)
+        else:
+            _roll_back(
+                migration, S.FAILED, actor="watchdog", detail=f"stalled while switching; {reading.evidence}"
+            )
+        return decision
+    if migration.dest_unknown_since is None:
+        migration.dest_unknown_since = now
+        migration.save(update_fields=["dest_unknown_since"])
+        _note(
+            migration,
+            f"cannot tell whether {dest} runs the VM ({reading.evidence}); not rolling back: asking again "
+            f"every tick, for an operator after {int(bound.total_seconds())} s",
+        )
+    elif decision == "operator" and not migration.needs_operator:
+        since = migration.dest_unknown_since
+        migration.needs_operator = True
+        migration.attention = (
+            f"Switching from {migration.source_node.name} to {dest} stalled "
+            f"(last progress {_iso(migration.last_progress_at)}) and whether {dest} runs the VM is unknown "
+            f"since {_iso(since)}: {reading.evidence}. The source may have handed the guest over, so the "
+            f"migration is not rolled back. Check on {dest} whether VM {migration.vm_id} runs (its QEMU's "
+            f"query-status) and on {migration.source_node.name} whether its copy is paused (postmigrate); "
+            "the watchdog still settles it as soon as the destination's heartbeat answers."
+        )[:2000]
+        migration.save(update_fields=["needs_operator", "attention"])
+        _note(migration, f"needs an operator: {reading.evidence} for {int((now - since).total_seconds())} s")
+        logger.error("migration %s needs an operator: %s", migration.pk, migration.attention)
+    return decision
+
+
+def _note(migration: Migration, detail: str, *, actor: str = "watchdog") -> None:
+    """Record an event that changes no status (the history an operator reads)."""
+    MigrationEvent.objects.create(
+        migration=migration,
+        actor=actor,
+        from_status=migration.status,
+        to_status=migration.status,
+        phase=migration.phase,
+        detail=detail,
+    )
+
+
+def _iso(moment: datetime | None) -> str:
+    return moment.isoformat(timespec="seconds") if moment else "never"
+
+
+def _destination_reading(client: redis.Redis, migration: Migration) -> DestinationReading:
+    """Read the destination's latest heartbeat for the migrating VM's guest (running, not paused)."""
+    dest = migration.dest_node.name
+    try:
+        raw = client.get(contract.HEARTBEAT_KEY.format(name=dest))
+    except redis.RedisError as exc:
+        return DestinationReading(None, f"Redis did not answer for {dest}'s heartbeat: {exc}")
+    if raw is None:
+        # The key has a TTL: its node worker stopped reporting, but its QEMUs outlive it.
+        return DestinationReading(None, f"{dest} sends no heartbeat")
+    try:
+        beat = json.loads(raw)
+    except ValueError:
+        beat = None
+    if not isinstance(beat, dict) or not isinstance(beat.get("vms"), list):
+        return DestinationReading(None, f"{dest}'s heartbeat is unreadable")
+    entry = next(
+        (e for e in beat["vms"] if isinstance(e, dict) and e.get("id") == str(migration.vm_id)), None
+    )
+    if entry is None:
+        return DestinationReading(False, f"{dest}'s heartbeat does not list the VM")
+    state = entry.get("node_state")
+    return DestinationReading(state == "running", f"{dest}'s heartbeat shows the VM {state}")
 
 
 # --- Leftover copies -------------------------------------------------------------------------------

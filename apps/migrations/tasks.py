@@ -30,6 +30,7 @@ def migration_report(
     detail: str = "",
     stats: dict[str, Any] | None = None,
     targets: dict[str, str] | None = None,
+    cause: contract.FailureCause = "error",
 ) -> None:
     """A node reports a step of a migration."""
     services.migration_report(
@@ -40,6 +41,7 @@ def migration_report(
         detail=detail,
         stats=stats,
         targets=targets,
+        cause=cause,
     )
 
 

@@ -89,7 +89,15 @@ class MigrationAborted(Exception):
 
 
 class MemoryMismatch(QemuError):
-    """The guest's RAM differed between source and destination at the switch."""
+    """The guest's RAM differed between source and destination at the switch.
+
+    ``cause`` ranks the report (``contract.FAILURE_CAUSES``): the destination measured the difference,
+    the source only relays the destination's verdict.
+    """
+
+    def __init__(self, message: str, *, cause: contract.FailureCause) -> None:
+        super().__init__(message)
+        self.cause: contract.FailureCause = cause
 
 
 @dataclass
@@ -236,7 +244,8 @@ class MigrationRunner:
             self.report(migration_id, role, "cancelled", str(exc))
         except (QemuError, DWCPError, OSError, redis.RedisError) as exc:
             logger.exception("migration %s (%s) failed", migration_id, role)
-            self.report(migration_id, role, "failed", f"{type(exc).__name__}: {exc}")
+            cause = exc.cause if isinstance(exc, MemoryMismatch) else "error"
+            self.report(migration_id, role, "failed", f"{type(exc).__name__}: {exc}", cause=cause)
         except Exception as exc:
             logger.exception("migration %s (%s) failed unexpectedly", migration_id, role)
             self.report(migration_id, role, "failed", f"node error: {exc!r}")
@@ -395,7 +404,8 @@ class MigrationRunner:
                     raise MemoryMismatch(
                         f"guest memory arrived different from the source's in {differing} of "
                         f"{len(offer.digest.chunks)} MiB although QEMU reported the migration complete; the "
-                        "destination copy was stopped before it ran and the source is told to resume its own"
+                        "destination copy was stopped before it ran and the source is told to resume its own",
+                        cause="measured",
                     )
                 verdict = Verdict.MATCH
         except MemoryMismatch:
@@ -761,7 +771,8 @@ class MigrationRunner:
             qmp.execute("cont")
             raise MemoryMismatch(
                 "the destination's memory check failed (QEMU did not deliver every guest write); "
-                "the source resumed"
+                "the source resumed",
+                cause="relayed",
             )
         if verdict is None:
             logger.warning("migration %s: no memory check verdict from the destination", job.migration_id)

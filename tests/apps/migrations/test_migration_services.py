@@ -1,6 +1,7 @@
 """The migration state machine on the control side (real PostgreSQL and Redis; no node answers here)."""
 
 import json
+from typing import Any
 
 import pytest
 import redis
@@ -12,6 +13,7 @@ from apps.migrations.choices import MigrationMode
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Node
 from tests.conftest import vm_payload
+from workers import contract
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,6 +35,19 @@ def _queued_tasks(queue: str) -> list[str]:
 def _clear(*queues: str) -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.delete(*queues)
+
+
+def _transferring(running_vm: VM, user: Any) -> Migration:
+    """A live migration of ``running_vm`` to ``dst``, prepared there: transferring."""
+    migration = services.migration_request(
+        vm=running_vm, requested_by=user, mode=MigrationMode.LIVE, dest_node=Node.objects.get(name="dst")
+    )
+    services.migrations_schedule()
+    targets = {"disk": f"{running_vm.pk}/nbd.sock", "memory": f"{running_vm.pk}/incoming.sock"}
+    services.migration_report(
+        migration_id=str(migration.pk), node="dst", role="dest", event="prepared", targets=targets
+    )
+    return Migration.objects.get(pk=migration.pk)
 
 
 def test_request_reserves_the_destination_and_marks_the_vm(api, running_vm):
@@ -155,14 +170,7 @@ def test_force_complete_and_bandwidth_need_a_running_transfer(api, running_vm, u
 
 
 def test_force_complete_waits_for_the_memory_phase(api, running_vm, user):
-    migration = services.migration_request(
-        vm=running_vm, requested_by=user, mode=MigrationMode.LIVE, dest_node=Node.objects.get(name="dst")
-    )
-    services.migrations_schedule()
-    targets = {"disk": f"{running_vm.pk}/nbd.sock", "memory": f"{running_vm.pk}/incoming.sock"}
-    services.migration_report(
-        migration_id=str(migration.pk), node="dst", role="dest", event="prepared", targets=targets
-    )
+    migration = _transferring(running_vm, user)
     services.migration_report(
         migration_id=str(migration.pk), node="src", role="source", event="phase", detail="disk"
     )
@@ -179,14 +187,7 @@ def test_force_complete_waits_for_the_memory_phase(api, running_vm, user):
 
 def test_an_ended_migration_leaves_no_keys_behind_in_redis(api, running_vm, user):
     client = redis.Redis.from_url(settings.REDIS_URL)
-    migration = services.migration_request(
-        vm=running_vm, requested_by=user, mode=MigrationMode.LIVE, dest_node=Node.objects.get(name="dst")
-    )
-    services.migrations_schedule()
-    targets = {"disk": f"{running_vm.pk}/nbd.sock", "memory": f"{running_vm.pk}/incoming.sock"}
-    services.migration_report(
-        migration_id=str(migration.pk), node="dst", role="dest", event="prepared", targets=targets
-    )
+    migration = _transferring(running_vm, user)
     progress_key = f"novacron:migration:{migration.pk}:progress"
     control_key = f"novacron:migration:{migration.pk}:control"
     client.hset(progress_key, mapping={"percent": "60", "wire_bytes": "1000"})
@@ -214,3 +215,42 @@ def test_an_ended_migration_leaves_no_keys_behind_in_redis(api, running_vm, user
         stats={"qemu_downtime_ms": 30},
     )
     assert 0 < client.ttl(progress_key) <= 60
+
+
+MEASURED = (
+    "MemoryMismatch: guest memory arrived different from the source's in 2 of 128 MiB although QEMU "
+    "reported the migration complete"
+)
+RELAYED = "MemoryMismatch: the destination's memory check failed ...; the source resumed"
+
+
+@pytest.mark.parametrize("order", ["destination first", "source first"])
+def test_the_measured_memory_mismatch_is_the_error_whichever_report_comes_first(api, running_vm, user, order):
+    migration = _transferring(running_vm, user)
+    reports: list[tuple[str, str, str, contract.FailureCause]] = [
+        ("dst", "dest", MEASURED, "measured"),
+        ("src", "source", RELAYED, "relayed"),
+    ]
+    if order == "source first":
+        reports.reverse()
+    for node, role, detail, cause in reports:
+        services.migration_report(
+            migration_id=str(migration.pk), node=node, role=role, event="failed", detail=detail, cause=cause
+        )
+    migration = Migration.objects.get(pk=migration.pk)
+    assert migration.status == "failed"
+    assert migration.error == f"dest dst: {MEASURED}" and migration.error_cause == "measured"
+    assert VM.objects.get(pk=running_vm.pk).state_reason == f"Migration failed: dest dst: {MEASURED}"
+    history = " | ".join(migration.events.values_list("detail", flat=True))
+    assert MEASURED in history and RELAYED in history
+
+
+def test_a_later_failure_of_equal_rank_keeps_the_first_error(api, running_vm, user):
+    migration = _transferring(running_vm, user)
+    for node, role, detail in (("src", "source", "tunnel broke"), ("dst", "dest", "incoming failed")):
+        services.migration_report(
+            migration_id=str(migration.pk), node=node, role=role, event="failed", detail=detail
+        )
+    migration = Migration.objects.get(pk=migration.pk)
+    assert (migration.error, migration.error_cause) == ("source src: tunnel broke", "error")
+    assert "failed (error): dest dst: incoming failed" in migration.events.values_list("detail", flat=True)

@@ -197,12 +197,24 @@ def test_a_guest_write_lost_by_qemu_is_caught_before_the_destination_runs(
         120,
         "the migration to end",
     )
+    assert Migration.objects.get(pk=migration_id).status == "failed"
+    # Both sides report the failure, in either order: the destination its measurement, the source that it
+    # resumed on the destination's verdict. Once both are in, the error must be the measurement.
+    wait_for(
+        lambda: all(
+            Migration.objects.filter(pk=migration_id, events__detail__contains=text).exists()
+            for text in ("guest memory arrived different", "the destination's memory check failed")
+        ),
+        60,
+        "both sides' failure reports",
+    )
     migration = Migration.objects.get(pk=migration_id)
-    assert migration.status == "failed", migration.status
+    assert migration.error_cause == "measured", migration.error
     # The MiB written behind QEMU's back at least; QEMU under TCG may lose a page or two of its own in
     # the same migration (the check catches those too: "3 of 128 MiB" was seen in a CI rehearsal).
     differing = re.search(
-        r"guest memory arrived different from the source's in (\d+) of 128 MiB", migration.error
+        r"^dest .*: MemoryMismatch: guest memory arrived different from the source's in (\d+) of 128 MiB",
+        migration.error,
     )
     assert differing is not None and int(differing[1]) >= 1, migration.error
     vm = VM.objects.get(pk=vm_id)
