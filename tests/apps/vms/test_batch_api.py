@@ -1,7 +1,5 @@
 """Batch create, update and delete: all-or-nothing validation, per-item status, the 1000-item limit."""
 
-import time
-
 import pytest
 
 from apps.vms.models import VM, BatchOperation
@@ -18,14 +16,13 @@ def two_nodes(make_node):
     )
 
 
-def test_batch_create_of_1000_is_one_transaction_and_fast(api, two_nodes, image, user):
+def test_batch_create_of_1000_is_one_transaction(api, two_nodes, image, user):
+    # How fast it is is measured by bench/api ("POST batch of 1000"), not here.
     from apps.vms.models import Quota
 
     Quota.objects.create(user=user, max_vms=1000, max_vcpus=4000, max_memory_mb=4_000_000)
     items = [vm_payload(name=f"vm-{i}", memory_mb=256, vcpus=1, disk_gb=1) for i in range(1000)]
-    started = time.perf_counter()
     response = api.post("/api/v1/vms/batch/", {"vms": items}, format="json")
-    elapsed = time.perf_counter() - started
     assert response.status_code == 202, response.json()
     body = response.json()
     assert body["batch"]["total"] == 1000
@@ -33,7 +30,6 @@ def test_batch_create_of_1000_is_one_transaction_and_fast(api, two_nodes, image,
     assert len(body["vms"]) == 1000
     assert {vm["node"] for vm in body["vms"]} == {"n1", "n2"}
     assert VM.objects.count() == 1000
-    print(f"batch create of 1000 VMs: {elapsed * 1000:.0f} ms in the test client")
 
 
 def test_batch_reports_every_bad_item_by_index_and_creates_nothing(api, two_nodes, image):
