@@ -96,6 +96,20 @@ def median(values: list[float | None]) -> float | None:
     return round(statistics.median(present), 3) if present else None
 
 
+def spread(values: list[float | None]) -> str:
+    """``min-max`` of the values present, for the table beside the median."""
+    present = [value for value in values if value is not None]
+    return f"{min(present):g}-{max(present):g}" if present else "-"
+
+
+def git_commit() -> str:
+    """The short commit the result file belongs to ("unknown" outside a git checkout)."""
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
 # --- NovaCron through the product ---------------------------------------------------------------------
 
 
@@ -161,6 +175,7 @@ def novacron_runs(
                 "total_seconds": data["total_seconds"],
                 "downtime_ms": data["downtime_ms"],
                 "qemu_downtime_ms": migration.stats.get("qemu_downtime_ms"),
+                "memory_check_ms": migration.stats.get("memory_check_ms"),
                 "link_bytes": link_bytes(topology) - before,
                 "dwcp_wire_bytes": data["wire_bytes"],
             }
@@ -527,10 +542,14 @@ def report(
             f"QEMU {name}": [run for run in runs if run.get("completed", True)]
             for name, runs in native.get(link, {}).items()
         }
-        summary = {
+        summary: dict[str, dict[str, Any]] = {
             name: {
                 "total_seconds": median([r["total_seconds"] for r in runs]),
+                "total_range": spread([r["total_seconds"] for r in runs]),
                 "downtime_ms": median([r["downtime_ms"] for r in runs]),
+                "downtime_range": spread([r["downtime_ms"] for r in runs]),
+                "qemu_downtime_ms": median([r.get("qemu_downtime_ms") for r in runs]),
+                "memory_check_ms": median([r.get("memory_check_ms") for r in runs]),
                 "link_mb": median([r["link_bytes"] / 1e6 for r in runs]),
                 "runs": len(runs),
             }
@@ -550,12 +569,18 @@ def report(
         for name, s in summary.items():
             ratio = round(s["total_seconds"] / best_native, 2) if best_native and s["total_seconds"] else None
             rows.append({"link": link, "method": name, **s, "total_vs_best_native": ratio})
-    header = f"{'link':<9} {'method':<33} {'runs':>4} {'total s':>9} {'x best QEMU':>11} {'downtime ms':>12} {'on link MB':>11}"
+    header = (f"{'link':<9} {'method':<33} {'runs':>4} {'total s':>9} {'range':>13} {'x best QEMU':>11} "
+              f"{'pause ms':>9} {'range':>15} {'QEMU part':>9} {'mem check':>9} {'on link MB':>11}")  # fmt: skip
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
         print(f"{row['link']:<9} {row['method']:<33} {row['runs']:>4} {row['total_seconds']!s:>9} "
-              f"{row['total_vs_best_native']!s:>11} {row['downtime_ms']!s:>12} {row['link_mb']!s:>11}")  # fmt: skip
-    print("(medians; downtime = source QMP STOP -> destination RESUME; 'on link' counts both directions)")
+              f"{row['total_range']:>13} {row['total_vs_best_native']!s:>11} {row['downtime_ms']!s:>9} "
+              f"{row['downtime_range']:>15} {row['qemu_downtime_ms']!s:>9} {row['memory_check_ms']!s:>9} "
+              f"{row['link_mb']!s:>11}")  # fmt: skip
+    print(
+        "(medians and min-max ranges; pause = source QMP STOP -> destination RESUME, of which 'QEMU part' is"
+        " QEMU's own downtime figure and 'mem check' the memory comparison; 'on link' counts both directions)"
+    )
     cold = [(link, run) for link in args.links for run in ours.get(f"{link} cold", [])]
     if cold:
         print("\ncold migration of the stopped VM against a plain DWCP file transfer of its disk, same link:")
@@ -572,7 +597,7 @@ def report(
                   f"{run['dwcp_send_seconds']!s:>12} {ratio!s:>12} {run['link_bytes'] / 1e6:11.1f}")  # fmt: skip
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"migration-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = out / f"migration-{time.strftime('%Y%m%d-%H%M%S')}-{git_commit()}.json"
     path.write_text(
         json.dumps({"args": vars(args), "rows": rows, "novacron": ours, "qemu": native}, indent=2)
     )
