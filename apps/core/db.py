@@ -41,8 +41,8 @@ def bulk_insert(objects: Sequence[M]) -> Sequence[M]:
     (:func:`_insert_one`), one COPY for many; ``bulk_create`` otherwise.
 
     Django's ``bulk_create`` of a thousand VMs builds one INSERT of 14,000 parameters, and psycopg's
-    client-side binding quotes each in Python: a fifth of a batch create's CPU (py-spy). COPY sends
-    the rows through psycopg's C row writer instead. The instances must hold plain values (no
+    client-side binding quotes each in Python; COPY sends the rows through psycopg's C row writer
+    instead. The instances must hold plain values (no
     expressions; choices members are written by value); ``auto_now``/``auto_now_add`` fields are set
     here as ``bulk_create`` would. A primary key set in Python (the VMs' UUIDs) is written; an
     auto-increment one is left to the database and, COPY returning nothing, not read back (the
@@ -200,10 +200,8 @@ def _select_by(model: type[models.Model], field_name: str) -> str:
 
 def get_by(model: type[M], field_name: str, value: Any) -> M | None:
     """The ``model`` instance whose ``field_name`` (a unique field, or the first of several) is
-    ``value``, or None: one fixed statement, built once and prepared (:func:`fetch_instances`). The
-    ORM's ``filter(...).first()`` compiled the same query on every call (500 against 225
-    microseconds of CPU per look-up, measured); ``raw()``, used before, still cost a create's
-    image look-up 2 % of the mixed load's CPU (py-spy)."""
+    ``value``, or None: one fixed statement, built once and prepared (:func:`fetch_instances`),
+    where the ORM's ``filter(...).first()`` compiles the same query on every call."""
     found = fetch_instances(model, _select_by(model, field_name), [value])
     return found[0] if found else None
 

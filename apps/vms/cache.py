@@ -233,10 +233,10 @@ def _own_command(*command: object) -> Any:
     """One command on this thread's own connection to the cache's Redis.
 
     One connection per web thread, kept, instead of redis-py's pool check-out and release, retry and
-    deprecation wrappers around every command: those were a third of a cached hit's CPU (py-spy). It
-    is made with the pool's settings (address, timeouts) and made again when the cache's pool changes
-    or after an error, which is raised as redis-py raises it. The pool is looked up again only when
-    ``CACHES`` changed: Django's cache handler cost a cached hit 2 % of its CPU on every call.
+    deprecation wrappers around every command, which dominate a cached hit's CPU. It is made with the
+    pool's settings (address, timeouts) and made again when the cache's pool changes or after an
+    error, which is raised as redis-py raises it. The pool is looked up again only when ``CACHES``
+    changed, not through Django's cache handler on every call.
     """
     own = getattr(_own, "connection", None)
     if own is None or getattr(_own, "generation", None) != _caches_generation[0]:

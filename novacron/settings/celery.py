@@ -56,7 +56,6 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # No task-sent event from senders: Flower follows each task from the worker's received event on,
-# and shows queued work as queue lengths. The event was a second Redis publish per node task, a
-# fifth of a VM create's Celery CPU in the API (py-spy, bench-api's mixed load).
+# and shows queued work as queue lengths. The event would be a second Redis publish per node task.
 CELERY_TASK_SEND_SENT_EVENT = False
 CELERY_WORKER_SEND_TASK_EVENTS = True
