@@ -1,33 +1,40 @@
 #!/usr/bin/env bash
 # `make run`: the whole system on this machine — web (granian), control worker, beat, Flower and
-# two local nodes — under honcho. Secrets are generated once into var/secrets.env (mode 0600).
+# two local nodes — under honcho. Files go under NOVACRON_VAR_DIR (default var/).
+# SECRET_KEY, DWCP_SECRET and NOVACRON_ADMIN_PASSWORD come from the environment when set; the ones
+# missing come from var/secrets.env (mode 0600), generated once.
+# Each process logs to var/log/<process>.log; the console shows warnings and errors (scripts/logged.py).
+# On stop it says what keeps running (VMs outlive make run); `make stop` ends them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p var
+export NOVACRON_VAR_DIR="$(realpath -m "${NOVACRON_VAR_DIR:-var}")"
+var="$NOVACRON_VAR_DIR"
+mkdir -p "$var/log"
 export HOST="${HOST:-127.0.0.1}" PORT="${PORT:-8000}" FLOWER_PORT="${FLOWER_PORT:-5555}"
+export NODE1_DWCP_PORT="${NODE1_DWCP_PORT:-7001}" NODE2_DWCP_PORT="${NODE2_DWCP_PORT:-7002}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 
 scripts/system-deps.sh run
 scripts/ensure-redis.sh
 
-if [[ ! -f var/secrets.env ]]; then
-  umask 077
-  {
-    echo "SECRET_KEY=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(50))')"
-    echo "DWCP_SECRET=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))')"
-    echo "NOVACRON_ADMIN_PASSWORD=$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(12))')"
-  } > var/secrets.env
-fi
-set -a
-# shellcheck disable=SC1091
-source var/secrets.env
-set +a
-export SECRET_KEY DWCP_SECRET NOVACRON_ADMIN_PASSWORD
+secrets="$var/secrets.env"
+declare -A secret_bytes=([SECRET_KEY]=50 [DWCP_SECRET]=32 [NOVACRON_ADMIN_PASSWORD]=12)
+(umask 077 && touch "$secrets")
+password_given="${NOVACRON_ADMIN_PASSWORD:+yes}"
+for name in SECRET_KEY DWCP_SECRET NOVACRON_ADMIN_PASSWORD; do
+  [[ -n "${!name:-}" ]] && continue  # the environment wins
+  if ! grep -q "^$name=" "$secrets"; then
+    echo "$name=$(.venv/bin/python -c "import secrets; print(secrets.token_urlsafe(${secret_bytes[$name]}))")" >> "$secrets"
+  fi
+  export "$name=$(sed -n "s/^$name=//p" "$secrets" | tail -n 1)"
+done
+admin_password="password: $NOVACRON_ADMIN_PASSWORD (kept in $secrets)"
+[[ -n "$password_given" ]] && admin_password="password from NOVACRON_ADMIN_PASSWORD"
 export ALLOWED_HOSTS="${ALLOWED_HOSTS:-127.0.0.1,localhost,$HOST}"
 
-if [[ ! -f var/images/testguest/manifest.json ]]; then
+if [[ ! -f "$var/images/testguest/manifest.json" ]]; then
   echo "building the test guest image (Debian kernel + busybox, once)"
-  .venv/bin/python -m workers.guest.build --out var/images/testguest
+  .venv/bin/python -m workers.guest.build --out "$var/images/testguest"
 fi
 # The busybox test guest ignores ACPI: give it a short grace period before stop falls back to quit.
 export NODE_POWERDOWN_TIMEOUT="${NODE_POWERDOWN_TIMEOUT:-5}"
@@ -38,7 +45,7 @@ export NODE_POWERDOWN_TIMEOUT="${NODE_POWERDOWN_TIMEOUT:-5}"
 
 # Prometheus multiprocess mode: the web and Celery processes write their counters under this directory
 # and GET /metrics merges them. Files of an earlier run would be counted again: empty it at each start.
-export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/var/prometheus}"
+export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$var/prometheus}"
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 find "$PROMETHEUS_MULTIPROC_DIR" -name '*.db' -type f -delete
 
@@ -47,13 +54,23 @@ cat <<MSG
 NovaCron is starting:
   API (browsable)  http://$HOST:$PORT/api/v1/
   API docs         http://$HOST:$PORT/api/v1/docs/
-  Admin            http://$HOST:$PORT/admin/      user admin, password: $NOVACRON_ADMIN_PASSWORD
+  Admin            http://$HOST:$PORT/admin/      user admin, $admin_password
   Flower           http://127.0.0.1:$FLOWER_PORT/  user admin, same password
   Dashboard        http://$HOST:$PORT/dashboard/  (staff login); Prometheus text at /metrics
-  Nodes            node1 (DWCP 127.0.0.1:7001), node2 (DWCP 127.0.0.1:7002), data in var/nodes/
+  Nodes            node1 (DWCP 127.0.0.1:$NODE1_DWCP_PORT), node2 (DWCP 127.0.0.1:$NODE2_DWCP_PORT), data in $var/nodes/
   Try              POST /api/v1/vms/ {"name": "demo", "image": "testguest", "vcpus": 1, "memory_mb": 128, "disk_gb": 1}
-  Database         ${DATABASE_URL:-SQLite file var/novacron.sqlite3}
-Stop with Ctrl-C.
+  Database         ${DATABASE_URL:-SQLite file $var/novacron.sqlite3}
+  Logs             $var/log/<process>.log; this console shows warnings and errors only
+Stop with Ctrl-C; VMs keep running until \`make stop\`.
 
 MSG
-exec .venv/bin/honcho start -f Procfile
+# honcho runs in the background so that this script outlives it and can say what keeps running. A
+# Ctrl-C reaches honcho directly (same process group); a SIGTERM to this script is passed on.
+.venv/bin/honcho start -f Procfile &
+honcho_pid=$!
+trap 'kill -TERM "$honcho_pid" 2>/dev/null || true' INT TERM
+status=0
+wait "$honcho_pid" || status=$?
+while kill -0 "$honcho_pid" 2>/dev/null; do wait "$honcho_pid" || status=$?; done
+.venv/bin/python -m workers.node.stop --report || true
+exit "$status"
