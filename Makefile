@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-deps lint typecheck guest bench-dwcp bench-migration clean soak faults reliability
+.PHONY: setup run stop test test-deps lint typecheck guest bench-dwcp bench-migration clean soak faults reliability
 
 setup: $(VENV)/.installed  ## idempotent install step used by run and test
 
@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 run: setup  ## control plane, control worker, beat, Flower and the local nodes
 	scripts/run-local.sh
+
+stop: setup  ## what make run left running: its processes, then each local VM (ACPI powerdown, then quit)
+	$(PY) -m workers.node.stop
 
 guest: setup  ## the test guest (kernel + busybox initramfs from Debian packages), registered as image testguest
 	$(PY) -m workers.guest.build --out var/images/testguest
