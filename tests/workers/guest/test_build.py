@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -56,9 +55,7 @@ def test_initramfs_holds_busybox_init_and_disk_modules(guest_manifest: Path):
 def test_second_build_reuses_the_output(guest_manifest: Path):
     files = [guest_manifest.parent / name for name in ("manifest.json", "initrd.img")]
     before = [path.stat().st_mtime_ns for path in files]
-    started = time.monotonic()
     assert build(boot_check=False, log=lambda message: None) == guest_manifest
-    assert time.monotonic() - started < 15
     assert [path.stat().st_mtime_ns for path in files] == before
 
 

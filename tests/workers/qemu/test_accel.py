@@ -28,10 +28,8 @@ def tools() -> QemuTools:
 
 def test_the_probe_guest_completes_under_tcg(tools: QemuTools):
     # The reference run: the same payload must finish under TCG, or a KVM verdict would mean nothing.
-    started = time.monotonic()
     usable, reason = run_probe_guest(tools, Accelerator.TCG, cpu_model="max", timeout=10)
     assert usable, reason
-    assert time.monotonic() - started < 3
 
 
 @pytest.mark.parametrize("cpu_model", ["host", "qemu64"])
@@ -52,9 +50,10 @@ def test_the_probe_result_is_cached_per_node_until_its_inputs_change(tools: Qemu
     cache = tmp_path / "accel-probe.json"
     first = cached_probe_kvm(tools, cache, cpu_model="host", timeout=2)
     assert json.loads(cache.read_text())["kvm_usable"] is first.kvm_usable
-    started = time.monotonic()
+    written = cache.stat()
     assert cached_probe_kvm(tools, cache, cpu_model="host", timeout=2) == first
-    assert time.monotonic() - started < 0.5  # only `qemu-system-x86_64 --version` ran
+    # No probe ran: a probe writes its result to a new file that replaces the cache.
+    assert (cache.stat().st_ino, cache.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     other = cached_probe_kvm(tools, cache, cpu_model="host,-arch-capabilities", timeout=1)
     assert other.cpu_model == "host,-arch-capabilities"
     assert json.loads(cache.read_text())["cpu_model"] == "host,-arch-capabilities"
