@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup run stop test test-deps lint typecheck guest bench-dwcp bench-migration clean soak faults reliability
+.PHONY: setup run stop test test-deps bench-deps lint typecheck guest bench-dwcp bench-migration clean soak faults reliability
 
 setup: $(VENV)/.installed  ## idempotent install step used by run and test
 
@@ -22,10 +22,10 @@ stop: setup  ## what make run left running: its processes, then each local VM (A
 guest: setup  ## the test guest (kernel + busybox initramfs from Debian packages), registered as image testguest
 	$(PY) -m workers.guest.build --out var/images/testguest
 
-bench-dwcp: setup  ## DWCP against nc, rsync and QEMU migration on shaped namespaces and loopback (root)
+bench-dwcp: bench-deps setup  ## DWCP against nc, rsync and QEMU migration on shaped namespaces and loopback (root)
 	$(PY) -m bench.dwcp.bench $(BENCH_ARGS)
 
-bench-migration: setup  ## NovaCron live migration vs QEMU alone between two namespaces (root; ~15 min)
+bench-migration: bench-deps setup  ## NovaCron live migration vs QEMU alone between two namespaces (root; ~15 min)
 	$(PY) -m bench.migration.run $(BENCH_ARGS)
 
 lint: setup
@@ -48,8 +48,11 @@ test: test-deps
 test-deps:
 	scripts/system-deps.sh test
 
+bench-deps:
+	scripts/system-deps.sh bench
+
 # API benchmark at 1M VMs (issue 7): its own database and Redis db, granian + wrk; not run by `make test`.
-bench-api: setup  ## BENCH_ARGS="--quick" for a 100k-VM smoke run; results in bench/results/
+bench-api: bench-deps setup  ## BENCH_ARGS="--quick" for a 100k-VM smoke run; results in bench/results/
 	$(PY) bench/api/bench.py $(BENCH_ARGS)
 
 clean:

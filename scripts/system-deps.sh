@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
 # Installs the Debian packages NovaCron needs (as root), or prints the exact command and fails.
-# Usage: scripts/system-deps.sh run|test
+# Usage: scripts/system-deps.sh run|test|bench
 #   run:  what `make run` needs (QEMU, and a Redis server when none answers at REDIS_URL)
 #   test: what `make test` needs: the above, plus what the suite drives (network namespaces and tc,
 #         nc and rsync as transfer baselines, Chromium for the dashboard, redis-server for the
 #         fault scenarios' private servers, losetup for block-device sends)
+#   bench: what the `make bench-*` targets need: the test set and wrk (bench-api's load generator)
 # Nothing else is touched: a package already installed is not upgraded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-}"
 case "$profile" in
-  run | test) ;;
-  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+  run | test | bench) ;;
+  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
 
 packages=(qemu-system-x86 qemu-utils)
 command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
-if [[ "$profile" == test ]]; then
+if [[ "$profile" == test || "$profile" == bench ]]; then
   packages+=(iproute2 netcat-openbsd rsync chromium redis-server util-linux)
+  [[ "$profile" == bench ]] && packages+=(wrk)
 elif ! command -v redis-server >/dev/null && ! scripts/redis-up.sh; then
   packages+=(redis-server)
 fi
