@@ -3,6 +3,7 @@ normal user and as staff. No answer may be a 5xx, and every answer must match th
 content type). Runs in-process through the WSGI app on the test database.
 """
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,17 +21,36 @@ pytestmark = pytest.mark.django_db
 
 schema = schemathesis.openapi.from_wsgi("/api/v1/schema/", application)
 
-# Per operation and per user: 46 operations x 2 users x 11 examples > 1,000 cases.
+ROLES = ["user", "staff"]
+# Hypothesis examples per operation and role in the fuzzing phase (schemathesis adds its examples and
+# coverage phases): every test sends at least EXAMPLES requests, a whole run (46 operations x 2 roles)
+# at least CLAIMED_CASES.
 EXAMPLES = 11
+CLAIMED_CASES = 1000
 CHECKS = [checks.not_a_server_error, checks.response_schema_conformance, checks.content_type_conformance]
-_counts = {"cases": 0}
+_cases: Counter[str] = Counter()  # requests sent, per test (operation and role)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _count_cases() -> Iterator[None]:
-    """Print how many requests were generated (operations with few parameters exhaust early)."""
+    """After the module: each test sent at least EXAMPLES requests, a whole run at least CLAIMED_CASES."""
     yield
-    print(f"\nschemathesis: {_counts['cases']} generated requests")
+    operations = sum(1 for _ in schema.get_all_operations())
+    total = sum(_cases.values())
+    print(
+        f"\nschemathesis: {total} generated requests over {len(_cases)} tests (fewest {min(_cases.values())})"
+    )
+    few = {test: count for test, count in _cases.items() if count < EXAMPLES}
+    assert not few, f"tests that sent fewer than {EXAMPLES} requests: {few}"
+    if len(_cases) == operations * len(ROLES):  # not a -k selection
+        assert total >= CLAIMED_CASES, (
+            f"a whole run sent {total} requests, fewer than the {CLAIMED_CASES} claimed"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _count(request: pytest.FixtureRequest) -> None:
+    _cases[request.node.nodeid] += 0  # a test that generates nothing is counted too, with 0
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +74,7 @@ def tokens(make_user, make_node, make_image) -> dict[str, str]:
     return {role: Token.objects.create(user=user).key for role, user in users.items()}
 
 
-@pytest.mark.parametrize("role", ["user", "staff"])
+@pytest.mark.parametrize("role", ROLES)
 @schema.parametrize()
 @settings(
     max_examples=EXAMPLES,
@@ -63,6 +83,8 @@ def tokens(make_user, make_node, make_image) -> dict[str, str]:
     suppress_health_check=list(HealthCheck),
     database=None,
 )
-def test_api_answers_every_generated_request_within_its_schema(case: Any, role: str, tokens) -> None:
-    _counts["cases"] += 1
+def test_api_answers_every_generated_request_within_its_schema(
+    case: Any, role: str, tokens, request: pytest.FixtureRequest
+) -> None:
+    _cases[request.node.nodeid] += 1
     case.call_and_validate(headers={"Authorization": f"Token {tokens[role]}"}, checks=CHECKS)
