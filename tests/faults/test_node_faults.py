@@ -127,6 +127,7 @@ def test_node_worker_killed_during_create(cluster: Cluster, api, fault: FaultRec
     )
     cluster.nodes[node].kill()
     fault.injected()
+    fault.note(f"the VM was {VM.objects.get(pk=vm_id).state} when its worker was killed")
     cluster.start_node(node)
     wait_for(lambda: VM.objects.get(pk=vm_id).state in ("running", "error"), 90, "the VM to settle")
     vm = VM.objects.get(pk=vm_id)
