@@ -5,7 +5,7 @@ node tasks by name (it never imports node code) and node workers send their repo
 queue by name (they never import Django). Payloads are JSON objects whose keys are listed here.
 """
 
-from typing import Final, Literal
+from typing import Final, Literal, TypedDict
 
 CONTROL_QUEUE: Final = "control"
 
@@ -60,7 +60,8 @@ NODE_MIGRATION_ABORT: Final = "novacron.node.migration_abort"
 NODE_MIGRATION_CLEANUP: Final = "novacron.node.migration_cleanup"
 # kwargs {"migration_id", "node", "role": "source" | "dest", "event", "detail": str, "stats": {...},
 #         "targets"?: {...}, "cause"?: FailureCause (event "failed" only; default "error")}.
-# Events: prepared, phase, transferred, switched, failed, cancelled, aborted, cleaned.
+# Events: prepared, phase, transferred, switched, failed, cancelled, aborted, cleaned, kept (a leftover
+# copy this node did not remove: the detail says why).
 CONTROL_MIGRATION_REPORT: Final = "novacron.control.migration_report"
 
 # How first-hand a "failed" report's detail is. Both sides can report one failure and in either order
@@ -72,6 +73,24 @@ CONTROL_MIGRATION_REPORT: Final = "novacron.control.migration_report"
 #   measured: a check here measured the fault (its detail holds the figures).
 FailureCause = Literal["relayed", "error", "measured"]
 FAILURE_CAUSES: Final[tuple[FailureCause, ...]] = ("relayed", "error", "measured")  # lowest rank first
+
+
+class MigrationCopy(TypedDict):
+    """A copy of a VM this node holds for a migration, as its migration marker records it."""
+
+    migration_id: str
+    vm_id: str
+    role: Literal["source", "dest"]
+
+
+# A node worker that starts lists the destination copies its migration markers name (QEMUs left waiting
+# with -incoming defer, half-received disks), since it cannot tell which of their migrations still run:
+# kwargs {"node": str, "copies": [MigrationCopy]}. The control plane answers with
+# NODE_MIGRATION_LEFTOVERS {"ended": [MigrationCopy]}: the copies whose migration is no longer active
+# (failed, cancelled, or unknown to it). The node removes an ended copy only while its marker still
+# names that migration and its guest never ran there; a copy of an active migration is never listed.
+CONTROL_MIGRATION_COPIES: Final = "novacron.control.migration_copies"
+NODE_MIGRATION_LEFTOVERS: Final = "novacron.node.migration_leftovers"
 
 # Live progress, written by the source node at least twice a second while it transfers.
 MIGRATION_PROGRESS_KEY: Final = "novacron:migration:{id}:progress"  # hash; see MIGRATION_PROGRESS_FIELDS

@@ -322,7 +322,7 @@ def migration_report(
         migration.stats = merged
         migration.save(update_fields=["stats"])
     status = MigrationStatus(migration.status)
-    if event in ("aborted", "cleaned"):
+    if event in ("aborted", "cleaned", "kept"):
         _note(migration, f"{role} {event}: {detail}", actor=actor)
         return
     if event == "failed" and status in TERMINAL_STATUSES:
@@ -759,6 +759,12 @@ def node_clean_migration_leftovers(*, node: Node, vm_ids: Iterable[str], seen: d
             task, kwargs, what = contract.NODE_MIGRATION_CLEANUP, {}, "source cleanup"
         elif last.status in (S.FAILED, S.CANCELLED) and last.dest_node_id == node.pk:
             task, kwargs, what = contract.NODE_MIGRATION_ABORT, {"role": "dest"}, "destination abort"
+            if last.events.filter(detail__startswith="dest kept:").exists():
+                # The node kept it at its start: its guest ran there, it may be the VM's only copy.
+                _note_left_alone(
+                    vm, node, f"{node.name} kept its copy (migration {last.pk}): its guest ran there"
+                )
+                continue
         else:
             _note_left_alone(vm, node, f"its last migration {last.pk} ({last.status}) does not explain it")
             continue
@@ -795,6 +801,51 @@ def node_clean_migration_leftovers(*, node: Node, vm_ids: Iterable[str], seen: d
         _send(last, node, task, **kwargs)
         sent.append(str(last.pk))
     return sent
+
+
+@transaction.atomic
+def node_migration_copies(*, node: str, copies: list[contract.MigrationCopy]) -> list[str]:
+    """Answer a starting node's list of destination copies with those that are leftovers.
+
+    A copy is a leftover when its migration is failed or cancelled, or unknown here (removed with its
+    VM), and the VM is not recorded on ``node``. A copy of an active migration, or of a completed one
+    (the copy is then the VM), is never named. The node sends back "aborted" or "kept" for each named
+    copy (``contract.NODE_MIGRATION_LEFTOVERS``). Returns the migration ids named.
+    """
+    dest_copies = [copy for copy in copies if copy.get("role") == "dest"]
+    valid = {str(value) for value in _valid_uuids(copy["migration_id"] for copy in dest_copies)}
+    migrations = {
+        str(migration.pk): migration
+        for migration in Migration.objects.filter(pk__in=valid).select_related("dest_node", "vm__node")
+    }
+    held_here = {
+        str(pk)
+        for pk in VM.objects.filter(
+            pk__in=_valid_uuids(copy["vm_id"] for copy in dest_copies), node__name=node
+        ).values_list("pk", flat=True)
+    }
+    ended: list[contract.MigrationCopy] = []
+    for copy in dest_copies:
+        migration = migrations.get(copy["migration_id"])
+        if copy["migration_id"] not in valid or copy["vm_id"] in held_here:
+            continue
+        if migration is None:
+            ended.append(copy)
+        elif (
+            migration.dest_node.name == node
+            and str(migration.vm_id) == copy["vm_id"]
+            and migration.status in (S.FAILED, S.CANCELLED)
+        ):
+            ended.append(copy)
+            _note(
+                migration, f"{node} started holding its destination copy: asked to remove it", actor="system"
+            )
+    if ended:
+        signature = dispatch.app.signature(
+            contract.NODE_MIGRATION_LEFTOVERS, kwargs={"ended": ended}, queue=contract.node_queue(node)
+        )
+        transaction.on_commit(signature.apply_async)
+    return [copy["migration_id"] for copy in ended]
 
 
 def _valid_uuids(values: Iterable[str]) -> list[uuid.UUID]:

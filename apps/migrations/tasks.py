@@ -1,4 +1,4 @@
-"""Control-queue tasks of migrations: scheduling, node reports, the stall watchdog, webhooks."""
+"""Control-queue tasks of migrations: scheduling, node reports and copies, the stall watchdog, webhooks."""
 
 import urllib.error
 from typing import Any
@@ -43,6 +43,12 @@ def migration_report(
         targets=targets,
         cause=cause,
     )
+
+
+@shared_task(name=contract.CONTROL_MIGRATION_COPIES, acks_late=True, time_limit=60)
+def migration_copies(*, node: str, copies: list[contract.MigrationCopy]) -> list[str]:
+    """A starting node lists its destination copies: name back those whose migration ended."""
+    return services.node_migration_copies(node=node, copies=copies)
 
 
 @shared_task(name="apps.migrations.tasks.migrations_watchdog", acks_late=True, time_limit=60, expires=20)

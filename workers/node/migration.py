@@ -11,7 +11,9 @@ reports the switch; only then does the control plane move the VM. Anything that 
 switch, a failed memory check included, leaves the source running.
 
 A ``migration.json`` marker in the VM's run directory records which migration and which role a
-copy belongs to, so an abort or cleanup never removes a VM this node legitimately runs.
+copy belongs to, so an abort or cleanup never removes a VM this node legitimately runs. A worker that
+starts lists its destination copies to the control plane, which names those whose migration ended;
+the worker removes them if their guest never ran here.
 """
 
 import contextlib
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 from workers import contract
 from workers.dwcp import (
@@ -82,6 +84,9 @@ QEMU_DOWNTIME_FLOOR_MS = 20
 # pages in 3 of 8, those that switched after one in none of 47. This limit lets QEMU switch after its
 # first pass; QEMU's part of the guest pause grew from ~50 ms to 0.24-0.53 s for that guest.
 TCG_QEMU_DOWNTIME_MS = 2000
+# QEMU run states of a destination whose guest never ran there: waiting for (or receiving) its incoming
+# migration, or not started. Only such a copy is removed as a leftover without an operator.
+NEVER_RAN_QEMU_STATES = frozenset({"inmigrate", "prelaunch"})
 
 
 class MigrationAborted(Exception):
@@ -866,6 +871,76 @@ class MigrationRunner:
         for suffix in (PART_SUFFIX, JOURNAL_SUFFIX, f"{JOURNAL_SUFFIX}.tmp"):
             disk.with_name(f".{disk.name}{suffix}").unlink(missing_ok=True)
 
+    # -- leftovers of migrations cut short -------------------------------------------------------
+
+    def destination_copies(self) -> list[contract.MigrationCopy]:
+        """The destination copies this node's migration markers name (prepared, never switched here)."""
+        copies: list[contract.MigrationCopy] = []
+        for uuid in self.driver.layout.vm_uuids():
+            try:
+                marker = json.loads(self._marker(uuid).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(marker, dict) and marker.get("role") == "dest" and marker.get("migration_id"):
+                copies.append({"migration_id": str(marker["migration_id"]), "vm_id": uuid, "role": "dest"})
+        return copies
+
+    def report_copies(self) -> None:
+        """At start: ask the control plane which of this node's destination copies are leftovers.
+
+        This node cannot tell an active migration from one that ended while it was down (its abort lost
+        or never sent); the control plane answers with NODE_MIGRATION_LEFTOVERS.
+        """
+        copies = self.destination_copies()
+        if not copies:
+            return
+        logger.info(
+            "node %s holds %d destination copies; asking which are leftovers", self.config.name, len(copies)
+        )
+        self.app.send_task(
+            contract.CONTROL_MIGRATION_COPIES,
+            kwargs={"node": self.config.name, "copies": copies},
+            queue=contract.CONTROL_QUEUE,
+        )
+
+    def remove_leftovers(self, *, ended: list[contract.MigrationCopy]) -> None:
+        """Remove the destination copies whose migration the control plane says is no longer active.
+
+        Only while the copy's marker still names that migration (a later migration of the VM here made
+        it its own) and its guest never ran here: a QEMU still waiting for its incoming migration, or
+        none at all. A copy whose guest ran (paused, running) may be the VM's only one: it is kept and
+        reported ("kept") for an operator.
+        """
+        for copy in ended:
+            uuid, migration_id = copy["vm_id"], copy["migration_id"]
+            with self._vm_lock(uuid):
+                if not self._marked(uuid, migration_id, "dest"):
+                    continue
+                try:
+                    kept = self._guest_ran_here(uuid)
+                    if not kept:
+                        self.driver.delete(uuid)
+                        self._remove_partial_disk(uuid)
+                except (QemuError, OSError) as exc:
+                    kept = f"it could not be removed: {exc}"
+                if kept:
+                    logger.warning(
+                        "VM %s: leftover destination copy of %s kept: %s", uuid, migration_id, kept
+                    )
+                    self.report(migration_id, "dest", "kept", f"leftover destination copy kept: {kept}")
+                else:
+                    detail = "leftover destination copy removed when the node worker started"
+                    self.report(migration_id, "dest", "aborted", detail)
+
+    def _guest_ran_here(self, uuid: str) -> str:
+        """Why the copy's guest may have run here; '' when it cannot (it never left its incoming wait)."""
+        if not self.driver.paths(uuid).spec.exists():
+            return ""  # no VM defined: a half-received disk
+        status = self.driver.status(uuid)
+        if status.pid is None or status.qemu_status in NEVER_RAN_QEMU_STATES:
+            return ""
+        return f"its QEMU is {status.qemu_status or status.state}"
+
     def cleanup(self, *, migration_id: str, vm: dict[str, Any]) -> None:
         spec = VmSpec.from_dict(vm)
 
@@ -955,3 +1030,6 @@ def register_migration_tasks(app: Celery, runner: MigrationRunner) -> None:
     app.task(name=contract.NODE_MIGRATION_FINISH, **options)(runner.finish)
     app.task(name=contract.NODE_MIGRATION_ABORT, **options)(runner.abort)
     app.task(name=contract.NODE_MIGRATION_CLEANUP, **options)(runner.cleanup)
+    app.task(name=contract.NODE_MIGRATION_LEFTOVERS, **options)(runner.remove_leftovers)
+    # Once the worker consumes its queue, so that the answer is taken as soon as it comes.
+    signals.worker_ready.connect(lambda **_: runner.report_copies(), weak=False)

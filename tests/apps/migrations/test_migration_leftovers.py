@@ -48,14 +48,19 @@ def running_vm(api, make_node, image):
     return VM.objects.get(pk=vm_id)
 
 
-def _sent(client: redis.Redis, node: str) -> list[tuple[str, dict[str, Any]]]:
-    """The tasks waiting in ``node``'s queue: (name, kwargs)."""
+def queued(client: redis.Redis, queue: str) -> list[tuple[str, dict[str, Any]]]:
+    """The tasks waiting in a Celery queue on ``client``: (name, kwargs)."""
     tasks = []
-    for raw in client.lrange(contract.node_queue(node), 0, -1):
+    for raw in client.lrange(queue, 0, -1):
         message = json.loads(raw)
         _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
         tasks.append((message["headers"]["task"], kwargs))
     return tasks
+
+
+def _sent(client: redis.Redis, node: str) -> list[tuple[str, dict[str, Any]]]:
+    """The tasks waiting in ``node``'s queue: (name, kwargs)."""
+    return queued(client, contract.node_queue(node))
 
 
 def _beat(client: redis.Redis, holdings: dict[str, list[VM]]) -> None:
@@ -200,3 +205,45 @@ def test_a_migration_cancelled_while_queued_never_explains_a_copy(client, runnin
     _beat(client, {SOURCE: [running_vm], DEST: [running_vm]})
     assert _sent(client, DEST) == [] and _sent(client, SOURCE) == []
     assert f"node {DEST} holds a copy: no started migration involved this node" in caplog.text
+
+
+def _copy(migration: Migration) -> contract.MigrationCopy:
+    return {"migration_id": str(migration.pk), "vm_id": str(migration.vm_id), "role": "dest"}
+
+
+def test_a_starting_node_is_told_which_destination_copies_are_leftovers(
+    client, api, running_vm, make_node, user
+):
+    failed = _migrate(running_vm, user)
+    services.migration_report(
+        migration_id=str(failed.pk), node=SOURCE, role="source", event="failed", detail="link down"
+    )
+    other_id = api.post("/api/v1/vms/", vm_payload(name="web-2", node=SOURCE), format="json").json()["id"]
+    VM.objects.filter(pk=other_id).update(state="running")
+    active = _migrate(VM.objects.get(pk=other_id), user)
+    client.delete(contract.node_queue(SOURCE), contract.node_queue(DEST))
+    gone: contract.MigrationCopy = {
+        "migration_id": "6f1c0a52-0000-4000-8000-000000000001",  # deleted with its VM
+        "vm_id": "6f1c0a52-0000-4000-8000-000000000002",
+        "role": "dest",
+    }
+    source_copy: contract.MigrationCopy = {**_copy(failed), "role": "source"}
+    copies = [_copy(failed), _copy(active), gone, source_copy]
+    assert services.node_migration_copies(node=DEST, copies=copies) == [str(failed.pk), gone["migration_id"]]
+    ((task, kwargs),) = _sent(client, DEST)
+    assert (task, kwargs) == (contract.NODE_MIGRATION_LEFTOVERS, {"ended": [_copy(failed), gone]})
+    assert _sent(client, SOURCE) == []
+    assert MigrationEvent.objects.filter(migration=failed, detail__contains="asked to remove it").exists()
+    # The node kept that copy (its guest ran there): the heartbeats do not send its abort again either.
+    client.delete(contract.node_queue(DEST))
+    services.migration_report(
+        migration_id=str(failed.pk), node=DEST, role="dest", event="kept", detail="its QEMU is running"
+    )
+    _ended_long_ago(failed)
+    _beat(client, {SOURCE: [running_vm], DEST: [running_vm]})
+    assert _sent(client, DEST) == []
+    # Another node listing the same copies is told nothing: they are not its migrations' copies.
+    assert services.node_migration_copies(node=SOURCE, copies=[_copy(failed)]) == []
+    # Completed: the destination copy is the VM now, whatever marker is left.
+    services.migration_report(migration_id=str(active.pk), node=DEST, role="dest", event="switched")
+    assert services.node_migration_copies(node=DEST, copies=[_copy(active)]) == []
