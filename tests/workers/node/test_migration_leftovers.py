@@ -31,6 +31,8 @@ from tests.apps.migrations.test_migration_leftovers import (  # noqa: F401 (fixt
 )
 from tests.conftest import vm_payload
 from tests.faults.redis_server import PrivateRedis, private_redis  # noqa: F401 (fixture)
+from tests.workers.node.conftest import Cluster, wait_for
+from tests.workers.node.test_migration import _create_running
 from tests.workers.qemu.conftest import data_dir, driver, testguest  # noqa: F401 (fixtures)
 from workers import contract
 from workers.node.__main__ import make_app
@@ -149,3 +151,41 @@ def test_a_starting_node_removes_only_the_waiting_copy_of_an_ended_migration(
     # The active migration's own abort still removes its copy (and ends its watcher).
     runner.abort(migration_id=str(active.pk), vm=_spec(vms[1], testguest).to_dict(), role="dest")
     assert not driver.paths(str(vms[1].pk)).run_dir.exists()
+
+
+@pytest.fixture
+def cluster_extra_env() -> dict[str, str]:
+    return {"MIGRATION_STALL_TIMEOUT": str(STALL_TIMEOUT)}
+
+
+STALL_TIMEOUT = 8  # seconds: the watchdog fails the migration the killed workers left behind
+
+
+def test_a_restarted_node_worker_removes_the_waiting_copy_whose_abort_was_lost(cluster: Cluster, api):
+    source, dest = list(cluster.nodes)
+    vm_id = _create_running(api, "left-behind", source)
+    cluster.nodes[source].kill()  # the send never runs: the destination waits
+    migration_id = api.post(f"/api/v1/vms/{vm_id}/migrate/", {"dest_node": dest}, format="json").json()["id"]
+    wait_for(
+        lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "the destination ready"
+    )
+    pidfile = cluster.data_dirs[dest] / "run" / vm_id / "qemu.pid"
+    qemu_pid = int(pidfile.read_text())
+    cluster.nodes[dest].kill()  # its QEMU lives on, waiting with -incoming defer
+    wait_for(lambda: Migration.objects.get(pk=migration_id).status == "failed", 60, "the watchdog")
+    redis.Redis.from_url(settings.REDIS_URL).delete(contract.node_queue(dest))  # its abort is lost
+    assert Path(f"/proc/{qemu_pid}").exists()
+    cluster.start_node(dest)
+    wait_for(lambda: not (cluster.data_dirs[dest] / "run" / vm_id).exists(), 30, "the leftover to be removed")
+    wait_for(lambda: not Path(f"/proc/{qemu_pid}").exists(), 10, "the waiting QEMU to end")
+
+    def details() -> list[str]:
+        return list(Migration.objects.get(pk=migration_id).events.values_list("detail", flat=True))
+
+    wait_for(
+        lambda: "dest aborted: leftover destination copy removed when the node worker started" in details(),
+        30,
+        "the node's report",
+    )
+    assert not any("sent again" in detail for detail in details())  # not the heartbeat reconciler's doing
+    assert VM.objects.get(pk=vm_id).node.name == source
