@@ -816,7 +816,7 @@ def node_migration_copies(*, node: str, copies: list[contract.MigrationCopy]) ->
     valid = {str(value) for value in _valid_uuids(copy["migration_id"] for copy in dest_copies)}
     migrations = {
         str(migration.pk): migration
-        for migration in Migration.objects.filter(pk__in=valid).select_related("dest_node", "vm__node")
+        for migration in Migration.objects.filter(pk__in=valid).select_related("dest_node")
     }
     held_here = {
         str(pk)
