@@ -580,8 +580,6 @@ def migrations_watchdog() -> list[str]:
 
 
 SwitchDecision = Literal["complete", "roll_back", "wait", "operator"]
-# Used when the settings name no bound (see ``_unknown_switch_bound``).
-DEFAULT_SWITCH_UNKNOWN_TIMEOUT = 300
 
 
 @dataclass(frozen=True)
@@ -613,17 +611,10 @@ def switching_decision(
     return "wait"
 
 
-def _unknown_switch_bound() -> timedelta:
-    """``MIGRATION_SWITCH_UNKNOWN_TIMEOUT``: how long an unknown destination answer is waited out."""
-    options: dict[str, Any] = settings.NOVACRON
-    seconds = options.get("MIGRATION_SWITCH_UNKNOWN_TIMEOUT", DEFAULT_SWITCH_UNKNOWN_TIMEOUT)
-    return timedelta(seconds=int(seconds))
-
-
 def _settle_switching(client: redis.Redis, migration: Migration, *, now: datetime) -> SwitchDecision:
     """Apply ``switching_decision`` to a locked, stalled ``switching`` migration."""
     reading = _destination_reading(client, migration)
-    bound = _unknown_switch_bound()
+    bound = timedelta(seconds=novacron_setting("MIGRATION_SWITCH_UNKNOWN_TIMEOUT"))
     decision = switching_decision(
         runs=reading.runs, unknown_since=migration.dest_unknown_since, now=now, bound=bound
     )

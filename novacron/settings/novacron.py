@@ -44,6 +44,12 @@ NOVACRON = {
     "MIGRATION_STALL_TIMEOUT": env_int(
         "MIGRATION_STALL_TIMEOUT", 120, help="Seconds without progress before the watchdog fails a migration."
     ),
+    "MIGRATION_SWITCH_UNKNOWN_TIMEOUT": env_int(
+        "MIGRATION_SWITCH_UNKNOWN_TIMEOUT",
+        300,
+        help="Seconds a switching migration waits for a known answer from its destination before an"
+        " operator is asked (it is never rolled back on an unknown answer).",
+    ),
     "MIGRATION_WEBHOOK_URL": env(
         "MIGRATION_WEBHOOK_URL", "", help="URL that receives a JSON POST on every migration state change."
     ),

@@ -11,7 +11,6 @@ import logging
 import operator
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
@@ -19,7 +18,7 @@ from django.utils import timezone
 
 from apps.core.errors import InvalidState
 
-from ..choices import Aggregation, AlertStatus, Comparison, Scope, Severity
+from ..choices import AlertStatus, Comparison
 from ..models import Alert, AlertRule
 from ..selectors import Aggregate, RuleState, rule_states
 
@@ -44,28 +43,6 @@ def _message(rule: AlertRule, subject: str, value: float) -> str:
         f"{rule.name}{where}: {rule.aggregation}({rule.metric}) = {value:.4g} "
         f"{SYMBOL[rule.comparison]} {rule.threshold:.4g} for {rule.for_seconds} s"
     )[:500]
-
-
-# A migration the watchdog leaves to an operator (``apps.migrations.services.switching_decision``): the
-# control-plane sampler counts them; the rule is loaded the first time one exists, and an operator may
-# edit or disable it like any other (a rule already present under this name is left as it is).
-MIGRATION_OPERATOR_RULE: dict[str, Any] = {
-    "name": "Migration waits for an operator",
-    "metric": "migrations.needs_operator",
-    "aggregation": Aggregation.MAX,
-    "comparison": Comparison.GTE,
-    "threshold": 1.0,
-    "window_seconds": 60,
-    "for_seconds": 60,
-    "severity": Severity.CRITICAL,
-    "scope": Scope.GLOBAL,
-}
-
-
-def alert_rule_ensure(rule: dict[str, Any]) -> AlertRule:
-    """The rule named ``rule["name"]``, created from ``rule`` when absent."""
-    found, _ = AlertRule.objects.get_or_create(name=rule["name"], defaults=rule)
-    return found
 
 
 def alerts_evaluate(*, now: datetime | None = None) -> dict[str, int]:

@@ -3,8 +3,7 @@
 Node workers push samples to a capped Redis list; ``metrics_flush`` moves them into ``metrics`` with
 one bulk insert. ``control_metrics_sample`` turns the counters the web processes keep in Redis (see
 ``keys.REQUEST_STATS``) plus queue depths and migrations into rows of the same table, so alerts,
-the series API and the dashboard read one place (a migration waiting for an operator also loads the
-alert rule on that metric). ``metrics_prune`` enforces the retention.
+the series API and the dashboard read one place. ``metrics_prune`` enforces the retention.
 """
 
 import json
@@ -24,7 +23,6 @@ from .. import selectors
 from ..conf import monitoring_setting
 from ..keys import API_LOG_DROPPED, API_LOG_LIST, LAST_SAMPLE, LATENCY_BUCKETS_MS, REQUEST_STATS, key
 from ..models import APILog, Metric
-from .alerts import MIGRATION_OPERATOR_RULE, alert_rule_ensure
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +119,6 @@ def control_metrics_sample(*, client: redis.Redis, now: float | None = None) -> 
     values.append(("migrations.active", float(len(active)), None))
     waiting = Migration.objects.filter(status__in=ACTIVE_STATUSES, needs_operator=True).count()
     values.append(("migrations.needs_operator", float(waiting), None))
-    if waiting:
-        alert_rule_ensure(MIGRATION_OPERATOR_RULE)
     rates = selectors.migration_live_rates(client, active)
     if rates:
         values.append(("migrations.rate_bytes_per_second", sum(rates.values()), None))

@@ -29,7 +29,7 @@ def monitoring(settings: Any) -> dict[str, Any]:
 
 @pytest.fixture(autouse=True)
 def default_alert_rules(request: pytest.FixtureRequest) -> None:
-    """The default rules the data migration loads, back after a transactional test flushed them.
+    """The default rules the data migrations load, back after a transactional test flushed them.
 
     pytest-django runs transactional tests after the others and empties every table between them, so
     a later test would find no rules without this.
@@ -39,6 +39,7 @@ def default_alert_rules(request: pytest.FixtureRequest) -> None:
     request.getfixturevalue("transactional_db")
     from apps.monitoring.models import AlertRule
 
-    loader = importlib.import_module("apps.monitoring.migrations.0004_default_alert_rules")
-    for rule in loader.DEFAULT_RULES:
-        AlertRule.objects.get_or_create(name=rule["name"], defaults=rule)
+    for module in ("0004_default_alert_rules", "0005_migration_operator_rule"):
+        loader = importlib.import_module(f"apps.monitoring.migrations.{module}")
+        for rule in loader.DEFAULT_RULES:
+            AlertRule.objects.get_or_create(name=rule["name"], defaults=rule)
