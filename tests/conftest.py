@@ -1,5 +1,6 @@
 """Shared fixtures: users, tokens, API clients and fleet factories on the real PostgreSQL; a SQLite process."""
 
+import gc
 import itertools
 import os
 import subprocess
@@ -15,6 +16,19 @@ from rest_framework.test import APIClient
 
 # CI=true fails a run on a skip tests/skips_allowed.toml does not list.
 pytest_plugins = ["tests.skip_gate"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Collect the suite's garbage before other plugins' end-of-session hooks import modules.
+
+    A QMP event pump left pending by a test is finalized by the garbage collector; on CPython 3.11.7 a
+    collection that runs such finalizers inside ``compile()`` (pytest rewriting a plugin module that
+    schemathesis imports at session end) aborts the run with "AST constructor recursion depth
+    mismatch" after every test passed.
+    """
+    gc.collect()
+
 
 _sequence = itertools.count(1)
 ROOT = Path(__file__).resolve().parents[1]
