@@ -58,9 +58,15 @@ class EventLoopThread:
             raise QmpTimeout(f"QEMU did not answer within {timeout:g} s to: {what}") from exc
 
     def close(self) -> None:
-        """Stop the loop and join its thread (idempotent)."""
+        """Cancel what still runs on the loop, stop it and join its thread (idempotent).
+
+        Tasks left pending (the event pump of a session never closed, the QMP library's reader and
+        writer) would otherwise be destroyed by the garbage collector at some later moment.
+        """
         if self._loop.is_closed():
             return
+        with contextlib.suppress(QmpError):
+            self.run(_cancel_all_tasks(), DISCONNECT_TIMEOUT, "cancel the QMP loop's tasks")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=DISCONNECT_TIMEOUT)
         self._loop.close()
@@ -178,8 +184,9 @@ class QmpSession:
 
     async def _reset(self) -> None:
         if self._pump is not None:
-            self._pump.cancel()
-            self._pump = None
+            pump, self._pump = self._pump, None
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)  # finished, whatever ended it
         if self._client is not None:
             client, self._client = self._client, None
             await _quietly_disconnect(client)
@@ -218,6 +225,14 @@ class QmpSession:
             ) from exc
         except QMPError as exc:
             raise QmpProtocolError(f"QMP command {command!r} on {self.socket_path} failed: {exc}") from exc
+
+
+async def _cancel_all_tasks() -> None:
+    """Cancel every other task of the running loop and wait until each has finished."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _quietly_disconnect(client: QMPClient) -> None:
