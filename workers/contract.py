@@ -2,10 +2,14 @@
 
 Both sides name tasks and queues through these constants and nothing else: the control plane sends
 node tasks by name (it never imports node code) and node workers send their reports to the control
-queue by name (they never import Django). Payloads are JSON objects whose keys are listed here.
+queue by name (they never import Django). Every payload is declared here once, as a ``TypedDict`` of a
+task's kwargs or of a Redis value; senders build it and receivers take it (``**kwargs: Unpack[...]``),
+so mypy checks both sides against the same declaration. Kinds (roles, events, modes, states) are
+``Literal``s. On the wire a payload is the JSON object of its keys: a key added to a payload is
+``NotRequired`` until every node runs the code that sends it, so one deploy can mix versions.
 """
 
-from typing import Final, Literal, TypedDict
+from typing import Final, Literal, NotRequired, Required, TypedDict, get_args
 
 CONTROL_QUEUE: Final = "control"
 
@@ -15,54 +19,196 @@ def node_queue(node_name: str) -> str:
     return f"node.{node_name}"
 
 
-# Node tasks: kwargs {"vm": VM spec (see VM_SPEC_KEYS), "request_id": str}.
+# --- VMs --------------------------------------------------------------------------------------------
+
+
+class ImageDescription(TypedDict, total=False):
+    """A VM's boot image: a disk (``path``, ``format``) or a kernel (``kernel_path``, ``initrd_path``,
+    ``cmdline``). The control plane sends every key (the unused ones empty) and the catalog ``name``."""
+
+    kind: Required[Literal["disk", "kernel"]]
+    name: str
+    format: str
+    path: str
+    kernel_path: str
+    initrd_path: str
+    cmdline: str
+
+
+class VmDescription(TypedDict):
+    """The VM a node task is about: what a node needs to create and run it."""
+
+    id: str
+    name: str
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    image: ImageDescription
+    extra_kernel_args: NotRequired[list[str]]  # kernel images only
+
+
+# Node tasks of the VM lifecycle; kwargs: VmOperationRequest.
 NODE_VM_CREATE: Final = "novacron.node.vm_create"
 NODE_VM_START: Final = "novacron.node.vm_start"
 NODE_VM_STOP: Final = "novacron.node.vm_stop"
 NODE_VM_REBOOT: Final = "novacron.node.vm_reboot"
 NODE_VM_DELETE: Final = "novacron.node.vm_delete"
 
-VM_SPEC_KEYS: Final = (
-    "id",
-    "name",
-    "vcpus",
-    "memory_mb",
-    "disk_gb",
-    "image",  # {"name", "kind", "format", "path", "kernel_path", "initrd_path", "cmdline"}
-)
 
-# Control tasks sent by nodes.
-# kwargs {"vm_id", "operation": one of OPERATIONS, "ok": bool, "state": str, "reason": str, "node": str,
-#         "final": bool (False for "work has started" reports)}
+class VmOperationRequest(TypedDict):
+    vm: VmDescription
+    request_id: NotRequired[str]  # for the logs of both sides
+
+
+Operation = Literal["create", "start", "stop", "reboot", "delete"]
+OPERATIONS: Final[tuple[Operation, ...]] = get_args(Operation)
+
+# A VM's state as the node reports it (``workers.qemu.VmState``), and as the control plane records it.
+NodeVmState = Literal["running", "paused", "stopped", "dead", "unknown"]
+ControlVmState = Literal["running", "stopped", "error"]
+
+
+# What a lifecycle report says the VM is now: a state, or how far its create or delete went.
+ReportedVmState = Literal[ControlVmState, "provisioning", "deleted"]
+
+# Control task: the outcome of a lifecycle task (``final=False``: work has started).
 CONTROL_VM_REPORT: Final = "novacron.control.vm_report"
-# kwargs {"name", "address", "dwcp_address", "vcpus", "memory_mb", "disk_gb", "hypervisor": {...}}
+
+
+class VmReport(TypedDict):
+    vm_id: str
+    operation: Operation
+    ok: bool
+    state: ReportedVmState
+    reason: NotRequired[str]
+    node: str
+    final: NotRequired[bool]  # default True
+
+
+class HypervisorFacts(TypedDict):
+    """What a node's host offers (``workers.qemu.NodeFacts``), shown with the node."""
+
+    cpu_count: int
+    memory_mb: int
+    disk_free_gb: float
+    data_dir: str
+    qemu_version: str
+    kvm_usable: bool
+    kvm_probe_reason: str
+    accelerator: str
+
+
+# Control task: a node worker announces itself (at start).
 CONTROL_NODE_REGISTER: Final = "novacron.control.node_register"
-# kwargs {"node": str, "vms": [{"id", "state", "reason"}], "complete": bool}. Sent at start with every VM
-# the node holds (complete=True: the control side reconciles) and whenever a VM's state changes by
-# itself (a QEMU that died, a guest that powered off).
+
+
+class NodeRegistration(TypedDict):
+    name: str
+    address: str
+    dwcp_address: str
+    vcpus: int
+    memory_mb: int
+    disk_gb: int
+    hypervisor: HypervisorFacts
+
+
+class VmStateEntry(TypedDict):
+    """One VM a node holds, as the control side reconciles it."""
+
+    id: str
+    state: ControlVmState
+    node_state: NodeVmState
+    reason: str
+
+
+# Control task, sent at start with every VM the node holds (complete=True: the control side reconciles)
+# and whenever a VM's state changes by itself (a QEMU that died, a guest that powered off).
 CONTROL_NODE_VM_STATES: Final = "novacron.control.node_vm_states"
 
-OPERATIONS: Final = ("create", "start", "stop", "reboot", "delete")
+
+class NodeVmStates(TypedDict):
+    node: str
+    vms: list[VmStateEntry]
+    complete: bool
+
 
 # --- Migrations -----------------------------------------------------------------------------------
-# Node tasks; every kwargs has "migration_id" and "vm" (VM spec). Roles: the source node sends, the
-# destination node receives; both report with CONTROL_MIGRATION_REPORT.
-# dest: {"mode", "source_node"} -> event "prepared" {"targets": {"disk": ..., "memory": ...}}
+# Roles: the source node sends, the destination node receives; both report with MigrationReport.
+
+Role = Literal["source", "dest"]
+MigrationMode = Literal["live", "cold"]
+# What a node tells of a migration:
+#   prepared (dest, with its targets), phase (source: "disk" -> "memory"), transferred (source: live:
+#   QEMU completed, source paused; cold: disk sent and verified), switched (dest runs or holds the VM),
+#   failed, cancelled, aborted (this migration's QEMU and files removed on that side), cleaned (source
+#   copy removed after the switch), kept (a leftover copy this node did not remove: the detail says why).
+ReportEvent = Literal[
+    "prepared", "phase", "transferred", "switched", "failed", "cancelled", "aborted", "cleaned", "kept"
+]
+REPORT_EVENTS: Final[tuple[ReportEvent, ...]] = get_args(ReportEvent)
+# What a transfer moves; it names the destination's targets and the tickets that authorise them.
+TransferName = Literal["disk", "memory"]
+# Where each transfer lands on the destination (cold: the disk file; live: the NBD and incoming
+# migration sockets), relative to the destination's DWCP roots.
+Targets = dict[TransferName, str]
+Tickets = dict[TransferName, str]  # signed DWCP tickets, one per target
+
+
+class TransferOptions(TypedDict):
+    bandwidth_limit_mbps: int | None
+    downtime_limit_ms: int
+    auto_converge: bool
+    streams: int
+
+
+# Node tasks of a migration; every payload names the migration and its VM.
+# dest -> "prepared" with the targets.
 NODE_MIGRATION_PREPARE: Final = "novacron.node.migration_prepare"
-# source: {"mode", "dest_node", "dest_dwcp_address", "tickets": {name: token}, "targets", "options"}
-#   -> event "transferred" with stats (live: QEMU completed, source paused; cold: disk sent, verified)
+# source -> "phase", then "transferred" with stats.
 NODE_MIGRATION_SEND: Final = "novacron.node.migration_send"
-# dest (cold only): {"start": bool} -> event "switched" once the VM is defined (and started)
+# dest (cold only) -> "switched" once the VM is defined (and started).
 NODE_MIGRATION_FINISH: Final = "novacron.node.migration_finish"
-# either: {"role"} -> event "aborted": QEMU and files of this migration removed on that side
+# either -> "aborted": QEMU and files of this migration removed on that side.
 NODE_MIGRATION_ABORT: Final = "novacron.node.migration_abort"
-# source after the switch: -> event "cleaned": source QEMU quit, disk and run files removed
+# source after the switch -> "cleaned": source QEMU quit, disk and run files removed.
 NODE_MIGRATION_CLEANUP: Final = "novacron.node.migration_cleanup"
-# kwargs {"migration_id", "node", "role": "source" | "dest", "event", "detail": str, "stats": {...},
-#         "targets"?: {...}, "cause"?: FailureCause (event "failed" only; default "error")}.
-# Events: prepared, phase, transferred, switched, failed, cancelled, aborted, cleaned, kept (a leftover
-# copy this node did not remove: the detail says why).
-CONTROL_MIGRATION_REPORT: Final = "novacron.control.migration_report"
+
+
+class MigrationPrepare(TypedDict):
+    migration_id: str
+    vm: VmDescription
+    mode: MigrationMode
+    source_node: str
+
+
+class MigrationSend(TypedDict):
+    migration_id: str
+    vm: VmDescription
+    mode: MigrationMode
+    dest_node: str
+    dest_dwcp_address: str
+    tickets: Tickets
+    targets: Targets
+    options: TransferOptions
+
+
+class MigrationFinish(TypedDict):
+    migration_id: str
+    vm: VmDescription
+    start: bool
+
+
+class MigrationAbort(TypedDict):
+    migration_id: str
+    vm: VmDescription
+    role: Role
+    restart: NotRequired[bool]  # source: start the VM again if it is not running (default False)
+
+
+class MigrationCleanup(TypedDict):
+    migration_id: str
+    vm: VmDescription
+
 
 # How first-hand a "failed" report's detail is. Both sides can report one failure and in either order
 # (the destination's measured memory mismatch, and the source resuming because it was told of it): the
@@ -72,7 +218,61 @@ CONTROL_MIGRATION_REPORT: Final = "novacron.control.migration_report"
 #   error: something failed here (the default);
 #   measured: a check here measured the fault (its detail holds the figures).
 FailureCause = Literal["relayed", "error", "measured"]
-FAILURE_CAUSES: Final[tuple[FailureCause, ...]] = ("relayed", "error", "measured")  # lowest rank first
+FAILURE_CAUSES: Final[tuple[FailureCause, ...]] = get_args(FailureCause)  # lowest rank first
+# The memory check's verdict at a live switch (``workers.node.migration.memory_check.Verdict``).
+MemoryCheckVerdict = Literal["match", "mismatch", "skipped", "unverified"]
+
+
+class QemuMigrationFigures(TypedDict, total=False):
+    """QEMU's own figures of a live migration (``query-migrate`` once completed; empty if it gave none)."""
+
+    total_time_ms: int | None
+    setup_time_ms: int | None
+    ram_transferred: int | None
+    dirty_sync_count: int | None
+
+
+class MigrationStats(TypedDict, total=False):
+    """Figures a node reports with an event; the control side merges them into the migration's stats.
+
+    Times ``*_at`` are QMP event timestamps (epoch seconds) on the node's clock.
+    """
+
+    # source, cold
+    disk_bytes: int
+    transfer_seconds: float
+    codec_mix: dict[str, int]
+    downtime_ms: float | None  # None: the VM was stopped for the whole transfer
+    # source, live
+    qemu_downtime_ms: float | None
+    source_stopped_at: float | None
+    mirror_completed_at: float | None
+    source_completed_at: float | None
+    memory_total: float | None
+    disk_total: float | None
+    qemu: QemuMigrationFigures
+    # source, both modes
+    wire_bytes: int
+    # destination, live
+    dest_completed_at: float
+    dest_resumed_at: float
+    memory_check: MemoryCheckVerdict
+    memory_check_ms: float
+
+
+# Control task: a node reports a step of a migration.
+CONTROL_MIGRATION_REPORT: Final = "novacron.control.migration_report"
+
+
+class MigrationReport(TypedDict):
+    migration_id: str
+    node: str
+    role: Role
+    event: ReportEvent
+    detail: NotRequired[str]
+    stats: NotRequired[MigrationStats]
+    targets: NotRequired[Targets]  # "prepared" only
+    cause: NotRequired[FailureCause]  # "failed" only; default "error"
 
 
 class MigrationCopy(TypedDict):
@@ -80,45 +280,81 @@ class MigrationCopy(TypedDict):
 
     migration_id: str
     vm_id: str
-    role: Literal["source", "dest"]
+    role: Role
 
 
 # A node worker that starts lists the destination copies its migration markers name (QEMUs left waiting
-# with -incoming defer, half-received disks), since it cannot tell which of their migrations still run:
-# kwargs {"node": str, "copies": [MigrationCopy]}. The control plane answers with
-# NODE_MIGRATION_LEFTOVERS {"ended": [MigrationCopy]}: the copies whose migration is no longer active
-# (failed, cancelled, or unknown to it). The node removes an ended copy only while its marker still
-# names that migration and its guest never ran there; a copy of an active migration is never listed.
+# with -incoming defer, half-received disks), since it cannot tell which of their migrations still run
+# (MigrationCopies). The control plane answers with NODE_MIGRATION_LEFTOVERS (MigrationLeftovers): the
+# copies whose migration is no longer active (failed, cancelled, or unknown to it). The node removes an
+# ended copy only while its marker still names that migration and its guest never ran there; a copy of
+# an active migration is never listed.
 CONTROL_MIGRATION_COPIES: Final = "novacron.control.migration_copies"
 NODE_MIGRATION_LEFTOVERS: Final = "novacron.node.migration_leftovers"
 
-# Live progress, written by the source node at least twice a second while it transfers.
-MIGRATION_PROGRESS_KEY: Final = "novacron:migration:{id}:progress"  # hash; see MIGRATION_PROGRESS_FIELDS
-MIGRATION_EVENTS_CHANNEL: Final = "novacron:migration:{id}:events"  # pub/sub: the same fields as JSON
-MIGRATION_PROGRESS_FIELDS: Final = (
-    "phase",
-    "percent",
-    "memory_total",
-    "memory_processed",
-    "memory_remaining",
-    "dirty_rate",
-    "disk_total",
-    "disk_processed",
-    "disk_remaining",
-    "wire_bytes",
-    "rate_bps",
-    "eta_seconds",
-    "updated",
-)
-# Control knobs the source polls while it transfers (a hash):
-# "bandwidth_limit_mbps", "cancel", "force_complete".
+
+class MigrationCopies(TypedDict):
+    node: str
+    copies: list[MigrationCopy]
+
+
+class MigrationLeftovers(TypedDict):
+    ended: list[MigrationCopy]
+
+
+# Live progress, written by the source node at least twice a second while it transfers: a Redis hash
+# of MigrationProgress (values as strings) and the same fields as JSON on a pub/sub channel.
+MIGRATION_PROGRESS_KEY: Final = "novacron:migration:{id}:progress"
+MIGRATION_EVENTS_CHANNEL: Final = "novacron:migration:{id}:events"
+
+
+class MigrationProgress(TypedDict, total=False):
+    phase: Literal["disk", "memory"]
+    percent: float
+    memory_total: float
+    memory_processed: float
+    memory_remaining: float
+    dirty_rate: float  # bytes/s
+    disk_total: float
+    disk_processed: float
+    disk_remaining: float
+    wire_bytes: float
+    rate_bps: float
+    eta_seconds: float
+    updated: float  # epoch seconds
+
+
+MIGRATION_PROGRESS_FIELDS: Final = tuple(MigrationProgress.__annotations__)
+
+# Control knobs the source polls while it transfers: a Redis hash of MigrationControl, written as
+# strings ("" clears the bandwidth limit; "1" sets a flag).
 MIGRATION_CONTROL_KEY: Final = "novacron:migration:{id}:control"
 
-# Node VM states as reported (see workers.qemu.VmState): running, paused, stopped, dead, unknown.
 
-# Redis keys written by nodes and read by the control side.
-# JSON {"ts": epoch seconds, "vms": [workers.node.reports.vm_entry(...)...], "partial": [VM ids of half-made
-# copies without a definition]}; with a TTL.
-HEARTBEAT_KEY: Final = "novacron:node:{name}:heartbeat"
-METRICS_LIST: Final = "novacron:metrics"  # JSON samples [{"ts", "node", "vm"?, "name", "value"}], capped
+class MigrationControl(TypedDict, total=False):
+    bandwidth_limit_mbps: int | None  # None: no limit
+    cancel: bool
+    force_complete: bool
+
+
+# --- Redis values written by nodes and read by the control side --------------------------------------
+
+HEARTBEAT_KEY: Final = "novacron:node:{name}:heartbeat"  # JSON Heartbeat, with a TTL
+
+
+class Heartbeat(TypedDict):
+    ts: float  # epoch seconds
+    vms: list[VmStateEntry]
+    partial: list[str]  # ids of half-made copies without a definition (a create or a migration under way)
+
+
+METRICS_LIST: Final = "novacron:metrics"  # JSON MetricSample values, capped
 METRICS_LIST_MAX: Final = 100_000  # a control plane that is down for a while loses the oldest samples
+
+
+class MetricSample(TypedDict):
+    ts: float
+    node: str
+    vm: NotRequired[str]  # per-VM samples only
+    name: str
+    value: float

@@ -11,7 +11,6 @@ import json
 import logging
 import threading
 import time
-from typing import Any
 
 import psutil
 import redis
@@ -55,7 +54,7 @@ class Monitor(threading.Thread):
     def beat(self) -> None:
         statuses = self.driver.discover()
         self._report_changes(statuses)
-        payload = {
+        payload: contract.Heartbeat = {
             "ts": time.time(),
             "vms": [vm_entry(status) for status in statuses],
             "partial": self._partial_copies(statuses),
@@ -88,7 +87,7 @@ class Monitor(threading.Thread):
         node = self.config.name
         disk = psutil.disk_usage(str(self.config.data_dir))
         memory = psutil.virtual_memory()
-        samples: list[dict[str, Any]] = [
+        samples: list[contract.MetricSample] = [
             {"ts": now, "node": node, "name": "node.cpu_percent", "value": psutil.cpu_percent(interval=None)},
             {
                 "ts": now,

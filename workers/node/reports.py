@@ -5,6 +5,7 @@ applies it idempotently, so a report sent twice (a redelivered node task) change
 """
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
@@ -14,27 +15,23 @@ from workers.qemu import NodeFacts, VmState, VmStatus
 
 logger = logging.getLogger(__name__)
 
-# How a node-side VM state reads in the control plane's VM states.
-CONTROL_STATE = {
-    VmState.RUNNING: "running",
-    VmState.PAUSED: "running",
-    VmState.STOPPED: "stopped",
-    VmState.DEAD: "error",
-    VmState.UNKNOWN: "error",
+# How a node-side VM state goes on the wire: as the node names it, and as the control plane records it.
+STATES_ON_WIRE: dict[VmState, tuple[contract.NodeVmState, contract.ControlVmState]] = {
+    VmState.RUNNING: ("running", "running"),
+    VmState.PAUSED: ("paused", "running"),
+    VmState.STOPPED: ("stopped", "stopped"),
+    VmState.DEAD: ("dead", "error"),
+    VmState.UNKNOWN: ("unknown", "error"),
 }
 
 
-def vm_entry(status: VmStatus) -> dict[str, str]:
+def vm_entry(status: VmStatus) -> contract.VmStateEntry:
     """One VM as the control side reconciles it."""
     reason = status.reason
     if status.state in (VmState.DEAD, VmState.UNKNOWN) and status.serial_tail:
         reason = f"{reason}; last console lines: {' | '.join(status.serial_tail[-3:])}"
-    return {
-        "id": status.uuid,
-        "state": CONTROL_STATE[status.state],
-        "node_state": str(status.state),
-        "reason": reason,
-    }
+    node_state, control_state = STATES_ON_WIRE[status.state]
+    return {"id": status.uuid, "state": control_state, "node_state": node_state, "reason": reason}
 
 
 class Reporter:
@@ -44,41 +41,47 @@ class Reporter:
         self.app = app
         self.node = node
 
-    def _send(self, task: str, **kwargs: Any) -> None:
-        self.app.send_task(task, kwargs=kwargs, queue=contract.CONTROL_QUEUE)
+    def _send(self, task: str, payload: Mapping[str, Any]) -> None:
+        self.app.send_task(task, kwargs=payload, queue=contract.CONTROL_QUEUE)
 
     def vm(
-        self, *, vm_id: str, operation: str, ok: bool, state: str, reason: str = "", final: bool = True
+        self,
+        *,
+        vm_id: str,
+        operation: contract.Operation,
+        ok: bool,
+        state: contract.ReportedVmState,
+        reason: str = "",
+        final: bool = True,
     ) -> None:
         logger.info("VM %s %s: ok=%s state=%s %s", vm_id, operation, ok, state, reason)
-        self._send(
-            contract.CONTROL_VM_REPORT,
-            vm_id=vm_id,
-            operation=operation,
-            ok=ok,
-            state=state,
-            reason=reason[:1000],
-            node=self.node,
-            final=final,
-        )
+        report: contract.VmReport = {
+            "vm_id": vm_id,
+            "operation": operation,
+            "ok": ok,
+            "state": state,
+            "reason": reason[:1000],
+            "node": self.node,
+            "final": final,
+        }
+        self._send(contract.CONTROL_VM_REPORT, report)
 
     def vm_states(self, statuses: list[VmStatus], *, complete: bool) -> None:
-        self._send(
-            contract.CONTROL_NODE_VM_STATES,
-            node=self.node,
-            vms=[vm_entry(status) for status in statuses],
-            complete=complete,
-        )
+        states: contract.NodeVmStates = {
+            "node": self.node,
+            "vms": [vm_entry(status) for status in statuses],
+            "complete": complete,
+        }
+        self._send(contract.CONTROL_NODE_VM_STATES, states)
 
     def register(self, *, address: str, dwcp_address: str, facts: NodeFacts) -> None:
-        hypervisor = facts.to_dict()
-        self._send(
-            contract.CONTROL_NODE_REGISTER,
-            name=self.node,
-            address=address,
-            dwcp_address=dwcp_address,
-            vcpus=facts.cpu_count,
-            memory_mb=facts.memory_mb,
-            disk_gb=max(int(facts.disk_free_gb), 1),
-            hypervisor=hypervisor,
-        )
+        registration: contract.NodeRegistration = {
+            "name": self.node,
+            "address": address,
+            "dwcp_address": dwcp_address,
+            "vcpus": facts.cpu_count,
+            "memory_mb": facts.memory_mb,
+            "disk_gb": max(int(facts.disk_free_gb), 1),
+            "hypervisor": facts.to_dict(),
+        }
+        self._send(contract.CONTROL_NODE_REGISTER, registration)

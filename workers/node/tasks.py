@@ -18,14 +18,14 @@ What brings a lost task back depends on how it was lost:
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 from celery import Celery
 
 from workers import contract
 from workers.qemu import QemuDriver, QemuError, VmSpec, VmStatus
 
-from .reports import CONTROL_STATE, Reporter, vm_entry
+from .reports import Reporter, vm_entry
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True
 def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter) -> None:
     """Bind the lifecycle tasks of ``workers.contract`` to this node's driver."""
 
-    def run(operation: str, vm: dict[str, Any], work: Callable[[VmSpec], VmStatus | None]) -> None:
+    def run(
+        operation: contract.Operation, vm: contract.VmDescription, work: Callable[[VmSpec], VmStatus | None]
+    ) -> None:
         vm_id = str(vm.get("id", ""))
         try:
             spec = VmSpec.from_dict(vm)
@@ -59,7 +61,7 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter) -> None:
             reporter.vm(vm_id=spec.uuid, operation=operation, ok=True, state="deleted")
         else:
             entry = vm_entry(status)
-            ok = CONTROL_STATE[status.state] != "error"
+            ok = entry["state"] != "error"
             reporter.vm(
                 vm_id=spec.uuid, operation=operation, ok=ok, state=entry["state"], reason=entry["reason"]
             )
@@ -86,7 +88,7 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter) -> None:
     def delete(spec: VmSpec) -> None:
         driver.delete(spec.uuid)  # deleting a VM this node does not hold is a no-op
 
-    operations: dict[str, tuple[str, Callable[[VmSpec], VmStatus | None]]] = {
+    operations: dict[str, tuple[contract.Operation, Callable[[VmSpec], VmStatus | None]]] = {
         contract.NODE_VM_CREATE: ("create", create),
         contract.NODE_VM_START: ("start", start),
         contract.NODE_VM_STOP: ("stop", stop),
@@ -98,12 +100,13 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter) -> None:
 
 
 def _bind(
-    run: Callable[[str, dict[str, Any], Callable[[VmSpec], VmStatus | None]], None],
-    operation: str,
+    run: Callable[[contract.Operation, contract.VmDescription, Callable[[VmSpec], VmStatus | None]], None],
+    operation: contract.Operation,
     work: Callable[[VmSpec], VmStatus | None],
 ) -> Callable[..., None]:
-    def task(*, vm: dict[str, Any], request_id: str = "") -> None:
-        logger.info("%s VM %s (request %s)", operation, vm.get("id"), request_id)
+    def task(**request: Unpack[contract.VmOperationRequest]) -> None:
+        vm = request["vm"]
+        logger.info("%s VM %s (request %s)", operation, vm.get("id"), request.get("request_id", ""))
         run(operation, vm, work)
 
     task.__name__ = f"vm_{operation}"

@@ -30,14 +30,15 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from workers.contract import HypervisorFacts
 from workers.qemu.accel import (
     DEFAULT_PROBE_TIMEOUT,
     Accelerator,
@@ -82,8 +83,18 @@ class NodeFacts:
     kvm_probe_reason: str
     accelerator: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> HypervisorFacts:
+        """The contract form, registered with the node."""
+        return {
+            "cpu_count": self.cpu_count,
+            "memory_mb": self.memory_mb,
+            "disk_free_gb": self.disk_free_gb,
+            "data_dir": self.data_dir,
+            "qemu_version": self.qemu_version,
+            "kvm_usable": self.kvm_usable,
+            "kvm_probe_reason": self.kvm_probe_reason,
+            "accelerator": self.accelerator,
+        }
 
 
 @dataclass(frozen=True)
@@ -527,7 +538,7 @@ def _temporary_disk(paths: VmPaths) -> Path:
     return paths.disk.with_name(paths.disk.name + ".partial")
 
 
-def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(data, indent=2) + "\n")
     temporary.replace(path)

@@ -1,9 +1,9 @@
 """What a VM is made of, as the driver needs it: `VmSpec` and its boot image.
 
-The dictionary form (`VmSpec.to_dict` / `VmSpec.from_dict`) uses the keys of the node-task contract
-(`workers.contract.VM_SPEC_KEYS`: ``id``, ``name``, ``vcpus``, ``memory_mb``, ``disk_gb``, ``image``) plus
-``extra_kernel_args``; it is also what the driver stores as ``run/<uuid>/spec.json`` so a run directory
-describes itself after a worker restart. Validation happens here, once, with messages naming the field.
+The dictionary form (`VmSpec.to_dict` / `VmSpec.from_dict`) is the node-task contract's
+`workers.contract.VmDescription`; it is also what the driver stores as ``run/<uuid>/spec.json`` so a
+run directory describes itself after a worker restart. Validation happens here, once, with messages
+naming the field.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workers.contract import ImageDescription, VmDescription
 from workers.qemu.errors import InvalidSpec
 from workers.qemu.layout import canonical_uuid
 
@@ -89,9 +90,9 @@ class VmSpec:
             return ""
         return " ".join(part for part in (self.image.cmdline, *self.extra_kernel_args) if part)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> VmDescription:
         """The contract/JSON form of this spec."""
-        image: dict[str, Any]
+        image: ImageDescription
         if isinstance(self.image, DiskImage):
             image = {"kind": "disk", "path": str(self.image.path), "format": self.image.format}
         else:
