@@ -67,8 +67,12 @@ class VMChanges:
         return any(value is not None for value in (self.vcpus, self.memory_mb, self.disk_gb))
 
 
-def _demand(vm: VM) -> scheduler.Demand:
+def vm_demand(vm: VM) -> scheduler.Demand:
+    """What ``vm`` takes of its node's capacity: reserved where it is placed, released where it leaves."""
     return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
+
+
+_demand = vm_demand  # the name services/reports.py imports, until it imports vm_demand
 
 
 # A create's checks in one round trip (after the owner's lock, so that its snapshot sees every VM
@@ -258,7 +262,7 @@ def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
             changes.memory_mb if changes.memory_mb is not None else vm.memory_mb,
             changes.disk_gb if changes.disk_gb is not None else vm.disk_gb,
         )
-        old = _demand(vm)
+        old = vm_demand(vm)
         grow = scheduler.Demand(
             max(new.vcpus - old.vcpus, 0),
             max(new.memory_mb - old.memory_mb, 0),
@@ -416,7 +420,7 @@ def _mark_deleting(vm: VM, *, save: bool = True) -> bool:
 
 def _finish_delete(vm: VM) -> None:
     if vm.node_id is not None and vm.state != VMState.DELETED:
-        scheduler.release(node_id=vm.node_id, demand=_demand(vm))
+        scheduler.release(node_id=vm.node_id, demand=vm_demand(vm))
     vm.state = VMState.DELETED
     vm.pending_action = VMAction.NONE
     vm.deleted_at = timezone.now()
