@@ -146,12 +146,10 @@ ReportEvent = Literal[
     "prepared", "phase", "transferred", "switched", "failed", "cancelled", "aborted", "cleaned", "kept"
 ]
 REPORT_EVENTS: Final[tuple[ReportEvent, ...]] = get_args(ReportEvent)
-# What a transfer moves; it names the destination's targets and the tickets that authorise them.
-TransferName = Literal["disk", "memory"]
-# Where each transfer lands on the destination (cold: the disk file; live: the NBD and incoming
-# migration sockets), relative to the destination's DWCP roots.
-Targets = dict[TransferName, str]
-Tickets = dict[TransferName, str]  # signed DWCP tickets, one per target
+# Where each transfer lands on the destination, by name ("disk"; live also "memory"): the disk file
+# (cold) or the NBD and incoming migration sockets (live), relative to the destination's DWCP roots.
+Targets = dict[str, str]
+Tickets = dict[str, str]  # a signed DWCP ticket per target name
 
 
 class TransferOptions(TypedDict):

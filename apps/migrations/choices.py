@@ -24,11 +24,9 @@ class MigrationPhase(models.TextChoices):
     MEMORY = "memory", "Memory"
 
 
-ACTIVE_STATUSES = frozenset(
-    {
-        MigrationStatus.QUEUED,
-        MigrationStatus.PREPARING,
-        MigrationStatus.TRANSFERRING,
-        MigrationStatus.SWITCHING,
-    }
+# Under way on the nodes; a migration that is not under way is queued or ended.
+RUNNING_STATUSES = frozenset(
+    {MigrationStatus.PREPARING, MigrationStatus.TRANSFERRING, MigrationStatus.SWITCHING}
 )
+ACTIVE_STATUSES = frozenset({MigrationStatus.QUEUED, *RUNNING_STATUSES})
+TERMINAL_STATUSES = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})

@@ -1,7 +1,7 @@
 """Control-queue tasks of migrations: scheduling, node reports and copies, the stall watchdog, webhooks."""
 
 import urllib.error
-from typing import Any
+from typing import Unpack
 
 from celery import shared_task
 
@@ -21,34 +21,15 @@ def migrations_schedule() -> list[str]:
 
 
 @shared_task(name=contract.CONTROL_MIGRATION_REPORT, acks_late=True, time_limit=60)
-def migration_report(
-    *,
-    migration_id: str,
-    node: str,
-    role: str,
-    event: str,
-    detail: str = "",
-    stats: dict[str, Any] | None = None,
-    targets: dict[str, str] | None = None,
-    cause: contract.FailureCause = "error",
-) -> None:
+def migration_report(**report: Unpack[contract.MigrationReport]) -> None:
     """A node reports a step of a migration."""
-    services.migration_report(
-        migration_id=migration_id,
-        node=node,
-        role=role,
-        event=event,
-        detail=detail,
-        stats=stats,
-        targets=targets,
-        cause=cause,
-    )
+    services.migration_report(**report)
 
 
 @shared_task(name=contract.CONTROL_MIGRATION_COPIES, acks_late=True, time_limit=60)
-def migration_copies(*, node: str, copies: list[contract.MigrationCopy]) -> list[str]:
+def migration_copies(**copies: Unpack[contract.MigrationCopies]) -> list[str]:
     """A starting node lists its destination copies: name back those whose migration ended."""
-    return services.node_migration_copies(node=node, copies=copies)
+    return services.node_migration_copies(**copies)
 
 
 @shared_task(name="apps.migrations.tasks.migrations_watchdog", acks_late=True, time_limit=60, expires=20)

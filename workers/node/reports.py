@@ -42,7 +42,7 @@ class Reporter:
         self.node = node
 
     def _send(self, task: str, payload: Mapping[str, Any]) -> None:
-        self.app.send_task(task, kwargs=payload, queue=contract.CONTROL_QUEUE)
+        self.app.send_task(task, kwargs=dict(payload), queue=contract.CONTROL_QUEUE)
 
     def vm(
         self,

@@ -10,10 +10,10 @@ from django.db.models import Q
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import NovaCronError
-from apps.migrations.choices import MigrationMode
+from apps.migrations.choices import TERMINAL_STATUSES, MigrationMode
 from apps.migrations.models import Migration
 from apps.migrations.serializers import MigrationSerializer
-from apps.migrations.services import TERMINAL_STATUSES, migration_request
+from apps.migrations.services import migration_request
 from apps.vms.models import VM, Node
 
 
