@@ -14,7 +14,7 @@ from workers.dwcp import DWCPError, DWCPServer
 from workers.qemu import DataDirError, DriverSettings, QemuDriver, QemuNotInstalled
 
 from .config import ConfigError, NodeConfig, from_args
-from .migration import MigrationRunner, register_migration_tasks
+from .migration.runner import MigrationRunner, register_migration_tasks
 from .monitor import Monitor
 from .reports import Reporter
 from .tasks import register_tasks

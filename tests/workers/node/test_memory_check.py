@@ -11,8 +11,8 @@ import pytest
 import redis
 from django.conf import settings
 
-from workers.node import memory_check
-from workers.node.memory_check import Verdict
+from workers.node.migration import memory_check
+from workers.node.migration.memory_check import Verdict
 from workers.qemu.memory import MemoryDigest
 
 

@@ -37,7 +37,8 @@ from tests.workers.qemu.conftest import data_dir, driver, testguest  # noqa: F40
 from workers import contract
 from workers.node.__main__ import make_app
 from workers.node.config import NodeConfig
-from workers.node.migration import MARKER, MigrationRunner
+from workers.node.migration.markers import MARKER
+from workers.node.migration.runner import MigrationRunner
 from workers.qemu import AcceleratorSetting, KernelImage, QemuDriver, VmSpec, VmState
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu, pytest.mark.django_db(transaction=True)]

@@ -8,7 +8,7 @@ one-element list (RPUSH, read by a blocking BLPOP) that expires after ``KEY_TTL_
 
 A node whose messages cannot pass (Redis away beyond the timeout) behaves as before the check
 existed: the destination resumes unverified and says so in its report; the source waits for the
-control plane's decision.
+control plane's decision. Each side waits for the other's message ``memory_check_wait`` seconds.
 """
 
 from __future__ import annotations
@@ -21,12 +21,34 @@ from enum import StrEnum
 
 import redis
 
-from workers.qemu.memory import MemoryDigest
+from workers import contract
+from workers.qemu import QemuError
+from workers.qemu.memory import SECONDS_PER_GIB, MemoryDigest
 
 logger = logging.getLogger(__name__)
 
 KEY_TTL_SECONDS = 600
 RETRY_SECONDS = 0.5
+# How long one side waits for the other's message: at least this, otherwise the time to read the
+# guest's RAM twice.
+MEMORY_CHECK_MIN_WAIT = 30.0
+
+
+def memory_check_wait(memory_mb: int) -> float:
+    """Seconds one side of the memory check waits for the other's message."""
+    return max(MEMORY_CHECK_MIN_WAIT, 2 * SECONDS_PER_GIB * memory_mb / 1024)
+
+
+class MemoryMismatch(QemuError):
+    """The guest's RAM differed between source and destination at the switch.
+
+    ``cause`` ranks the report (``contract.FAILURE_CAUSES``): the destination measured the difference,
+    the source only relays the destination's verdict.
+    """
+
+    def __init__(self, message: str, *, cause: contract.FailureCause) -> None:
+        super().__init__(message)
+        self.cause: contract.FailureCause = cause
 
 
 class Verdict(StrEnum):
