@@ -9,7 +9,7 @@ It never imports Django: the node worker calls it and reports results through th
 """
 
 from workers.qemu.accel import Accelerator, AcceleratorSetting, ProbeResult
-from workers.qemu.driver import DriverSettings, NodeFacts, QemuDriver
+from workers.qemu.driver import QemuDriver
 from workers.qemu.errors import (
     DataDirError,
     InvalidSpec,
@@ -27,6 +27,7 @@ from workers.qemu.errors import (
 )
 from workers.qemu.layout import VmPaths
 from workers.qemu.qmp import QmpEvent, QmpSession
+from workers.qemu.settings import DriverSettings, NodeFacts
 from workers.qemu.spec import DiskImage, KernelImage, VmSpec
 from workers.qemu.status import VmState, VmStatus
 
