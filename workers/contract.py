@@ -145,7 +145,6 @@ MigrationMode = Literal["live", "cold"]
 ReportEvent = Literal[
     "prepared", "phase", "transferred", "switched", "failed", "cancelled", "aborted", "cleaned", "kept"
 ]
-REPORT_EVENTS: Final[tuple[ReportEvent, ...]] = get_args(ReportEvent)
 # Where each transfer lands on the destination, by name ("disk"; live also "memory"): the disk file
 # (cold) or the NBD and incoming migration sockets (live), relative to the destination's DWCP roots.
 Targets = dict[str, str]

@@ -5,7 +5,7 @@ the row when it ends. The control hash carries what an operator changes while it
 cancel, force-complete); the source polls it.
 """
 
-from typing import Any
+from typing import Any, Unpack
 
 import redis
 
@@ -39,7 +39,7 @@ def read(client: redis.Redis, migration_id: str) -> dict[str, Any]:
     return progress
 
 
-def set_control(client: redis.Redis, migration_id: str, **knobs: Any) -> None:
+def set_control(client: redis.Redis, migration_id: str, **knobs: Unpack[contract.MigrationControl]) -> None:
     """Set knobs for the source to pick up (``None`` clears a bandwidth limit)."""
     mapping: dict[Any, Any] = {
         key: ("" if value is None else str(int(value) if isinstance(value, bool) else value))
