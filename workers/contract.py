@@ -86,7 +86,7 @@ class VmReport(TypedDict):
 
 
 class HypervisorFacts(TypedDict):
-    """What a node's host offers (``workers.qemu.NodeFacts``), shown with the node."""
+    """What a node's host offers (``QemuDriver.node_facts``), shown with the node."""
 
     cpu_count: int
     memory_mb: int

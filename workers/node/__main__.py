@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             "node %s ready: queue %s, accelerator %s",
             config.name,
             contract.node_queue(config.name),
-            facts.accelerator,
+            facts["accelerator"],
         )
 
     @signals.worker_shutdown.connect(weak=False)

@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 
 from workers import contract
-from workers.qemu import NodeFacts, VmState, VmStatus
+from workers.qemu import VmState, VmStatus
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +74,14 @@ class Reporter:
         }
         self._send(contract.CONTROL_NODE_VM_STATES, states)
 
-    def register(self, *, address: str, dwcp_address: str, facts: NodeFacts) -> None:
+    def register(self, *, address: str, dwcp_address: str, facts: contract.HypervisorFacts) -> None:
         registration: contract.NodeRegistration = {
             "name": self.node,
             "address": address,
             "dwcp_address": dwcp_address,
-            "vcpus": facts.cpu_count,
-            "memory_mb": facts.memory_mb,
-            "disk_gb": max(int(facts.disk_free_gb), 1),
-            "hypervisor": facts.to_dict(),
+            "vcpus": facts["cpu_count"],
+            "memory_mb": facts["memory_mb"],
+            "disk_gb": max(int(facts["disk_free_gb"]), 1),
+            "hypervisor": facts,
         }
         self._send(contract.CONTROL_NODE_REGISTER, registration)

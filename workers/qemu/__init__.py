@@ -27,7 +27,7 @@ from workers.qemu.errors import (
 )
 from workers.qemu.layout import VmPaths
 from workers.qemu.qmp import QmpEvent, QmpSession
-from workers.qemu.settings import DriverSettings, NodeFacts
+from workers.qemu.settings import DriverSettings
 from workers.qemu.spec import DiskImage, KernelImage, VmSpec
 from workers.qemu.status import VmState, VmStatus
 
@@ -39,7 +39,6 @@ __all__ = [
     "DriverSettings",
     "InvalidSpec",
     "KernelImage",
-    "NodeFacts",
     "ProbeResult",
     "QemuDriver",
     "QemuError",

@@ -37,6 +37,7 @@ from typing import Any
 
 import psutil
 
+from workers.contract import HypervisorFacts
 from workers.qemu.accel import (
     Accelerator,
     ProbeResult,
@@ -57,7 +58,7 @@ from workers.qemu.errors import (
 from workers.qemu.layout import NodeLayout, VmPaths
 from workers.qemu.process import is_alive, kill_hard, read_pid, wait_gone
 from workers.qemu.qmp import EventLoopThread, QmpSession
-from workers.qemu.settings import DriverSettings, NodeFacts
+from workers.qemu.settings import DriverSettings
 from workers.qemu.spec import DiskImage, VmSpec
 from workers.qemu.status import VmState, VmStatus, log_tail, status_from_query
 from workers.qemu.tools import QemuTools
@@ -112,7 +113,7 @@ class QemuDriver:
             timeout=self.settings.probe_timeout,
         )
 
-    def node_facts(self) -> NodeFacts:
+    def node_facts(self) -> HypervisorFacts:
         """CPU count, memory, free disk of the data dir, QEMU version and KVM usability."""
         self.layout.ensure()
         probe = self.kvm_probe()
@@ -120,16 +121,16 @@ class QemuDriver:
             free_bytes = shutil.disk_usage(self.layout.data_dir).free
         except OSError as exc:
             raise DataDirError(f"cannot read the free space of {self.layout.data_dir}: {exc}") from exc
-        return NodeFacts(
-            cpu_count=os.cpu_count() or 1,
-            memory_mb=psutil.virtual_memory().total // (1024 * 1024),
-            disk_free_gb=round(free_bytes / 1024**3, 2),
-            data_dir=str(self.layout.data_dir),
-            qemu_version=probe.qemu_version,
-            kvm_usable=probe.kvm_usable,
-            kvm_probe_reason=probe.reason,
-            accelerator=str(self.accelerator),
-        )
+        return {
+            "cpu_count": os.cpu_count() or 1,
+            "memory_mb": psutil.virtual_memory().total // (1024 * 1024),
+            "disk_free_gb": round(free_bytes / 1024**3, 2),
+            "data_dir": str(self.layout.data_dir),
+            "qemu_version": probe.qemu_version,
+            "kvm_usable": probe.kvm_usable,
+            "kvm_probe_reason": probe.reason,
+            "accelerator": str(self.accelerator),
+        }
 
     # ------------------------------------------------------------ lifecycle
 

@@ -1,42 +1,13 @@
-"""What a node's QEMU driver is configured with (`DriverSettings`) and what it reports of its host
-(`NodeFacts`, registered with the control plane as the contract's ``HypervisorFacts``)."""
+"""What a node's QEMU driver is configured with: `DriverSettings`, checked when it is made."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.contract import HypervisorFacts
 from workers.qemu.accel import DEFAULT_PROBE_TIMEOUT, Accelerator, AcceleratorSetting
 from workers.qemu.errors import QemuError
 from workers.qemu.qmp import DEFAULT_QMP_TIMEOUT
-
-
-@dataclass(frozen=True)
-class NodeFacts:
-    """What a node registers with: capacity, QEMU version and the accelerator it will use."""
-
-    cpu_count: int
-    memory_mb: int
-    disk_free_gb: float
-    data_dir: str
-    qemu_version: str
-    kvm_usable: bool
-    kvm_probe_reason: str
-    accelerator: str
-
-    def to_dict(self) -> HypervisorFacts:
-        """The contract form, registered with the node."""
-        return {
-            "cpu_count": self.cpu_count,
-            "memory_mb": self.memory_mb,
-            "disk_free_gb": self.disk_free_gb,
-            "data_dir": self.data_dir,
-            "qemu_version": self.qemu_version,
-            "kvm_usable": self.kvm_usable,
-            "kvm_probe_reason": self.kvm_probe_reason,
-            "accelerator": self.accelerator,
-        }
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ RELAYED = "MemoryMismatch: the destination's memory check failed ...; the source
 @pytest.mark.parametrize("order", ["destination first", "source first"])
 def test_the_measured_memory_mismatch_is_the_error_whichever_report_comes_first(api, running_vm, user, order):
     migration = _transferring(running_vm, user)
-    reports: list[tuple[str, str, str, contract.FailureCause]] = [
+    reports: list[tuple[str, contract.Role, str, contract.FailureCause]] = [
         ("dst", "dest", MEASURED, "measured"),
         ("src", "source", RELAYED, "relayed"),
     ]
@@ -247,7 +247,11 @@ def test_the_measured_memory_mismatch_is_the_error_whichever_report_comes_first(
 
 def test_a_later_failure_of_equal_rank_keeps_the_first_error(api, running_vm, user):
     migration = _transferring(running_vm, user)
-    for node, role, detail in (("src", "source", "tunnel broke"), ("dst", "dest", "incoming failed")):
+    failures: list[tuple[str, contract.Role, str]] = [
+        ("src", "source", "tunnel broke"),
+        ("dst", "dest", "incoming failed"),
+    ]
+    for node, role, detail in failures:
         services.migration_report(
             migration_id=str(migration.pk), node=node, role=role, event="failed", detail=detail
         )
