@@ -1,12 +1,19 @@
 """Database helpers shared by the apps: inserts by COPY or one prepared statement, fixed statements
 prepared on the server (rows or model instances), look-ups by one column, and an index operation for
-migrations."""
+migrations.
+
+Every difference between PostgreSQL and another database (the SQLite file ``make run`` uses without
+``DATABASE_URL``) is decided here, by :func:`on_postgresql`: a module with SQL of PostgreSQL's
+(casts, arrays, ``FOR NO KEY UPDATE``, ``SKIP LOCKED``, COPY, prepared statements) declares it with
+:func:`postgresql_or`, naming the portable implementation used elsewhere, instead of testing the
+vendor itself.
+"""
 
 import enum
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 import psycopg
 from django.db import connection, models
@@ -15,6 +22,33 @@ from django.utils import timezone
 from psycopg.types.datetime import TimestamptzLoader
 
 M = TypeVar("M", bound=models.Model)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def on_postgresql() -> bool:
+    """Whether the default database is PostgreSQL, which runs the project's fixed SQL."""
+    return connection.vendor == "postgresql"
+
+
+def postgresql_or(portable: Callable[..., Any]) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function written for PostgreSQL with the ``portable`` one (same parameters, a
+    result of the same type) that answers on any other database."""
+
+    def decorate(native: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(native)
+        def either(*args: P.args, **kwargs: P.kwargs) -> R:
+            return native(*args, **kwargs) if on_postgresql() else portable(*args, **kwargs)
+
+        return either
+
+    return decorate
+
+
+def none_elsewhere(*args: Any, **kwargs: Any) -> None:
+    """The portable side of a PostgreSQL-only shortcut whose caller takes its general path on None."""
+    return None
+
 
 # Below this many rows one INSERT costs no more than a COPY (which takes two round trips).
 COPY_MIN_ROWS: Final = 50
@@ -49,10 +83,10 @@ def bulk_insert(objects: Sequence[M]) -> Sequence[M]:
     instances then keep ``pk`` None). Errors come as Django's (a unique violation is an
     ``IntegrityError``).
     """
-    if connection.vendor == "postgresql" and len(objects) == 1:
+    if on_postgresql() and len(objects) == 1:
         _insert_one(objects[0])
         return objects
-    if connection.vendor != "postgresql" or len(objects) < COPY_MIN_ROWS:
+    if not on_postgresql() or len(objects) < COPY_MIN_ROWS:
         return type(objects[0])._default_manager.bulk_create(objects) if objects else objects
     meta = objects[0]._meta
     fields = [field for field in meta.concrete_fields if not field.db_returning]  # auto ids: the database's
@@ -133,7 +167,7 @@ def fetch_prepared(statement: str, params: Sequence[Any] | Mapping[str, Any]) ->
     switch a prepared statement to one generic plan after five executions. On another database (the
     SQLite file of ``make run``) the statement runs as any query.
     """
-    if connection.vendor != "postgresql":
+    if not on_postgresql():
         with connection.cursor() as cursor:
             cursor.execute(statement, params)
             return list(cursor.fetchall())
@@ -176,7 +210,7 @@ def fetch_instances(model: type[M], statement: str, params: Sequence[Any] | Mapp
     """The ``model`` instances of ``statement``'s rows, run by :func:`fetch_prepared`; its select list
     must be :func:`columns` of ``model``. Values are converted as the ORM converts them (JSON
     fields). On another database than PostgreSQL the statement runs through ``raw()``."""
-    if connection.vendor != "postgresql":
+    if not on_postgresql():
         return list(model._default_manager.raw(statement, params))
     attnames, converters = _loading(model)
     instances = []

@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 
-from apps.core.db import columns, fetch_instances
+from apps.core.db import columns, fetch_instances, none_elsewhere, postgresql_or
 from apps.core.errors import NoCapacity
 
 from .choices import NodeStatus
@@ -169,11 +169,10 @@ def _take_best_sql() -> str:
     return _TAKE_BEST_SQL.format(columns=columns(Node, "n"))
 
 
+@postgresql_or(none_elsewhere)
 def _take_best(demand: Demand) -> Node | None:
     """Reserve ``demand`` on the best free node (:data:`_TAKE_BEST_SQL`); None, holding no lock, when
     no node with the room is free of concurrent reservations (or there is none at all)."""
-    if connection.vendor != "postgresql":
-        return None
     params = {
         "vcpus": demand.vcpus,
         "memory_mb": demand.memory_mb,
@@ -185,6 +184,7 @@ def _take_best(demand: Demand) -> Node | None:
     return found[0] if found else None
 
 
+@postgresql_or(none_elsewhere)  # elsewhere (SQLite) the caller's locked path places
 def _take_all(taken: dict[int, Demand]) -> dict[int, Node] | None:
     """Reserve the plan's totals; None, with nothing reserved and no row left locked, if one fails.
 
@@ -194,8 +194,6 @@ def _take_all(taken: dict[int, Demand]) -> dict[int, Node] | None:
     it must do holding none of them (two transactions each holding the row the other waits for
     deadlocked in ``test_concurrent_creates_never_overcommit``).
     """
-    if connection.vendor != "postgresql":
-        return None  # the SQL above is PostgreSQL's; elsewhere (SQLite) the caller's locked path places
     ids = sorted(taken)
     params = [
         ids,

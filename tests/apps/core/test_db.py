@@ -6,7 +6,16 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from apps.core.db import COPY_MIN_ROWS, bulk_insert, columns, fetch_instances, fetch_prepared, get_by
+from apps.core.db import (
+    COPY_MIN_ROWS,
+    bulk_insert,
+    columns,
+    fetch_instances,
+    fetch_prepared,
+    get_by,
+    on_postgresql,
+    postgresql_or,
+)
 from apps.vms.choices import BatchItemStatus, BatchKind, VMState
 from apps.vms.models import VM, BatchItem, BatchOperation, Image, Node
 
@@ -144,3 +153,17 @@ def test_fetch_prepared_raises_djangos_errors(user, node, image):
     VM.objects.create(owner=user, name="two", image=image, node=node, vcpus=1, memory_mb=64, disk_gb=1)
     with pytest.raises(IntegrityError), transaction.atomic():
         fetch_prepared("UPDATE vms SET name = %s WHERE name = %s RETURNING id", ["one", "two"])
+
+
+def test_postgresql_or_runs_the_native_function_on_postgresql_and_the_portable_one_elsewhere(monkeypatch):
+    def portable(value: int) -> str:
+        return f"portable {value}"
+
+    @postgresql_or(portable)
+    def native(value: int) -> str:
+        return f"native {value}"
+
+    assert native(1) == "native 1"
+    monkeypatch.setattr(connection, "vendor", "sqlite")  # what the SQLite file of `make run` reports
+    assert not on_postgresql()
+    assert native(2) == "portable 2"
