@@ -26,5 +26,6 @@ urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     *monitoring_urlpatterns,
+    path("", include("apps.migrations.urls")),
     path("", include(router.urls)),
 ]

@@ -1,4 +1,5 @@
-"""Migration endpoints: list, detail with history, bandwidth changes, cancel, force-complete, SSE."""
+"""Migration endpoints: list, detail with history, bandwidth changes, cancel, force-complete, SSE;
+and a node's drain (``POST /api/v1/nodes/{id}/drain/``: its VMs migrated away)."""
 
 import json
 import time
@@ -11,12 +12,14 @@ from django.db import close_old_connections
 from django.db.models import QuerySet
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import mixins, renderers, serializers, viewsets
+from rest_framework import generics, mixins, permissions, renderers, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.core.auth import request_user
+from apps.vms.models import Node
+from apps.vms.serializers import NodeDrainSerializer
 from workers import contract
 
 from . import services
@@ -137,3 +140,16 @@ def _stream(migration_id: Any) -> Iterator[str]:
     finally:
         pubsub.close()
         close_old_connections()
+
+
+class NodeDrainView(generics.GenericAPIView[Node]):
+    """Move every VM off this node within the migration limits; it goes to maintenance once empty."""
+
+    permission_classes = (permissions.IsAdminUser,)
+    queryset = Node.objects.all()
+    serializer_class = NodeDrainSerializer
+
+    @extend_schema(request=None, responses={202: NodeDrainSerializer}, operation_id="nodes_drain_create")
+    def post(self, request: Request, pk: str) -> Response:
+        result = services.node_drain(node=self.get_object(), requested_by=request_user(request))
+        return Response(result, status=status.HTTP_202_ACCEPTED)
