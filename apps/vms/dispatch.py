@@ -5,7 +5,7 @@ The control plane names node tasks through ``workers.contract`` and never import
 
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 from celery import group
 from django.db import transaction
@@ -13,12 +13,14 @@ from django.db import transaction
 from novacron.celery import app
 from workers import contract
 
+from .choices import ImageKind
 from .models import VM
 
 
-def vm_spec(vm: VM) -> dict[str, Any]:
-    """The VM description a node needs to create and run it (keys: ``contract.VM_SPEC_KEYS``)."""
+def vm_spec(vm: VM) -> contract.VmDescription:
+    """The VM description a node needs to create and run it (``contract.VmDescription``)."""
     image = vm.image
+    kind: Literal["disk", "kernel"] = "kernel" if image.kind == ImageKind.KERNEL else "disk"
     return {
         "id": str(vm.id),
         "name": vm.name,
@@ -27,7 +29,7 @@ def vm_spec(vm: VM) -> dict[str, Any]:
         "disk_gb": vm.disk_gb,
         "image": {
             "name": image.name,
-            "kind": image.kind,
+            "kind": kind,
             "format": image.format,
             "path": image.path,
             "kernel_path": image.kernel_path,

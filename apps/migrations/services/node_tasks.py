@@ -5,7 +5,7 @@ is the contract's ``TypedDict`` for that task (``workers.contract``), which the 
 """
 
 from collections.abc import Mapping
-from typing import Literal, cast
+from typing import Literal
 
 from django.conf import settings
 from django.db import transaction
@@ -32,7 +32,7 @@ def _send(node: Node | str, task: str, payload: Mapping[str, object]) -> None:
 
 def _vm(migration: Migration) -> contract.VmDescription:
     # dispatch.vm_spec builds the contract's VmDescription, typed there as a plain dict.
-    return cast(contract.VmDescription, dispatch.vm_spec(migration.vm))
+    return dispatch.vm_spec(migration.vm)
 
 
 def send_prepare(migration: Migration) -> None:

@@ -17,7 +17,7 @@ from apps.vms.choices import BatchItemStatus, BatchStatus, NodeStatus, VMAction,
 from apps.vms.models import VM, BatchItem, BatchOperation, Node
 from workers import contract
 
-from .vms import _demand, _finish_delete
+from .vms import _finish_delete, vm_demand
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def vm_record_report(
         return vm  # a late report of an earlier operation; the delete decides
     if operation == "create" and not ok:
         # The node cleaned up what it started; give the capacity back so the VM holds nothing.
-        scheduler.release(node_id=vm.node.pk, demand=_demand(vm))
+        scheduler.release(node_id=vm.node.pk, demand=vm_demand(vm))
         vm.node = None
         vm.state, vm.state_reason = VMState.ERROR, f"Create failed: {reason}"[:1000]
         vm.save(update_fields=["node", "state", "state_reason", "updated_at"])

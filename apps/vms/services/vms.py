@@ -72,9 +72,6 @@ def vm_demand(vm: VM) -> scheduler.Demand:
     return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
 
 
-_demand = vm_demand  # the name services/reports.py imports, until it imports vm_demand
-
-
 # A create's checks in one round trip (after the owner's lock, so that its snapshot sees every VM
 # committed before): the quota row (none: the defaults), the live VMs' usage and which of the new
 # names are taken. PostgreSQL's SQL (arrays); other databases run the ORM queries one by one. The
