@@ -175,3 +175,18 @@ def webhook_payload(event: MigrationEvent) -> dict[str, Any]:
             "error": migration.error,
         },
     }
+
+
+class NodeDrainItemSerializer(serializers.Serializer[Any]):
+    vm = serializers.UUIDField()
+    name = serializers.CharField()
+    migration = serializers.UUIDField(allow_null=True)
+    result = serializers.CharField()
+
+
+class NodeDrainSerializer(serializers.Serializer[Any]):
+    """The answer of a node drain: the node, its state, and each VM's migration or why it has none."""
+
+    node = serializers.CharField()
+    status = serializers.CharField()
+    vms = NodeDrainItemSerializer(many=True)

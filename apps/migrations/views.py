@@ -19,13 +19,17 @@ from rest_framework.response import Response
 
 from apps.core.auth import request_user
 from apps.vms.models import Node
-from apps.vms.serializers import NodeDrainSerializer
 from workers import contract
 
 from . import services
 from .models import Migration
 from .selectors import migration_visible
-from .serializers import MigrationDetailSerializer, MigrationSerializer, MigrationUpdateSerializer
+from .serializers import (
+    MigrationDetailSerializer,
+    MigrationSerializer,
+    MigrationUpdateSerializer,
+    NodeDrainSerializer,
+)
 
 STREAM_MAX_SECONDS = 3600  # an SSE client reconnects after this; bounds a thread held by a slow migration
 STREAM_TICK_SECONDS = 0.5  # at least two updates a second while something changes

@@ -227,16 +227,3 @@ class MeSerializer(serializers.Serializer[Any]):
     is_staff = serializers.BooleanField()
     quota = QuotaSerializer()
     usage = UsageSerializer()
-
-
-class NodeDrainItemSerializer(serializers.Serializer[Any]):
-    vm = serializers.UUIDField()
-    name = serializers.CharField()
-    migration = serializers.UUIDField(allow_null=True)
-    result = serializers.CharField()
-
-
-class NodeDrainSerializer(serializers.Serializer[Any]):
-    node = serializers.CharField()
-    status = serializers.CharField()
-    vms = NodeDrainItemSerializer(many=True)

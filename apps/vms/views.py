@@ -28,7 +28,7 @@ from apps.core.errors import InvalidInput, TooManyItems
 from apps.core.permissions import IsStaffOrReadOnly
 from apps.core.renderers import ORJSONRenderer, dumps
 from apps.migrations.serializers import MigrateRequestSerializer, MigrationSerializer
-from apps.migrations.services import migration_request, node_drain
+from apps.migrations.services import migration_request
 
 from . import cache as vm_cache
 from . import reads, services
@@ -54,7 +54,6 @@ from .serializers import (
     BatchSummarySerializer,
     ImageSerializer,
     MeSerializer,
-    NodeDrainSerializer,
     NodeSerializer,
     VMBatchCreateSerializer,
     VMBatchDeleteSerializer,
@@ -314,13 +313,6 @@ class NodeViewSet(viewsets.ModelViewSet[Node]):
 
     def perform_destroy(self, instance: Node) -> None:
         services.node_delete(node=instance)
-
-    @extend_schema(request=None, responses={202: NodeDrainSerializer})
-    @action(detail=True, methods=["post"], permission_classes=[permissions.IsAdminUser])
-    def drain(self, request: Request, pk: str) -> Response:
-        """Move every VM off this node within the migration limits; it goes to maintenance once empty."""
-        result = node_drain(node=self.get_object(), requested_by=request_user(request))
-        return Response(result, status=status.HTTP_202_ACCEPTED)
 
 
 class ImageViewSet(viewsets.ModelViewSet[Image]):
