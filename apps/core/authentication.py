@@ -30,6 +30,7 @@ from rest_framework import exceptions
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.models import Token
 
+from apps.core.context import Viewer
 from apps.core.db import columns, fetch_prepared
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ TOKEN_MEMO_TTL: Final = 60  # seconds a remembered token answers without the dat
 # and remembers at most this many tokens' write times before starting over.
 TOKEN_MEMO_REFRESH: Final = TOKEN_MEMO_TTL / 2
 TOKEN_MEMO_LOCAL_MAX: Final = 10_000
-_memo_written: dict[str, float] = {}
+_memo_written: dict[tuple[str, Viewer], float] = {}
 
 
 def token_memo_key(key: str) -> str:
@@ -49,20 +50,25 @@ def token_memo_key(key: str) -> str:
 
 
 def remember_token(key: str, user: AbstractBaseUser) -> None:
-    """Store ``"<user id>:<1 if staff else 0>"`` for an active user's token (best effort).
+    """Store the :class:`Viewer` of an active user's token as a Redis hash (best effort).
 
     Skipped when this process wrote it less than ``TOKEN_MEMO_REFRESH`` ago: if it was removed
     since, the fast path only misses (and this slower path answers) until the next write.
     """
-    memo = f"{user.pk}:{'1' if getattr(user, 'is_staff', False) else '0'}"
+    viewer = Viewer(user_id=user.pk, is_staff=bool(getattr(user, "is_staff", False)))
     now = time.monotonic()
-    local = f"{key}|{memo}"
+    local = (key, viewer)
     if now - _memo_written.get(local, -TOKEN_MEMO_REFRESH) < TOKEN_MEMO_REFRESH:
         return
     if len(_memo_written) >= TOKEN_MEMO_LOCAL_MAX:
         _memo_written.clear()
+    memo_key = token_memo_key(key)
     try:
-        get_redis_connection("default").set(token_memo_key(key), memo, ex=TOKEN_MEMO_TTL)
+        pipe = get_redis_connection("default").pipeline(transaction=True)
+        pipe.delete(memo_key)
+        pipe.hset(memo_key, mapping=viewer.as_memo())
+        pipe.expire(memo_key, TOKEN_MEMO_TTL)
+        pipe.execute()
     except redis.RedisError as exc:
         logger.debug("token memo not stored: %s", exc)
         return

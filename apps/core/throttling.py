@@ -9,11 +9,16 @@ Semantics: at most ``num_requests`` per calendar window of the rate's duration (
 spend two windows' worth across a boundary); a 429 says how long until the window turns. Rates
 come from ``REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`` as for DRF's classes. Redis down: requests
 are allowed (as with django-redis' ``IGNORE_EXCEPTIONS``), and that is logged.
+
+The VM read fast path counts a caller it knows by id (from the token's memo) in the same counters,
+inside its own Redis script: each throttle gives it its counter's key
+(:meth:`WindowRateThrottle.known_user_counter`), and the request's context
+(:mod:`apps.core.context`) then tells the throttle not to count that request again.
 """
 
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, Final, Literal, NamedTuple
 
 import redis
 from django.conf import settings
@@ -22,6 +27,8 @@ from rest_framework.request import Request
 from rest_framework.settings import api_settings
 from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
 
+from apps.core.context import request_context
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,33 +36,31 @@ def _counter_prefix(scope: str) -> str:
     return f"{settings.CACHE_KEY_PREFIX}:throttle:{scope}:"
 
 
-class UserWindow(NamedTuple):
-    """The authenticated users' current window: counter ``<key_prefix><user id>:<number>``."""
+#: Stands for the caller's user id in a :class:`KnownUserCounter`'s key (replaced where the id is known).
+USER_MARK: Final = "{user}"
 
-    key_prefix: str
-    number: int
-    seconds: int
+
+class KnownUserCounter(NamedTuple):
+    """The counter a throttle increments for an authenticated caller known only by id.
+
+    For a look-up that counts the caller itself, in Redis, before DRF runs (the VM read fast path,
+    which learns the user id from the token's memo in the same script): ``key`` holds
+    :data:`USER_MARK` where the user id goes; ``INCR`` it, ``EXPIRE`` it after ``ttl`` seconds,
+    and the request is over the limit when the count exceeds ``limit``.
+    """
+
+    scope: str
+    key: str
     limit: int
-
-
-#: Set on a Django request whose user the VM read fast path has already counted in this window
-#: (``apps/vms/middleware.py``): the ``user`` throttle lets it through without counting it again.
-COUNTED_ATTR = "novacron_user_counted"
-
-
-def user_window(now: float) -> UserWindow | None:
-    """The ``user`` rate's window at ``now`` (None: users are not rate limited); for the fast path."""
-    rate = api_settings.DEFAULT_THROTTLE_RATES.get(UserWindowThrottle.scope)
-    num_requests, duration = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
-    if num_requests is None or duration is None:
-        return None
-    return UserWindow(_counter_prefix(UserWindowThrottle.scope), int(now // duration), duration, num_requests)
+    ttl: int
 
 
 class WindowRateThrottle(BaseThrottle):
-    """A counter per client and window; subclasses say which rate (``scope``) and which client."""
+    """A counter per client and window; subclasses say which rate (``scope``) and whom it counts:
+    authenticated users by id, or anonymous callers by address (``counts``)."""
 
     scope = ""
+    counts: ClassVar[Literal["users", "anonymous"]]
 
     def __init__(self) -> None:
         rate = api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
@@ -64,17 +69,33 @@ class WindowRateThrottle(BaseThrottle):
 
     def client_id(self, request: Request) -> str | None:
         """Who is counted; ``None`` means this class does not limit the request."""
-        raise NotImplementedError
+        user = request.user
+        if user and user.is_authenticated:
+            return str(user.pk) if self.counts == "users" else None
+        return self.get_ident(request) if self.counts == "anonymous" else None
+
+    def _key(self, client: str, window: int) -> str:
+        return f"{_counter_prefix(self.scope)}{client}:{window}"
+
+    def known_user_counter(self, now: float) -> KnownUserCounter | None:
+        """This throttle's counter at ``now`` for an authenticated caller known by id; None when it
+        does not count them (no rate, or a throttle of anonymous callers)."""
+        if self.num_requests is None or self.duration is None or self.counts != "users":
+            return None
+        key = self._key(USER_MARK, int(now // self.duration))
+        return KnownUserCounter(self.scope, key, self.num_requests, self.duration + 1)
 
     def allow_request(self, request: Request, view: Any) -> bool:
         if self.num_requests is None or self.duration is None:
             return True
+        if self.scope in request_context(request._request).counted_scopes:
+            return True  # counted, and found under the limit, by the fast path's look-up
         client = self.client_id(request)
         if client is None:
             return True
         now = time.time()
         window = int(now // self.duration)
-        key = f"{_counter_prefix(self.scope)}{client}:{window}"
+        key = self._key(client, window)
         try:
             pipe = get_redis_connection("default").pipeline(transaction=False)
             pipe.incr(key)
@@ -96,19 +117,11 @@ class UserWindowThrottle(WindowRateThrottle):
     """Authenticated users by id (rate ``user``); anonymous requests are left to the anon limit."""
 
     scope = "user"
-
-    def client_id(self, request: Request) -> str | None:
-        user = request.user
-        if getattr(request._request, COUNTED_ATTR, False):
-            return None  # counted by the fast path's look-up (and found under the limit)
-        return str(user.pk) if user and user.is_authenticated else None
+    counts = "users"
 
 
 class AnonWindowThrottle(WindowRateThrottle):
     """Anonymous requests by client address (rate ``anon``)."""
 
     scope = "anon"
-
-    def client_id(self, request: Request) -> str | None:
-        user = request.user
-        return None if user and user.is_authenticated else self.get_ident(request)
+    counts = "anonymous"

@@ -11,7 +11,7 @@ from apps.core.errors import NovaCronError
 from apps.migrations.choices import MigrationMode
 from apps.migrations.services import migration_request
 
-from . import services
+from . import representation, services
 from .choices import VMAction
 from .models import VM, BatchItem, BatchOperation, Image, Node, Quota
 
@@ -37,7 +37,7 @@ class VMAdmin(admin.ModelAdmin[VM]):
     list_display = ("name", "state", "node", "owner", "image", "vcpus", "memory_mb", "disk_gb", "created_at")
     list_filter = ("state", "node", "image")
     search_fields = ("name", "id", "owner__username")
-    list_select_related = ("node", "owner", "image")
+    list_select_related = representation.relations()
     readonly_fields = (
         "id",
         "owner",

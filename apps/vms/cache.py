@@ -7,7 +7,8 @@ Rules:
   operator who loses staff rights no longer reads the operator's entries).
 - Invalidation is by version counters, not by waiting for a TTL: a key embeds the versions of what
   the body shows (``owner:<id>`` for a user's VMs, ``all`` for every VM, as staff see them,
-  ``vm:<id>`` for one VM, ``fleet`` for node and image names). Writes bump the versions
+  ``vm:<id>`` for one VM, ``fleet`` for node and image names): which of ``owner:<id>`` and ``all``
+  is the visibility rule's (:func:`.selectors.visible_owner`). Writes bump the versions
   (:func:`vms_changed`, :func:`owner_changed`, :func:`fleet_changed`) in the services, once at
   once and again after commit, so no reader can store pre-commit rows under the new versions for
   longer than the transaction lasts. Old entries are never read again and expire.
@@ -16,13 +17,20 @@ Rules:
 - Redis down or slow: look-ups and stores give up (logged at most every ``LOG_EVERY_SECONDS``) and
   the view reads the database; a request never fails because of the cache.
 
-One look-up is one round trip: a Lua script reads the versions, builds the key and returns the body.
-:func:`fast_lookup` is the same look-up for a request not yet authenticated (the VM read fast path,
-``middleware.py``): from the token's memo to the user, their rate-limit window and the entry, in one
-script; on a miss it gives the caller and the slot, for the fast path to read and store the answer.
-Both build keys with the same layout (``<prefix>:<versions...>:<scope>[:<vm>]:<query digest>``).
-Hits and misses go to ``novacron_api_cache_requests_total{view,result}`` and to the monitoring
-app's cache counters (``cache.hit_ratio``).
+The key layout is declared once, here: a :class:`Slot` names the version keys, the prefix and the
+suffix of an entry (:func:`vm_list_slot`, :func:`vm_detail_slot`, :func:`me_usage_slot`), and the
+one Lua function :data:`_ENTRY_KEY_LUA` joins them with the versions' current values
+(``<prefix>:<versions...><suffix>``). A VM body's prefix holds the representation's fingerprint
+(:func:`.representation.fingerprint`): bodies made before a field was added are never read.
+
+One look-up is one round trip: the script reads the versions, builds the key and returns the body
+(:func:`lookup`). :func:`fast_lookup` is the same look-up for a
+request not yet authenticated (the VM read fast path, ``middleware.py``): from the token's memo to
+the viewer, the entry and the viewer's rate-limit counters, in one script; Python gives it the slots
+of both kinds of viewer (user, staff) and the counters' keys with :data:`USER_MARK` for the user id,
+and the script fills in the id read from the memo. Hits and misses go to
+``novacron_api_cache_requests_total{view,result}`` and to the monitoring app's cache counters
+(``cache.hit_ratio``).
 """
 
 import hashlib
@@ -42,8 +50,12 @@ from django_redis import get_redis_connection
 from prometheus_client import Counter
 
 from apps.core.authentication import token_memo_key
-from apps.core.throttling import UserWindow
+from apps.core.context import VIEWER_FIELDS, Viewer
+from apps.core.throttling import USER_MARK, KnownUserCounter
 from apps.monitoring.instruments import labelled, record_cache_lookup
+
+from . import representation
+from .selectors import visible_owner
 
 logger = logging.getLogger(__name__)
 
@@ -58,51 +70,69 @@ api_cache_requests = Counter(
     "novacron_api_cache_requests", "API response cache look-ups, by view and result.", ["view", "result"]
 )
 
-# KEYS: the version keys. ARGV[1]: entry key prefix, ARGV[2]: suffix. A missing version reads 0.
-_LOOKUP_SCRIPT = """
-local parts = {ARGV[1]}
-for i = 1, #KEYS do
-  parts[#parts + 1] = redis.call('GET', KEYS[i]) or '0'
+# The key layout's join: a slot's prefix, the current value of each of its version keys (a missing
+# one reads 0), then its suffix. ``slot`` is a Lua table {prefix, suffix, version key...}.
+_ENTRY_KEY_LUA = """
+local function entry_key(slot)
+  local parts = {slot[1]}
+  for i = 3, #slot do
+    parts[#parts + 1] = redis.call('GET', slot[i]) or '0'
+  end
+  return table.concat(parts, ':') .. slot[2]
 end
-local key = table.concat(parts, ':') .. ARGV[2]
+"""
+
+# KEYS: the version keys. ARGV[1]: entry key prefix, ARGV[2]: suffix.
+_LOOKUP_SCRIPT = (
+    _ENTRY_KEY_LUA
+    + """
+local slot = {ARGV[1], ARGV[2]}
+for i = 1, #KEYS do slot[#slot + 1] = KEYS[i] end
+local key = entry_key(slot)
 return {key, redis.call('GET', key)}
 """
-_lookup: Any = None
-_last_warning = 0.0
+)
 
-# The fast path's look-up. KEYS[1]: the token memo ("<user id>:<0|1 staff>"). ARGV: [1] version key
-# prefix, [2] entry key prefix (vm_list or vm_detail), [3] VM id ('' for the list), [4] query
-# digest, [5] user throttle key prefix, [6] window number, [7] window seconds, [8] limit (-1: none),
-# [9] '1' when the caller answers a miss itself. Returns {0} (unknown token, or no entry and [9] not
-# '1': the full path answers and counts), {1} (over the rate limit: the full path answers 429),
-# {2, user id, staff, body} (a hit) or {3, user id, staff, entry key} (a miss for the caller to
-# answer and store); {2} and {3} are counted in the window. The user-dependent keys are built here,
-# so this script assumes one Redis (no cluster slots).
-_FAST_SCRIPT = """
-local memo = redis.call('GET', KEYS[1])
-if not memo then return {0} end
-local uid, staff = string.match(memo, '^(%d+):([01])$')
-if not uid then return {0} end
-local scope, first
-if staff == '1' then scope = 's' .. uid; first = 'all' else scope = 'u' .. uid; first = 'owner:' .. uid end
-if ARGV[3] ~= '' then first = 'vm:' .. ARGV[3] end
-local v1 = redis.call('GET', ARGV[1] .. first) or '0'
-local v2 = redis.call('GET', ARGV[1] .. 'fleet') or '0'
-local key = ARGV[2] .. ':' .. v1 .. ':' .. v2 .. ':' .. scope
-if ARGV[3] ~= '' then key = key .. ':' .. ARGV[3] end
-key = key .. ':' .. ARGV[4]
+# The fast path's look-up. KEYS[1]: the token's memo (a hash of the viewer's fields). ARGV: [1] the
+# user mark, [2] and [3] the memo's field names (user id, staff flag), [4] '1' when the caller
+# answers a miss itself, [5] n, the number of version keys of a slot; then the user's slot
+# (prefix, suffix, n version keys), the staff's slot (same), the number of counters and each
+# counter's key, limit and TTL, with the user mark where the user id goes. Returns {0} (unknown
+# token, or no entry and [4] not '1': the full path answers and counts), {1, id, staff} (over a
+# rate limit: the full path answers 429), {2, id, staff, body} (a hit) or {3, id, staff, entry
+# key} (a miss for the caller to answer and store); {2} and {3} are counted in every counter. Keys
+# are built here from the viewer, so this script assumes one Redis (no cluster slots).
+_FAST_SCRIPT = (
+    _ENTRY_KEY_LUA
+    + """
+local memo = redis.call('HMGET', KEYS[1], ARGV[2], ARGV[3])
+local uid, staff = memo[1], memo[2]
+if not uid or not staff then return {0} end
+local mark = string.gsub(ARGV[1], '%p', '%%%0')
+local function fill(text) return (string.gsub(text, mark, uid)) end
+local n = tonumber(ARGV[5])
+local first = 6
+if staff == '1' then first = first + 2 + n end
+local slot = {}
+for i = first, first + 1 + n do slot[#slot + 1] = fill(ARGV[i]) end
+local key = entry_key(slot)
 local body = redis.call('GET', key)
-if not body and ARGV[9] ~= '1' then return {0} end
-local limit = tonumber(ARGV[8])
-if limit >= 0 then
-  local counter = ARGV[5] .. uid .. ':' .. ARGV[6]
+if not body and ARGV[4] ~= '1' then return {0} end
+local at = 6 + 2 * (2 + n)
+local over = false
+for i = at + 1, at + 3 * tonumber(ARGV[at]), 3 do
+  local counter = fill(ARGV[i])
   local count = redis.call('INCR', counter)
-  redis.call('EXPIRE', counter, tonumber(ARGV[7]) + 1)
-  if count > limit then return {1} end
+  redis.call('EXPIRE', counter, tonumber(ARGV[i + 2]))
+  if count > tonumber(ARGV[i + 1]) then over = true end
 end
+if over then return {1, uid, staff} end
 if body then return {2, uid, staff, body} end
 return {3, uid, staff, key}
 """
+)
+_lookup: Any = None
+_last_warning = 0.0
 
 
 def _warn(action: str, exc: Exception) -> None:
@@ -121,20 +151,71 @@ def _key(*parts: object) -> str:
     return ":".join([settings.CACHE_KEY_PREFIX, "apicache", *(str(part) for part in parts)])
 
 
+# --- Key layout -------------------------------------------------------------------------------------
+
+ALL_VMS: Final = "all"
+FLEET: Final = "fleet"
+
+
+def _owner_version(owner_id: object) -> str:
+    return f"owner:{owner_id}"
+
+
+def _vm_version(vm_id: object) -> str:
+    return f"vm:{vm_id}"
+
+
 def _version_key(name: str) -> str:
     return _key("v", name)
 
 
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
 @dataclass(frozen=True)
-class Viewer:
-    """Whose cache entries a request may read: the user and whether they see every VM."""
+class Slot:
+    """Where one cached answer lives: its key is ``<prefix>:<the versions' values...><suffix>``."""
 
-    user_id: int
-    is_staff: bool
+    view: str
+    prefix: str
+    suffix: str
+    versions: tuple[str, ...]  # version keys
+    ttl: int
 
-    @property
-    def scope(self) -> str:
-        return f"{'s' if self.is_staff else 'u'}{self.user_id}"
+
+def _scope(user: str, is_staff: bool) -> str:
+    return f"{'s' if is_staff else 'u'}{user}"
+
+
+def _visible_version(user: str, is_staff: bool) -> str:
+    owner = visible_owner(user_id=user, is_staff=is_staff)
+    return ALL_VMS if owner is None else _owner_version(owner)
+
+
+def vm_list_slot(*, user: str, is_staff: bool, query: str) -> Slot:
+    """One VM list page of a viewer (``user``: their id as text); ``query``: filters and cursor."""
+    versions = (_version_key(_visible_version(user, is_staff)), _version_key(FLEET))
+    suffix = f":{_scope(user, is_staff)}:{_digest(query)}"
+    return Slot("vm_list", _key("vm_list", representation.fingerprint()), suffix, versions, LIST_TTL)
+
+
+def vm_detail_slot(*, user: str, is_staff: bool, vm_id: str, query: str) -> Slot:
+    versions = (_version_key(_vm_version(vm_id)), _version_key(FLEET))
+    suffix = f":{_scope(user, is_staff)}:{vm_id}:{_digest(query)}"
+    return Slot("vm_detail", _key("vm_detail", representation.fingerprint()), suffix, versions, DETAIL_TTL)
+
+
+def me_usage_slot(*, user: str, is_staff: bool) -> Slot:
+    """The slot of ``users/me``'s usage (its costly part: an aggregate over the caller's VMs).
+
+    The rest of ``me`` is read live: the user row is already loaded by authentication, and the
+    quota is one indexed row an operator may edit in the admin (no service to bump a version).
+    """
+    return Slot("me", _key("me"), f":{_scope(user, is_staff)}", (_version_key(_owner_version(user)),), ME_TTL)
+
+
+# --- Look-ups ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -155,47 +236,36 @@ class Entry:
             _warn("store", exc)
 
 
-def _resolve(view: str, versions: Sequence[str], suffix: str, ttl: int) -> Entry:
+def lookup(slot: Slot) -> Entry:
+    """The entry of ``slot`` now (one round trip), counted as a hit or a miss."""
     global _lookup  # noqa: PLW0603  (the script object is made once per process)
     try:
         connection = _connection()
         if _lookup is None:
             _lookup = connection.register_script(_LOOKUP_SCRIPT)
-        key, body = _lookup(
-            keys=[_version_key(name) for name in versions], args=[_key(view), suffix], client=connection
-        )
+        key, body = _lookup(keys=list(slot.versions), args=[slot.prefix, slot.suffix], client=connection)
     except redis.RedisError as exc:
         _warn("look-up", exc)
-        api_cache_requests.labels(view=view, result="error").inc()
+        api_cache_requests.labels(view=slot.view, result="error").inc()
         record_cache_lookup(hit=False)
-        return Entry(view, None, None, ttl)
-    count_lookup(view, hit=body is not None)
-    return Entry(view, key.decode() if isinstance(key, bytes) else str(key), body, ttl)
-
-
-def _digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+        return Entry(slot.view, None, None, slot.ttl)
+    count_lookup(slot.view, hit=body is not None)
+    return Entry(slot.view, key.decode() if isinstance(key, bytes) else str(key), body, slot.ttl)
 
 
 def vm_list_entry(*, viewer: Viewer, query: str) -> Entry:
-    """The slot of one VM list page (``query``: the request's query string, filters and cursor)."""
-    scope_version = "all" if viewer.is_staff else f"owner:{viewer.user_id}"
-    return _resolve("vm_list", [scope_version, "fleet"], f":{viewer.scope}:{_digest(query)}", LIST_TTL)
+    """The entry of one VM list page (``query``: the request's query string, filters and cursor)."""
+    return lookup(vm_list_slot(user=str(viewer.user_id), is_staff=viewer.is_staff, query=query))
 
 
 def vm_detail_entry(*, viewer: Viewer, vm_id: str, query: str) -> Entry:
-    return _resolve(
-        "vm_detail", [f"vm:{vm_id}", "fleet"], f":{viewer.scope}:{vm_id}:{_digest(query)}", DETAIL_TTL
+    return lookup(
+        vm_detail_slot(user=str(viewer.user_id), is_staff=viewer.is_staff, vm_id=vm_id, query=query)
     )
 
 
 def me_usage_entry(*, viewer: Viewer) -> Entry:
-    """The slot of ``users/me``'s usage (its costly part: an aggregate over the caller's VMs).
-
-    The rest of ``me`` is read live: the user row is already loaded by authentication, and the
-    quota is one indexed row an operator may edit in the admin (no service to bump a version).
-    """
-    return _resolve("me", [f"owner:{viewer.user_id}"], f":{viewer.scope}", ME_TTL)
+    return lookup(me_usage_slot(user=str(viewer.user_id), is_staff=viewer.is_staff))
 
 
 @dataclass(frozen=True)
@@ -208,14 +278,17 @@ class FastHit:
 
 @dataclass(frozen=True)
 class FastMiss:
-    """No entry yet: the caller, counted in their rate window, and the slot to fill (:meth:`Entry.store`)."""
+    """No entry yet: the caller, counted in their rate windows, and the slot to fill (:meth:`Entry.store`)."""
 
     viewer: Viewer
     entry: Entry
 
 
-#: :func:`fast_lookup` found the caller over their rate limit (the full path answers the 429).
-THROTTLED: Final = "throttled"
+@dataclass(frozen=True)
+class FastThrottled:
+    """The caller is over a rate limit (the full path answers the 429)."""
+
+    viewer: Viewer
 
 
 _FAST_SHA: Final = hashlib.sha1(_FAST_SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis names scripts so)
@@ -265,44 +338,60 @@ def _fast_call(memo_key: str, *args: object) -> Any:
         return _own_command("EVALSHA", _FAST_SHA, 1, memo_key, *args)
 
 
-def fast_lookup(
-    *, token: str, vm_id: str | None, query: str, throttle: UserWindow | None, answer_misses: bool
-) -> FastHit | FastMiss | str | None:
-    """The cached VM list page (``vm_id`` None) or detail for a token, counted in its rate window.
+def _fill(text: str, viewer: Viewer) -> str:
+    return text.replace(USER_MARK, str(viewer.user_id))
 
-    ``throttle``: the users' current rate window (None when users are not rate limited).
+
+def fast_lookup(
+    *, token: str, vm_id: str | None, query: str, counters: Sequence[KnownUserCounter], answer_misses: bool
+) -> FastHit | FastMiss | FastThrottled | None:
+    """The cached VM list page (``vm_id`` None) or detail for a token, counted in its rate windows.
+
+    ``counters``: the view's throttles' counters of an authenticated user (:mod:`apps.core.throttling`).
     ``answer_misses``: the caller reads and stores a missing entry itself (:class:`FastMiss`);
     otherwise a miss is None. None back means "not answerable here": unknown token, no entry, or
     Redis away; the caller then takes the full path, which authenticates, counts and caches.
     """
-    view = "vm_list" if vm_id is None else "vm_detail"
-    window = throttle or UserWindow("", 0, 0, -1)
+    if vm_id is None:
+        slots = [vm_list_slot(user=USER_MARK, is_staff=staff, query=query) for staff in (False, True)]
+    else:
+        slots = [
+            vm_detail_slot(user=USER_MARK, is_staff=staff, vm_id=vm_id, query=query)
+            for staff in (False, True)
+        ]
+    args: list[object] = [USER_MARK, *VIEWER_FIELDS, "1" if answer_misses else "0", len(slots[0].versions)]
+    for slot in slots:
+        args += [slot.prefix, slot.suffix, *slot.versions]
+    args.append(len(counters))
+    for counter in counters:
+        args += [counter.key, counter.limit, counter.ttl]
     try:
-        answer = _fast_call(
-            token_memo_key(token),
-            _version_key(""),
-            _key(view),
-            vm_id or "",
-            _digest(query),
-            window.key_prefix,
-            window.number,
-            window.seconds,
-            window.limit,
-            "1" if answer_misses else "0",
-        )
+        answer = _fast_call(token_memo_key(token), *args)
     except redis.RedisError as exc:
         _warn("fast look-up", exc)
         return None
     if answer[0] == 0:
         return None
+    viewer = Viewer.from_memo([answer[1], answer[2]])
     if answer[0] == 1:
-        return THROTTLED
-    viewer = Viewer(user_id=int(answer[1]), is_staff=answer[2] == b"1")
+        return FastThrottled(viewer)
+    slot = slots[viewer.is_staff]
     if answer[0] == 3:
-        ttl = LIST_TTL if vm_id is None else DETAIL_TTL
-        return FastMiss(viewer, Entry(view, bytes(answer[3]).decode(), None, ttl))
-    count_lookup(view, hit=True)
+        return FastMiss(viewer, Entry(slot.view, bytes(answer[3]).decode(), None, slot.ttl))
+    count_lookup(slot.view, hit=True)
     return FastHit(viewer, bytes(answer[3]))
+
+
+def fast_uncount(viewer: Viewer, counters: Sequence[KnownUserCounter]) -> None:
+    """Take back what :func:`fast_lookup` counted for a request the full path answers uncounted
+    (refused by a permission before DRF's throttles run)."""
+    try:
+        pipe = _connection().pipeline(transaction=False)
+        for counter in counters:
+            pipe.decr(_fill(counter.key, viewer))
+        pipe.execute()
+    except redis.RedisError as exc:
+        _warn("uncount", exc)
 
 
 def count_lookup(view: str, *, hit: bool) -> None:
@@ -338,27 +427,27 @@ def _bump_now_and_on_commit(names: Sequence[str]) -> None:
 
 def vms_changed(vms: Iterable[Any]) -> None:
     """VMs changed what they show (state, name, size, node...): their detail, owners' lists and me."""
-    names: list[str] = ["all"]
+    names: list[str] = [ALL_VMS]
     for vm in vms:
-        names.append(f"owner:{vm.owner_id}")
-        names.append(f"vm:{vm.pk}")
+        names.append(_owner_version(vm.owner_id))
+        names.append(_vm_version(vm.pk))
     _bump_now_and_on_commit(names)
 
 
 def vm_rows_changed(rows: Iterable[tuple[Any, int]]) -> None:
     """Like :func:`vms_changed`, for ``(vm_id, owner_id)`` pairs of rows changed by a bulk update."""
-    names: list[str] = ["all"]
+    names: list[str] = [ALL_VMS]
     for vm_id, owner_id in rows:
-        names.append(f"owner:{owner_id}")
-        names.append(f"vm:{vm_id}")
+        names.append(_owner_version(owner_id))
+        names.append(_vm_version(vm_id))
     _bump_now_and_on_commit(names)
 
 
 def owner_changed(*, owner_id: int) -> None:
     """New VMs for ``owner_id`` (no detail of them can be cached yet): their lists and me."""
-    _bump_now_and_on_commit(["all", f"owner:{owner_id}"])
+    _bump_now_and_on_commit([ALL_VMS, _owner_version(owner_id)])
 
 
 def fleet_changed() -> None:
     """A node or image changed name or went away: every VM body may show it."""
-    _bump_now_and_on_commit(["fleet"])
+    _bump_now_and_on_commit([FLEET])

@@ -1,89 +1,215 @@
-"""The VM read fast path: VM list pages and details answered before DRF runs.
+"""The VM read fast path: a cache in front of ``VMViewSet``'s list and detail, answered before DRF.
 
 A read through DRF costs about a millisecond of CPU on this machine before the view does anything:
 token authentication (a query), the rate-limit counter and the cache look-up (two Redis round
-trips), content negotiation and the view machinery. For ``GET /api/v1/vms/`` and
-``GET /api/v1/vms/<id>/`` with a token and a JSON answer wanted, this middleware makes one Redis
-call (:func:`.cache.fast_lookup`: token memo -> user -> entry -> rate window). On a hit it sends the
-cached bytes with the headers DRF would have sent; on a miss it reads the page or VM with the fixed
-SQL of :mod:`.reads` (the same function the DRF view uses), stores it and sends it the same way.
-Everything else, an unknown token (no memo: DRF authenticates and writes it), a request over its
-rate limit, a query only the ORM path answers (the ``node`` and ``name`` filters), a VM that is not
-there, another media type or Redis away, goes on to DRF unchanged, which answers and fills the cache
-(a request counted here is not counted again by DRF's throttle). The answer is the same either way
-(``tests/apps/vms/test_fast_path.py`` compares them).
+trips), content negotiation and the view machinery. For ``GET`` of the VM list and detail routes
+with a token, this middleware makes one Redis call (:func:`.cache.fast_lookup`: token memo ->
+viewer -> entry -> the view's rate counters). On a hit it sends the cached bytes; on a miss it reads
+the page or VM with :mod:`.reads` (the function the view calls), stores it and sends it.
+
+It holds no copy of the view: what it applies is the view's and DRF's, read at the first request
+(:class:`_Route`; again when settings change): the routes (the URLconf's, with the view's lookup
+regex), the negotiation (the view's, its answer remembered per ``Accept`` and ``format``), the
+permission classes (run per request by the view's own ``check_permissions``, the user being the
+memo's, :class:`apps.core.context.MemoUser`), the throttles (each a
+:class:`apps.core.throttling.WindowRateThrottle`, whose counters the look-up increments), the answer
+(:func:`.views.vm_read_response`, ETag and 304 included) and the view's headers (its own
+``finalize_response``). Anything it cannot answer so goes on to DRF unchanged, which answers and
+fills the cache: an unknown token (no memo: DRF authenticates and writes it), a refused permission
+(its count taken back, so DRF counts as it would), a detail under per-object permissions, a request
+over a rate limit, a query only the ORM path answers, a VM that is not there, another media type, a
+throttle it cannot count, or Redis away. The answer is the same either way
+(``tests/apps/vms/test_fast_path.py``, ``tests/apps/vms/test_read_paths.py``).
 
 The middleware sits after the security and frame-options middleware in ``MIDDLEWARE``, whose headers
 its answers get as DRF's do, and before the session, CSRF, authentication and messages middleware,
-which add nothing to these answers (``CommonMiddleware``'s Content-Length is set here). It tells the
-monitoring middleware who asked (``request.user``) and which route answered, for the API log.
+which add nothing to these answers (``CommonMiddleware``'s Content-Length is set here). The caller
+goes into the request's context (:func:`apps.core.context.request_context`) and ``request.user``,
+and the route into the monitoring middleware's hint, for the API log.
 """
 
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-import xxhash
+from django.core.signals import setting_changed
 from django.db import DatabaseError, connection
-from django.http import HttpRequest, HttpResponse, HttpResponseBase, HttpResponseNotModified
+from django.dispatch import receiver
+from django.http import HttpRequest, HttpResponseBase
+from django.urls import get_script_prefix, resolve, reverse
+from rest_framework.authentication import TokenAuthentication
+from rest_framework.exceptions import APIException
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.request import Request
+from rest_framework.settings import api_settings
+from rest_framework.views import APIView
 
+from apps.core.context import MemoUser, Viewer, request_context
 from apps.core.retry import lost_connection
-from apps.core.throttling import COUNTED_ATTR, user_window
-from apps.monitoring.middleware import ROUTE_HINT
+from apps.core.throttling import KnownUserCounter, WindowRateThrottle
+from apps.monitoring.middleware import ROUTE_HINT, route_pattern
 
 from . import cache as vm_cache
 from . import reads
+from .views import checks_objects, plain_json, vm_id_of, vm_read_response
 
-LIST_PATH: Final = "/api/v1/vms/"
-_DETAIL_PATH = re.compile(r"^/api/v1/vms/(?P<pk>[0-9a-fA-F-]{36})/$")
-# What DRF sends with these answers (``APIView.default_response_headers``; checked by the tests).
-LIST_ALLOW: Final = "GET, POST, HEAD, OPTIONS"
-DETAIL_ALLOW: Final = "GET, PATCH, DELETE, HEAD, OPTIONS"
-# Accept values that DRF's negotiation answers with the compact JSON renderer.
-_JSON_ACCEPT: Final = frozenset({"", "*/*", "application/json", "application/*"})
+# Remembered negotiation answers: (Accept, format) -> compact JSON or not; emptied when full.
+_NEGOTIATED_MAX: Final = 256
+
+
+def _token(request: HttpRequest, keyword: str) -> str | None:
+    """The key of ``Authorization: <keyword> <key>``, split as DRF's token authentication splits it."""
+    parts = request.META.get("HTTP_AUTHORIZATION", "").split()
+    if len(parts) != 2 or parts[0].lower() != keyword:
+        return None
+    return parts[1]
+
+
+def _countable(view: APIView) -> tuple[WindowRateThrottle, ...] | None:
+    """The view's throttles if each can be counted in Redis for a caller known by id, else None."""
+    throttles = view.get_throttles()
+    if all(isinstance(throttle, WindowRateThrottle) for throttle in throttles):
+        return tuple(throttle for throttle in throttles if isinstance(throttle, WindowRateThrottle))
+    return None
+
+
+@dataclass
+class _Route:
+    """One route of ``VMViewSet`` as DRF would serve it: its view, negotiation and headers."""
+
+    view: Any  # the URLconf's view function (with DRF's ``cls``, ``initkwargs``, ``actions``)
+    token_keyword: str | None  # lower case; None: the view does not authenticate by token first
+    monitored_as: str  # the route as the API log names it
+    headers: dict[str, str]  # the view's default response headers (Allow, Vary)
+    throttle_classes: Any  # the view's, which ``throttles`` were made of
+    throttles: tuple[WindowRateThrottle, ...] | None  # None: a throttle this path cannot count
+    negotiated: dict[tuple[str, str | None], bool]
+
+    @classmethod
+    def of(cls, path: str) -> "_Route":
+        match = resolve(path)
+        view: Any = match.func
+        prototype = cls._view(view, match.kwargs, handlers=True)
+        authenticators = prototype.get_authenticators()
+        first = authenticators[0] if authenticators else None
+        keyword = first.keyword.lower() if isinstance(first, TokenAuthentication) else None
+        probe = HttpRequest()
+        probe.path_info = path
+        probe.resolver_match = match
+        return cls(
+            view=view,
+            token_keyword=keyword,
+            monitored_as=route_pattern(probe),
+            headers=dict(prototype.default_response_headers),
+            throttle_classes=prototype.throttle_classes,
+            throttles=_countable(prototype),
+            negotiated={},
+        )
+
+    @staticmethod
+    def _view(view: Any, kwargs: dict[str, Any], *, handlers: bool = False) -> APIView:
+        """The view instance DRF's ``ViewSetMixin.as_view`` makes for a GET of this route (its
+        ``view`` closure, without dispatching); with ``handlers``, the actions bound as the methods'
+        handlers, HEAD as GET (what its ``Allow`` header is made of)."""
+        instance: Any = view.cls(**view.initkwargs)
+        instance.action_map = view.actions
+        if handlers:
+            for method, action in {"head": view.actions["get"], **view.actions}.items():
+                setattr(instance, method, getattr(instance, action))
+        instance.action = view.actions["get"]
+        instance.args, instance.kwargs = (), kwargs
+        instance.format_kwarg = None
+        assert isinstance(instance, APIView)
+        return instance
+
+    def counters(self, view: APIView, now: float) -> list[KnownUserCounter] | None:
+        """The view's throttles' counters of the caller now; None: one cannot be counted here.
+
+        The throttles are made again when the view's classes change (a test adds one)."""
+        if view.throttle_classes is not self.throttle_classes:
+            self.throttle_classes = view.throttle_classes
+            self.throttles = _countable(view)
+        if self.throttles is None:
+            return None
+        return [counter for throttle in self.throttles if (counter := throttle.known_user_counter(now))]
+
+    def wants_plain_json(self, request: HttpRequest, drf_request: Request, view: APIView) -> bool:
+        """The view's content negotiation chose compact JSON, remembered per ``Accept`` and ``format``
+        (DRF's default negotiation reads nothing else; another negotiation class is asked each time)."""
+        override = api_settings.URL_FORMAT_OVERRIDE
+        query = request.META.get("QUERY_STRING", "")
+        chosen = request.GET.get(override) if override and override in query else None  # parsed only then
+        memo_key = (request.META.get("HTTP_ACCEPT", ""), chosen)
+        remembered = type(view.get_content_negotiator()) is DefaultContentNegotiation
+        found = self.negotiated.get(memo_key) if remembered else None
+        if found is None:
+            try:
+                renderer, media_type = view.perform_content_negotiation(drf_request)
+            except APIException:
+                found = False  # 406: DRF says so
+            else:
+                found = plain_json(renderer, media_type)
+            if remembered:
+                if len(self.negotiated) >= _NEGOTIATED_MAX:
+                    self.negotiated.clear()
+                self.negotiated[memo_key] = found
+        return found
+
+    def permitted(self, view: APIView, drf_request: Request) -> bool:
+        try:
+            view.check_permissions(drf_request)
+        except APIException:
+            return False
+        return True
+
+    def finish(self, view: APIView, drf_request: Request, response: HttpResponseBase) -> HttpResponseBase:
+        """The view's headers added by the view's ``finalize_response``; the Content-Length
+        (``CommonMiddleware``'s, which these answers skip)."""
+        view.headers = dict(self.headers)
+        # DRF's stubs say Response; DRF takes any HttpResponseBase (it asserts so) and adds headers.
+        view.finalize_response(drf_request, response)  # type: ignore[arg-type]
+        if not response.has_header("Content-Length"):
+            response["Content-Length"] = str(len(response.content))  # type: ignore[attr-defined]
+        return response
 
 
 @dataclass(frozen=True)
-class FastPathUser:
-    """The caller of a fast-path answer, as far as the API log reads it (no model instance made)."""
-
-    pk: int
-    is_staff: bool
-    is_authenticated = True
-    is_anonymous = False
+class _Routes:
+    list_path: str
+    detail_path: re.Pattern[str]
+    list: _Route
+    detail: _Route
 
 
-def _token(request: HttpRequest) -> str | None:
-    scheme, _, key = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
-    key = key.strip()
-    if scheme.lower() != "token" or not key or " " in key:
-        return None
-    return key
+_routes: list[_Routes] = []  # made once per process, at the first request (the URLconf loaded)
+_routes_lock = threading.Lock()
 
 
-def _wants_json(request: HttpRequest) -> bool:
-    """Accept asks for nothing but (compact) JSON, and no ``format`` override is in the query."""
-    if "format" in request.META.get("QUERY_STRING", "") and "format" in request.GET:  # parsed only then
-        return False
-    accept = request.META.get("HTTP_ACCEPT", "")
-    parts = accept.split(",")
-    return all(part.split(";")[0].strip() in _JSON_ACCEPT and "indent" not in part for part in parts)
+@receiver(setting_changed)
+def _settings_changed(*, setting: str, **kwargs: Any) -> None:
+    """The routes are read again after a change of what they are made of (tests change settings)."""
+    if setting in {"REST_FRAMEWORK", "ROOT_URLCONF", "CACHE_KEY_PREFIX"}:
+        with _routes_lock:
+            _routes.clear()
 
 
-def body_etag(body: bytes) -> str:
-    return f'"{xxhash.xxh3_64_hexdigest(body)}"'
-
-
-def etag_matches(request: HttpRequest, etag: str) -> bool:
-    """``If-None-Match`` names ``etag`` (weak comparison: gzip turns tags weak) or is ``*``."""
-    header = request.META.get("HTTP_IF_NONE_MATCH", "")
-    if not header:
-        return False
-    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
-    return etag in tags or "*" in tags
+def _load_routes() -> _Routes:
+    with _routes_lock:
+        if not _routes:
+            prefix = get_script_prefix()
+            list_path = "/" + reverse("vm-list").removeprefix(prefix)
+            sample = str(uuid.UUID(int=0))
+            detail_path = "/" + reverse("vm-detail", kwargs={"pk": sample}).removeprefix(prefix)
+            route = _Route.of(detail_path)
+            head, tail = detail_path.split(sample)
+            lookup = route.view.cls.lookup_value_regex
+            pattern = re.compile(f"^{re.escape(head)}(?P<pk>{lookup}){re.escape(tail)}$")
+            _routes.append(_Routes(list_path, pattern, _Route.of(list_path), route))
+        return _routes[0]
 
 
 class VMReadFastPathMiddleware:
@@ -100,69 +226,67 @@ class VMReadFastPathMiddleware:
         return self.get_response(request)
 
     def _answer(self, request: HttpRequest) -> HttpResponseBase | None:
+        routes = _routes[0] if _routes else _load_routes()
         path = request.path_info
-        if path == LIST_PATH:
-            vm_id = None
+        vm_id: str | None = None
+        if path == routes.list_path:
+            route = routes.list
         else:
-            match = _DETAIL_PATH.match(path)
+            match = routes.detail_path.match(path)
             if match is None:
                 return None
-            try:
-                vm_id = str(uuid.UUID(match["pk"]))
-            except ValueError:
+            vm_id = vm_id_of(match["pk"])
+            if vm_id is None:
                 return None
-        token = _token(request)
-        if token is None or not _wants_json(request):
+            route = routes.detail
+        token = None if route.token_keyword is None else _token(request, route.token_keyword)
+        if token is None:
+            return None
+        view = _Route._view(route.view, {} if vm_id is None else {"pk": vm_id})
+        drf_request = Request(request, negotiator=view.get_content_negotiator())
+        view.request = drf_request
+        if not route.wants_plain_json(request, drf_request, view):
+            return None
+        if vm_id is not None and checks_objects(view):
+            return None  # per-object permissions: DRF's get_object checks them
+        counters = route.counters(view, time.time())
+        if counters is None:
             return None
         query = request.META.get("QUERY_STRING", "")
         # The query parsed only when there is one (request.GET cost a cached page 3 % of its CPU).
         answer_misses = vm_id is not None or not query or reads.list_state(request.GET)[0]
         found = vm_cache.fast_lookup(
-            token=token,
-            vm_id=vm_id,
-            query=query,
-            throttle=user_window(time.time()),
-            answer_misses=answer_misses,
+            token=token, vm_id=vm_id, query=query, counters=counters, answer_misses=answer_misses
         )
+        if not isinstance(found, vm_cache.FastHit | vm_cache.FastMiss):
+            return None  # unknown token, no entry to answer from, over a rate limit, or Redis away
+        # Also request.user (the API log reads it); a user without its row (MemoUser), not a model.
+        drf_request.user = MemoUser(found.viewer)  # type: ignore[assignment]
+        if not route.permitted(view, drf_request):
+            vm_cache.fast_uncount(found.viewer, counters)
+            return None  # DRF refuses it, before its throttles count it
+        context = request_context(request)
+        context.viewer = found.viewer
+        context.counted_scopes = frozenset(counter.scope for counter in counters)
         if isinstance(found, vm_cache.FastHit):
             body = found.body
-        elif isinstance(found, vm_cache.FastMiss):
-            setattr(request, COUNTED_ATTR, True)  # whichever path answers, the request is counted
-            missing = self._read(request, found.viewer, vm_id)
+        else:
+            missing = self._read(drf_request, found.viewer, vm_id)
             if missing is None:
-                return None  # no such VM or a cursor to refuse: DRF answers (404)
+                return None  # no such VM or a cursor to refuse: DRF answers (404), uncounted again
             found.entry.store(missing)
             vm_cache.count_lookup(found.entry.view, hit=False)
             body = missing
-        else:
-            return None
-        request.user = FastPathUser(found.viewer.user_id, found.viewer.is_staff)  # type: ignore[assignment]
-        setattr(request, ROUTE_HINT, LIST_PATH if vm_id is None else LIST_PATH + "{pk}/")
-        response: HttpResponseBase
-        if vm_id is None:
-            response = HttpResponse(body, content_type="application/json")
-        else:
-            etag = body_etag(body)
-            if etag_matches(request, etag):
-                response = HttpResponseNotModified()
-            else:
-                response = HttpResponse(body, content_type="application/json")
-            response["ETag"] = etag
-        response["Allow"] = LIST_ALLOW if vm_id is None else DETAIL_ALLOW
-        response["Vary"] = "Accept"
-        if not response.has_header("Content-Length"):
-            response["Content-Length"] = str(len(response.content))
-        return response
+        setattr(request, ROUTE_HINT, route.monitored_as)
+        return route.finish(view, drf_request, vm_read_response(request.META, body, detail=vm_id is not None))
 
     @staticmethod
-    def _read(request: HttpRequest, viewer: vm_cache.Viewer, vm_id: str | None) -> bytes | None:
+    def _read(request: Request, viewer: Viewer, vm_id: str | None) -> bytes | None:
         """The page or VM from the database (:mod:`.reads`); None when DRF must answer."""
-        if not reads.supported():
-            return None
         try:
             if vm_id is None:
-                return reads.vm_page(request, user_id=viewer.user_id, is_staff=viewer.is_staff)
-            return reads.vm_detail(vm_id=vm_id, user_id=viewer.user_id, is_staff=viewer.is_staff)
+                return reads.vm_page(request, viewer=viewer)
+            return reads.vm_detail(vm_id=vm_id, viewer=viewer)
         except DatabaseError as exc:
             if not lost_connection(exc):
                 raise

@@ -7,11 +7,13 @@ not, cursor direction), built once per process from fixed identifiers, with psyc
 its rows.
 
 What it answers is exactly what the ORM path answered (``tests/apps/vms/test_reads.py`` compares
-them): the same rows in the same order (``-created_at, -id``), ``VMSerializer``'s shape and
-bytes (timestamps written by orjson), and the cursor links of ``CreatedCursorPagination``, whose own
-``get_next_link``/``get_previous_link`` write them. Queries it does not cover (the
-``node`` and ``name`` filters, an invalid ``state``, ``format``, an undecodable cursor) return
-``None`` and the caller takes the ORM path, which answers them (400, 404...) as before.
+them): the same rows in the same order (``-created_at, -id``), each VM as :mod:`.representation`
+declares it (its select list and joins are derived from there; timestamps written by orjson), the
+rows a viewer may see (:func:`.selectors.visible_owner`), and the cursor links of
+``CreatedCursorPagination``, whose own ``get_next_link``/``get_previous_link`` write them. Queries
+it does not cover (the ``node`` and ``name`` filters, an invalid ``state``, ``format``, an
+undecodable cursor) return ``None`` and the caller takes the ORM path, which answers them (400,
+404...) as before.
 
 Used by the fast path (``middleware.py``, a cache miss of a caller known by their token's memo) and
 by the DRF view (the same miss after DRF's authentication), so both paths give the same bytes.
@@ -22,57 +24,28 @@ from datetime import datetime
 from functools import cache
 from typing import Any, Final
 
-from django.contrib.auth import get_user_model
-from django.db import connection
 from django.http import HttpRequest, QueryDict
 from django.utils.dateparse import parse_datetime
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 
-from apps.core.db import fetch_prepared
+from apps.core.context import Viewer
+from apps.core.db import fetch_prepared, none_elsewhere, postgresql_or
 from apps.core.pagination import CreatedCursorPagination
 from apps.core.renderers import dumps
 
+from . import representation
 from .choices import VMState
-from .models import VM, Image, Node
+from .selectors import visible_owner, vm_row_data, vm_rows, vm_visible_to
 
 #: Query parameters that the ORM path alone answers (django-filter's filters other than ``state``).
 ORM_ONLY_PARAMS: Final = frozenset({"node", "name", "format"})
 _VALID_STATES: Final = frozenset(VMState.values)
-# ``VMSerializer``'s fields, in its order, and the columns they come from.
-_COLUMNS: Final = (
-    ("id", "v.id::text"),
-    ("name", "v.name"),
-    ("owner", "u.username"),
-    ("node", "n.name"),
-    ("image", "i.name"),
-    ("state", "v.state"),
-    ("state_reason", "v.state_reason"),
-    ("pending_action", "v.pending_action"),
-    ("vcpus", "v.vcpus"),
-    ("memory_mb", "v.memory_mb"),
-    ("disk_gb", "v.disk_gb"),
-    ("created_at", "v.created_at"),
-    ("updated_at", "v.updated_at"),
-)
-_NAMES: Final = tuple(name for name, _ in _COLUMNS)
 
 
-@cache
 def select_sql(source: str = "", extra: tuple[str, ...] = ()) -> str:
-    """The join of VMs with their owner, node and image, tables named by the models.
-
-    ``source``: where the VM rows come from (a common table expression's name); the VM table if empty.
-    ``extra``: further columns of the VM rows, after ``VMSerializer``'s (:func:`rows` names them).
-    """
-    quote = connection.ops.quote_name
-    tables = [quote(model._meta.db_table) for model in (VM, get_user_model(), Node, Image)]
-    columns = [column for _, column in _COLUMNS] + [f"v.{quote(name)}" for name in extra]
-    return (
-        f"SELECT {', '.join(columns)} FROM {source or tables[0]} v "  # noqa: S608
-        f"JOIN {tables[1]} u ON u.id = v.owner_id LEFT JOIN {tables[2]} n ON n.id = v.node_id "
-        f"JOIN {tables[3]} i ON i.id = v.image_id"
-    )
+    """The VMs joined with what :mod:`.representation` reads of them (:func:`representation.select_sql`)."""
+    return representation.select_sql(source, extra)
 
 
 @dataclass(frozen=True)
@@ -85,9 +58,9 @@ class PageShape:
     reverse: bool  # a "previous" cursor: read oldest first, then turn the page around
 
 
-@cache
 def page_sql(shape: PageShape) -> str:
-    """The SQL of one page shape without its LIMIT and OFFSET (:func:`page_window`; built once).
+    """The SQL of one page shape without its LIMIT and OFFSET (:func:`page_window`; built once per
+    shape and declaration of the fields).
 
     Parameters, in order: the owner's id (not for staff), the cursor's position (with ``position``).
     The state is written into the SQL (one of :class:`VMState`'s values, checked here) and so are the
@@ -95,7 +68,13 @@ def page_sql(shape: PageShape) -> str:
     PostgreSQL plans ``state = $1`` without the partial index of error VMs and a ``LIMIT $n`` as a
     tenth of the rows.
     """
-    where = [] if shape.staff else ["v.owner_id = %s"]
+    return _page_sql(representation.VM_FIELDS, shape)
+
+
+@cache
+def _page_sql(fields: tuple[representation.VMField, ...], shape: PageShape) -> str:
+    # ``fields``: only the cache's key (select_sql reads the same declaration).
+    where = [] if shape.staff else ["v.owner_id = %s"]  # the owner of :func:`selectors.visible_owner`
     if shape.state is None:
         where.append("NOT (v.state = 'deleted')")
     else:
@@ -113,10 +92,10 @@ def page_window(shape: PageShape, *, limit: int, offset: int) -> str:
 
 
 def rows(sql: str, params: list[Any] | dict[str, Any], extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Rows of :func:`select_sql` in ``VMSerializer``'s shape (then ``extra``'s columns), timestamps
-    still datetimes (``dumps(utc_datetimes=True)`` writes them as DRF does); a prepared statement."""
-    names = _NAMES + extra
-    return [dict(zip(names, row, strict=True)) for row in fetch_prepared(sql, params)]
+    """Rows of :func:`select_sql` as the API's dicts (then ``extra``'s columns), timestamps still
+    datetimes (``dumps(utc_datetimes=True)`` writes them as DRF does); a prepared statement."""
+    read = representation.row_reader(extra)
+    return [read(row) for row in fetch_prepared(sql, params)]
 
 
 class _Pagination(CreatedCursorPagination):
@@ -125,7 +104,8 @@ class _Pagination(CreatedCursorPagination):
     def read_page(
         self, request: Request, *, owner_id: int | None, state: str | None
     ) -> list[dict[str, Any]] | None:
-        """The page's rows, the pagination state set for DRF's link methods; None: an invalid cursor."""
+        """``owner_id``: the owner the page is limited to (None: every owner's VMs)."""
+        # The page's rows, the pagination state set for DRF's link methods; None: an invalid cursor.
         self.request = request
         page_size = self.get_page_size(request) or CreatedCursorPagination.page_size
         self.page_size = page_size
@@ -175,12 +155,6 @@ def _aware(position: str) -> datetime | None:
     return moment if moment is not None and moment.tzinfo is not None else None
 
 
-def supported() -> bool:
-    """Whether this database runs the SQL here: PostgreSQL's (casts, psycopg's loaders). On another
-    (the SQLite file ``make run`` uses without ``DATABASE_URL``) the ORM path answers every read."""
-    return connection.vendor == "postgresql"
-
-
 def list_state(query: QueryDict) -> tuple[bool, str | None]:
     """Whether :func:`vm_page` answers ``query``, and the state it filters on."""
     if any(name in query for name in ORM_ONLY_PARAMS):
@@ -191,14 +165,16 @@ def list_state(query: QueryDict) -> tuple[bool, str | None]:
     return (True, state) if state in _VALID_STATES and len(query.getlist("state")) == 1 else (False, None)
 
 
-def vm_page(request: HttpRequest | Request, *, user_id: int, is_staff: bool) -> bytes | None:
+@postgresql_or(none_elsewhere)  # elsewhere (SQLite) the view's ORM path answers every page
+def vm_page(request: HttpRequest | Request, *, viewer: Viewer) -> bytes | None:
     """One VM list page as DRF's JSON body, or None when the ORM path must answer the query."""
     drf_request = request if isinstance(request, Request) else Request(request)
     answerable, state = list_state(drf_request.query_params)
-    if not answerable or not supported():
+    if not answerable:
         return None
     pagination = _Pagination()
-    rows = pagination.read_page(drf_request, owner_id=None if is_staff else user_id, state=state)
+    owner = visible_owner(user_id=viewer.user_id, is_staff=viewer.is_staff)
+    rows = pagination.read_page(drf_request, owner_id=owner, state=state)
     if rows is None:
         return None
     body = {
@@ -209,18 +185,29 @@ def vm_page(request: HttpRequest | Request, *, user_id: int, is_staff: bool) -> 
     return dumps(body, utc_datetimes=True)
 
 
-@cache
 def detail_sql(*, owned: bool) -> str:
     """The SQL of one VM by id (parameters: the id, then the owner's id when ``owned``)."""
+    return _detail_sql(representation.VM_FIELDS, owned)
+
+
+@cache
+def _detail_sql(fields: tuple[representation.VMField, ...], owned: bool) -> str:
+    # ``fields``: only the cache's key (select_sql reads the same declaration).
     sql = f"{select_sql()} WHERE v.id = %s"
     return f"{sql} AND v.owner_id = %s" if owned else sql
 
 
-def vm_detail(*, vm_id: str, user_id: int, is_staff: bool) -> bytes | None:
-    """One VM the caller may see (deleted ones included) as ``VMSerializer``'s JSON; None: no such VM.
+def _vm_detail_by_orm(*, vm_id: str, viewer: Viewer) -> bytes | None:
+    row = vm_rows(vm_visible_to(viewer).filter(pk=vm_id)).first()
+    return None if row is None else dumps(vm_row_data(row))
 
-    PostgreSQL only (:func:`supported`)."""
-    found = (
-        rows(detail_sql(owned=False), [vm_id]) if is_staff else rows(detail_sql(owned=True), [vm_id, user_id])
-    )
+
+@postgresql_or(_vm_detail_by_orm)
+def vm_detail(*, vm_id: str, viewer: Viewer) -> bytes | None:
+    """One VM the viewer may see (deleted ones included) as the API's JSON; None: no such VM."""
+    owner = visible_owner(user_id=viewer.user_id, is_staff=viewer.is_staff)
+    if owner is None:
+        found = rows(detail_sql(owned=False), [vm_id])
+    else:
+        found = rows(detail_sql(owned=True), [vm_id, owner])
     return dumps(found[0], utc_datetimes=True) if found else None

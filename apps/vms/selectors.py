@@ -1,17 +1,22 @@
-"""Reads of the fleet, always through the caller's tenancy: users see their own, staff see all."""
+"""Reads of the fleet, always through the caller's tenancy: users see their own, staff see all
+(:func:`visible_owner`, the one place that rule is written)."""
 
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import models
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 
+from apps.core.context import Viewer
+
+from . import representation
 from .choices import VMState
 from .models import VM, BatchOperation, Quota
 
 AnyUser = AbstractBaseUser | AnonymousUser
+M = TypeVar("M", bound=models.Model)
 
 
 @dataclass(frozen=True)
@@ -54,14 +59,37 @@ def user_profile(*, user: AnyUser, quota: Limits | None = None, usage: Usage | N
     }
 
 
-def _is_staff(user: AnyUser) -> bool:
-    return bool(getattr(user, "is_staff", False))
+UserId = TypeVar("UserId", int, str)
+
+
+def visible_owner(*, user_id: UserId, is_staff: bool) -> UserId | None:
+    """Who may see a VM or a batch, the one rule every read path applies: its owner, and staff
+    (everyone's). The owner a viewer's reads are limited to; None: every owner's rows.
+
+    ``user_id`` is typed as the caller has it: an id, or its text in a cache key's layout.
+    """
+    return None if is_staff else user_id
+
+
+def viewer_of(user: AnyUser) -> Viewer:
+    """The viewer a user is for :func:`visible_owner` (anonymous: id 0, which no user has)."""
+    return Viewer(user_id=user.pk or 0, is_staff=bool(getattr(user, "is_staff", False)))
+
+
+def _visible(queryset: QuerySet[M], viewer: Viewer) -> QuerySet[M]:
+    owner = visible_owner(user_id=viewer.user_id, is_staff=viewer.is_staff)
+    return queryset if owner is None else queryset.filter(owner_id=owner)
+
+
+def vm_visible_to(viewer: Viewer) -> QuerySet[VM]:
+    """Every VM ``viewer`` may see, deleted ones included (for detail lookups), with what
+    :mod:`.representation` reads of their relations."""
+    return _visible(VM.objects.select_related(*representation.relations()), viewer)
 
 
 def vm_visible(*, user: AnyUser) -> QuerySet[VM]:
-    """Every VM ``user`` may see, deleted ones included (for detail lookups)."""
-    queryset = VM.objects.select_related("node", "image", "owner")
-    return queryset if _is_staff(user) else queryset.filter(owner_id=user.pk)
+    """:func:`vm_visible_to` of a user."""
+    return vm_visible_to(viewer_of(user))
 
 
 def vm_list(*, user: AnyUser, state: str | None = None, include_deleted: bool = False) -> QuerySet[VM]:
@@ -74,86 +102,16 @@ def vm_list(*, user: AnyUser, state: str | None = None, include_deleted: bool = 
     return queryset
 
 
-# The VM list's read path without DRF's per-field cost: ``.values()`` rows (one query, the names
-# joined in) turned into ``VMSerializer``'s exact shape by a plain function.
-VM_ROW_FIELDS = (
-    "id",
-    "name",
-    "owner__username",
-    "node__name",
-    "image__name",
-    "state",
-    "state_reason",
-    "pending_action",
-    "vcpus",
-    "memory_mb",
-    "disk_gb",
-    "created_at",
-    "updated_at",
-)
-
-
-def _iso(value: datetime | None) -> str | None:
-    """A timestamp as DRF's ``DateTimeField`` writes it: ISO 8601 in UTC with a ``Z``."""
-    if value is None:
-        return None
-    text = value.astimezone(UTC).isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
-
-
 def vm_rows(queryset: QuerySet[VM]) -> QuerySet[VM, dict[str, Any]]:
-    return queryset.values(*VM_ROW_FIELDS)
+    """``queryset`` read as rows of :mod:`.representation`'s ORM paths (one query, no model
+    instances; dicts, which cursor pagination reads its position from): :func:`vm_row_data`."""
+    return queryset.values(*dict.fromkeys(representation.orm_paths()))
 
 
 def vm_row_data(row: dict[str, Any]) -> dict[str, Any]:
-    """One ``vm_rows`` row as ``VMSerializer`` represents the VM."""
-    return {
-        "id": str(row["id"]),
-        "name": row["name"],
-        "owner": row["owner__username"],
-        "node": row["node__name"],
-        "image": row["image__name"],
-        "state": row["state"],
-        "state_reason": row["state_reason"],
-        "pending_action": row["pending_action"],
-        "vcpus": row["vcpus"],
-        "memory_mb": row["memory_mb"],
-        "disk_gb": row["disk_gb"],
-        "created_at": _iso(row["created_at"]),
-        "updated_at": _iso(row["updated_at"]),
-    }
-
-
-def vm_row_representation(row: dict[str, Any]) -> dict[str, Any]:
-    """A row of ``reads.rows`` (``VMSerializer``'s fields, timestamps as datetimes) as DRF shows it."""
-    return {**row, "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"])}
-
-
-def _choice(value: Any) -> Any:
-    """A choice as DRF's ``ChoiceField`` writes it: its value (an empty or missing one as it is)."""
-    return value if value in ("", None) else str(value)
-
-
-def vm_data(vm: VM) -> dict[str, Any]:
-    """``VMSerializer``'s representation of a VM whose owner, node and image are loaded, without
-    DRF's per-field machinery (a fifth of a create's CPU with the rest of the answer)."""
-    return {
-        "id": str(vm.pk),
-        "name": vm.name,
-        "owner": vm.owner.username,
-        "node": None if vm.node is None else vm.node.name,
-        "image": vm.image.name,
-        "state": _choice(vm.state),
-        "state_reason": vm.state_reason,
-        "pending_action": _choice(vm.pending_action),
-        "vcpus": vm.vcpus,
-        "memory_mb": vm.memory_mb,
-        "disk_gb": vm.disk_gb,
-        "created_at": _iso(vm.created_at),
-        "updated_at": _iso(vm.updated_at),
-    }
+    """A row of :func:`vm_rows` as the API's dict."""
+    return representation.row_data([row[path] for path in representation.orm_paths()])
 
 
 def batch_visible(*, user: AnyUser) -> QuerySet[BatchOperation]:
-    queryset = BatchOperation.objects.all()
-    return queryset if _is_staff(user) else queryset.filter(owner_id=user.pk)
+    return _visible(BatchOperation.objects.all(), viewer_of(user))

@@ -3,7 +3,8 @@
 The VM list, VM detail and ``users/me`` read through the response cache (:mod:`.cache`) when the
 answer is JSON; a miss reads its page or VM with fixed SQL (:mod:`.reads`; the list's ``node`` and
 ``name`` filters through the ORM and ``selectors.vm_rows``), and the detail carries an ETag and
-answers ``If-None-Match`` with 304.
+answers ``If-None-Match`` with 304 (:func:`vm_read_response`, which the fast path answers with too).
+Every VM in an answer is :mod:`.representation`'s.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 import orjson
+import xxhash
 from django.db.models import Count, Prefetch, QuerySet
 from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseNotModified
 from drf_spectacular.utils import extend_schema, inline_serializer
@@ -24,6 +26,7 @@ from rest_framework.views import APIView
 
 from apps.core.auth import request_user
 from apps.core.conf import novacron_setting
+from apps.core.context import Viewer
 from apps.core.errors import InvalidInput, TooManyItems
 from apps.core.permissions import IsStaffOrReadOnly
 from apps.core.renderers import ORJSONRenderer, dumps
@@ -34,18 +37,17 @@ from . import cache as vm_cache
 from . import reads, services
 from .choices import VMAction
 from .filters import VMFilter
-from .middleware import body_etag, etag_matches
 from .models import VM, BatchItem, BatchOperation, Image, Node
+from .representation import vm_data
 from .selectors import (
     Usage,
     batch_visible,
     user_profile,
     user_quota,
     user_usage,
-    vm_data,
+    viewer_of,
     vm_list,
     vm_row_data,
-    vm_row_representation,
     vm_rows,
     vm_visible,
 )
@@ -87,22 +89,52 @@ def _check_list_size(data: Any, key: str) -> None:
             raise TooManyItems(f"A batch holds at most {limit} items; this one has {len(data[key])}.")
 
 
-def _viewer(request: Request) -> vm_cache.Viewer:
-    user = request_user(request)
-    return vm_cache.Viewer(user_id=user.pk, is_staff=user.is_staff)
+def _viewer(request: Request) -> Viewer:
+    return viewer_of(request_user(request))
 
 
-def _wants_plain_json(request: Request) -> bool:
-    """The answer is compact JSON (not the browsable API, not indented): cacheable bytes."""
-    renderer = getattr(request, "accepted_renderer", None)
-    media_type = getattr(request, "accepted_media_type", "") or ""
+def plain_json(renderer: Any, media_type: str) -> bool:
+    """DRF's negotiation chose compact JSON (not the browsable API, not indented): cacheable bytes."""
     return isinstance(renderer, ORJSONRenderer) and "indent" not in media_type
 
 
-def _json_response(body: bytes, *, etag: str | None = None) -> HttpResponse:
-    response = HttpResponse(body, content_type="application/json")
-    if etag is not None:
-        response["ETag"] = etag
+def checks_objects(view: APIView) -> bool:
+    """Whether a permission class of ``view`` decides per object (its own ``has_object_permission``):
+    then a detail is answered after ``get_object`` has checked it."""
+    default = permissions.BasePermission.has_object_permission
+    return any(type(permission).has_object_permission is not default for permission in view.get_permissions())
+
+
+def vm_id_of(pk: str) -> str | None:
+    """A VM id of the detail route (it matched ``VMViewSet.lookup_value_regex``) in its canonical
+    form; None when it is no UUID (404)."""
+    try:
+        return str(uuid.UUID(pk))
+    except ValueError:
+        return None
+
+
+def body_etag(body: bytes) -> str:
+    return f'"{xxhash.xxh3_64_hexdigest(body)}"'
+
+
+def vm_read_response(meta: dict[str, Any], body: bytes, *, detail: bool) -> HttpResponseBase:
+    """The answer of a VM list page or detail whose JSON is ``body``, before the view's headers.
+
+    A detail carries an ETag; ``If-None-Match`` (``meta``: the request's) naming it (weak
+    comparison: gzip turns tags weak) or ``*`` answers 304 without a body.
+    """
+    if not detail:
+        return HttpResponse(body, content_type="application/json")
+    etag = body_etag(body)
+    named = meta.get("HTTP_IF_NONE_MATCH", "")
+    tags = {tag.strip().removeprefix("W/") for tag in named.split(",")} if named else set()
+    response: HttpResponseBase
+    if etag in tags or "*" in tags:
+        response = HttpResponseNotModified()
+    else:
+        response = HttpResponse(body, content_type="application/json")
+    response["ETag"] = etag
     return response
 
 
@@ -113,6 +145,11 @@ class VMViewSet(
 ):
     """VMs of the caller (all VMs for staff)."""
 
+    # The JSON list and detail are cached (.cache) and read by .reads (the ORM path for the node and
+    # name filters, and on SQLite); the VM read fast path (.middleware) answers the same reads before
+    # DRF for callers known by their token's memo, with this view's permissions, throttles,
+    # negotiation and headers. (A comment: drf-spectacular publishes the docstring.)
+
     serializer_class = VMSerializer
     filterset_class = VMFilter
     lookup_value_regex = "[0-9a-fA-F-]{36}"
@@ -122,51 +159,45 @@ class VMViewSet(
             return vm_list(user=self.request.user, include_deleted="state" in self.request.query_params)
         return vm_visible(user=self.request.user)
 
+    def _wants_plain_json(self, request: Request) -> bool:
+        return plain_json(getattr(request, "accepted_renderer", None), request.accepted_media_type or "")
+
     def list(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponseBase:  # type: ignore[override]
         """One page of VMs: the cached body, or rows read with ``.values()`` and cached."""
-        if not _wants_plain_json(request):
+        if not self._wants_plain_json(request):
             return super().list(request, *args, **kwargs)
         viewer = _viewer(request)
         entry = vm_cache.vm_list_entry(viewer=viewer, query=request.META.get("QUERY_STRING", ""))
-        if entry.body is not None:
-            return _json_response(entry.body)
-        body = reads.vm_page(request, user_id=viewer.user_id, is_staff=viewer.is_staff)
-        if body is None:  # a filter only the ORM path knows, or a cursor it should refuse
+        body = entry.body or reads.vm_page(request, viewer=viewer)
+        if body is None:  # a filter only the ORM path knows, SQLite, or a cursor it should refuse
             queryset = vm_rows(self.filter_queryset(self.get_queryset()))
             page = self.paginate_queryset(queryset)
             assert page is not None  # every list is paginated (DEFAULT_PAGINATION_CLASS)
             body = dumps(self.get_paginated_response([vm_row_data(row) for row in page]).data)
-        entry.store(body)
-        return _json_response(body)
+        if entry.body is None:
+            entry.store(body)
+        return vm_read_response(request.META, body, detail=False)
 
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> HttpResponseBase:  # type: ignore[override]
         """One VM, with an ETag; ``If-None-Match`` with the current tag answers 304 without a body."""
-        if not _wants_plain_json(request):
+        if not self._wants_plain_json(request):
             return super().retrieve(request, *args, **kwargs)
-        try:
-            vm_id = str(uuid.UUID(kwargs["pk"]))
-        except ValueError as exc:
-            raise Http404 from exc
+        vm_id = vm_id_of(kwargs["pk"])
+        if vm_id is None:
+            raise Http404
+        if checks_objects(self):
+            self.get_object()  # the object permissions (403, or 404 when not visible)
         viewer = _viewer(request)
         entry = vm_cache.vm_detail_entry(
             viewer=viewer, vm_id=vm_id, query=request.META.get("QUERY_STRING", "")
         )
         body = entry.body
         if body is None:
-            if reads.supported():
-                body = reads.vm_detail(vm_id=vm_id, user_id=viewer.user_id, is_staff=viewer.is_staff)
-            else:  # the ORM path the list's filters use too (the same bytes: tests/apps/vms/test_reads.py)
-                row = vm_rows(self.get_queryset().filter(pk=vm_id)).first()
-                body = None if row is None else dumps(vm_row_data(row))
+            body = reads.vm_detail(vm_id=vm_id, viewer=viewer)
             if body is None:
                 raise Http404
             entry.store(body)
-        etag = body_etag(body)
-        if etag_matches(request, etag):
-            not_modified = HttpResponseNotModified()
-            not_modified["ETag"] = etag
-            return not_modified
-        return _json_response(body, etag=etag)
+        return vm_read_response(request.META, body, detail=True)
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
         classes: dict[str, type[serializers.BaseSerializer[Any]]] = {
@@ -197,7 +228,7 @@ class VMViewSet(
                         user=request_user(request), vm_id=uuid.UUID(pk), name=changes.name
                     )
                     if renamed is not None:
-                        return Response(vm_row_representation(renamed))
+                        return Response(renamed)
         vm = self.get_object()
         serializer.is_valid(raise_exception=True)
         vm = services.vm_update(vm=vm, changes=serializer.to_changes())

@@ -48,9 +48,10 @@ MIDDLEWARE = [
     "apps.core.middleware.SizedGZipMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # VM list pages and details of token callers answered without DRF (apps/vms/middleware.py). Its
-    # answers get the security and frame headers above; the middlewares below would add nothing to
-    # them (no session, cookie, CSRF token or message is used), so they are skipped.
+    # A cache in front of VMViewSet's list and detail for token callers, before DRF, with the view's
+    # permissions, throttles and headers (apps/vms/middleware.py). Its answers get the security and
+    # frame headers above; the middlewares below would add nothing to them (no session, cookie, CSRF
+    # token or message is used), so they are skipped.
     "apps.vms.middleware.VMReadFastPathMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

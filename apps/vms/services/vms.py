@@ -17,7 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from apps.core.conf import novacron_setting
-from apps.core.db import bulk_insert, fetch_prepared
+from apps.core.db import bulk_insert, fetch_prepared, none_elsewhere, postgresql_or
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
 from apps.vms import cache as vm_cache
 from apps.vms import dispatch, reads, scheduler
@@ -31,7 +31,7 @@ from apps.vms.choices import (
     VMState,
 )
 from apps.vms.models import VM, VM_NAME_UNIQUE, BatchItem, BatchOperation, Image, Node, Quota
-from apps.vms.selectors import Limits, Usage, user_quota, user_usage
+from apps.vms.selectors import Limits, Usage, user_quota, user_usage, visible_owner
 from workers import contract
 
 logger = logging.getLogger(__name__)
@@ -91,11 +91,14 @@ LEFT JOIN quotas AS q ON q.user_id = %(owner)s
 """
 
 
+def _owner_state_by_orm(owner: User, names: Sequence[str]) -> tuple[Limits, Usage, set[str]]:
+    taken = VM.objects.filter(owner_id=owner.pk, name__in=set(names)).exclude(state=VMState.DELETED)
+    return user_quota(user=owner), user_usage(user=owner), set(taken.values_list("name", flat=True))
+
+
+@postgresql_or(_owner_state_by_orm)
 def _owner_state(owner: User, names: Sequence[str]) -> tuple[Limits, Usage, set[str]]:
     """The owner's quota, usage and which of ``names`` their live VMs already have."""
-    if connection.vendor != "postgresql":
-        taken = VM.objects.filter(owner_id=owner.pk, name__in=set(names)).exclude(state=VMState.DELETED)
-        return user_quota(user=owner), user_usage(user=owner), set(taken.values_list("name", flat=True))
     ((max_vms, max_vcpus, max_memory_mb, vms, vcpus, memory_mb, taken_names),) = fetch_prepared(
         _OWNER_STATE_SQL, {"owner": owner.pk, "names": list(set(names))}
     )
@@ -103,6 +106,12 @@ def _owner_state(owner: User, names: Sequence[str]) -> tuple[Limits, Usage, set[
     return limits, Usage(vms, vcpus, memory_mb), set(taken_names)
 
 
+def _lock_owner_by_orm(owner: User) -> None:
+    # The ORM leaves the lock out where there is none (SQLite).
+    get_user_model().objects.select_for_update(no_key=True).filter(pk=owner.pk).first()
+
+
+@postgresql_or(_lock_owner_by_orm)
 def _lock_owner(owner: User) -> None:
     """Serialize a user's quota-checked writes (concurrent creates cannot both pass the check).
 
@@ -111,9 +120,6 @@ def _lock_owner(owner: User) -> None:
     (a migration's ``requested_by``). With FOR UPDATE, a rename waiting for a VM row locked by a
     migration request that itself waited for this user row deadlocked (seen in the soak test).
     """
-    if connection.vendor != "postgresql":  # the ORM leaves the lock out where there is none (SQLite)
-        get_user_model().objects.select_for_update(no_key=True).filter(pk=owner.pk).first()
-        return
     table = connection.ops.quote_name(get_user_model()._meta.db_table)
     # One fixed statement (the ORM compiled it on every create), prepared.
     fetch_prepared(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [owner.pk])  # noqa: S608
@@ -317,23 +323,23 @@ WITH renamed AS (
 _RENAMABLE = sorted(state.value for state in ACTIVE_STATES - {VMState.DELETING})
 
 
+@postgresql_or(none_elsewhere)
 def vm_rename(*, user: User, vm_id: uuid.UUID, name: str) -> dict[str, Any] | None:
-    """Rename a VM ``user`` may see; the VM in ``VMSerializer``'s shape (timestamps as datetimes).
+    """Rename a VM ``user`` may see; the VM as the API's dict (:mod:`apps.vms.representation`).
 
     One statement instead of :func:`vm_update`'s visible-VM read, locked read, name check and save
     (a rename was half the CPU of the benchmark's writes). None when it changes nothing, i.e. no such
     VM for ``user``, a state that allows no change or the name it already has: :func:`vm_update` then
     answers (404, 409 or the VM unchanged). A live VM of the owner with that name (committed, or
     committed while this waited for it) is refused by the partial unique index and reported as
-    :func:`vm_update`'s name check reports it. PostgreSQL only (``reads``).
+    :func:`vm_update`'s name check reports it. PostgreSQL only (elsewhere None: the full path).
     """
-    if not reads.supported():
-        return None
+    owner = visible_owner(user_id=user.pk, is_staff=user.is_staff)
     sql = _RENAME_SQL.format(
-        owned="" if user.is_staff else "AND owner_id = %(owner)s",
+        owned="" if owner is None else "AND owner_id = %(owner)s",
         select=reads.select_sql("renamed", ("owner_id",)),
     )
-    params = {"name": name, "now": timezone.now(), "id": vm_id, "states": _RENAMABLE, "owner": user.pk}
+    params = {"name": name, "now": timezone.now(), "id": vm_id, "states": _RENAMABLE, "owner": owner}
     # Alone, the statement is its own transaction; in a caller's, a savepoint keeps a refusal from
     # aborting the caller's transaction.
     savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()

@@ -11,8 +11,6 @@ from typing import Any
 
 import orjson
 import pytest
-import redis
-from django.conf import settings
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.renderers import JSONRenderer
@@ -25,6 +23,7 @@ from apps.vms.models import VM
 from apps.vms.serializers import VMSerializer
 from apps.vms.services import vm_record_report
 from apps.vms.services.reports import _node_down
+from tests.apps.vms.conftest import forget
 from tests.conftest import vm_payload
 
 pytestmark = pytest.mark.django_db
@@ -32,15 +31,9 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture(autouse=True)
 def _empty_api_cache() -> Iterator[None]:
-    client = redis.Redis.from_url(settings.REDIS_URL)
-
-    def clear() -> None:
-        for found in client.scan_iter(f"{settings.CACHE_KEY_PREFIX}:apicache:*", count=1000):
-            client.delete(found)
-
-    clear()
+    forget("apicache")
     yield
-    clear()
+    forget("apicache")
 
 
 def _count(view: str, result: str) -> float:

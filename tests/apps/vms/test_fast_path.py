@@ -5,51 +5,31 @@ authenticates, remembers the token and caches the body); once the token is remem
 answers hits from the cache and misses from the database (apps/vms/reads.py), and stores them.
 """
 
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 import redis
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from rest_framework import permissions, throttling
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from apps.core.authentication import forget_tokens, token_memo_key
 from apps.vms.cache import api_cache_requests
+from apps.vms.views import VMViewSet
+from tests.apps.vms.conftest import COMPARED_HEADERS, forget
 from tests.conftest import vm_payload
 
 pytestmark = pytest.mark.django_db
 
-# Headers that must match between the two paths (Date and the like are not compared).
-COMPARED = (
-    "Content-Type",
-    "Content-Length",
-    "Allow",
-    "Vary",
-    "ETag",
-    "X-Frame-Options",
-    "X-Content-Type-Options",
-    "Referrer-Policy",
-    "Cross-Origin-Opener-Policy",
-    "Set-Cookie",
-)
-
 
 @pytest.fixture(autouse=True)
-def _empty_api_cache() -> Iterator[None]:
-    client = redis.Redis.from_url(settings.REDIS_URL)
-
-    def clear() -> None:
-        for pattern in ("apicache", "authtoken", "throttle"):
-            for found in client.scan_iter(f"{settings.CACHE_KEY_PREFIX}:{pattern}:*", count=1000):
-                client.delete(found)
-
-    clear()
-    yield
-    clear()
+def _empty_api_state(forget_api_state: Any) -> None:
+    """Every test starts without cache entries, token memos and rate counters."""
 
 
 def _hits(view: str) -> float:
@@ -74,15 +54,13 @@ def _forget_token(user: Any) -> None:
 
 
 def _forget_entries() -> None:
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    for found in client.scan_iter(f"{settings.CACHE_KEY_PREFIX}:apicache:vm_*", count=1000):
-        client.delete(found)
+    forget("apicache")
 
 
 def _same_answer(slow: Any, fast: Any) -> None:
     assert slow.status_code == fast.status_code
     assert slow.content == fast.content
-    for header in COMPARED:
+    for header in COMPARED_HEADERS:
         assert slow.headers.get(header) == fast.headers.get(header), header
 
 
@@ -222,7 +200,7 @@ def test_redis_holds_a_digest_of_the_token_never_the_token(api, user, node, imag
     api.get("/api/v1/vms/")
     key = Token.objects.get(user=user).key
     client = redis.Redis.from_url(settings.REDIS_URL)
-    assert client.get(token_memo_key(key)) == f"{user.pk}:0".encode()
+    assert client.hgetall(token_memo_key(key)) == {b"user_id": str(user.pk).encode(), b"is_staff": b"0"}
     assert key not in token_memo_key(key)
     assert not list(client.scan_iter(f"*{key}*"))
 
@@ -299,3 +277,70 @@ def test_a_redis_without_the_script_or_a_lost_connection_costs_one_slow_answer_a
     assert _hits("vm_list") == hits + 3
     assert api.get("/api/v1/vms/").content == first.content and _hits("vm_list") == hits + 4
     assert vm_cache._own.connection._sock is not None
+
+
+def _counted(user: Any) -> int:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    keys = list(client.scan_iter(f"{settings.CACHE_KEY_PREFIX}:throttle:user:{user.pk}:*"))
+    return sum(int(client.get(found) or 0) for found in keys)
+
+
+def test_a_permission_added_to_the_view_applies_to_the_fast_path(
+    api, user, staff_api, node, image, monkeypatch
+):
+    vm = _create(api, "web-1")
+    for client in (api, staff_api):  # memos and entries: the next reads would be fast-path hits
+        client.get("/api/v1/vms/")
+        client.get(f"/api/v1/vms/{vm['id']}/")
+    monkeypatch.setattr(
+        VMViewSet, "permission_classes", [permissions.IsAuthenticated, permissions.IsAdminUser]
+    )
+    counted = _counted(user)
+    for path in ("/api/v1/vms/", f"/api/v1/vms/{vm['id']}/", "/api/v1/vms/?bust=miss"):
+        refused, _ = _get(api, path)
+        assert refused.status_code == 403, (path, refused.content)
+        allowed, queries = _get(staff_api, path)
+        assert allowed.status_code == 200
+        assert queries == (1 if "miss" in path else 0)  # answered by the fast path
+    assert _counted(user) == counted  # a refused request is not counted, as DRF counts it
+
+
+def test_a_throttle_the_fast_path_cannot_count_sends_reads_to_drf(api, user, node, image, monkeypatch):
+    _create(api, "web-1")
+    api.get("/api/v1/vms/")
+    assert _get(api, "/api/v1/vms/")[1] == 0  # a fast-path hit
+
+    class TwoAnHour(throttling.UserRateThrottle):  # DRF's: a list of times in the Django cache
+        scope = "two_an_hour"
+        rate = "2/hour"
+
+    cache.delete(f"throttle_two_an_hour_{user.pk}")
+    monkeypatch.setattr(VMViewSet, "throttle_classes", [*VMViewSet.throttle_classes, TwoAnHour])
+    statuses = []
+    for _ in range(3):
+        response, queries = _get(api, "/api/v1/vms/")
+        statuses.append(response.status_code)
+        assert queries >= 1  # DRF authenticated the token: not the fast path
+    assert statuses == [200, 200, 429]
+    cache.delete(f"throttle_two_an_hour_{user.pk}")
+
+
+class NotNamedSecret(permissions.BasePermission):
+    """A per-object rule: nobody reads a VM named ``secret``."""
+
+    def has_object_permission(self, request: Any, view: Any, obj: Any) -> bool:
+        return obj.name != "secret"
+
+
+def test_an_object_permission_added_to_the_view_applies_to_details_of_every_path(
+    api, user, node, image, monkeypatch
+):
+    secret, public = _create(api, "secret"), _create(api, "public")
+    for vm in (secret, public):  # cached entries, a remembered token: fast-path hits
+        api.get(f"/api/v1/vms/{vm['id']}/")
+    monkeypatch.setattr(VMViewSet, "permission_classes", [*VMViewSet.permission_classes, NotNamedSecret])
+    assert api.get(f"/api/v1/vms/{secret['id']}/").status_code == 403
+    _forget_token(user)  # DRF answers
+    assert api.get(f"/api/v1/vms/{secret['id']}/").status_code == 403
+    allowed = api.get(f"/api/v1/vms/{public['id']}/")
+    assert allowed.status_code == 200 and allowed.json()["name"] == "public"

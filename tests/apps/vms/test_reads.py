@@ -1,7 +1,8 @@
 """apps/vms/reads.py: the fixed-SQL list page and detail answer what the ORM path answers, byte for byte.
 
 The reference is the path it replaced: ``selectors.vm_list`` filtered as the view filtered it,
-paginated by ``CreatedCursorPagination`` and rendered by ``vm_row_data``. Pages are walked forward
+paginated by ``CreatedCursorPagination`` and rendered by ``vm_row_data`` (rows of the ORM paths of
+``apps/vms/representation.py``). Pages are walked forward
 through ``next`` and back through ``previous`` (ties on ``created_at`` included, which put offsets
 in the cursors), for an owner and for staff, with and without ``state``.
 """
@@ -19,7 +20,7 @@ from apps.core.pagination import CreatedCursorPagination
 from apps.core.renderers import dumps
 from apps.vms import reads
 from apps.vms.models import VM
-from apps.vms.selectors import vm_list, vm_row_data, vm_rows
+from apps.vms.selectors import viewer_of, vm_list, vm_row_data, vm_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -37,7 +38,7 @@ def _orm_page(path: str, user: Any) -> bytes:
 
 
 def _lean_page(path: str, user: Any) -> bytes | None:
-    return reads.vm_page(RequestFactory().get(path), user_id=user.pk, is_staff=user.is_staff)
+    return reads.vm_page(RequestFactory().get(path), viewer=viewer_of(user))
 
 
 def _path(link: str) -> str:
@@ -114,6 +115,6 @@ def test_detail_is_the_owners_or_staffs_and_includes_deleted_vms(fleet, user, ot
     others = VM.objects.filter(owner=other_user).first()
     assert deleted is not None and others is not None
     for vm, who, visible in ((deleted, user, True), (others, user, False), (others, staff, True)):
-        body = reads.vm_detail(vm_id=str(vm.pk), user_id=who.pk, is_staff=who.is_staff)
+        body = reads.vm_detail(vm_id=str(vm.pk), viewer=viewer_of(who))
         expected = dumps(vm_row_data(vm_rows(VM.objects.filter(pk=vm.pk)).get())) if visible else None
         assert body == expected
