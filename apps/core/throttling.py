@@ -66,6 +66,7 @@ class WindowRateThrottle(BaseThrottle):
         rate = api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
         self.num_requests, self.duration = SimpleRateThrottle.parse_rate(None, rate)  # type: ignore[arg-type]
         self.wait_seconds: float | None = None
+        self._known: tuple[int, KnownUserCounter] | None = None
 
     def client_id(self, request: Request) -> str | None:
         """Who is counted; ``None`` means this class does not limit the request."""
@@ -79,11 +80,17 @@ class WindowRateThrottle(BaseThrottle):
 
     def known_user_counter(self, now: float) -> KnownUserCounter | None:
         """This throttle's counter at ``now`` for an authenticated caller known by id; None when it
-        does not count them (no rate, or a throttle of anonymous callers)."""
+        does not count them (no rate, or a throttle of anonymous callers). Made once per window."""
         if self.num_requests is None or self.duration is None or self.counts != "users":
             return None
-        key = self._key(USER_MARK, int(now // self.duration))
-        return KnownUserCounter(self.scope, key, self.num_requests, self.duration + 1)
+        window = int(now // self.duration)
+        known = self._known  # (window, counter), replaced whole: threads share the instance
+        if known is None or known[0] != window:
+            counter = KnownUserCounter(
+                self.scope, self._key(USER_MARK, window), self.num_requests, self.duration + 1
+            )
+            known = self._known = (window, counter)
+        return known[1]
 
     def allow_request(self, request: Request, view: Any) -> bool:
         if self.num_requests is None or self.duration is None:

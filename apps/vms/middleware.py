@@ -39,7 +39,7 @@ from typing import Any, Final
 from django.core.signals import setting_changed
 from django.db import DatabaseError, connection
 from django.dispatch import receiver
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.urls import get_script_prefix, resolve, reverse
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.exceptions import APIException
@@ -59,6 +59,7 @@ from .views import checks_objects, plain_json, vm_id_of, vm_read_response
 
 # Remembered negotiation answers: (Accept, format) -> compact JSON or not; emptied when full.
 _NEGOTIATED_MAX: Final = 256
+_ANSWERABLE: Final = (vm_cache.FastHit, vm_cache.FastMiss)
 
 
 def _token(request: HttpRequest, keyword: str) -> str | None:
@@ -84,10 +85,11 @@ class _Route:
     view: Any  # the URLconf's view function (with DRF's ``cls``, ``initkwargs``, ``actions``)
     token_keyword: str | None  # lower case; None: the view does not authenticate by token first
     monitored_as: str  # the route as the API log names it
-    headers: dict[str, str]  # the view's default response headers (Allow, Vary)
+    headers: dict[str, str]  # what the view's finalize_response adds to a new answer (Allow, Vary)
     throttle_classes: Any  # the view's, which ``throttles`` were made of
     throttles: tuple[WindowRateThrottle, ...] | None  # None: a throttle this path cannot count
     negotiated: dict[tuple[str, str | None], bool]
+    scopes: frozenset[str] | None = None  # the scopes of :meth:`counters`, made with the throttles
 
     @classmethod
     def of(cls, path: str) -> "_Route":
@@ -100,11 +102,16 @@ class _Route:
         probe = HttpRequest()
         probe.path_info = path
         probe.resolver_match = match
+        # The view's own finalize_response, once, on a new answer: the headers DRF adds to each.
+        prototype.headers = prototype.default_response_headers
+        # (DRF's stubs say Response; DRF takes any HttpResponseBase, as it asserts.)
+        finalized = prototype.finalize_response(Request(probe), HttpResponse(), **match.kwargs)  # type: ignore[arg-type]
+        added = {name: value for name, value in finalized.items() if name != "Content-Type"}
         return cls(
             view=view,
             token_keyword=keyword,
             monitored_as=route_pattern(probe),
-            headers=dict(prototype.default_response_headers),
+            headers=added,
             throttle_classes=prototype.throttle_classes,
             throttles=_countable(prototype),
             negotiated={},
@@ -133,9 +140,13 @@ class _Route:
         if view.throttle_classes is not self.throttle_classes:
             self.throttle_classes = view.throttle_classes
             self.throttles = _countable(view)
+            self.scopes = None
         if self.throttles is None:
             return None
-        return [counter for throttle in self.throttles if (counter := throttle.known_user_counter(now))]
+        counters = [counter for throttle in self.throttles if (counter := throttle.known_user_counter(now))]
+        if self.scopes is None:
+            self.scopes = frozenset(counter.scope for counter in counters)
+        return counters
 
     def wants_plain_json(self, request: HttpRequest, drf_request: Request, view: APIView) -> bool:
         """The view's content negotiation chose compact JSON, remembered per ``Accept`` and ``format``
@@ -166,14 +177,12 @@ class _Route:
             return False
         return True
 
-    def finish(self, view: APIView, drf_request: Request, response: HttpResponseBase) -> HttpResponseBase:
-        """The view's headers added by the view's ``finalize_response``; the Content-Length
+    def finish(self, response: HttpResponseBase) -> HttpResponseBase:
+        """The headers the view's ``finalize_response`` adds (:meth:`of`); the Content-Length
         (``CommonMiddleware``'s, which these answers skip)."""
-        view.headers = dict(self.headers)
-        # DRF's stubs say Response; DRF takes any HttpResponseBase (it asserts so) and adds headers.
-        view.finalize_response(drf_request, response)  # type: ignore[arg-type]
-        if not response.has_header("Content-Length"):
-            response["Content-Length"] = str(len(response.content))  # type: ignore[attr-defined]
+        for name, value in self.headers.items():
+            response[name] = value
+        response["Content-Length"] = str(len(response.content))  # type: ignore[attr-defined]
         return response
 
 
@@ -258,7 +267,7 @@ class VMReadFastPathMiddleware:
         found = vm_cache.fast_lookup(
             token=token, vm_id=vm_id, query=query, counters=counters, answer_misses=answer_misses
         )
-        if not isinstance(found, vm_cache.FastHit | vm_cache.FastMiss):
+        if not isinstance(found, _ANSWERABLE):
             return None  # unknown token, no entry to answer from, over a rate limit, or Redis away
         # Also request.user (the API log reads it); a user without its row (MemoUser), not a model.
         drf_request.user = MemoUser(found.viewer)  # type: ignore[assignment]
@@ -267,7 +276,7 @@ class VMReadFastPathMiddleware:
             return None  # DRF refuses it, before its throttles count it
         context = request_context(request)
         context.viewer = found.viewer
-        context.counted_scopes = frozenset(counter.scope for counter in counters)
+        context.counted_scopes = route.scopes or frozenset()
         if isinstance(found, vm_cache.FastHit):
             body = found.body
         else:
@@ -278,7 +287,7 @@ class VMReadFastPathMiddleware:
             vm_cache.count_lookup(found.entry.view, hit=False)
             body = missing
         setattr(request, ROUTE_HINT, route.monitored_as)
-        return route.finish(view, drf_request, vm_read_response(request.META, body, detail=vm_id is not None))
+        return route.finish(vm_read_response(request.META, body, detail=vm_id is not None))
 
     @staticmethod
     def _read(request: Request, viewer: Viewer, vm_id: str | None) -> bytes | None:
