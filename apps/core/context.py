@@ -1,9 +1,8 @@
 """What one layer of a request learns and a later one reads, as one typed value.
 
-A middleware that knows something about a request (who the caller is, from their token's memo;
-which rate windows it already counted) writes it into the request's :class:`RequestContext`
-(:func:`request_context`), and the layers after it (DRF's throttles, the VM read fast path) read it
-there: no ad-hoc attributes set on the request, no strings to parse.
+A middleware that knows something about a request that a later layer needs (which rate windows
+already count it) writes it into the request's :class:`RequestContext` (:func:`request_context`),
+and the layers after it (DRF's throttles) read it there: no ad-hoc attributes set on the request.
 
 :class:`Viewer` is the caller as the read paths and the response cache see them. It is also what a
 token's memo in Redis holds (:mod:`apps.core.authentication`), as a hash of its fields, so the
@@ -69,14 +68,13 @@ class MemoUser:
 
 @dataclass
 class RequestContext:
-    """What the middlewares learned about one request.
+    """What the middlewares learned about one request that a later layer reads.
 
-    ``viewer``: the caller, when a middleware knew them before DRF authenticated (the VM read fast
-    path). ``counted_scopes``: the rate-limit scopes whose window already counts this request (the
+    ``counted_scopes``: the rate-limit scopes whose window already counts this request (the VM read
     fast path's look-up counts them in Redis); DRF's throttle of such a scope does not count it again.
+    (The caller a middleware knows goes into ``request.user``, Django's own place for it.)
     """
 
-    viewer: Viewer | None = None
     counted_scopes: frozenset[str] = field(default_factory=frozenset)
 
 

@@ -24,8 +24,8 @@ throttle it cannot count, or Redis away. The answer is the same either way
 The middleware sits after the security and frame-options middleware in ``MIDDLEWARE``, whose headers
 its answers get as DRF's do, and before the session, CSRF, authentication and messages middleware,
 which add nothing to these answers (``CommonMiddleware``'s Content-Length is set here). The caller
-goes into the request's context (:func:`apps.core.context.request_context`) and ``request.user``,
-and the route into the monitoring middleware's hint, for the API log.
+goes into ``request.user`` and the route into the monitoring middleware's hint, for the API log;
+the rate scopes it counted into the request's context (:func:`apps.core.context.request_context`).
 """
 
 import re
@@ -274,9 +274,7 @@ class VMReadFastPathMiddleware:
         if not route.permitted(view, drf_request):
             vm_cache.fast_uncount(found.viewer, counters)
             return None  # DRF refuses it, before its throttles count it
-        context = request_context(request)
-        context.viewer = found.viewer
-        context.counted_scopes = route.scopes or frozenset()
+        request_context(request).counted_scopes = route.scopes or frozenset()
         if isinstance(found, vm_cache.FastHit):
             body = found.body
         else:
