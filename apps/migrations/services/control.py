@@ -10,9 +10,9 @@ from apps.core.errors import InvalidState
 
 from .. import progress
 from ..choices import TERMINAL_STATUSES, MigrationMode, MigrationPhase, MigrationStatus
-from ..models import Migration, MigrationEvent
+from ..models import Migration
 from .outcomes import roll_back
-from .state import locked, redis_client
+from .state import locked, note, redis_client
 
 
 @transaction.atomic
@@ -31,9 +31,7 @@ def migration_cancel(*, migration: Migration, actor: str) -> Migration:
     else:
         # The source stops its transfer within a poll interval and reports "cancelled".
         progress.set_control(redis_client(), str(migration.pk), cancel=True)
-        MigrationEvent.objects.create(
-            migration=migration, actor=actor, from_status=status, to_status=status, detail="cancel requested"
-        )
+        note(migration, "cancel requested", actor=actor)
     return migration
 
 
@@ -47,14 +45,8 @@ def migration_set_bandwidth(
     migration.bandwidth_limit_mbps = bandwidth_limit_mbps
     migration.save(update_fields=["bandwidth_limit_mbps"])
     progress.set_control(redis_client(), str(migration.pk), bandwidth_limit_mbps=bandwidth_limit_mbps)
-    MigrationEvent.objects.create(
-        migration=migration,
-        actor=actor,
-        from_status=migration.status,
-        to_status=migration.status,
-        detail=f"bandwidth limit {bandwidth_limit_mbps or 'lifted'}"
-        + (" Mbit/s" if bandwidth_limit_mbps else ""),
-    )
+    limit = f"{bandwidth_limit_mbps} Mbit/s" if bandwidth_limit_mbps else "lifted"
+    note(migration, f"bandwidth limit {limit}", actor=actor)
     return migration
 
 
@@ -72,11 +64,5 @@ def migration_force_complete(*, migration: Migration, actor: str) -> Migration:
         # Pausing now would make the whole memory copy downtime: convergence is a memory matter.
         raise InvalidState("Force-complete applies to the memory phase; the disk is still being mirrored.")
     progress.set_control(redis_client(), str(migration.pk), force_complete=True)
-    MigrationEvent.objects.create(
-        migration=migration,
-        actor=actor,
-        from_status=migration.status,
-        to_status=migration.status,
-        detail="force-complete requested",
-    )
+    note(migration, "force-complete requested", actor=actor)
     return migration

@@ -113,12 +113,10 @@ def node_clean_migration_leftovers(*, node: Node, vm_ids: Iterable[str], seen: d
             what,
             last_try,
         )
-        MigrationEvent.objects.create(
-            migration=last,
+        note(
+            last,
+            f"{node.name} still holds a copy (VM recorded on {home}): {what} sent again{last_try}",
             actor=_RECONCILER,
-            from_status=last.status,
-            to_status=last.status,
-            detail=f"{node.name} still holds a copy (VM recorded on {home}): {what} sent again{last_try}",
         )
         last.vm = vm
         if role == "source":
