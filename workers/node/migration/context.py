@@ -14,6 +14,7 @@ from celery import Celery
 
 from workers import contract
 from workers.dwcp import DWCPError
+from workers.dwcp.errors import TransferInterrupted
 from workers.qemu import Accelerator, QemuDriver, QemuError
 
 from ..config import NodeConfig
@@ -87,8 +88,16 @@ class NodeMigrations:
             self.report(migration_id, role, "cancelled", str(exc))
         except (QemuError, DWCPError, OSError, redis.RedisError) as exc:
             logger.exception("migration %s (%s) failed", migration_id, role)
-            cause: contract.FailureCause = exc.cause if isinstance(exc, MemoryMismatch) else "error"
-            self.report(migration_id, role, "failed", f"{type(exc).__name__}: {exc}", cause=cause)
+            detail = f"{type(exc).__name__}: {exc}"
+            self.report(migration_id, role, "failed", detail, cause=failure_cause(exc))
         except Exception as exc:
             logger.exception("migration %s (%s) failed unexpectedly", migration_id, role)
             self.report(migration_id, role, "failed", f"node error: {exc!r}")
+
+
+def failure_cause(exc: Exception) -> contract.FailureCause:
+    """How first-hand a failure is: a memory check's verdict is measured; a transfer the connection
+    cut (the peer gave up, its disk filled, the link died) only relays what the other side knows."""
+    if isinstance(exc, MemoryMismatch):
+        return exc.cause
+    return "relayed" if isinstance(exc, TransferInterrupted) else "error"
