@@ -19,6 +19,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from apps.core.authentication import forget_tokens, token_memo_key
+from apps.vms import cache as vm_cache
 from apps.vms.cache import api_cache_requests
 from apps.vms.views import VMViewSet
 from tests.apps.vms.conftest import COMPARED_HEADERS, forget
@@ -344,3 +345,36 @@ def test_an_object_permission_added_to_the_view_applies_to_details_of_every_path
     assert api.get(f"/api/v1/vms/{secret['id']}/").status_code == 403
     allowed = api.get(f"/api/v1/vms/{public['id']}/")
     assert allowed.status_code == 200 and allowed.json()["name"] == "public"
+
+
+def test_a_process_copy_of_a_body_is_served_only_while_redis_holds_the_same_bytes(api, user, node, image):
+    """Redis flushed, its version counters back at the values they had, and another process storing
+    a new body under a key this process already knows: the new body is answered, never this
+    process's copy of the old one."""
+    _create(api, "before-flush")
+    first, _ = _get(api, "/api/v1/vms/")  # a miss: read, stored, copied into this process
+    again, queries = _get(api, "/api/v1/vms/")
+    assert queries == 0 and again.content == first.content
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    prefix = f"{settings.CACHE_KEY_PREFIX}:apicache"
+    versions = {key: client.get(key) for key in client.scan_iter(f"{prefix}:v:*")}
+    (entry,) = client.scan_iter(f"{prefix}:vm_list:*")
+    forget("apicache")  # the entries and the version counters
+    client.mset(versions)  # the counters climbed back: the list's key is the first's again
+    renamed = first.content.replace(b"before-flush", b"after-flush")
+    client.set(entry, vm_cache._value(renamed)[1])  # as another process stores it
+    hit, queries = _get(api, "/api/v1/vms/")
+    assert queries == 0 and hit.content == renamed
+
+
+def test_the_process_copies_keep_within_their_byte_budget_oldest_first() -> None:
+    bodies = vm_cache._Bodies(budget=10)
+    bodies.put("a", b"d-a", b"aaaa")
+    bodies.put("b", b"d-b", b"bbbb")
+    assert bodies.get("a", b"d-a") == b"aaaa"  # now the most recently used
+    bodies.put("c", b"d-c", b"cccc")  # 12 bytes: "b", the least recently used, goes
+    assert bodies.get("b", b"d-b") is None
+    assert bodies.get("a", b"d-a") == b"aaaa" and bodies.get("c", b"d-c") == b"cccc"
+    assert bodies.get("a", b"other digest") is None
+    bodies.put("huge", b"d", b"x" * 11)  # larger than the budget: never kept
+    assert bodies.get("huge", b"d") is None and bodies.used == 8
