@@ -87,6 +87,11 @@ def forget_tokens(keys: list[str]) -> None:
         logger.warning("token memo not removed (expires within %d s): %s", TOKEN_MEMO_TTL, exc)
 
 
+def forget_user(user_id: int) -> None:
+    """Drop the memos of every token of a user (their rights changed: staff flag, memberships)."""
+    forget_tokens(list(Token.objects.filter(user_id=user_id).values_list("key", flat=True)))
+
+
 def _columns(model: Any) -> dict[str, str]:
     """``attname -> column`` of a model's concrete fields (``user_id -> user_id``)."""
     return {field.attname: str(field.column) for field in model._meta.concrete_fields}

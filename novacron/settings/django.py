@@ -39,6 +39,7 @@ INSTALLED_APPS = [
     "apps.vms",
     "apps.migrations",
     "apps.monitoring",
+    "apps.projects",
 ]
 
 MIDDLEWARE = [

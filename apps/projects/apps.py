@@ -1,0 +1,9 @@
+"""App configuration of ``apps.projects``."""
+
+from django.apps import AppConfig
+
+
+class ProjectsConfig(AppConfig):
+    name = "apps.projects"
+    label = "projects"
+    verbose_name = "Projects, members and quotas"
