@@ -72,10 +72,13 @@ class RequestContext:
 
     ``counted_scopes``: the rate-limit scopes whose window already counts this request (the VM read
     fast path's look-up counts them in Redis); DRF's throttle of such a scope does not count it again.
+    ``project_id``: the project the request acts in, once resolved (None: not yet, or a staff
+    caller's fleet-wide view); the audit trail records it.
     (The caller a middleware knows goes into ``request.user``, Django's own place for it.)
     """
 
     counted_scopes: frozenset[str] = field(default_factory=frozenset)
+    project_id: int | None = None
 
 
 _ATTRIBUTE: Final = "novacron_context"
