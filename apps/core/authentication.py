@@ -30,7 +30,6 @@ from rest_framework import exceptions
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.models import Token
 
-from apps.core.context import Viewer
 from apps.core.db import columns, fetch_prepared
 
 logger = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ TOKEN_MEMO_TTL: Final = 60  # seconds a remembered token answers without the dat
 # and remembers at most this many tokens' write times before starting over.
 TOKEN_MEMO_REFRESH: Final = TOKEN_MEMO_TTL / 2
 TOKEN_MEMO_LOCAL_MAX: Final = 10_000
-_memo_written: dict[tuple[str, Viewer], float] = {}
+_memo_written: dict[tuple[str, int, bool], float] = {}
 
 
 def token_memo_key(key: str) -> str:
@@ -50,23 +49,28 @@ def token_memo_key(key: str) -> str:
 
 
 def remember_token(key: str, user: AbstractBaseUser) -> None:
-    """Store the :class:`Viewer` of an active user's token as a Redis hash (best effort).
+    """Store the :class:`Caller` of an active user's token as a Redis hash (best effort): the user,
+    their personal project and their roles (:func:`apps.projects.acting.caller_of`).
 
     Skipped when this process wrote it less than ``TOKEN_MEMO_REFRESH`` ago: if it was removed
     since, the fast path only misses (and this slower path answers) until the next write.
     """
-    viewer = Viewer(user_id=user.pk, is_staff=bool(getattr(user, "is_staff", False)))
+    # Imported here: apps.projects.acting imports apps.core.errors, whose import of DRF's views loads
+    # this module (DRF's authentication classes setting).
+    from apps.projects.acting import caller_of  # noqa: PLC0415
+
     now = time.monotonic()
-    local = (key, viewer)
+    local = (key, user.pk, bool(getattr(user, "is_staff", False)))
     if now - _memo_written.get(local, -TOKEN_MEMO_REFRESH) < TOKEN_MEMO_REFRESH:
         return
     if len(_memo_written) >= TOKEN_MEMO_LOCAL_MAX:
         _memo_written.clear()
     memo_key = token_memo_key(key)
+    caller = caller_of(user)
     try:
         pipe = get_redis_connection("default").pipeline(transaction=True)
         pipe.delete(memo_key)
-        pipe.hset(memo_key, mapping=viewer.as_memo())
+        pipe.hset(memo_key, mapping=caller.as_memo())
         pipe.expire(memo_key, TOKEN_MEMO_TTL)
         pipe.execute()
     except redis.RedisError as exc:

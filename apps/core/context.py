@@ -4,12 +4,14 @@ A middleware that knows something about a request that a later layer needs (whic
 already count it) writes it into the request's :class:`RequestContext` (:func:`request_context`),
 and the layers after it (DRF's throttles) read it there: no ad-hoc attributes set on the request.
 
-:class:`Viewer` is the caller as the read paths and the response cache see them. It is also what a
-token's memo in Redis holds (:mod:`apps.core.authentication`), as a hash of its fields, so the
-Lua of the fast path reads it by the field names given to it from here (:data:`VIEWER_FIELDS`).
+:class:`Viewer` is the caller as the read paths and the response cache see them; :class:`Acting`
+where a request acts (project and role). :class:`Caller` is what a token's memo in Redis holds
+(:mod:`apps.core.authentication`), as a hash whose field names the Lua of the fast path is given
+from here (:data:`MEMO_FIELDS`, :data:`ROLE_FIELD_PREFIX`).
 """
 
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Final
 
@@ -19,24 +21,46 @@ from django.http import HttpRequest
 
 @dataclass(frozen=True)
 class Viewer:
-    """A caller of the API: their user id and whether they are staff."""
+    """A caller of the API as the read paths and the response cache see them: who they are and the
+    project their reads are of (None: a staff caller's whole fleet, when they name no project)."""
 
     user_id: int
     is_staff: bool
-
-    def as_memo(self) -> dict[str, int]:
-        """The Redis hash of a token's memo (integers: Redis stores strings)."""
-        return {"user_id": self.user_id, "is_staff": int(self.is_staff)}
-
-    @classmethod
-    def from_memo(cls, values: list[Any]) -> "Viewer":
-        """The viewer of a memo's hash values, read in :data:`VIEWER_FIELDS` order."""
-        user_id, is_staff = values
-        return cls(user_id=int(user_id), is_staff=int(is_staff) == 1)
+    project_id: int | None
 
 
-#: The memo hash's field names, in :meth:`Viewer.from_memo`'s order (the fast path's Lua reads them).
-VIEWER_FIELDS: Final = tuple(item.name for item in fields(Viewer))
+#: A token's memo: a Redis hash of these fields, then ``ROLE_FIELD_PREFIX + <project id>`` -> role
+#: for each project the user is a member of (the fast path's Lua reads them by these names).
+MEMO_FIELDS: Final = ("user_id", "is_staff", "project")
+ROLE_FIELD_PREFIX: Final = "p"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What a token's memo holds: the user, their personal project (where a request naming no
+    project acts) and their role in each of their projects."""
+
+    user_id: int
+    is_staff: bool
+    personal_project: int
+    roles: Mapping[int, str]
+
+    def as_memo(self) -> dict[str, int | str]:
+        """The Redis hash of the memo (integers: Redis stores strings)."""
+        memo: dict[str, int | str] = dict(
+            zip(MEMO_FIELDS, (self.user_id, int(self.is_staff), self.personal_project), strict=True)
+        )
+        memo.update({f"{ROLE_FIELD_PREFIX}{project}": role for project, role in self.roles.items()})
+        return memo
+
+
+@dataclass(frozen=True)
+class Acting:
+    """Where a request acts: its project (None: a staff caller naming none reads the whole fleet)
+    and the caller's role there (None: not a member; staff act anyway)."""
+
+    project_id: int | None
+    role: str | None
 
 
 class MemoUser:
@@ -72,22 +96,28 @@ class RequestContext:
 
     ``counted_scopes``: the rate-limit scopes whose window already counts this request (the VM read
     fast path's look-up counts them in Redis); DRF's throttle of such a scope does not count it again.
-    ``project_id``: the project the request acts in, once resolved (None: not yet, or a staff
-    caller's fleet-wide view); the audit trail records it.
+    ``acting``: where the request acts, once resolved (``apps.projects.acting``, or the fast path
+    from the token's memo); :attr:`project_id` is its project, which the audit trail records.
     (The caller a middleware knows goes into ``request.user``, Django's own place for it.)
     """
 
     counted_scopes: frozenset[str] = field(default_factory=frozenset)
-    project_id: int | None = None
+    acting: Acting | None = None
+
+    @property
+    def project_id(self) -> int | None:
+        """The project the request acts in (None: not resolved, or a staff caller's whole fleet)."""
+        return None if self.acting is None else self.acting.project_id
 
 
 _ATTRIBUTE: Final = "novacron_context"
 
 
-def request_context(request: HttpRequest) -> RequestContext:
-    """The request's context, made empty on first use."""
-    found = request.__dict__.get(_ATTRIBUTE)
+def request_context(request: HttpRequest | Any) -> RequestContext:
+    """The request's context, made empty on first use (``request``: Django's, or DRF's around it)."""
+    django_request = getattr(request, "_request", request)  # a DRF Request keeps Django's here
+    found = django_request.__dict__.get(_ATTRIBUTE)
     if found is None:
-        found = request.__dict__[_ATTRIBUTE] = RequestContext()
+        found = django_request.__dict__[_ATTRIBUTE] = RequestContext()
     assert isinstance(found, RequestContext)
     return found

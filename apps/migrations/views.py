@@ -18,6 +18,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.core.auth import request_user
+from apps.projects.acting import viewer as acting_viewer
+from apps.projects.permissions import ProjectRole
 from apps.vms.models import Node
 from workers import contract
 
@@ -53,13 +55,15 @@ class MigrationViewSet(
     mixins.UpdateModelMixin,
     viewsets.GenericViewSet[Migration],
 ):
-    """Migrations of the caller's VMs (all for staff), with live progress while they run."""
+    """Migrations of the VMs of the project the request acts in (all for staff naming none), with
+    live progress while they run. Any role reads, ``member`` and ``admin`` act."""
 
     filterset_fields = ("status", "mode", "vm")
     http_method_names = ("get", "patch", "post", "head", "options")
+    permission_classes = (permissions.IsAuthenticated, ProjectRole)
 
     def get_queryset(self) -> QuerySet[Migration]:
-        queryset = migration_visible(user=self.request.user)
+        queryset = migration_visible(viewer=acting_viewer(self.request))
         return queryset.prefetch_related("events") if self.action == "retrieve" else queryset
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:

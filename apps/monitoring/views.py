@@ -14,6 +14,8 @@ from rest_framework.views import APIView
 from apps.core.auth import request_user
 from apps.core.errors import NotFound
 from apps.core.pagination import TimestampCursorPagination
+from apps.projects.acting import viewer as acting_viewer
+from apps.vms.selectors import vm_visible_to
 
 from . import services
 from .filters import AlertFilter, APILogFilter
@@ -78,8 +80,12 @@ class MetricSeriesView(APIView):
         params = query.validated_data
         user = request_user(request)
         vm = params.get("vm")
-        if not user.is_staff and (vm is None or vm.owner_id != user.pk):
-            raise NotFound("Only staff may read fleet metrics; others may give the id of one of their VMs.")
+        if not user.is_staff and (
+            vm is None or not vm_visible_to(acting_viewer(request)).filter(pk=vm.pk).exists()
+        ):
+            raise NotFound(
+                "Only staff may read fleet metrics; others may give the id of a VM of their project."
+            )
         points = metric_series(
             name=params["name"],
             since=params["since"],

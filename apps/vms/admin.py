@@ -1,8 +1,7 @@
-"""Django admin for the fleet: VMs (with lifecycle actions), nodes, images, quotas and batches."""
+"""Django admin for the fleet: VMs (with lifecycle actions), nodes, images and batches (projects,
+their members and quotas: ``apps.projects.admin``)."""
 
 from django.contrib import admin, messages
-from django.contrib.auth.admin import UserAdmin
-from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
@@ -13,7 +12,7 @@ from apps.migrations.services import migration_request
 
 from . import representation, services
 from .choices import VMAction
-from .models import VM, BatchItem, BatchOperation, Image, Node, Quota
+from .models import VM, BatchItem, BatchOperation, Image, Node
 
 
 def _each(
@@ -34,12 +33,24 @@ def _each(
 
 @admin.register(VM)
 class VMAdmin(admin.ModelAdmin[VM]):
-    list_display = ("name", "state", "node", "owner", "image", "vcpus", "memory_mb", "disk_gb", "created_at")
+    list_display = (
+        "name",
+        "state",
+        "node",
+        "project",
+        "owner",
+        "image",
+        "vcpus",
+        "memory_mb",
+        "disk_gb",
+        "created_at",
+    )
     list_filter = ("state", "node", "image")
-    search_fields = ("name", "id", "owner__username")
+    search_fields = ("name", "id", "owner__username", "project__name")
     list_select_related = representation.relations()
     readonly_fields = (
         "id",
+        "project",
         "owner",
         "node",
         "state",
@@ -52,6 +63,7 @@ class VMAdmin(admin.ModelAdmin[VM]):
     fields = (
         "id",
         "name",
+        "project",
         "owner",
         "image",
         "node",
@@ -162,22 +174,7 @@ class BatchItemInline(admin.TabularInline[BatchItem, BatchOperation]):
 
 @admin.register(BatchOperation)
 class BatchOperationAdmin(admin.ModelAdmin[BatchOperation]):
-    list_display = ("id", "kind", "status", "owner", "total", "created_at", "finished_at")
+    list_display = ("id", "kind", "status", "project", "owner", "total", "created_at", "finished_at")
     list_filter = ("kind", "status")
-    readonly_fields = ("id", "owner", "kind", "status", "total", "created_at", "finished_at")
+    readonly_fields = ("id", "project", "owner", "kind", "status", "total", "created_at", "finished_at")
     inlines = (BatchItemInline,)
-
-
-class QuotaInline(admin.StackedInline[Quota, User]):
-    model = Quota
-    can_delete = True
-    extra = 0
-    max_num = 1
-
-
-admin.site.unregister(User)
-
-
-@admin.register(User)
-class NovaCronUserAdmin(UserAdmin):
-    inlines = (QuotaInline,)

@@ -2,14 +2,15 @@
 
 Rules:
 
-- A cached body is only ever read back by the viewer it was made for: every key holds the
-  viewer's id and whether they are staff (a user and an operator never share an entry, and an
-  operator who loses staff rights no longer reads the operator's entries).
+- A cached body is only ever read back by viewers who see what it shows: every key holds its
+  scope, the project the reads are of (``p<id>``: read by the members of that project, who all see
+  the same) or ``all`` (the whole fleet, read by staff naming no project only). No member of one
+  project ever reads an entry made for another.
 - Invalidation is by version counters, not by waiting for a TTL: a key embeds the versions of what
-  the body shows (``owner:<id>`` for a user's VMs, ``all`` for every VM, as staff see them,
-  ``vm:<id>`` for one VM, ``fleet`` for node and image names): which of ``owner:<id>`` and ``all``
-  is the visibility rule's (:func:`.selectors.visible_owner`). Writes bump the versions
-  (:func:`vms_changed`, :func:`owner_changed`, :func:`fleet_changed`) in the services, once at
+  the body shows (``project:<id>`` for a project's VMs, ``all`` for every VM, ``vm:<id>`` for one
+  VM, ``fleet`` for node and image names): which of ``project:<id>`` and ``all`` is the visibility
+  rule's (:func:`.selectors.visible_project`). Writes bump the versions
+  (:func:`vms_changed`, :func:`project_changed`, :func:`fleet_changed`) in the services, once at
   once and again after commit, so no reader can store pre-commit rows under the new versions for
   longer than the transaction lasts. Old entries are never read again and expire.
 - TTLs are only upper bounds (list 60 s, detail and me 300 s): they bound what a write made
@@ -30,9 +31,10 @@ process's copy of it (:class:`_Bodies`) when the digests agree, else from one mo
 handed through Lua costs Redis about 20 microseconds for a 15 KiB page, half of the whole script,
 and Redis shares the machine's cores with the web workers. :func:`fast_lookup` is the same look-up for a
 request not yet authenticated (the VM read fast path, ``middleware.py``): from the token's memo to
-the viewer, the entry and the viewer's rate-limit counters, in one script; Python gives it the slots
-of both kinds of viewer (user, staff) and the counters' keys with :data:`USER_MARK` for the user id,
-and the script fills in the id read from the memo. Hits and misses go to
+the caller, the project they act in and their role there, the entry and the caller's rate-limit
+counters, in one script; Python gives it the slots of both scopes (a project, with
+:data:`PROJECT_MARK` for its id; the fleet) and the counters' keys with :data:`USER_MARK` for the
+user id, and the script fills in what it read from the memo. Hits and misses go to
 ``novacron_api_cache_requests_total{view,result}`` and to the monitoring app's cache counters
 (``cache.hit_ratio``).
 """
@@ -58,12 +60,12 @@ from django_redis import get_redis_connection
 from prometheus_client import Counter
 
 from apps.core.authentication import token_memo_key
-from apps.core.context import VIEWER_FIELDS, Viewer
+from apps.core.context import MEMO_FIELDS, ROLE_FIELD_PREFIX, Acting, Viewer
 from apps.core.throttling import USER_MARK, KnownUserCounter
 from apps.monitoring.instruments import labelled, record_cache_lookup
 
 from . import representation
-from .selectors import visible_owner
+from .selectors import visible_project
 
 logger = logging.getLogger(__name__)
 
@@ -106,42 +108,54 @@ return {key, redis.call('GET', key)}
 """
 )
 
-# The fast path's look-up. KEYS[1]: the token's memo (a hash of the viewer's fields). ARGV: [1]
-# the user mark as a Lua pattern, [2] and [3] the memo's field names (user id, staff flag), [4] '1'
-# when the caller answers a miss itself, [5] n, the number of version keys of a slot; then the
-# user's slot (prefix, suffix, n version keys), the staff's slot (same), the number of counters and
-# each counter's key, limit and TTL, with the user mark where the user id goes. Returns {0} (unknown
-# token, or no entry and [4] not '1': the full path answers and counts), {1, id, staff} (over a
-# rate limit: the full path answers 429), {2, id, staff, entry key, digest} (a hit: the value's
-# first DIGEST_SIZE bytes) or {3, id, staff, entry key} (a miss for the caller to answer and
-# store); {2} and {3} are counted in every counter. Keys are built here from the viewer, so this
-# script assumes one Redis (no cluster slots).
+# The fast path's look-up. KEYS[1]: the token's memo (a hash: MEMO_FIELDS, then ROLE_FIELD_PREFIX +
+# project id -> role). ARGV: [1] the project mark and [2] the user mark as Lua patterns, [3] to [5]
+# the memo's field names (user id, staff flag, personal project), [6] the role fields' prefix, [7]
+# the project the request names ('' for none), [8] '1' when the caller answers a miss itself, [9]
+# n, the number of version keys of a slot; then the project's slot (prefix, suffix, n version keys,
+# with the project mark where its id goes), the fleet's slot (same), the number of counters and
+# each counter's key, limit and TTL, with the user mark where the user id goes. The request acts in
+# the named project, else in the personal one; a staff caller naming none reads the fleet's slot.
+# Returns {0} (unknown token; a project the caller has no role in, staff included: the full path
+# answers it, 404 or the project's VMs; or no entry and [8] not '1'), {1, id, staff} (over a rate
+# limit: the full path answers 429), {2, id, staff, project, role, entry key, digest} (a hit: the
+# value's first DIGEST_SIZE bytes; project '' for the fleet, role '' for none) or {3, id, staff,
+# project, role, entry key} (a miss for the caller to answer and store); {2} and {3} are counted
+# in every counter. Keys are built here from the memo, so this script assumes one Redis (no
+# cluster slots).
 _FAST_SCRIPT = (
     _ENTRY_KEY_LUA
     + """
-local memo = redis.call('HMGET', KEYS[1], ARGV[2], ARGV[3])
-local uid, staff = memo[1], memo[2]
-if not uid or not staff then return {0} end
-local function fill(text) return (string.gsub(text, ARGV[1], uid)) end
-local n = tonumber(ARGV[5])
-local first = 6
-if staff == '1' then first = first + 2 + n end
+local memo = redis.call('HMGET', KEYS[1], ARGV[3], ARGV[4], ARGV[5])
+local uid, staff, project = memo[1], memo[2], memo[3]
+if not uid or not staff or not project then return {0} end
+local named = ARGV[7]
+if named ~= '' then project = named end
+local role = redis.call('HGET', KEYS[1], ARGV[6] .. project) or ''
+local n = tonumber(ARGV[9])
+local first = 10
+if staff == '1' and named == '' then
+  first = first + 2 + n
+  project = ''
+elseif role == '' then
+  return {0}
+end
 local slot = {}
-for i = first, first + 1 + n do slot[#slot + 1] = fill(ARGV[i]) end
+for i = first, first + 1 + n do slot[#slot + 1] = (string.gsub(ARGV[i], ARGV[1], project)) end
 local key = entry_key(slot)
 local digest = redis.call('GETRANGE', key, 0, DIGEST_END)
-if digest == '' and ARGV[4] ~= '1' then return {0} end
-local at = 6 + 2 * (2 + n)
+if digest == '' and ARGV[8] ~= '1' then return {0} end
+local at = 10 + 2 * (2 + n)
 local over = false
 for i = at + 1, at + 3 * tonumber(ARGV[at]), 3 do
-  local counter = fill(ARGV[i])
+  local counter = (string.gsub(ARGV[i], ARGV[2], uid))
   local count = redis.call('INCR', counter)
   redis.call('EXPIRE', counter, tonumber(ARGV[i + 2]))
   if count > tonumber(ARGV[i + 1]) then over = true end
 end
 if over then return {1, uid, staff} end
-if digest ~= '' then return {2, uid, staff, key, digest} end
-return {3, uid, staff, key}
+if digest ~= '' then return {2, uid, staff, project, role, key, digest} end
+return {3, uid, staff, project, role, key}
 """.replace("DIGEST_END", str(DIGEST_SIZE - 1))
 )
 _lookup: Any = None
@@ -170,8 +184,8 @@ ALL_VMS: Final = "all"
 FLEET: Final = "fleet"
 
 
-def _owner_version(owner_id: object) -> str:
-    return f"owner:{owner_id}"
+def _project_version(project_id: object) -> str:
+    return f"project:{project_id}"
 
 
 def _vm_version(vm_id: object) -> str:
@@ -196,48 +210,57 @@ class Slot(NamedTuple):  # a tuple: made twice per fast look-up, a frozen datacl
     ttl: int
 
 
+#: Stands for the project's id in a slot given to the fast script (replaced with the memo's or named one).
+PROJECT_MARK: Final = "{project}"
+
+
 @functools.lru_cache(maxsize=4096)
-def _viewer_parts(
-    key_prefix: str, view: str, fingerprint: str, user: str, is_staff: bool
+def _scope_parts(
+    key_prefix: str, view: str, fingerprint: str, project: str | None
 ) -> tuple[str, str, str, str]:
-    """What a viewer's slots of ``view`` are made of: the entry prefix, the viewer's scope, the
-    version key of what they may see and the fleet's (made once per viewer, not per look-up)."""
-    owner = visible_owner(user_id=user, is_staff=is_staff)
-    visible = ALL_VMS if owner is None else _owner_version(owner)
+    """What the slots of ``view`` of one scope are made of: the entry prefix, the scope (``project``,
+    its id as text; None: the whole fleet), the version key of what it shows and the fleet's (made
+    once per scope, not per look-up)."""
+    visible = ALL_VMS if project is None else _project_version(project)
     return (
         f"{key_prefix}:apicache:{view}:{VALUE_FORMAT}{fingerprint}",
-        f"{'s' if is_staff else 'u'}{user}",
+        ALL_VMS if project is None else f"p{project}",
         f"{key_prefix}:apicache:v:{visible}",
         f"{key_prefix}:apicache:v:{FLEET}",
     )
 
 
-def vm_list_slot(*, user: str, is_staff: bool, query_digest: str) -> Slot:
-    """One VM list page of a viewer (``user``: their id as text); ``query_digest``: the
-    :func:`query_digest` of its filters and cursor."""
-    prefix, scope, visible, fleet = _viewer_parts(
-        settings.CACHE_KEY_PREFIX, "vm_list", representation.fingerprint(), user, is_staff
+def _scope(viewer: Viewer) -> str | None:
+    project = visible_project(viewer)
+    return None if project is None else str(project)
+
+
+def vm_list_slot(*, project: str | None, query_digest: str) -> Slot:
+    """One VM list page of the VMs of ``project`` (its id as text; None: the fleet);
+    ``query_digest``: the :func:`query_digest` of its filters and cursor."""
+    prefix, scope, visible, fleet = _scope_parts(
+        settings.CACHE_KEY_PREFIX, "vm_list", representation.fingerprint(), project
     )
     return Slot("vm_list", prefix, f":{scope}:{query_digest}", (visible, fleet), LIST_TTL)
 
 
-def vm_detail_slot(*, user: str, is_staff: bool, vm_id: str, query_digest: str) -> Slot:
-    """One VM of a viewer: its entry holds the version of that VM, not of the viewer's VMs."""
-    prefix, scope, _, fleet = _viewer_parts(
-        settings.CACHE_KEY_PREFIX, "vm_detail", representation.fingerprint(), user, is_staff
+def vm_detail_slot(*, project: str | None, vm_id: str, query_digest: str) -> Slot:
+    """One VM as the readers of ``project`` see it: its entry holds the version of that VM."""
+    prefix, scope, _, fleet = _scope_parts(
+        settings.CACHE_KEY_PREFIX, "vm_detail", representation.fingerprint(), project
     )
     versions = (_version_key(_vm_version(vm_id)), fleet)
     return Slot("vm_detail", prefix, f":{scope}:{vm_id}:{query_digest}", versions, DETAIL_TTL)
 
 
-def me_usage_slot(*, user: str, is_staff: bool) -> Slot:
-    """The slot of ``users/me``'s usage (its costly part: an aggregate over the caller's VMs).
+def me_usage_slot(*, project_id: int) -> Slot:
+    """The slot of ``users/me``'s usage of a project (its costly part: an aggregate over its VMs).
 
     The rest of ``me`` is read live: the user row is already loaded by authentication, and the
-    quota is one indexed row an operator may edit in the admin (no service to bump a version).
+    quota is one indexed row an operator may change (no version bumped for it).
     """
-    scope = f"{'s' if is_staff else 'u'}{user}"
-    return Slot("me", _key("me", VALUE_FORMAT), f":{scope}", (_version_key(_owner_version(user)),), ME_TTL)
+    versions = (_version_key(_project_version(project_id)),)
+    return Slot("me", _key("me", VALUE_FORMAT), f":p{project_id}", versions, ME_TTL)
 
 
 def query_digest(query: str) -> str:
@@ -331,32 +354,33 @@ def lookup(slot: Slot) -> Entry:
 
 def vm_list_entry(*, viewer: Viewer, query: str) -> Entry:
     """The entry of one VM list page (``query``: the request's query string, filters and cursor)."""
-    digest = query_digest(query)
-    return lookup(vm_list_slot(user=str(viewer.user_id), is_staff=viewer.is_staff, query_digest=digest))
+    return lookup(vm_list_slot(project=_scope(viewer), query_digest=query_digest(query)))
 
 
 def vm_detail_entry(*, viewer: Viewer, vm_id: str, query: str) -> Entry:
-    user, digest = str(viewer.user_id), query_digest(query)
-    return lookup(vm_detail_slot(user=user, is_staff=viewer.is_staff, vm_id=vm_id, query_digest=digest))
+    return lookup(vm_detail_slot(project=_scope(viewer), vm_id=vm_id, query_digest=query_digest(query)))
 
 
-def me_usage_entry(*, viewer: Viewer) -> Entry:
-    return lookup(me_usage_slot(user=str(viewer.user_id), is_staff=viewer.is_staff))
+def me_usage_entry(*, project_id: int) -> Entry:
+    return lookup(me_usage_slot(project_id=project_id))
 
 
 @dataclass(frozen=True)
 class FastHit:
-    """A cached body found by :func:`fast_lookup`, and whose it is."""
+    """A cached body found by :func:`fast_lookup`, whose it is and where the request acts."""
 
     viewer: Viewer
+    acting: Acting
     body: bytes
 
 
 @dataclass(frozen=True)
 class FastMiss:
-    """No entry yet: the caller, counted in their rate windows, and the slot to fill (:meth:`Entry.store`)."""
+    """No entry yet: the caller, counted in their rate windows, where the request acts, and the slot
+    to fill (:meth:`Entry.store`)."""
 
     viewer: Viewer
+    acting: Acting
     entry: Entry
 
 
@@ -364,11 +388,16 @@ class FastMiss:
 class FastThrottled:
     """The caller is over a rate limit (the full path answers the 429)."""
 
-    viewer: Viewer
+    user_id: int
 
 
-# USER_MARK as a Lua pattern matching itself (punctuation escaped with %).
-_USER_MARK_PATTERN: Final = "".join(char if char.isalnum() else f"%{char}" for char in USER_MARK)
+def _lua_pattern(mark: str) -> str:
+    """``mark`` as a Lua pattern matching itself (punctuation escaped with %)."""
+    return "".join(char if char.isalnum() else f"%{char}" for char in mark)
+
+
+_PROJECT_MARK_PATTERN: Final = _lua_pattern(PROJECT_MARK)
+_USER_MARK_PATTERN: Final = _lua_pattern(USER_MARK)
 _FAST_SHA: Final = hashlib.sha1(_FAST_SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis names scripts so)
 _own = threading.local()  # this thread's own Redis connection (look-ups, stores) and its pool
 _caches_generation = [0]  # bumped when CACHES changes (tests), so that threads look at the pool again
@@ -419,30 +448,34 @@ def _fast_call(memo_key: str, *args: str | int) -> Any:
         return _own_command("EVALSHA", _FAST_SHA, 1, memo_key, *args)
 
 
-def _fill(text: str, viewer: Viewer) -> str:
-    return text.replace(USER_MARK, str(viewer.user_id))
-
-
 def fast_lookup(
-    *, token: str, vm_id: str | None, query: str, counters: Sequence[KnownUserCounter], answer_misses: bool
+    *,
+    token: str,
+    project: str | None,
+    vm_id: str | None,
+    query: str,
+    counters: Sequence[KnownUserCounter],
+    answer_misses: bool,
 ) -> FastHit | FastMiss | FastThrottled | None:
     """The cached VM list page (``vm_id`` None) or detail for a token, counted in its rate windows.
 
-    ``counters``: the view's throttles' counters of an authenticated user (:mod:`apps.core.throttling`).
-    ``answer_misses``: the caller reads and stores a missing entry itself (:class:`FastMiss`);
-    otherwise a miss is None. None back means "not answerable here": unknown token, no entry, or
-    Redis away; the caller then takes the full path, which authenticates, counts and caches.
+    ``project``: the id (text) of the project the request names, if any. ``counters``: the view's
+    throttles' counters of an authenticated user (:mod:`apps.core.throttling`). ``answer_misses``:
+    the caller reads and stores a missing entry itself (:class:`FastMiss`); otherwise a miss is
+    None. None back means "not answerable here": unknown token, a project the caller has no role
+    in, no entry, or Redis away; the caller then takes the full path, which authenticates, counts
+    and caches.
     """
     digest = query_digest(query)
     if vm_id is None:
-        slots = [vm_list_slot(user=USER_MARK, is_staff=staff, query_digest=digest) for staff in (False, True)]
+        slots = [vm_list_slot(project=scope, query_digest=digest) for scope in (PROJECT_MARK, None)]
     else:
         slots = [
-            vm_detail_slot(user=USER_MARK, is_staff=staff, vm_id=vm_id, query_digest=digest)
-            for staff in (False, True)
+            vm_detail_slot(project=scope, vm_id=vm_id, query_digest=digest) for scope in (PROJECT_MARK, None)
         ]
     misses = "1" if answer_misses else "0"
-    args: list[str | int] = [_USER_MARK_PATTERN, *VIEWER_FIELDS, misses, len(slots[0].versions)]
+    args: list[str | int] = [_PROJECT_MARK_PATTERN, _USER_MARK_PATTERN, *MEMO_FIELDS, ROLE_FIELD_PREFIX]
+    args += [project or "", misses, len(slots[0].versions)]
     for slot in slots:
         args += [slot.prefix, slot.suffix, *slot.versions]
     args.append(len(counters))
@@ -455,18 +488,21 @@ def fast_lookup(
         return None
     if answer[0] == 0:
         return None
-    viewer = Viewer.from_memo([answer[1], answer[2]])
+    user_id, is_staff = int(answer[1]), answer[2] == b"1"
     if answer[0] == 1:
-        return FastThrottled(viewer)
-    slot = slots[viewer.is_staff]
-    key = bytes(answer[3]).decode()
+        return FastThrottled(user_id)
+    project_id = int(answer[3]) if answer[3] else None
+    viewer = Viewer(user_id=user_id, is_staff=is_staff, project_id=project_id)
+    acting = Acting(project_id, answer[4].decode() or None)
+    slot = slots[project_id is None]
+    key = bytes(answer[5]).decode()
     if answer[0] == 3:
-        return FastMiss(viewer, Entry(slot.view, key, None, slot.ttl))
-    body = _body(key, bytes(answer[4]))
+        return FastMiss(viewer, acting, Entry(slot.view, key, None, slot.ttl))
+    body = _body(key, bytes(answer[6]))
     if body is None:
         return None  # gone since the script read its digest: the full path answers
     count_lookup(slot.view, hit=True)
-    return FastHit(viewer, body)
+    return FastHit(viewer, acting, body)
 
 
 def _body(key: str, digest: bytes) -> bytes | None:
@@ -487,13 +523,13 @@ def _body(key: str, digest: bytes) -> bytes | None:
     return body
 
 
-def fast_uncount(viewer: Viewer, counters: Sequence[KnownUserCounter]) -> None:
+def fast_uncount(user_id: int, counters: Sequence[KnownUserCounter]) -> None:
     """Take back what :func:`fast_lookup` counted for a request the full path answers uncounted
     (refused by a permission before DRF's throttles run)."""
     try:
         pipe = _connection().pipeline(transaction=False)
         for counter in counters:
-            pipe.decr(_fill(counter.key, viewer))
+            pipe.decr(counter.key.replace(USER_MARK, str(user_id)))
         pipe.execute()
     except redis.RedisError as exc:
         _warn("uncount", exc)
@@ -531,26 +567,26 @@ def _bump_now_and_on_commit(names: Sequence[str]) -> None:
 
 
 def vms_changed(vms: Iterable[Any]) -> None:
-    """VMs changed what they show (state, name, size, node...): their detail, owners' lists and me."""
+    """VMs changed what they show (state, name, size, node...): their detail, projects' lists and me."""
     names: list[str] = [ALL_VMS]
     for vm in vms:
-        names.append(_owner_version(vm.owner_id))
+        names.append(_project_version(vm.project_id))
         names.append(_vm_version(vm.pk))
     _bump_now_and_on_commit(names)
 
 
 def vm_rows_changed(rows: Iterable[tuple[Any, int]]) -> None:
-    """Like :func:`vms_changed`, for ``(vm_id, owner_id)`` pairs of rows changed by a bulk update."""
+    """Like :func:`vms_changed`, for ``(vm_id, project_id)`` pairs of rows changed by a bulk update."""
     names: list[str] = [ALL_VMS]
-    for vm_id, owner_id in rows:
-        names.append(_owner_version(owner_id))
+    for vm_id, project_id in rows:
+        names.append(_project_version(project_id))
         names.append(_vm_version(vm_id))
     _bump_now_and_on_commit(names)
 
 
-def owner_changed(*, owner_id: int) -> None:
-    """New VMs for ``owner_id`` (no detail of them can be cached yet): their lists and me."""
-    _bump_now_and_on_commit([ALL_VMS, _owner_version(owner_id)])
+def project_changed(*, project_id: int) -> None:
+    """New VMs in ``project_id`` (no detail of them can be cached yet): its lists and me."""
+    _bump_now_and_on_commit([ALL_VMS, _project_version(project_id)])
 
 
 def fleet_changed() -> None:

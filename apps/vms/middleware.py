@@ -4,18 +4,21 @@ A read through DRF costs about a millisecond of CPU on this machine before the v
 token authentication (a query), the rate-limit counter and the cache look-up (two Redis round
 trips), content negotiation and the view machinery. For ``GET`` of the VM list and detail routes
 with a token, this middleware makes one Redis call (:func:`.cache.fast_lookup`: token memo ->
-viewer -> entry -> the view's rate counters). On a hit it sends the cached bytes; on a miss it reads
+the caller, the project the request acts in (named by id, else their personal one) and their role
+there -> entry -> the view's rate counters). On a hit it sends the cached bytes; on a miss it reads
 the page or VM with :mod:`.reads` (the function the view calls), stores it and sends it.
 
 It holds no copy of the view: what it applies is the view's and DRF's, read at the first request
 (:class:`_Route`; again when settings change): the routes (the URLconf's, with the view's lookup
 regex), the negotiation (the view's, its answer remembered per ``Accept`` and ``format``), the
 permission classes (run per request by the view's own ``check_permissions``, the user being the
-memo's, :class:`apps.core.context.MemoUser`), the throttles (each a
+memo's, :class:`apps.core.context.MemoUser`, and where it acts the memo's, in the request's
+context), the throttles (each a
 :class:`apps.core.throttling.WindowRateThrottle`, whose counters the look-up increments), the answer
 (:func:`.views.vm_read_response`, ETag and 304 included) and the view's headers (its own
 ``finalize_response``). Anything it cannot answer so goes on to DRF unchanged, which answers and
-fills the cache: an unknown token (no memo: DRF authenticates and writes it), a refused permission
+fills the cache: an unknown token (no memo: DRF authenticates and writes it), a project named by
+name or one the caller has no role in (DRF answers 404, or the project for staff), a refused permission
 (its count taken back, so DRF counts as it would), a detail under per-object permissions, a request
 over a rate limit, a query only the ORM path answers, a VM that is not there, another media type, a
 throttle it cannot count, or Redis away. The answer is the same either way
@@ -52,6 +55,7 @@ from apps.core.context import MemoUser, Viewer, request_context
 from apps.core.retry import lost_connection
 from apps.core.throttling import KnownUserCounter, WindowRateThrottle
 from apps.monitoring.middleware import ROUTE_HINT, route_pattern
+from apps.projects.acting import PROJECT_META, PROJECT_PARAM
 
 from . import cache as vm_cache
 from . import reads
@@ -262,19 +266,32 @@ class VMReadFastPathMiddleware:
         if counters is None:
             return None
         query = request.META.get("QUERY_STRING", "")
+        named = request.META.get(PROJECT_META) or (
+            request.GET.get(PROJECT_PARAM) if PROJECT_PARAM in query else None
+        )
+        if named is not None and not named.isdigit():
+            return None  # a project named by name (or not at all well): DRF resolves it
         # The query parsed only when there is one (request.GET cost a cached page 3 % of its CPU).
         answer_misses = vm_id is not None or not query or reads.list_state(request.GET)[0]
         found = vm_cache.fast_lookup(
-            token=token, vm_id=vm_id, query=query, counters=counters, answer_misses=answer_misses
+            token=token,
+            project=named,
+            vm_id=vm_id,
+            query=query,
+            counters=counters,
+            answer_misses=answer_misses,
         )
         if not isinstance(found, _ANSWERABLE):
             return None  # unknown token, no entry to answer from, over a rate limit, or Redis away
         # Also request.user (the API log reads it); a user without its row (MemoUser), not a model.
         drf_request.user = MemoUser(found.viewer)  # type: ignore[assignment]
+        context = request_context(request)
+        context.acting = found.acting
         if not route.permitted(view, drf_request):
-            vm_cache.fast_uncount(found.viewer, counters)
+            vm_cache.fast_uncount(found.viewer.user_id, counters)
+            context.acting = None  # DRF resolves it again, for its own caller
             return None  # DRF refuses it, before its throttles count it
-        request_context(request).counted_scopes = route.scopes or frozenset()
+        context.counted_scopes = route.scopes or frozenset()
         if isinstance(found, vm_cache.FastHit):
             body = found.body
         else:

@@ -2,14 +2,14 @@
 
 It skips what an uncached page does not need: django-filter's form and filter copies, the ORM's
 query compilation and queryset clones, and Django's pure-Python timestamp loader (Django's subclass
-bypasses psycopg's C loader). Here a page is one SQL string per shape (staff or owner, ``state`` or
+bypasses psycopg's C loader). Here a page is one SQL string per shape (fleet or project, ``state`` or
 not, cursor direction), built once per process from fixed identifiers, with psycopg's C loaders for
 its rows.
 
 What it answers is exactly what the ORM path answered (``tests/apps/vms/test_reads.py`` compares
 them): the same rows in the same order (``-created_at, -id``), each VM as :mod:`.representation`
 declares it (its select list and joins are derived from there; timestamps written by orjson), the
-rows a viewer may see (:func:`.selectors.visible_owner`), and the cursor links of
+rows a viewer may see (:func:`.selectors.visible_project`), and the cursor links of
 ``CreatedCursorPagination``, whose own ``get_next_link``/``get_previous_link`` write them. Queries
 it does not cover (the ``node`` and ``name`` filters, an invalid ``state``, ``format``, an
 undecodable cursor) return ``None`` and the caller takes the ORM path, which answers them (400,
@@ -36,7 +36,7 @@ from apps.core.renderers import dumps
 
 from . import representation
 from .choices import VMState
-from .selectors import visible_owner, vm_row_data, vm_rows, vm_visible_to
+from .selectors import visible_project, vm_row_data, vm_rows, vm_visible_to
 
 #: Query parameters that the ORM path alone answers (django-filter's filters other than ``state``).
 ORM_ONLY_PARAMS: Final = frozenset({"node", "name", "format"})
@@ -50,9 +50,9 @@ def select_sql(source: str = "", extra: tuple[str, ...] = ()) -> str:
 
 @dataclass(frozen=True)
 class PageShape:
-    """What decides a page's SQL text (its parameters are the owner and the cursor's position)."""
+    """What decides a page's SQL text (its parameters are the project and the cursor's position)."""
 
-    staff: bool
+    fleet: bool  # every project's VMs (staff naming no project), else one project's
     state: str | None  # filtered on this state (deleted ones included); else every state but deleted
     position: str  # "" (first page), "<" or ">" (before or after the cursor's position)
     reverse: bool  # a "previous" cursor: read oldest first, then turn the page around
@@ -62,7 +62,7 @@ def page_sql(shape: PageShape) -> str:
     """The SQL of one page shape without its LIMIT and OFFSET (:func:`page_window`; built once per
     shape and declaration of the fields).
 
-    Parameters, in order: the owner's id (not for staff), the cursor's position (with ``position``).
+    Parameters, in order: the project's id (not for the fleet), the cursor's position (with ``position``).
     The state is written into the SQL (one of :class:`VMState`'s values, checked here) and so are the
     LIMIT and OFFSET: a prepared statement may get one generic plan (:func:`fetch_prepared`), and
     PostgreSQL plans ``state = $1`` without the partial index of error VMs and a ``LIMIT $n`` as a
@@ -74,7 +74,7 @@ def page_sql(shape: PageShape) -> str:
 @cache
 def _page_sql(fields: tuple[representation.VMField, ...], shape: PageShape) -> str:
     # ``fields``: only the cache's key (select_sql reads the same declaration).
-    where = [] if shape.staff else ["v.owner_id = %s"]  # the owner of :func:`selectors.visible_owner`
+    where = [] if shape.fleet else ["v.project_id = %s"]  # the project of :func:`selectors.visible_project`
     if shape.state is None:
         where.append("NOT (v.state = 'deleted')")
     else:
@@ -102,9 +102,9 @@ class _Pagination(CreatedCursorPagination):
     """DRF's cursor pagination with its page read by :func:`page_sql` instead of a queryset."""
 
     def read_page(
-        self, request: Request, *, owner_id: int | None, state: str | None
+        self, request: Request, *, project_id: int | None, state: str | None
     ) -> list[dict[str, Any]] | None:
-        """``owner_id``: the owner the page is limited to (None: every owner's VMs)."""
+        """``project_id``: the project the page is limited to (None: every project's VMs)."""
         # The page's rows, the pagination state set for DRF's link methods; None: an invalid cursor.
         self.request = request
         page_size = self.get_page_size(request) or CreatedCursorPagination.page_size
@@ -124,12 +124,12 @@ class _Pagination(CreatedCursorPagination):
                 return None  # the ORM path says what it makes of that position
         # Keyset on -created_at: a forward cursor reads older rows, a reverse one newer rows.
         shape = PageShape(
-            staff=owner_id is None,
+            fleet=project_id is None,
             state=state,
             position="" if moment is None else (">" if reverse else "<"),
             reverse=reverse,
         )
-        params: list[Any] = [] if owner_id is None else [owner_id]
+        params: list[Any] = [] if project_id is None else [project_id]
         if moment is not None:
             params.append(moment)
         results = rows(page_window(shape, limit=page_size + 1, offset=offset), params)
@@ -173,8 +173,7 @@ def vm_page(request: HttpRequest | Request, *, viewer: Viewer) -> bytes | None:
     if not answerable:
         return None
     pagination = _Pagination()
-    owner = visible_owner(user_id=viewer.user_id, is_staff=viewer.is_staff)
-    rows = pagination.read_page(drf_request, owner_id=owner, state=state)
+    rows = pagination.read_page(drf_request, project_id=visible_project(viewer), state=state)
     if rows is None:
         return None
     body = {
@@ -185,16 +184,16 @@ def vm_page(request: HttpRequest | Request, *, viewer: Viewer) -> bytes | None:
     return dumps(body, utc_datetimes=True)
 
 
-def detail_sql(*, owned: bool) -> str:
-    """The SQL of one VM by id (parameters: the id, then the owner's id when ``owned``)."""
-    return _detail_sql(representation.VM_FIELDS, owned)
+def detail_sql(*, of_project: bool) -> str:
+    """The SQL of one VM by id (parameters: the id, then the project's id when ``of_project``)."""
+    return _detail_sql(representation.VM_FIELDS, of_project)
 
 
 @cache
-def _detail_sql(fields: tuple[representation.VMField, ...], owned: bool) -> str:
+def _detail_sql(fields: tuple[representation.VMField, ...], of_project: bool) -> str:
     # ``fields``: only the cache's key (select_sql reads the same declaration).
     sql = f"{select_sql()} WHERE v.id = %s"
-    return f"{sql} AND v.owner_id = %s" if owned else sql
+    return f"{sql} AND v.project_id = %s" if of_project else sql
 
 
 def _vm_detail_by_orm(*, vm_id: str, viewer: Viewer) -> bytes | None:
@@ -205,9 +204,9 @@ def _vm_detail_by_orm(*, vm_id: str, viewer: Viewer) -> bytes | None:
 @postgresql_or(_vm_detail_by_orm)
 def vm_detail(*, vm_id: str, viewer: Viewer) -> bytes | None:
     """One VM the viewer may see (deleted ones included) as the API's JSON; None: no such VM."""
-    owner = visible_owner(user_id=viewer.user_id, is_staff=viewer.is_staff)
-    if owner is None:
-        found = rows(detail_sql(owned=False), [vm_id])
+    project = visible_project(viewer)
+    if project is None:
+        found = rows(detail_sql(of_project=False), [vm_id])
     else:
-        found = rows(detail_sql(owned=True), [vm_id, owner])
+        found = rows(detail_sql(of_project=True), [vm_id, project])
     return dumps(found[0], utc_datetimes=True) if found else None

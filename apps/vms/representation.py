@@ -51,6 +51,7 @@ VM_FIELDS: tuple[VMField, ...] = (
     VMField("id", "id", sql="v.id::text"),  # text: psycopg's UUID loader is Python, the text one C
     VMField("name", "name"),
     VMField("owner", "owner__username"),
+    VMField("project", "project__name"),
     VMField("node", "node__name"),
     VMField("image", "image__name"),
     VMField("state", "state"),

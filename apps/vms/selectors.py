@@ -1,5 +1,6 @@
-"""Reads of the fleet, always through the caller's tenancy: users see their own, staff see all
-(:func:`visible_owner`, the one place that rule is written)."""
+"""Reads of the fleet, always through the caller's tenancy: a viewer sees the VMs and batches of the
+project they act in, staff naming no project see all (:func:`visible_project`, the one place that
+rule is applied; where a request acts: :mod:`apps.projects.acting`)."""
 
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -10,10 +11,11 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 
 from apps.core.context import Viewer
+from apps.projects.models import Membership, Project
 
 from . import representation
 from .choices import VMState
-from .models import VM, BatchOperation, Quota
+from .models import VM, BatchOperation
 
 AnyUser = AbstractBaseUser | AnonymousUser
 M = TypeVar("M", bound=models.Model)
@@ -33,52 +35,51 @@ class Usage:
     memory_mb: int
 
 
-def user_quota(*, user: AnyUser) -> Limits:
-    row = Quota.objects.filter(user_id=user.pk or 0).values("max_vms", "max_vcpus", "max_memory_mb").first()
-    return Limits(**(row or Quota.defaults()))
+def project_quota(*, project_id: int) -> Limits:
+    row = Project.objects.filter(pk=project_id).values("max_vms", "max_vcpus", "max_memory_mb").first()
+    return Limits(**(row or Project.default_quota()))
 
 
-def user_usage(*, user: AnyUser) -> Usage:
+def project_usage(*, project_id: int) -> Usage:
     totals = (
-        VM.objects.filter(owner_id=user.pk)
+        VM.objects.filter(project_id=project_id)
         .exclude(state=VMState.DELETED)
         .aggregate(vms=Count("*"), vcpus=Coalesce(Sum("vcpus"), 0), memory_mb=Coalesce(Sum("memory_mb"), 0))
     )
     return Usage(**totals)
 
 
-def user_profile(*, user: AnyUser, quota: Limits | None = None, usage: Usage | None = None) -> dict[str, Any]:
-    """``users/me``: the user, their quota and usage (read here unless given, e.g. from the cache)."""
+def user_profile(
+    *, user: AnyUser, project_id: int, quota: Limits | None = None, usage: Usage | None = None
+) -> dict[str, Any]:
+    """``users/me``: the user, the project they act in, its quota and usage (read here unless given,
+    e.g. from the cache), and their projects with their roles."""
+    project = Project.objects.filter(pk=project_id).values("id", "name").first()
+    memberships = Membership.objects.filter(user_id=user.pk or 0).order_by("project__name")
     return {
         "id": user.pk,
         "username": user.get_username(),
         "email": getattr(user, "email", ""),
         "is_staff": bool(getattr(user, "is_staff", False)),
-        "quota": asdict(quota or user_quota(user=user)),
-        "usage": asdict(usage or user_usage(user=user)),
+        "project": project,
+        "projects": [
+            {"id": pid, "name": name, "role": role}
+            for pid, name, role in memberships.values_list("project_id", "project__name", "role")
+        ],
+        "quota": asdict(quota or project_quota(project_id=project_id)),
+        "usage": asdict(usage or project_usage(project_id=project_id)),
     }
 
 
-UserId = TypeVar("UserId", int, str)
-
-
-def visible_owner(*, user_id: UserId, is_staff: bool) -> UserId | None:
-    """Who may see a VM or a batch, the one rule every read path applies: its owner, and staff
-    (everyone's). The owner a viewer's reads are limited to; None: every owner's rows.
-
-    ``user_id`` is typed as the caller has it: an id, or its text in a cache key's layout.
-    """
-    return None if is_staff else user_id
-
-
-def viewer_of(user: AnyUser) -> Viewer:
-    """The viewer a user is for :func:`visible_owner` (anonymous: id 0, which no user has)."""
-    return Viewer(user_id=user.pk or 0, is_staff=bool(getattr(user, "is_staff", False)))
+def visible_project(viewer: Viewer) -> int | None:
+    """Whose VMs and batches a viewer sees, the one rule every read path applies: the project's they
+    act in; None (staff naming no project): every project's."""
+    return viewer.project_id
 
 
 def _visible(queryset: QuerySet[M], viewer: Viewer) -> QuerySet[M]:
-    owner = visible_owner(user_id=viewer.user_id, is_staff=viewer.is_staff)
-    return queryset if owner is None else queryset.filter(owner_id=owner)
+    project = visible_project(viewer)
+    return queryset if project is None else queryset.filter(project_id=project)
 
 
 def vm_visible_to(viewer: Viewer) -> QuerySet[VM]:
@@ -87,14 +88,9 @@ def vm_visible_to(viewer: Viewer) -> QuerySet[VM]:
     return _visible(VM.objects.select_related(*representation.relations()), viewer)
 
 
-def vm_visible(*, user: AnyUser) -> QuerySet[VM]:
-    """:func:`vm_visible_to` of a user."""
-    return vm_visible_to(viewer_of(user))
-
-
-def vm_list(*, user: AnyUser, state: str | None = None, include_deleted: bool = False) -> QuerySet[VM]:
+def vm_list(*, viewer: Viewer, state: str | None = None, include_deleted: bool = False) -> QuerySet[VM]:
     """The VM list: live VMs unless ``state`` asks for another, newest first (index-backed)."""
-    queryset = vm_visible(user=user)
+    queryset = vm_visible_to(viewer)
     if state:
         return queryset.filter(state=state)
     if not include_deleted:
@@ -113,5 +109,5 @@ def vm_row_data(row: dict[str, Any]) -> dict[str, Any]:
     return representation.row_data([row[path] for path in representation.orm_paths()])
 
 
-def batch_visible(*, user: AnyUser) -> QuerySet[BatchOperation]:
-    return _visible(BatchOperation.objects.all(), viewer_of(user))
+def batch_visible(*, viewer: Viewer) -> QuerySet[BatchOperation]:
+    return _visible(BatchOperation.objects.all(), viewer)

@@ -227,10 +227,21 @@ class UsageSerializer(serializers.Serializer[Any]):
     memory_mb = serializers.IntegerField()
 
 
+class ProjectRefSerializer(serializers.Serializer[Any]):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+
+
+class MembershipRefSerializer(ProjectRefSerializer):
+    role = serializers.CharField()
+
+
 class MeSerializer(serializers.Serializer[Any]):
     id = serializers.IntegerField()
     username = serializers.CharField()
     email = serializers.CharField()
     is_staff = serializers.BooleanField()
+    project = ProjectRefSerializer(help_text="The project the request acts in; quota and usage are its.")
+    projects = MembershipRefSerializer(many=True, help_text="The caller's projects and roles.")
     quota = QuotaSerializer()
     usage = UsageSerializer()

@@ -32,6 +32,9 @@ from apps.core.permissions import IsStaffOrReadOnly
 from apps.core.renderers import ORJSONRenderer, dumps
 from apps.migrations.serializers import MigrateRequestSerializer, MigrationSerializer
 from apps.migrations.services import migration_request
+from apps.projects.acting import viewer as acting_viewer
+from apps.projects.acting import write_project
+from apps.projects.permissions import ProjectRole
 
 from . import cache as vm_cache
 from . import reads, services
@@ -42,14 +45,13 @@ from .representation import vm_data
 from .selectors import (
     Usage,
     batch_visible,
+    project_quota,
+    project_usage,
     user_profile,
-    user_quota,
-    user_usage,
-    viewer_of,
     vm_list,
     vm_row_data,
     vm_rows,
-    vm_visible,
+    vm_visible_to,
 )
 from .serializers import (
     BatchSerializer,
@@ -90,7 +92,7 @@ def _check_list_size(data: Any, key: str) -> None:
 
 
 def _viewer(request: Request) -> Viewer:
-    return viewer_of(request_user(request))
+    return acting_viewer(request)
 
 
 def plain_json(renderer: Any, media_type: str) -> bool:
@@ -143,7 +145,9 @@ class VMViewSet(
     mixins.RetrieveModelMixin,
     viewsets.GenericViewSet[VM],
 ):
-    """VMs of the caller (all VMs for staff)."""
+    """VMs of the project the request acts in (``X-Project`` header or ``project`` parameter, an id
+    or a name; else the caller's personal project); staff naming no project see every VM. Any role
+    reads, ``member`` and ``admin`` act."""
 
     # The JSON list and detail are cached (.cache) and read by .reads (the ORM path for the node and
     # name filters, and on SQLite); the VM read fast path (.middleware) answers the same reads before
@@ -152,12 +156,14 @@ class VMViewSet(
 
     serializer_class = VMSerializer
     filterset_class = VMFilter
+    permission_classes = (permissions.IsAuthenticated, ProjectRole)
     lookup_value_regex = "[0-9a-fA-F-]{36}"
 
     def get_queryset(self) -> QuerySet[VM]:
+        viewer = _viewer(self.request)
         if self.action == "list":
-            return vm_list(user=self.request.user, include_deleted="state" in self.request.query_params)
-        return vm_visible(user=self.request.user)
+            return vm_list(viewer=viewer, include_deleted="state" in self.request.query_params)
+        return vm_visible_to(viewer)
 
     def _wants_plain_json(self, request: Request) -> bool:
         return plain_json(getattr(request, "accepted_renderer", None), request.accepted_media_type or "")
@@ -212,7 +218,9 @@ class VMViewSet(
     def create(self, request: Request) -> Response:
         serializer = VMCreateSerializer(data=request.data, context=self.get_serializer_context())
         serializer.is_valid(raise_exception=True)
-        vm = services.vm_create(owner=request_user(request), request=serializer.to_request())
+        vm = services.vm_create(
+            owner=request_user(request), project_id=write_project(request), request=serializer.to_request()
+        )
         return Response(vm_data(vm), status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=VMUpdateSerializer, responses={200: VMSerializer})
@@ -225,7 +233,7 @@ class VMViewSet(
             if changes.name is not None and not changes.resizes:
                 with contextlib.suppress(ValueError):  # not a UUID: get_object answers 404
                     renamed = services.vm_rename(
-                        user=request_user(request), vm_id=uuid.UUID(pk), name=changes.name
+                        viewer=_viewer(request), vm_id=uuid.UUID(pk), name=changes.name
                     )
                     if renamed is not None:
                         return Response(renamed)
@@ -283,11 +291,13 @@ class VMViewSet(
         serializer = VMBatchCreateSerializer(data=request.data, context=self.get_serializer_context())
         serializer.is_valid(raise_exception=True)
         requests = [services.VMRequest(**item) for item in serializer.validated_data["vms"]]
-        batch, vms = services.vm_batch_create(owner=request_user(request), requests=requests)
+        batch, vms = services.vm_batch_create(
+            owner=request_user(request), project_id=write_project(request), requests=requests
+        )
         return _batch_response(batch, vms)
 
     def _visible_by_id(self, ids: Sequence[Any], key: str) -> Sequence[VM]:
-        found = vm_visible(user=self.request.user).in_bulk(ids)
+        found = vm_visible_to(_viewer(self.request)).in_bulk(ids)
         missing = {
             f"{key}[{index}]": ["No such VM."] for index, vm_id in enumerate(ids) if vm_id not in found
         }
@@ -305,7 +315,9 @@ class VMViewSet(
             (vm, services.VMChanges(**{k: v for k, v in item.items() if k != "id"}))
             for vm, item in zip(vms, items, strict=True)
         ]
-        batch, updated = services.vm_batch_update(owner=request_user(request), changes=changes)
+        batch, updated = services.vm_batch_update(
+            owner=request_user(request), project_id=write_project(request), changes=changes
+        )
         return _batch_response(batch, updated)
 
     def _batch_delete(self, request: Request) -> Response:
@@ -313,18 +325,21 @@ class VMViewSet(
         serializer = VMBatchDeleteSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         vms = self._visible_by_id(serializer.validated_data["ids"], "ids")
-        batch, deleted = services.vm_batch_delete(owner=request_user(request), vms=vms)
+        batch, deleted = services.vm_batch_delete(
+            owner=request_user(request), project_id=write_project(request), vms=vms
+        )
         return _batch_response(batch, deleted)
 
 
 class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[BatchOperation]):
-    """Batch operations of the caller, with per-item status and counts."""
+    """Batch operations of the project the request acts in, with per-item status and counts."""
 
     serializer_class = BatchSerializer
+    permission_classes = (permissions.IsAuthenticated, ProjectRole)
 
     def get_queryset(self) -> QuerySet[BatchOperation]:
         items = Prefetch("items", queryset=BatchItem.objects.order_by("index"))
-        return batch_visible(user=self.request.user).prefetch_related(items)
+        return batch_visible(viewer=_viewer(self.request)).prefetch_related(items)
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
         return BatchSummarySerializer if self.action == "list" else BatchSerializer
@@ -363,15 +378,18 @@ class ImageViewSet(viewsets.ModelViewSet[Image]):
 
 
 class MeView(APIView):
-    """The caller, their quota and their current usage."""
+    """The caller, their projects and roles, and the quota and usage of the project they act in
+    (their personal one unless the request names another)."""
 
     @extend_schema(responses=MeSerializer)
     def get(self, request: Request) -> Response:
         user = request_user(request)
-        entry = vm_cache.me_usage_entry(viewer=_viewer(request))
+        project_id = write_project(request)
+        entry = vm_cache.me_usage_entry(project_id=project_id)
         if entry.body is not None:
             usage = Usage(**orjson.loads(entry.body))
         else:
-            usage = user_usage(user=user)
+            usage = project_usage(project_id=project_id)
             entry.store(orjson.dumps(asdict(usage)))
-        return Response(user_profile(user=user, quota=user_quota(user=user), usage=usage))
+        quota = project_quota(project_id=project_id)
+        return Response(user_profile(user=user, project_id=project_id, quota=quota, usage=usage))

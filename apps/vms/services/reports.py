@@ -283,6 +283,6 @@ def _node_down(node: Node, now: datetime) -> None:
     node.save(update_fields=["status", "status_reason", "updated_at"])
     reason = f"Node {node.name} is down (no heartbeat since {since}); state unknown until it returns."
     running = VM.objects.filter(node=node, state__in=[VMState.RUNNING, VMState.STOPPED])
-    vm_cache.vm_rows_changed(running.select_for_update().values_list("id", "owner_id"))
+    vm_cache.vm_rows_changed(running.select_for_update().values_list("id", "project_id"))
     affected = running.update(state=VMState.ERROR, state_reason=reason, updated_at=now)
     logger.warning("node %s marked down; %d VM(s) in error until it returns", node.name, affected)

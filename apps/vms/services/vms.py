@@ -11,14 +11,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.contrib.auth.models import User
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from apps.core.conf import novacron_setting
+from apps.core.context import Viewer
 from apps.core.db import bulk_insert, fetch_prepared, none_elsewhere, postgresql_or
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
+from apps.projects.models import Project
 from apps.vms import cache as vm_cache
 from apps.vms import dispatch, reads, scheduler
 from apps.vms.choices import (
@@ -30,8 +31,8 @@ from apps.vms.choices import (
     VMAction,
     VMState,
 )
-from apps.vms.models import VM, VM_NAME_UNIQUE, BatchItem, BatchOperation, Image, Node, Quota
-from apps.vms.selectors import Limits, Usage, user_quota, user_usage, visible_owner
+from apps.vms.models import VM, VM_NAME_UNIQUE, BatchItem, BatchOperation, Image, Node
+from apps.vms.selectors import Limits, Usage, project_quota, project_usage, visible_project
 from workers import contract
 
 logger = logging.getLogger(__name__)
@@ -72,64 +73,65 @@ def vm_demand(vm: VM) -> scheduler.Demand:
     return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
 
 
-# A create's checks in one round trip (after the owner's lock, so that its snapshot sees every VM
-# committed before): the quota row (none: the defaults), the live VMs' usage and which of the new
+# A create's checks in one round trip (after the project's lock, so that its snapshot sees every VM
+# committed before): the project's quota, its live VMs' usage and which of the new
 # names are taken. PostgreSQL's SQL (arrays); other databases run the ORM queries one by one. The
 # deleted state is a literal in the statement: a parameter there kept PostgreSQL from the partial
 # indexes in the generic plan of the prepared statement (10 ms), so it planned every create anew.
-_OWNER_STATE_SQL = """
+_PROJECT_STATE_SQL = """
 SELECT q.max_vms, q.max_vcpus, q.max_memory_mb, u.vms, u.vcpus, u.memory_mb, t.names
 FROM (
     SELECT count(*), coalesce(sum(vcpus), 0), coalesce(sum(memory_mb), 0)
-    FROM vms WHERE owner_id = %(owner)s AND state <> 'deleted'
+    FROM vms WHERE project_id = %(project)s AND state <> 'deleted'
 ) AS u(vms, vcpus, memory_mb)
 CROSS JOIN (
     SELECT coalesce(array_agg(name), '{}')
-    FROM vms WHERE owner_id = %(owner)s AND state <> 'deleted' AND name = ANY(%(names)s)
+    FROM vms WHERE project_id = %(project)s AND state <> 'deleted' AND name = ANY(%(names)s)
 ) AS t(names)
-LEFT JOIN quotas AS q ON q.user_id = %(owner)s
+JOIN projects AS q ON q.id = %(project)s
 """
 
 
-def _owner_state_by_orm(owner: User, names: Sequence[str]) -> tuple[Limits, Usage, set[str]]:
-    taken = VM.objects.filter(owner_id=owner.pk, name__in=set(names)).exclude(state=VMState.DELETED)
-    return user_quota(user=owner), user_usage(user=owner), set(taken.values_list("name", flat=True))
+def _project_state_by_orm(project_id: int, names: Sequence[str]) -> tuple[Limits, Usage, set[str]]:
+    taken = VM.objects.filter(project_id=project_id, name__in=set(names)).exclude(state=VMState.DELETED)
+    quota, usage = project_quota(project_id=project_id), project_usage(project_id=project_id)
+    return quota, usage, set(taken.values_list("name", flat=True))
 
 
-@postgresql_or(_owner_state_by_orm)
-def _owner_state(owner: User, names: Sequence[str]) -> tuple[Limits, Usage, set[str]]:
-    """The owner's quota, usage and which of ``names`` their live VMs already have."""
+@postgresql_or(_project_state_by_orm)
+def _project_state(project_id: int, names: Sequence[str]) -> tuple[Limits, Usage, set[str]]:
+    """The project's quota, usage and which of ``names`` its live VMs already have."""
     ((max_vms, max_vcpus, max_memory_mb, vms, vcpus, memory_mb, taken_names),) = fetch_prepared(
-        _OWNER_STATE_SQL, {"owner": owner.pk, "names": list(set(names))}
+        _PROJECT_STATE_SQL, {"project": project_id, "names": list(set(names))}
     )
-    limits = Limits(max_vms, max_vcpus, max_memory_mb) if max_vms is not None else Limits(**Quota.defaults())
-    return limits, Usage(vms, vcpus, memory_mb), set(taken_names)
+    return Limits(max_vms, max_vcpus, max_memory_mb), Usage(vms, vcpus, memory_mb), set(taken_names)
 
 
-def _lock_owner_by_orm(owner: User) -> None:
+def _lock_project_by_orm(project_id: int) -> None:
     # The ORM leaves the lock out where there is none (SQLite).
-    get_user_model().objects.select_for_update(no_key=True).filter(pk=owner.pk).first()
+    Project.objects.select_for_update(no_key=True).filter(pk=project_id).first()
 
 
-@postgresql_or(_lock_owner_by_orm)
-def _lock_owner(owner: User) -> None:
-    """Serialize a user's quota-checked writes (concurrent creates cannot both pass the check).
+@postgresql_or(_lock_project_by_orm)
+def _lock_project(project_id: int) -> None:
+    """Serialize a project's quota-checked writes (concurrent creates cannot both pass the check).
 
-    FOR NO KEY UPDATE, not FOR UPDATE: it still excludes a concurrent ``_lock_owner``, but not the KEY
-    SHARE lock PostgreSQL takes on the user row when another transaction inserts a row referencing it
-    (a migration's ``requested_by``). With FOR UPDATE, a rename waiting for a VM row locked by a
-    migration request that itself waited for this user row deadlocked (seen in the soak test).
+    FOR NO KEY UPDATE, not FOR UPDATE: it still excludes a concurrent ``_lock_project``, but not the
+    KEY SHARE lock PostgreSQL takes on the project row when another transaction inserts a row
+    referencing it (a VM of a create that does not check quotas). With FOR UPDATE on the owner's
+    row, a rename waiting for a VM row locked by a migration request that itself waited for the
+    user row deadlocked (seen in the soak test).
     """
-    table = connection.ops.quote_name(get_user_model()._meta.db_table)
+    table = connection.ops.quote_name(Project._meta.db_table)
     # One fixed statement (the ORM compiled it on every create), prepared.
-    fetch_prepared(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [owner.pk])  # noqa: S608
+    fetch_prepared(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [project_id])  # noqa: S608
 
 
 def _check_quota(
-    owner: User, *, vms: int, vcpus: int, memory_mb: int, known: tuple[Limits, Usage] | None = None
+    project_id: int, *, vms: int, vcpus: int, memory_mb: int, known: tuple[Limits, Usage] | None = None
 ) -> None:
-    """Refuse (403) what would take ``owner`` over their quota; ``known``: quota and usage already read."""
-    limits, usage = known or (user_quota(user=owner), user_usage(user=owner))
+    """Refuse (403) what would take the project over its quota; ``known``: quota and usage already read."""
+    limits, usage = known or (project_quota(project_id=project_id), project_usage(project_id=project_id))
     problems = []
     if usage.vms + vms > limits.max_vms:
         problems.append(f"VMs {usage.vms}+{vms} > {limits.max_vms}")
@@ -141,8 +143,8 @@ def _check_quota(
         raise QuotaExceeded("Quota exceeded: " + "; ".join(problems) + ".")
 
 
-def _check_new_names(owner: User, names: Sequence[str], key: Any, taken: set[str] | None = None) -> None:
-    """Refuse (400) names repeated in ``names`` or held by a live VM of ``owner`` (``taken``, when read)."""
+def _check_new_names(project_id: int, names: Sequence[str], key: Any, taken: set[str] | None = None) -> None:
+    """Refuse (400) names repeated in ``names`` or held by a live VM of the project (``taken``, when read)."""
     errors: dict[str, list[str]] = {}
     first_seen: dict[str, int] = {}
     for index, name in enumerate(names):
@@ -151,30 +153,34 @@ def _check_new_names(owner: User, names: Sequence[str], key: Any, taken: set[str
         first_seen.setdefault(name, index)
     if taken is None:
         taken = set(
-            VM.objects.filter(owner_id=owner.pk, name__in=set(names))
+            VM.objects.filter(project_id=project_id, name__in=set(names))
             .exclude(state=VMState.DELETED)
             .values_list("name", flat=True)
         )
     for index, name in enumerate(names):
         if name in taken:
-            errors.setdefault(key(index), []).append(f"You already have a VM named {name!r}.")
+            errors.setdefault(key(index), []).append(_name_taken(name))
     if errors:
         raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
 
 
-def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -> list[VM]:
-    _lock_owner(owner)
+def _name_taken(name: str) -> str:
+    return f"The project already has a VM named {name!r}."
+
+
+def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest], name_key: Any) -> list[VM]:
+    _lock_project(project_id)
     names = [request.name for request in requests]
-    limits, usage, taken = _owner_state(owner, names)
-    _check_new_names(owner, names, name_key, taken)
+    limits, usage, taken = _project_state(project_id, names)
+    _check_new_names(project_id, names, name_key, taken)
     _check_quota(
-        owner,
+        project_id,
         vms=len(requests),
         vcpus=sum(request.vcpus for request in requests),
         memory_mb=sum(request.memory_mb for request in requests),
         known=(limits, usage),
     )
-    vm_cache.owner_changed(owner_id=owner.pk)
+    vm_cache.project_changed(project_id=project_id)
     # Last before the insert: the node rows the reservation updates stay locked until the commit.
     nodes = scheduler.reserve(
         demands=[request.demand for request in requests], pinned=[request.node for request in requests]
@@ -182,6 +188,7 @@ def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -
     vms = [
         VM(
             owner=owner,
+            project_id=project_id,
             name=request.name,
             image=request.image,
             node=node,
@@ -195,16 +202,19 @@ def _create_many(*, owner: User, requests: Sequence[VMRequest], name_key: Any) -
     try:
         created = list(bulk_insert(vms))
     except IntegrityError as exc:
-        # Only a concurrent create of the same name gets here (names were checked under the owner lock).
+        # Only a concurrent create of the same name gets here (names were checked under the project lock).
         # No savepoint: the Conflict leaves the caller's transaction, which rolls back, unused.
         raise Conflict("A VM with one of these names was created concurrently; retry.") from exc
     return created
 
 
 @transaction.atomic
-def vm_create(*, owner: User, request: VMRequest) -> VM:
-    """Record a VM as ``pending`` on a node with reserved capacity; its node creates it after commit."""
-    (vm,) = _create_many(owner=owner, requests=[request], name_key=lambda _index: "name")
+def vm_create(*, owner: User, project_id: int, request: VMRequest) -> VM:
+    """Record a VM of ``project_id`` as ``pending`` on a node with reserved capacity; its node
+    creates it after commit."""
+    (vm,) = _create_many(
+        owner=owner, project_id=project_id, requests=[request], name_key=lambda _index: "name"
+    )
     dispatch.send_on_commit(vm, contract.NODE_VM_CREATE)
     return vm
 
@@ -219,18 +229,24 @@ def _check_batch_size(count: int) -> None:
         )
 
 
-def _new_batch(owner: User, kind: BatchKind, vms: Sequence[VM], status: BatchItemStatus) -> BatchOperation:
-    batch = BatchOperation.objects.create(owner_id=owner.pk, kind=kind, total=len(vms))
+def _new_batch(
+    owner: User, project_id: int, kind: BatchKind, vms: Sequence[VM], status: BatchItemStatus
+) -> BatchOperation:
+    batch = BatchOperation.objects.create(owner_id=owner.pk, project_id=project_id, kind=kind, total=len(vms))
     bulk_insert([BatchItem(batch=batch, index=index, vm=vm, status=status) for index, vm in enumerate(vms)])
     return batch
 
 
 @transaction.atomic
-def vm_batch_create(*, owner: User, requests: Sequence[VMRequest]) -> tuple[BatchOperation, list[VM]]:
+def vm_batch_create(
+    *, owner: User, project_id: int, requests: Sequence[VMRequest]
+) -> tuple[BatchOperation, list[VM]]:
     """Create up to ``BATCH_MAX_ITEMS`` VMs in one transaction; the node tasks go out as one group."""
     _check_batch_size(len(requests))
-    vms = _create_many(owner=owner, requests=requests, name_key=lambda index: f"vms[{index}].name")
-    batch = _new_batch(owner, BatchKind.CREATE, vms, BatchItemStatus.PENDING)
+    vms = _create_many(
+        owner=owner, project_id=project_id, requests=requests, name_key=lambda index: f"vms[{index}].name"
+    )
+    batch = _new_batch(owner, project_id, BatchKind.CREATE, vms, BatchItemStatus.PENDING)
     _send_batch_on_commit(batch, contract.NODE_VM_CREATE)
     return batch, vms
 
@@ -276,7 +292,7 @@ def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
             max(old.memory_mb - new.memory_mb, 0),
             max(old.disk_gb - new.disk_gb, 0),
         )
-        _check_quota(vm.owner, vms=0, vcpus=grow.vcpus, memory_mb=grow.memory_mb)
+        _check_quota(vm.project_id, vms=0, vcpus=grow.vcpus, memory_mb=grow.memory_mb)
         if vm.node_id is not None:
             assert vm.node is not None
             if grow != scheduler.Demand(0, 0, 0):
@@ -291,14 +307,14 @@ def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
 def vm_update(*, vm: VM, changes: VMChanges) -> VM:
     """Rename a VM, or resize a stopped one (capacity and quota re-checked).
 
-    Only a resize takes the owner's lock (it is quota-checked): a rename's name check is a courtesy
+    Only a resize takes the project's lock (it is quota-checked): a rename's name check is a courtesy
     error, the partial unique index refuses a name taken concurrently (409).
     """
     if changes.resizes:
-        _lock_owner(vm.owner)
+        _lock_project(vm.project_id)
     vm = VM.objects.select_for_update(of=("self",)).select_related("node", "owner").get(pk=vm.pk)
     if changes.name is not None and changes.name != vm.name:
-        _check_new_names(vm.owner, [changes.name], lambda _index: "name")
+        _check_new_names(vm.project_id, [changes.name], lambda _index: "name")
     updated = _apply_changes(vm, changes)
     if updated:
         try:
@@ -310,13 +326,14 @@ def vm_update(*, vm: VM, changes: VMChanges) -> VM:
     return vm
 
 
-# A rename in one statement: the VM is renamed only if the caller may see it (owner, unless staff),
-# its state allows changes and the name is new; the row comes back with its names joined in, as
-# ``reads.select_sql`` reads it. Parameters: the new name, the time, the id, the states, the owner.
+# A rename in one statement: the VM is renamed only if the caller may see it (its project's, unless
+# staff reading the whole fleet), its state allows changes and the name is new; the row comes back
+# with its names joined in, as ``reads.select_sql`` reads it. Parameters: the new name, the time,
+# the id, the states, the project.
 _RENAME_SQL = """
 WITH renamed AS (
     UPDATE vms SET name = %(name)s, updated_at = %(now)s
-    WHERE id = %(id)s AND state = ANY(%(states)s) AND name <> %(name)s {owned}
+    WHERE id = %(id)s AND state = ANY(%(states)s) AND name <> %(name)s {visible}
     RETURNING *
 ) {select}
 """
@@ -324,47 +341,48 @@ _RENAMABLE = sorted(state.value for state in ACTIVE_STATES - {VMState.DELETING})
 
 
 @postgresql_or(none_elsewhere)
-def vm_rename(*, user: User, vm_id: uuid.UUID, name: str) -> dict[str, Any] | None:
-    """Rename a VM ``user`` may see; the VM as the API's dict (:mod:`apps.vms.representation`).
+def vm_rename(*, viewer: Viewer, vm_id: uuid.UUID, name: str) -> dict[str, Any] | None:
+    """Rename a VM ``viewer`` may see; the VM as the API's dict (:mod:`apps.vms.representation`).
 
     One statement instead of :func:`vm_update`'s visible-VM read, locked read, name check and save
     (a rename was half the CPU of the benchmark's writes). None when it changes nothing, i.e. no such
-    VM for ``user``, a state that allows no change or the name it already has: :func:`vm_update` then
-    answers (404, 409 or the VM unchanged). A live VM of the owner with that name (committed, or
+    VM for ``viewer``, a state that allows no change or the name it already has: :func:`vm_update` then
+    answers (404, 409 or the VM unchanged). A live VM of the project with that name (committed, or
     committed while this waited for it) is refused by the partial unique index and reported as
     :func:`vm_update`'s name check reports it. PostgreSQL only (elsewhere None: the full path).
     """
-    owner = visible_owner(user_id=user.pk, is_staff=user.is_staff)
+    project = visible_project(viewer)
     sql = _RENAME_SQL.format(
-        owned="" if owner is None else "AND owner_id = %(owner)s",
-        select=reads.select_sql("renamed", ("owner_id",)),
+        visible="" if project is None else "AND project_id = %(project)s",
+        select=reads.select_sql("renamed", ("project_id",)),
     )
-    params = {"name": name, "now": timezone.now(), "id": vm_id, "states": _RENAMABLE, "owner": owner}
+    params = {"name": name, "now": timezone.now(), "id": vm_id, "states": _RENAMABLE, "project": project}
     # Alone, the statement is its own transaction; in a caller's, a savepoint keeps a refusal from
     # aborting the caller's transaction.
     savepoint = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
     try:
         with savepoint:
-            found = reads.rows(sql, params, ("owner_id",))
+            found = reads.rows(sql, params, ("project_id",))
     except IntegrityError as exc:
         if getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None) != VM_NAME_UNIQUE:
             raise
-        taken = f"You already have a VM named {name!r}."
+        taken = _name_taken(name)
         raise InvalidInput(taken, fields={"name": [taken]}) from exc
     if not found:
         return None
     row = found[0]
-    vm_cache.vm_rows_changed([(vm_id, row.pop("owner_id"))])
+    vm_cache.vm_rows_changed([(vm_id, row.pop("project_id"))])
     return row
 
 
 @transaction.atomic
 def vm_batch_update(
-    *, owner: User, changes: Sequence[tuple[VM, VMChanges]]
+    *, owner: User, project_id: int, changes: Sequence[tuple[VM, VMChanges]]
 ) -> tuple[BatchOperation, list[VM]]:
-    """Apply changes to many VMs at once: all or nothing."""
+    """Apply changes to many VMs at once (of one project, or of several for staff): all or nothing."""
     _check_batch_size(len(changes))
-    _lock_owner(owner)
+    for locked_project in sorted({vm.project_id for vm, _ in changes}):  # one order: no deadlock
+        _lock_project(locked_project)
     ids = [vm.pk for vm, _ in changes]
     locked = VM.objects.select_for_update(of=("self",)).select_related("node", "owner", "image").in_bulk(ids)
     renamed = [
@@ -372,9 +390,10 @@ def vm_batch_update(
         for index, (vm, change) in enumerate(changes)
         if change.name is not None and change.name != vm.name
     ]
-    if renamed:
-        positions = [index for index, _ in renamed]
-        _check_new_names(owner, [name for _, name in renamed], lambda i: f"vms[{positions[i]}].name")
+    for renamed_project in sorted({changes[index][0].project_id for index, _ in renamed}):
+        positions = [index for index, _ in renamed if changes[index][0].project_id == renamed_project]
+        names = [changes[index][1].name or "" for index in positions]
+        _check_new_names(renamed_project, names, lambda i, at=positions: f"vms[{at[i]}].name")
     errors: dict[str, list[str]] = {}
     saved: list[VM] = []
     now = timezone.now()
@@ -396,7 +415,7 @@ def vm_batch_update(
     for fields, rows in by_fields.items():
         VM.objects.bulk_update(rows, [*fields, "updated_at"])
     vm_cache.vms_changed(saved)
-    batch = _new_batch(owner, BatchKind.UPDATE, saved, BatchItemStatus.SUCCEEDED)
+    batch = _new_batch(owner, project_id, BatchKind.UPDATE, saved, BatchItemStatus.SUCCEEDED)
     batch.status = BatchStatus.COMPLETED
     batch.finished_at = timezone.now()
     batch.save(update_fields=["status", "finished_at"])
@@ -446,7 +465,7 @@ def vm_delete(*, vm: VM) -> VM:
 
 
 @transaction.atomic
-def vm_batch_delete(*, owner: User, vms: Sequence[VM]) -> tuple[BatchOperation, list[VM]]:
+def vm_batch_delete(*, owner: User, project_id: int, vms: Sequence[VM]) -> tuple[BatchOperation, list[VM]]:
     _check_batch_size(len(vms))
     locked = (
         VM.objects.select_for_update(of=("self",))
@@ -467,7 +486,7 @@ def vm_batch_delete(*, owner: User, vms: Sequence[VM]) -> tuple[BatchOperation, 
         vm.updated_at = now
     VM.objects.bulk_update(remote, ["state", "pending_action", "updated_at"])
     vm_cache.vms_changed(ordered)
-    batch = _new_batch(owner, BatchKind.DELETE, ordered, BatchItemStatus.PENDING)
+    batch = _new_batch(owner, project_id, BatchKind.DELETE, ordered, BatchItemStatus.PENDING)
     done = {vm.pk for vm in ordered} - {vm.pk for vm in remote}
     if done:
         BatchItem.objects.filter(batch=batch, vm_id__in=done).update(status=BatchItemStatus.SUCCEEDED)
