@@ -7,6 +7,7 @@ from rest_framework.routers import DefaultRouter
 from apps.migrations.views import MigrationViewSet
 from apps.monitoring.urls import API_ROUTES as MONITORING_ROUTES
 from apps.monitoring.urls import api_urlpatterns as monitoring_urlpatterns
+from apps.projects.views import ProjectMemberViewSet, ProjectViewSet
 from apps.vms.views import BatchViewSet, ImageViewSet, MeView, NodeViewSet, VMViewSet
 
 from .views import TokenView
@@ -17,6 +18,8 @@ router.register("batches", BatchViewSet, basename="batch")
 router.register("nodes", NodeViewSet, basename="node")
 router.register("images", ImageViewSet, basename="image")
 router.register("migrations", MigrationViewSet, basename="migration")
+router.register("projects", ProjectViewSet, basename="project")
+router.register(r"projects/(?P<id>[0-9]+)/members", ProjectMemberViewSet, basename="project-member")
 for prefix, viewset, basename in MONITORING_ROUTES:
     router.register(prefix, viewset, basename=basename)
 
