@@ -44,7 +44,7 @@ def test_a_taken_name_is_400_with_a_message(team: Team) -> None:
 
 
 def test_an_admin_renames_a_team_project_and_vm_bodies_follow(team: Team, node: Any, image: Any) -> None:
-    headers = {"HTTP_X_PROJECT": str(team.project_id)}
+    headers: dict[str, Any] = {"HTTP_X_PROJECT": str(team.project_id)}
     vm_id = team.clients["member"].post("/api/v1/vms/", vm_payload(), format="json", **headers).json()["id"]
     assert team.clients["member"].get(f"/api/v1/vms/{vm_id}/", **headers).json()["project"] == "team"
     renamed = team.clients["admin"].patch(
@@ -77,7 +77,7 @@ def test_a_personal_project_keeps_its_name_and_is_not_deleted(team: Team) -> Non
 def test_a_project_with_vms_is_not_deleted_until_they_are(
     team: Team, node: Any, make_node: Any, image: Any
 ) -> None:
-    headers = {"HTTP_X_PROJECT": str(team.project_id)}
+    headers: dict[str, Any] = {"HTTP_X_PROJECT": str(team.project_id)}
     member = team.clients["member"]
     vm_id = member.post("/api/v1/vms/", vm_payload(), format="json", **headers).json()["id"]
     batch = member.post("/api/v1/vms/batch/", {"vms": [vm_payload(name="b-1")]}, format="json", **headers)
