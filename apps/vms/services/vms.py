@@ -17,11 +17,11 @@ from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.context import Viewer
-from apps.core.db import bulk_insert, fetch_prepared, none_elsewhere, postgresql_or
+from apps.core.db import bulk_insert, columns, fetch_instances, fetch_prepared, none_elsewhere, postgresql_or
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
 from apps.projects.models import Project
 from apps.vms import cache as vm_cache
-from apps.vms import dispatch, reads, scheduler
+from apps.vms import dispatch, reads, representation, scheduler
 from apps.vms.choices import (
     ACTIVE_STATES,
     BatchItemStatus,
@@ -68,6 +68,10 @@ class VMChanges:
         return any(value is not None for value in (self.vcpus, self.memory_mb, self.disk_gb))
 
 
+# What a VM's answer reads of its relations (``apps.vms.representation``), loaded with a locked VM.
+_RELATED = representation.relations()
+
+
 def vm_demand(vm: VM) -> scheduler.Demand:
     """What ``vm`` takes of its node's capacity: reserved where it is placed, released where it leaves."""
     return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
@@ -107,13 +111,13 @@ def _project_state(project_id: int, names: Sequence[str]) -> tuple[Limits, Usage
     return Limits(max_vms, max_vcpus, max_memory_mb), Usage(vms, vcpus, memory_mb), set(taken_names)
 
 
-def _lock_project_by_orm(project_id: int) -> None:
+def _lock_project_by_orm(project_id: int) -> Project:
     # The ORM leaves the lock out where there is none (SQLite).
-    Project.objects.select_for_update(no_key=True).filter(pk=project_id).first()
+    return Project.objects.select_for_update(no_key=True).get(pk=project_id)
 
 
 @postgresql_or(_lock_project_by_orm)
-def _lock_project(project_id: int) -> None:
+def _lock_project(project_id: int) -> Project:
     """Serialize a project's quota-checked writes (concurrent creates cannot both pass the check).
 
     FOR NO KEY UPDATE, not FOR UPDATE: it still excludes a concurrent ``_lock_project``, but not the
@@ -124,7 +128,9 @@ def _lock_project(project_id: int) -> None:
     """
     table = connection.ops.quote_name(Project._meta.db_table)
     # One fixed statement (the ORM compiled it on every create), prepared.
-    fetch_prepared(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [project_id])  # noqa: S608
+    sql = f"SELECT {columns(Project, 'p')} FROM {table} p WHERE p.id = %s FOR NO KEY UPDATE"  # noqa: S608
+    (project,) = fetch_instances(Project, sql, [project_id])
+    return project
 
 
 def _check_quota(
@@ -169,7 +175,7 @@ def _name_taken(name: str) -> str:
 
 
 def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest], name_key: Any) -> list[VM]:
-    _lock_project(project_id)
+    project = _lock_project(project_id)
     names = [request.name for request in requests]
     limits, usage, taken = _project_state(project_id, names)
     _check_new_names(project_id, names, name_key, taken)
@@ -188,7 +194,7 @@ def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest],
     vms = [
         VM(
             owner=owner,
-            project_id=project_id,
+            project=project,
             name=request.name,
             image=request.image,
             node=node,
@@ -312,7 +318,7 @@ def vm_update(*, vm: VM, changes: VMChanges) -> VM:
     """
     if changes.resizes:
         _lock_project(vm.project_id)
-    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "owner").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).get(pk=vm.pk)
     if changes.name is not None and changes.name != vm.name:
         _check_new_names(vm.project_id, [changes.name], lambda _index: "name")
     updated = _apply_changes(vm, changes)
@@ -384,7 +390,7 @@ def vm_batch_update(
     for locked_project in sorted({vm.project_id for vm, _ in changes}):  # one order: no deadlock
         _lock_project(locked_project)
     ids = [vm.pk for vm, _ in changes]
-    locked = VM.objects.select_for_update(of=("self",)).select_related("node", "owner", "image").in_bulk(ids)
+    locked = VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).in_bulk(ids)
     renamed = [
         (index, change.name)
         for index, (vm, change) in enumerate(changes)
@@ -452,7 +458,7 @@ def _finish_delete(vm: VM) -> None:
 @transaction.atomic
 def vm_delete(*, vm: VM) -> VM:
     """Request deletion: ``deleting`` until the node confirms (or ``deleted`` at once if it is on none)."""
-    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "image").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).get(pk=vm.pk)
     if vm.state == VMState.DELETING:
         dispatch.send_on_commit(
             vm, contract.NODE_VM_DELETE
@@ -468,9 +474,7 @@ def vm_delete(*, vm: VM) -> VM:
 def vm_batch_delete(*, owner: User, project_id: int, vms: Sequence[VM]) -> tuple[BatchOperation, list[VM]]:
     _check_batch_size(len(vms))
     locked = (
-        VM.objects.select_for_update(of=("self",))
-        .select_related("node", "image", "owner")
-        .in_bulk([vm.pk for vm in vms])
+        VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).in_bulk([vm.pk for vm in vms])
     )
     errors = {
         f"ids[{index}]": [f"VM {vm.name} is already {locked[vm.pk].state}."]
@@ -509,7 +513,7 @@ _ACTIONS: dict[VMAction, tuple[frozenset[VMState], str]] = {
 @transaction.atomic
 def vm_request_action(*, vm: VM, action: VMAction) -> VM:
     """Ask the VM's node to start, stop or reboot it; 409 when its state does not allow that."""
-    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "image").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).get(pk=vm.pk)
     allowed, task_name = _ACTIONS[action]
     if vm.pending_action and vm.pending_action != action:
         raise InvalidState(f"Cannot {action} VM {vm.name}: a {vm.pending_action} is still in progress.")
