@@ -369,7 +369,7 @@ def test_a_process_copy_of_a_body_is_served_only_while_redis_holds_the_same_byte
     forget("apicache")  # the entries and the version counters
     client.mset(versions)  # the counters climbed back: the list's key is the first's again
     renamed = first.content.replace(b"before-flush", b"after-flush")
-    client.set(entry, vm_cache._value(renamed)[1])  # as another process stores it
+    client.set(entry, vm_cache.value_of(renamed)[1])  # as another process stores it
     hit, queries = _get(api, "/api/v1/vms/")
     assert queries == 0 and hit.content == renamed
 
