@@ -14,6 +14,10 @@ from django.contrib.auth import get_user_model
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from apps.core.context import Viewer
+from apps.projects.models import Project
+from apps.projects.services import personal_project
+
 # CI=true fails a run on a skip tests/skips_allowed.toml does not list.
 pytest_plugins = ["tests.skip_gate"]
 
@@ -149,6 +153,18 @@ def node(make_node: Callable[..., Any]) -> Any:
 @pytest.fixture
 def image(make_image: Callable[..., Any]) -> Any:
     return make_image()
+
+
+def viewer_of(user: Any) -> Viewer:
+    """``user`` as the read paths see a request naming no project: staff the fleet, others their
+    personal project."""
+    project_id = None if user.is_staff else personal_project(user).pk
+    return Viewer(user_id=user.pk, is_staff=bool(user.is_staff), project_id=project_id)
+
+
+def set_quota(user: Any, **limits: int) -> None:
+    """Set limits of ``user``'s personal project (made on first use), where their VMs go by default."""
+    Project.objects.filter(pk=personal_project(user).pk).update(**limits)
 
 
 def vm_payload(name: str = "web-1", image: Any = "debian-12", **extra: Any) -> dict[str, Any]:

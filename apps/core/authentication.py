@@ -29,8 +29,10 @@ from django_redis import get_redis_connection
 from rest_framework import exceptions
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.models import Token
+from rest_framework.request import Request
 
-from apps.core.db import columns, fetch_prepared
+from apps.core.context import Caller, request_context
+from apps.core.db import columns, fetch_prepared, text_agg
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ TOKEN_MEMO_TTL: Final = 60  # seconds a remembered token answers without the dat
 # and remembers at most this many tokens' write times before starting over.
 TOKEN_MEMO_REFRESH: Final = TOKEN_MEMO_TTL / 2
 TOKEN_MEMO_LOCAL_MAX: Final = 10_000
-_memo_written: dict[tuple[str, int, bool], float] = {}
+_memo_written: dict[tuple[str, Caller], float] = {}
 
 
 def token_memo_key(key: str) -> str:
@@ -48,25 +50,20 @@ def token_memo_key(key: str) -> str:
     return f"{settings.CACHE_KEY_PREFIX}:authtoken:{digest}"
 
 
-def remember_token(key: str, user: AbstractBaseUser) -> None:
+def remember_token(key: str, caller: Caller) -> None:
     """Store the :class:`Caller` of an active user's token as a Redis hash (best effort): the user,
-    their personal project and their roles (:func:`apps.projects.acting.caller_of`).
+    their personal project and their roles.
 
-    Skipped when this process wrote it less than ``TOKEN_MEMO_REFRESH`` ago: if it was removed
-    since, the fast path only misses (and this slower path answers) until the next write.
+    Skipped when this process wrote the same less than ``TOKEN_MEMO_REFRESH`` ago: if it was
+    removed since, the fast path only misses (and this slower path answers) until the next write.
     """
-    # Imported here: apps.projects.acting imports apps.core.errors, whose import of DRF's views loads
-    # this module (DRF's authentication classes setting).
-    from apps.projects.acting import caller_of  # noqa: PLC0415
-
     now = time.monotonic()
-    local = (key, user.pk, bool(getattr(user, "is_staff", False)))
+    local = (key, caller)
     if now - _memo_written.get(local, -TOKEN_MEMO_REFRESH) < TOKEN_MEMO_REFRESH:
         return
     if len(_memo_written) >= TOKEN_MEMO_LOCAL_MAX:
         _memo_written.clear()
     memo_key = token_memo_key(key)
-    caller = caller_of(user)
     try:
         pipe = get_redis_connection("default").pipeline(transaction=True)
         pipe.delete(memo_key)
@@ -103,21 +100,55 @@ def _columns(model: Any) -> dict[str, str]:
 
 @cache
 def _lookup_sql() -> tuple[str, list[str], list[str]]:
-    """The join of token and user, and the field names of each (built once per process)."""
+    """The join of token and user, with the user's personal project (its id, or NULL before it is
+    made) and memberships (``<project id>:<role>`` joined by ``,``), and the field names of the
+    first two (built once per process)."""
+    # Imported here: the projects' modules import apps.core.errors, whose import of DRF's views
+    # loads this module (DRF's authentication classes setting).
+    from apps.projects.models import Membership, Project  # noqa: PLC0415
+
     quote = connection.ops.quote_name
     user_model = get_user_model()
     token_columns, user_columns = _columns(Token), _columns(user_model)
+    project, member = _columns(Project), _columns(Membership)
+    user_id = f"u.{quote(user_columns['id'])}"
+    roles = text_agg(f"m.{quote(member['project_id'])} || ':' || m.{quote(member['role'])}", ",")
     # Identifiers only, from the models' metadata, quoted; the key is a query parameter.
     sql = (
-        f"SELECT {columns(Token, 't')}, {columns(user_model, 'u')} FROM {quote(Token._meta.db_table)} t "  # noqa: S608
-        f"JOIN {quote(user_model._meta.db_table)} u ON u.{quote(user_columns['id'])} = "
-        f"t.{quote(token_columns['user_id'])} WHERE t.{quote(token_columns['key'])} = %s"
+        f"SELECT {columns(Token, 't')}, {columns(user_model, 'u')}, "  # noqa: S608
+        f"(SELECT p.{quote(project['id'])} FROM {quote(Project._meta.db_table)} p "
+        f"WHERE p.{quote(project['personal_of_id'])} = {user_id}), "
+        f"(SELECT {roles} "
+        f"FROM {quote(Membership._meta.db_table)} m WHERE m.{quote(member['user_id'])} = {user_id}) "
+        f"FROM {quote(Token._meta.db_table)} t "
+        f"JOIN {quote(user_model._meta.db_table)} u ON {user_id} = t.{quote(token_columns['user_id'])} "
+        f"WHERE t.{quote(token_columns['key'])} = %s"
     )
     return sql, list(token_columns), list(user_columns)
 
 
+def _caller(user: AbstractBaseUser, personal_project: int | None, memberships: str | None) -> Caller:
+    """The caller of the token query's row; a user without a personal project gets it made here."""
+    if personal_project is None:
+        from apps.projects.acting import caller_of  # noqa: PLC0415 - see _lookup_sql
+
+        return caller_of(user)
+    pairs = (item.split(":") for item in memberships.split(",")) if memberships else ()
+    roles = tuple(sorted((int(project), role) for project, role in pairs))
+    return Caller(user.pk, bool(getattr(user, "is_staff", False)), personal_project, roles)
+
+
 class FastTokenAuthentication(TokenAuthentication):
-    """``Authorization: Token <key>`` as DRF does it, with one fixed SQL query."""
+    """``Authorization: Token <key>`` as DRF does it, with one fixed SQL query, which also reads the
+    caller's projects (into the request's context: where the request may act)."""
+
+    caller: Caller | None = None  # of the last authenticate_credentials (DRF makes one instance per request)
+
+    def authenticate(self, request: Request) -> tuple[AbstractBaseUser, Any] | None:
+        found = super().authenticate(request)
+        if found is not None:
+            request_context(request).caller = self.caller
+        return found
 
     def authenticate_credentials(self, key: str) -> tuple[AbstractBaseUser, Any]:
         sql, token_fields, user_fields = _lookup_sql()
@@ -126,9 +157,10 @@ class FastTokenAuthentication(TokenAuthentication):
             raise exceptions.AuthenticationFailed("Invalid token.")
         row = found[0]
         token = Token.from_db(connection.alias, token_fields, row[: len(token_fields)])
-        user = get_user_model().from_db(connection.alias, user_fields, row[len(token_fields) :])
+        user = get_user_model().from_db(connection.alias, user_fields, row[len(token_fields) : -2])
         if not user.is_active:
             raise exceptions.AuthenticationFailed("User inactive or deleted.")
         token.user = user
-        remember_token(key, user)
+        self.caller = _caller(user, *row[-2:])
+        remember_token(key, self.caller)
         return user, token

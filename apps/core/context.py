@@ -10,7 +10,6 @@ where a request acts (project and role). :class:`Caller` is what a token's memo 
 from here (:data:`MEMO_FIELDS`, :data:`ROLE_FIELD_PREFIX`).
 """
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Final
@@ -32,25 +31,30 @@ class Viewer:
 #: A token's memo: a Redis hash of these fields, then ``ROLE_FIELD_PREFIX + <project id>`` -> role
 #: for each project the user is a member of (the fast path's Lua reads them by these names).
 MEMO_FIELDS: Final = ("user_id", "is_staff", "project")
-ROLE_FIELD_PREFIX: Final = "p"
+ROLE_FIELD_PREFIX: Final = "role:"
 
 
 @dataclass(frozen=True)
 class Caller:
-    """What a token's memo holds: the user, their personal project (where a request naming no
-    project acts) and their role in each of their projects."""
+    """Who calls and where they may act: the user, their personal project (where a request naming
+    no project acts) and their role in each of their projects, ``(project id, role)`` sorted. What a
+    token's memo holds, and what authentication reads with the token."""
 
     user_id: int
     is_staff: bool
     personal_project: int
-    roles: Mapping[int, str]
+    roles: tuple[tuple[int, str], ...]
+
+    def role(self, project_id: int) -> str | None:
+        """The caller's role in a project (None: not a member)."""
+        return next((role for project, role in self.roles if project == project_id), None)
 
     def as_memo(self) -> dict[str, int | str]:
         """The Redis hash of the memo (integers: Redis stores strings)."""
         memo: dict[str, int | str] = dict(
             zip(MEMO_FIELDS, (self.user_id, int(self.is_staff), self.personal_project), strict=True)
         )
-        memo.update({f"{ROLE_FIELD_PREFIX}{project}": role for project, role in self.roles.items()})
+        memo.update({f"{ROLE_FIELD_PREFIX}{project}": role for project, role in self.roles})
         return memo
 
 
@@ -98,11 +102,14 @@ class RequestContext:
     fast path's look-up counts them in Redis); DRF's throttle of such a scope does not count it again.
     ``acting``: where the request acts, once resolved (``apps.projects.acting``, or the fast path
     from the token's memo); :attr:`project_id` is its project, which the audit trail records.
+    ``caller``: the caller and their projects, as authentication read them with the token (None:
+    not read yet; :func:`apps.projects.acting.caller` reads them once otherwise).
     (The caller a middleware knows goes into ``request.user``, Django's own place for it.)
     """
 
     counted_scopes: frozenset[str] = field(default_factory=frozenset)
     acting: Acting | None = None
+    caller: Caller | None = None
 
     @property
     def project_id(self) -> int | None:

@@ -31,6 +31,12 @@ def on_postgresql() -> bool:
     return connection.vendor == "postgresql"
 
 
+def text_agg(expression: str, separator: str) -> str:
+    """SQL of an aggregate joining the texts of ``expression`` with ``separator`` (a literal)."""
+    function = "string_agg" if on_postgresql() else "group_concat"
+    return f"{function}({expression}, '{separator}')"
+
+
 def postgresql_or(portable: Callable[..., Any]) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function written for PostgreSQL with the ``portable`` one (same parameters, a
     result of the same type) that answers on any other database."""

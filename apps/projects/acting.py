@@ -3,7 +3,8 @@ name), else the caller's personal project; and the caller's role there.
 
 The one visibility rule of the fleet's tenant resources follows from it (:func:`viewer`): reads are
 of the acting project; staff naming no project read the whole fleet. A project the caller is not
-a member of answers 404 as an unknown one does (staff may name any project). Resolved once per
+a member of answers 404 as an unknown one does (staff may name any project; DRF's ``NotFound``, which
+the browsable API's form checks expect of a permission check). Resolved once per
 request and kept in its context (:func:`apps.core.context.request_context`), where the VM read fast
 path also puts what it read from the token's memo.
 """
@@ -12,10 +13,10 @@ from typing import Any, Final
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.http import HttpRequest
+from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 
 from apps.core.context import Acting, Caller, Viewer, request_context
-from apps.core.errors import NotFound
 
 from .models import Membership, Project, Role
 from .services import personal_project
@@ -34,24 +35,34 @@ def requested_project(request: HttpRequest | Request) -> str | None:
     return named.strip() or None if named else None
 
 
-def _named(user: Any, named: str) -> Acting:
+def caller(request: HttpRequest | Request, user: Any) -> Caller:
+    """The caller of ``request`` and their projects: as token authentication read them, else read
+    once here (a session's user)."""
+    context = request_context(request)
+    if context.caller is None or context.caller.user_id != user.pk:
+        context.caller = caller_of(user)
+    return context.caller
+
+
+def caller_of(user: AbstractBaseUser) -> Caller:
+    """``user`` as a :class:`Caller`: their personal project (made on first use) and roles."""
+    personal = personal_project(user).pk
+    roles = tuple(sorted(Membership.objects.filter(user_id=user.pk).values_list("project_id", "role")))
+    return Caller(user.pk, bool(getattr(user, "is_staff", False)), personal, roles)
+
+
+def _named(request: HttpRequest | Request, user: Any, named: str) -> Acting:
     """The named project (an id or a name) and the caller's role there; 404 when it is unknown or
     the caller, not staff, is no member."""
-    by = {"pk": int(named)} if named.isdigit() else {"name": named}
-    if user.is_staff:
-        project_id = Project.objects.filter(**by).values_list("pk", flat=True).first()
-        if project_id is not None:
-            role = Membership.objects.filter(project_id=project_id, user_id=user.pk).values_list(
-                "role", flat=True
-            )
-            return Acting(project_id, role.first())
-    else:
-        prefixed = {f"project__{key}": value for key, value in by.items()}
-        found = (
-            Membership.objects.filter(user_id=user.pk, **prefixed).values_list("project_id", "role").first()
-        )
-        if found is not None:
-            return Acting(*found)
+    known = caller(request, user)
+    project_id: int | None = int(named) if named.isdigit() else None
+    if project_id is None:
+        project_id = Project.objects.filter(name=named).values_list("pk", flat=True).first()
+    role = None if project_id is None else known.role(project_id)
+    if role is not None:
+        return Acting(project_id, role)
+    if user.is_staff and project_id is not None and Project.objects.filter(pk=project_id).exists():
+        return Acting(project_id, None)
     raise NotFound(f"No project {named!r} that you are a member of.")
 
 
@@ -60,16 +71,16 @@ def acting(request: HttpRequest | Request, user: AnyUser | None = None) -> Actin
     context = request_context(request)
     if context.acting is not None:
         return context.acting
-    caller: Any = user if user is not None else request.user
+    who: Any = user if user is not None else request.user
     named = requested_project(request)
-    if not caller.is_authenticated:
+    if not who.is_authenticated:
         found = Acting(None, None)
     elif named is not None:
-        found = _named(caller, named)
-    elif caller.is_staff:
+        found = _named(request, who, named)
+    elif who.is_staff:
         found = Acting(None, None)
     else:
-        found = Acting(personal_project(caller).pk, Role.ADMIN)
+        found = Acting(caller(request, who).personal_project, Role.ADMIN)
     context.acting = found
     return found
 
@@ -84,11 +95,4 @@ def write_project(request: HttpRequest | Request) -> int:
     """The project a new resource of this request belongs to: the acting one; a staff caller naming
     none creates in their personal project."""
     project_id = acting(request).project_id
-    return personal_project(request.user).pk if project_id is None else project_id  # type: ignore[arg-type]
-
-
-def caller_of(user: AbstractBaseUser) -> Caller:
-    """What a token's memo holds of ``user``: their personal project (made on first use) and roles."""
-    personal = personal_project(user).pk
-    roles = dict(Membership.objects.filter(user_id=user.pk).values_list("project_id", "role"))
-    return Caller(user.pk, bool(getattr(user, "is_staff", False)), personal, roles)
+    return caller(request, request.user).personal_project if project_id is None else project_id

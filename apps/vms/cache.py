@@ -20,23 +20,16 @@ Rules:
 
 The key layout is declared once, here: a :class:`Slot` names the version keys, the prefix and the
 suffix of an entry (:func:`vm_list_slot`, :func:`vm_detail_slot`, :func:`me_usage_slot`), and the
-one Lua function :data:`_ENTRY_KEY_LUA` joins them with the versions' current values
+one Lua function :data:`ENTRY_KEY_LUA` joins them with the versions' current values
 (``<prefix>:<versions...><suffix>``). A VM body's prefix holds the representation's fingerprint
 (:func:`.representation.fingerprint`): bodies made before a field was added are never read.
 
 One look-up is one round trip: the script reads the versions, builds the key and returns the body
 (:func:`lookup`). A stored value is the body's digest (:data:`DIGEST_SIZE` bytes of xxh3-128) and
-then the body. The fast look-up's script reads only the digest, and the body comes from this
-process's copy of it (:class:`_Bodies`) when the digests agree, else from one more ``GET``: a body
-handed through Lua costs Redis about 20 microseconds for a 15 KiB page, half of the whole script,
-and Redis shares the machine's cores with the web workers. :func:`fast_lookup` is the same look-up for a
-request not yet authenticated (the VM read fast path, ``middleware.py``): from the token's memo to
-the caller, the project they act in and their role there, the entry and the caller's rate-limit
-counters, in one script; Python gives it the slots of both scopes (a project, with
-:data:`PROJECT_MARK` for its id; the fleet) and the counters' keys with :data:`USER_MARK` for the
-user id, and the script fills in what it read from the memo. Hits and misses go to
-``novacron_api_cache_requests_total{view,result}`` and to the monitoring app's cache counters
-(``cache.hit_ratio``).
+then the body; this process keeps copies of the bodies it stored or read (:data:`bodies`), which
+the fast path's look-up (:mod:`.fast_lookup`) answers from when Redis holds the same digest. Hits
+and misses go to ``novacron_api_cache_requests_total{view,result}`` and to the monitoring app's
+cache counters (``cache.hit_ratio``).
 """
 
 import functools
@@ -59,9 +52,7 @@ from django.dispatch import receiver
 from django_redis import get_redis_connection
 from prometheus_client import Counter
 
-from apps.core.authentication import token_memo_key
-from apps.core.context import MEMO_FIELDS, ROLE_FIELD_PREFIX, Acting, Viewer
-from apps.core.throttling import USER_MARK, KnownUserCounter
+from apps.core.context import Viewer
 from apps.monitoring.instruments import labelled, record_cache_lookup
 
 from . import representation
@@ -87,7 +78,7 @@ LOCAL_BODIES_BYTES: Final = 16 * 1024 * 1024
 
 # The key layout's join: a slot's prefix, the current value of each of its version keys (a missing
 # one reads 0), then its suffix. ``slot`` is a Lua table {prefix, suffix, version key...}.
-_ENTRY_KEY_LUA = """
+ENTRY_KEY_LUA = """
 local function entry_key(slot)
   local parts = {slot[1]}
   for i = 3, #slot do
@@ -99,7 +90,7 @@ end
 
 # KEYS: the version keys. ARGV[1]: entry key prefix, ARGV[2]: suffix.
 _LOOKUP_SCRIPT = (
-    _ENTRY_KEY_LUA
+    ENTRY_KEY_LUA
     + """
 local slot = {ARGV[1], ARGV[2]}
 for i = 1, #KEYS do slot[#slot + 1] = KEYS[i] end
@@ -108,61 +99,11 @@ return {key, redis.call('GET', key)}
 """
 )
 
-# The fast path's look-up. KEYS[1]: the token's memo (a hash: MEMO_FIELDS, then ROLE_FIELD_PREFIX +
-# project id -> role). ARGV: [1] the project mark and [2] the user mark as Lua patterns, [3] to [5]
-# the memo's field names (user id, staff flag, personal project), [6] the role fields' prefix, [7]
-# the project the request names ('' for none), [8] '1' when the caller answers a miss itself, [9]
-# n, the number of version keys of a slot; then the project's slot (prefix, suffix, n version keys,
-# with the project mark where its id goes), the fleet's slot (same), the number of counters and
-# each counter's key, limit and TTL, with the user mark where the user id goes. The request acts in
-# the named project, else in the personal one; a staff caller naming none reads the fleet's slot.
-# Returns {0} (unknown token; a project the caller has no role in, staff included: the full path
-# answers it, 404 or the project's VMs; or no entry and [8] not '1'), {1, id, staff} (over a rate
-# limit: the full path answers 429), {2, id, staff, project, role, entry key, digest} (a hit: the
-# value's first DIGEST_SIZE bytes; project '' for the fleet, role '' for none) or {3, id, staff,
-# project, role, entry key} (a miss for the caller to answer and store); {2} and {3} are counted
-# in every counter. Keys are built here from the memo, so this script assumes one Redis (no
-# cluster slots).
-_FAST_SCRIPT = (
-    _ENTRY_KEY_LUA
-    + """
-local memo = redis.call('HMGET', KEYS[1], ARGV[3], ARGV[4], ARGV[5])
-local uid, staff, project = memo[1], memo[2], memo[3]
-if not uid or not staff or not project then return {0} end
-local named = ARGV[7]
-if named ~= '' then project = named end
-local role = redis.call('HGET', KEYS[1], ARGV[6] .. project) or ''
-local n = tonumber(ARGV[9])
-local first = 10
-if staff == '1' and named == '' then
-  first = first + 2 + n
-  project = ''
-elseif role == '' then
-  return {0}
-end
-local slot = {}
-for i = first, first + 1 + n do slot[#slot + 1] = (string.gsub(ARGV[i], ARGV[1], project)) end
-local key = entry_key(slot)
-local digest = redis.call('GETRANGE', key, 0, DIGEST_END)
-if digest == '' and ARGV[8] ~= '1' then return {0} end
-local at = 10 + 2 * (2 + n)
-local over = false
-for i = at + 1, at + 3 * tonumber(ARGV[at]), 3 do
-  local counter = (string.gsub(ARGV[i], ARGV[2], uid))
-  local count = redis.call('INCR', counter)
-  redis.call('EXPIRE', counter, tonumber(ARGV[i + 2]))
-  if count > tonumber(ARGV[i + 1]) then over = true end
-end
-if over then return {1, uid, staff} end
-if digest ~= '' then return {2, uid, staff, project, role, key, digest} end
-return {3, uid, staff, project, role, key}
-""".replace("DIGEST_END", str(DIGEST_SIZE - 1))
-)
 _lookup: Any = None
 _last_warning = 0.0
 
 
-def _warn(action: str, exc: Exception) -> None:
+def warn(action: str, exc: Exception) -> None:
     global _last_warning  # noqa: PLW0603  (per-process log throttle)
     now = time.monotonic()
     if now - _last_warning >= LOG_EVERY_SECONDS:
@@ -170,7 +111,7 @@ def _warn(action: str, exc: Exception) -> None:
         logger.warning("API cache %s skipped, Redis did not answer (reading the database): %s", action, exc)
 
 
-def _connection() -> redis.Redis:
+def redis_connection() -> redis.Redis:
     return get_redis_connection("default")  # the Django cache's Redis (CACHES["default"])
 
 
@@ -271,7 +212,7 @@ def query_digest(query: str) -> str:
 # --- Look-ups ---------------------------------------------------------------------------------------
 
 
-def _value(body: bytes) -> tuple[bytes, bytes]:
+def value_of(body: bytes) -> tuple[bytes, bytes]:
     """The digest of ``body`` and the value that stores it."""
     digest = xxhash.xxh3_128_digest(body)
     return digest, digest + body
@@ -310,7 +251,7 @@ class _Bodies:
                 self.used -= len(dropped)
 
 
-_bodies = _Bodies(LOCAL_BODIES_BYTES)
+bodies = _Bodies(LOCAL_BODIES_BYTES)  # this process's (the fast look-up reads them)
 
 
 @dataclass(frozen=True)
@@ -325,25 +266,25 @@ class Entry:
     def store(self, body: bytes) -> None:
         if self.key is None:
             return
-        digest, value = _value(body)
+        digest, value = value_of(body)
         try:
-            _own_command("SET", self.key, value, "EX", self.ttl)
+            own_command("SET", self.key, value, "EX", self.ttl)
         except redis.RedisError as exc:
-            _warn("store", exc)
+            warn("store", exc)
             return
-        _bodies.put(self.key, digest, body)
+        bodies.put(self.key, digest, body)
 
 
 def lookup(slot: Slot) -> Entry:
     """The entry of ``slot`` now (one round trip), counted as a hit or a miss."""
     global _lookup  # noqa: PLW0603  (the script object is made once per process)
     try:
-        connection = _connection()
+        connection = redis_connection()
         if _lookup is None:
             _lookup = connection.register_script(_LOOKUP_SCRIPT)
         key, value = _lookup(keys=list(slot.versions), args=[slot.prefix, slot.suffix], client=connection)
     except redis.RedisError as exc:
-        _warn("look-up", exc)
+        warn("look-up", exc)
         api_cache_requests.labels(view=slot.view, result="error").inc()
         record_cache_lookup(hit=False)
         return Entry(slot.view, None, None, slot.ttl)
@@ -365,40 +306,6 @@ def me_usage_entry(*, project_id: int) -> Entry:
     return lookup(me_usage_slot(project_id=project_id))
 
 
-@dataclass(frozen=True)
-class FastHit:
-    """A cached body found by :func:`fast_lookup`, whose it is and where the request acts."""
-
-    viewer: Viewer
-    acting: Acting
-    body: bytes
-
-
-@dataclass(frozen=True)
-class FastMiss:
-    """No entry yet: the caller, counted in their rate windows, where the request acts, and the slot
-    to fill (:meth:`Entry.store`)."""
-
-    viewer: Viewer
-    acting: Acting
-    entry: Entry
-
-
-@dataclass(frozen=True)
-class FastThrottled:
-    """The caller is over a rate limit (the full path answers the 429)."""
-
-    user_id: int
-
-
-def _lua_pattern(mark: str) -> str:
-    """``mark`` as a Lua pattern matching itself (punctuation escaped with %)."""
-    return "".join(char if char.isalnum() else f"%{char}" for char in mark)
-
-
-_PROJECT_MARK_PATTERN: Final = _lua_pattern(PROJECT_MARK)
-_USER_MARK_PATTERN: Final = _lua_pattern(USER_MARK)
-_FAST_SHA: Final = hashlib.sha1(_FAST_SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis names scripts so)
 _own = threading.local()  # this thread's own Redis connection (look-ups, stores) and its pool
 _caches_generation = [0]  # bumped when CACHES changes (tests), so that threads look at the pool again
 
@@ -409,7 +316,7 @@ def _caches_changed(*, setting: str, **kwargs: Any) -> None:
         _caches_generation[0] += 1
 
 
-def _own_command(*command: str | int | bytes) -> Any:
+def own_command(*command: str | int | bytes) -> Any:
     """One command on this thread's own connection to the cache's Redis.
 
     One connection per web thread, kept, instead of redis-py's pool check-out and release, retry and
@@ -421,7 +328,7 @@ def _own_command(*command: str | int | bytes) -> Any:
     own = getattr(_own, "connection", None)
     if own is None or getattr(_own, "generation", None) != _caches_generation[0]:
         generation = _caches_generation[0]
-        pool = _connection().connection_pool
+        pool = redis_connection().connection_pool
         if own is None or getattr(_own, "pool", None) is not pool:
             if own is not None:
                 own.disconnect()  # made for a pool the cache no longer uses (settings changed)
@@ -439,102 +346,6 @@ def _own_command(*command: str | int | bytes) -> Any:
         raise
 
 
-def _fast_call(memo_key: str, *args: str | int) -> Any:
-    """The fast script (:func:`_own_command`); a Redis without it (restarted, flushed) is given it."""
-    try:
-        return _own_command("EVALSHA", _FAST_SHA, 1, memo_key, *args)
-    except redis.exceptions.NoScriptError:
-        _own_command("SCRIPT", "LOAD", _FAST_SCRIPT)
-        return _own_command("EVALSHA", _FAST_SHA, 1, memo_key, *args)
-
-
-def fast_lookup(
-    *,
-    token: str,
-    project: str | None,
-    vm_id: str | None,
-    query: str,
-    counters: Sequence[KnownUserCounter],
-    answer_misses: bool,
-) -> FastHit | FastMiss | FastThrottled | None:
-    """The cached VM list page (``vm_id`` None) or detail for a token, counted in its rate windows.
-
-    ``project``: the id (text) of the project the request names, if any. ``counters``: the view's
-    throttles' counters of an authenticated user (:mod:`apps.core.throttling`). ``answer_misses``:
-    the caller reads and stores a missing entry itself (:class:`FastMiss`); otherwise a miss is
-    None. None back means "not answerable here": unknown token, a project the caller has no role
-    in, no entry, or Redis away; the caller then takes the full path, which authenticates, counts
-    and caches.
-    """
-    digest = query_digest(query)
-    if vm_id is None:
-        slots = [vm_list_slot(project=scope, query_digest=digest) for scope in (PROJECT_MARK, None)]
-    else:
-        slots = [
-            vm_detail_slot(project=scope, vm_id=vm_id, query_digest=digest) for scope in (PROJECT_MARK, None)
-        ]
-    misses = "1" if answer_misses else "0"
-    args: list[str | int] = [_PROJECT_MARK_PATTERN, _USER_MARK_PATTERN, *MEMO_FIELDS, ROLE_FIELD_PREFIX]
-    args += [project or "", misses, len(slots[0].versions)]
-    for slot in slots:
-        args += [slot.prefix, slot.suffix, *slot.versions]
-    args.append(len(counters))
-    for counter in counters:
-        args += [counter.key, counter.limit, counter.ttl]
-    try:
-        answer = _fast_call(token_memo_key(token), *args)
-    except redis.RedisError as exc:
-        _warn("fast look-up", exc)
-        return None
-    if answer[0] == 0:
-        return None
-    user_id, is_staff = int(answer[1]), answer[2] == b"1"
-    if answer[0] == 1:
-        return FastThrottled(user_id)
-    project_id = int(answer[3]) if answer[3] else None
-    viewer = Viewer(user_id=user_id, is_staff=is_staff, project_id=project_id)
-    acting = Acting(project_id, answer[4].decode() or None)
-    slot = slots[project_id is None]
-    key = bytes(answer[5]).decode()
-    if answer[0] == 3:
-        return FastMiss(viewer, acting, Entry(slot.view, key, None, slot.ttl))
-    body = _body(key, bytes(answer[6]))
-    if body is None:
-        return None  # gone since the script read its digest: the full path answers
-    count_lookup(slot.view, hit=True)
-    return FastHit(viewer, acting, body)
-
-
-def _body(key: str, digest: bytes) -> bytes | None:
-    """The body stored under ``key`` with ``digest``: this process's copy, else read from Redis."""
-    body = _bodies.get(key, digest)
-    if body is not None:
-        return body
-    try:
-        value = _own_command("GET", key)
-    except redis.RedisError as exc:
-        _warn("fast look-up", exc)
-        return None
-    if value is None:
-        return None
-    value = bytes(value)
-    body = value[DIGEST_SIZE:]
-    _bodies.put(key, value[:DIGEST_SIZE], body)
-    return body
-
-
-def fast_uncount(user_id: int, counters: Sequence[KnownUserCounter]) -> None:
-    """Take back what :func:`fast_lookup` counted for a request the full path answers uncounted
-    (refused by a permission before DRF's throttles run)."""
-    try:
-        pipe = _connection().pipeline(transaction=False)
-        for counter in counters:
-            pipe.decr(counter.key.replace(USER_MARK, str(user_id)))
-        pipe.execute()
-    except redis.RedisError as exc:
-        _warn("uncount", exc)
-
-
 def count_lookup(view: str, *, hit: bool) -> None:
     """One look-up of ``view`` in the metrics (a fast-path miss is counted once it is answered)."""
     labelled(api_cache_requests, view=view, result="hit" if hit else "miss").inc()
@@ -548,7 +359,7 @@ def _bump(names: Sequence[str]) -> None:
     if not names:
         return
     try:
-        pipe = _connection().pipeline(transaction=False)
+        pipe = redis_connection().pipeline(transaction=False)
         for name in names:
             key = _version_key(name)
             pipe.incr(key)

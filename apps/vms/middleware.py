@@ -3,7 +3,7 @@
 A read through DRF costs about a millisecond of CPU on this machine before the view does anything:
 token authentication (a query), the rate-limit counter and the cache look-up (two Redis round
 trips), content negotiation and the view machinery. For ``GET`` of the VM list and detail routes
-with a token, this middleware makes one Redis call (:func:`.cache.fast_lookup`: token memo ->
+with a token, this middleware makes one Redis call (:func:`.fast_lookup.fast_lookup`: token memo ->
 the caller, the project the request acts in (named by id, else their personal one) and their role
 there -> entry -> the view's rate counters). On a hit it sends the cached bytes; on a miss it reads
 the page or VM with :mod:`.reads` (the function the view calls), stores it and sends it.
@@ -58,12 +58,13 @@ from apps.monitoring.middleware import ROUTE_HINT, route_pattern
 from apps.projects.acting import PROJECT_META, PROJECT_PARAM
 
 from . import cache as vm_cache
+from . import fast_lookup as fast
 from . import reads
 from .views import checks_objects, plain_json, vm_id_of, vm_read_response
 
 # Remembered negotiation answers: (Accept, format) -> compact JSON or not; emptied when full.
 _NEGOTIATED_MAX: Final = 256
-_ANSWERABLE: Final = (vm_cache.FastHit, vm_cache.FastMiss)
+_ANSWERABLE: Final = (fast.FastHit, fast.FastMiss)
 
 
 def _token(request: HttpRequest, keyword: str) -> str | None:
@@ -273,7 +274,7 @@ class VMReadFastPathMiddleware:
             return None  # a project named by name (or not at all well): DRF resolves it
         # The query parsed only when there is one (request.GET cost a cached page 3 % of its CPU).
         answer_misses = vm_id is not None or not query or reads.list_state(request.GET)[0]
-        found = vm_cache.fast_lookup(
+        found = fast.fast_lookup(
             token=token,
             project=named,
             vm_id=vm_id,
@@ -288,11 +289,11 @@ class VMReadFastPathMiddleware:
         context = request_context(request)
         context.acting = found.acting
         if not route.permitted(view, drf_request):
-            vm_cache.fast_uncount(found.viewer.user_id, counters)
+            fast.fast_uncount(found.viewer.user_id, counters)
             context.acting = None  # DRF resolves it again, for its own caller
             return None  # DRF refuses it, before its throttles count it
         context.counted_scopes = route.scopes or frozenset()
-        if isinstance(found, vm_cache.FastHit):
+        if isinstance(found, fast.FastHit):
             body = found.body
         else:
             missing = self._read(drf_request, found.viewer, vm_id)

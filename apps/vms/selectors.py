@@ -49,24 +49,23 @@ def project_usage(*, project_id: int) -> Usage:
     return Usage(**totals)
 
 
-def user_profile(
-    *, user: AnyUser, project_id: int, quota: Limits | None = None, usage: Usage | None = None
-) -> dict[str, Any]:
+def user_profile(*, user: AnyUser, project_id: int, usage: Usage | None = None) -> dict[str, Any]:
     """``users/me``: the user, the project they act in, its quota and usage (read here unless given,
     e.g. from the cache), and their projects with their roles."""
-    project = Project.objects.filter(pk=project_id).values("id", "name").first()
+    limits = ("max_vms", "max_vcpus", "max_memory_mb")
+    row = Project.objects.filter(pk=project_id).values("id", "name", *limits).get()
     memberships = Membership.objects.filter(user_id=user.pk or 0).order_by("project__name")
     return {
         "id": user.pk,
         "username": user.get_username(),
         "email": getattr(user, "email", ""),
         "is_staff": bool(getattr(user, "is_staff", False)),
-        "project": project,
+        "project": {"id": row["id"], "name": row["name"]},
         "projects": [
             {"id": pid, "name": name, "role": role}
             for pid, name, role in memberships.values_list("project_id", "project__name", "role")
         ],
-        "quota": asdict(quota or project_quota(project_id=project_id)),
+        "quota": {limit: row[limit] for limit in limits},
         "usage": asdict(usage or project_usage(project_id=project_id)),
     }
 

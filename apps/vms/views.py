@@ -45,7 +45,6 @@ from .representation import vm_data
 from .selectors import (
     Usage,
     batch_visible,
-    project_quota,
     project_usage,
     user_profile,
     vm_list,
@@ -391,5 +390,4 @@ class MeView(APIView):
         else:
             usage = project_usage(project_id=project_id)
             entry.store(orjson.dumps(asdict(usage)))
-        quota = project_quota(project_id=project_id)
-        return Response(user_profile(user=user, project_id=project_id, quota=quota, usage=usage))
+        return Response(user_profile(user=user, project_id=project_id, usage=usage))

@@ -159,7 +159,8 @@ def seed(args: argparse.Namespace, timings: dict[str, float]) -> Seeded:
     from django.db import connection
     from rest_framework.authtoken.models import Token
 
-    from apps.vms.models import Image, Node, Quota
+    from apps.projects.models import Membership, Project, Role
+    from apps.vms.models import Image, Node
 
     rng = random.Random(7)
     started = time.perf_counter()
@@ -174,8 +175,15 @@ def seed(args: argparse.Namespace, timings: dict[str, float]) -> Seeded:
     )
     tenants = users[: args.users]
     tokens = Token.objects.bulk_create([Token(key=Token.generate_key(), user=user) for user in users])
-    Quota.objects.bulk_create(
-        [Quota(user=user, max_vms=10**8, max_vcpus=10**8, max_memory_mb=10**12) for user in users]
+    unlimited = {"max_vms": 10**8, "max_vcpus": 10**8, "max_memory_mb": 10**12}
+    projects = Project.objects.bulk_create(
+        [Project(name=f"~{user.username}", personal_of=user, **unlimited) for user in users]
+    )
+    Membership.objects.bulk_create(
+        [
+            Membership(project=project, user=user, role=Role.ADMIN)
+            for project, user in zip(projects, users, strict=True)
+        ]
     )
     nodes = Node.objects.bulk_create(
         [
@@ -216,14 +224,14 @@ def seed(args: argparse.Namespace, timings: dict[str, float]) -> Seeded:
             if not deleted and len(sample.setdefault(tenant, [])) < 200:
                 sample[tenant].append(str(vm_id))
             yield (
-                f"{vm_id}\tvm-{index}\t{tenants[tenant].pk}\t{node}\t{image}\t{state}\t\t\t"
+                f"{vm_id}\tvm-{index}\t{tenants[tenant].pk}\t{projects[tenant].pk}\t{node}\t{image}\t{state}\t\t\t"
                 f"{1 + index % 8}\t{512 * (1 + index % 8)}\t{10 + index % 50}\t{stamp}\t{stamp}\t{deleted_at}\n"
             )
 
     _copy(
         "vms",
-        "id, name, owner_id, node_id, image_id, state, state_reason, pending_action, vcpus, memory_mb, "
-        "disk_gb, created_at, updated_at, deleted_at",
+        "id, name, owner_id, project_id, node_id, image_id, state, state_reason, pending_action, vcpus, "
+        "memory_mb, disk_gb, created_at, updated_at, deleted_at",
         vm_rows(),
     )
     timings["vms_copy"] = time.perf_counter() - started
@@ -290,30 +298,34 @@ def explain(seeded: Seeded) -> list[dict[str, Any]]:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
+    from apps.projects.services import personal_project
     from apps.vms.models import VM
     from apps.vms.reads import PageShape, detail_sql, page_window
-    from apps.vms.selectors import user_usage
+    from apps.vms.selectors import project_usage
 
     user_model = get_user_model()
     tenant = user_model.objects.get(pk=seeded.tenant_ids[1])
+    project = personal_project(tenant).pk
     owned = (
-        VM.objects.filter(owner=tenant).order_by("-created_at", "-id").values_list("created_at", flat=True)
+        VM.objects.filter(project_id=project)
+        .order_by("-created_at", "-id")
+        .values_list("created_at", flat=True)
     )
     middle = owned[owned.count() // 2]  # the cursor of a page in the middle of the tenant's list
     detail_id = seeded.vm_ids[1][0]
 
-    def shape(staff: bool, state: str | None = None, position: str = "") -> str:
+    def shape(fleet: bool, state: str | None = None, position: str = "") -> str:
         # A page of 50 and one more, from the start.
-        page = PageShape(staff=staff, state=state, position=position, reverse=False)
+        page = PageShape(fleet=fleet, state=state, position=position, reverse=False)
         return page_window(page, limit=51, offset=0)
 
     queries: dict[str, tuple[str, list[Any]]] = {
-        "tenant list page 1": (shape(False), [tenant.pk]),
-        "tenant list, later page (cursor)": (shape(False, position="<"), [tenant.pk, middle]),
-        "tenant list ?state=stopped": (shape(False, state="stopped"), [tenant.pk]),
+        "tenant list page 1": (shape(False), [project]),
+        "tenant list, later page (cursor)": (shape(False, position="<"), [project, middle]),
+        "tenant list ?state=stopped": (shape(False, state="stopped"), [project]),
         "staff list page 1": (shape(True), []),
         "staff list ?state=error": (shape(True, state="error"), []),
-        "detail": (detail_sql(owned=True), [detail_id, tenant.pk]),
+        "detail": (detail_sql(of_project=True), [detail_id, project]),
     }
     report = []
     for label, (sql, params) in queries.items():
@@ -322,9 +334,9 @@ def explain(seeded: Seeded) -> list[dict[str, Any]]:
             plan = "\n".join(row[0] for row in cursor.fetchall())
         report.append(_timed(label, plan, sql, params, connection))
     # users/me usage: an aggregate over the tenant's VMs (not a list: no LIMIT), the statement
-    # ``user_usage`` runs (its parameters bound by psycopg on the client, as Django sends it)
+    # ``project_usage`` runs (its parameters bound by psycopg on the client, as Django sends it)
     with CaptureQueriesContext(connection) as captured:
-        user_usage(user=tenant)
+        project_usage(project_id=project)
     (usage,) = captured.captured_queries
     with connection.cursor() as cursor:
         cursor.execute(f"EXPLAIN ANALYZE {usage['sql']}")
@@ -332,7 +344,7 @@ def explain(seeded: Seeded) -> list[dict[str, Any]]:
     samples = []
     for _ in range(20):
         started = time.perf_counter()
-        user_usage(user=tenant)
+        project_usage(project_id=project)
         samples.append((time.perf_counter() - started) * 1000)
     report.append(
         {
@@ -829,7 +841,7 @@ def _reseeded_from_database() -> Seeded:
     for index, tenant in enumerate(tenants[:100]):
         samples[index] = [
             str(pk)
-            for pk in VM.objects.filter(owner=tenant)
+            for pk in VM.objects.filter(project__personal_of=tenant)
             .exclude(state="deleted")
             .values_list("pk", flat=True)[:200]
         ]

@@ -122,6 +122,7 @@ def novacron_runs(
     from apps.migrations.models import Migration
     from apps.migrations.serializers import MigrationSerializer
     from apps.migrations.services import TERMINAL_STATUSES, migration_request
+    from apps.projects.services import personal_project
     from apps.vms.models import VM, Image, Node
     from apps.vms.services import VMRequest, vm_create, vm_delete
 
@@ -140,6 +141,7 @@ def novacron_runs(
     results: dict[str, list[dict[str, Any]]] = {}
     vm = vm_create(
         owner=user,
+        project_id=personal_project(user).pk,
         request=VMRequest(
             name="mover", image=image, vcpus=1, memory_mb=args.memory_mb, disk_gb=2, node=node_a
         ),

@@ -2,9 +2,11 @@
 
 For each user who owns a VM or a batch, or has a quota row, a personal project ``~<username>`` is
 made (unless they have one) with the user as its admin and their quota row's limits (else the
-default quota); then every VM and batch gets its owner's personal project, the column becomes NOT
-NULL, and the per-user quota table goes (its limits now live on the projects). Nothing is lost:
-``tests/apps/projects/test_data_migration.py`` runs this on a populated database.
+default quota); then every VM and batch gets its owner's personal project. The next migration makes
+the column NOT NULL and drops the per-user quota table (its limits now live on the projects): in a
+transaction of its own, since PostgreSQL refuses to alter a table with pending trigger events (the
+foreign-key checks of the rows written here). Nothing is lost:
+``tests/apps/projects/test_data_migration.py`` runs these on a populated database.
 """
 
 from typing import Any
@@ -71,43 +73,4 @@ class Migration(migrations.Migration):
             ),
         ),
         migrations.RunPython(_to_personal_projects, migrations.RunPython.noop),
-        migrations.AlterField(
-            model_name="vm",
-            name="project",
-            field=models.ForeignKey(
-                db_index=False,
-                help_text="Who the VM belongs to: its members see and act on it, its quota counts it.",
-                on_delete=models.deletion.PROTECT,
-                related_name="vms",
-                to="projects.project",
-            ),
-        ),
-        migrations.AlterField(
-            model_name="batchoperation",
-            name="project",
-            field=models.ForeignKey(
-                on_delete=models.deletion.PROTECT, related_name="batches", to="projects.project"
-            ),
-        ),
-        migrations.AlterField(
-            model_name="vm",
-            name="owner",
-            field=models.ForeignKey(
-                db_index=False,
-                help_text="Who created the VM.",
-                on_delete=models.deletion.PROTECT,
-                related_name="vms",
-                to=settings.AUTH_USER_MODEL,
-            ),
-        ),
-        migrations.RemoveConstraint(model_name="vm", name="vm_name_unique_per_owner"),
-        migrations.AddConstraint(
-            model_name="vm",
-            constraint=models.UniqueConstraint(
-                condition=models.Q(("state", "deleted"), _negated=True),
-                fields=("project", "name"),
-                name="vm_name_unique_per_project",
-            ),
-        ),
-        migrations.DeleteModel(name="Quota"),
     ]

@@ -17,11 +17,10 @@ from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.context import Viewer
-from apps.core.db import bulk_insert, fetch_prepared, none_elsewhere, postgresql_or
+from apps.core.db import bulk_insert, none_elsewhere, postgresql_or
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
-from apps.projects.models import Project
 from apps.vms import cache as vm_cache
-from apps.vms import dispatch, reads, scheduler
+from apps.vms import dispatch, reads, representation, scheduler
 from apps.vms.choices import (
     ACTIVE_STATES,
     BatchItemStatus,
@@ -32,7 +31,8 @@ from apps.vms.choices import (
     VMState,
 )
 from apps.vms.models import VM, VM_NAME_UNIQUE, BatchItem, BatchOperation, Image, Node
-from apps.vms.selectors import Limits, Usage, project_quota, project_usage, visible_project
+from apps.vms.selectors import visible_project
+from apps.vms.services.limits import check_new_names, check_quota, lock_project, name_taken, project_state
 from workers import contract
 
 logger = logging.getLogger(__name__)
@@ -68,112 +68,21 @@ class VMChanges:
         return any(value is not None for value in (self.vcpus, self.memory_mb, self.disk_gb))
 
 
+# What a VM's answer reads of its relations (``apps.vms.representation``), loaded with a locked VM.
+_RELATED = representation.relations()
+
+
 def vm_demand(vm: VM) -> scheduler.Demand:
     """What ``vm`` takes of its node's capacity: reserved where it is placed, released where it leaves."""
     return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
 
 
-# A create's checks in one round trip (after the project's lock, so that its snapshot sees every VM
-# committed before): the project's quota, its live VMs' usage and which of the new
-# names are taken. PostgreSQL's SQL (arrays); other databases run the ORM queries one by one. The
-# deleted state is a literal in the statement: a parameter there kept PostgreSQL from the partial
-# indexes in the generic plan of the prepared statement (10 ms), so it planned every create anew.
-_PROJECT_STATE_SQL = """
-SELECT q.max_vms, q.max_vcpus, q.max_memory_mb, u.vms, u.vcpus, u.memory_mb, t.names
-FROM (
-    SELECT count(*), coalesce(sum(vcpus), 0), coalesce(sum(memory_mb), 0)
-    FROM vms WHERE project_id = %(project)s AND state <> 'deleted'
-) AS u(vms, vcpus, memory_mb)
-CROSS JOIN (
-    SELECT coalesce(array_agg(name), '{}')
-    FROM vms WHERE project_id = %(project)s AND state <> 'deleted' AND name = ANY(%(names)s)
-) AS t(names)
-JOIN projects AS q ON q.id = %(project)s
-"""
-
-
-def _project_state_by_orm(project_id: int, names: Sequence[str]) -> tuple[Limits, Usage, set[str]]:
-    taken = VM.objects.filter(project_id=project_id, name__in=set(names)).exclude(state=VMState.DELETED)
-    quota, usage = project_quota(project_id=project_id), project_usage(project_id=project_id)
-    return quota, usage, set(taken.values_list("name", flat=True))
-
-
-@postgresql_or(_project_state_by_orm)
-def _project_state(project_id: int, names: Sequence[str]) -> tuple[Limits, Usage, set[str]]:
-    """The project's quota, usage and which of ``names`` its live VMs already have."""
-    ((max_vms, max_vcpus, max_memory_mb, vms, vcpus, memory_mb, taken_names),) = fetch_prepared(
-        _PROJECT_STATE_SQL, {"project": project_id, "names": list(set(names))}
-    )
-    return Limits(max_vms, max_vcpus, max_memory_mb), Usage(vms, vcpus, memory_mb), set(taken_names)
-
-
-def _lock_project_by_orm(project_id: int) -> None:
-    # The ORM leaves the lock out where there is none (SQLite).
-    Project.objects.select_for_update(no_key=True).filter(pk=project_id).first()
-
-
-@postgresql_or(_lock_project_by_orm)
-def _lock_project(project_id: int) -> None:
-    """Serialize a project's quota-checked writes (concurrent creates cannot both pass the check).
-
-    FOR NO KEY UPDATE, not FOR UPDATE: it still excludes a concurrent ``_lock_project``, but not the
-    KEY SHARE lock PostgreSQL takes on the project row when another transaction inserts a row
-    referencing it (a VM of a create that does not check quotas). With FOR UPDATE on the owner's
-    row, a rename waiting for a VM row locked by a migration request that itself waited for the
-    user row deadlocked (seen in the soak test).
-    """
-    table = connection.ops.quote_name(Project._meta.db_table)
-    # One fixed statement (the ORM compiled it on every create), prepared.
-    fetch_prepared(f"SELECT 1 FROM {table} WHERE id = %s FOR NO KEY UPDATE", [project_id])  # noqa: S608
-
-
-def _check_quota(
-    project_id: int, *, vms: int, vcpus: int, memory_mb: int, known: tuple[Limits, Usage] | None = None
-) -> None:
-    """Refuse (403) what would take the project over its quota; ``known``: quota and usage already read."""
-    limits, usage = known or (project_quota(project_id=project_id), project_usage(project_id=project_id))
-    problems = []
-    if usage.vms + vms > limits.max_vms:
-        problems.append(f"VMs {usage.vms}+{vms} > {limits.max_vms}")
-    if usage.vcpus + vcpus > limits.max_vcpus:
-        problems.append(f"vCPUs {usage.vcpus}+{vcpus} > {limits.max_vcpus}")
-    if usage.memory_mb + memory_mb > limits.max_memory_mb:
-        problems.append(f"memory {usage.memory_mb}+{memory_mb} MiB > {limits.max_memory_mb} MiB")
-    if problems:
-        raise QuotaExceeded("Quota exceeded: " + "; ".join(problems) + ".")
-
-
-def _check_new_names(project_id: int, names: Sequence[str], key: Any, taken: set[str] | None = None) -> None:
-    """Refuse (400) names repeated in ``names`` or held by a live VM of the project (``taken``, when read)."""
-    errors: dict[str, list[str]] = {}
-    first_seen: dict[str, int] = {}
-    for index, name in enumerate(names):
-        if name in first_seen:
-            errors[key(index)] = [f"Name {name!r} is repeated (first at item {first_seen[name]})."]
-        first_seen.setdefault(name, index)
-    if taken is None:
-        taken = set(
-            VM.objects.filter(project_id=project_id, name__in=set(names))
-            .exclude(state=VMState.DELETED)
-            .values_list("name", flat=True)
-        )
-    for index, name in enumerate(names):
-        if name in taken:
-            errors.setdefault(key(index), []).append(_name_taken(name))
-    if errors:
-        raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
-
-
-def _name_taken(name: str) -> str:
-    return f"The project already has a VM named {name!r}."
-
-
 def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest], name_key: Any) -> list[VM]:
-    _lock_project(project_id)
+    project = lock_project(project_id)
     names = [request.name for request in requests]
-    limits, usage, taken = _project_state(project_id, names)
-    _check_new_names(project_id, names, name_key, taken)
-    _check_quota(
+    limits, usage, taken = project_state(project_id, names)
+    check_new_names(project_id, names, name_key, taken)
+    check_quota(
         project_id,
         vms=len(requests),
         vcpus=sum(request.vcpus for request in requests),
@@ -188,7 +97,7 @@ def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest],
     vms = [
         VM(
             owner=owner,
-            project_id=project_id,
+            project=project,
             name=request.name,
             image=request.image,
             node=node,
@@ -292,7 +201,7 @@ def _apply_changes(vm: VM, changes: VMChanges) -> list[str]:
             max(old.memory_mb - new.memory_mb, 0),
             max(old.disk_gb - new.disk_gb, 0),
         )
-        _check_quota(vm.project_id, vms=0, vcpus=grow.vcpus, memory_mb=grow.memory_mb)
+        check_quota(vm.project_id, vms=0, vcpus=grow.vcpus, memory_mb=grow.memory_mb)
         if vm.node_id is not None:
             assert vm.node is not None
             if grow != scheduler.Demand(0, 0, 0):
@@ -311,10 +220,10 @@ def vm_update(*, vm: VM, changes: VMChanges) -> VM:
     error, the partial unique index refuses a name taken concurrently (409).
     """
     if changes.resizes:
-        _lock_project(vm.project_id)
-    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "owner").get(pk=vm.pk)
+        lock_project(vm.project_id)
+    vm = VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).get(pk=vm.pk)
     if changes.name is not None and changes.name != vm.name:
-        _check_new_names(vm.project_id, [changes.name], lambda _index: "name")
+        check_new_names(vm.project_id, [changes.name], lambda _index: "name")
     updated = _apply_changes(vm, changes)
     if updated:
         try:
@@ -366,7 +275,7 @@ def vm_rename(*, viewer: Viewer, vm_id: uuid.UUID, name: str) -> dict[str, Any] 
     except IntegrityError as exc:
         if getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None) != VM_NAME_UNIQUE:
             raise
-        taken = _name_taken(name)
+        taken = name_taken(name)
         raise InvalidInput(taken, fields={"name": [taken]}) from exc
     if not found:
         return None
@@ -382,9 +291,9 @@ def vm_batch_update(
     """Apply changes to many VMs at once (of one project, or of several for staff): all or nothing."""
     _check_batch_size(len(changes))
     for locked_project in sorted({vm.project_id for vm, _ in changes}):  # one order: no deadlock
-        _lock_project(locked_project)
+        lock_project(locked_project)
     ids = [vm.pk for vm, _ in changes]
-    locked = VM.objects.select_for_update(of=("self",)).select_related("node", "owner", "image").in_bulk(ids)
+    locked = VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).in_bulk(ids)
     renamed = [
         (index, change.name)
         for index, (vm, change) in enumerate(changes)
@@ -393,7 +302,7 @@ def vm_batch_update(
     for renamed_project in sorted({changes[index][0].project_id for index, _ in renamed}):
         positions = [index for index, _ in renamed if changes[index][0].project_id == renamed_project]
         names = [changes[index][1].name or "" for index in positions]
-        _check_new_names(renamed_project, names, lambda i, at=positions: f"vms[{at[i]}].name")
+        check_new_names(renamed_project, names, lambda i, at=positions: f"vms[{at[i]}].name")
     errors: dict[str, list[str]] = {}
     saved: list[VM] = []
     now = timezone.now()
@@ -452,7 +361,7 @@ def _finish_delete(vm: VM) -> None:
 @transaction.atomic
 def vm_delete(*, vm: VM) -> VM:
     """Request deletion: ``deleting`` until the node confirms (or ``deleted`` at once if it is on none)."""
-    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "image").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).get(pk=vm.pk)
     if vm.state == VMState.DELETING:
         dispatch.send_on_commit(
             vm, contract.NODE_VM_DELETE
@@ -468,9 +377,7 @@ def vm_delete(*, vm: VM) -> VM:
 def vm_batch_delete(*, owner: User, project_id: int, vms: Sequence[VM]) -> tuple[BatchOperation, list[VM]]:
     _check_batch_size(len(vms))
     locked = (
-        VM.objects.select_for_update(of=("self",))
-        .select_related("node", "image", "owner")
-        .in_bulk([vm.pk for vm in vms])
+        VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).in_bulk([vm.pk for vm in vms])
     )
     errors = {
         f"ids[{index}]": [f"VM {vm.name} is already {locked[vm.pk].state}."]
@@ -509,7 +416,7 @@ _ACTIONS: dict[VMAction, tuple[frozenset[VMState], str]] = {
 @transaction.atomic
 def vm_request_action(*, vm: VM, action: VMAction) -> VM:
     """Ask the VM's node to start, stop or reboot it; 409 when its state does not allow that."""
-    vm = VM.objects.select_for_update(of=("self",)).select_related("node", "image").get(pk=vm.pk)
+    vm = VM.objects.select_for_update(of=("self",)).select_related(*_RELATED).get(pk=vm.pk)
     allowed, task_name = _ACTIONS[action]
     if vm.pending_action and vm.pending_action != action:
         raise InvalidState(f"Cannot {action} VM {vm.name}: a {vm.pending_action} is still in progress.")

@@ -1,4 +1,4 @@
-"""apps/core/context.py: the typed request context, the viewer a token's memo holds, the memo's user."""
+"""apps/core/context.py: the typed request context, the caller a token's memo holds, the memo's user."""
 
 from typing import Any
 
@@ -6,8 +6,17 @@ import pytest
 from django.db import connection
 from django.test import RequestFactory
 from django.test.utils import CaptureQueriesContext
+from rest_framework.request import Request
 
-from apps.core.context import VIEWER_FIELDS, MemoUser, Viewer, request_context
+from apps.core.context import (
+    MEMO_FIELDS,
+    ROLE_FIELD_PREFIX,
+    Acting,
+    Caller,
+    MemoUser,
+    Viewer,
+    request_context,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -21,16 +30,27 @@ def test_a_request_has_one_context_made_on_first_use():
     assert request_context(RequestFactory().get("/")).counted_scopes == frozenset()
 
 
-def test_a_viewer_goes_through_its_memo_hash_unchanged():
-    for viewer in (Viewer(user_id=3, is_staff=False), Viewer(user_id=12, is_staff=True)):
-        memo = viewer.as_memo()
-        assert tuple(memo) == VIEWER_FIELDS
-        as_redis_returns = [str(memo[name]).encode() for name in VIEWER_FIELDS]
-        assert Viewer.from_memo(as_redis_returns) == viewer
+def test_drfs_request_shares_the_context_of_djangos_and_names_the_acting_project():
+    request = RequestFactory().get("/")
+    assert request_context(request).project_id is None
+    request_context(Request(request)).acting = Acting(7, "reader")
+    assert request_context(request).project_id == 7
+
+
+def test_a_callers_memo_holds_its_fields_then_one_role_field_per_project():
+    memo = Caller(
+        user_id=3, is_staff=False, personal_project=5, roles=((5, "admin"), (9, "reader"))
+    ).as_memo()
+    assert tuple(memo)[: len(MEMO_FIELDS)] == MEMO_FIELDS
+    assert [memo[name] for name in MEMO_FIELDS] == [3, 0, 5]
+    assert {key: value for key, value in memo.items() if key.startswith(ROLE_FIELD_PREFIX)} == {
+        f"{ROLE_FIELD_PREFIX}5": "admin",
+        f"{ROLE_FIELD_PREFIX}9": "reader",
+    }
 
 
 def test_a_memo_user_answers_id_and_staff_without_a_query_and_loads_the_rest(staff: Any):
-    memo_user = MemoUser(Viewer(user_id=staff.pk, is_staff=True))
+    memo_user = MemoUser(Viewer(user_id=staff.pk, is_staff=True, project_id=None))
     with CaptureQueriesContext(connection) as captured:
         assert (memo_user.pk, memo_user.is_staff, memo_user.is_authenticated, memo_user.is_active) == (
             staff.pk,

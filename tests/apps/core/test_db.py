@@ -16,6 +16,7 @@ from apps.core.db import (
     on_postgresql,
     postgresql_or,
 )
+from apps.projects.services import personal_project
 from apps.vms.choices import BatchItemStatus, BatchKind, VMState
 from apps.vms.models import VM, BatchItem, BatchOperation, Image, Node
 
@@ -23,8 +24,18 @@ pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="COPY 
 
 
 def _vms(owner, node, image, count: int, prefix: str = "vm") -> list[VM]:
+    project = personal_project(owner)
     return [
-        VM(owner=owner, node=node, image=image, name=f"{prefix}{i}", vcpus=1, memory_mb=64, disk_gb=1)
+        VM(
+            owner=owner,
+            project=project,
+            node=node,
+            image=image,
+            name=f"{prefix}{i}",
+            vcpus=1,
+            memory_mb=64,
+            disk_gb=1,
+        )
         for i in range(count)
     ]
 
@@ -85,7 +96,7 @@ def test_one_row_is_one_prepared_insert_writing_what_save_writes(user, node, ima
 
 
 def test_one_row_with_an_auto_id_gets_the_databases_id(user):
-    batch = BatchOperation(owner=user, kind=BatchKind.CREATE, total=0)
+    batch = BatchOperation(owner=user, project=personal_project(user), kind=BatchKind.CREATE, total=0)
     bulk_insert([batch])
     (item,) = bulk_insert([BatchItem(batch=batch, index=0, status=BatchItemStatus.PENDING)])
     assert isinstance(item.pk, int)
@@ -109,8 +120,9 @@ def test_fetch_instances_reads_the_instances_the_orm_reads(node):
 
 
 def test_few_rows_are_one_insert(user, node, image):
+    vms = _vms(user, node, image, 3)
     with CaptureQueriesContext(connection) as captured:
-        bulk_insert(_vms(user, node, image, 3))
+        bulk_insert(vms)
     assert [query["sql"].split()[0] for query in captured] == ["INSERT"]
     assert VM.objects.filter(owner=user).count() == 3
 

@@ -4,7 +4,7 @@ import pytest
 
 from apps.vms.models import VM, BatchOperation
 from apps.vms.services import vm_record_report
-from tests.conftest import vm_payload
+from tests.conftest import set_quota, vm_payload
 
 pytestmark = pytest.mark.django_db
 
@@ -18,9 +18,8 @@ def two_nodes(make_node):
 
 def test_batch_create_of_1000_is_one_transaction(api, two_nodes, image, user):
     # How fast it is is measured by bench/api ("POST batch of 1000"), not here.
-    from apps.vms.models import Quota
 
-    Quota.objects.create(user=user, max_vms=1000, max_vcpus=4000, max_memory_mb=4_000_000)
+    set_quota(user, max_vms=1000, max_vcpus=4000, max_memory_mb=4_000_000)
     items = [vm_payload(name=f"vm-{i}", memory_mb=256, vcpus=1, disk_gb=1) for i in range(1000)]
     response = api.post("/api/v1/vms/batch/", {"vms": items}, format="json")
     assert response.status_code == 202, response.json()

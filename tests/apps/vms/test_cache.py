@@ -18,6 +18,7 @@ from rest_framework.renderers import JSONRenderer
 from apps.core.renderers import ORJSONRenderer
 from apps.migrations.choices import MigrationMode
 from apps.migrations.services import migration_request
+from apps.projects.services import personal_project
 from apps.vms.cache import api_cache_requests
 from apps.vms.models import VM
 from apps.vms.serializers import VMSerializer
@@ -84,7 +85,16 @@ def test_orjson_renderer_writes_what_drf_json_renderer_writes(node, image, user)
 
     data = {
         "vm": VMSerializer(
-            VM(owner=user, name="x", image=image, node=node, vcpus=1, memory_mb=64, disk_gb=1)
+            VM(
+                owner=user,
+                project=personal_project(user),
+                name="x",
+                image=image,
+                node=node,
+                vcpus=1,
+                memory_mb=64,
+                disk_gb=1,
+            )
         ).data,
         "now": timezone.now(),
         "nested": [{"k": "\u2029", 1: None}],

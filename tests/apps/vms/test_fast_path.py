@@ -19,6 +19,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from apps.core.authentication import forget_tokens, token_memo_key
+from apps.projects.services import personal_project
 from apps.vms import cache as vm_cache
 from apps.vms.cache import api_cache_requests
 from apps.vms.views import VMViewSet
@@ -201,7 +202,13 @@ def test_redis_holds_a_digest_of_the_token_never_the_token(api, user, node, imag
     api.get("/api/v1/vms/")
     key = Token.objects.get(user=user).key
     client = redis.Redis.from_url(settings.REDIS_URL)
-    assert client.hgetall(token_memo_key(key)) == {b"user_id": str(user.pk).encode(), b"is_staff": b"0"}
+    project = str(personal_project(user).pk).encode()
+    assert client.hgetall(token_memo_key(key)) == {
+        b"user_id": str(user.pk).encode(),
+        b"is_staff": b"0",
+        b"project": project,
+        b"role:" + project: b"admin",
+    }
     assert key not in token_memo_key(key)
     assert not list(client.scan_iter(f"*{key}*"))
 
@@ -362,7 +369,7 @@ def test_a_process_copy_of_a_body_is_served_only_while_redis_holds_the_same_byte
     forget("apicache")  # the entries and the version counters
     client.mset(versions)  # the counters climbed back: the list's key is the first's again
     renamed = first.content.replace(b"before-flush", b"after-flush")
-    client.set(entry, vm_cache._value(renamed)[1])  # as another process stores it
+    client.set(entry, vm_cache.value_of(renamed)[1])  # as another process stores it
     hit, queries = _get(api, "/api/v1/vms/")
     assert queries == 0 and hit.content == renamed
 

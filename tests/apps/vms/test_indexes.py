@@ -3,24 +3,28 @@
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from django.db import connection
 
+from apps.projects.services import personal_project
 from apps.vms.selectors import vm_list
+from tests.conftest import viewer_of
 
 pytestmark = pytest.mark.django_db
 
 EXPECTED = {
     "vms_state_live_idx": ("vms", "(state)", "WHERE"),
-    "vms_owner_created_idx": ("vms", "(owner_id, created_at DESC)", None),
+    "vms_project_created_idx": ("vms", "(project_id, created_at DESC)", None),
     "vms_created_idx": ("vms", "(created_at DESC)", None),
     "vms_error_created_idx": (
         "vms",
         "(created_at DESC, id DESC) WHERE ((state)::text = 'error'::text)",
         None,
     ),
-    "vms_owner_usage_idx": ("vms", "(owner_id) INCLUDE (vcpus, memory_mb)", "WHERE"),
+    "vms_project_usage_idx": ("vms", "(project_id) INCLUDE (vcpus, memory_mb)", "WHERE"),
+    "batches_project_created_idx": ("batch_operations", "(project_id, created_at DESC)", None),
     "migrations_status_idx": ("migrations", "(status)", None),
     "migrations_nodes_idx": ("migrations", "(source_node_id, dest_node_id)", None),
     "api_logs_timestamp_idx": ("api_logs", '("timestamp" DESC)', None),
@@ -47,20 +51,22 @@ def test_seed_indexes_exist_and_are_valid():
         assert name not in invalid
 
 
-def _copy_vms(owner_ids: list[int], image_id: int, node_id: int, count: int) -> None:
+def _copy_vms(owners: list[Any], image_id: int, node_id: int, count: int) -> None:
+    """``count`` VMs round-robin over ``owners``, each in the owner's personal project."""
     start = datetime(2026, 1, 1, tzinfo=UTC)
     buffer = io.StringIO()
+    projects = [personal_project(owner).pk for owner in owners]
     for index in range(count):
         state = "deleted" if index % 10 == 0 else ("running" if index % 3 else "stopped")
         created = (start + timedelta(seconds=index)).isoformat()
-        owner = owner_ids[index % len(owner_ids)]
+        owner, project = owners[index % len(owners)].pk, projects[index % len(owners)]
         buffer.write(
-            f"{uuid.uuid4()}\tvm-{index}\t{owner}\t{node_id}\t{image_id}\t{state}\t\t\t1\t256\t1\t{created}\t{created}\t\\N\n"
+            f"{uuid.uuid4()}\tvm-{index}\t{owner}\t{project}\t{node_id}\t{image_id}\t{state}\t\t\t1\t256\t1\t{created}\t{created}\t\\N\n"
         )
     buffer.seek(0)
     columns = (
-        "id, name, owner_id, node_id, image_id, state, state_reason, pending_action, vcpus, memory_mb, disk_gb, "
-        "created_at, updated_at, deleted_at"
+        "id, name, owner_id, project_id, node_id, image_id, state, state_reason, pending_action, vcpus, "
+        "memory_mb, disk_gb, created_at, updated_at, deleted_at"
     )
     with connection.cursor() as cursor:
         with cursor.copy(f"COPY vms ({columns}) FROM STDIN") as copy:
@@ -76,15 +82,16 @@ def test_vm_list_queries_use_an_index_at_100k_rows(make_user, make_node, make_im
     users = [make_user(f"tenant{i}") for i in range(50)]
     staff = make_user("ops", staff=True)
     node, image = make_node("n1"), make_image()
-    _copy_vms([user.pk for user in users], image.pk, node.pk, 100_000)
+    _copy_vms(users, image.pk, node.pk, 100_000)
     page = slice(0, 51)
+    tenant, fleet = viewer_of(users[0]), viewer_of(staff)
     plans = {
-        "tenant list": _plan(vm_list(user=users[0]).order_by("-created_at", "-id")[page]),
-        "staff list": _plan(vm_list(user=staff).order_by("-created_at", "-id")[page]),
+        "tenant list": _plan(vm_list(viewer=tenant).order_by("-created_at", "-id")[page]),
+        "staff list": _plan(vm_list(viewer=fleet).order_by("-created_at", "-id")[page]),
         "tenant by state": _plan(
-            vm_list(user=users[0], state="stopped").order_by("-created_at", "-id")[page]
+            vm_list(viewer=tenant, state="stopped").order_by("-created_at", "-id")[page]
         ),
-        "staff by state": _plan(vm_list(user=staff, state="stopped").order_by("-created_at", "-id")[page]),
+        "staff by state": _plan(vm_list(viewer=fleet, state="stopped").order_by("-created_at", "-id")[page]),
     }
     for label, plan in plans.items():
         assert "Index" in plan, f"{label} does not use an index:\n{plan}"
@@ -99,14 +106,14 @@ def test_the_staff_list_of_errors_walks_its_own_index_when_errors_are_old(make_u
 
     owner = make_user("tenant")
     node, image = make_node("n1"), make_image()
-    _copy_vms([owner.pk], image.pk, node.pk, 50_000)
+    _copy_vms([owner], image.pk, node.pk, 50_000)
     with connection.cursor() as cursor:  # the oldest 1000 VMs are the only ones in "error"
         oldest = datetime(2026, 1, 1, 0, 16, 40, tzinfo=UTC)
         cursor.execute("UPDATE vms SET state = 'error' WHERE created_at < %s", [oldest])
         cursor.execute("ANALYZE vms")
         for reverse in (False, True):
             sql = page_window(
-                PageShape(staff=True, state="error", position="", reverse=reverse), limit=51, offset=0
+                PageShape(fleet=True, state="error", position="", reverse=reverse), limit=51, offset=0
             )
             cursor.execute(f"EXPLAIN {sql}")
             plan = "\n".join(row[0] for row in cursor.fetchall())
@@ -114,22 +121,22 @@ def test_the_staff_list_of_errors_walks_its_own_index_when_errors_are_old(make_u
 
 
 @pytest.mark.django_db(transaction=True)  # VACUUM runs outside a transaction
-def test_a_users_usage_is_read_from_the_covering_index(make_user, make_node, make_image):
+def test_a_projects_usage_is_read_from_the_covering_index(make_user, make_node, make_image):
     """The usage of every create's quota check and of users/me: an index-only scan, not ~1 heap page
-    per VM (3.4 -> 0.5 ms for a user of 1,300 VMs at 1M)."""
-    from apps.vms.selectors import user_usage
+    per VM (3.4 -> 0.5 ms for a project of 1,300 VMs at 1M)."""
+    from apps.vms.selectors import project_usage
 
     users = [make_user(f"tenant{i}") for i in range(20)]
     node, image = make_node("n1"), make_image()
-    _copy_vms([user.pk for user in users], image.pk, node.pk, 40_000)
+    _copy_vms(users, image.pk, node.pk, 40_000)
     with connection.cursor() as cursor:
         cursor.execute("VACUUM (ANALYZE) vms")  # the visibility map, as autovacuum keeps it
     with connection.execute_wrapper(explaining := _Explain()):
-        usage = user_usage(user=users[1])
+        usage = project_usage(project_id=personal_project(users[1]).pk)
     # _copy_vms deletes every tenth VM: all of users[0]'s, none of users[1]'s.
     assert (usage.vms, usage.vcpus, usage.memory_mb) == (2000, 2000, 2000 * 256)
-    assert user_usage(user=users[0]).vms == 0
-    assert any("Index Only Scan using vms_owner_usage_idx" in plan for plan in explaining.plans), (
+    assert project_usage(project_id=personal_project(users[0]).pk).vms == 0
+    assert any("Index Only Scan using vms_project_usage_idx" in plan for plan in explaining.plans), (
         explaining.plans
     )
 

@@ -15,8 +15,7 @@ from django.conf import settings
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from apps.vms.models import Quota
-from tests.conftest import vm_payload
+from tests.conftest import set_quota, vm_payload
 
 pytestmark = pytest.mark.django_db
 
@@ -33,7 +32,7 @@ def _empty_api_cache() -> Iterator[None]:
 
 @pytest.fixture
 def roomy(user: Any, make_node: Callable[..., Any], image: Any) -> Any:
-    Quota.objects.create(user=user, max_vms=10_000, max_vcpus=10_000, max_memory_mb=10_000_000)
+    set_quota(user, max_vms=10_000, max_vcpus=10_000, max_memory_mb=10_000_000)
     return make_node("big", vcpus=10_000, memory_mb=10_000_000, disk_gb=1_000_000)
 
 
@@ -62,9 +61,9 @@ def test_vm_list_detail_and_me(api, staff_api, roomy, django_assert_max_num_quer
             client.get(detail)
         with django_assert_max_num_queries(AUTH):
             client.get(detail)
-    with django_assert_max_num_queries(AUTH + 2):  # quota, usage
+    with django_assert_max_num_queries(AUTH + 3):  # usage, the project with its quota, the memberships
         api.get("/api/v1/users/me/")
-    with django_assert_max_num_queries(AUTH + 1):  # quota (usage cached)
+    with django_assert_max_num_queries(AUTH + 2):  # the project, the memberships (usage cached)
         api.get("/api/v1/users/me/")
 
 

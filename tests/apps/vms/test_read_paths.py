@@ -1,5 +1,6 @@
-"""Every path of a VM read gives the same answer: a property over random viewers, filters, cursors,
-Accept headers and conditional requests (hypothesis).
+"""Every path of a VM read gives the same answer: a property over random viewers, the projects they
+name (by id or name, in the header or the query; theirs, another's, none), filters, cursors, Accept
+headers and conditional requests (hypothesis).
 
 The paths, for one request: DRF alone (the fast path middleware left out) with a cold cache, then
 its cached answer; the fast path (the caller's token remembered) missing, then hitting; and the
@@ -10,7 +11,7 @@ indented or browsable answer (the serializer's) must hold the same VMs as the co
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlencode, urlsplit
 
 import orjson
@@ -24,6 +25,8 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from apps.core import db
+from apps.projects.models import Membership, Project, Role
+from apps.projects.services import personal_project
 from apps.vms.models import VM
 from tests.apps.vms.conftest import COMPARED_HEADERS, forget
 
@@ -42,9 +45,18 @@ ACCEPTS = (
 )
 
 
+class Fleet(NamedTuple):
+    ids: list[str]  # the VMs
+    projects: list[str]  # what a request may name: projects by id and by name, one nobody has
+
+
 @pytest.fixture
-def fleet(user: Any, other_user: Any, staff: Any, make_node: Any, image: Any) -> list[str]:
-    """Eleven VMs of two owners in every state, one without a node, ties on ``created_at``."""
+def fleet(user: Any, other_user: Any, staff: Any, make_node: Any, image: Any) -> Fleet:
+    """Eleven VMs of two owners in every state, one without a node, ties on ``created_at``; a third
+    of them in a team project where alice is a member and bob a reader (staff are in none)."""
+    team = Project.objects.create(name="team", **Project.default_quota())
+    Membership.objects.create(project=team, user=user, role=Role.MEMBER)
+    Membership.objects.create(project=team, user=other_user, role=Role.READER)
     node = make_node("node1")
     start = datetime(2026, 1, 1, tzinfo=UTC)
     ids = []
@@ -52,6 +64,7 @@ def fleet(user: Any, other_user: Any, staff: Any, make_node: Any, image: Any) ->
     for index in range(11):
         vm = VM.objects.create(
             owner=user if index % 3 else other_user,
+            **({"project": team} if index % 3 == 1 else {}),  # else the owner's personal project
             name=f"vm-{index}",
             image=image,
             node=None if index == 4 else node,
@@ -63,7 +76,8 @@ def fleet(user: Any, other_user: Any, staff: Any, make_node: Any, image: Any) ->
         moment = start + timedelta(seconds=index // 2, microseconds=0 if index < 5 else 500_000)
         VM.objects.filter(pk=vm.pk).update(created_at=moment, updated_at=moment)
         ids.append(str(vm.pk))
-    return ids
+    personal = str(personal_project(user).pk)
+    return Fleet(ids, [str(team.pk), "team", personal, "~alice", "424242", "~nobody"])
 
 
 @pytest.fixture
@@ -104,15 +118,19 @@ def _answer(response: Any, *, html: bool) -> tuple[Any, ...]:
 
 
 @st.composite
-def requests(draw: st.DrawFn, ids: list[str]) -> tuple[str, str, dict[str, str], int]:
+def requests(draw: st.DrawFn, fleet: Fleet) -> tuple[str, str, dict[str, str], int]:
     """A viewer, a path, headers and how many ``next`` links to follow."""
     viewer = draw(st.sampled_from(("alice", "bob", "staff", "anonymous")))
     headers = {}
+    named = draw(st.sampled_from((None, None, *fleet.projects)))  # the project, in a header or the query
+    in_query = named is not None and draw(st.booleans())
+    if named is not None and not in_query:
+        headers["HTTP_X_PROJECT"] = named
     accept = draw(st.sampled_from(ACCEPTS))
     if accept:
         headers["HTTP_ACCEPT"] = accept
     if draw(st.booleans()):  # a list page
-        query: dict[str, str] = {}
+        query: dict[str, str] = {"project": named} if in_query and named is not None else {}
         state = draw(st.sampled_from((None, "running", "stopped", "deleted", "error", "bogus")))
         if state is not None:
             query["state"] = state
@@ -123,12 +141,13 @@ def requests(draw: st.DrawFn, ids: list[str]) -> tuple[str, str, dict[str, str],
             query["page_size"] = str(page_size)
         path = "/api/v1/vms/" + (f"?{urlencode(query)}" if query else "")
         return viewer, path, headers, draw(st.integers(0, 2))
-    vm_id = draw(st.sampled_from((*ids, "00000000-0000-0000-0000-000000000000", "-" * 36)))
+    vm_id = draw(st.sampled_from((*fleet.ids, "00000000-0000-0000-0000-000000000000", "-" * 36)))
     if draw(st.booleans()):
         vm_id = vm_id.upper()
     if draw(st.integers(0, 3)) == 0:
         headers["HTTP_IF_NONE_MATCH"] = draw(st.sampled_from(("*", '"nope"', "ETAG")))
-    return viewer, f"/api/v1/vms/{vm_id}/", headers, 0
+    detail = f"/api/v1/vms/{vm_id}/" + (f"?{urlencode({'project': named})}" if in_query and named else "")
+    return viewer, detail, headers, 0
 
 
 @hypothesis_settings(
@@ -165,7 +184,8 @@ def test_every_read_path_gives_the_same_answer(fleet, clients, monkeypatch, data
                 portable_drf = clients(viewer, False).get(path, **headers)
                 assert _answer(portable_drf, html=html) == expected, "the portable path through DRF"
         if reference.status_code == 200 and "indent" in headers.get("HTTP_ACCEPT", ""):
-            compact = fast_client.get(path, HTTP_ACCEPT="application/json")
+            named = {key: value for key, value in headers.items() if key == "HTTP_X_PROJECT"}
+            compact = fast_client.get(path, HTTP_ACCEPT="application/json", **named)
             assert orjson.loads(reference.content) == orjson.loads(compact.content), "the serializer's VMs"
         page = orjson.loads(reference.content) if reference.status_code == 200 and not html else {}
         following = page.get("next")  # a list page's (a detail has no such key)

@@ -20,7 +20,8 @@ from apps.core.pagination import CreatedCursorPagination
 from apps.core.renderers import dumps
 from apps.vms import reads
 from apps.vms.models import VM
-from apps.vms.selectors import viewer_of, vm_list, vm_row_data, vm_rows
+from apps.vms.selectors import vm_list, vm_row_data, vm_rows
+from tests.conftest import viewer_of
 
 pytestmark = pytest.mark.django_db
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.django_db
 def _orm_page(path: str, user: Any) -> bytes:
     request = Request(RequestFactory().get(path))
     state = request.query_params.get("state")
-    queryset = vm_list(user=user, include_deleted="state" in request.query_params)
+    queryset = vm_list(viewer=viewer_of(user), include_deleted="state" in request.query_params)
     if state:
         queryset = queryset.filter(state=state)
     pagination = CreatedCursorPagination()

@@ -57,17 +57,18 @@ def test_every_source_of_a_vm_writes_what_drfs_fields_write(vms):
             expected = _drf_fields_json(instance)
             assert dumps(representation.vm_data(instance)) == expected  # write answers
             assert dumps(VMSerializer(instance).data) == expected  # the browsable API's serializer
-        (row,) = rows(detail_sql(owned=False), [vm.pk])  # the fixed SQL
+        (row,) = rows(detail_sql(of_project=False), [vm.pk])  # the fixed SQL
         assert dumps(row, utc_datetimes=True) == _drf_fields_json(VM.objects.get(pk=vm.pk))
 
 
 def test_the_fixed_sql_is_derived_from_the_declaration():
     sql = representation.select_sql()
-    assert sql.startswith('SELECT v.id::text, v."name", "owner"."username", "node"."name"')
+    assert sql.startswith('SELECT v.id::text, v."name", "owner"."username", "project"."name", "node"."name"')
+    assert 'JOIN "projects" "project"' in sql and 'LEFT JOIN "projects"' not in sql
     assert 'LEFT JOIN "nodes" "node"' in sql  # a nullable foreign key
     assert 'JOIN "images" "image"' in sql and 'LEFT JOIN "images"' not in sql
     assert representation.orm_paths()[:3] == ("id", "name", "owner__username")
-    assert set(representation.relations()) == {"owner", "node", "image"}
+    assert set(representation.relations()) == {"owner", "project", "node", "image"}
 
 
 @pytest.fixture

@@ -6,9 +6,12 @@ from collections import Counter
 import pytest
 from django.db import connection
 
+from apps.core.context import Viewer
 from apps.core.errors import NoCapacity
+from apps.projects.services import personal_project
 from apps.vms.models import VM, Node
 from apps.vms.services import VMRequest, vm_create
+from tests.conftest import set_quota
 
 
 def _wait_for_a_lock_wait() -> None:
@@ -39,7 +42,9 @@ def test_concurrent_creates_never_overcommit(make_user, make_node, make_image):
         try:
             barrier.wait()
             vm_create(
-                owner=user, request=VMRequest(name="vm", image=image, vcpus=2, memory_mb=512, disk_gb=10)
+                owner=user,
+                project_id=personal_project(user).pk,
+                request=VMRequest(name="vm", image=image, vcpus=2, memory_mb=512, disk_gb=10),
             )
             result = "created"
         except NoCapacity:
@@ -63,12 +68,12 @@ def test_concurrent_creates_never_overcommit(make_user, make_node, make_image):
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_creates_of_one_user_respect_the_quota(make_user, make_node, make_image):
     from apps.core.errors import QuotaExceeded
-    from apps.vms.models import Quota
 
     make_node("a", vcpus=1000, memory_mb=1_000_000, disk_gb=100_000)
     image = make_image()
     owner = make_user("greedy")
-    Quota.objects.create(user=owner, max_vms=3, max_vcpus=100, max_memory_mb=100_000)
+    set_quota(owner, max_vms=3, max_vcpus=100, max_memory_mb=100_000)
+    project_id = personal_project(owner).pk
     barrier = threading.Barrier(12)
     results: list[str] = []
 
@@ -77,6 +82,7 @@ def test_concurrent_creates_of_one_user_respect_the_quota(make_user, make_node, 
             barrier.wait()
             vm_create(
                 owner=owner,
+                project_id=project_id,
                 request=VMRequest(name=f"vm{index}", image=image, vcpus=1, memory_mb=64, disk_gb=1),
             )
             results.append("created")
@@ -201,14 +207,17 @@ def test_concurrent_renames_to_one_name_leave_one_vm_with_it(service, make_user,
         if service == "vm_update":
             vm_update(vm=vm, changes=VMChanges(name="same"))
         else:
-            assert vm_rename(user=owner, vm_id=vm.pk, name="same") is not None
+            viewer = Viewer(user_id=owner.pk, is_staff=False, project_id=vm.project_id)
+            assert vm_rename(viewer=viewer, vm_id=vm.pk, name="same") is not None
 
     make_node("a", vcpus=100, memory_mb=100_000, disk_gb=1000)
     image = make_image()
     owner = make_user("renamer")
     vms = [
         vm_create(
-            owner=owner, request=VMRequest(name=f"vm{i}", image=image, vcpus=1, memory_mb=64, disk_gb=1)
+            owner=owner,
+            project_id=personal_project(owner).pk,
+            request=VMRequest(name=f"vm{i}", image=image, vcpus=1, memory_mb=64, disk_gb=1),
         )
         for i in range(8)
     ]

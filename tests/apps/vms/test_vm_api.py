@@ -8,8 +8,8 @@ import pytest
 import redis
 from django.conf import settings
 
-from apps.vms.models import VM, Node, Quota
-from tests.conftest import vm_payload
+from apps.vms.models import VM, Node
+from tests.conftest import set_quota, vm_payload
 
 pytestmark = pytest.mark.django_db
 
@@ -115,7 +115,7 @@ def test_scheduler_prefers_most_free_memory_and_spreads(api, make_node, image):
 
 
 def test_quota_exceeded_is_403_and_creates_nothing(api, user, node, image):
-    Quota.objects.create(user=user, max_vms=1, max_vcpus=100, max_memory_mb=100000)
+    set_quota(user, max_vms=1, max_vcpus=100, max_memory_mb=100000)
     assert api.post("/api/v1/vms/", vm_payload(name="a"), format="json").status_code == 202
     response = api.post("/api/v1/vms/", vm_payload(name="b"), format="json")
     assert response.status_code == 403
@@ -126,7 +126,7 @@ def test_quota_exceeded_is_403_and_creates_nothing(api, user, node, image):
 def test_a_deleted_vm_frees_its_name_and_its_share_of_the_quota(api, user, node, image):
     from apps.vms.services import vm_record_report
 
-    Quota.objects.create(user=user, max_vms=1, max_vcpus=100, max_memory_mb=100000)
+    set_quota(user, max_vms=1, max_vcpus=100, max_memory_mb=100000)
     vm_id = api.post("/api/v1/vms/", vm_payload(name="a"), format="json").json()["id"]
     assert api.post("/api/v1/vms/", vm_payload(name="a"), format="json").status_code == 400  # taken
     api.delete(f"/api/v1/vms/{vm_id}/")
@@ -232,7 +232,7 @@ def test_rename_to_a_taken_name_is_400_and_renames_nothing(api, other_api, node,
     other_api.post("/api/v1/vms/", vm_payload(name="three"), format="json")
     response = api.patch(f"/api/v1/vms/{first}/", {"name": "two"}, format="json")
     assert response.status_code == 400
-    assert response.json()["error"]["fields"] == {"name": ["You already have a VM named 'two'."]}
+    assert response.json()["error"]["fields"] == {"name": ["The project already has a VM named 'two'."]}
     assert VM.objects.get(pk=first).name == "one"
     # Names are per owner: another tenant's VM name is free for this one.
     assert api.patch(f"/api/v1/vms/{first}/", {"name": "three"}, format="json").status_code == 200

@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
     # CREATE INDEX CONCURRENTLY cannot run inside a transaction.
     atomic = False
 
-    dependencies = [("vms", "0005_projects_own_vms")]
+    dependencies = [("vms", "0006_project_required")]
 
     operations = [
         AddIndexConcurrentlyWherePossible(
