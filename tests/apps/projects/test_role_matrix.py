@@ -5,12 +5,14 @@ client call each operation on the same fresh team; the status says whether it wa
 refused call changed nothing.
 """
 
+import re
 from typing import Any
 
 import pytest
 
 from apps.projects.models import Membership, Project
 from tests.apps.projects.conftest import ROLES, Team
+from tests.security.test_tenant_isolation import PROJECT_ADMINISTRATION, _schema_operations
 
 pytestmark = pytest.mark.django_db
 
@@ -29,6 +31,16 @@ OPERATIONS: list[tuple[str, str, str, Any, tuple[int, ...]]] = [
     ("set quota", "put", "quota/", LIMITS, (403, 403, 403, 404, 200, 401)),
     ("change quota", "patch", "quota/", {"max_vms": 7}, (403, 403, 403, 404, 200, 401)),
 ]
+
+
+def test_the_matrix_covers_every_method_of_every_project_endpoint() -> None:
+    in_schema = {(path, method) for path, method in _schema_operations() if path in PROJECT_ADMINISTRATION}
+    covered = {
+        ("/api/v1/projects/{id}/" + re.sub(r"\{\w+\}", "{user_id}", tail), method)
+        for _, method, tail, _, _ in OPERATIONS
+    }
+    assert in_schema == covered
+    assert set(PROJECT_ADMINISTRATION) == {path for path, _ in in_schema}
 
 
 def _state(team: Team) -> tuple[Any, ...]:
