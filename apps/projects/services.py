@@ -63,9 +63,10 @@ def memberships_changed(user_ids: Iterable[int]) -> None:
         transaction.on_commit(forget)
 
 
-def _lock(project: Project) -> Project:
-    """The project's row, locked until the transaction ends (404 when it went meanwhile)."""
-    found = Project.objects.select_for_update(no_key=True).filter(pk=project.pk).first()
+def _lock(project: Project, *, no_key: bool = True) -> Project:
+    """The project's row, locked until the transaction ends (404 when it went meanwhile); FOR NO
+    KEY UPDATE unless ``no_key`` is False (FOR UPDATE: before deleting it)."""
+    found = Project.objects.select_for_update(no_key=no_key).filter(pk=project.pk).first()
     if found is None:
         raise NotFound("No such project.")
     return found
@@ -76,15 +77,17 @@ def _check_name_free(name: str, *, project_id: int | None = None) -> None:
     if project_id is not None:
         others = others.exclude(pk=project_id)
     if others.exists():
-        raise InvalidInput(_name_taken(name), fields={"name": [_name_taken(name)]})
+        raise _name_taken(name)
 
 
-def _name_taken(name: str) -> str:
-    return f"A project named {name!r} already exists."
+def _name_taken(name: str) -> InvalidInput:
+    message = f"A project named {name!r} already exists."
+    return InvalidInput(message, fields={"name": [message]})
 
 
 def _vm_bodies_changed() -> None:
-    """VM bodies show their project's name: every cached one is stale after a rename."""
+    """Every cached VM body and list is stale: VM bodies show their project's name (a rename), and
+    lists of deleted VMs may show the records a project deletion removes. (Both are rare.)"""
     # Imported here: apps.vms.models imports this module (personal_project), and apps.vms.cache
     # imports apps.vms.models.
     from apps.vms import cache as vm_cache  # noqa: PLC0415
@@ -101,7 +104,7 @@ def project_create(*, creator: AbstractBaseUser, name: str, description: str = "
         with transaction.atomic():
             project = Project.objects.create(name=name, description=description, **Project.default_quota())
     except IntegrityError as exc:  # the same name, created concurrently
-        raise InvalidInput(_name_taken(name), fields={"name": [_name_taken(name)]}) from exc
+        raise _name_taken(name) from exc
     Membership.objects.create(project=project, user_id=creator.pk, role=Role.ADMIN)
     memberships_changed([creator.pk])
     return project
@@ -128,9 +131,7 @@ def project_update(*, project: Project, name: str | None = None, description: st
             with transaction.atomic():
                 project.save(update_fields=updated)
         except IntegrityError as exc:
-            raise InvalidInput(
-                _name_taken(project.name), fields={"name": [_name_taken(project.name)]}
-            ) from exc
+            raise _name_taken(project.name) from exc
     if "name" in updated:
         _vm_bodies_changed()
     return project
@@ -147,7 +148,7 @@ def project_delete(*, project: Project) -> None:
     """
     if project.personal_of_id is not None:
         raise Conflict("A personal project cannot be deleted.")
-    project = Project.objects.select_for_update().filter(pk=project.pk).first() or project
+    project = _lock(project, no_key=False)
     live = project.vms.exclude(state=VMState.DELETED).count()
     if live:
         raise Conflict(f"The project still has {live} VM(s) that are not deleted; delete them first.")
@@ -157,9 +158,10 @@ def project_delete(*, project: Project) -> None:
     try:
         with transaction.atomic():
             project.delete()
-    except ProtectedError as exc:  # a row that refers to it appeared anyway
+    except ProtectedError as exc:  # rows of another kind that protect it (PROTECT foreign keys)
         raise Conflict("The project still owns VMs or batches; delete them first.") from exc
     memberships_changed(members)
+    _vm_bodies_changed()
 
 
 def _admins_left(project: Project, *, without: Membership) -> int:

@@ -98,7 +98,11 @@ def test_a_project_with_vms_is_not_deleted_until_they_are(
         vm_state_before="stopped",
     )
     VM.objects.filter(project_id=team.project_id).update(state="deleted")  # as the nodes report it
+    records = "/api/v1/vms/?state=deleted"
+    staff = team.clients["staff"]
+    assert len(staff.get(records).json()["results"]) == 2  # and cached
     assert team.clients["admin"].delete(team.url()).status_code == 204
+    assert staff.get(records).json()["results"] == []  # not the cached records
     assert not Project.objects.filter(pk=team.project_id).exists()
     assert not VM.objects.filter(pk=vm_id).exists() and not Migration.objects.exists()
     assert not BatchOperation.objects.filter(pk=batch.json()["batch"]["id"]).exists()
