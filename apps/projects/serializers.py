@@ -1,9 +1,9 @@
 """The projects API's representations and inputs (strict: an unknown key is a 400)."""
 
-from typing import Any
+from typing import Any, Final
 
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema_field
+from drf_spectacular.utils import OpenApiResponse, extend_schema_field
 from rest_framework import serializers
 
 from apps.core.serializers import StrictInputMixin
@@ -88,3 +88,36 @@ class ProjectQuotaLimitsSerializer(StrictInputMixin, serializers.Serializer[Any]
 class ProjectQuotaSerializer(serializers.Serializer[Any]):
     limits = ProjectQuotaLimitsSerializer()
     usage = UsageSerializer(help_text="What the project's VMs that are not deleted use.")
+
+
+class ErrorDetailSerializer(serializers.Serializer[Any]):
+    code = serializers.CharField(help_text="Machine-readable: invalid, not_found, conflict...")
+    message = serializers.CharField(help_text="What went wrong, for a person.")
+    fields = serializers.DictField(  # type: ignore[assignment]  # DRF takes declared fields off the class
+        child=serializers.ListField(child=serializers.CharField()),
+        required=False,
+        help_text="Bad input: the messages of each field.",
+    )
+
+
+class ErrorSerializer(serializers.Serializer[Any]):
+    """Every error of the API (``apps.core.errors``)."""
+
+    error = ErrorDetailSerializer()
+
+
+_ERROR_WHEN: Final = {
+    400: "Bad input; `fields` names each field.",
+    401: "No or bad credentials.",
+    403: "The caller's role does not allow this.",
+    404: "No such project (or member), or one the caller is not a member of.",
+    409: "The project's state does not allow it (its last admin, a personal project, VMs left...).",
+}
+
+
+def errors(*statuses: int) -> dict[int, OpenApiResponse]:
+    """The schema's error answers of an operation, by status (401 always)."""
+    return {
+        status: OpenApiResponse(ErrorSerializer, description=_ERROR_WHEN[status])
+        for status in sorted({401, *statuses})
+    }

@@ -39,6 +39,7 @@ from .serializers import (
     ProjectQuotaSerializer,
     ProjectSerializer,
     ProjectUpdateSerializer,
+    errors,
 )
 
 STAFF_ONLY = None  # the role "needed" by what only staff may do
@@ -84,7 +85,15 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         }
         return classes.get(self.action, ProjectSerializer)
 
-    @extend_schema(request=ProjectCreateSerializer, responses={201: ProjectSerializer})
+    @extend_schema(responses={200: ProjectSerializer(many=True), **errors()})
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(responses={200: ProjectSerializer, **errors(404)})
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().retrieve(request, *args, **kwargs)
+
+    @extend_schema(request=ProjectCreateSerializer, responses={201: ProjectSerializer, **errors(400)})
     def create(self, request: Request) -> Response:
         """A team project with the default quota; the caller becomes its admin."""
         serializer = ProjectCreateSerializer(data=request.data)
@@ -92,7 +101,9 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         project = services.project_create(creator=request_user(request), **serializer.validated_data)
         return Response(_shown(request, project), status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=ProjectUpdateSerializer, responses={200: ProjectSerializer})
+    @extend_schema(
+        request=ProjectUpdateSerializer, responses={200: ProjectSerializer, **errors(400, 403, 404)}
+    )
     def partial_update(self, request: Request, pk: str) -> Response:
         """Change the description, or a team project's name (admin)."""
         project = self.get_object()
@@ -102,7 +113,7 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         project = services.project_update(project=project, **serializer.validated_data)
         return Response(_shown(request, project))
 
-    @extend_schema(request=None, responses={204: None})
+    @extend_schema(request=None, responses={204: None, **errors(403, 404, 409)})
     def destroy(self, request: Request, pk: str) -> Response:
         """Delete a team project without VMs (admin); 409 while it has some that are not deleted."""
         project = self.get_object()
@@ -110,11 +121,11 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         services.project_delete(project=project)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
-    @extend_schema(methods=["GET"], request=None, responses={200: ProjectQuotaSerializer})
+    @extend_schema(methods=["GET"], request=None, responses={200: ProjectQuotaSerializer, **errors(404)})
     @extend_schema(
         methods=["PUT", "PATCH"],
         request=ProjectQuotaLimitsSerializer,
-        responses={200: ProjectQuotaSerializer},
+        responses={200: ProjectQuotaSerializer, **errors(400, 403, 404)},
     )
     @action(detail=True, methods=["get", "put", "patch"])
     def quota(self, request: Request, pk: str) -> Response:
@@ -155,7 +166,14 @@ class ProjectMemberViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Member
         }
         return classes.get(self.action, MembershipSerializer)
 
-    @extend_schema(request=MembershipCreateSerializer, responses={201: MembershipSerializer})
+    @extend_schema(responses={200: MembershipSerializer(many=True), **errors(404)})
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(
+        request=MembershipCreateSerializer,
+        responses={201: MembershipSerializer, **errors(400, 403, 404, 409)},
+    )
     def create(self, request: Request, id: str) -> Response:
         """Add a user (by username or id) in a role, ``member`` unless given (admin)."""
         project = self._project()
@@ -171,7 +189,10 @@ class ProjectMemberViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Member
         )
         return Response(MembershipSerializer(membership).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=MembershipUpdateSerializer, responses={200: MembershipSerializer})
+    @extend_schema(
+        request=MembershipUpdateSerializer,
+        responses={200: MembershipSerializer, **errors(400, 403, 404, 409)},
+    )
     def partial_update(self, request: Request, id: str, user_id: str) -> Response:
         """Change a member's role (admin); the last admin is not demoted (409)."""
         project = self._project()
@@ -184,7 +205,7 @@ class ProjectMemberViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Member
         )
         return Response(MembershipSerializer(membership).data)
 
-    @extend_schema(request=None, responses={204: None})
+    @extend_schema(request=None, responses={204: None, **errors(403, 404, 409)})
     def destroy(self, request: Request, id: str, user_id: str) -> Response:
         """Remove a member (admin), or leave (any member); never the last admin (409)."""
         project = self._project()
