@@ -85,6 +85,10 @@ class ProjectAdmin(admin.ModelAdmin[Project]):
     search_fields = ("name",)
     inlines = (MembershipInline,)
 
+    def get_changelist_form(self, request: HttpRequest, **kwargs: Any) -> Any:
+        # The list's editable quotas are checked as on the change page (Django's default is a bare form).
+        return super().get_changelist_form(request, form=ProjectAdminForm, **kwargs)
+
     def get_readonly_fields(self, request: HttpRequest, obj: Project | None = None) -> tuple[str, ...]:
         personal = obj is not None and obj.personal_of_id is not None
         return ("personal_of", "created_at", *(("name",) if personal else ()))

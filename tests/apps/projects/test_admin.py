@@ -119,3 +119,23 @@ def test_a_membership_changed_in_the_admin_drops_the_members_token_memo(
     assert response.status_code == 302
     assert not store.exists(memo)
     assert team.clients["member"].get("/api/v1/vms/", HTTP_X_PROJECT=str(project.pk)).status_code == 404
+
+
+def test_quotas_edited_in_the_list_keep_their_bounds(admin_client: Any, team: Team) -> None:
+    project = Project.objects.get(pk=team.project_id)
+
+    def save(max_vms: int) -> Any:
+        form = {
+            "form-TOTAL_FORMS": 1,
+            "form-INITIAL_FORMS": 1,
+            "form-0-id": project.pk,
+            **{f"form-0-{field}": getattr(project, field) for field in QUOTA_LIMIT_MAX},
+            "form-0-max_vms": max_vms,
+            "_save": "Save",
+        }
+        return admin_client.post("/admin/projects/project/?kind=team&q=team", form)
+
+    assert save(QUOTA_LIMIT_MAX["max_vms"] + 1).status_code == 200  # the list again, with the error
+    assert Project.objects.get(pk=project.pk).max_vms == project.max_vms
+    assert save(12).status_code == 302
+    assert Project.objects.get(pk=project.pk).max_vms == 12
