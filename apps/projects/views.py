@@ -10,7 +10,7 @@ one (staff see and manage every project). A role too low answers 403.
 from typing import Any
 
 from django.db.models import QuerySet
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
@@ -61,6 +61,10 @@ def _shown(request: Request, project: Project) -> dict[str, Any]:
     return dict(ProjectSerializer(project_for(request_user(request), project.pk)).data)
 
 
+@extend_schema_view(
+    list=extend_schema(responses={200: ProjectSerializer(many=True), **errors()}),
+    retrieve=extend_schema(responses={200: ProjectSerializer, **errors(404)}),
+)
 class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Project]):
     """Projects: a user's are those they are a member of (with their role), staff see all. Any
     authenticated user creates team projects (and is their admin); a project's admin renames,
@@ -84,14 +88,6 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             "quota": ProjectQuotaLimitsSerializer,
         }
         return classes.get(self.action, ProjectSerializer)
-
-    @extend_schema(responses={200: ProjectSerializer(many=True), **errors()})
-    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        return super().list(request, *args, **kwargs)
-
-    @extend_schema(responses={200: ProjectSerializer, **errors(404)})
-    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        return super().retrieve(request, *args, **kwargs)
 
     @extend_schema(request=ProjectCreateSerializer, responses={201: ProjectSerializer, **errors(400)})
     def create(self, request: Request) -> Response:
@@ -142,6 +138,7 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         return Response(project_quota_report(project=project))
 
 
+@extend_schema_view(list=extend_schema(responses={200: MembershipSerializer(many=True), **errors(404)}))
 class ProjectMemberViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Membership]):
     """Members of a project: any member lists them; its admins (and staff) add members, change
     their roles and remove them; a member may leave. A project keeps at least one admin, and a
@@ -165,10 +162,6 @@ class ProjectMemberViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Member
             "partial_update": MembershipUpdateSerializer,
         }
         return classes.get(self.action, MembershipSerializer)
-
-    @extend_schema(responses={200: MembershipSerializer(many=True), **errors(404)})
-    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        return super().list(request, *args, **kwargs)
 
     @extend_schema(
         request=MembershipCreateSerializer,
