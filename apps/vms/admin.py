@@ -1,4 +1,5 @@
-"""Django admin for the fleet: VMs (with lifecycle actions), nodes, images, quotas and batches."""
+"""Django admin for the fleet: VMs (with lifecycle actions), nodes, images, quotas and batches; users
+with their quota and API tokens."""
 
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
@@ -6,6 +7,7 @@ from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from apps.accounts.admin import ApiTokenInline
 from apps.core.auth import request_user
 from apps.core.errors import NovaCronError
 from apps.migrations.choices import MigrationMode
@@ -180,4 +182,4 @@ admin.site.unregister(User)
 
 @admin.register(User)
 class NovaCronUserAdmin(UserAdmin):
-    inlines = (QuotaInline,)
+    inlines = (QuotaInline, ApiTokenInline)
