@@ -78,6 +78,9 @@ class TokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     def get_queryset(self) -> QuerySet[ApiToken]:
         return selectors.tokens_of(user=self.request.user)
 
+    def get_serializer_class(self) -> type[BaseSerializer[Any]]:
+        return TokenCreateSerializer if self.action == "create" else TokenSerializer  # the browsable form's
+
     @extend_schema(request=TokenCreateSerializer, responses={201: IssuedTokenSerializer})
     def create(self, request: Request) -> Response:
         serializer = TokenCreateSerializer(data=request.data)

@@ -122,3 +122,10 @@ def test_users_are_changed_by_patch_only_and_never_deleted(staff_api, user):
     assert staff_api.delete(f"/api/v1/users/{user.pk}/").status_code == 405
     bad = staff_api.patch(f"/api/v1/users/{user.pk}/", {"username": "renamed"}, format="json")
     assert bad.status_code == 400 and "username" in bad.json()["error"]["fields"]
+
+
+def test_the_browsable_api_offers_the_forms(api, staff_api):
+    tokens = api.get("/api/v1/tokens/", HTTP_ACCEPT="text/html")
+    assert tokens.status_code == 200 and 'name="read_only"' in tokens.content.decode()
+    users = staff_api.get("/api/v1/users/", HTTP_ACCEPT="text/html")
+    assert users.status_code == 200 and 'name="password"' in users.content.decode()
