@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from apps.accounts.services import token_create
 from apps.core.context import Viewer
 from apps.projects.models import Project
 from apps.projects.services import personal_project
@@ -86,11 +86,17 @@ def staff(make_user: Callable[..., Any]) -> Any:
     return make_user("operator", staff=True)
 
 
-def _client_for(user: Any) -> APIClient:
-    client = APIClient()
-    token, _ = Token.objects.get_or_create(user=user)
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
-    return client
+class TokenClient(APIClient):
+    """An API client sending a token of its own, whose secret it keeps (``token_secret``)."""
+
+    def __init__(self, token_secret: str) -> None:
+        super().__init__()
+        self.token_secret = token_secret
+        self.credentials(HTTP_AUTHORIZATION=f"Token {token_secret}")
+
+
+def _client_for(user: Any) -> TokenClient:
+    return TokenClient(token_create(user=user).secret)
 
 
 @pytest.fixture

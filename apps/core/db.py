@@ -218,15 +218,18 @@ def fetch_instances(model: type[M], statement: str, params: Sequence[Any] | Mapp
     fields). On another database than PostgreSQL the statement runs through ``raw()``."""
     if not on_postgresql():
         return list(model._default_manager.raw(statement, params))
+    return [instance_from_row(model, row) for row in fetch_prepared(statement, params)]
+
+
+def instance_from_row(model: type[M], row: Sequence[Any]) -> M:
+    """The ``model`` instance of a row of :func:`columns` of ``model`` (a slice of a row of a join)
+    as :func:`fetch_prepared` returns it, its values converted as the ORM converts them."""
     attnames, converters = _loading(model)
-    instances = []
-    for row in fetch_prepared(statement, params):
-        values = list(row)
-        for position, functions, column in converters:
-            for function in functions:
-                values[position] = function(values[position], column, connection)
-        instances.append(model.from_db(connection.alias, attnames, values))
-    return instances
+    values = list(row)
+    for position, functions, column in converters:
+        for function in functions:
+            values[position] = function(values[position], column, connection)
+    return model.from_db(connection.alias, attnames, values)
 
 
 @functools.cache

@@ -4,13 +4,13 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
+from apps.accounts.urls import API_ROUTES as ACCOUNTS_ROUTES
+from apps.accounts.urls import api_urlpatterns as accounts_urlpatterns
 from apps.migrations.views import MigrationViewSet
 from apps.monitoring.urls import API_ROUTES as MONITORING_ROUTES
 from apps.monitoring.urls import api_urlpatterns as monitoring_urlpatterns
 from apps.projects.views import ProjectMemberViewSet, ProjectViewSet
 from apps.vms.views import BatchViewSet, ImageViewSet, MeView, NodeViewSet, VMViewSet
-
-from .views import TokenView
 
 router = DefaultRouter()
 router.register("vms", VMViewSet, basename="vm")
@@ -20,12 +20,12 @@ router.register("images", ImageViewSet, basename="image")
 router.register("migrations", MigrationViewSet, basename="migration")
 router.register("projects", ProjectViewSet, basename="project")
 router.register(r"projects/(?P<id>[0-9]+)/members", ProjectMemberViewSet, basename="project-member")
-for prefix, viewset, basename in MONITORING_ROUTES:
+for prefix, viewset, basename in (*ACCOUNTS_ROUTES, *MONITORING_ROUTES):
     router.register(prefix, viewset, basename=basename)
 
 urlpatterns = [
-    path("auth/token/", TokenView.as_view(), name="token"),
-    path("users/me/", MeView.as_view(), name="me"),
+    *accounts_urlpatterns,
+    path("users/me/", MeView.as_view(), name="me"),  # before the router's users/{id}/
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     *monitoring_urlpatterns,

@@ -1,4 +1,4 @@
-"""Health probes and the token endpoint."""
+"""Health probes: the process is up; the database and Redis answer."""
 
 import logging
 
@@ -6,15 +6,6 @@ import redis
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
-from drf_spectacular.utils import extend_schema, inline_serializer
-from rest_framework import serializers
-from rest_framework.authtoken.models import Token
-from rest_framework.authtoken.serializers import AuthTokenSerializer
-from rest_framework.permissions import AllowAny
-from rest_framework.request import Request
-from rest_framework.response import Response
-from rest_framework.throttling import AnonRateThrottle
-from rest_framework.views import APIView
 
 logger = logging.getLogger(__name__)
 
@@ -45,27 +36,3 @@ def readyz(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
     )
-
-
-class TokenThrottle(AnonRateThrottle):
-    """Login attempts per client address, whoever they claim to be."""
-
-    scope = "token"
-
-
-class TokenView(APIView):
-    """Exchange a username and password for an API token."""
-
-    permission_classes = (AllowAny,)
-    authentication_classes = ()
-    throttle_classes = (TokenThrottle,)
-
-    @extend_schema(
-        request=AuthTokenSerializer,
-        responses=inline_serializer("TokenResponse", fields={"token": serializers.CharField()}),
-    )
-    def post(self, request: Request) -> Response:
-        serializer = AuthTokenSerializer(data=request.data, context={"request": request})
-        serializer.is_valid(raise_exception=True)
-        token, _ = Token.objects.get_or_create(user=serializer.validated_data["user"])
-        return Response({"token": token.key})

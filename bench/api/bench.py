@@ -157,7 +157,6 @@ class Seeded:
 def seed(args: argparse.Namespace, timings: dict[str, float]) -> Seeded:
     from django.contrib.auth import get_user_model
     from django.db import connection
-    from rest_framework.authtoken.models import Token
 
     from apps.projects.models import Membership, Project, Role
     from apps.vms.models import Image, Node
@@ -174,7 +173,7 @@ def seed(args: argparse.Namespace, timings: dict[str, float]) -> Seeded:
         ]
     )
     tenants = users[: args.users]
-    tokens = Token.objects.bulk_create([Token(key=Token.generate_key(), user=user) for user in users])
+    tokens = _issue_tokens(users)
     unlimited = {"max_vms": 10**8, "max_vcpus": 10**8, "max_memory_mb": 10**12}
     projects = Project.objects.bulk_create(
         [Project(name=f"~{user.username}", personal_of=user, **unlimited) for user in users]
@@ -279,9 +278,9 @@ def seed(args: argparse.Namespace, timings: dict[str, float]) -> Seeded:
         cursor.execute("VACUUM ANALYZE")
     timings["vacuum_analyze"] = time.perf_counter() - started
     return Seeded(
-        tokens=[token.key for token in tokens[: args.users]],
-        staff_token=tokens[-2].key,
-        writer_token=tokens[-1].key,
+        tokens=tokens[: args.users],
+        staff_token=tokens[-2],
+        writer_token=tokens[-1],
         vm_ids=sample,
         tenant_ids=[user.pk for user in tenants],
     )
@@ -828,15 +827,30 @@ def _remove_earlier_writes() -> int:
     return removed
 
 
+def _issue_tokens(users: list[Any]) -> list[str]:
+    """New API token secrets of ``users``, in their order, written by one COPY; the users' earlier
+    bench tokens are dropped (the database keeps digests only, so a kept database's cannot be reused)."""
+    from apps.accounts.models import ApiToken, new_secret
+    from apps.core.db import bulk_insert
+
+    ApiToken.objects.filter(user__in=users, name="bench").delete()
+    secrets = [new_secret() for _ in users]
+    bulk_insert(
+        [
+            ApiToken.for_secret(secret, user_id=user.pk, name="bench")
+            for secret, user in zip(secrets, users, strict=True)
+        ]
+    )
+    return secrets
+
+
 def _reseeded_from_database() -> Seeded:
-    """The tokens and VM samples of a database kept by an earlier ``--keep`` run."""
+    """New tokens and the VM samples of a database kept by an earlier ``--keep`` run."""
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
 
     from apps.vms.models import VM
 
     tenants = list(get_user_model().objects.filter(username__startswith="tenant").order_by("username"))
-    tokens = dict(Token.objects.values_list("user_id", "key"))
     samples: dict[int, list[str]] = {}
     for index, tenant in enumerate(tenants[:100]):
         samples[index] = [
@@ -845,13 +859,12 @@ def _reseeded_from_database() -> Seeded:
             .exclude(state="deleted")
             .values_list("pk", flat=True)[:200]
         ]
-    users = {
-        user.username: user.pk for user in get_user_model().objects.filter(username__startswith="bench-")
-    }
+    operators = [get_user_model().objects.get(username=name) for name in ("bench-staff", "bench-writer")]
+    tokens = _issue_tokens([*tenants, *operators])
     return Seeded(
-        tokens=[tokens[tenant.pk] for tenant in tenants],
-        staff_token=tokens[users["bench-staff"]],
-        writer_token=tokens[users["bench-writer"]],
+        tokens=tokens[: len(tenants)],
+        staff_token=tokens[-2],
+        writer_token=tokens[-1],
         vm_ids=samples,
         tenant_ids=[tenant.pk for tenant in tenants],
     )

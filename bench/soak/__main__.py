@@ -181,13 +181,13 @@ class Soak:
 
         django.setup()
         from django.contrib.auth import get_user_model
-        from rest_framework.authtoken.models import Token
 
+        from apps.accounts.services import token_create
         from apps.vms.models import Node
 
         _wait(lambda: Node.objects.filter(name__in=["soak1", "soak2"], status="up").count() == 2, 90, "nodes")
         user = get_user_model().objects.create_user(username="soaker", password="soak-pw-1234")  # noqa: S106 - a throwaway database
-        self.token = Token.objects.create(user=user).key
+        self.token = token_create(user=user, name="soak").secret
         _wait(lambda: self.call("GET", "/healthz")[0] == 200, 30, "the web server")
 
     def shutdown(self) -> None:

@@ -6,7 +6,7 @@ REST_FRAMEWORK = {
     # OPTIONS on a collection route that accepts PUT (vms/batch/) must not 500 (apps/core/metadata.py).
     "DEFAULT_METADATA_CLASS": "apps.core.metadata.CollectionSafeMetadata",
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "apps.core.authentication.FastTokenAuthentication",  # DRF's token auth without ORM overhead
+        "apps.core.authentication.FastTokenAuthentication",  # hashed API tokens, one prepared query
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

@@ -22,8 +22,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from django.conf import settings
-from rest_framework.authtoken.models import Token
 
+from apps.accounts.services import token_create
 from apps.vms.models import VM
 from tests.faults.conftest import FaultRecord
 from tests.workers.node.conftest import ROOT, _database_url, wait_for
@@ -75,7 +75,7 @@ def test_postgres_backends_terminated_under_api_load(
         VM.objects.create(owner=user, name=f"pg{i}", image=image, node=node, vcpus=1, memory_mb=64, disk_gb=1)
         for i in range(4)
     ]
-    token = Token.objects.create(user=user).key
+    token = token_create(user=user).secret
     port = _free_port()
     url = _database_url()
     env = os.environ | {

@@ -12,9 +12,9 @@ import schemathesis
 from django.core import signals
 from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
-from rest_framework.authtoken.models import Token
 from schemathesis import checks
 
+from apps.accounts.services import token_create
 from novacron.wsgi import application
 
 pytestmark = pytest.mark.django_db
@@ -23,7 +23,7 @@ schema = schemathesis.openapi.from_wsgi("/api/v1/schema/", application)
 
 ROLES = ["user", "staff"]
 # Hypothesis examples per operation and role in the fuzzing phase (schemathesis adds its examples and
-# coverage phases): every test sends at least EXAMPLES requests, a whole run (46 operations x 2 roles)
+# coverage phases): every test sends at least EXAMPLES requests, a whole run (55 operations x 2 roles)
 # at least CLAIMED_CASES.
 EXAMPLES = 11
 CLAIMED_CASES = 1000
@@ -71,7 +71,7 @@ def tokens(make_user, make_node, make_image) -> dict[str, str]:
     make_node("fuzz-node")
     make_image("fuzz-image")
     users = {"user": make_user("fuzzer"), "staff": make_user("fuzz-admin", staff=True)}
-    return {role: Token.objects.create(user=user).key for role, user in users.items()}
+    return {role: token_create(user=user).secret for role, user in users.items()}
 
 
 @pytest.mark.parametrize("role", ROLES)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from drf_spectacular.generators import SchemaGenerator
 
+from apps.accounts.services import token_create
 from apps.migrations.models import Migration
 from apps.vms.models import VM, BatchItem, BatchOperation
 
@@ -29,6 +30,7 @@ OWNED = {
     "/api/v1/migrations/{id}/cancel/": "migration",
     "/api/v1/migrations/{id}/events/": "migration",
     "/api/v1/migrations/{id}/force-complete/": "migration",
+    "/api/v1/tokens/{id}/": "token",
 }
 # Fleet-wide or operator objects: readable by all (nodes, images) or staff only; writes staff only.
 STAFF_ONLY = {
@@ -38,6 +40,14 @@ STAFF_ONLY = {
     "/api/v1/nodes/{id}/": "write",
     "/api/v1/nodes/{id}/drain/": "any",
     "/api/v1/images/{id}/": "write",
+    "/api/v1/users/{id}/": "any",
+    "/api/v1/users/{id}/password/": "any",
+}
+STAFF_LISTS = {
+    "/api/v1/alert-rules/": "any",
+    "/api/v1/api-logs/": "any",
+    "/api/v1/alerts/": "any",
+    "/api/v1/users/": "any",
 }
 # Projects themselves, their members and quota: the project in the path, roles as
 # tests/apps/projects/test_role_matrix.py checks them for every method (others: 404).
@@ -47,7 +57,6 @@ PROJECT_ADMINISTRATION = {
     "/api/v1/projects/{id}/members/{user_id}/": "membership",
     "/api/v1/projects/{id}/quota/": "project",
 }
-STAFF_LISTS = {"/api/v1/alert-rules/": "any", "/api/v1/api-logs/": "any", "/api/v1/alerts/": "any"}
 BODIES: dict[str, dict[str, Any]] = {
     "/api/v1/vms/{id}/": {"name": "hijacked"},
     "/api/v1/vms/{id}/migrate/": {"mode": "cold"},
@@ -74,7 +83,16 @@ def victim_objects(user, make_node, make_image) -> dict[str, Any]:
     migration = Migration.objects.create(
         vm=vm, source_node=source, dest_node=dest, mode="live", requested_by=user, vm_state_before="running"
     )
-    return {"vm": vm, "batch": batch, "migration": migration, "node": source, "image": image}
+    token = token_create(user=user, name="victim").token
+    return {
+        "vm": vm,
+        "batch": batch,
+        "migration": migration,
+        "node": source,
+        "image": image,
+        "token": token,
+        "user": user,
+    }
 
 
 def _schema_operations() -> list[tuple[str, str]]:
@@ -117,6 +135,7 @@ def test_another_users_objects_are_404_on_every_owned_endpoint(api, other_api, v
     vm.refresh_from_db()
     assert vm.name == "secret-vm" and vm.state == "running" and not vm.pending_action
     assert Migration.objects.get(pk=victim_objects["migration"].pk).bandwidth_limit_mbps is None
+    assert victim_objects["user"].api_tokens.filter(name="victim").exists()
 
 
 def test_batch_endpoints_refuse_another_users_vms(other_api, victim_objects):
@@ -169,12 +188,17 @@ def test_staff_only_endpoints_refuse_a_normal_user(other_api, staff, victim_obje
             url = path.replace("{id}", str(victim_objects["node"].pk))
         elif "/images/" in path:
             url = path.replace("{id}", str(victim_objects["image"].pk))
+        elif "/users/" in path:
+            url = path.replace("{id}", str(victim_objects["user"].pk))
         else:
             url = path.replace("{id}", str(objects["any"]))
         response = _call(other_api, method, url, {})
         assert response.status_code in (403, 404), (method, url, response.status_code)
     for path in ("/api/v1/nodes/", "/api/v1/images/"):
         assert other_api.post(path, {"name": "x"}, format="json").status_code == 403
+    victim = victim_objects["user"]
+    victim.refresh_from_db()
+    assert victim.is_active and victim.check_password("pw-correct-horse")
 
 
 def test_admin_and_dashboard_need_staff(client, other_user, staff):

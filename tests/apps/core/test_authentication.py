@@ -13,7 +13,7 @@ def test_a_valid_token_authenticates_in_one_query(api, user):
         response = api.get("/api/v1/users/me/")
     assert response.status_code == 200
     assert response.json()["username"] == user.username
-    assert sum("authtoken_token" in query["sql"] for query in captured.captured_queries) == 1
+    assert sum("api_tokens" in query["sql"] for query in captured.captured_queries) == 1
 
 
 def test_unknown_tokens_and_inactive_users_are_401(api, user):
@@ -30,5 +30,5 @@ def test_unknown_tokens_and_inactive_users_are_401(api, user):
 
 def test_a_deleted_token_stops_working_at_once(api, user):
     assert api.get("/api/v1/users/me/").status_code == 200
-    user.auth_token.delete()
+    user.api_tokens.all().delete()
     assert api.get("/api/v1/users/me/").status_code == 401

@@ -19,8 +19,8 @@ import pytest
 import redis
 from django.db import connection
 from prometheus_client.parser import text_string_to_metric_families
-from rest_framework.authtoken.models import Token
 
+from apps.accounts.services import token_create
 from apps.monitoring.models import APILog, Metric
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -48,7 +48,7 @@ def _until(condition, timeout: float, what: str) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_requests_become_log_rows_samples_and_prometheus_counts_across_processes(tmp_path, make_user):
     user = make_user("pipeline")
-    token = Token.objects.create(user=user).key
+    token = token_create(user=user).secret
     database = connection.settings_dict
     prefix = f"novacron-pipeline-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
+from apps.core import authentication
 from tests.apps.vms.conftest import forget
 
 ROLES = ("admin", "member", "reader", "outsider", "staff", "anonymous")
@@ -22,6 +23,14 @@ class Team:
     other_project_id: int
     users: dict[str, Any]
     clients: dict[str, APIClient]
+
+    @staticmethod
+    def settled() -> None:
+        """As ``TOKEN_MEMO_BLOCK`` seconds after the fixture's membership changes: their tombstones,
+        which keep tokens' memos from being written (and the fast path from answering), gone, and
+        this process's record of the memos it wrote (``TOKEN_MEMO_REFRESH``) expired."""
+        forget("authtoken")
+        authentication._memo_written.clear()
 
     def url(self, tail: str = "") -> str:
         return f"/api/v1/projects/{self.project_id}/{tail}"

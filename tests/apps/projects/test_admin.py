@@ -6,12 +6,12 @@ from typing import Any
 import pytest
 import redis
 from django.conf import settings
-from rest_framework.authtoken.models import Token
 
 from apps.core.authentication import token_memo_key
 from apps.projects.models import Membership, Project
 from apps.projects.services import QUOTA_LIMIT_MAX
 from tests.apps.projects.conftest import Team
+from tests.conftest import TokenClient
 
 pytestmark = pytest.mark.django_db
 
@@ -108,16 +108,19 @@ def test_a_membership_changed_in_the_admin_drops_the_members_token_memo(
     admin_client: Any, team: Team
 ) -> None:
     carol = team.users["member"]
+    team.settled()
     team.clients["member"].get("/api/v1/vms/")  # authenticates: her token's memo is stored
-    memo = token_memo_key(Token.objects.get(user=carol).key)
+    client = team.clients["member"]
+    assert isinstance(client, TokenClient)
+    memo = token_memo_key(client.token_secret)
     store = redis.Redis.from_url(settings.REDIS_URL)
-    assert store.exists(memo)
+    assert store.hget(memo, "user_id") == str(carol.pk).encode()
     project = Project.objects.get(pk=team.project_id)
     response = admin_client.post(
         f"/admin/projects/project/{project.pk}/change/", _change_form(project, roles={carol.pk: "DELETE"})
     )
     assert response.status_code == 302
-    assert not store.exists(memo)
+    assert store.hget(memo, "user_id") is None  # gone (a tombstone in its place)
     assert team.clients["member"].get("/api/v1/vms/", HTTP_X_PROJECT=str(project.pk)).status_code == 404
 
 

@@ -69,6 +69,7 @@ def test_a_removed_member_loses_access_at_once_even_to_a_cached_list(
     team: Team, node: Any, image: Any
 ) -> None:
     _create(team, "member", "web-1")
+    team.settled()
     _read_list(team, "member")  # through DRF: the token's memo (with the roles) and the entry stored
     cached, queries = _read_list(team, "member")
     assert cached.status_code == 200 and queries == 0  # answered by the fast path from Redis

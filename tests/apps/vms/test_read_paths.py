@@ -21,9 +21,9 @@ from django.test import override_settings
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from apps.accounts.services import token_create
 from apps.core import db
 from apps.projects.models import Membership, Project, Role
 from apps.projects.services import personal_project
@@ -84,7 +84,7 @@ def fleet(user: Any, other_user: Any, staff: Any, make_node: Any, image: Any) ->
 def clients(user: Any, other_user: Any, staff: Any) -> Iterator[Callable[[str, bool], APIClient]]:
     """A client of a viewer (``anonymous`` has no token), with the fast path or without it."""
     tokens = {
-        name: Token.objects.get_or_create(user=who)[0].key
+        name: token_create(user=who).secret
         for name, who in (("alice", user), ("bob", other_user), ("staff", staff))
     }
     forget("apicache", "authtoken", "throttle")

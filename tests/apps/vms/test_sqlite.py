@@ -16,16 +16,16 @@ from django.core.management import call_command
 call_command("migrate", "--no-input", "-v", "0")
 
 from django.contrib.auth import get_user_model
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from apps.accounts.services import token_create
 from apps.vms.models import VM, Image, Node
 
 Node.objects.create(name="n1", address="h", dwcp_address="h:1", vcpus=400, memory_mb=409600, disk_gb=4000)
 Image.objects.create(name="img", kind="disk", format="qcow2", path="/x.qcow2")
 user = get_user_model().objects.create_user("alice", password="pw")
 client = APIClient()
-client.credentials(HTTP_AUTHORIZATION="Token " + Token.objects.create(user=user).key)
+client.credentials(HTTP_AUTHORIZATION="Token " + token_create(user=user).secret)
 item = {"image": "img", "vcpus": 1, "memory_mb": 64, "disk_gb": 1}
 created = client.post("/api/v1/vms/", {"name": "one", **item}, format="json")
 assert created.status_code == 202, created.content
