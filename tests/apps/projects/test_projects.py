@@ -113,3 +113,11 @@ def test_a_project_with_vms_is_not_deleted_until_they_are(
 def test_ids_that_are_not_numbers_are_404(team: Team) -> None:
     for path in ("/api/v1/projects/team/", "/api/v1/projects/1x/quota/", "/api/v1/projects/x/members/"):
         assert team.clients["staff"].get(path).status_code == 404
+
+
+@pytest.mark.parametrize("tail", ["", "members/", "quota/"])
+def test_the_browsable_api_renders_the_project_pages(team: Team, tail: str) -> None:
+    for role in ("admin", "staff"):
+        page = team.clients[role].get(team.url(tail), HTTP_ACCEPT="text/html")
+        assert page.status_code == 200 and b"<form" in page.content
+    assert team.clients["admin"].get("/api/v1/projects/", HTTP_ACCEPT="text/html").status_code == 200
