@@ -74,11 +74,14 @@ class RequestContext:
     fast path's look-up counts them in Redis); DRF's throttle of such a scope does not count it again.
     ``project_id``: the project the request acts in, once resolved (None: not yet, or a staff
     caller's fleet-wide view); the audit trail records it.
+    ``request_id``: the request's id, which the monitoring middleware honours or mints and echoes
+    as ``X-Request-ID`` ("" where that middleware did not run); API logs and audit events carry it.
     (The caller a middleware knows goes into ``request.user``, Django's own place for it.)
     """
 
     counted_scopes: frozenset[str] = field(default_factory=frozenset)
     project_id: int | None = None
+    request_id: str = ""
 
 
 _ATTRIBUTE: Final = "novacron_context"

@@ -4,6 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
+from apps.audit.urls import API_ROUTES as AUDIT_ROUTES
 from apps.migrations.views import MigrationViewSet
 from apps.monitoring.urls import API_ROUTES as MONITORING_ROUTES
 from apps.monitoring.urls import api_urlpatterns as monitoring_urlpatterns
@@ -17,7 +18,7 @@ router.register("batches", BatchViewSet, basename="batch")
 router.register("nodes", NodeViewSet, basename="node")
 router.register("images", ImageViewSet, basename="image")
 router.register("migrations", MigrationViewSet, basename="migration")
-for prefix, viewset, basename in MONITORING_ROUTES:
+for prefix, viewset, basename in (*MONITORING_ROUTES, *AUDIT_ROUTES):
     router.register(prefix, viewset, basename=basename)
 
 urlpatterns = [

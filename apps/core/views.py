@@ -14,7 +14,9 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
-from rest_framework.views import APIView
+
+from apps.audit.choices import AuditAction
+from apps.audit.recording import AuditedView
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,11 @@ class TokenThrottle(AnonRateThrottle):
     scope = "token"
 
 
-class TokenView(APIView):
+class TokenView(AuditedView):
     """Exchange a username and password for an API token."""
+
+    audit_actions = {"post": AuditAction.TOKEN_CREATE}
+    audit_fields = ("username",)  # never the password; the token is only in the answer
 
     permission_classes = (AllowAny,)
     authentication_classes = ()

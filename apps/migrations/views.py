@@ -17,6 +17,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from apps.audit.choices import AuditAction
+from apps.audit.recording import AuditedView
 from apps.core.auth import request_user
 from apps.vms.models import Node
 from workers import contract
@@ -48,6 +50,7 @@ class EventStreamRenderer(renderers.BaseRenderer):
 
 
 class MigrationViewSet(
+    AuditedView,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     mixins.UpdateModelMixin,
@@ -57,6 +60,12 @@ class MigrationViewSet(
 
     filterset_fields = ("status", "mode", "vm")
     http_method_names = ("get", "patch", "post", "head", "options")
+    audit_actions = {
+        "partial_update": AuditAction.MIGRATION_UPDATE,
+        "cancel": AuditAction.MIGRATION_CANCEL,
+        "force_complete": AuditAction.MIGRATION_FORCE_COMPLETE,
+    }
+    audit_fields = ("bandwidth_limit_mbps",)
 
     def get_queryset(self) -> QuerySet[Migration]:
         queryset = migration_visible(user=self.request.user)
@@ -146,8 +155,10 @@ def _stream(migration_id: Any) -> Iterator[str]:
         close_old_connections()
 
 
-class NodeDrainView(generics.GenericAPIView[Node]):
+class NodeDrainView(AuditedView, generics.GenericAPIView[Node]):
     """Move every VM off this node within the migration limits; it goes to maintenance once empty."""
+
+    audit_actions = {"post": AuditAction.NODE_DRAIN}
 
     permission_classes = (permissions.IsAdminUser,)
     queryset = Node.objects.all()
