@@ -24,7 +24,7 @@ class QuotaLikeView(AuditedView):
     audit_project_kwarg = "project_pk"
 
     def put(self, request: Request, project_pk: str) -> Response:
-        return Response({"max_vms": request.data["max_vms"]})
+        return Response({"max_vms": request.data.get("max_vms")})
 
     def post(self, request: Request) -> Response:
         project = Project.objects.create(name="made", **Project.default_quota())
