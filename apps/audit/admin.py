@@ -12,13 +12,15 @@ from .models import AuditEvent
 
 
 class ProjectListFilter(admin.SimpleListFilter):
-    """By project id, offering today's projects (a DISTINCT over the events would scan the table)."""
+    """By project id, offering today's team projects: a DISTINCT over the events would scan the
+    table, and personal projects are one per user (too many to list; ``?project=<id>`` takes any)."""
 
     title = "project"
     parameter_name = "project"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [(str(pk), name) for pk, name in Project.objects.order_by("name").values_list("pk", "name")]
+        teams = Project.objects.filter(personal_of__isnull=True).order_by("name")
+        return [(str(pk), name) for pk, name in teams.values_list("pk", "name")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[AuditEvent]) -> QuerySet[AuditEvent]:
         value = self.value()
