@@ -17,8 +17,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 from rest_framework.throttling import AnonRateThrottle
-from rest_framework.views import APIView
 
+from apps.audit.choices import AuditAction
+from apps.audit.recording import AuditedView
 from apps.core.auth import request_user
 from apps.core.pagination import CreatedCursorPagination
 
@@ -47,8 +48,11 @@ class TokenThrottle(AnonRateThrottle):
     scope = "token"
 
 
-class TokenView(APIView):
+class TokenView(AuditedView):
     """Exchange a username and password for a new API token (its secret shown this once)."""
+
+    audit_actions = {"post": AuditAction.TOKEN_CREATE}
+    audit_fields = ("username", "name", "read_only")  # never the password; the secret is only answered
 
     permission_classes = (AllowAny,)
     authentication_classes = ()
@@ -68,8 +72,13 @@ class TokenView(APIView):
         return _issued(issued, status.HTTP_200_OK)
 
 
-class TokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[ApiToken]):
+class TokenViewSet(
+    AuditedView, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[ApiToken]
+):
     """The caller's API tokens: list, make (the secret shown once), read, revoke (DELETE)."""
+
+    audit_actions = {"create": AuditAction.TOKEN_CREATE, "destroy": AuditAction.TOKEN_REVOKE}
+    audit_fields = ("name", "read_only")
 
     serializer_class = TokenSerializer
     pagination_class = CreatedCursorPagination
@@ -102,9 +111,18 @@ class UserPagination(CreatedCursorPagination):
     ordering = ("username",)
 
 
-class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[User]):
+class UserViewSet(
+    AuditedView, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[User]
+):
     """Users, for staff: list, create, read, change (``is_active``, ``is_staff``, ``email``) and
     reset a password. Users are deactivated, not deleted (their VMs and history stay theirs)."""
+
+    audit_actions = {
+        "create": AuditAction.USER_CREATE,
+        "partial_update": AuditAction.USER_UPDATE,
+        "password": AuditAction.USER_PASSWORD,
+    }
+    audit_fields = ("username", "is_staff", "is_active", "revoke_tokens")  # never a password
 
     serializer_class = UserSerializer
     permission_classes = (IsStaff,)

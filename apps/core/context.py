@@ -104,12 +104,15 @@ class RequestContext:
     from the token's memo); :attr:`project_id` is its project, which the audit trail records.
     ``caller``: the caller and their projects, as authentication read them with the token (None:
     not read yet; :func:`apps.projects.acting.caller` reads them once otherwise).
+    ``request_id``: the request's id, which the monitoring middleware honours or mints and echoes
+    as ``X-Request-ID`` ("" where that middleware did not run); API logs and audit events carry it.
     (The caller a middleware knows goes into ``request.user``, Django's own place for it.)
     """
 
     counted_scopes: frozenset[str] = field(default_factory=frozenset)
     acting: Acting | None = None
     caller: Caller | None = None
+    request_id: str = ""
 
     @property
     def project_id(self) -> int | None:

@@ -1,6 +1,6 @@
 """Database helpers shared by the apps: inserts by COPY or one prepared statement, fixed statements
-prepared on the server (rows or model instances), look-ups by one column, and an index operation for
-migrations.
+prepared on the server (rows or model instances), look-ups by one column, deletes of old rows in batches
+(retention), and an index operation for migrations.
 
 Every difference between PostgreSQL and another database (the SQLite file ``make run`` uses without
 ``DATABASE_URL``) is decided here, by :func:`on_postgresql`: a module with SQL of PostgreSQL's
@@ -13,6 +13,7 @@ import enum
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Final, ParamSpec, TypeVar
 
 import psycopg
@@ -247,6 +248,28 @@ def get_by(model: type[M], field_name: str, value: Any) -> M | None:
     where the ORM's ``filter(...).first()`` compiles the same query on every call."""
     found = fetch_instances(model, _select_by(model, field_name), [value])
     return found[0] if found else None
+
+
+def delete_before(
+    model: type[models.Model], *, field_name: str, cutoff: datetime, batch: int, deadline: float
+) -> int:
+    """Delete the rows of ``model`` whose ``field_name`` is before ``cutoff``, ``batch`` rows per
+    statement (short statements: no long row locks), until none is left or ``time.monotonic()``
+    passes ``deadline``; the number deleted. A retention task calls it again on its next run."""
+    deleted = 0
+    while time.monotonic() < deadline:
+        ids = list(
+            model._default_manager.filter(**{f"{field_name}__lt": cutoff}).values_list("pk", flat=True)[
+                :batch
+            ]
+        )
+        if not ids:
+            break
+        count, _ = model._default_manager.filter(pk__in=ids).delete()
+        deleted += count
+        if len(ids) < batch:
+            break
+    return deleted
 
 
 class AddIndexConcurrentlyWherePossible(AddIndex):

@@ -6,6 +6,7 @@ from rest_framework.routers import DefaultRouter
 
 from apps.accounts.urls import API_ROUTES as ACCOUNTS_ROUTES
 from apps.accounts.urls import api_urlpatterns as accounts_urlpatterns
+from apps.audit.urls import API_ROUTES as AUDIT_ROUTES
 from apps.migrations.views import MigrationViewSet
 from apps.monitoring.urls import API_ROUTES as MONITORING_ROUTES
 from apps.monitoring.urls import api_urlpatterns as monitoring_urlpatterns
@@ -20,7 +21,7 @@ router.register("images", ImageViewSet, basename="image")
 router.register("migrations", MigrationViewSet, basename="migration")
 router.register("projects", ProjectViewSet, basename="project")
 router.register(r"projects/(?P<id>[0-9]+)/members", ProjectMemberViewSet, basename="project-member")
-for prefix, viewset, basename in (*ACCOUNTS_ROUTES, *MONITORING_ROUTES):
+for prefix, viewset, basename in (*ACCOUNTS_ROUTES, *MONITORING_ROUTES, *AUDIT_ROUTES):
     router.register(prefix, viewset, basename=basename)
 
 urlpatterns = [

@@ -3,6 +3,7 @@ and a node's drain (``POST /api/v1/nodes/{id}/drain/``: its VMs migrated away)."
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from apps.audit.choices import AuditAction
+from apps.audit.recording import AuditedView
 from apps.core.auth import request_user
 from apps.projects.acting import viewer as acting_viewer
 from apps.projects.permissions import ProjectRole
@@ -49,7 +52,16 @@ class EventStreamRenderer(renderers.BaseRenderer):
         return json.dumps(data).encode()
 
 
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(str(text))
+    except ValueError:
+        return False
+    return True
+
+
 class MigrationViewSet(
+    AuditedView,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     mixins.UpdateModelMixin,
@@ -61,6 +73,20 @@ class MigrationViewSet(
     filterset_fields = ("status", "mode", "vm")
     http_method_names = ("get", "patch", "post", "head", "options")
     permission_classes = (permissions.IsAuthenticated, ProjectRole)
+    audit_actions = {
+        "partial_update": AuditAction.MIGRATION_UPDATE,
+        "cancel": AuditAction.MIGRATION_CANCEL,
+        "force_complete": AuditAction.MIGRATION_FORCE_COMPLETE,
+    }
+    audit_fields = ("bandwidth_limit_mbps",)
+
+    def audit_project_id(self, request: Request, response: Response | None) -> int | None:
+        """The project acted in; for staff acting on the whole fleet, the migrating VM's."""
+        found = super().audit_project_id(request, response)
+        if found is not None or not request.user.is_staff or "pk" not in self.kwargs:
+            return found
+        migration = Migration.objects.filter(pk=self.kwargs["pk"]) if _is_uuid(self.kwargs["pk"]) else None
+        return None if migration is None else migration.values_list("vm__project_id", flat=True).first()
 
     def get_queryset(self) -> QuerySet[Migration]:
         queryset = migration_visible(viewer=acting_viewer(self.request))
@@ -150,8 +176,10 @@ def _stream(migration_id: Any) -> Iterator[str]:
         close_old_connections()
 
 
-class NodeDrainView(generics.GenericAPIView[Node]):
+class NodeDrainView(AuditedView, generics.GenericAPIView[Node]):
     """Move every VM off this node within the migration limits; it goes to maintenance once empty."""
+
+    audit_actions = {"post": AuditAction.NODE_DRAIN}
 
     permission_classes = (permissions.IsAdminUser,)
     queryset = Node.objects.all()

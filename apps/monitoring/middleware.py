@@ -32,6 +32,8 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import Resolver404, resolve
 
+from apps.core.context import request_context
+
 from . import instruments
 from .conf import monitoring_setting
 from .keys import API_LOG_DROPPED, API_LOG_LIST, LATENCY_BUCKETS_MS, REQUEST_STATS, key
@@ -129,7 +131,7 @@ class RequestMonitorMiddleware:
         # From META: ``request.headers`` would build a mapping of every header on every request.
         incoming = request.META.get(_REQUEST_ID_META, "")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        request.request_id = request_id  # type: ignore[attr-defined]
+        request_context(request).request_id = request_id
         stats = instruments.RequestStats()
         token = instruments.current_request.set(stats)
         started_at = time.time()
@@ -177,7 +179,7 @@ class RequestMonitorMiddleware:
                 "status": status,
                 "ms": round(duration_ms, 3),
                 "bytes": size,
-                "rid": request.request_id,  # type: ignore[attr-defined]
+                "rid": request_context(request).request_id,
             }
         )
         increments = (

@@ -11,6 +11,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.audit.choices import AuditAction
+from apps.audit.recording import AuditedView, model_writes
 from apps.core.auth import request_user
 from apps.core.errors import NotFound
 from apps.core.pagination import TimestampCursorPagination
@@ -108,8 +110,11 @@ class MetricSeriesView(APIView):
         )
 
 
-class AlertRuleViewSet(viewsets.ModelViewSet[AlertRule]):
+class AlertRuleViewSet(AuditedView, viewsets.ModelViewSet[AlertRule]):
     """Alert rules (staff only); the default ones are loaded by a data migration."""
+
+    audit_actions = model_writes("alert_rule")
+    audit_fields = AlertRuleSerializer.Meta.fields
 
     serializer_class = AlertRuleSerializer
     permission_classes = (permissions.IsAdminUser,)
@@ -118,8 +123,12 @@ class AlertRuleViewSet(viewsets.ModelViewSet[AlertRule]):
     filterset_fields = ("enabled", "severity", "scope", "metric")
 
 
-class AlertViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Alert]):
+class AlertViewSet(
+    AuditedView, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Alert]
+):
     """Alerts, newest first (staff only): ``?status=firing&severity=critical``."""
+
+    audit_actions = {"acknowledge": AuditAction.ALERT_ACKNOWLEDGE}
 
     serializer_class = AlertSerializer
     permission_classes = (permissions.IsAdminUser,)

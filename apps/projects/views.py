@@ -4,7 +4,8 @@ the action needs, call one service, serialize.
 The project is the one in the path (``X-Project`` plays no part here). Any role reads a project,
 its members and its quota; ``admin`` changes the project and its members; only staff write quotas;
 a member may leave on their own. A project the caller is not a member of answers 404 as an unknown
-one (staff see and manage every project). A role too low answers 403.
+one (staff see and manage every project). A role too low answers 403. Every write, allowed or
+refused, is in the audit trail (``apps.audit``), in the project of the path.
 """
 
 from typing import Any
@@ -17,6 +18,8 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from apps.audit.choices import AuditAction
+from apps.audit.recording import AuditedView, answer_of
 from apps.core.auth import request_user
 from apps.core.errors import InvalidInput
 
@@ -41,6 +44,7 @@ from .serializers import (
     ProjectUpdateSerializer,
     errors,
 )
+from .services import QUOTA_LIMIT_MAX
 
 STAFF_ONLY = None  # the role "needed" by what only staff may do
 
@@ -65,7 +69,9 @@ def _shown(request: Request, project: Project) -> dict[str, Any]:
     list=extend_schema(responses={200: ProjectSerializer(many=True), **errors()}),
     retrieve=extend_schema(responses={200: ProjectSerializer, **errors(404)}),
 )
-class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Project]):
+class ProjectViewSet(
+    AuditedView, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Project]
+):
     """Projects: a user's are those they are a member of (with their role), staff see all. Any
     authenticated user creates team projects (and is their admin); a project's admin renames,
     describes or deletes it; staff set its quota."""
@@ -74,6 +80,14 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     queryset = Project.objects.none()  # the schema's model; requests read get_queryset's
     permission_classes = (permissions.IsAuthenticated,)
     lookup_value_regex = "[0-9]+"
+    audit_actions = {
+        "create": AuditAction.PROJECT_CREATE,
+        "partial_update": AuditAction.PROJECT_UPDATE,
+        "destroy": AuditAction.PROJECT_DELETE,
+        "quota": {"put": AuditAction.QUOTA_UPDATE, "patch": AuditAction.QUOTA_UPDATE},
+    }
+    audit_fields = ("name", *QUOTA_LIMIT_MAX)
+    audit_project_kwarg = "pk"  # a create's: the project it made
 
     def get_queryset(self) -> QuerySet[Project]:
         return project_visible_to(request_user(self.request))
@@ -139,7 +153,7 @@ class ProjectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
 
 
 @extend_schema_view(list=extend_schema(responses={200: MembershipSerializer(many=True), **errors(404)}))
-class ProjectMemberViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Membership]):
+class ProjectMemberViewSet(AuditedView, mixins.ListModelMixin, viewsets.GenericViewSet[Membership]):
     """Members of a project: any member lists them; its admins (and staff) add members, change
     their roles and remove them; a member may leave. A project keeps at least one admin, and a
     personal project its owner."""
@@ -149,6 +163,18 @@ class ProjectMemberViewSet(mixins.ListModelMixin, viewsets.GenericViewSet[Member
     permission_classes = (permissions.IsAuthenticated,)
     lookup_field = "user_id"
     lookup_value_regex = "[0-9]+"
+    audit_actions = {
+        "create": AuditAction.MEMBER_ADD,
+        "partial_update": AuditAction.MEMBER_UPDATE,
+        "destroy": AuditAction.MEMBER_REMOVE,
+    }
+    audit_fields = ("user", "role")
+    audit_project_kwarg = "id"
+
+    def audit_target_id(self, request: Request, response: Response | None, action: AuditAction) -> str:
+        """The member's user id: the path's, or an added member's from the answer."""
+        named = super().audit_target_id(request, response, action)
+        return named or str(answer_of(response).get("user_id", ""))
 
     def _project(self) -> Project:
         return project_for(request_user(self.request), self.kwargs["id"])

@@ -24,6 +24,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from apps.audit.choices import AuditAction
+from apps.audit.recording import AuditedView, answer_of, kept_ids, model_writes, sent_fields
 from apps.core.auth import request_user
 from apps.core.conf import novacron_setting
 from apps.core.context import Viewer
@@ -140,6 +142,7 @@ def vm_read_response(meta: dict[str, Any], body: bytes, *, detail: bool) -> Http
 
 
 class VMViewSet(
+    AuditedView,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
     viewsets.GenericViewSet[VM],
@@ -147,6 +150,32 @@ class VMViewSet(
     """VMs of the project the request acts in (``X-Project`` header or ``project`` parameter, an id
     or a name; else the caller's personal project); staff naming no project see every VM. Any role
     reads, ``member`` and ``admin`` act."""
+
+    audit_actions = {
+        "create": AuditAction.VM_CREATE,
+        "partial_update": AuditAction.VM_UPDATE,
+        "destroy": AuditAction.VM_DELETE,
+        "start": AuditAction.VM_START,
+        "stop": AuditAction.VM_STOP,
+        "reboot": AuditAction.VM_REBOOT,
+        "migrate": AuditAction.VM_MIGRATE,
+        "batch": {
+            "post": AuditAction.BATCH_CREATE,
+            "put": AuditAction.BATCH_UPDATE,
+            "delete": AuditAction.BATCH_DELETE,
+        },
+    }
+    audit_fields = (
+        "name",
+        "image",
+        "node",
+        "vcpus",
+        "memory_mb",
+        "disk_gb",
+        "mode",
+        "dest_node",
+        "bandwidth_limit_mbps",
+    )
 
     # The JSON list and detail are cached (.cache) and read by .reads (the ORM path for the node and
     # name filters, and on SQLite); the VM read fast path (.middleware) answers the same reads before
@@ -285,6 +314,32 @@ class VMViewSet(
             return self._batch_update(request)
         return self._batch_delete(request)
 
+    def audit_detail(self, request: Request, response: Response | None, *, target_id: str) -> dict[str, Any]:
+        """A batch's event also lists its VMs: those asked for (update, delete), else those made."""
+        detail = super().audit_detail(request, response, target_id=target_id)
+        if self.action == "batch":
+            sent = sent_fields(request)
+            asked = kept_ids(sent.get("ids")) or kept_ids(sent.get("vms"), key="id")
+            detail["vms"] = asked or kept_ids(answer_of(response).get("vms"), key="id")
+        return detail
+
+    def audit_project_id(self, request: Request, response: Response | None) -> int | None:
+        """The project acted in; for staff acting on the whole fleet, the project of the VM acted on
+        or made, or of the batch made (so that the project's admins read staff's changes too)."""
+        found = super().audit_project_id(request, response)
+        if found is not None or not request.user.is_staff:
+            return found
+        answer = answer_of(response)
+        batch = answer.get("batch")
+        if isinstance(batch, dict) and "id" in batch:
+            return BatchOperation.objects.filter(pk=batch["id"]).values_list("project_id", flat=True).first()
+        vm_id = vm_id_of(str(self.kwargs.get("pk") or answer.get("id") or ""))
+        return (
+            None
+            if vm_id is None
+            else VM.objects.filter(pk=vm_id).values_list("project_id", flat=True).first()
+        )
+
     def _batch_create(self, request: Request) -> Response:
         _check_list_size(request.data, "vms")
         serializer = VMBatchCreateSerializer(data=request.data, context=self.get_serializer_context())
@@ -344,8 +399,11 @@ class BatchViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         return BatchSummarySerializer if self.action == "list" else BatchSerializer
 
 
-class NodeViewSet(viewsets.ModelViewSet[Node]):
+class NodeViewSet(AuditedView, viewsets.ModelViewSet[Node]):
     """Hypervisor nodes: everyone reads, staff write (nodes normally register through their worker)."""
+
+    audit_actions = model_writes("node")
+    audit_fields = NodeSerializer.Meta.fields
 
     serializer_class = NodeSerializer
     permission_classes = (permissions.IsAuthenticated, IsStaffOrReadOnly)
@@ -360,8 +418,11 @@ class NodeViewSet(viewsets.ModelViewSet[Node]):
         services.node_delete(node=instance)
 
 
-class ImageViewSet(viewsets.ModelViewSet[Image]):
+class ImageViewSet(AuditedView, viewsets.ModelViewSet[Image]):
     """The image catalog: everyone reads, staff register images."""
+
+    audit_actions = model_writes("image")
+    audit_fields = ("name", "kind", "format", "path", "size_bytes", "checksum")  # not a kernel cmdline
 
     serializer_class = ImageSerializer
     permission_classes = (permissions.IsAuthenticated, IsStaffOrReadOnly)

@@ -52,6 +52,7 @@ CELERY_BEAT_SCHEDULE = {
     "control-metrics-sample": {"task": "apps.monitoring.tasks.control_metrics_sample", "schedule": 10.0},
     "alerts-evaluate": {"task": "apps.monitoring.tasks.alerts_evaluate", "schedule": 30.0},
     "metrics-prune": {"task": "apps.monitoring.tasks.metrics_prune", "schedule": 300.0},
+    "audit-prune": {"task": "apps.audit.tasks.audit_prune", "schedule": 3600.0},
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

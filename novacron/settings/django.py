@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "apps.migrations",
     "apps.monitoring",
     "apps.projects",
+    "apps.audit",
 ]
 
 MIDDLEWARE = [

@@ -59,4 +59,7 @@ NOVACRON = {
         help="HMAC-SHA256 key signing migration webhooks (X-NovaCron-Signature).",
     ),
     "ADMIN_USERNAME": "admin",
+    "AUDIT_RETENTION_DAYS": env_int(
+        "AUDIT_RETENTION_DAYS", 365, help="Days audit events are kept (deleted in batches by beat)."
+    ),
 }

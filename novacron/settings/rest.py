@@ -55,5 +55,7 @@ SPECTACULAR_SETTINGS = {
         "BatchItemStatusEnum": "apps.vms.choices.BatchItemStatus",
         "MigrationStatusEnum": "apps.migrations.choices.MigrationStatus",
         "MigrationModeEnum": "apps.migrations.choices.MigrationMode",
+        "AuditActionEnum": "apps.audit.choices.AuditAction",
+        "AuditOutcomeEnum": "apps.audit.choices.Outcome",
     },
 }

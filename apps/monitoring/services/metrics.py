@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from apps.core.db import delete_before
 from apps.migrations.choices import ACTIVE_STATUSES
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Node
@@ -165,14 +166,7 @@ def metrics_prune(
     cutoff = now - timedelta(days=days if days is not None else monitoring_setting("METRICS_RETENTION_DAYS"))
     size = batch or monitoring_setting("RETENTION_DELETE_BATCH")
     deadline = time.monotonic() + budget_seconds
-    deleted = {"metrics": 0, "api_logs": 0}
-    for table, model in (("metrics", Metric), ("api_logs", APILog)):
-        while time.monotonic() < deadline:
-            ids = list(model.objects.filter(timestamp__lt=cutoff).values_list("pk", flat=True)[:size])
-            if not ids:
-                break
-            count, _ = model.objects.filter(pk__in=ids).delete()
-            deleted[table] += count
-            if len(ids) < size:
-                break
-    return deleted
+    return {
+        table: delete_before(model, field_name="timestamp", cutoff=cutoff, batch=size, deadline=deadline)
+        for table, model in (("metrics", Metric), ("api_logs", APILog))
+    }

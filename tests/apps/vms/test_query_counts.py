@@ -20,6 +20,7 @@ from tests.conftest import set_quota, vm_payload
 pytestmark = pytest.mark.django_db
 
 AUTH = 1  # the token (and its user) of the request
+AUDIT = 1  # the audit event of a write (apps/audit: one INSERT)
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +106,7 @@ def test_single_vm_writes(api, roomy, django_assert_max_num_queries):
     with django_assert_max_num_queries(15):
         vm = api.post("/api/v1/vms/", vm_payload(), format="json").json()
     # The rename is one statement (in the test's transaction, inside a savepoint: two more).
-    with django_assert_max_num_queries(AUTH + 3):
+    with django_assert_max_num_queries(AUTH + 3 + AUDIT):
         api.patch(f"/api/v1/vms/{vm['id']}/", {"name": "renamed"}, format="json")
     with django_assert_max_num_queries(12):  # a resize goes through the locked read and the checks
         api.patch(f"/api/v1/vms/{vm['id']}/", {"vcpus": 2}, format="json")
