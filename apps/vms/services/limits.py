@@ -11,7 +11,7 @@ from typing import Any
 from django.db import connection
 
 from apps.core.db import columns, fetch_instances, fetch_prepared, postgresql_or
-from apps.core.errors import InvalidInput, QuotaExceeded
+from apps.core.errors import InvalidInput, NotFound, QuotaExceeded
 from apps.projects.models import Project
 from apps.vms.choices import VMState
 from apps.vms.models import VM
@@ -51,9 +51,16 @@ def project_state(project_id: int, names: Sequence[str]) -> tuple[Limits, Usage,
     return Limits(max_vms, max_vcpus, max_memory_mb), Usage(vms, vcpus, memory_mb), set(taken_names)
 
 
+def _gone(project_id: int) -> NotFound:
+    return NotFound(f"Project {project_id} no longer exists.")
+
+
 def _lock_project_by_orm(project_id: int) -> Project:
     # The ORM leaves the lock out where there is none (SQLite).
-    return Project.objects.select_for_update(no_key=True).get(pk=project_id)
+    found = Project.objects.select_for_update(no_key=True).filter(pk=project_id).first()
+    if found is None:
+        raise _gone(project_id)
+    return found
 
 
 @postgresql_or(_lock_project_by_orm)
@@ -69,8 +76,10 @@ def lock_project(project_id: int) -> Project:
     table = connection.ops.quote_name(Project._meta.db_table)
     # One fixed statement (the ORM compiled it on every create), prepared.
     sql = f"SELECT {columns(Project, 'p')} FROM {table} p WHERE p.id = %s FOR NO KEY UPDATE"  # noqa: S608
-    (project,) = fetch_instances(Project, sql, [project_id])
-    return project
+    found = fetch_instances(Project, sql, [project_id])
+    if not found:
+        raise _gone(project_id)  # deleted while the request waited for its lock: 404, not a 500
+    return found[0]
 
 
 def check_quota(
