@@ -4,6 +4,8 @@ import django_filters
 from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 
+from apps.core.filters import UTCDateTimeFilter
+
 from .choices import ACTION_PREFIXES, AuditAction, Outcome
 from .models import TARGET_ID_MAX, AuditEvent
 
@@ -30,8 +32,8 @@ class AuditEventFilter(django_filters.FilterSet):
         field_name="target_id", max_length=TARGET_ID_MAX, help_text="Target id."
     )
     outcome = django_filters.ChoiceFilter(choices=Outcome.choices)
-    since = django_filters.IsoDateTimeFilter(field_name="timestamp", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="timestamp", lookup_expr="lt")
+    since = UTCDateTimeFilter(field_name="timestamp", lookup_expr="gte")
+    until = UTCDateTimeFilter(field_name="timestamp", lookup_expr="lt")
 
     class Meta:
         model = AuditEvent

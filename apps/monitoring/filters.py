@@ -3,6 +3,8 @@
 import django_filters
 from django.db.models import Q, QuerySet
 
+from apps.core.filters import UTCDateTimeFilter
+
 from .choices import AlertStatus, Severity
 from .models import Alert, APILog
 
@@ -19,8 +21,8 @@ class APILogFilter(django_filters.FilterSet):
     status_min = django_filters.NumberFilter(
         field_name="status", lookup_expr="gte", min_value=100, max_value=599
     )
-    since = django_filters.IsoDateTimeFilter(field_name="timestamp", lookup_expr="gte")
-    until = django_filters.IsoDateTimeFilter(field_name="timestamp", lookup_expr="lt")
+    since = UTCDateTimeFilter(field_name="timestamp", lookup_expr="gte")
+    until = UTCDateTimeFilter(field_name="timestamp", lookup_expr="lt")
 
     class Meta:
         model = APILog
