@@ -8,10 +8,10 @@ DWCP_SECRET = env(
 
 NOVACRON = {
     "DEFAULT_QUOTA": {
-        "max_vms": env_int("QUOTA_MAX_VMS", 100, help="Default per-user quota: VMs (not deleted)."),
-        "max_vcpus": env_int("QUOTA_MAX_VCPUS", 400, help="Default per-user quota: vCPUs."),
+        "max_vms": env_int("QUOTA_MAX_VMS", 100, help="Quota of a new project: VMs (not deleted)."),
+        "max_vcpus": env_int("QUOTA_MAX_VCPUS", 400, help="Quota of a new project: vCPUs."),
         "max_memory_mb": env_int(
-            "QUOTA_MAX_MEMORY_MB", 819200, help="Default per-user quota: memory in MiB."
+            "QUOTA_MAX_MEMORY_MB", 819200, help="Quota of a new project: memory in MiB."
         ),
     },
     "BATCH_MAX_ITEMS": 1000,
