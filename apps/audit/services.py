@@ -17,9 +17,11 @@ from django.contrib.auth import get_user_model
 from django.db import connection, models
 from django.db.models import Subquery, Value
 from django.db.models.functions import Coalesce
+from django.http import HttpRequest
 from django.utils import timezone
 
 from apps.core.conf import novacron_setting
+from apps.core.context import request_context
 from apps.core.db import columns, delete_before, fetch_instances, postgresql_or
 from apps.projects.models import Project
 
@@ -133,6 +135,28 @@ def audit_record(
     }
     (event,) = fetch_instances(AuditEvent, _insert_sql(), [values[name] for name in _COLUMNS])
     return event
+
+
+def audit_admin(
+    request: HttpRequest,
+    action: AuditAction,
+    *,
+    target_id: object,
+    project_id: int | None,
+    status: int = 200,
+    detail: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Record a change an operator made in the Django admin (``detail`` gets ``"via": "admin"``;
+    ``status`` 200, or the status the API would have answered a refusal with)."""
+    return audit_record(
+        action=action,
+        actor_id=getattr(request.user, "pk", None),
+        project_id=project_id,
+        target_id=str(target_id),
+        request_id=request_context(request).request_id,
+        status=status,
+        detail={"via": "admin", **(detail or {})},
+    )
 
 
 def audit_prune(

@@ -4,7 +4,8 @@ inline), and a read-only list of every membership.
 The admin keeps the API's invariants: a project keeps an admin, a personal project its owner as
 admin and its name, and is never deleted here; a project with VMs is not deleted (the admin's own
 check of protected rows). Every membership change drops the changed users' token memos, as the
-API's services do.
+API's services do. Project, quota and membership changes made here are in the audit trail, with
+``"via": "admin"``.
 """
 
 from typing import Any
@@ -15,6 +16,9 @@ from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
+
+from apps.audit.choices import AuditAction
+from apps.audit.services import audit_admin
 
 from .models import Membership, Project, Role
 from .services import QUOTA_LIMIT_MAX, memberships_changed
@@ -101,18 +105,50 @@ class ProjectAdmin(admin.ModelAdmin[Project]):
             return False
         return super().has_delete_permission(request, obj)
 
+    def save_model(self, request: HttpRequest, obj: Project, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        changed = set(form.changed_data)
+        if not change:
+            audit_admin(request, AuditAction.PROJECT_CREATE, target_id=obj.pk, project_id=obj.pk)
+        if change and changed & {"name", "description"}:
+            detail = {"fields": sorted(changed & {"name", "description"})}
+            audit_admin(
+                request, AuditAction.PROJECT_UPDATE, target_id=obj.pk, project_id=obj.pk, detail=detail
+            )
+        if change and changed & set(QUOTA_LIMIT_MAX):
+            values = {name: getattr(obj, name) for name in QUOTA_LIMIT_MAX}
+            audit_admin(
+                request,
+                AuditAction.QUOTA_UPDATE,
+                target_id=obj.pk,
+                project_id=obj.pk,
+                detail={"values": values},
+            )
+
     def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
         before = dict(formset.instance.memberships.values_list("user_id", "role")) if change else {}
         super().save_formset(request, form, formset, change)
         after = dict(formset.instance.memberships.values_list("user_id", "role"))
-        memberships_changed(
-            user for user in before.keys() | after.keys() if before.get(user) != after.get(user)
-        )
+        changed = [user for user in before.keys() | after.keys() if before.get(user) != after.get(user)]
+        memberships_changed(changed)
+        for user in sorted(changed):
+            action = (
+                AuditAction.MEMBER_ADD
+                if user not in before
+                else AuditAction.MEMBER_REMOVE
+                if user not in after
+                else AuditAction.MEMBER_UPDATE
+            )
+            role = {"role": after[user]} if user in after else {}
+            project = formset.instance.pk
+            audit_admin(request, action, target_id=user, project_id=project, detail={"values": role})
 
     def delete_model(self, request: HttpRequest, obj: Project) -> None:
         members = list(obj.memberships.values_list("user_id", flat=True))
+        project_id = obj.pk
         super().delete_model(request, obj)
         memberships_changed(members)
+        audit_admin(request, AuditAction.PROJECT_DELETE, target_id=project_id, project_id=project_id)
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:
         # Projects are deleted one at a time, on their page (where a personal one cannot be).

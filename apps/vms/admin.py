@@ -1,10 +1,12 @@
-"""Django admin for the fleet: VMs (with lifecycle actions), nodes, images and batches (projects,
-their members and quotas: ``apps.projects.admin``)."""
+"""Django admin for the fleet: VMs (with lifecycle actions, each VM's in the audit trail), nodes,
+images and batches (projects, their members and quotas: ``apps.projects.admin``)."""
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from apps.audit.choices import AuditAction
+from apps.audit.services import audit_admin
 from apps.core.auth import request_user
 from apps.core.errors import NovaCronError
 from apps.migrations.choices import MigrationMode
@@ -16,15 +18,27 @@ from .models import VM, BatchItem, BatchOperation, Image, Node
 
 
 def _each(
-    modeladmin: admin.ModelAdmin[VM], request: HttpRequest, queryset: QuerySet[VM], verb: str, call: object
+    modeladmin: admin.ModelAdmin[VM],
+    request: HttpRequest,
+    queryset: QuerySet[VM],
+    verb: str,
+    call: object,
+    *,
+    action: AuditAction,
 ) -> None:
+    """``call`` each VM, each call in the audit trail as ``action`` (refusals with their status)."""
     done, failed = 0, []
     for vm in queryset:
         try:
             call(vm)  # type: ignore[operator]
             done += 1
+            audit_admin(request, action, target_id=vm.pk, project_id=vm.project_id)
         except NovaCronError as exc:
             failed.append(f"{vm.name}: {exc.message}")
+            detail = {"error": exc.code}
+            audit_admin(
+                request, action, target_id=vm.pk, project_id=vm.project_id, status=exc.status, detail=detail
+            )
     if done:
         modeladmin.message_user(request, f"{verb} requested for {done} VM(s).", messages.SUCCESS)
     for line in failed:
@@ -94,6 +108,7 @@ class VMAdmin(admin.ModelAdmin[VM]):
             queryset,
             "Start",
             lambda vm: services.vm_request_action(vm=vm, action=VMAction.START),
+            action=AuditAction.VM_START,
         )
 
     @admin.action(description="Stop selected VMs")
@@ -104,6 +119,7 @@ class VMAdmin(admin.ModelAdmin[VM]):
             queryset,
             "Stop",
             lambda vm: services.vm_request_action(vm=vm, action=VMAction.STOP),
+            action=AuditAction.VM_STOP,
         )
 
     @admin.action(description="Reboot selected VMs")
@@ -114,6 +130,7 @@ class VMAdmin(admin.ModelAdmin[VM]):
             queryset,
             "Reboot",
             lambda vm: services.vm_request_action(vm=vm, action=VMAction.REBOOT),
+            action=AuditAction.VM_REBOOT,
         )
 
     @admin.action(description="Live-migrate selected VMs (scheduler picks the destination)")
@@ -124,11 +141,19 @@ class VMAdmin(admin.ModelAdmin[VM]):
             queryset,
             "Migration",
             lambda vm: migration_request(vm=vm, requested_by=request_user(request), mode=MigrationMode.LIVE),
+            action=AuditAction.VM_MIGRATE,
         )
 
     @admin.action(description="Delete selected VMs (through their nodes)")
     def delete_vms(self, request: HttpRequest, queryset: QuerySet[VM]) -> None:
-        _each(self, request, queryset, "Deletion", lambda vm: services.vm_delete(vm=vm))
+        _each(
+            self,
+            request,
+            queryset,
+            "Deletion",
+            lambda vm: services.vm_delete(vm=vm),
+            action=AuditAction.VM_DELETE,
+        )
 
 
 @admin.register(Node)

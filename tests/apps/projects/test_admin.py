@@ -7,6 +7,7 @@ import pytest
 import redis
 from django.conf import settings
 
+from apps.audit.models import AuditEvent
 from apps.core.authentication import token_memo_key
 from apps.projects.models import Membership, Project
 from apps.projects.services import QUOTA_LIMIT_MAX
@@ -85,6 +86,8 @@ def test_staff_edit_a_quota_within_its_bounds(admin_client: Any, team: Team) -> 
     assert Project.objects.get(pk=project.pk).max_vms == 9
     quota = team.clients["reader"].get(team.url("quota/")).json()
     assert quota["limits"]["max_vms"] == 9
+    (event,) = AuditEvent.objects.filter(action="quota.update", project_id=project.pk)
+    assert event.detail["via"] == "admin" and event.detail["values"]["max_vms"] == 9
 
 
 def test_the_last_admin_stays_in_the_admin_too(admin_client: Any, team: Team) -> None:
@@ -121,6 +124,8 @@ def test_a_membership_changed_in_the_admin_drops_the_members_token_memo(
     )
     assert response.status_code == 302
     assert store.hget(memo, "user_id") is None  # gone (a tombstone in its place)
+    (removed,) = AuditEvent.objects.filter(action="member.remove", project_id=project.pk)
+    assert (removed.target_id, removed.detail["via"]) == (str(carol.pk), "admin")
     assert team.clients["member"].get("/api/v1/vms/", HTTP_X_PROJECT=str(project.pk)).status_code == 404
 
 

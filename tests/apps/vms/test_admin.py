@@ -2,6 +2,7 @@
 
 import pytest
 
+from apps.audit.models import AuditEvent
 from apps.vms.models import VM
 from tests.conftest import vm_payload
 
@@ -50,3 +51,10 @@ def test_admin_actions_use_the_services(admin_client, api, node, image):
     assert VM.objects.get(pk=vm_id).pending_action == "stop"
     admin_client.post("/admin/vms/vm/", {"action": "delete_vms", "_selected_action": [vm_id]})
     assert VM.objects.get(pk=vm_id).state == "deleting"
+    trail = AuditEvent.objects.filter(target_id=vm_id, detail__via="admin").order_by("timestamp")
+    assert [(event.action, event.outcome, event.status) for event in trail] == [
+        ("vm.stop", "refused", 409),
+        ("vm.stop", "ok", 200),
+        ("vm.delete", "ok", 200),
+    ]
+    assert {event.project_id for event in trail} == {VM.objects.get(pk=vm_id).project_id}
