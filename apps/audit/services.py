@@ -40,74 +40,16 @@ def _copied_name(model: type[models.Model], pk: int | None, field_name: str) -> 
     return Coalesce(Subquery(names), Value(""))
 
 
-def _audit_record_by_orm(
-    *,
-    action: AuditAction,
-    actor_id: int | None,
-    project_id: int | None,
-    target_id: str,
-    request_id: str,
-    status: int,
-    detail: dict[str, Any],
-) -> AuditEvent:
-    return AuditEvent.objects.create(
-        actor_id=actor_id,
-        actor_name=_copied_name(get_user_model(), actor_id, "username"),
-        project_id=project_id,
-        project_name=_copied_name(Project, project_id, "name"),
-        action=action,
-        target_type=action.target_type,
-        target_id=target_id[:TARGET_ID_MAX],
-        request_id=request_id,
-        status=status,
-        outcome=Outcome.of_status(status),
-        detail=detail,
-    )
-
-
-@functools.cache
-def _insert_sql() -> str:
-    """The INSERT of one event, returning it; its parameters in :func:`audit_record`'s order."""
-    quote = connection.ops.quote_name
+def _copied() -> dict[str, tuple[str, type[models.Model], str]]:
+    """The names an event copies (subqueries of its INSERT): field -> (the id field it is copied by,
+    the model and the field of that model it is copied from)."""
     user_model = get_user_model()
-
-    def column(model: type[models.Model], name: str) -> str:
-        return quote(str(model._meta.get_field(name).column))  # type: ignore[union-attr]
-
-    names = ", ".join(column(AuditEvent, name) for name in _COLUMNS)
-    # Identifiers only, from the models' metadata, quoted; every value is a parameter.
-    actor = (
-        f"COALESCE((SELECT u.{column(user_model, 'username')} FROM {quote(user_model._meta.db_table)} u "  # noqa: S608
-        f"WHERE u.{quote(str(user_model._meta.pk.column))} = %s), '')"
-    )
-    project = (
-        f"COALESCE((SELECT p.{column(Project, 'name')} FROM {quote(Project._meta.db_table)} p "  # noqa: S608
-        f"WHERE p.{column(Project, 'id')} = %s), '')"
-    )
-    values = ", ".join(
-        actor if name == "actor_name" else project if name == "project_name" else "%s" for name in _COLUMNS
-    )
-    table = quote(AuditEvent._meta.db_table)
-    return f"INSERT INTO {table} AS a ({names}) VALUES ({values}) RETURNING {columns(AuditEvent, 'a')}"  # noqa: S608
+    return {
+        "actor_name": ("actor_id", user_model, user_model.USERNAME_FIELD),
+        "project_name": ("project_id", Project, "name"),
+    }
 
 
-_COLUMNS: Final = (
-    "timestamp",
-    "actor_id",
-    "actor_name",
-    "project_id",
-    "project_name",
-    "action",
-    "target_type",
-    "target_id",
-    "request_id",
-    "status",
-    "outcome",
-    "detail",
-)
-
-
-@postgresql_or(_audit_record_by_orm)
 def audit_record(
     *,
     action: AuditAction,
@@ -119,22 +61,66 @@ def audit_record(
     detail: dict[str, Any],
 ) -> AuditEvent:
     """Write one event; its outcome follows ``status``, its target type ``action``."""
-    values = {
-        "timestamp": timezone.now(),
-        "actor_id": actor_id,
-        "actor_name": actor_id,  # the subquery's parameter
-        "project_id": project_id,
-        "project_name": project_id,
-        "action": str(action),
-        "target_type": action.target_type,
-        "target_id": target_id[:TARGET_ID_MAX],
-        "request_id": request_id,
-        "status": status,
-        "outcome": str(Outcome.of_status(status)),
-        "detail": AuditEvent._meta.get_field("detail").get_db_prep_save(detail, connection),
-    }
-    (event,) = fetch_instances(AuditEvent, _insert_sql(), [values[name] for name in _COLUMNS])
+    return _insert(
+        {
+            "timestamp": timezone.now(),
+            "actor_id": actor_id,
+            "project_id": project_id,
+            "action": action,
+            "target_type": action.target_type,
+            "target_id": target_id[:TARGET_ID_MAX],
+            "request_id": request_id,
+            "status": status,
+            "outcome": Outcome.of_status(status),
+            "detail": detail,
+        }
+    )
+
+
+def _insert_by_orm(values: dict[str, Any]) -> AuditEvent:
+    copied = {name: _copied_name(model, values[by], field) for name, (by, model, field) in _copied().items()}
+    return AuditEvent.objects.create(**values, **copied)
+
+
+@postgresql_or(_insert_by_orm)
+def _insert(values: dict[str, Any]) -> AuditEvent:
+    """The event of ``values`` (every field but the copied names) by one prepared INSERT."""
+    copied = _copied()
+    params = [
+        values[copied[field.name][0]]
+        if field.name in copied
+        else field.get_db_prep_save(values[field.name], connection)
+        for field in _written_fields()
+    ]
+    (event,) = fetch_instances(AuditEvent, _insert_sql(), params)
     return event
+
+
+def _written_fields() -> list[Any]:
+    """The fields an INSERT writes: every concrete field but the id, in the model's order."""
+    return [field for field in AuditEvent._meta.concrete_fields if not field.primary_key]
+
+
+@functools.cache
+def _insert_sql() -> str:
+    """The INSERT of one event, returning it; one parameter per :func:`_written_fields` (the copied
+    names' subqueries take the id they copy from)."""
+    quote = connection.ops.quote_name
+
+    def name_of(model: type[models.Model], field_name: str) -> str:
+        # Identifiers only, from the model's metadata, quoted; the id is a parameter.
+        column = quote(str(model._meta.get_field(field_name).column))  # type: ignore[union-attr]
+        table, pk = quote(model._meta.db_table), quote(str(model._meta.pk.column))
+        return f"SELECT {column} FROM {table} WHERE {pk} = %s"  # noqa: S608
+
+    copied = {name: name_of(model, field) for name, (_, model, field) in _copied().items()}
+    fields = _written_fields()
+    names = ", ".join(quote(str(field.column)) for field in fields)
+    values = ", ".join(
+        f"COALESCE(({copied[field.name]}), '')" if field.name in copied else "%s" for field in fields
+    )
+    table = quote(AuditEvent._meta.db_table)
+    return f"INSERT INTO {table} AS a ({names}) VALUES ({values}) RETURNING {columns(AuditEvent, 'a')}"  # noqa: S608
 
 
 def audit_admin(
