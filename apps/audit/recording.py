@@ -57,6 +57,7 @@ from rest_framework.views import APIView
 
 from apps.core.conf import novacron_setting
 from apps.core.context import request_context
+from apps.core.ids import uuid_text
 from apps.core.retry import lost_connection
 
 from .choices import AuditAction
@@ -144,10 +145,7 @@ def _error_code(response: Response | None) -> str | None:
 def _canonical_id(value: Any) -> str:
     """A UUID in its canonical form (URLs take any case); any other id as :func:`_text` keeps it."""
     text = _text(value, TARGET_ID_MAX)
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        return text
+    return uuid_text(text) or text
 
 
 def _as_project_id(value: Any) -> int | None:

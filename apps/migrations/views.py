@@ -3,7 +3,6 @@ and a node's drain (``POST /api/v1/nodes/{id}/drain/``: its VMs migrated away)."
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from rest_framework.response import Response
 from apps.audit.choices import AuditAction
 from apps.audit.recording import AuditedView
 from apps.core.auth import request_user
+from apps.core.ids import uuid_text
 from apps.projects.acting import viewer as acting_viewer
 from apps.projects.permissions import ProjectRole
 from apps.vms.models import Node
@@ -52,14 +52,6 @@ class EventStreamRenderer(renderers.BaseRenderer):
         return json.dumps(data).encode()
 
 
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(str(text))
-    except ValueError:
-        return False
-    return True
-
-
 class MigrationViewSet(
     AuditedView,
     mixins.ListModelMixin,
@@ -85,8 +77,10 @@ class MigrationViewSet(
         found = super().audit_project_id(request, response)
         if found is not None or not request.user.is_staff or "pk" not in self.kwargs:
             return found
-        migration = Migration.objects.filter(pk=self.kwargs["pk"]) if _is_uuid(self.kwargs["pk"]) else None
-        return None if migration is None else migration.values_list("vm__project_id", flat=True).first()
+        migration_id = uuid_text(self.kwargs["pk"])
+        if migration_id is None:
+            return None
+        return Migration.objects.filter(pk=migration_id).values_list("vm__project_id", flat=True).first()
 
     def get_queryset(self) -> QuerySet[Migration]:
         queryset = migration_visible(viewer=acting_viewer(self.request))

@@ -52,6 +52,7 @@ from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from apps.core.context import MemoUser, Viewer, request_context
+from apps.core.ids import uuid_text
 from apps.core.retry import lost_connection
 from apps.core.throttling import KnownUserCounter, WindowRateThrottle
 from apps.monitoring.middleware import ROUTE_HINT, route_pattern
@@ -60,7 +61,7 @@ from apps.projects.acting import PROJECT_META, PROJECT_PARAM
 from . import cache as vm_cache
 from . import fast_lookup as fast
 from . import reads
-from .views import checks_objects, plain_json, vm_id_of, vm_read_response
+from .views import checks_objects, plain_json, vm_read_response
 
 # Remembered negotiation answers: (Accept, format) -> compact JSON or not; emptied when full.
 _NEGOTIATED_MAX: Final = 256
@@ -249,7 +250,7 @@ class VMReadFastPathMiddleware:
             match = routes.detail_path.match(path)
             if match is None:
                 return None
-            vm_id = vm_id_of(match["pk"])
+            vm_id = uuid_text(match["pk"])
             if vm_id is None:
                 return None
             route = routes.detail

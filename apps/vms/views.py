@@ -30,6 +30,7 @@ from apps.core.auth import request_user
 from apps.core.conf import novacron_setting
 from apps.core.context import Viewer
 from apps.core.errors import InvalidInput, TooManyItems
+from apps.core.ids import uuid_text
 from apps.core.permissions import IsStaffOrReadOnly
 from apps.core.renderers import ORJSONRenderer, dumps
 from apps.migrations.serializers import MigrateRequestSerializer, MigrationSerializer
@@ -106,15 +107,6 @@ def checks_objects(view: APIView) -> bool:
     then a detail is answered after ``get_object`` has checked it."""
     default = permissions.BasePermission.has_object_permission
     return any(type(permission).has_object_permission is not default for permission in view.get_permissions())
-
-
-def vm_id_of(pk: str) -> str | None:
-    """A VM id of the detail route (it matched ``VMViewSet.lookup_value_regex``) in its canonical
-    form; None when it is no UUID (404)."""
-    try:
-        return str(uuid.UUID(pk))
-    except ValueError:
-        return None
 
 
 def body_etag(body: bytes) -> str:
@@ -216,7 +208,7 @@ class VMViewSet(
         """One VM, with an ETag; ``If-None-Match`` with the current tag answers 304 without a body."""
         if not self._wants_plain_json(request):
             return super().retrieve(request, *args, **kwargs)
-        vm_id = vm_id_of(kwargs["pk"])
+        vm_id = uuid_text(kwargs["pk"])
         if vm_id is None:
             raise Http404
         if checks_objects(self):
@@ -333,7 +325,7 @@ class VMViewSet(
         batch = answer.get("batch")
         if isinstance(batch, dict) and "id" in batch:
             return BatchOperation.objects.filter(pk=batch["id"]).values_list("project_id", flat=True).first()
-        vm_id = vm_id_of(str(self.kwargs.get("pk") or answer.get("id") or ""))
+        vm_id = uuid_text(self.kwargs.get("pk") or answer.get("id"))
         return (
             None
             if vm_id is None
