@@ -9,5 +9,5 @@ def test_a_uuid_in_any_case_or_form_reads_as_its_canonical_text_and_anything_els
     value = uuid.UUID("6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5b")
     for sent in (str(value), str(value).upper(), value.hex, f"{{{value}}}", value):
         assert uuid_text(sent) == str(value)
-    for sent in ("", "-" * 36, "42", None, "6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5"):
-        assert uuid_text(sent) is None
+    for refused in ("", "-" * 36, "42", None, "6f1c2a3b-4d5e-4f60-8a9b-0c1d2e3f4a5"):
+        assert uuid_text(refused) is None
