@@ -8,21 +8,18 @@ whichever path made the change (the API's services, the admin, a shell), hence r
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from apps.core.authentication import forget_tokens
+from apps.core.db import now_and_after_commit
 
 from .models import ApiToken
 
 
 def _forget_now_and_on_commit(digests: list[str]) -> None:
-    # Now, so this request's own reads stop trusting it; after commit, so no concurrent request
-    # that read the old row re-stored it in between (the tombstone also refuses such a write).
-    forget_tokens(digests)
-    if transaction.get_connection().in_atomic_block:
-        transaction.on_commit(lambda: forget_tokens(digests))
+    # (After commit too, though the tombstone also refuses a memo re-stored in between.)
+    now_and_after_commit(lambda: forget_tokens(digests))
 
 
 @receiver(post_delete, sender=ApiToken, dispatch_uid="accounts.token_deleted")

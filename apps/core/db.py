@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any, Final, ParamSpec, TypeVar
 
 import psycopg
-from django.db import connection, models
+from django.db import connection, models, transaction
 from django.db.migrations.operations import AddIndex
 from django.utils import timezone
 from psycopg.types.datetime import TimestamptzLoader
@@ -50,6 +50,16 @@ def postgresql_or(portable: Callable[..., Any]) -> Callable[[Callable[P, R]], Ca
         return either
 
     return decorate
+
+
+def now_and_after_commit(action: Callable[[], None]) -> None:
+    """Run ``action`` now and, inside a transaction, again once it commits: for dropping what others
+    trust instead of the database (cache versions, token memos). Now, so this transaction's own later
+    reads stop trusting it; after commit, so that no concurrent request that read the old rows
+    stored them again in between."""
+    action()
+    if connection.in_atomic_block:
+        transaction.on_commit(action)
 
 
 def none_elsewhere(*args: Any, **kwargs: Any) -> None:

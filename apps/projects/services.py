@@ -13,6 +13,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError
 
 from apps.core.authentication import forget_user
+from apps.core.db import now_and_after_commit
 from apps.core.errors import Conflict, InvalidInput, NotFound
 from apps.vms.choices import VMState
 
@@ -58,9 +59,7 @@ def memberships_changed(user_ids: Iterable[int]) -> None:
         for user_id in users:
             forget_user(user_id)
 
-    forget()
-    if transaction.get_connection().in_atomic_block:
-        transaction.on_commit(forget)
+    now_and_after_commit(forget)
 
 
 def _lock(project: Project, *, no_key: bool = True) -> Project:

@@ -47,12 +47,12 @@ import redis
 import xxhash
 from django.conf import settings
 from django.core.signals import setting_changed
-from django.db import transaction
 from django.dispatch import receiver
 from django_redis import get_redis_connection
 from prometheus_client import Counter
 
 from apps.core.context import Viewer
+from apps.core.db import now_and_after_commit
 from apps.monitoring.instruments import labelled, record_cache_lookup
 
 from . import representation
@@ -371,10 +371,8 @@ def _bump(names: Sequence[str]) -> None:
 
 
 def _bump_now_and_on_commit(names: Sequence[str]) -> None:
-    names = list(dict.fromkeys(names))
-    _bump(names)
-    if transaction.get_connection().in_atomic_block:
-        transaction.on_commit(lambda: _bump(names))
+    unique = list(dict.fromkeys(names))
+    now_and_after_commit(lambda: _bump(unique))
 
 
 def vms_changed(vms: Iterable[Any]) -> None:
