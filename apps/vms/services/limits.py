@@ -1,18 +1,16 @@
-"""What a project may still create: its quota and usage, its lock, and the names its live VMs hold.
+"""What a project may still create: its quota and usage, and the names its live VMs hold.
 
-A quota-checked write takes the project's lock first (:func:`lock_project`), then reads its state
-(:func:`project_state`, one round trip on PostgreSQL) and checks (:func:`check_quota`,
-:func:`check_new_names`): concurrent writes of one project are serialized, so they cannot both pass.
+A quota-checked write takes the project's lock first (:func:`apps.projects.services.lock_project`),
+then reads its state (:func:`project_state`, one round trip on PostgreSQL) and checks
+(:func:`check_quota`, :func:`check_new_names`): concurrent writes of one project are serialized, so
+they cannot both pass.
 """
 
 from collections.abc import Sequence
 from typing import Any
 
-from django.db import connection
-
-from apps.core.db import columns, fetch_instances, fetch_prepared, postgresql_or
-from apps.core.errors import InvalidInput, NotFound, QuotaExceeded
-from apps.projects.models import Project
+from apps.core.db import fetch_prepared, postgresql_or
+from apps.core.errors import InvalidInput, QuotaExceeded
 from apps.vms.choices import VMState
 from apps.vms.models import VM
 from apps.vms.selectors import Limits, Usage, project_quota, project_usage
@@ -49,37 +47,6 @@ def project_state(project_id: int, names: Sequence[str]) -> tuple[Limits, Usage,
         _PROJECT_STATE_SQL, {"project": project_id, "names": list(set(names))}
     )
     return Limits(max_vms, max_vcpus, max_memory_mb), Usage(vms, vcpus, memory_mb), set(taken_names)
-
-
-def _gone(project_id: int) -> NotFound:
-    return NotFound(f"Project {project_id} no longer exists.")
-
-
-def _lock_project_by_orm(project_id: int) -> Project:
-    # The ORM leaves the lock out where there is none (SQLite).
-    found = Project.objects.select_for_update(no_key=True).filter(pk=project_id).first()
-    if found is None:
-        raise _gone(project_id)
-    return found
-
-
-@postgresql_or(_lock_project_by_orm)
-def lock_project(project_id: int) -> Project:
-    """Serialize a project's quota-checked writes (concurrent creates cannot both pass the check).
-
-    FOR NO KEY UPDATE, not FOR UPDATE: it still excludes a concurrent ``_lock_project``, but not the
-    KEY SHARE lock PostgreSQL takes on the project row when another transaction inserts a row
-    referencing it (a VM of a create that does not check quotas). With FOR UPDATE on the owner's
-    row, a rename waiting for a VM row locked by a migration request that itself waited for the
-    user row deadlocked (seen in the soak test).
-    """
-    table = connection.ops.quote_name(Project._meta.db_table)
-    # One fixed statement (the ORM compiled it on every create), prepared.
-    sql = f"SELECT {columns(Project, 'p')} FROM {table} p WHERE p.id = %s FOR NO KEY UPDATE"  # noqa: S608
-    found = fetch_instances(Project, sql, [project_id])
-    if not found:
-        raise _gone(project_id)  # deleted while the request waited for its lock: 404, not a 500
-    return found[0]
 
 
 def check_quota(

@@ -19,6 +19,7 @@ from apps.core.conf import novacron_setting
 from apps.core.context import Viewer
 from apps.core.db import bulk_insert, none_elsewhere, postgresql_or
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
+from apps.projects.services import lock_project
 from apps.vms import cache as vm_cache
 from apps.vms import dispatch, reads, representation, scheduler
 from apps.vms.choices import (
@@ -32,7 +33,7 @@ from apps.vms.choices import (
 )
 from apps.vms.models import VM, VM_NAME_UNIQUE, BatchItem, BatchOperation, Image, Node
 from apps.vms.selectors import visible_project
-from apps.vms.services.limits import check_new_names, check_quota, lock_project, name_taken, project_state
+from apps.vms.services.limits import check_new_names, check_quota, name_taken, project_state
 from workers import contract
 
 logger = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
-"""apps/vms/services/limits.py: a project's lock, state and checks."""
+"""apps/projects/services.py: the project row's lock."""
 
 import pytest
 from django.db import transaction
 
 from apps.core.errors import NotFound
 from apps.projects.models import Project
-from apps.vms.services.limits import lock_project
+from apps.projects.services import lock_project
 
 pytestmark = pytest.mark.django_db
 
