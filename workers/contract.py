@@ -45,6 +45,7 @@ class VmDescription(TypedDict):
     disk_gb: int
     image: ImageDescription
     extra_kernel_args: NotRequired[list[str]]  # kernel images only
+    nics: NotRequired[list["NicDescription"]]  # in guest order; absent or empty: no network device
 
 
 # Node tasks of the VM lifecycle; kwargs: VmOperationRequest.
@@ -110,6 +111,8 @@ class NodeRegistration(TypedDict):
     memory_mb: int
     disk_gb: int
     hypervisor: HypervisorFacts
+    vxlan_port: NotRequired[int]  # the UDP port of this node's VXLAN devices (default VXLAN_PORT)
+    networking: NotRequired[str]  # "" when the node can attach NICs, else why not (no CAP_NET_ADMIN, ...)
 
 
 class VmStateEntry(TypedDict):
@@ -129,6 +132,51 @@ CONTROL_NODE_VM_STATES: Final = "novacron.control.node_vm_states"
 class NodeVmStates(TypedDict):
     node: str
     vms: list[VmStateEntry]
+    complete: bool
+
+
+# --- Networks -------------------------------------------------------------------------------------
+# A network is a VXLAN overlay (``vni``) with an IPv4 subnet. On each node that hosts one of its VMs it
+# is a bridge with a VXLAN device (flooding to the overlay's peers) and one tap per local NIC. The
+# bridge holds ``gateway`` with the same address and MAC on every node (a distributed gateway: nothing
+# changes for a guest when it moves); the node's DHCP server answers only for the MACs of its own NICs.
+
+VXLAN_PORT: Final = 4789
+
+
+class NetworkDescription(TypedDict):
+    """A network as a node builds it."""
+
+    id: str  # the control plane's id, for logs and reports
+    name: str
+    vni: int  # 1 to 16777215, unique in the fleet
+    cidr: str  # IPv4 network, e.g. "10.20.0.0/24"
+    gateway: str  # an address in cidr, never given to a NIC
+    dns: list[str]  # DNS servers handed out by DHCP (may be empty)
+    mtu: int  # the guests' MTU (the underlay's minus VXLAN's 50 bytes)
+    external: bool  # guests reach the outside through NAT on the node they run on
+    physical_network: str  # "" or a name each node maps to one of its interfaces (provider networks)
+
+
+class NicDescription(TypedDict):
+    mac: str  # lower case, colon-separated
+    ipv4: str  # the NIC's address in network.cidr, handed out by the node's DHCP
+    network: NetworkDescription
+
+
+class OverlayPeer(TypedDict):
+    address: str  # the peer node's underlay address (its NODE_ADDRESS)
+    port: int  # its VXLAN UDP port
+
+
+# Node task: the other nodes hosting each network (by VNI, as text: JSON keys) that this node hosts or
+# is about to host (a migration's destination). Sent whenever that set changes, and with
+# complete=True after a node registers: the node then also drops the peers of networks not listed.
+NODE_NETWORK_PEERS: Final = "novacron.node.network_peers"
+
+
+class NetworkPeers(TypedDict):
+    peers: dict[str, list[OverlayPeer]]
     complete: bool
 
 
