@@ -17,12 +17,15 @@ from tests.workers.node.conftest import wait_for
 
 
 class PrivateRedis:
-    def __init__(self, workdir: Path) -> None:
+    """A redis-server listening on ``host`` (loopback, or e.g. the underlay address of namespaced nodes)."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1") -> None:
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((host, 0))
             self.port = int(sock.getsockname()[1])
         self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.host = host
+        self.url = f"redis://{host}:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -32,7 +35,7 @@ class PrivateRedis:
                 "--port",
                 str(self.port),
                 "--bind",
-                "127.0.0.1",
+                self.host,
                 "--save",
                 "",
                 "--appendonly",
@@ -70,7 +73,7 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 @contextlib.contextmanager
-def _producer_on(url: str) -> Iterator[None]:
+def producer_on(url: str) -> Iterator[None]:
     """Send this process's Celery tasks to ``url`` (the pools are rebuilt from ``broker_url``)."""
     previous = celery_app.conf.broker_url
 
@@ -90,5 +93,5 @@ def _producer_on(url: str) -> Iterator[None]:
 @pytest.fixture
 def cluster_redis_url(private_redis: PrivateRedis, settings) -> Iterator[str]:
     settings.REDIS_URL = private_redis.url
-    with _producer_on(private_redis.url):
+    with producer_on(private_redis.url):
         yield private_redis.url

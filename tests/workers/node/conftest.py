@@ -78,6 +78,16 @@ class Process:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+@dataclass(frozen=True)
+class NodeHost:
+    """Where a cluster's node worker runs when not beside the test: a network namespace with its own
+    underlay ``address`` (DWCP listens there; other nodes and VXLAN reach it there)."""
+
+    netns: str
+    address: str
+    extra_args: tuple[str, ...] = ()
+
+
 @dataclass
 class Cluster:
     workdir: Path
@@ -87,10 +97,13 @@ class Cluster:
     nodes: dict[str, Process] = field(default_factory=dict)
     data_dirs: dict[str, Path] = field(default_factory=dict)
 
-    def node_process(self, name: str, port: int) -> Process:
+    def node_process(self, name: str, port: int, host: NodeHost | None = None) -> Process:
         data_dir = self.short_dir / name  # unix socket paths under it must fit in 107 bytes
         self.data_dirs[name] = data_dir
+        listen = f"{host.address}:7400" if host else f"127.0.0.1:{port}"
+        prefix = ["ip", "netns", "exec", host.netns] if host else []
         command = [
+            *prefix,
             sys.executable,
             "-m",
             "workers.node",
@@ -99,11 +112,12 @@ class Cluster:
             "--data-dir",
             str(data_dir),
             "--dwcp-listen",
-            f"127.0.0.1:{port}",
+            listen,
             "--accelerator",
             "tcg",
             "--heartbeat-interval",
             "1",
+            *(host.extra_args if host else ()),
         ]
         return Process(name, command, self.env, self.workdir / f"{name}.log")
 
@@ -167,12 +181,19 @@ def cluster_extra_env() -> dict[str, str]:
 
 
 @pytest.fixture
+def cluster_hosts() -> tuple[NodeHost | None, ...]:
+    """Where the cluster's two node workers run: ``None`` beside the test (override in a test module)."""
+    return (None, None)
+
+
+@pytest.fixture
 def cluster(
     tmp_path: Path,
     transactional_db: None,
     guest_image: Image,
     cluster_redis_url: str | None,
     cluster_extra_env: dict[str, str],
+    cluster_hosts: tuple[NodeHost | None, ...],
 ) -> Iterator[Cluster]:
     suffix = f"{int(time.time() * 1000) % 1000000}"
     env = os.environ | {
@@ -219,17 +240,17 @@ def cluster(
     )
     short_dir = Path(tempfile.mkdtemp(prefix="nc-"))
     cluster = Cluster(tmp_path, short_dir, env, control)
-    for index in (1, 2):
+    for index, host in enumerate(cluster_hosts, 1):
         name = f"n{index}-{suffix}"
-        cluster.nodes[name] = cluster.node_process(name, _free_port())
+        cluster.nodes[name] = cluster.node_process(name, _free_port(), host)
     control.start()
     for process in cluster.nodes.values():
         process.start()
     try:
         wait_for(
-            lambda: Node.objects.filter(name__in=list(cluster.nodes)).count() == 2,
+            lambda: Node.objects.filter(name__in=list(cluster.nodes)).count() == len(cluster.nodes),
             60,
-            "both nodes to register",
+            "the nodes to register",
         )
         yield cluster
     except BaseException:
