@@ -1,10 +1,13 @@
 """Two "hosts" on this machine for benchmarks: network namespaces joined by a shaped veth link.
 
     host  <-veth->  ns A (node A)  <-veth, tc tbf->  ns B (node B)  <-veth->  host
+                     |
+               lan0 <-veth-> client ns (eth0)
 
 Each namespace also has a veth to the host (for Redis); the A<->B link carries all migration
-traffic and is shaped with ``tc qdisc tbf`` on both ends. Addresses are private ones that exist only
-inside these namespaces. Needs root.
+traffic, and the VMs' overlay (VXLAN), and is shaped with ``tc qdisc tbf`` on both ends. The client
+namespace plays an operator's machine on node A's provider LAN (node A bridges ``lan0`` into the
+provider network). Addresses are private ones that exist only inside these namespaces. Needs root.
 """
 
 import contextlib
@@ -23,6 +26,7 @@ def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Topology:
     ns_a: str = f"{PREFIX}a"
     ns_b: str = f"{PREFIX}b"
+    ns_client: str = f"{PREFIX}c"
     host_a: str = "10.231.0.1"  # host end of the host<->A link
     a_host: str = "10.231.0.2"
     host_b: str = "10.231.0.5"
@@ -35,7 +39,7 @@ class Topology:
 
 
 def _cleanup(topology: Topology) -> None:
-    for ns in (topology.ns_a, topology.ns_b):
+    for ns in (topology.ns_a, topology.ns_b, topology.ns_client):
         sh("ip", "netns", "del", ns, check=False)
     for link in (f"{PREFIX}ha", f"{PREFIX}hb"):
         sh("ip", "link", "del", link, check=False)
@@ -65,6 +69,13 @@ def two_hosts() -> Iterator[Topology]:
         for ns, ip in ((a, topology.a_link), (b, topology.b_link)):
             sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "eth-peer")
             sh("ip", "-n", ns, "link", "set", "eth-peer", "up")
+        # the client on A's LAN
+        client = topology.ns_client
+        sh("ip", "netns", "add", client)
+        sh("ip", "-n", client, "link", "set", "lo", "up")
+        sh("ip", "-n", a, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", client)
+        sh("ip", "-n", a, "link", "set", "lan0", "up")
+        sh("ip", "-n", client, "link", "set", "eth0", "up")
         yield topology
     finally:
         _cleanup(topology)
