@@ -183,16 +183,18 @@ class DataPlane:
         for vni, network in sorted(networks.items()):
             bridge = network.bridge(self.tag)
             devices.ensure_bridge(bridge, network, existing)
+            own = (self.settings.underlay_address, self.settings.vxlan_port)
+            network_peers = peers.get(vni, set()) - {own}
             devices.ensure_vxlan(
                 network.vxlan(self.tag),
                 network,
                 bridge=bridge,
                 local=self.settings.underlay_address,
                 port=self.settings.vxlan_port,
+                learning=all(port == self.settings.vxlan_port for _, port in network_peers),
                 existing=existing,
             )
-            own = (self.settings.underlay_address, self.settings.vxlan_port)
-            devices.set_flood_peers(network.vxlan(self.tag), peers.get(vni, set()) - {own})
+            devices.set_flood_peers(network.vxlan(self.tag), network_peers, own_port=self.settings.vxlan_port)
             if network.physical_network:
                 uplink = self.settings.physical_networks.get(network.physical_network, "")
                 if uplink not in existing:

@@ -50,7 +50,13 @@ def ensure_bridge(name: str, network: Network, existing: Links) -> None:
     run("ip", "addr", "replace", address, "dev", name)
 
 
-def ensure_vxlan(name: str, network: Network, *, bridge: str, local: str, port: int, existing: Links) -> None:
+def ensure_vxlan(
+    name: str, network: Network, *, bridge: str, local: str, port: int, learning: bool, existing: Links
+) -> None:
+    """The network's VXLAN device, a port of its bridge. ``learning``: remote MACs are learned from
+    arriving packets; else every frame not for a local port is sent to every peer (head-end
+    replication), the only correct choice when a peer listens on another port than this node's (the
+    kernel gives a learned entry the device's own destination port)."""
     link = existing.get(name)
     if link is not None:
         info = link.get("linkinfo", {}).get("info_data", {})
@@ -61,8 +67,18 @@ def ensure_vxlan(name: str, network: Network, *, bridge: str, local: str, port: 
     if link is None:
         run(
             "ip", "link", "add", name, "mtu", str(network.mtu), "type", "vxlan", "id", str(network.vni),
-            "local", local, "dstport", str(port), "learning", "ttl", "64",
+            "local", local, "dstport", str(port), "learning" if learning else "nolearning", "ttl", "64",
         )  # fmt: skip
+    elif bool(link.get("linkinfo", {}).get("info_data", {}).get("learning")) != learning:
+        run("ip", "link", "set", name, "type", "vxlan", "learning" if learning else "nolearning")
+        if not learning:  # what it learned would send to the wrong port
+            for entry in json_of("bridge", "-j", "fdb", "show", "dev", name):
+                if (
+                    entry.get("mac") != ZERO_MAC
+                    and "dst" in entry
+                    and "permanent" not in entry.get("state", "")
+                ):
+                    run("bridge", "fdb", "del", entry["mac"], "dev", name, "dst", entry["dst"], check=False)
     _no_ipv6(name)
     run("ip", "link", "set", name, "master", bridge, "mtu", str(network.mtu), "up")
 
@@ -94,10 +110,10 @@ def delete(name: str, link: dict[str, Any]) -> None:
         run("ip", "link", "del", name, check=False)
 
 
-def set_flood_peers(vxlan: str, peers: set[tuple[str, int]]) -> None:
+def set_flood_peers(vxlan: str, peers: set[tuple[str, int]], *, own_port: int) -> None:
     """Head-end replication: one all-zero fdb entry per peer node (address, VXLAN port), no others."""
     current = {
-        (entry["dst"], int(entry.get("port", 0)))
+        (entry["dst"], int(entry.get("port", own_port)))  # shown only when not the device's own
         for entry in json_of("bridge", "-j", "fdb", "show", "dev", vxlan)
         if entry.get("mac") == ZERO_MAC and "dst" in entry
     }

@@ -5,8 +5,9 @@ must be the NIC's own; DHCP from 0.0.0.0 allowed; no DHCP server packets; IPv4 a
 DHCP, ARP for a gateway and frames from a gateway MAC never cross a VXLAN device: every node answers
 those itself (the distributed gateway). A provider network's uplink never exchanges frames with the
 overlay, which would loop two nodes bridged to one LAN.
-Inet table (routed packets): guests reach the node only for DHCP and ICMP to their gateway; no
-forwarding into, out of or between networks, except NAT out of the node for ``external`` networks.
+Inet table (routed packets, and bridged ones when br_netfilter is loaded): guests reach the node
+only for DHCP and ICMP to their own gateway; no forwarding into, out of or between networks, except
+NAT out of the node for ``external`` networks.
 
 The whole ruleset is replaced in one ``nft -f`` transaction (create, delete, define), so a change is
 atomic and idempotent, and rules match this node's own device names only (other nodes' tables in the
@@ -118,7 +119,6 @@ def _bridge_table(
 
 def _inet_table(tag: str, networks: Sequence[Network]) -> str:
     bridges = f'"b{tag}*"'
-    gateway_ips = _elements([str(network.gateway) for network in networks])
     external = [f'"{network.bridge(tag)}"' for network in networks if network.external]
     outbound = ""
     nat = ""
@@ -130,20 +130,27 @@ def _inet_table(tag: str, networks: Sequence[Network]) -> str:
     iifname {{ {", ".join(external)} }} oifname != {bridges} masquerade
   }}
 """
+    # With br_netfilter (bridge-nf-call-iptables, global and on by default once loaded) frames
+    # bridged within one network pass this hook too, in and out through the same bridge.
+    own_gateway = "".join(
+        f'    iifname "{network.bridge(tag)}" ip daddr {network.gateway} icmp type echo-request accept\n'
+        for network in networks
+    )
+    bridged = "".join(
+        f'    iifname "{network.bridge(tag)}" oifname "{network.bridge(tag)}" accept\n'
+        for network in networks
+    )
     return f"""table inet {table_name(tag)} {{
-  set gateway_ips {{ type ipv4_addr; {gateway_ips} }}
-
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname {bridges} ct state established,related accept
     iifname {bridges} udp dport 67 accept
-    iifname {bridges} icmp type echo-request ip daddr @gateway_ips accept
-    iifname {bridges} drop
+{own_gateway}    iifname {bridges} drop
   }}
 
   chain forward {{
     type filter hook forward priority filter; policy accept;
-    iifname {bridges} oifname {bridges} drop
+{bridged}    iifname {bridges} oifname {bridges} drop
 {outbound}    iifname {bridges} drop
     oifname {bridges} ct state established,related accept
     oifname {bridges} drop
