@@ -70,7 +70,7 @@ def _bridge_table(
         f"""
   chain guest_{nic.tap(tag)} {{
     ether saddr != {nic.mac} drop
-    ether type != {{ ip, arp }} drop
+    ether type != {{ ip, arp, 0x8035 }} drop  # 0x8035: RARP, QEMU's announce-self
     arp saddr ether != {nic.mac} drop
     arp saddr ip != {{ {nic.ipv4}, 0.0.0.0 }} drop
     ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 return
