@@ -7,9 +7,9 @@ field, before any device exists.
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from workers import contract
 
@@ -21,6 +21,9 @@ MAX_MTU = 9000 - 50  # a jumbo-frame underlay less VXLAN's 50 bytes
 MAC_PATTERN = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # The distributed gateway's MAC: locally administered, unicast, "nc", then the VNI's three bytes.
 GATEWAY_MAC_PREFIX = "02:6e:63"
+
+
+T = TypeVar("T")
 
 
 class NetworkError(Exception):
@@ -60,12 +63,12 @@ class Network:
         vni = _field(data, "vni", int, where)
         if not 1 <= vni <= MAX_VNI:
             raise NetworkError(f"{where}: vni must be 1 to {MAX_VNI}, not {vni}")
-        try:
-            cidr = ipaddress.IPv4Network(_field(data, "cidr", str, where))
-            gateway = ipaddress.IPv4Address(_field(data, "gateway", str, where))
-            dns = tuple(ipaddress.IPv4Address(server) for server in _field(data, "dns", list, where))
-        except ValueError as exc:
-            raise NetworkError(f"{where}: {exc}") from None
+        cidr = _parsed(ipaddress.IPv4Network, _field(data, "cidr", str, where), f"{where}: cidr")
+        gateway = _parsed(ipaddress.IPv4Address, _field(data, "gateway", str, where), f"{where}: gateway")
+        dns = tuple(
+            _parsed(ipaddress.IPv4Address, server, f"{where}: dns")
+            for server in _field(data, "dns", list, where)
+        )
         if cidr.prefixlen > 30:
             raise NetworkError(f"{where}: cidr {cidr} leaves no room for a gateway and guests")
         if gateway not in cidr or gateway in (cidr.network_address, cidr.broadcast_address):
@@ -115,10 +118,7 @@ def parse_nics(vm_uuid: str, nics: Sequence[Mapping[str, Any]]) -> tuple[Nic, ..
                 f"{where}: mac must be a lower-case unicast MAC like 52:54:00:12:34:56, not {mac!r}"
             )
         network = Network.from_dict(_field(nic, "network", dict, where))
-        try:
-            ipv4 = ipaddress.IPv4Address(_field(nic, "ipv4", str, where))
-        except ValueError as exc:
-            raise NetworkError(f"{where}: {exc}") from None
+        ipv4 = _parsed(ipaddress.IPv4Address, _field(nic, "ipv4", str, where), f"{where}: ipv4")
         if ipv4 not in network.cidr or ipv4 in (
             network.gateway,
             network.cidr.network_address,
@@ -141,6 +141,13 @@ def vm_nics(vm: Mapping[str, Any]) -> list[contract.NicDescription]:
     if not isinstance(nics, list):
         raise NetworkError(f"VM {vm.get('id', '?')}: nics must be a list")
     return nics
+
+
+def _parsed(kind: Callable[[Any], T], value: object, what: str) -> T:
+    try:
+        return kind(value)
+    except ValueError as exc:
+        raise NetworkError(f"{what} {value!r} is not valid: {exc}") from None
 
 
 def _field(data: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
