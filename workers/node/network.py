@@ -39,9 +39,10 @@ class NodeNetwork:
             problem=self.problem,
         )
 
-    def attach(self, vm: Mapping[str, Any]) -> None:
-        """Wire the NICs of ``vm`` (a ``VmDescription``); raises ``NetworkError`` with the reason."""
-        self.plane.attach(str(vm["id"]), vm_nics(vm))
+    def attach(self, uuid: str, vm: Mapping[str, Any]) -> None:
+        """Wire the NICs of ``vm`` (a ``VmDescription``; ``uuid``: its canonical id, as the driver's);
+        raises ``NetworkError`` with the reason."""
+        self.plane.attach(uuid, vm_nics(vm))
 
     def detach(self, uuid: str) -> None:
         self.plane.detach(uuid)

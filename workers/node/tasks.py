@@ -76,7 +76,7 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter, network:
     def create(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
         reporter.vm(vm_id=spec.uuid, operation="create", ok=True, state="provisioning", final=False)
         try:
-            network.attach(vm)  # restores what it found on failure: nothing, for a new VM
+            network.attach(spec.uuid, vm)  # restores what it found on failure: nothing, for a new VM
             driver.create(spec)
             return driver.start(spec.uuid)
         except QemuError:
@@ -89,14 +89,14 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter, network:
             raise
 
     def start(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
-        network.attach(vm)
+        network.attach(spec.uuid, vm)
         return driver.start(spec.uuid)
 
     def stop(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
         return driver.stop(spec.uuid)
 
     def reboot(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
-        network.attach(vm)
+        network.attach(spec.uuid, vm)
         return driver.reboot(spec.uuid)
 
     def delete(spec: VmSpec, vm: contract.VmDescription) -> None:

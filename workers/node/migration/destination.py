@@ -71,7 +71,7 @@ class Destination:
                 migration_id, "dest", "prepared", "ready to receive the disk", targets={"disk": target}
             )
             return
-        self.node.network.attach(vm)
+        self.node.network.attach(spec.uuid, vm)
         self.driver.create(spec)
         self.driver.start(spec.uuid, incoming=True)
         nbd = paths.run_dir / "nbd.sock"
@@ -213,7 +213,7 @@ class Destination:
         def work() -> None:
             if not self.node.markers.names(spec.uuid, migration_id, "dest"):
                 raise QemuError("no prepared copy of this migration here")
-            self.node.network.attach(request["vm"])
+            self.node.network.attach(spec.uuid, request["vm"])
             self.driver.create(spec)  # the received disk is in place: this only records the VM
             if start:
                 self.driver.start(spec.uuid)
