@@ -49,7 +49,9 @@ def test_a_node_that_cannot_network_runs_vms_without_nics_and_refuses_those_with
 
     node.attach(VM_ID, vm([]))
     node.detach(VM_ID)
-    with pytest.raises(NetworkError, match=r"this node cannot attach NICs: the node address 'node1\.example'"):
+    with pytest.raises(
+        NetworkError, match=r"this node cannot attach NICs: the node address 'node1\.example'"
+    ):
         node.attach(
             VM_ID, vm([{"mac": "52:54:00:00:00:01", "ipv4": "172.31.9.10", "network": network(9, 9)}])
         )
