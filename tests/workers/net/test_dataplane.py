@@ -232,3 +232,19 @@ def test_bad_requests_are_refused_with_a_reason_and_leave_nothing(lab: Lab) -> N
     refused = node1.call("attach", {"vm": "6b3f4c1e-0000-4000-8000-000000000002", "nics": [bad]}, check=False)
     assert "not a guest address of 172.31.72.0/24" in refused
     assert node1.own_links() == set()
+
+
+def test_a_client_on_a_provider_network_reaches_a_guest_through_the_nodes_uplink(lab: Lab) -> None:
+    node1 = lab.nodes[0]
+    client = lab.netlab.add_client(node1.host, interface="lan0")
+    node1.physical_networks = "lan=lan0"
+    provider = network(800, 81, physical="lan")
+    guest = lab.guest(node1, nic(provider, 10))
+    guest.configure()
+    client.run("ip", "addr", "add", "172.31.81.200/24", "dev", "eth0")
+
+    assert node1.host.links()["lan0"].get("master") == names.bridge_name(node1.tag, 800)
+    assert client.run("ping", "-c", "2", "-W", "1", "-i", "0.2", guest.ipv4, check=False).returncode == 0
+
+    node1.detach(guest.vm)  # the network leaves the node: the operator's interface stays, unbridged
+    assert "master" not in node1.host.links()["lan0"]
