@@ -4,7 +4,8 @@ A :class:`NetLab` holds an underlay: a bridge in the root namespace with an addr
 private Redis can listen, see ``tests/faults/redis_server.py``) and ``N`` host namespaces, each with a
 veth into that bridge (``eth0`` inside) and its own address on the underlay's /24. A client namespace
 hangs off one host by a veth whose host end carries a chosen name (``lan0``: start the node worker
-there with ``--physical-networks lan=lan0``). Every name has a random suffix, since several test
+there with ``--physical-networks lan=lan0``), or holds a LAN bridge that several hosts join that way
+(:meth:`NetLab.add_lan`; the client's address then goes on its bridge ``lan``). Every name has a random suffix, since several test
 sessions share the machine; :meth:`NetLab.close` kills what still runs in its namespaces and removes
 them and the bridge. Needs root.
 """
@@ -101,6 +102,34 @@ class NetLab:
         )
         host.run("ip", "link", "set", interface, "up")
         client.run("ip", "link", "set", "eth0", "up")
+        self.clients.append(client)
+        return client
+
+    def add_lan(self, hosts: Sequence[Namespace], name: str = "client", interface: str = "lan0") -> Namespace:
+        """A client namespace holding a LAN (a bridge ``lan`` with the client's ``eth0`` address to
+        come) that every one of ``hosts`` joins by a veth named ``interface`` there (up, no address):
+        a provider network's LAN reaching several nodes."""
+        client = self._namespace(name)
+        client.run("ip", "link", "add", "lan", "type", "bridge")
+        client.run("ip", "link", "set", "lan", "up")
+        for index, host in enumerate(hosts):
+            port = f"port{index}"
+            ip(
+                "link",
+                "add",
+                interface,
+                "netns",
+                host.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                client.netns,
+            )
+            host.run("ip", "link", "set", interface, "up")
+            client.run("ip", "link", "set", port, "master", "lan", "up")
         self.clients.append(client)
         return client
 

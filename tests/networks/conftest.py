@@ -1,7 +1,8 @@
 """A cluster whose node workers live in their own network namespaces ("hosts" on one underlay), with a
-client namespace on node 1's provider LAN, for tests of VM networks with real guests.
+client namespace on a provider LAN that both nodes join, for tests of VM networks with real guests.
 
-Node 1 maps the physical network ``lan`` to ``lan0``, the veth to the client. The node workers reach
+Both nodes map the physical network ``lan`` to ``lan0``, their veth into the client's LAN bridge
+(the client's address goes on its bridge ``lan``). The node workers reach
 a private Redis on the underlay's root address (the control worker and the test too); DWCP and VXLAN
 cross the underlay between the namespaces.
 """
@@ -19,16 +20,14 @@ from tests.workers.node.conftest import NodeHost, cluster, guest_image, test_gue
 @pytest.fixture
 def lab() -> Iterator[NetLab]:
     with netlab(2) as lab:
-        lab.add_client(lab.hosts[0], "client", "lan0")
+        lab.add_lan(lab.hosts, "client", "lan0")
         yield lab
 
 
 @pytest.fixture
 def cluster_hosts(lab: NetLab) -> tuple[NodeHost, ...]:
-    first, second = lab.hosts
-    return (
-        NodeHost(first.netns, first.address, ("--physical-networks", "lan=lan0")),
-        NodeHost(second.netns, second.address),
+    return tuple(
+        NodeHost(host.netns, host.address, ("--physical-networks", "lan=lan0")) for host in lab.hosts
     )
 
 

@@ -133,7 +133,7 @@ def test_a_tcp_connection_from_the_lan_survives_a_live_migration(
     )
     assert response.status_code == 201, response.json()
     client = lab.clients[0]
-    client.run("ip", "addr", "add", f"{prefix}.250/24", "dev", "eth0")
+    client.run("ip", "addr", "add", f"{prefix}.250/24", "dev", "lan")
     vm = create_vm(api, "mover", guest_image, node1, ["lan"])
     address = leased(cluster, vm)
     wait_for(

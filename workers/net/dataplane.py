@@ -183,6 +183,18 @@ class DataPlane:
         for vni, network in sorted(networks.items()):
             bridge = network.bridge(self.tag)
             devices.ensure_bridge(bridge, network, existing)
+            if network.physical_network:
+                # A provider network's fabric is the LAN every node hosting its VMs is bridged to: an
+                # overlay beside it would deliver each frame twice and loop through the LAN.
+                uplink = self.settings.physical_networks.get(network.physical_network, "")
+                if uplink not in existing:
+                    raise NetworkError(
+                        f"physical network {network.physical_network!r} maps to {uplink!r}, "
+                        "which does not exist here"
+                    )
+                devices.enslave(uplink, bridge, network.mtu)
+                uplinks[vni] = uplink
+                continue
             own = (self.settings.underlay_address, self.settings.vxlan_port)
             network_peers = peers.get(vni, set()) - {own}
             devices.ensure_vxlan(
@@ -195,19 +207,10 @@ class DataPlane:
                 existing=existing,
             )
             devices.set_flood_peers(network.vxlan(self.tag), network_peers, own_port=self.settings.vxlan_port)
-            if network.physical_network:
-                uplink = self.settings.physical_networks.get(network.physical_network, "")
-                if uplink not in existing:
-                    raise NetworkError(
-                        f"physical network {network.physical_network!r} maps to {uplink!r}, "
-                        "which does not exist here"
-                    )
-                devices.enslave(uplink, bridge, network.mtu)
-                uplinks[vni] = uplink
         for nic in nics:
             devices.ensure_tap(nic, self.tag, existing)
         self._remove_unwanted(nics, networks, uplinks)
-        firewall.apply(self.tag, nics, uplinks)
+        firewall.apply(self.tag, nics)
         for vni, network in networks.items():
             local = [nic for nic in nics if nic.network.vni == vni]
             DhcpServer(self._dhcp, vni).ensure(network, network.bridge(self.tag), local)
@@ -217,7 +220,9 @@ class DataPlane:
     ) -> None:
         wanted = {nic.tap(self.tag) for nic in nics}
         for network in networks.values():
-            wanted |= {network.bridge(self.tag), network.vxlan(self.tag)}
+            wanted.add(network.bridge(self.tag))
+            if not network.physical_network:
+                wanted.add(network.vxlan(self.tag))
         for vni, server in servers(self._dhcp).items():
             if vni not in networks:
                 server.remove()

@@ -3,8 +3,8 @@
 Bridge table (frames): each tap's frames pass its own chain (source MAC, source IPv4, ARP sender
 must be the NIC's own; DHCP from 0.0.0.0 allowed; no DHCP server packets; IPv4 and ARP only), and
 DHCP, ARP for a gateway and frames from a gateway MAC never cross a VXLAN device: every node answers
-those itself (the distributed gateway). A provider network's uplink never exchanges frames with the
-overlay, which would loop two nodes bridged to one LAN.
+those itself (the distributed gateway). A provider network has no VXLAN device: the LAN its uplinks
+are bridged to joins its nodes.
 Inet table (routed packets, and bridged ones when br_netfilter is loaded): guests reach the node
 only for DHCP and ICMP to their own gateway; no forwarding into, out of or between networks, except
 NAT out of the node for ``external`` networks.
@@ -14,7 +14,7 @@ atomic and idempotent, and rules match this node's own device names only (other 
 same namespace are untouched and unaffected).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from .commands import nft
@@ -29,10 +29,10 @@ def table_name(tag: str) -> str:
     return f"novacron_{tag}"
 
 
-def apply(tag: str, nics: Sequence[Nic], uplinks: Mapping[int, str]) -> None:
-    """Replace this node's tables with the rules for ``nics`` (and ``uplinks``: vni -> interface)."""
+def apply(tag: str, nics: Sequence[Nic]) -> None:
+    """Replace this node's tables with the rules for ``nics``."""
     networks = {nic.network.vni: nic.network for nic in nics}
-    script = render(tag, nics, list(networks.values()), uplinks)
+    script = render(tag, nics, list(networks.values()))
     nft(script)
     if any(network.external for network in networks.values()):
         IP_FORWARD.write_text("1")  # never turned off again: the host may route for others too
@@ -42,11 +42,11 @@ def remove(tag: str) -> None:
     nft(_drop_tables(tag))
 
 
-def render(tag: str, nics: Sequence[Nic], networks: Sequence[Network], uplinks: Mapping[int, str]) -> str:
+def render(tag: str, nics: Sequence[Nic], networks: Sequence[Network]) -> str:
     script = _drop_tables(tag)
     if not networks:
         return script
-    return script + _bridge_table(tag, nics, networks, uplinks) + _inet_table(tag, networks)
+    return script + _bridge_table(tag, nics, networks) + _inet_table(tag, networks)
 
 
 def _drop_tables(tag: str) -> str:
@@ -60,9 +60,7 @@ def _elements(values: Sequence[str]) -> str:
     return f"elements = {{ {', '.join(values)} }}" if values else ""
 
 
-def _bridge_table(
-    tag: str, nics: Sequence[Nic], networks: Sequence[Network], uplinks: Mapping[int, str]
-) -> str:
+def _bridge_table(tag: str, nics: Sequence[Nic], networks: Sequence[Network]) -> str:
     overlay = f'"x{tag}*"'
     gateway_macs = _elements([network.gateway_mac for network in networks])
     gateway_ips = _elements([str(network.gateway) for network in networks])
@@ -82,13 +80,6 @@ def _bridge_table(
     )
     taps = ", ".join(f'"{nic.tap(tag)}" : jump guest_{nic.tap(tag)}' for nic in nics)
     per_tap = f"    iifname vmap {{ {taps} }}\n" if taps else ""
-    uplink_names = ", ".join(f'"{name}"' for name in sorted(set(uplinks.values())))
-    no_loop = (
-        f"    iifname {{ {uplink_names} }} oifname {overlay} drop\n"
-        f"    iifname {overlay} oifname {{ {uplink_names} }} drop\n"
-        if uplink_names
-        else ""
-    )
     from_overlay = f"""    iifname {overlay} ip protocol udp udp dport {DHCP_PORTS} drop
     iifname {overlay} arp daddr ip @gateway_ips drop
     iifname {overlay} arp saddr ip @gateway_ips drop
@@ -100,7 +91,7 @@ def _bridge_table(
 {guest_chains}
   chain forward {{
     type filter hook forward priority filter; policy accept;
-{per_tap}{no_loop}{from_overlay}    oifname {overlay} ip protocol udp udp dport {DHCP_PORTS} drop
+{per_tap}{from_overlay}    oifname {overlay} ip protocol udp udp dport {DHCP_PORTS} drop
     oifname {overlay} arp daddr ip @gateway_ips drop
     oifname {overlay} ether saddr @gateway_macs drop
   }}
