@@ -1,13 +1,13 @@
 """Two "hosts" on this machine for benchmarks: network namespaces joined by a shaped veth link.
 
     host  <-veth->  ns A (node A)  <-veth, tc tbf->  ns B (node B)  <-veth->  host
-                     |
-               lan0 <-veth-> client ns (eth0)
+                     | lan0                              | lan0
+                     +------ client ns: bridge "lan" ----+
 
 Each namespace also has a veth to the host (for Redis); the A<->B link carries all migration
-traffic, and the VMs' overlay (VXLAN), and is shaped with ``tc qdisc tbf`` on both ends. The client
-namespace plays an operator's machine on node A's provider LAN (node A bridges ``lan0`` into the
-provider network). Addresses are private ones that exist only inside these namespaces. Needs root.
+traffic and the VMs' overlay (VXLAN), and is shaped with ``tc qdisc tbf`` on both ends. The client
+namespace plays an operator's machine on a provider LAN that both nodes join (each bridges its
+``lan0`` into the provider network); the client's address goes on its bridge ``lan``. Addresses are private ones that exist only inside these namespaces. Needs root.
 """
 
 import contextlib
@@ -69,13 +69,16 @@ def two_hosts() -> Iterator[Topology]:
         for ns, ip in ((a, topology.a_link), (b, topology.b_link)):
             sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "eth-peer")
             sh("ip", "-n", ns, "link", "set", "eth-peer", "up")
-        # the client on A's LAN
+        # the client's LAN, which both nodes join
         client = topology.ns_client
         sh("ip", "netns", "add", client)
         sh("ip", "-n", client, "link", "set", "lo", "up")
-        sh("ip", "-n", a, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", client)
-        sh("ip", "-n", a, "link", "set", "lan0", "up")
-        sh("ip", "-n", client, "link", "set", "eth0", "up")
+        sh("ip", "-n", client, "link", "add", "lan", "type", "bridge")
+        sh("ip", "-n", client, "link", "set", "lan", "up")
+        for ns, port in ((a, "port-a"), (b, "port-b")):
+            sh("ip", "-n", ns, "link", "add", "lan0", "type", "veth", "peer", "name", port, "netns", client)
+            sh("ip", "-n", ns, "link", "set", "lan0", "up")
+            sh("ip", "-n", client, "link", "set", port, "master", "lan", "up")
         yield topology
     finally:
         _cleanup(topology)

@@ -4,7 +4,7 @@ Two node workers run in network namespaces joined by a veth link shaped with ``t
 100 Mbit); a private Redis on the host serves them and the control worker. Per link it migrates a
 1 GiB test guest that holds and keeps rewriting RAM (``dirty_mb``/``dirty_rate_mb``) and has data on
 its disk, through the product's own path (API service -> control worker -> node workers -> DWCP),
-with a NIC on a provider network that a client namespace on node A's LAN reaches (a ping every 10 ms
+with a NIC on a provider network whose LAN a client namespace shares with both nodes (a ping every 10 ms
 and one TCP connection to the guest's counter follow each migration: the network outage a user sees,
 beside the guest's pause), then the same guest with QEMU alone over plain TCP on the same link (NBD disk mirror + ``migrate``):
 defaults (QEMU's 32 MiB/s cap), cap lifted, and multifd with the cap lifted. It prints the table
@@ -39,7 +39,7 @@ MiB = 1 << 20
 # A QEMU-only migration still short of its switch-over after this long is given up and reported so
 # (about 9x NovaCron's time over 100 Mbit/s; over that link QEMU alone may never converge on this guest).
 NATIVE_TIMEOUT_SECONDS = 120
-LAN_PREFIX = "10.231.9"  # the provider network the client namespace shares with node A
+LAN_PREFIX = "10.231.9"  # the provider network the client namespace shares with both nodes
 
 
 def free_port() -> int:
@@ -137,7 +137,7 @@ def novacron_runs(
         physical_network="lan",
     )  # fmt: skip
     subprocess.run(
-        ["ip", "-n", topology.ns_client, "addr", "add", f"{LAN_PREFIX}.250/24", "dev", "eth0"], check=True
+        ["ip", "-n", topology.ns_client, "addr", "add", f"{LAN_PREFIX}.250/24", "dev", "lan"], check=True
     )
     base = Image.objects.get(name="testguest")
     image, _ = Image.objects.update_or_create(
@@ -541,7 +541,7 @@ def main() -> int:
                         "threads", "-c", "4", "--schedule", str(workdir / "beat")], env, workdir / "control.log")  # fmt: skip
         for name, ns, redis_host, dwcp, extra in (
             ("bench-a", topology.ns_a, topology.host_a, topology.a_link, ["--physical-networks", "lan=lan0"]),
-            ("bench-b", topology.ns_b, topology.host_b, topology.b_link, []),
+            ("bench-b", topology.ns_b, topology.host_b, topology.b_link, ["--physical-networks", "lan=lan0"]),
         ):
             node_env = env | {"REDIS_URL": f"redis://{redis_host}:{redis_port}/0"}
             spawn(started, ["ip", "netns", "exec", ns, sys.executable, "-m", "workers.node", "--name", name,
@@ -620,7 +620,7 @@ def report(
     print(
         "(medians and min-max ranges; pause = source QMP STOP -> destination RESUME, of which 'QEMU part' is"
         " QEMU's own downtime figure and 'mem check' the memory comparison; 'net out' = the longest gap between"
-        " replies to a client pinging the guest every 10 ms from node A's LAN, through the move; 'on link'"
+        " replies to a client pinging the guest every 10 ms from the nodes' LAN, through the move; 'on link'"
         " counts both directions)"
     )
     cold = [(link, run) for link in args.links for run in ours.get(f"{link} cold", [])]
