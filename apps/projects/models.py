@@ -53,6 +53,7 @@ class Project(models.Model):
     max_vms = models.PositiveIntegerField()
     max_vcpus = models.PositiveIntegerField()
     max_memory_mb = models.PositiveBigIntegerField()
+    max_networks = models.PositiveIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

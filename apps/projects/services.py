@@ -47,7 +47,12 @@ def personal_project(user: AbstractBaseUser) -> Project:
 # members, its last admin and its quota change one writer at a time.
 
 # Upper bounds of a project's limits: far above any fleet, below the columns' integer ranges.
-QUOTA_LIMIT_MAX: Final = {"max_vms": 10**9, "max_vcpus": 10**9, "max_memory_mb": 10**13}
+QUOTA_LIMIT_MAX: Final = {
+    "max_vms": 10**9,
+    "max_vcpus": 10**9,
+    "max_memory_mb": 10**13,
+    "max_networks": 10**6,
+}
 
 
 def memberships_changed(user_ids: Iterable[int]) -> None:

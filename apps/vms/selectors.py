@@ -36,8 +36,9 @@ class Usage:
 
 
 def project_quota(*, project_id: int) -> Limits:
-    row = Project.objects.filter(pk=project_id).values("max_vms", "max_vcpus", "max_memory_mb").first()
-    return Limits(**(row or Project.default_quota()))
+    limits = ("max_vms", "max_vcpus", "max_memory_mb")
+    row = Project.objects.filter(pk=project_id).values(*limits).first() or Project.default_quota()
+    return Limits(**{limit: row[limit] for limit in limits})
 
 
 def project_usage(*, project_id: int) -> Usage:

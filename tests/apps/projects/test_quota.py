@@ -24,7 +24,7 @@ def test_the_quota_shows_limits_and_usage(team: Team, node: Any, image: Any) -> 
     assert response.status_code == 200
     assert response.json() == {
         "limits": Project.default_quota(),
-        "usage": {"vms": 1, "vcpus": 3, "memory_mb": 512},
+        "usage": {"vms": 1, "vcpus": 3, "memory_mb": 512, "networks": 1},  # its default network
     }
 
 
