@@ -101,7 +101,9 @@ def vm_list(*, viewer: Viewer, state: str | None = None, include_deleted: bool =
 def vm_rows(queryset: QuerySet[VM]) -> QuerySet[VM, dict[str, Any]]:
     """``queryset`` read as rows of :mod:`.representation`'s ORM paths (one query, no model
     instances; dicts, which cursor pagination reads its position from): :func:`vm_row_data`."""
-    return queryset.values(*dict.fromkeys(representation.orm_paths()))
+    return queryset.annotate(**representation.annotations()).values(
+        *dict.fromkeys(representation.orm_paths())
+    )
 
 
 def vm_row_data(row: dict[str, Any]) -> dict[str, Any]:

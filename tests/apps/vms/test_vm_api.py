@@ -38,7 +38,8 @@ def test_create_returns_pending_vm_and_enqueues_create_on_its_node(
     assert body["image"] == "debian-12"
     assert body["owner"] == "alice"
     uuid.UUID(body["id"])
-    assert _queued_tasks("node.node1") == ["novacron.node.vm_create"]
+    # Newest first: the VM's network peers were sent before its create (its default network).
+    assert _queued_tasks("node.node1") == ["novacron.node.vm_create", "novacron.node.network_peers"]
     (raw,) = redis.Redis.from_url(settings.REDIS_URL).lrange("node.node1", 0, -1)
     headers = json.loads(raw)["headers"]
     request_id = headers["kwargsrepr"].rpartition("'request_id': '")[2].rstrip("'}")

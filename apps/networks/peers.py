@@ -1,0 +1,155 @@
+"""Overlay peers: which nodes each node's VXLAN devices flood to, sent to the nodes after commit.
+
+A node hosts a network when a VM with a NIC on it is recorded there (``VM.node``, the VM not
+deleted) or is the destination of an active migration of such a VM (so the destination and the
+others know each other before the RAM moves). Each hosting node is sent ``NODE_NETWORK_PEERS``: for
+each network it hosts (by VNI), the other hosting nodes' underlay address and VXLAN port.
+
+Writes that change who hosts what (VM creates, deletes, migrations) call :func:`sync_on_commit` with
+the networks (or VMs) concerned; the peers are read once the transaction commits, so they include
+it, and a transaction sends one message per affected node however many VMs it touched. A node that
+registers is sent its complete view (``complete=True``: it drops peers of networks not listed).
+Messages are idempotent views, not deltas: a late one is repaired by the next.
+"""
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from django.db import transaction
+
+from apps.vms.choices import VMState
+from apps.vms.models import Node
+from workers import contract
+
+from .models import Network, Nic
+
+logger = logging.getLogger(__name__)
+
+
+def _active_migration_statuses() -> list[str]:
+    from apps.migrations.choices import ACTIVE_STATUSES  # noqa: PLC0415 - apps.migrations imports apps.vms
+
+    return [str(status) for status in ACTIVE_STATUSES]
+
+
+def hosting(network_ids: Iterable[int]) -> dict[int, set[int]]:
+    """The ids of the nodes hosting each network (see the module's docstring), by network id."""
+    ids = list(set(network_ids))
+    hosts: dict[int, set[int]] = {pk: set() for pk in ids}
+    if not ids:
+        return hosts
+    live = Nic.objects.filter(network_id__in=ids, vm__node__isnull=False).exclude(vm__state=VMState.DELETED)
+    for network_id, node_id in live.values_list("network_id", "vm__node_id").distinct():
+        hosts[network_id].add(node_id)
+    moving = Nic.objects.filter(network_id__in=ids, vm__migrations__status__in=_active_migration_statuses())
+    for network_id, node_id in moving.values_list("network_id", "vm__migrations__dest_node_id").distinct():
+        hosts[network_id].add(node_id)
+    return hosts
+
+
+def views(network_ids: Iterable[int]) -> dict[str, dict[str, list[contract.OverlayPeer]]]:
+    """Each hosting node's peers of ``network_ids`` (by node name, then VNI as text)."""
+    hosts = hosting(network_ids)
+    node_ids = set().union(*hosts.values()) if hosts else set()
+    nodes = {
+        pk: (name, {"address": address, "port": port})
+        for pk, name, address, port in Node.objects.filter(pk__in=node_ids).values_list(
+            "pk", "name", "address", "vxlan_port"
+        )
+    }
+    vnis = dict(Network.objects.filter(pk__in=list(hosts)).values_list("pk", "vni"))
+    found: dict[str, dict[str, list[contract.OverlayPeer]]] = {}
+    for network_id, members in hosts.items():
+        if network_id not in vnis:
+            continue  # deleted meanwhile
+        for node_id in sorted(members):
+            name, _ = nodes[node_id]
+            others = [nodes[other][1] for other in sorted(members) if other != node_id]
+            found.setdefault(name, {})[str(vnis[network_id])] = others  # type: ignore[misc]
+    return found
+
+
+def _send(node_name: str, payload: contract.NetworkPeers) -> None:
+    from novacron.celery import app  # noqa: PLC0415 - the Celery app imports Django's settings
+
+    app.signature(
+        contract.NODE_NETWORK_PEERS, kwargs=payload, queue=contract.node_queue(node_name)
+    ).apply_async()
+
+
+def sync(network_ids: Iterable[int]) -> dict[str, contract.NetworkPeers]:
+    """Send every node hosting one of ``network_ids`` its peers of those networks (now); the
+    payloads sent, by node name."""
+    sent: dict[str, contract.NetworkPeers] = {}
+    for node_name, peers in views(network_ids).items():
+        payload: contract.NetworkPeers = {"peers": peers, "complete": False}
+        _send(node_name, payload)
+        sent[node_name] = payload
+    return sent
+
+
+def node_view(node: Node) -> contract.NetworkPeers:
+    """Everything ``node`` hosts, with its peers (``complete=True``)."""
+    live = Nic.objects.filter(vm__node=node).exclude(vm__state=VMState.DELETED)
+    hosted = set(live.values_list("network_id", flat=True))
+    hosted |= set(
+        Nic.objects.filter(
+            vm__migrations__dest_node=node, vm__migrations__status__in=_active_migration_statuses()
+        ).values_list("network_id", flat=True)
+    )
+    return {"peers": views(hosted).get(node.name, {}), "complete": True}
+
+
+def node_registered(node: Node) -> None:
+    """After a node registered (its address or VXLAN port may be new): its complete view to it, and
+    the networks it hosts to the other nodes hosting them."""
+    view = node_view(node)
+    _send(node.name, view)
+    vnis = [int(vni) for vni in view["peers"]]
+    if vnis:
+        others = views(Network.objects.filter(vni__in=vnis).values_list("pk", flat=True))
+        for name, peers in others.items():
+            if name != node.name:
+                _send(name, {"peers": peers, "complete": False})
+
+
+@dataclass
+class _PendingSync:
+    """The networks and VMs one transaction changed the hosting of, synced once it commits."""
+
+    network_ids: set[int] = field(default_factory=set)
+    vm_ids: set[object] = field(default_factory=set)
+
+    def __call__(self) -> None:
+        networks = set(self.network_ids)
+        if self.vm_ids:
+            networks |= set(Nic.objects.filter(vm_id__in=self.vm_ids).values_list("network_id", flat=True))
+        if networks:
+            sync(networks)
+
+
+def _pending() -> _PendingSync:
+    """This transaction's pending sync (registered on commit once; outside a transaction, a new one
+    the caller runs)."""
+    connection = transaction.get_connection()
+    for _savepoints, callback, _robust in connection.run_on_commit:
+        if isinstance(callback, _PendingSync):
+            return callback
+    pending = _PendingSync()
+    transaction.on_commit(pending)
+    return pending
+
+
+def sync_on_commit(network_ids: Iterable[int] = (), *, vm_ids: Iterable[object] = ()) -> None:
+    """Sync the peers of ``network_ids`` and of the networks of ``vm_ids`` once the transaction
+    commits (at once outside one); one sync per transaction."""
+    networks, vms = set(network_ids), set(vm_ids)
+    if not networks and not vms:
+        return
+    if not transaction.get_connection().in_atomic_block:
+        _PendingSync(networks, vms)()
+        return
+    pending = _pending()
+    pending.network_ids |= networks
+    pending.vm_ids |= vms
