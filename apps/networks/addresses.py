@@ -40,13 +40,16 @@ def host_count(cidr: str) -> int:
     return ipaddress.IPv4Network(cidr).num_addresses - 3
 
 
-def random_macs(count: int) -> list[str]:
-    """``count`` distinct random MACs with QEMU's prefix (lower case, colon-separated)."""
-    macs: set[str] = set()
+def random_macs(count: int, avoid: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """``count`` distinct random MACs with QEMU's prefix (lower case, colon-separated), none of
+    ``avoid``."""
+    macs: dict[str, None] = {}
     while len(macs) < count:
         tail = secrets.token_bytes(3)
-        macs.add(f"{MAC_PREFIX}:{tail[0]:02x}:{tail[1]:02x}:{tail[2]:02x}")
-    return sorted(macs)
+        mac = f"{MAC_PREFIX}:{tail[0]:02x}:{tail[1]:02x}:{tail[2]:02x}"
+        if mac not in avoid:
+            macs[mac] = None
+    return list(macs)
 
 
 def overlapping(cidr: str, others: Iterable[str]) -> list[str]:

@@ -3,18 +3,19 @@
 Locks, always in this order: the project's row (:func:`apps.projects.services.lock_project`: quota
 checks, names, the default network), then the networks' rows in id order (IPAM: who holds a
 network's lock reads its taken addresses and hands out the lowest free ones until it commits), then
-the nodes' (the scheduler). A VNI is the next unused one, written in a savepoint: two creates that
-picked the same one meet the unique index and the loser picks again.
+the nodes' (the scheduler). A VNI is an unused one drawn at random, written in a savepoint: two
+creates that drew the same one meet the unique index and the loser draws again.
 """
 
 import ipaddress
+import secrets
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db.models import Q
 
 from apps.core.db import bulk_insert
 from apps.core.errors import Conflict, InvalidInput, NoAddress, QuotaExceeded
@@ -25,7 +26,7 @@ from . import addresses
 from .models import DEFAULT_MTU, DEFAULT_NETWORK, VNI_MAX, VNI_MIN, Network, Nic
 
 VNI_ATTEMPTS: Final = 8  # concurrent creates that picked the same VNI pick again
-MAC_ATTEMPTS: Final = 4  # a concurrent insert of the same random MAC (1 in 16 million) draws again
+MAC_ATTEMPTS: Final = 8  # draws of new MACs for those already taken
 
 
 def _name_taken(name: str) -> InvalidInput:
@@ -33,22 +34,24 @@ def _name_taken(name: str) -> InvalidInput:
     return InvalidInput(message, fields={"name": [message]})
 
 
-def _next_vni() -> int:
-    """The VNI after the highest one in use, or the lowest unused once the top is reached."""
-    highest = Network.objects.aggregate(top=Max("vni"))["top"] or 0
-    if highest < VNI_MAX:
-        return highest + 1
+def _free_vni() -> int:
+    """An unused VNI, drawn at random among 16 million: concurrent creates seldom draw the same one,
+    so they seldom wait for each other's commit on the unique index (taking the next free one made
+    every concurrent create wait for the first). A drawn VNI in use fails the insert and is drawn
+    again (:func:`_insert`); a nearly full space is searched."""
+    if Network.objects.count() < (VNI_MAX - VNI_MIN) // 2:
+        return secrets.randbelow(VNI_MAX) + VNI_MIN
     used = set(Network.objects.values_list("vni", flat=True))
-    for vni in range(VNI_MIN, VNI_MAX + 1):
-        if vni not in used:
-            return vni
-    raise Conflict("Every VXLAN network identifier is in use.")
+    free = next((vni for vni in range(VNI_MIN, VNI_MAX + 1) if vni not in used), None)
+    if free is None:
+        raise Conflict("Every VXLAN network identifier is in use.")
+    return free
 
 
 def _insert(network: Network) -> Network:
     """Save a new network with a VNI of its own (picked again when a concurrent create took it)."""
     for _attempt in range(VNI_ATTEMPTS):
-        network.vni = _next_vni()
+        network.vni = _free_vni()
         try:
             with transaction.atomic():
                 network.save(force_insert=True)
@@ -180,8 +183,9 @@ def default_network(project: Project) -> Network:
     if found is not None:
         return found
     _check_network_quota(project)
-    reached = [network.cidr for network in _neighbours(project.pk)]
-    elsewhere = Network.objects.exclude(project_id=project.pk).values_list("cidr", flat=True)
+    reached, elsewhere = [], []
+    for project_id, shared, other in Network.objects.values_list("project_id", "shared", "cidr"):
+        (reached if shared or project_id == project.pk else elsewhere).append(other)
     cidr = addresses.free_default_subnet(reached, elsewhere)
     if cidr is None:
         raise Conflict("No free /24 in 10.0.0.0/8 for the project's default network; give `networks`.")
@@ -292,7 +296,11 @@ def plan_addresses(networks: Sequence[Sequence[Network]]) -> AddressPlan:
 
 def nics_insert(vms: Sequence[object], plan: AddressPlan) -> list[Nic]:
     """The NICs of ``vms`` (VM rows just inserted, in the plan's order) with the planned addresses and
-    new MACs (drawn again when one is taken, even concurrently)."""
+    new random MACs (those already taken drawn again).
+
+    Two concurrent creates that drew the same new MAC (about one in 16 million per pair of NICs)
+    meet the unique index: the later one is refused with a 409 to retry.
+    """
     rows = [
         (vm, index, network, address)
         for vm, networks, taken in zip(vms, plan.networks, plan.addresses, strict=True)
@@ -300,21 +308,24 @@ def nics_insert(vms: Sequence[object], plan: AddressPlan) -> list[Nic]:
     ]
     if not rows:
         return []
+    macs = addresses.random_macs(len(rows))
     for _attempt in range(MAC_ATTEMPTS):
-        macs = addresses.random_macs(len(rows))
-        if Nic.objects.filter(mac__in=macs).exists():
-            continue
-        nics = [
-            Nic(vm=vm, network=network, index=index, mac=mac, ipv4=address)
-            for (vm, index, network, address), mac in zip(rows, macs, strict=True)
-        ]
-        try:
-            with transaction.atomic():
-                bulk_insert(nics)
-        except IntegrityError:
-            continue  # a concurrent insert took one of these MACs
-        return nics
-    raise Conflict("Could not find free MAC addresses; retry.")
+        clashes = set(Nic.objects.filter(mac__in=macs).values_list("mac", flat=True))
+        if not clashes:
+            break
+        fresh = iter(addresses.random_macs(len(clashes), avoid=set(macs)))
+        macs = [next(fresh) if mac in clashes else mac for mac in macs]
+    else:
+        raise Conflict("Could not find free MAC addresses; retry.")
+    nics = [
+        Nic(vm=vm, network=network, index=index, mac=mac, ipv4=address)
+        for (vm, index, network, address), mac in zip(rows, macs, strict=True)
+    ]
+    try:
+        bulk_insert(nics)
+    except IntegrityError as exc:
+        raise Conflict("A concurrent create took one of the new MAC addresses; retry.") from exc
+    return nics
 
 
 def nics_release(vm_ids: Iterable[object]) -> set[int]:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from celery import group
 from django.db import transaction
 
-from apps.networks.selectors import nic_descriptions
+from apps.networks.nics import nic_descriptions
 from novacron.celery import app
 from workers import contract
 

@@ -33,7 +33,7 @@ from django.db import connection, models
 from django.db.models.expressions import Expression, RawSQL
 
 from apps.core.db import on_postgresql
-from apps.networks.selectors import nics_shown
+from apps.networks.nics import nics_shown
 from apps.networks.serializers import NicShownSerializer
 
 from .models import VM

@@ -84,7 +84,8 @@ def _visible(queryset: QuerySet[M], viewer: Viewer) -> QuerySet[M]:
 
 def vm_visible_to(viewer: Viewer) -> QuerySet[VM]:
     """Every VM ``viewer`` may see, deleted ones included (for detail lookups), with what
-    :mod:`.representation` reads of their relations."""
+    :mod:`.representation` reads of their relations (their NICs: ``NICS_PREFETCH`` where many are
+    shown as instances)."""
     return _visible(VM.objects.select_related(*representation.relations()), viewer)
 
 
@@ -101,8 +102,10 @@ def vm_list(*, viewer: Viewer, state: str | None = None, include_deleted: bool =
 def vm_rows(queryset: QuerySet[VM]) -> QuerySet[VM, dict[str, Any]]:
     """``queryset`` read as rows of :mod:`.representation`'s ORM paths (one query, no model
     instances; dicts, which cursor pagination reads its position from): :func:`vm_row_data`."""
-    return queryset.annotate(**representation.annotations()).values(
-        *dict.fromkeys(representation.orm_paths())
+    return (
+        queryset.prefetch_related(None)
+        .annotate(**representation.annotations())
+        .values(*dict.fromkeys(representation.orm_paths()))
     )
 
 

@@ -11,7 +11,7 @@ import redis
 from celery import shared_task
 from django.conf import settings
 
-from apps.networks.selectors import NICS_PREFETCH
+from apps.networks.nics import NICS_PREFETCH
 from workers import contract
 
 from . import dispatch, services

@@ -2,6 +2,8 @@
 
 from django.db import migrations, models
 
+import apps.projects.models
+
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -12,7 +14,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="project",
             name="max_networks",
-            field=models.PositiveIntegerField(default=10),
-            preserve_default=False,
+            field=models.PositiveIntegerField(default=apps.projects.models.default_max_networks),
         ),
     ]
