@@ -130,11 +130,13 @@ class _PendingSync:
 
 
 def _pending() -> _PendingSync:
-    """This transaction's pending sync (registered on commit once; outside a transaction, a new one
-    the caller runs)."""
+    """The pending sync of this transaction's current block, registered on commit once (one of an
+    enclosing or ended block is left alone: Django drops it with its savepoint if that rolls back,
+    and a test's capture of on-commit callbacks runs only those of its own blocks)."""
     connection = transaction.get_connection()
-    for _savepoints, callback, _robust in connection.run_on_commit:
-        if isinstance(callback, _PendingSync):
+    here = set(connection.savepoint_ids)
+    for savepoints, callback, _robust in connection.run_on_commit:
+        if isinstance(callback, _PendingSync) and savepoints == here:
             return callback
     pending = _PendingSync()
     transaction.on_commit(pending)
