@@ -13,6 +13,7 @@ Messages are idempotent views, not deltas: a late one is repaired by the next.
 """
 
 import logging
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -52,7 +53,7 @@ def views(network_ids: Iterable[int]) -> dict[str, dict[str, list[contract.Overl
     """Each hosting node's peers of ``network_ids`` (by node name, then VNI as text)."""
     hosts = hosting(network_ids)
     node_ids = set().union(*hosts.values()) if hosts else set()
-    nodes = {
+    nodes: dict[int, tuple[str, contract.OverlayPeer]] = {
         pk: (name, {"address": address, "port": port})
         for pk, name, address, port in Node.objects.filter(pk__in=node_ids).values_list(
             "pk", "name", "address", "vxlan_port"
@@ -66,7 +67,7 @@ def views(network_ids: Iterable[int]) -> dict[str, dict[str, list[contract.Overl
         for node_id in sorted(members):
             name, _ = nodes[node_id]
             others = [nodes[other][1] for other in sorted(members) if other != node_id]
-            found.setdefault(name, {})[str(vnis[network_id])] = others  # type: ignore[misc]
+            found.setdefault(name, {})[str(vnis[network_id])] = others
     return found
 
 
@@ -119,7 +120,7 @@ class _PendingSync:
     """The networks and VMs one transaction changed the hosting of, synced once it commits."""
 
     network_ids: set[int] = field(default_factory=set)
-    vm_ids: set[object] = field(default_factory=set)
+    vm_ids: set[uuid.UUID] = field(default_factory=set)
 
     def __call__(self) -> None:
         networks = set(self.network_ids)
@@ -143,7 +144,7 @@ def _pending() -> _PendingSync:
     return pending
 
 
-def sync_on_commit(network_ids: Iterable[int] = (), *, vm_ids: Iterable[object] = ()) -> None:
+def sync_on_commit(network_ids: Iterable[int] = (), *, vm_ids: Iterable[uuid.UUID] = ()) -> None:
     """Sync the peers of ``network_ids`` and of the networks of ``vm_ids`` once the transaction
     commits (at once outside one); one sync per transaction."""
     networks, vms = set(network_ids), set(vm_ids)

@@ -9,6 +9,7 @@ creates that drew the same one meet the unique index and the loser draws again.
 
 import ipaddress
 import secrets
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from apps.core.db import bulk_insert
 from apps.core.errors import Conflict, InvalidInput, NoAddress, QuotaExceeded
 from apps.projects.models import Project
 from apps.projects.services import lock_project
+from apps.vms.models import VM
 
 from . import addresses
 from .models import DEFAULT_MTU, DEFAULT_NETWORK, VNI_MAX, VNI_MIN, Network, Nic
@@ -183,7 +185,8 @@ def default_network(project: Project) -> Network:
     if found is not None:
         return found
     _check_network_quota(project)
-    reached, elsewhere = [], []
+    reached: list[str] = []
+    elsewhere: list[str] = []
     for project_id, shared, other in Network.objects.values_list("project_id", "shared", "cidr"):
         (reached if shared or project_id == project.pk else elsewhere).append(other)
     cidr = addresses.free_default_subnet(reached, elsewhere)
@@ -195,15 +198,30 @@ def default_network(project: Project) -> Network:
     return _insert(network)
 
 
+def _found(
+    text: str, project: Project, by_id: dict[int, Network], by_name: dict[str, list[Network]]
+) -> Network | str:
+    """The network a reference names (an id first, then a name: the project's own, else the one
+    shared network of that name), or why none."""
+    network = by_id.get(int(text)) if text.isdigit() and len(text) < 19 else None
+    if network is not None:
+        return network
+    candidates = by_name.get(text, [])
+    own = [candidate for candidate in candidates if candidate.project_id == project.pk]
+    if own or len(candidates) == 1:
+        return (own or candidates)[0]
+    if candidates:
+        return f"Several shared networks are named {text!r}; give its id."
+    return f"No network {text!r} in this project or shared with it."
+
+
 def resolve_networks(
     project: Project, references: Sequence[Sequence[str] | None], item_key: Callable[[int], str]
 ) -> list[list[Network]]:
     """The networks each item attaches to, in order, from names or ids (``None``: the project's
     default network; an empty list: none). A network is found among the project's own and the
-    shared ones (the project's first, by name); anything else is a 400 naming the reference.
-
-    ``item_key(index)``: the prefix of an item's error keys (``""``, ``"vms[3]."``). The caller
-    holds the project's lock.
+    shared ones; anything else is a 400 naming the reference (``item_key(index)``: the prefix of
+    an item's error keys, ``""`` or ``"vms[3]."``). The caller holds the project's lock.
     """
     named = {str(reference) for refs in references if refs for reference in refs}
     ids = {int(text) for text in named if text.isdigit() and len(text) < 19}
@@ -211,7 +229,7 @@ def resolve_networks(
     found = list(reachable.filter(Q(pk__in=ids) | Q(name__in=named))) if named else []
     by_id = {network.pk: network for network in found}
     by_name: dict[str, list[Network]] = {}
-    for network in sorted(found, key=lambda candidate: candidate.project_id != project.pk):
+    for network in found:
         by_name.setdefault(network.name, []).append(network)
     errors: dict[str, list[str]] = {}
     default: Network | None = None
@@ -223,24 +241,11 @@ def resolve_networks(
             continue
         networks = []
         for position, reference in enumerate(refs):
-            text = str(reference)
-            candidates = by_name.get(text, [])
-            network = by_id.get(int(text)) if text.isdigit() and len(text) < 19 else None
-            if network is None and candidates:
-                own = [candidate for candidate in candidates if candidate.project_id == project.pk]
-                if own or len(candidates) == 1:
-                    network = (own or candidates)[0]
-                else:
-                    errors[f"{item_key(index)}networks[{position}]"] = [
-                        f"Several shared networks are named {text!r}; give its id."
-                    ]
-                    continue
-            if network is None:
-                errors[f"{item_key(index)}networks[{position}]"] = [
-                    f"No network {text!r} in this project or shared with it."
-                ]
-                continue
-            networks.append(network)
+            picked = _found(str(reference), project, by_id, by_name)
+            if isinstance(picked, str):
+                errors[f"{item_key(index)}networks[{position}]"] = [picked]
+            else:
+                networks.append(picked)
         chosen.append(networks)
     if errors:
         raise InvalidInput(next(iter(errors.values()))[0], fields=errors)
@@ -294,7 +299,7 @@ def plan_addresses(networks: Sequence[Sequence[Network]]) -> AddressPlan:
     return plan
 
 
-def nics_insert(vms: Sequence[object], plan: AddressPlan) -> list[Nic]:
+def nics_insert(vms: Sequence[VM], plan: AddressPlan) -> list[Nic]:
     """The NICs of ``vms`` (VM rows just inserted, in the plan's order) with the planned addresses and
     new random MACs (those already taken drawn again).
 
@@ -328,7 +333,7 @@ def nics_insert(vms: Sequence[object], plan: AddressPlan) -> list[Nic]:
     return nics
 
 
-def nics_release(vm_ids: Iterable[object]) -> set[int]:
+def nics_release(vm_ids: Iterable[uuid.UUID]) -> set[int]:
     """Free the addresses of deleted VMs (their NICs go); the networks they were on."""
     nics = Nic.objects.filter(vm_id__in=list(vm_ids))
     network_ids = set(nics.values_list("network_id", flat=True))

@@ -51,8 +51,8 @@ def test_vm_spec_carries_each_nic_with_its_whole_network(attached: list[VM]) -> 
     spec = dispatch.vm_spec(VM.objects.select_related("image").get(pk=attached[0].pk))
     lan, dmz = spec["nics"]
     assert lan["ipv4"] == "10.1.0.2" and dmz["ipv4"] == "10.2.0.2"
-    network = dict(lan["network"])
-    assert isinstance(network.pop("vni"), int) and network.pop("id").isdigit()
+    network: dict[str, object] = dict(lan["network"])
+    assert isinstance(network.pop("vni"), int) and str(network.pop("id")).isdigit()
     assert network == {
         "name": "lan",
         "cidr": "10.1.0.0/24",
