@@ -163,17 +163,3 @@ def test_a_registering_node_gets_its_complete_view_and_the_others_its_new_addres
     assert _sent("b") == [{"peers": {vni: [{"address": "192.0.2.1", "port": 4789}]}, "complete": True}]
     assert _sent("a") == [{"peers": {vni: [{"address": "198.51.100.2", "port": 4791}]}, "complete": False}]
     assert _sent("c") == []
-
-
-def test_a_node_that_does_not_say_it_can_attach_nics_gets_no_vm_with_nics(
-    user: Any, image: Any, make_node: Any
-) -> None:
-    registered = node_register(
-        name="old", address="h", dwcp_address="h:1", vcpus=16, memory_mb=32768, disk_gb=500, hypervisor={}
-    )
-    assert "did not say whether it can attach NICs" in registered.networking
-    request = VMRequest(name="vm", image=image, vcpus=1, memory_mb=64, disk_gb=1)
-    with pytest.raises(Exception, match=r"No node that can attach NICs has room .*networks: \[\]"):
-        vm_create(owner=user, project_id=personal_project(user).pk, request=request)
-    bare = VMRequest(name="vm", image=image, vcpus=1, memory_mb=64, disk_gb=1, networks=[])
-    assert vm_create(owner=user, project_id=personal_project(user).pk, request=bare).node == registered
