@@ -2,6 +2,7 @@
 
 import threading
 from collections import Counter
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -255,7 +256,7 @@ def test_vms_with_nics_go_only_to_nodes_that_can_attach_them(user, image, make_n
     assert "did not say whether it can attach NICs" in old.networking  # an older worker
     project_id = personal_project(user).pk
 
-    def create(name: str, **extra) -> object:
+    def create(name: str, **extra: Any) -> VM:
         request = VMRequest(name=name, image=image, vcpus=1, memory_mb=64, disk_gb=1, **extra)
         return vm_create(owner=user, project_id=project_id, request=request)
 
