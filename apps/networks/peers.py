@@ -7,7 +7,8 @@ each network it hosts (by VNI), the other hosting nodes' underlay address and VX
 
 Writes that change who hosts what (VM creates, deletes, migrations) call :func:`sync_on_commit` with
 the networks (or VMs) concerned; the peers are read once the transaction commits, so they include
-it, and a transaction sends one message per affected node however many VMs it touched. A node that
+it, and a transaction sends one message per affected node however many VMs it touched. A completed
+delete syncs only when its node no longer hosts the network. A node that
 registers is sent its complete view (``complete=True``: it drops peers of networks not listed).
 Messages are idempotent views, not deltas: a late one is repaired by the next.
 """
@@ -117,15 +118,21 @@ def node_registered(node: Node) -> None:
 
 @dataclass
 class _PendingSync:
-    """The networks and VMs one transaction changed the hosting of, synced once it commits."""
+    """The networks and VMs one transaction changed the hosting of, synced once it commits;
+    ``left``: (network, node) pairs a deleted VM held, synced only if the node no longer hosts the
+    network (read after the commit: of concurrent deletes, the last to commit sees the node gone)."""
 
     network_ids: set[int] = field(default_factory=set)
     vm_ids: set[uuid.UUID] = field(default_factory=set)
+    left: set[tuple[int, int]] = field(default_factory=set)
 
     def __call__(self) -> None:
         networks = set(self.network_ids)
         if self.vm_ids:
             networks |= set(Nic.objects.filter(vm_id__in=self.vm_ids).values_list("network_id", flat=True))
+        if self.left:
+            hosts = hosting(network_id for network_id, _ in self.left)
+            networks |= {network_id for network_id, node_id in self.left if node_id not in hosts[network_id]}
         if networks:
             sync(networks)
 
@@ -144,15 +151,23 @@ def _pending() -> _PendingSync:
     return pending
 
 
-def sync_on_commit(network_ids: Iterable[int] = (), *, vm_ids: Iterable[uuid.UUID] = ()) -> None:
-    """Sync the peers of ``network_ids`` and of the networks of ``vm_ids`` once the transaction
-    commits (at once outside one); one sync per transaction."""
-    networks, vms = set(network_ids), set(vm_ids)
-    if not networks and not vms:
+def sync_on_commit(
+    network_ids: Iterable[int] = (),
+    *,
+    vm_ids: Iterable[uuid.UUID] = (),
+    left: Iterable[tuple[int, int]] = (),
+) -> None:
+    """Sync the peers of ``network_ids``, of the networks of ``vm_ids`` and of the networks of
+    ``left`` (network, node) pairs that node no longer hosts, once the transaction commits (at once
+    outside one); one sync per transaction. A batch delete completes VM by VM (one node report
+    each): ``left`` keeps it to one sync per node and network, when the node's last VM there went."""
+    networks, vms, gone = set(network_ids), set(vm_ids), set(left)
+    if not networks and not vms and not gone:
         return
     if not transaction.get_connection().in_atomic_block:
-        _PendingSync(networks, vms)()
+        _PendingSync(networks, vms, gone)()
         return
     pending = _pending()
     pending.network_ids |= networks
     pending.vm_ids |= vms
+    pending.left |= gone

@@ -360,10 +360,13 @@ def _mark_deleting(vm: VM, *, save: bool = True) -> bool:
 
 
 def _finish_delete(vm: VM) -> None:
-    """The VM is gone: its capacity and its addresses are free, its networks' peers are told."""
+    """The VM is gone: its capacity and its addresses are free; if its node hosts none of its
+    networks any more, the networks' other nodes are told."""
     if vm.node_id is not None and vm.state != VMState.DELETED:
         scheduler.release(node_id=vm.node_id, demand=vm_demand(vm))
-    peers.sync_on_commit(network_services.nics_release([vm.pk]))
+    released = network_services.nics_release([vm.pk])
+    if vm.node_id is not None:
+        peers.sync_on_commit(left={(network_id, vm.node_id) for network_id in released})
     vm.state = VMState.DELETED
     vm.pending_action = VMAction.NONE
     vm.deleted_at = timezone.now()

@@ -126,18 +126,21 @@ def test_a_migration_destination_joins_before_the_move_and_leaves_on_roll_back(
     assert _sent("a")[-1] == {"peers": {vni: []}, "complete": False}  # the destination left
 
 
-def test_a_deleted_vms_node_leaves_the_others_views(
+def test_a_node_leaves_the_others_views_when_its_last_vm_there_is_deleted(
     user: Any, image: Any, fleet: dict[str, Node], django_capture_on_commit_callbacks: Any
 ) -> None:
     network = network_create(project_id=personal_project(user).pk, name="web", cidr="10.5.0.0/24")
     _vm(user, image, "w1", fleet["a"], ["web"])
-    gone = _vm(user, image, "w2", fleet["b"], ["web"])
-    vm_delete(vm=gone)
-    with django_capture_on_commit_callbacks(execute=True):
-        vm_record_report(
-            vm_id=str(gone.pk), operation="delete", ok=True, state="deleted", reason="", node="b"
-        )
-    assert _sent("a") == [{"peers": {str(network.vni): []}, "complete": False}]
+    first, last = _vm(user, image, "w2", fleet["b"], ["web"]), _vm(user, image, "w3", fleet["b"], ["web"])
+    for gone in (first, last):
+        vm_delete(vm=gone)
+        with django_capture_on_commit_callbacks(execute=True):
+            vm_record_report(
+                vm_id=str(gone.pk), operation="delete", ok=True, state="deleted", reason="", node="b"
+            )
+        # b still hosts the network after the first delete: nobody is told anything.
+        expected = [] if gone is first else [{"peers": {str(network.vni): []}, "complete": False}]
+        assert _sent("a") == expected
     assert _sent("b") == []
 
 
