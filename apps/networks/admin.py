@@ -1,5 +1,6 @@
-"""Django admin of networks and NICs: read mostly; networks are made through the API's services
-(VNI allocation, overlap and quota checks), NICs by VM creates."""
+"""Django admin of networks and NICs, read only: networks are made, changed and deleted through the
+API's services (VNI allocation, overlap and quota checks, the VM answers' cache, the audit trail),
+NICs by VM creates and deletes."""
 
 from typing import Any
 
@@ -45,7 +46,10 @@ class NetworkAdmin(admin.ModelAdmin[Network]):
     inlines = (NicInline,)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
-        return False  # through the API: VNI, overlaps and quota are checked there
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(Nic)
@@ -60,4 +64,7 @@ class NicAdmin(admin.ModelAdmin[Nic]):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

@@ -10,7 +10,7 @@ from typing import Any
 
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, permissions, status, viewsets
+from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -48,6 +48,14 @@ class NetworkViewSet(
 
     def get_queryset(self) -> QuerySet[Network]:
         return network_visible_to(acting_viewer(self.request))
+
+    def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
+        """The input shapes for the browsable API's forms; answers are always NetworkSerializer's."""
+        inputs: dict[str, type[serializers.BaseSerializer[Any]]] = {
+            "create": NetworkCreateSerializer,
+            "partial_update": NetworkUpdateSerializer,
+        }
+        return inputs.get(self.action, NetworkSerializer)
 
     def _writable(self, request: Request) -> Network:
         """The network of the URL, if the caller may change it: staff, or the acting project's own

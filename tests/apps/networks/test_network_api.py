@@ -32,6 +32,8 @@ def test_a_member_creates_a_network_with_a_vni_and_the_first_host_as_gateway(api
     assert body["project"] == personal_project(user).name and body["shared"] is False
     assert 1 <= body["vni"] <= 16777215
     assert api.get(f"/api/v1/networks/{body['id']}/").json() == body
+    for page in ("/api/v1/networks/", f"/api/v1/networks/{body['id']}/"):  # the browsable API's forms
+        assert api.get(page, HTTP_ACCEPT="text/html").status_code == 200
     event = AuditEvent.objects.get(action="network.create")
     assert event.target_id == str(body["id"]) and event.detail["values"]["cidr"] == "10.20.0.0/24"
 
