@@ -11,6 +11,7 @@ from kombu import Queue
 
 from workers import contract
 from workers.dwcp import DWCPError, DWCPServer
+from workers.net import names
 from workers.net.model import NetworkError
 from workers.qemu import DataDirError, DriverSettings, QemuDriver, QemuNotInstalled
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir=config.data_dir,
                 accelerator=config.accelerator,
                 powerdown_timeout=config.powerdown_timeout,
-            )
+            ),
+            device_tag=names.node_tag(config.name, config.data_dir),  # the taps' names, as the data plane's
         )
         facts = driver.node_facts()
     except (ConfigError, QemuNotInstalled, DataDirError) as exc:
