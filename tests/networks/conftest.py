@@ -14,7 +14,13 @@ import pytest
 
 from tests.faults.redis_server import PrivateRedis, producer_on
 from tests.netlab import NetLab, netlab
-from tests.workers.node.conftest import NodeHost, cluster, guest_image, test_guest  # noqa: F401 - fixtures
+from tests.workers.node.conftest import (  # noqa: F401 - fixtures
+    NodeHost,
+    cluster,
+    cluster_extra_env,
+    guest_image,
+    test_guest,
+)
 
 
 @pytest.fixture
