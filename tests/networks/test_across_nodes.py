@@ -203,7 +203,7 @@ def test_delete_frees_the_address_and_a_restarted_node_rebuilds_its_network(
     tap = names.tap_name(tag, first["id"], 0)
     assert tap in links(host1)
     assert api.delete(f"/api/v1/vms/{first['id']}/").status_code in (202, 204)
-    wait_for(lambda: not VM.objects.filter(pk=first["id"]).exists(), 60, "the VM's deletion")
+    wait_for(lambda: VM.objects.get(pk=first["id"]).state == "deleted", 60, "the VM's deletion")
     wait_for(lambda: tap not in links(host1), 30, "its tap to go")
     # The network is gone from the node with its last VM; the address is free again.
     vni = api.get("/api/v1/networks/").json()["results"][0]["vni"]
@@ -223,5 +223,5 @@ def test_delete_frees_the_address_and_a_restarted_node_rebuilds_its_network(
     assert ask(cluster, again["id"], "reach", peer_ip) == ["fail"]
     cluster.start_node(node1)
     wait_for(lambda: bridge in links(host1) and leftover not in links(host1), 60, "the node to reconcile")
-    assert host1.links()[tap].get("master") == bridge
+    assert host1.links()[names.tap_name(tag, again["id"], 0)].get("master") == bridge
     wait_for(lambda: ask(cluster, again["id"], "reach", peer_ip) == ["ok"], 60, "the overlay to work again")
