@@ -4,7 +4,7 @@
 #   run:  what `make run` needs (QEMU, and a Redis server when none answers at REDIS_URL)
 #   test: what `make test` needs: the above, plus what the suite drives (network namespaces and tc,
 #         nc and rsync as transfer baselines, Chromium for the dashboard, redis-server for the
-#         fault scenarios' private servers, losetup for block-device sends)
+#         fault scenarios' private servers, losetup for block-device sends, dnsmasq for NIC tests)
 #   bench: what the `make bench-*` targets need: the test set and wrk (bench-api's load generator)
 # Nothing else is touched: a package already installed is not upgraded.
 set -euo pipefail
@@ -20,6 +20,7 @@ command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 if [[ "$profile" == test || "$profile" == bench ]]; then
   packages+=(iproute2 netcat-openbsd rsync chromium redis-server util-linux)
+  packages+=(dnsmasq-base)  # the QEMU NIC tests' DHCP server in their private namespace
   [[ "$profile" == bench ]] && packages+=(wrk)
 elif ! command -v redis-server >/dev/null && ! scripts/redis-up.sh; then
   packages+=(redis-server)
