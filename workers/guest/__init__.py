@@ -14,7 +14,7 @@ manifest's ``fallback``), ``initrd.img`` (gzip newc cpio) and ``manifest.json``:
      "initrd": {"path": "initrd.img", "size": ..., "sha256": ..., "compression": "gzip",
                 "busybox_package": "busybox-static", "busybox_version": ...,
                 "modules": {"disk": [...], "net": [...]}},
-     "cmdline": "console=ttyS0 quiet", "fallback": null | "why vmlinuz is used",
+     "cmdline": "console=ttyS0 quiet no_timer_check", "fallback": null | "why vmlinuz is used",
      "boot_check": {"accel": "tcg", "first_tick_seconds": 2.7, "checked_at": <unix time>} | null,
      "inputs": {package names and versions, sha256 of the builder sources}}
 
@@ -24,7 +24,7 @@ Boot (TCG; KVM works the same way on hosts where it really boots Linux)::
 
     qemu-system-x86_64 -machine q35,accel=tcg -m 256 -nodefaults -no-user-config -display none \\
         -kernel vmlinux -initrd initrd.img \\
-        -append "console=ttyS0 quiet dirty_mb=16 dirty_rate_mb=8" \\
+        -append "console=ttyS0 quiet no_timer_check dirty_mb=16 dirty_rate_mb=8" \\
         -chardev socket,id=console,path=console.sock,server=on,wait=off,logfile=console.log \\
         -serial chardev:console
 
