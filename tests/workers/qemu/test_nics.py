@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.workers.qemu.conftest import new_data_dir, sweep, tcg_settings
+from tests.workers.qemu.conftest import live_migrate, new_data_dir, sweep, tcg_settings
 from tests.workers.qemu.netns import GUEST_MTU, PrivateNetwork, private_network
-from workers.guest.boot import SerialConsole
+from workers.guest.boot import GuestError, SerialConsole
 from workers.qemu import KernelImage, NicSpec, QemuDriver, VmSpec, VmState
 
 pytestmark = [pytest.mark.qemu, pytest.mark.netns]
@@ -80,6 +80,19 @@ def guest_with_nic(image: KernelImage, net: PrivateNetwork, host: int) -> VmSpec
     return VmSpec(str(uuid.uuid4()), f"nic-guest-{host}", 1, 256, 1, image, nics=(nic,))
 
 
+def booted_with_lease(
+    image: KernelImage, net: PrivateNetwork, node: Node, host: int
+) -> tuple[VmSpec, SerialConsole]:
+    """A guest with one NIC (address ``host`` of the network, with a DHCP lease) booted on ``node``."""
+    spec = guest_with_nic(image, net, host)
+    nic = spec.nics[0]
+    net.serve_dhcp({**net.leases, nic.mac: nic.ipv4})
+    console = node.start(spec)
+    console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
+    print(f"\nlease after {wait_for_lease(console, nic):.1f} s")
+    return spec, console
+
+
 def wait_for_lease(console: SerialConsole, nic: NicSpec) -> float:
     started = time.monotonic()
     console.wait_for(rf"dhcp bound eth0 {nic.ipv4}/{nic.prefix_length}$", DHCP_TIMEOUT)
@@ -132,13 +145,8 @@ class CounterReader:
 def test_a_guest_with_a_nic_gets_its_lease_and_serves_ping_echo_and_counter(
     testguest: KernelImage, net: PrivateNetwork, make_node: Callable[[], Node]
 ):
-    spec = guest_with_nic(testguest, net, 10)
+    spec, console = booted_with_lease(testguest, net, make_node(), 10)
     nic = spec.nics[0]
-    net.serve_dhcp({nic.mac: nic.ipv4})
-    node = make_node()
-    console = node.start(spec)
-    console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
-    print(f"\nlease after {wait_for_lease(console, nic):.1f} s")
 
     assert console.request("net") == ["eth0", f"{nic.ipv4}/24", nic.mac, str(GUEST_MTU)]
     assert console.request("reach", net.network.gateway) == ["ok"]
@@ -165,9 +173,6 @@ def test_a_guest_with_a_nic_gets_its_lease_and_serves_ping_echo_and_counter(
 def test_the_guest_talks_tcp_to_a_service_in_the_namespace(
     testguest: KernelImage, net: PrivateNetwork, make_node: Callable[[], Node]
 ):
-    spec = guest_with_nic(testguest, net, 11)
-    nic = spec.nics[0]
-    net.serve_dhcp({nic.mac: nic.ipv4})
     with net.entered():
         server = socket.create_server((net.network.gateway, 0))
     port = server.getsockname()[1]
@@ -179,9 +184,7 @@ def test_the_guest_talks_tcp_to_a_service_in_the_namespace(
             connection.sendall(b"got " + word + b"\n")
 
     threading.Thread(target=answer_once, daemon=True).start()
-    console = make_node().start(spec)
-    console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
-    wait_for_lease(console, nic)
+    _, console = booted_with_lease(testguest, net, make_node(), 11)
     assert console.request("tcp", net.network.gateway, str(port), "marco") == ["got", "marco"]
     server.close()
 
@@ -194,14 +197,14 @@ def test_a_guest_without_a_lease_reports_its_nic_without_address_and_no_nic_gues
     console = node.start(spec)
     console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
     assert console.request("net") == ["eth0", "-", spec.nics[0].mac, "1500"]
-    with pytest.raises(Exception, match="no-lease"):
+    with pytest.raises(GuestError, match="no-lease"):
         console.request("spoof-ip", str(net.network.subnet.network_address + 50))
 
     bare = VmSpec(str(uuid.uuid4()), "bare", 1, 256, 1, testguest)
     bare_console = node.start(bare)
     bare_console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
     assert bare_console.request("net") == ["none"]
-    with pytest.raises(Exception, match="no-nic"):
+    with pytest.raises(GuestError, match="no-nic"):
         bare_console.request("reach", net.network.gateway)
 
 
@@ -210,13 +213,9 @@ def test_spoofing_and_a_rogue_dhcp_server_work_on_an_unprotected_bridge(
 ):
     # Without the node's anti-spoofing rules (workers.net) forged traffic gets answers and a guest's
     # DHCP server is heard: the baseline that the node's rules must turn into "fail" and silence.
-    spec = guest_with_nic(testguest, net, 13)
-    nic = spec.nics[0]
-    net.serve_dhcp({nic.mac: nic.ipv4})
     node = make_node()
-    console = node.start(spec)
-    console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
-    wait_for_lease(console, nic)
+    spec, console = booted_with_lease(testguest, net, node, 13)
+    nic = spec.nics[0]
     assert console.request("spoof-ip", str(net.network.subnet.network_address + 77)) == ["ok"]
     assert console.request("spoof-mac", "52:54:00:66:66:66") == ["ok"]
     assert console.request("net")[2] == nic.mac  # restored
@@ -228,25 +227,6 @@ def test_spoofing_and_a_rogue_dhcp_server_work_on_an_unprotected_bridge(
     bound = victim.wait_for(r"dhcp bound eth0 (\S+)/24$", DHCP_TIMEOUT)
     rogue_range = {str(net.network.subnet.network_address + host) for host in range(200, 251)}
     assert bound.group(1) in rogue_range
-
-
-def live_migrate(source: Node, dest: Node, spec: VmSpec) -> dict[str, Any]:
-    """Migrate ``spec`` from ``source`` to the paused ``dest`` over a unix socket; QEMU's figures."""
-    channel = dest.driver.layout.data_dir / "migration.sock"
-    dest.driver.execute(spec.uuid, "migrate-incoming", {"uri": f"unix:{channel}"})
-    with source.driver.job_session(spec.uuid) as qmp:
-        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 30, "downtime-limit": 300})
-        mark = qmp.event_mark()
-        qmp.execute("migrate", {"uri": f"unix:{channel}"})
-        done = qmp.wait_event(
-            "MIGRATION",
-            after=mark,
-            timeout=60,
-            match=lambda event: event.data.get("status") in ("completed", "failed"),
-        )
-        assert done.data["status"] == "completed"
-    return source.driver.execute(spec.uuid, "query-migrate")
 
 
 def rx_queue(node: Node, spec: VmSpec) -> dict[str, Any]:
@@ -261,13 +241,9 @@ def rx_queue(node: Node, spec: VmSpec) -> dict[str, Any]:
 def test_a_tcp_connection_to_the_guest_survives_its_live_migration(
     testguest: KernelImage, net: PrivateNetwork, make_node: Callable[[], Node]
 ):
-    spec = guest_with_nic(testguest, net, 20)
-    nic = spec.nics[0]
-    net.serve_dhcp({nic.mac: nic.ipv4})
     source, dest = make_node(), make_node()  # two nodes' taps in one bridge
-    console = source.start(spec)
-    console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
-    wait_for_lease(console, nic)
+    spec, _ = booted_with_lease(testguest, net, source, 20)
+    nic = spec.nics[0]
 
     reader = CounterReader(counter_connection(net, nic.ipv4))
     thread = threading.Thread(target=reader.run, daemon=True)
@@ -275,7 +251,7 @@ def test_a_tcp_connection_to_the_guest_survives_its_live_migration(
     reader.wait_for_count(50, 30)
 
     dest.start(spec, incoming=True)
-    migration = live_migrate(source, dest, spec)
+    migration = live_migrate(source.driver, spec.uuid, dest.driver, spec.uuid)
     switched_at = time.monotonic()
     dest.driver.execute(spec.uuid, "cont")
     dest.driver.execute(spec.uuid, "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
