@@ -263,14 +263,13 @@ def test_a_tcp_connection_to_the_guest_survives_its_live_migration(
     try:
         reader.wait_for_count(count + 20, 5)
     except AssertionError:
-        # Seen in about a third of these migrations under TCG (QEMU 7.2), not yet explained: the guest
-        # sends nothing more on the connection, although its NIC works (it answers ping from the
-        # namespace) and its ticks go on; QEMU's RX queue then shows no buffer filled since the switch.
+        # Seen in about a third of these migrations under TCG (QEMU 7.2), not yet explained: the
+        # guest's counter on this connection sends nothing more after the switch, although the NIC
+        # works (ping from the namespace is answered, a new connection to the counter streams) and the
+        # guest's ticks go on; QEMU's RX queue then shows no buffer filled since the switch.
         rx = rx_queue(dest, spec)
         net.ns("ping", "-c", "3", "-W", "2", nic.ipv4)  # a dead NIC fails the test here
-        pytest.xfail(
-            f"the counter stream stopped after the switch although the NIC answers ping; RX queue {rx}"
-        )
+        pytest.xfail(f"the established stream stopped after the switch, the NIC answers ping; RX queue {rx}")
     reader.wait_for_count(count + 100, 30)  # still streaming, from the destination
     reader.stop.set()
     reader.connection.close()
