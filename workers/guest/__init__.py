@@ -14,7 +14,7 @@ manifest's ``fallback``), ``initrd.img`` (gzip newc cpio) and ``manifest.json``:
      "initrd": {"path": "initrd.img", "size": ..., "sha256": ..., "compression": "gzip",
                 "busybox_package": "busybox-static", "busybox_version": ...,
                 "modules": {"disk": [...], "net": [...]}},
-     "cmdline": "console=ttyS0 quiet", "fallback": null | "why vmlinuz is used",
+     "cmdline": "console=ttyS0 quiet no_timer_check", "fallback": null | "why vmlinuz is used",
      "boot_check": {"accel": "tcg", "first_tick_seconds": 2.7, "checked_at": <unix time>} | null,
      "inputs": {package names and versions, sha256 of the builder sources}}
 
@@ -24,7 +24,7 @@ Boot (TCG; KVM works the same way on hosts where it really boots Linux)::
 
     qemu-system-x86_64 -machine q35,accel=tcg -m 256 -nodefaults -no-user-config -display none \\
         -kernel vmlinux -initrd initrd.img \\
-        -append "console=ttyS0 quiet dirty_mb=16 dirty_rate_mb=8" \\
+        -append "console=ttyS0 quiet no_timer_check dirty_mb=16 dirty_rate_mb=8" \\
         -chardev socket,id=console,path=console.sock,server=on,wait=off,logfile=console.log \\
         -serial chardev:console
 
@@ -33,11 +33,12 @@ virtio-blk disk, e.g. ``-blockdev driver=file,filename=disk.qcow2,node-name=file
 driver=qcow2,file=file0,node-name=disk0 -device virtio-blk-pci,drive=disk0``, becomes ``/dev/vda`` (init
 loads the virtio modules only when one is present). Optional: virtio-net NICs, e.g. ``-netdev
 tap,id=net0,ifname=TAP,script=no,downscript=no -device virtio-net-pci,netdev=net0,mac=MAC,romfile=``, become
-``eth0``, ``eth1``, ...: init then loads virtio-net, runs busybox ``udhcpc`` on each in the background (the
-lease sets address, MTU (option 26) and, for eth0 only, the default route and ``/etc/resolv.conf``; it prints
-``dhcp bound ethN ADDRESS/PREFIX``) and serves TCP on every address: echo on port 7, and on port 9000 a
-counter streaming ``0``, ``1``, ... one line every 10 ms (a client sees order and gaps). A guest without a
-virtio-net device does none of this and boots as fast as before.
+``eth0``, ``eth1``, ...: init then loads virtio-net, runs busybox ``udhcpc`` on each in the background
+(the lease sets address, MTU (option 26) and, for eth0 only, the default route and ``/etc/resolv.conf``;
+it prints ``dhcp bound ethN ADDRESS/PREFIX`` when it gets or changes its address, ``dhcp leasefail ethN``
+after 10 unanswered discovers, then tries again 5 s later) and serves TCP on every address: echo on port
+7, and on port 9000 a counter streaming ``0``, ``1``, ... one line every 10 ms (a client sees order and
+gaps). A guest without a virtio-net device does none of this and boots as fast as before.
 
 Kernel command line (besides ``console=ttyS0``): ``dirty_mb=M`` fills M MiB of a tmpfs (RAM) with random
 data, then, with ``dirty_rate_mb=R``, keeps rewriting it round robin at about R MiB/s (under TCG the guest's

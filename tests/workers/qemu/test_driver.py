@@ -15,6 +15,7 @@ import pytest
 
 from tests.workers.qemu.conftest import (
     last_tick,
+    live_migrate,
     new_data_dir,
     qemu_processes_for,
     sweep,
@@ -278,23 +279,8 @@ def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_another_node(
     driver.create(destination)
     incoming = driver.start(destination.uuid, incoming=True)
     assert (incoming.state, incoming.qemu_status) == (VmState.PAUSED, "inmigrate")
-    channel = driver.layout.data_dir / "migration.sock"
-    driver.execute(destination.uuid, "migrate-incoming", {"uri": f"unix:{channel}"})
-
     source_log = source_driver.paths(source.uuid).serial_log
-    with source_driver.job_session(source.uuid) as qmp:
-        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        mark = qmp.event_mark()
-        started = time.monotonic()
-        qmp.execute("migrate", {"uri": f"unix:{channel}"})
-        done = qmp.wait_event(
-            "MIGRATION",
-            after=mark,
-            timeout=60,
-            match=lambda event: event.data.get("status") in ("completed", "failed"),
-        )
-        print(f"\nmigration {done.data['status']} in {time.monotonic() - started:.2f} s")
-        assert done.data["status"] == "completed"
+    live_migrate(source_driver, source.uuid, driver, destination.uuid)
     last_source_tick = last_tick(source_log)
     assert source_driver.status(source.uuid).qemu_status == "postmigrate"
 
