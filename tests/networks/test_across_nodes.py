@@ -146,11 +146,11 @@ def test_a_tcp_connection_from_the_lan_survives_a_live_migration(
     )
 
     probe = Probe(client.netns, address)
-    wait_for(
-        lambda: client.run("ss", "-Htn", "dst", f"{address}:9000").stdout.strip(),
-        30,
-        "the client's connection to the guest's counter",
-    )
+
+    def connected() -> bool:
+        return bool(client.run("ss", "-Htn", "dst", f"{address}:9000").stdout.strip())
+
+    wait_for(connected, 30, "the client's connection to the guest's counter")
     with console(cluster, vm["id"]) as guest:
         for _ in range(10):  # a second of traffic before the move
             guest.wait_for(r"tick \d+", 30)
