@@ -19,7 +19,7 @@ import pytest
 
 from tests.faults.invariants import FAULT_STALL_TIMEOUT
 from tests.faults.redis_server import cluster_redis_url, private_redis  # noqa: F401 - fixtures
-from tests.workers.node.conftest import cluster, guest_image, test_guest  # noqa: F401 - fixtures
+from tests.workers.node.conftest import cluster, cluster_hosts, guest_image, test_guest  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts" / "faults"
