@@ -86,50 +86,20 @@ class NetLab:
         """A namespace joined to ``host`` by a veth: ``interface`` in ``host``, ``eth0`` in the client
         (both up, no address)."""
         client = self._namespace(name)
-        ip(
-            "link",
-            "add",
-            interface,
-            "netns",
-            host.netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            client.netns,
-        )
-        host.run("ip", "link", "set", interface, "up")
-        client.run("ip", "link", "set", "eth0", "up")
+        _join(host, interface, client, "eth0")
         self.clients.append(client)
         return client
 
     def add_lan(self, hosts: Sequence[Namespace], name: str = "client", interface: str = "lan0") -> Namespace:
-        """A client namespace holding a LAN (a bridge ``lan`` with the client's ``eth0`` address to
-        come) that every one of ``hosts`` joins by a veth named ``interface`` there (up, no address):
-        a provider network's LAN reaching several nodes."""
+        """A client namespace holding a LAN (a bridge ``lan``, where the client's address goes) that
+        every one of ``hosts`` joins by a veth named ``interface`` there (up, no address): a provider
+        network's LAN reaching several nodes."""
         client = self._namespace(name)
         client.run("ip", "link", "add", "lan", "type", "bridge")
         client.run("ip", "link", "set", "lan", "up")
         for index, host in enumerate(hosts):
-            port = f"port{index}"
-            ip(
-                "link",
-                "add",
-                interface,
-                "netns",
-                host.netns,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                port,
-                "netns",
-                client.netns,
-            )
-            host.run("ip", "link", "set", interface, "up")
-            client.run("ip", "link", "set", port, "master", "lan", "up")
+            _join(host, interface, client, f"port{index}")
+            client.run("ip", "link", "set", f"port{index}", "master", "lan")
         self.clients.append(client)
         return client
 
@@ -167,6 +137,26 @@ def netlab(hosts: int = 2) -> Iterator[NetLab]:
         yield lab
     finally:
         lab.close()
+
+
+def _join(host: Namespace, host_end: str, client: Namespace, client_end: str) -> None:
+    """A veth between two namespaces, both ends up (no address)."""
+    ip(
+        "link",
+        "add",
+        host_end,
+        "netns",
+        host.netns,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        client_end,
+        "netns",
+        client.netns,
+    )
+    host.run("ip", "link", "set", host_end, "up")
+    client.run("ip", "link", "set", client_end, "up")
 
 
 def _free_subnet() -> ipaddress.IPv4Network:

@@ -7,8 +7,10 @@ each network it hosts (by VNI), the other hosting nodes' underlay address and VX
 
 Writes that change who hosts what (VM creates, deletes, migrations) call :func:`sync_on_commit` with
 the networks (or VMs) concerned; the peers are read once the transaction commits, so they include
-it, and a transaction sends one message per affected node however many VMs it touched. A completed
-delete syncs only when its node no longer hosts the network. A node that
+it, and a transaction sends one message per affected node however many VMs it touched. A create
+syncs only the networks it brings to a node that did not host them (:func:`arrivals`), and a
+completed delete only when its node no longer hosts the network: a VM beside others of its network
+changes nobody's peers. A node that
 registers is sent its complete view (``complete=True``: it drops peers of networks not listed).
 Messages are idempotent views, not deltas: a late one is repaired by the next.
 """
@@ -48,6 +50,17 @@ def hosting(network_ids: Iterable[int]) -> dict[int, set[int]]:
     for network_id, node_id in moving.values_list("network_id", "vm__migrations__dest_node_id").distinct():
         hosts[network_id].add(node_id)
     return hosts
+
+
+def arrivals(pairs: Iterable[tuple[int, int]]) -> set[int]:
+    """The networks of ``(network, node)`` pairs whose node does not host that network yet: read
+    before the VMs that bring them are inserted, under the networks' row locks (creates on one
+    network take turns), so of two creates the later one sees the earlier one's VMs."""
+    wanted = set(pairs)
+    if not wanted:
+        return set()
+    hosts = hosting(network_id for network_id, _ in wanted)
+    return {network_id for network_id, node_id in wanted if node_id not in hosts[network_id]}
 
 
 def views(network_ids: Iterable[int]) -> dict[str, dict[str, list[contract.OverlayPeer]]]:

@@ -104,6 +104,12 @@ def _create_many(
         for request, networks in zip(requests, attached, strict=True)
     ]
     nodes = scheduler.reserve(demands=demands, pinned=[request.node for request in requests])
+    joining = peers.arrivals(
+        (network.pk, node.pk)
+        for networks, node in zip(attached, nodes, strict=True)
+        if node is not None
+        for network in networks
+    )
     vms = [
         VM(
             owner=owner,
@@ -125,7 +131,7 @@ def _create_many(
         # No savepoint: the Conflict leaves the caller's transaction, which rolls back, unused.
         raise Conflict("A VM with one of these names was created concurrently; retry.") from exc
     network_services.nics_insert(created, plan)
-    peers.sync_on_commit(plan.network_ids)
+    peers.sync_on_commit(joining)
     return created
 
 

@@ -32,10 +32,14 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture(autouse=True)
 def _empty_node_queues() -> Iterator[None]:
+    _clear()
+    yield
+
+
+def _clear() -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
     for key in client.scan_iter("node.*"):
         client.delete(key)
-    yield
 
 
 def _sent(node: str) -> list[contract.NetworkPeers]:
@@ -107,6 +111,34 @@ def test_a_batch_sends_one_message_per_node_after_commit(
         others = sorted(str(fleet[other].address) for other in hosts - {name})
         assert message["complete"] is False
         assert sorted(peer["address"] for peer in message["peers"][str(network.vni)]) == others
+
+
+def test_a_vm_beside_others_of_its_network_changes_nobodys_peers(
+    user: Any, image: Any, fleet: dict[str, Node], django_capture_on_commit_callbacks: Any
+) -> None:
+    project = personal_project(user)
+    network = network_create(project_id=project.pk, name="web", cidr="10.5.0.0/24")
+    with django_capture_on_commit_callbacks(execute=True):
+        _vm(user, image, "w1", fleet["a"], ["web"])
+        _vm(user, image, "w2", fleet["b"], ["web"])
+    _clear()  # the two arrivals' messages
+    with django_capture_on_commit_callbacks(execute=True):
+        _vm(user, image, "w3", fleet["a"], ["web"])
+        _vm(user, image, "w4", fleet["b"], ["web"])
+    assert _sent("a") == [] and _sent("b") == []
+    with django_capture_on_commit_callbacks(execute=True):
+        _vm(user, image, "w5", fleet["c"], ["web"])  # c arrives: everyone hears of it
+    heard = {
+        name: [
+            sorted(peer["address"] for peer in message["peers"][str(network.vni)]) for message in _sent(name)
+        ]
+        for name in ("a", "b", "c")
+    }
+    assert heard == {
+        "a": [["192.0.2.2", "192.0.2.3"]],
+        "b": [["192.0.2.1", "192.0.2.3"]],
+        "c": [["192.0.2.1", "192.0.2.2"]],
+    }
 
 
 def test_a_migration_destination_joins_before_the_move_and_leaves_on_roll_back(
