@@ -40,9 +40,9 @@ def cluster_hosts(lab: NetLab) -> tuple[NodeHost, ...]:
 @pytest.fixture
 def cluster_redis_url(lab: NetLab, tmp_path: Path, settings) -> Iterator[str]:
     server = PrivateRedis(tmp_path, host=lab.gateway)
-    server.start()
-    settings.REDIS_URL = server.url
     try:
+        server.start()
+        settings.REDIS_URL = server.url
         with producer_on(server.url):
             yield server.url
     finally:
