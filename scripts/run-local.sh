@@ -12,6 +12,8 @@ var="$NOVACRON_VAR_DIR"
 mkdir -p "$var/log"
 export HOST="${HOST:-127.0.0.1}" PORT="${PORT:-8000}" FLOWER_PORT="${FLOWER_PORT:-5555}"
 export NODE1_DWCP_PORT="${NODE1_DWCP_PORT:-7001}" NODE2_DWCP_PORT="${NODE2_DWCP_PORT:-7002}"
+# Both local nodes share this host's network namespace: each needs its own VXLAN UDP port.
+export NODE1_VXLAN_PORT="${NODE1_VXLAN_PORT:-4789}" NODE2_VXLAN_PORT="${NODE2_VXLAN_PORT:-4790}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 
 scripts/system-deps.sh run
@@ -57,7 +59,7 @@ NovaCron is starting:
   Admin            http://$HOST:$PORT/admin/      user admin, $admin_password
   Flower           http://127.0.0.1:$FLOWER_PORT/  user admin, same password
   Dashboard        http://$HOST:$PORT/dashboard/  (staff login); Prometheus text at /metrics
-  Nodes            node1 (DWCP 127.0.0.1:$NODE1_DWCP_PORT), node2 (DWCP 127.0.0.1:$NODE2_DWCP_PORT), data in $var/nodes/
+  Nodes            node1 (DWCP 127.0.0.1:$NODE1_DWCP_PORT, VXLAN $NODE1_VXLAN_PORT), node2 (DWCP 127.0.0.1:$NODE2_DWCP_PORT, VXLAN $NODE2_VXLAN_PORT), data in $var/nodes/
   Try              POST /api/v1/vms/ {"name": "demo", "image": "testguest", "vcpus": 1, "memory_mb": 128, "disk_gb": 1}
   Database         ${DATABASE_URL:-SQLite file $var/novacron.sqlite3}
   Logs             $var/log/<process>.log; this console shows warnings and errors only

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages NovaCron needs (as root), or prints the exact command and fails.
 # Usage: scripts/system-deps.sh run|test|bench
-#   run:  what `make run` needs (QEMU, and a Redis server when none answers at REDIS_URL)
+#   run:  what `make run` needs (QEMU; the VM networks' data plane: iproute2, nftables, dnsmasq-base;
+#         and a Redis server when none answers at REDIS_URL)
 #   test: what `make test` needs: the above, plus what the suite drives (network namespaces and tc,
 #         nc and rsync as transfer baselines, Chromium for the dashboard, redis-server for the
-#         fault scenarios' private servers, losetup for block-device sends)
+#         fault scenarios' private servers, losetup for block-device sends, busybox's udhcpc as the
+#         network tests' DHCP client, iputils' ping for the clients' view of a moving VM)
 #   bench: what the `make bench-*` targets need: the test set and wrk (bench-api's load generator)
 # Nothing else is touched: a package already installed is not upgraded.
 set -euo pipefail
@@ -15,11 +17,11 @@ case "$profile" in
   *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
 
-packages=(qemu-system-x86 qemu-utils)
+packages=(qemu-system-x86 qemu-utils iproute2 nftables dnsmasq-base)
 command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 if [[ "$profile" == test || "$profile" == bench ]]; then
-  packages+=(iproute2 netcat-openbsd rsync chromium redis-server util-linux)
+  packages+=(netcat-openbsd rsync chromium redis-server util-linux busybox iputils-ping)
   [[ "$profile" == bench ]] && packages+=(wrk)
 elif ! command -v redis-server >/dev/null && ! scripts/redis-up.sh; then
   packages+=(redis-server)

@@ -52,6 +52,11 @@ class NoCapacity(NovaCronError):
     status = status.HTTP_409_CONFLICT
 
 
+class NoAddress(NovaCronError):
+    code = "no_address"
+    status = status.HTTP_409_CONFLICT
+
+
 class Conflict(NovaCronError):
     code = "conflict"
     status = status.HTTP_409_CONFLICT

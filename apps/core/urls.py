@@ -10,6 +10,7 @@ from apps.audit.urls import API_ROUTES as AUDIT_ROUTES
 from apps.migrations.views import MigrationViewSet
 from apps.monitoring.urls import API_ROUTES as MONITORING_ROUTES
 from apps.monitoring.urls import api_urlpatterns as monitoring_urlpatterns
+from apps.networks.views import NetworkViewSet
 from apps.projects.views import ProjectMemberViewSet, ProjectViewSet
 from apps.vms.views import BatchViewSet, ImageViewSet, MeView, NodeViewSet, VMViewSet
 
@@ -19,6 +20,7 @@ router.register("batches", BatchViewSet, basename="batch")
 router.register("nodes", NodeViewSet, basename="node")
 router.register("images", ImageViewSet, basename="image")
 router.register("migrations", MigrationViewSet, basename="migration")
+router.register("networks", NetworkViewSet, basename="network")
 router.register("projects", ProjectViewSet, basename="project")
 router.register(r"projects/(?P<id>[0-9]+)/members", ProjectMemberViewSet, basename="project-member")
 for prefix, viewset, basename in (*ACCOUNTS_ROUTES, *MONITORING_ROUTES, *AUDIT_ROUTES):

@@ -39,6 +39,11 @@ def role_allows(role: str | None, needed: Role) -> bool:
     return role is not None and ROLE_RANK[Role(role)] >= ROLE_RANK[needed]
 
 
+def default_max_networks() -> int:
+    """A project made without saying (rows of code written before networks): the default quota's."""
+    return int(novacron_setting("DEFAULT_QUOTA")["max_networks"])
+
+
 class Project(models.Model):
     name = models.CharField(max_length=64, unique=True)
     description = models.CharField(max_length=500, blank=True)
@@ -53,6 +58,7 @@ class Project(models.Model):
     max_vms = models.PositiveIntegerField()
     max_vcpus = models.PositiveIntegerField()
     max_memory_mb = models.PositiveBigIntegerField()
+    max_networks = models.PositiveIntegerField(default=default_max_networks)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -64,8 +64,8 @@ def user_by_name_or_id(value: str | int) -> AbstractBaseUser | None:
 
 
 def project_quota_report(*, project: Project) -> dict[str, dict[str, int]]:
-    """The project's limits and what its live VMs use of them (``quota`` endpoint)."""
+    """The project's limits and what its live VMs and its networks use of them (``quota`` endpoint)."""
     return {
-        "limits": asdict(project_quota(project_id=project.pk)),
-        "usage": asdict(project_usage(project_id=project.pk)),
+        "limits": {**asdict(project_quota(project_id=project.pk)), "max_networks": project.max_networks},
+        "usage": {**asdict(project_usage(project_id=project.pk)), "networks": project.networks.count()},
     }

@@ -72,8 +72,8 @@ class MembershipUpdateSerializer(StrictInputMixin, serializers.Serializer[Any]):
     role = serializers.ChoiceField(Role.choices)
 
 
-def _limit(name: str, what: str) -> serializers.IntegerField:
-    return serializers.IntegerField(min_value=0, max_value=QUOTA_LIMIT_MAX[name], help_text=what)
+def _limit(name: str, what: str, **kwargs: Any) -> serializers.IntegerField:
+    return serializers.IntegerField(min_value=0, max_value=QUOTA_LIMIT_MAX[name], help_text=what, **kwargs)
 
 
 class ProjectQuotaLimitsSerializer(StrictInputMixin, serializers.Serializer[Any]):
@@ -83,11 +83,19 @@ class ProjectQuotaLimitsSerializer(StrictInputMixin, serializers.Serializer[Any]
     max_vms = _limit("max_vms", "VMs that are not deleted.")
     max_vcpus = _limit("max_vcpus", "vCPUs of those VMs.")
     max_memory_mb = _limit("max_memory_mb", "Memory of those VMs, in MiB.")
+    # Optional even in a PUT: clients written before networks set the three limits above.
+    max_networks = _limit("max_networks", "Networks the project owns.", required=False)
+
+
+class ProjectUsageSerializer(UsageSerializer):
+    networks = serializers.IntegerField(help_text="Networks the project owns.")
 
 
 class ProjectQuotaSerializer(serializers.Serializer[Any]):
     limits = ProjectQuotaLimitsSerializer()
-    usage = UsageSerializer(help_text="What the project's VMs that are not deleted use.")
+    usage = ProjectUsageSerializer(
+        help_text="What the project's VMs that are not deleted, and its networks, use."
+    )
 
 
 class ErrorDetailSerializer(serializers.Serializer[Any]):

@@ -47,7 +47,12 @@ def personal_project(user: AbstractBaseUser) -> Project:
 # members, its last admin and its quota change one writer at a time.
 
 # Upper bounds of a project's limits: far above any fleet, below the columns' integer ranges.
-QUOTA_LIMIT_MAX: Final = {"max_vms": 10**9, "max_vcpus": 10**9, "max_memory_mb": 10**13}
+QUOTA_LIMIT_MAX: Final = {
+    "max_vms": 10**9,
+    "max_vcpus": 10**9,
+    "max_memory_mb": 10**13,
+    "max_networks": 10**6,
+}
 
 
 def memberships_changed(user_ids: Iterable[int]) -> None:
@@ -160,7 +165,7 @@ def project_update(*, project: Project, name: str | None = None, description: st
 @transaction.atomic
 def project_delete(*, project: Project) -> None:
     """Delete a team project that has no VM left but deleted ones (409 otherwise), with the records
-    of its deleted VMs (and their migrations) and its batches.
+    of its deleted VMs (and their migrations), its batches and its networks.
 
     The row is locked FOR UPDATE first: a concurrent create (which locks it FOR NO KEY UPDATE, and
     whose insert takes KEY SHARE) either committed before, and its VM is seen here, or waits and
@@ -174,12 +179,16 @@ def project_delete(*, project: Project) -> None:
         raise Conflict(f"The project still has {live} VM(s) that are not deleted; delete them first.")
     members = list(project.memberships.values_list("user_id", flat=True))
     project.batches.all().delete()
-    project.vms.all().delete()
+    project.vms.all().delete()  # and their NICs
     try:
         with transaction.atomic():
+            project.networks.all().delete()
             project.delete()
     except ProtectedError as exc:  # rows of another kind that protect it (PROTECT foreign keys)
-        raise Conflict("The project still owns VMs or batches; delete them first.") from exc
+        raise Conflict(
+            "The project still owns VMs or batches, or a shared network other projects' VMs use; "
+            "delete them first."
+        ) from exc
     memberships_changed(members)
     _vm_bodies_changed()
 

@@ -147,7 +147,7 @@ class ProjectViewSet(
             serializer = ProjectQuotaLimitsSerializer(data=request.data, partial=request.method == "PATCH")
             serializer.is_valid(raise_exception=True)
             if not serializer.validated_data:
-                raise InvalidInput("Give at least one of max_vms, max_vcpus, max_memory_mb.")
+                raise InvalidInput("Give at least one of max_vms, max_vcpus, max_memory_mb, max_networks.")
             project = services.project_set_quota(project=project, limits=serializer.validated_data)
         return Response(project_quota_report(project=project))
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from celery import group
 from django.db import transaction
 
+from apps.networks.nics import nic_descriptions
 from novacron.celery import app
 from workers import contract
 
@@ -36,6 +37,8 @@ def vm_spec(vm: VM) -> contract.VmDescription:
             "initrd_path": image.initrd_path,
             "cmdline": image.cmdline,
         },
+        # In guest order; prefetched for a batch (``apps.networks.selectors.NICS_PREFETCH``).
+        "nics": nic_descriptions(vm),
     }
 
 

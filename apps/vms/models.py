@@ -14,6 +14,7 @@ from django.db import models
 from django.db.models import F, Q
 
 from apps.projects.services import personal_project
+from workers.contract import VXLAN_PORT
 
 from .choices import (
     BatchItemStatus,
@@ -53,6 +54,17 @@ class Node(models.Model):
     allocated_disk_gb = models.PositiveBigIntegerField(default=0)
     hypervisor = models.JSONField(
         default=dict, blank=True, help_text="QEMU version, accelerator, KVM usability."
+    )
+    networking = models.CharField(
+        max_length=500,
+        blank=True,
+        default="",
+        help_text="Empty when the node can attach NICs (its registration says so), else why it cannot.",
+    )
+    vxlan_port = models.PositiveIntegerField(
+        default=VXLAN_PORT,
+        validators=[MinValueValidator(1), MaxValueValidator(65535)],
+        help_text="The UDP port of the node's VXLAN devices.",
     )
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -16,7 +16,9 @@ fields give, or what orjson (``dumps(utc_datetimes=True)``) and DRF's JSON encod
 those fields would: UUIDs (or their text), strings, integers, None and aware datetimes in UTC (the
 PostgreSQL session's zone and Django's converters give UTC).
 
-Adding a field to the API is one line here plus the model's migration.
+Adding a field to the API is one line here plus the model's migration. A field that is no column of
+the VM or its foreign keys (``nics``, rows of another table) declares its SQL, ORM annotation and
+instance reader itself.
 """
 
 import hashlib
@@ -26,25 +28,64 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import orjson
 from django.db import connection, models
+from django.db.models.expressions import Expression, RawSQL
+
+from apps.core.db import on_postgresql
+from apps.networks.nics import nics_shown
+from apps.networks.serializers import NicShownSerializer
 
 from .models import VM
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: a cache key, cheap to hash
 class VMField:
-    """One field of the API's VM: ``name`` in the JSON, read from ``orm`` (a path from the VM)."""
+    """One field of the API's VM: ``name`` in the JSON, read from ``orm`` (a path from the VM).
+
+    A field that is no column (a list of related rows) gives its ``sql``, an ORM ``annotation``
+    (named ``orm``) for the ORM fallback, how to ``read`` it from an instance, and its API field.
+    """
 
     name: str
     orm: str
     sql: str | None = None  # default: the ORM path's column, ``v.<column>`` or ``<relation>.<column>``
     render: Callable[[Any], Any] | None = None  # the loaded value as the API shows it; default: as is
+    annotation: Callable[[], Expression] | None = None  # the ORM's expression of ``orm``
+    read: Callable[[Any], Any] | None = None  # the value of a VM instance (default: its ``orm`` path)
+    api_field: Callable[[], Any] | None = None  # the serializer field (default: the model field's)
 
     @property
     def relation(self) -> str | None:
         """The VM's foreign key this field is read through, if any (``owner`` for ``owner__username``)."""
         head, _, rest = self.orm.partition("__")
         return head if rest else None
+
+
+# A VM's NICs in index order, one JSON array per VM row (a correlated subquery on the unique index
+# of (vm, index)): [{network, mac, ipv4}]. As text, which :func:`_json_list` loads, whatever JSON
+# loader the connection has.
+_NICS_SQL = """(SELECT coalesce(json_agg(json_build_object('network', n.name, 'mac', c.mac, 'ipv4', c.ipv4)
+ORDER BY c."index"), '[]')::text
+FROM nics c JOIN networks n ON n.id = c.network_id WHERE c.vm_id = {vm}.id)"""
+# SQLite (``make run``): json_group_array of rows ordered in a subquery (SQLite keeps that order).
+_NICS_SQLITE = """(SELECT json_group_array(json_object('network', o.name, 'mac', o.mac, 'ipv4', o.ipv4))
+FROM (SELECT n.name, c.mac, c.ipv4 FROM nics c JOIN networks n ON n.id = c.network_id
+WHERE c.vm_id = "vms".id ORDER BY c."index") o)"""
+
+
+def _nics_annotation() -> Expression:
+    # Fixed text, no parameter: nothing of a request reaches it.
+    return RawSQL(_NICS_SQL.format(vm='"vms"') if on_postgresql() else _NICS_SQLITE, ())  # noqa: S611
+
+
+def _json_list(value: Any) -> Any:
+    """A JSON array loaded from its text (the SQL paths); a list (an instance's) as it is."""
+    return orjson.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def _nics_api_field() -> Any:
+    return NicShownSerializer(many=True, read_only=True, help_text="The VM's NICs, in guest order.")
 
 
 VM_FIELDS: tuple[VMField, ...] = (
@@ -62,6 +103,15 @@ VM_FIELDS: tuple[VMField, ...] = (
     VMField("disk_gb", "disk_gb"),
     VMField("created_at", "created_at"),
     VMField("updated_at", "updated_at"),
+    VMField(
+        "nics",
+        "nic_list",
+        sql=_NICS_SQL.format(vm="v"),
+        render=_json_list,
+        annotation=_nics_annotation,
+        read=nics_shown,
+        api_field=_nics_api_field,
+    ),
 )
 
 
@@ -76,7 +126,11 @@ def _layout(
 
 @cache
 def _fingerprint(fields: tuple[VMField, ...]) -> str:
-    declared = "|".join(f"{field.name}={field.orm}={field.sql}={field.render!r}" for field in fields)
+    # Functions by qualified name: their repr holds an address that differs between processes.
+    declared = "|".join(
+        f"{field.name}={field.orm}={field.sql}={getattr(field.render, '__qualname__', None)}"
+        for field in fields
+    )
     return hashlib.blake2b(declared.encode(), digest_size=4).hexdigest()
 
 
@@ -93,6 +147,11 @@ def names() -> tuple[str, ...]:
 def orm_paths() -> tuple[str, ...]:
     """The ORM fallback's ``values_list`` paths, in declaration order (rows for :func:`row_data`)."""
     return tuple(field.orm for field in VM_FIELDS)
+
+
+def annotations() -> dict[str, Expression]:
+    """The ORM expressions of the fields that are no column, by their ``orm`` name (``annotate``)."""
+    return {field.orm: field.annotation() for field in VM_FIELDS if field.annotation is not None}
 
 
 def relations() -> tuple[str, ...]:
@@ -185,9 +244,10 @@ def _getter(path: str) -> Callable[[Any], Any]:
 
 @cache
 def _getters(fields: tuple[VMField, ...]) -> tuple[Callable[[Any], Any], ...]:
-    return tuple(_getter(field.orm) for field in fields)
+    return tuple(field.read or _getter(field.orm) for field in fields)
 
 
 def vm_data(vm: VM) -> dict[str, Any]:
-    """The API's dict of a VM instance (its relations loaded: :func:`relations`)."""
+    """The API's dict of a VM instance (its relations loaded: :func:`relations`; its NICs read
+    unless prefetched with ``apps.networks.selectors.NICS_PREFETCH``)."""
     return row_data([read(vm) for read in _getters(VM_FIELDS)])

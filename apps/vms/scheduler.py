@@ -1,6 +1,7 @@
 """Placement: pick nodes for VMs and reserve their capacity atomically.
 
-Filter: nodes that are ``up`` with enough free vCPUs, memory and disk. Weigh: the most free memory
+Filter: nodes that are ``up`` with enough free vCPUs, memory and disk (and, for a VM with NICs, whose
+registration said they can attach them: ``Node.networking`` empty). Weigh: the most free memory
 first, recomputed after every placement so a batch spreads across nodes. A single VM free to go
 anywhere is placed and reserved by one statement on the best node that no concurrent reservation
 holds. Otherwise reservation is one conditional UPDATE of the chosen nodes (it checks their room and
@@ -14,6 +15,7 @@ import functools
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from django.db import connection, transaction
 from django.db.models import F
@@ -31,6 +33,7 @@ class Demand:
     vcpus: int
     memory_mb: int
     disk_gb: int
+    networked: bool = False  # the VM has NICs: only nodes that can attach them (``Node.networking`` "")
 
 
 @dataclass
@@ -39,10 +42,12 @@ class _Room:
     vcpus: int
     memory_mb: int
     disk_gb: int
+    networking: str = ""  # why the node cannot attach NICs ("": it can)
 
     def fits(self, demand: Demand) -> bool:
         return (
-            self.vcpus >= demand.vcpus
+            (not demand.networked or not self.networking)
+            and self.vcpus >= demand.vcpus
             and self.memory_mb >= demand.memory_mb
             and self.disk_gb >= demand.disk_gb
         )
@@ -65,14 +70,33 @@ _CAPACITY = (
     "allocated_memory_mb",
     "disk_gb",
     "allocated_disk_gb",
+    "networking",
 )
 
 
-def _rooms(rows: Iterable[tuple[int, int, int, int, int, int, int]]) -> dict[int, _Room]:
+def _rooms(rows: Iterable[tuple[int, int, int, int, int, int, int, str]]) -> dict[int, _Room]:
     return {
-        pk: _Room(pk, cpu - cpu_used, mem - mem_used, disk - disk_used)
-        for pk, cpu, cpu_used, mem, mem_used, disk, disk_used in rows
+        pk: _Room(pk, cpu - cpu_used, mem - mem_used, disk - disk_used, networking)
+        for pk, cpu, cpu_used, mem, mem_used, disk, disk_used, networking in rows
     }
+
+
+NO_NICS_HINT: Final = "Create it with `networks: []` for a VM without NICs."
+
+
+def _no_network_node(rooms: dict[int, _Room], demand: Demand, where: str) -> NoCapacity | None:
+    """Why a VM with NICs fits nowhere when only the nodes that cannot attach NICs have its room."""
+    if not demand.networked:
+        return None
+    plain = Demand(demand.vcpus, demand.memory_mb, demand.disk_gb)
+    unable = [room for room in rooms.values() if room.networking and room.fits(plain)]
+    if not unable:
+        return None
+    reasons = "; ".join(sorted({room.networking for room in unable}))
+    return NoCapacity(
+        f"No node that can attach NICs has room for {_describe(demand)}{where}: the nodes with room "
+        f"cannot ({reasons}). {NO_NICS_HINT}"
+    )
 
 
 def _place(
@@ -88,13 +112,17 @@ def _place(
             room = rooms.get(pin.pk)
             if room is None:
                 raise NoCapacity(f"Node {pin.name} is not accepting VMs (status {pin.status}).")
+            if demand.networked and room.networking:
+                raise NoCapacity(f"Node {pin.name} cannot attach NICs ({room.networking}). {NO_NICS_HINT}")
             if not room.fits(demand):
                 raise NoCapacity(f"Node {pin.name} has no room for {_describe(demand)}.")
         else:
             fitting = [room for room in rooms.values() if room.fits(demand)]
             if not fitting:
                 where = f" (item {index})" if len(demands) > 1 else ""
-                raise NoCapacity(f"No node has room for {_describe(demand)}{where}.")
+                raise _no_network_node(rooms, demand, where) or NoCapacity(
+                    f"No node has room for {_describe(demand)}{where}."
+                )
             room = max(fitting, key=lambda r: (r.memory_mb, r.vcpus, -r.pk))
         room.take(demand)
         chosen.append(room.pk)
@@ -151,7 +179,7 @@ SET allocated_vcpus = n.allocated_vcpus + %(vcpus)s,
     allocated_disk_gb = n.allocated_disk_gb + %(disk_gb)s
 FROM (
     SELECT id FROM nodes
-    WHERE status = %(status)s
+    WHERE status = %(status)s{networked}
       AND vcpus - allocated_vcpus >= %(vcpus)s
       AND memory_mb - allocated_memory_mb >= %(memory_mb)s
       AND disk_gb - allocated_disk_gb >= %(disk_gb)s
@@ -165,8 +193,10 @@ RETURNING {columns}
 
 
 @functools.cache
-def _take_best_sql() -> str:
-    return _TAKE_BEST_SQL.format(columns=columns(Node, "n"))
+def _take_best_sql(networked: bool) -> str:
+    """The statement for a VM with NICs (only nodes that can attach them) or without."""
+    only_networking = " AND networking = ''" if networked else ""
+    return _TAKE_BEST_SQL.format(columns=columns(Node, "n"), networked=only_networking)
 
 
 @postgresql_or(none_elsewhere)
@@ -180,7 +210,7 @@ def _take_best(demand: Demand) -> Node | None:
         "status": NodeStatus.UP.value,
     }
     # Prepared: PostgreSQL planned it on every create (half of its 0.54 ms, the statement log).
-    found = fetch_instances(Node, _take_best_sql(), params)
+    found = fetch_instances(Node, _take_best_sql(demand.networked), params)
     return found[0] if found else None
 
 
@@ -254,7 +284,7 @@ def reserve(
     if reserved is None:
         nodes = {node.pk: node for node in candidates.select_for_update() if node.pk not in excluded}
         rooms = {
-            pk: _Room(pk, node.free_vcpus, node.free_memory_mb, node.free_disk_gb)
+            pk: _Room(pk, node.free_vcpus, node.free_memory_mb, node.free_disk_gb, node.networking)
             for pk, node in nodes.items()
         }
         plan = _place(rooms, demands, pins)

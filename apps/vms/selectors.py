@@ -36,8 +36,9 @@ class Usage:
 
 
 def project_quota(*, project_id: int) -> Limits:
-    row = Project.objects.filter(pk=project_id).values("max_vms", "max_vcpus", "max_memory_mb").first()
-    return Limits(**(row or Project.default_quota()))
+    limits = ("max_vms", "max_vcpus", "max_memory_mb")
+    row = Project.objects.filter(pk=project_id).values(*limits).first() or Project.default_quota()
+    return Limits(**{limit: row[limit] for limit in limits})
 
 
 def project_usage(*, project_id: int) -> Usage:
@@ -83,7 +84,8 @@ def _visible(queryset: QuerySet[M], viewer: Viewer) -> QuerySet[M]:
 
 def vm_visible_to(viewer: Viewer) -> QuerySet[VM]:
     """Every VM ``viewer`` may see, deleted ones included (for detail lookups), with what
-    :mod:`.representation` reads of their relations."""
+    :mod:`.representation` reads of their relations (their NICs: ``NICS_PREFETCH`` where many are
+    shown as instances)."""
     return _visible(VM.objects.select_related(*representation.relations()), viewer)
 
 
@@ -100,7 +102,11 @@ def vm_list(*, viewer: Viewer, state: str | None = None, include_deleted: bool =
 def vm_rows(queryset: QuerySet[VM]) -> QuerySet[VM, dict[str, Any]]:
     """``queryset`` read as rows of :mod:`.representation`'s ORM paths (one query, no model
     instances; dicts, which cursor pagination reads its position from): :func:`vm_row_data`."""
-    return queryset.values(*dict.fromkeys(representation.orm_paths()))
+    return (
+        queryset.prefetch_related(None)
+        .annotate(**representation.annotations())
+        .values(*dict.fromkeys(representation.orm_paths()))
+    )
 
 
 def vm_row_data(row: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from apps.core.serializers import NameOrIdField, StrictInputMixin
+from workers.net.names import MAX_NICS
 
 from . import representation
 from .choices import BatchItemStatus
@@ -34,6 +35,9 @@ class VMSerializer(serializers.ModelSerializer[VM]):
     def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
         built: dict[str, serializers.Field[Any, Any, Any, Any]] = {}
         for declared in representation.VM_FIELDS:
+            if declared.api_field is not None:
+                built[declared.name] = declared.api_field()
+                continue
             field_class, kwargs = self.build_standard_field(
                 declared.name, representation.model_field(declared.orm)
             )
@@ -64,6 +68,13 @@ class VMCreateSerializer(StrictInputMixin, serializers.Serializer[VMRequest]):
     memory_mb = serializers.IntegerField(min_value=64, max_value=MAX_MEMORY_MB)
     disk_gb = serializers.IntegerField(min_value=1, max_value=MAX_DISK_GB)
     node = NameOrIdField(Node, required=False, allow_null=True)
+    networks = serializers.ListField(
+        child=serializers.CharField(max_length=63),
+        required=False,
+        max_length=MAX_NICS,
+        help_text="Networks (names or ids) of the VM's NICs, in guest order; omitted: the project's "
+        "default network (made on first use); empty: no NIC.",
+    )
 
     def to_request(self) -> VMRequest:
         return VMRequest(**self.validated_data)
@@ -153,6 +164,8 @@ class NodeSerializer(StrictInputMixin, serializers.ModelSerializer[Node]):
             "free_memory_mb",
             "free_disk_gb",
             "hypervisor",
+            "networking",
+            "vxlan_port",
             "last_heartbeat",
             "created_at",
             "updated_at",
@@ -163,6 +176,8 @@ class NodeSerializer(StrictInputMixin, serializers.ModelSerializer[Node]):
             "allocated_memory_mb",
             "allocated_disk_gb",
             "hypervisor",
+            "networking",
+            "vxlan_port",
             "last_heartbeat",
             "created_at",
             "updated_at",

@@ -11,6 +11,7 @@ import redis
 from celery import shared_task
 from django.conf import settings
 
+from apps.networks.nics import NICS_PREFETCH
 from workers import contract
 
 from . import dispatch, services
@@ -24,7 +25,11 @@ def batch_dispatch(*, batch_id: str, task_name: str) -> int:
     vm_ids = BatchItem.objects.filter(
         batch_id=uuid.UUID(batch_id), status=BatchItemStatus.PENDING
     ).values_list("vm_id", flat=True)
-    vms = list(VM.objects.filter(pk__in=list(vm_ids), node__isnull=False).select_related("node", "image"))
+    vms = list(
+        VM.objects.filter(pk__in=list(vm_ids), node__isnull=False)
+        .select_related("node", "image")
+        .prefetch_related(NICS_PREFETCH)
+    )
     dispatch.send_group(vms, task_name)
     return len(vms)
 

@@ -806,6 +806,7 @@ def _remove_earlier_writes() -> int:
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("CREATE INDEX bench_metrics_vm_idx ON metrics (vm_id)")
         cursor.execute(f"CREATE TEMPORARY TABLE bench_gone ON COMMIT DROP AS {mine}")
+        cursor.execute("DELETE FROM nics WHERE vm_id IN (SELECT id FROM bench_gone)")  # their addresses
         cursor.execute("DELETE FROM batch_items WHERE vm_id IN (SELECT id FROM bench_gone)")
         cursor.execute(
             "DELETE FROM batch_operations b WHERE owner_id = (SELECT id FROM auth_user WHERE username = "

@@ -1,10 +1,13 @@
 """Two "hosts" on this machine for benchmarks: network namespaces joined by a shaped veth link.
 
     host  <-veth->  ns A (node A)  <-veth, tc tbf->  ns B (node B)  <-veth->  host
+                     | lan0                              | lan0
+                     +------ client ns: bridge "lan" ----+
 
 Each namespace also has a veth to the host (for Redis); the A<->B link carries all migration
-traffic and is shaped with ``tc qdisc tbf`` on both ends. Addresses are private ones that exist only
-inside these namespaces. Needs root.
+traffic and the VMs' overlay (VXLAN), and is shaped with ``tc qdisc tbf`` on both ends. The client
+namespace plays an operator's machine on a provider LAN that both nodes join (each bridges its
+``lan0`` into the provider network); the client's address goes on its bridge ``lan``. Addresses are private ones that exist only inside these namespaces. Needs root.
 """
 
 import contextlib
@@ -23,6 +26,7 @@ def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Topology:
     ns_a: str = f"{PREFIX}a"
     ns_b: str = f"{PREFIX}b"
+    ns_client: str = f"{PREFIX}c"
     host_a: str = "10.231.0.1"  # host end of the host<->A link
     a_host: str = "10.231.0.2"
     host_b: str = "10.231.0.5"
@@ -35,7 +39,7 @@ class Topology:
 
 
 def _cleanup(topology: Topology) -> None:
-    for ns in (topology.ns_a, topology.ns_b):
+    for ns in (topology.ns_a, topology.ns_b, topology.ns_client):
         sh("ip", "netns", "del", ns, check=False)
     for link in (f"{PREFIX}ha", f"{PREFIX}hb"):
         sh("ip", "link", "del", link, check=False)
@@ -65,6 +69,16 @@ def two_hosts() -> Iterator[Topology]:
         for ns, ip in ((a, topology.a_link), (b, topology.b_link)):
             sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "eth-peer")
             sh("ip", "-n", ns, "link", "set", "eth-peer", "up")
+        # the client's LAN, which both nodes join
+        client = topology.ns_client
+        sh("ip", "netns", "add", client)
+        sh("ip", "-n", client, "link", "set", "lo", "up")
+        sh("ip", "-n", client, "link", "add", "lan", "type", "bridge")
+        sh("ip", "-n", client, "link", "set", "lan", "up")
+        for ns, port in ((a, "port-a"), (b, "port-b")):
+            sh("ip", "-n", ns, "link", "add", "lan0", "type", "veth", "peer", "name", port, "netns", client)
+            sh("ip", "-n", ns, "link", "set", "lan0", "up")
+            sh("ip", "-n", client, "link", "set", port, "master", "lan", "up")
         yield topology
     finally:
         _cleanup(topology)

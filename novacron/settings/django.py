@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "apps.monitoring",
     "apps.projects",
     "apps.audit",
+    "apps.networks",
 ]
 
 MIDDLEWARE = [

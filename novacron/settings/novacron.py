@@ -13,6 +13,7 @@ NOVACRON = {
         "max_memory_mb": env_int(
             "QUOTA_MAX_MEMORY_MB", 819200, help="Quota of a new project: memory in MiB."
         ),
+        "max_networks": env_int("QUOTA_MAX_NETWORKS", 10, help="Quota of a new project: networks."),
     },
     "BATCH_MAX_ITEMS": 1000,
     "CPU_ALLOCATION_RATIO": env(

@@ -767,8 +767,18 @@ def test_batch_of_1000_put_delete_and_pagination(
     # a timing here would measure whatever else the machine runs.
     assert operator.register_node("bulk", vcpus=10_000, memory_mb=10_000_000, disk_gb=100_000).status == 201
     raise_quota("alice", vms=5000, vcpus=10_000, memory_mb=10_000_000)
+    # A default network is a /24: a thousand NICs need a bigger one.
+    network = alice.post("/api/v1/networks/", {"name": "bulk", "cidr": "10.40.0.0/22"})
+    assert network.status == 201, str(network)
     items = [
-        {"name": f"bulk-{i:04d}", "image": "debian-12", "vcpus": 1, "memory_mb": 256, "disk_gb": 1}
+        {
+            "name": f"bulk-{i:04d}",
+            "image": "debian-12",
+            "vcpus": 1,
+            "memory_mb": 256,
+            "disk_gb": 1,
+            "networks": ["bulk"],
+        }
         for i in range(1000)
     ]
     resp = alice.batch_create(items)

@@ -36,6 +36,8 @@ class PrivateRedis:
                 str(self.port),
                 "--bind",
                 self.host,
+                "--protected-mode",  # no password: protected mode would refuse clients of an underlay address
+                "no",
                 "--save",
                 "",
                 "--appendonly",

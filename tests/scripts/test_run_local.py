@@ -24,7 +24,14 @@ from workers.node.stop import process_running
 from workers.qemu import KernelImage
 
 ROOT = Path(__file__).resolve().parents[2]
-PORTS = {"PORT": 18020, "FLOWER_PORT": 18021, "NODE1_DWCP_PORT": 18022, "NODE2_DWCP_PORT": 18023}
+PORTS = {
+    "PORT": 18020,
+    "FLOWER_PORT": 18021,
+    "NODE1_DWCP_PORT": 18022,
+    "NODE2_DWCP_PORT": 18023,
+    "NODE1_VXLAN_PORT": 18024,
+    "NODE2_VXLAN_PORT": 18025,
+}
 START_TIMEOUT = 240  # migrate on SQLite, collectstatic and six processes on a loaded 2-core machine
 STOP_TIMEOUT = 60
 ENV_PASSWORD = "from-the-environment-1"

@@ -16,13 +16,15 @@ import pytest
 from rest_framework.test import APIClient
 
 from apps.migrations.models import Migration
+from apps.networks.models import Network
+from apps.networks.services import network_create
 from apps.projects.models import Membership, Project, Role
 from apps.vms.models import VM, BatchItem, BatchOperation
 from tests.security.test_tenant_isolation import BODIES, OWNED, _call, _schema_operations
 
 pytestmark = pytest.mark.django_db
 
-PROJECT_KINDS = frozenset({"vm", "batch", "migration"})  # OWNED's kinds that a project holds
+PROJECT_KINDS = frozenset({"vm", "batch", "migration", "network"})  # OWNED's kinds that a project holds
 ROLES = ("reader", "member", "admin", "outsider", "outsider-naming-it", "anonymous")
 # Writes last, deletions at the very end: a member's delete must not hide the other endpoints' VM.
 METHOD_ORDER = {"get": 0, "patch": 1, "put": 1, "post": 2, "delete": 3}
@@ -55,7 +57,8 @@ def team(make_user: Any, make_node: Any, make_image: Any) -> dict[str, Any]:
         requested_by=creator,
         vm_state_before="running",
     )
-    return {"project": project, "vm": vm, "batch": batch, "migration": migration}
+    network = network_create(project_id=project.pk, name="team-net", cidr="10.78.0.0/24")
+    return {"project": project, "vm": vm, "batch": batch, "migration": migration, "network": network}
 
 
 def _caller(role: str, team: dict[str, Any], make_user: Any, client_for: Any) -> APIClient:
@@ -118,6 +121,7 @@ def test_every_project_endpoint_answers_each_role_as_the_role_allows(role, team,
         vm = VM.objects.get(pk=team["vm"].pk)
         assert (vm.name, vm.state, vm.pending_action) == ("team-vm", "running", "")
         assert Migration.objects.get(pk=team["migration"].pk).bandwidth_limit_mbps is None
+        assert Network.objects.get(pk=team["network"].pk).name == "team-net"
 
 
 @pytest.mark.parametrize("role", ["outsider", "outsider-naming-it"])

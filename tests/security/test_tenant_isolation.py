@@ -14,6 +14,8 @@ from drf_spectacular.generators import SchemaGenerator
 
 from apps.accounts.services import token_create
 from apps.migrations.models import Migration
+from apps.networks.models import Network
+from apps.networks.services import network_create
 from apps.vms.models import VM, BatchItem, BatchOperation
 
 pytestmark = pytest.mark.django_db
@@ -31,6 +33,7 @@ OWNED = {
     "/api/v1/migrations/{id}/events/": "migration",
     "/api/v1/migrations/{id}/force-complete/": "migration",
     "/api/v1/tokens/{id}/": "token",
+    "/api/v1/networks/{id}/": "network",
 }
 # Fleet-wide or operator objects: readable by all (nodes, images) or staff only; writes staff only.
 STAFF_ONLY = {
@@ -61,6 +64,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "/api/v1/vms/{id}/": {"name": "hijacked"},
     "/api/v1/vms/{id}/migrate/": {"mode": "cold"},
     "/api/v1/migrations/{id}/": {"bandwidth_limit_mbps": 1},
+    "/api/v1/networks/{id}/": {"name": "hijacked"},
 }
 
 
@@ -84,7 +88,9 @@ def victim_objects(user, make_node, make_image) -> dict[str, Any]:
         vm=vm, source_node=source, dest_node=dest, mode="live", requested_by=user, vm_state_before="running"
     )
     token = token_create(user=user, name="victim").token
+    network = network_create(project_id=vm.project_id, name="secret-net", cidr="10.77.0.0/24")
     return {
+        "network": network,
         "vm": vm,
         "batch": batch,
         "migration": migration,
@@ -136,6 +142,7 @@ def test_another_users_objects_are_404_on_every_owned_endpoint(api, other_api, v
     assert vm.name == "secret-vm" and vm.state == "running" and not vm.pending_action
     assert Migration.objects.get(pk=victim_objects["migration"].pk).bandwidth_limit_mbps is None
     assert victim_objects["user"].api_tokens.filter(name="victim").exists()
+    assert Network.objects.filter(pk=victim_objects["network"].pk, name="secret-net").exists()
 
 
 def test_batch_endpoints_refuse_another_users_vms(other_api, victim_objects):
@@ -154,6 +161,8 @@ def test_batch_endpoints_refuse_another_users_vms(other_api, victim_objects):
 def test_lists_filters_and_cached_responses_never_leak(api, other_api, victim_objects):
     ids = {str(victim_objects[kind].pk) for kind in ("vm", "batch", "migration")}
     lists = [
+        "/api/v1/networks/",
+        "/api/v1/networks/?name=secret-net",
         "/api/v1/vms/",
         "/api/v1/vms/?name=secret-vm",
         "/api/v1/vms/?state=running",
@@ -169,7 +178,9 @@ def test_lists_filters_and_cached_responses_never_leak(api, other_api, victim_ob
         response = other_api.get(url)
         assert response.status_code in (200, 403, 404), (url, response.status_code)
         text = response.content.decode()
-        leaked = [value for value in ids if value in text] + (["secret-vm"] if "secret-vm" in text else [])
+        leaked = [value for value in ids if value in text] + [
+            name for name in ("secret-vm", "secret-net", "10.77.0.0") if name in text
+        ]
         assert not leaked, (url, leaked)
     usage = other_api.get("/api/v1/users/me/").json()
     assert re.search(r'"vms":\s*0', str(usage).replace("'", '"')) or usage.get("usage", {}).get("vms") == 0

@@ -8,12 +8,13 @@ Build (from Debian packages only, nothing installed on the host; a second run re
 This writes ``vmlinux`` (uncompressed ELF kernel, PVH boot; ``vmlinuz`` only if PVH boot failed, see the
 manifest's ``fallback``), ``initrd.img`` (gzip newc cpio) and ``manifest.json``::
 
-    {"format": 1, "name": "testguest",
+    {"format": 2, "name": "testguest",
      "kernel": {"path": "vmlinux", "size": ..., "sha256": ..., "boot": "pvh" | "bzimage",
                 "package": "linux-image-6.1.0-56-amd64", "version": "6.1.192-2", "release": "6.1.0-56-amd64"},
      "initrd": {"path": "initrd.img", "size": ..., "sha256": ..., "compression": "gzip",
-                "busybox_package": "busybox-static", "busybox_version": ..., "modules": [...]},
-     "cmdline": "console=ttyS0 quiet", "fallback": null | "why vmlinuz is used",
+                "busybox_package": "busybox-static", "busybox_version": ...,
+                "modules": {"disk": [...], "net": [...]}},
+     "cmdline": "console=ttyS0 quiet no_timer_check", "fallback": null | "why vmlinuz is used",
      "boot_check": {"accel": "tcg", "first_tick_seconds": 2.7, "checked_at": <unix time>} | null,
      "inputs": {package names and versions, sha256 of the builder sources}}
 
@@ -23,14 +24,21 @@ Boot (TCG; KVM works the same way on hosts where it really boots Linux)::
 
     qemu-system-x86_64 -machine q35,accel=tcg -m 256 -nodefaults -no-user-config -display none \\
         -kernel vmlinux -initrd initrd.img \\
-        -append "console=ttyS0 quiet dirty_mb=16 dirty_rate_mb=8" \\
+        -append "console=ttyS0 quiet no_timer_check dirty_mb=16 dirty_rate_mb=8" \\
         -chardev socket,id=console,path=console.sock,server=on,wait=off,logfile=console.log \\
         -serial chardev:console
 
 (``-nographic`` instead of the ``-chardev``/``-serial`` pair puts the console on stdio.) Optional: a
 virtio-blk disk, e.g. ``-blockdev driver=file,filename=disk.qcow2,node-name=file0 -blockdev
 driver=qcow2,file=file0,node-name=disk0 -device virtio-blk-pci,drive=disk0``, becomes ``/dev/vda`` (init
-loads the virtio modules only when one is present).
+loads the virtio modules only when one is present). Optional: virtio-net NICs, e.g. ``-netdev
+tap,id=net0,ifname=TAP,script=no,downscript=no -device virtio-net-pci,netdev=net0,mac=MAC,romfile=``, become
+``eth0``, ``eth1``, ...: init then loads virtio-net, runs busybox ``udhcpc`` on each in the background
+(the lease sets address, MTU (option 26) and, for eth0 only, the default route and ``/etc/resolv.conf``;
+it prints ``dhcp bound ethN ADDRESS/PREFIX`` when it gets or changes its address, ``dhcp leasefail ethN``
+after 10 unanswered discovers, then tries again 5 s later) and serves TCP on every address: echo on port
+7, and on port 9000 a counter streaming ``0``, ``1``, ... one line every 10 ms (a client sees order and
+gaps). A guest without a virtio-net device does none of this and boots as fast as before.
 
 Kernel command line (besides ``console=ttyS0``): ``dirty_mb=M`` fills M MiB of a tmpfs (RAM) with random
 data, then, with ``dirty_rate_mb=R``, keeps rewriting it round robin at about R MiB/s (under TCG the guest's
@@ -64,9 +72,23 @@ request                     answer
 ``disk-write TAG VALUE``    ``disk-written TAG VALUE``: ``novacron-testguest VALUE`` in sector 0 of
                             /dev/vda, fsynced
 ``disk-read TAG``           ``disk TAG VALUE`` (``-`` when sector 0 holds no marker)
+``net TAG``                 ``net TAG eth0 ADDRESS/PREFIX MAC MTU [eth1 ...]`` (ADDRESS ``-`` before
+                            a lease); ``net TAG none`` without NICs
+``reach TAG IP``            ``reach TAG ok`` when any of 3 pings (200 ms apart) is answered, else
+                            ``reach TAG fail``
+``tcp TAG IP PORT WORD``    connects, sends ``WORD`` and a newline, answers ``tcp TAG LINE`` with the
+                            first line that came back within 5 s (``-`` for none)
+``spoof-ip TAG IP``         holds IP (an address of eth0's subnet that is not its own) on eth0 and
+                            pings eth0's gateway from it: ``spoof-ip TAG ok`` if answered, ``fail`` if
+                            not (what a node with anti-spoofing must give)
+``spoof-mac TAG MAC``       the same with eth0's MAC changed to MAC (restored afterwards):
+                            ``spoof-mac TAG ok|fail``
+``dhcp-serve TAG``          starts busybox ``udhcpd`` on eth0 offering .200-.250 of its /24 with
+                            itself as router: ``dhcp-serve TAG started``
 ==========================  ======================================================================
 
-Failures answer ``error TAG <reason>`` (``no-dirty-memory``, ``no-disk``, ``unknown-command CMD``, ...).
+Failures answer ``error TAG <reason>`` (``no-dirty-memory``, ``no-disk``, ``no-nic``, ``no-lease``,
+``bad-address``, ``bad-mac``, ``unknown-command CMD``, ...).
 A checksum is slow under TCG: allow for it in timeouts. :mod:`workers.guest.boot` implements a client
 (:class:`~workers.guest.boot.GuestVM`, :class:`~workers.guest.boot.SerialConsole`). PID 1 never exits;
 the guest has no ACPI handling, so stop it with QMP ``quit`` or by killing QEMU.

@@ -33,6 +33,12 @@ ANSWERS = {
     "resume": "resumed",
     "disk-write": "disk-written",
     "disk-read": "disk",
+    "net": "net",
+    "reach": "reach",
+    "tcp": "tcp",
+    "spoof-ip": "spoof-ip",
+    "spoof-mac": "spoof-mac",
+    "dhcp-serve": "dhcp-serve",
 }
 
 

@@ -6,7 +6,8 @@ Nothing is installed on the host: the packages are fetched with ``apt-get downlo
 with ``dpkg-deb --fsys-tarfile`` (only the files needed are taken; those of the kernel package are kept
 in the cache too). The kernel is the real package behind the ``linux-image-amd64`` metapackage; its
 ``vmlinuz`` is decompressed to an ELF ``vmlinux`` for PVH boot (it boots faster under TCG).
-The initramfs holds the static busybox, the init script ``init.sh`` and the virtio-blk modules. A boot check
+The initramfs holds the static busybox, the init script ``init.sh``, the DHCP client's event script
+``udhcpc.sh`` and the virtio-blk and virtio-net modules (each set with its load order). A boot check
 runs the result under TCG; if the uncompressed kernel does not reach the first tick, the compressed
 ``vmlinuz`` is used instead and the manifest says why. A second run with the same inputs reuses the output.
 """
@@ -41,12 +42,18 @@ DEFAULT_CACHE = REPO_ROOT / "var" / "cache" / "testguest-debs"
 KERNEL_METAPACKAGE = "linux-image-amd64"
 KERNEL_SERIES = "6.1."
 BUSYBOX_PACKAGE = "busybox-static"
-CMDLINE = "console=ttyS0 quiet"
-# Modules loaded by init when a virtio block device is present (their dependencies are added).
-DISK_MODULES = ("virtio_pci", "virtio_blk")
-MODULE_DIRS = ("kernel/drivers/virtio/", "kernel/drivers/block/")
+# no_timer_check: on a loaded host a TCG guest can fail the kernel's IO-APIC timer check at boot
+# and panic ("IO-APIC + timer doesn't work!"); virtual machines commonly skip that check.
+CMDLINE = "console=ttyS0 quiet no_timer_check"
+# Modules init loads when a virtio block / network device is present (their dependencies are added;
+# AF_PACKET, which udhcpc needs, is built into Debian's kernel).
+MODULE_SETS = {"disk": ("virtio_pci", "virtio_blk"), "net": ("virtio_pci", "virtio_net")}
+# Where those modules and their dependencies live in the kernel package (files directly in these dirs).
+MODULE_DIRS = ("kernel/drivers/virtio/", "kernel/drivers/block/", "kernel/drivers/net/", "kernel/net/core/")
+# Builder sources and guest files whose bytes decide the output (a change to any forces a rebuild).
+SOURCES = ("build.py", "cpio.py", "kernel.py", "init.sh", "udhcpc.sh")
 BOOT_CHECK_TIMEOUT = 90.0
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: initrd.modules is a load order per module set
 
 Log = Callable[[str], None]
 
@@ -143,12 +150,13 @@ def deb_members(deb: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
 
 
 def kernel_files(deb: Path, release: str, log: Log) -> tuple[bytes, dict[str, bytes]]:
-    """The ``vmlinuz`` and the block/virtio modules (by module name) of a kernel package.
+    """The ``vmlinuz`` and the modules in `MODULE_DIRS` (by module name) of a kernel package.
 
     Reading them means decompressing the whole 70 MB data archive, so they are kept next to the .deb
-    (``<deb>.files/``) for the next build with the same package.
+    (``<deb>.files-<digest of MODULE_DIRS>/``) for the next build with the same package and dirs.
     """
-    unpacked = deb.with_name(deb.name + ".files")
+    dirs_digest = hashlib.sha256("\0".join(MODULE_DIRS).encode()).hexdigest()[:12]
+    unpacked = deb.with_name(f"{deb.name}.files-{dirs_digest}")
     if not unpacked.is_dir():
         log(f"extracting {deb.name}")
         module_root = f"lib/modules/{release}/"
@@ -159,7 +167,7 @@ def kernel_files(deb: Path, release: str, log: Log) -> tuple[bytes, dict[str, by
                 or (
                     path.startswith(module_root)
                     and path.endswith(".ko")
-                    and any(d in path for d in MODULE_DIRS)
+                    and path.removeprefix(module_root).rpartition("/")[0] + "/" in MODULE_DIRS
                 )
             ),
         )
@@ -193,14 +201,20 @@ def _file_sha256(path: Path) -> str:
 def builder_fingerprint() -> str:
     """Hash of the builder's own sources and the init script: a change to either forces a rebuild."""
     digest = hashlib.sha256()
-    for name in ("build.py", "cpio.py", "kernel.py", "init.sh"):
+    for name in SOURCES:
         digest.update(name.encode() + b"\0" + (PACKAGE_DIR / name).read_bytes())
     return digest.hexdigest()
 
 
-def initramfs(busybox: bytes, modules: dict[str, bytes], order: list[str]) -> bytes:
-    """The gzip-compressed newc initramfs: busybox, ``/init``, device nodes and the disk modules."""
-    entries = [cpio.directory(path) for path in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "lib")]
+def module_orders(modules: dict[str, bytes]) -> dict[str, list[str]]:
+    """Per set of `MODULE_SETS`, the modules to load with their dependencies, each after its own."""
+    return {name: load_order(wanted, modules) for name, wanted in MODULE_SETS.items()}
+
+
+def initramfs(busybox: bytes, modules: dict[str, bytes], orders: dict[str, list[str]]) -> bytes:
+    """The gzip-compressed newc initramfs: busybox, ``/init``, the DHCP client's script, device nodes,
+    and the modules with one ``lib/modules/<set>.order`` file per set."""
+    entries = [cpio.directory(path) for path in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "lib", "etc")]
     entries += [cpio.directory(path) for path in ("lib/modules", "dev", "proc", "sys", "tmp", "run")]
     entries += [
         cpio.char_device("dev/console", 5, 1),
@@ -208,9 +222,14 @@ def initramfs(busybox: bytes, modules: dict[str, bytes], order: list[str]) -> by
         cpio.regular("bin/busybox", busybox, perm=0o755),
         cpio.symlink("bin/sh", "busybox"),
         cpio.regular("init", (PACKAGE_DIR / "init.sh").read_bytes(), perm=0o755),
-        cpio.regular("lib/modules/load-order", ("\n".join(order) + "\n").encode()),
+        cpio.regular("etc/udhcpc.script", (PACKAGE_DIR / "udhcpc.sh").read_bytes(), perm=0o755),
     ]
-    entries += [cpio.regular(f"lib/modules/{name}.ko", modules[name]) for name in order]
+    entries += [
+        cpio.regular(f"lib/modules/{name}.order", ("\n".join(order) + "\n").encode())
+        for name, order in orders.items()
+    ]
+    shipped = sorted({module for order in orders.values() for module in order})
+    entries += [cpio.regular(f"lib/modules/{name}.ko", modules[name]) for name in shipped]
     return gzip.compress(cpio.archive(entries), compresslevel=6, mtime=0)
 
 
@@ -294,7 +313,7 @@ def build(
 
         release = kernel_pkg.name.removeprefix("linux-image-")
         vmlinuz, modules = kernel_files(kernel_deb, release, log)
-        order = load_order(DISK_MODULES, modules)
+        orders = module_orders(modules)
         busybox = deb_members(busybox_deb, lambda path: path == "bin/busybox").get("bin/busybox")
         if busybox is None:
             raise BuildError(f"{busybox_deb.name} has no bin/busybox")
@@ -309,7 +328,7 @@ def build(
             log(fallback)
 
         # Files are replaced by rename, never removed first: QEMUs started from an older build keep working.
-        _write(out / "initrd.img", initramfs(busybox, modules, order))
+        _write(out / "initrd.img", initramfs(busybox, modules, orders))
         kernel_name = "vmlinuz" if fallback else "vmlinux"
         _write(out / kernel_name, vmlinuz if fallback else vmlinux)
 
@@ -344,7 +363,7 @@ def build(
                 "compression": "gzip",
                 "busybox_package": busybox_pkg.name,
                 "busybox_version": busybox_pkg.version,
-                "modules": order,
+                "modules": orders,
             },
             "cmdline": CMDLINE,
             "fallback": fallback,

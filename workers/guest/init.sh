@@ -138,20 +138,52 @@ dirtier() {
 
 ticker &
 
+# Whether a virtio PCI device with one of the given device ids is present.
+pci_present() {
+	for dev in /sys/bus/pci/devices/*; do
+		[ -r "$dev/vendor" ] || continue
+		read -r vendor <"$dev/vendor"
+		read -r device <"$dev/device"
+		[ "$vendor" = 0x1af4 ] || continue
+		for wanted in "$@"; do [ "$device" = "$wanted" ] && return 0; done
+	done
+	return 1
+}
+
+# Load a module set (/lib/modules/<set>.order, dependencies first); one already loaded fails harmlessly.
+load_modules() {
+	for mod in $(cat "/lib/modules/$1.order"); do
+		insmod "/lib/modules/$mod.ko" 2>/dev/null
+	done
+}
+
 # Block devices: load virtio-blk (shipped as modules) only when a virtio block device is present.
 DISK=
-for dev in /sys/bus/pci/devices/*; do
-	[ -r "$dev/vendor" ] || continue
-	read -r vendor <"$dev/vendor"
-	read -r device <"$dev/device"
-	if [ "$vendor" = 0x1af4 ] && { [ "$device" = 0x1001 ] || [ "$device" = 0x1042 ]; }; then
-		for mod in $(cat /lib/modules/load-order); do
-			insmod "/lib/modules/$mod.ko" 2>/dev/null
-		done
-		break
-	fi
-done
+pci_present 0x1001 0x1042 && load_modules disk
 [ -b /dev/vda ] && DISK=/dev/vda
+
+# Network: only when a virtio-net device is present (a guest without one does nothing more here), load
+# virtio-net, bring every ethN up with a DHCP client in the background (nothing waits for a lease; the
+# event script prints "dhcp bound ethN ADDRESS/PREFIX"), and start the TCP services on all addresses:
+# echo on port 7, and on port 9000 a counter streaming "0", "1", ... one line every 10 ms.
+NICS=
+if pci_present 0x1000 0x1041; then
+	load_modules net
+	ip link set dev lo up
+	for link in /sys/class/net/eth*; do
+		[ -e "$link" ] || continue
+		nic=${link##*/}
+		NICS="$NICS $nic"
+		ip link set dev "$nic" up
+		udhcpc -f -i "$nic" -s /etc/udhcpc.script -O mtu -t 10 -T 1 -A 5 >/dev/null 2>&1 &
+	done
+	nc -ll -p 7 -e cat >/dev/null 2>&1 &
+	# The counter waits on a FIFO nobody writes to (read -t) rather than forking a sleep per line: less
+	# memory written per line, and a steadier 10 ms.
+	mkfifo /run/counter.fifo
+	nc -ll -p 9000 -e sh -c 'exec 3<>/run/counter.fifo; n=0; while echo $n; do n=$((n + 1)); read -t 0.01 _ <&3; done' \
+		>/dev/null 2>&1 &
+fi
 
 DISK_MAGIC=novacron-testguest
 
@@ -162,6 +194,111 @@ disk_write() {
 disk_read() {
 	line=$(dd if=$DISK bs=512 count=1 2>/dev/null | head -n 1 | tr -d '\000')
 	case $line in "$DISK_MAGIC "*) echo "${line#"$DISK_MAGIC "}" ;; *) echo "-" ;; esac
+}
+
+# NICs: "ethN ADDRESS/PREFIX|- MAC MTU" for each, or "none".
+net_state() {
+	answer=
+	for nic in $NICS; do
+		read -r mac <"/sys/class/net/$nic/address"
+		read -r mtu <"/sys/class/net/$nic/mtu"
+		address=$(cat "/run/net/$nic.addr" 2>/dev/null)
+		answer="$answer $nic ${address:--} $mac $mtu"
+	done
+	echo "${answer:- none}"
+}
+
+is_ipv4() {
+	case $1 in *[!0-9.]* | *..* | .* | *.) return 1 ;; *.*.*.*) return 0 ;; *) return 1 ;; esac
+}
+
+# ok when a few pings to $1 (from source address $2, if given) get at least one reply, fail otherwise.
+pings() {
+	if ping -c 3 -i 0.2 -W 1 ${2:+-I "$2"} "$1" >/dev/null 2>&1; then echo ok; else echo fail; fi
+}
+
+# eth0's router from its lease, or nothing.
+gateway() {
+	router=$(cat /run/net/eth0.router 2>/dev/null)
+	[ "$router" != - ] && echo "$router"
+}
+
+# Send from a forged IPv4 source: hold the address on eth0 for a moment and ping the gateway from it.
+spoof_ip() {
+	gw=$(gateway)
+	[ -n "$gw" ] || { echo "error $tag no-lease"; return; }
+	ip addr add "$1/32" dev eth0 2>/dev/null || { echo "error $tag bad-address"; return; }
+	result=$(pings "$gw" "$1")
+	ip addr del "$1/32" dev eth0
+	echo "spoof-ip $tag $result"
+}
+
+# Send from a forged MAC: change eth0's MAC, ping the gateway (ARP first: the neighbours are flushed),
+# then restore the MAC and make the gateway learn the real one again.
+spoof_mac() {
+	gw=$(gateway)
+	[ -n "$gw" ] || { echo "error $tag no-lease"; return; }
+	read -r own </sys/class/net/eth0/address
+	ip link set dev eth0 address "$1" 2>/dev/null || { echo "error $tag bad-mac"; return; }
+	ip neigh flush dev eth0
+	result=$(pings "$gw")
+	ip link set dev eth0 address "$own"
+	ip neigh flush dev eth0
+	ping -c 1 -W 1 "$gw" >/dev/null 2>&1
+	echo "spoof-mac $tag $result"
+}
+
+# Pretend to be a DHCP server on eth0 (busybox udhcpd offering addresses of eth0's /24), to show that
+# the node never lets it be heard.
+dhcp_serve() {
+	address=$(cat /run/net/eth0.addr 2>/dev/null)
+	[ -n "$address" ] || { echo "error $tag no-lease"; return; }
+	own=${address%/*}
+	if ! { [ -e /run/udhcpd.pid ] && kill -0 "$(cat /run/udhcpd.pid)" 2>/dev/null; }; then
+		cat >/run/udhcpd.conf <<-EOT
+			interface eth0
+			start ${own%.*}.200
+			end ${own%.*}.250
+			lease_file /run/udhcpd.leases
+			pidfile /run/udhcpd.pid
+			option subnet 255.255.255.0
+			option router $own
+			option dns $own
+		EOT
+		: >/run/udhcpd.leases
+		udhcpd -f /run/udhcpd.conf >/dev/null 2>&1 &
+	fi
+	echo "dhcp-serve $tag started"
+}
+
+# Requests that need a NIC, with their arguments checked.
+handle_net() {
+	cmd=$1
+	if [ -z "$NICS" ]; then
+		echo "error $tag no-nic"
+		return
+	fi
+	case $cmd in
+	reach | tcp | spoof-ip)
+		is_ipv4 "$3" || { echo "error $tag bad-address"; return; }
+		;;
+	esac
+	case $cmd in
+	reach) echo "reach $tag $(pings "$3")" ;;
+	tcp)
+		if ! is_number "$4" || [ -z "$5" ]; then
+			echo "error $tag usage-tcp-IP-PORT-WORD"
+			return
+		fi
+		reply=$(printf '%s\n' "$5" | timeout 5 nc -w 3 "$3" "$4" 2>/dev/null | head -n 1 | tr -d '\r')
+		echo "tcp $tag ${reply:--}"
+		;;
+	spoof-ip) spoof_ip "$3" ;;
+	spoof-mac)
+		case $3 in [0-9a-f][0-9a-f]:*:*:*:*:*) spoof_mac "$3" ;; *) echo "error $tag bad-mac" ;; esac
+		;;
+	dhcp-serve) dhcp_serve ;;
+	esac
 }
 
 handle() {
@@ -209,6 +346,8 @@ handle() {
 	disk-read)
 		if [ -z "$DISK" ]; then echo "error $tag no-disk"; else echo "disk $tag $(disk_read)"; fi
 		;;
+	net) echo "net $tag$(net_state)" ;;
+	reach | tcp | spoof-ip | spoof-mac | dhcp-serve) handle_net "$@" ;;
 	*) echo "error $tag unknown-command $cmd" ;;
 	esac
 }

@@ -11,11 +11,14 @@ from kombu import Queue
 
 from workers import contract
 from workers.dwcp import DWCPError, DWCPServer
+from workers.net import names
+from workers.net.model import NetworkError
 from workers.qemu import DataDirError, DriverSettings, QemuDriver, QemuNotInstalled
 
 from .config import ConfigError, NodeConfig, from_args
 from .migration.runner import MigrationRunner, register_migration_tasks
 from .monitor import Monitor
+from .network import NodeNetwork
 from .reports import Reporter
 from .tasks import register_tasks
 
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir=config.data_dir,
                 accelerator=config.accelerator,
                 powerdown_timeout=config.powerdown_timeout,
-            )
+            ),
+            device_tag=names.node_tag(config.name, config.data_dir),  # the taps' names, as the data plane's
         )
         facts = driver.node_facts()
     except (ConfigError, QemuNotInstalled, DataDirError) as exc:
@@ -66,10 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = make_app(config)
     reporter = Reporter(app, config.name)
-    register_tasks(app, driver, reporter)
+    network = NodeNetwork(config)
+    try:
+        # Before any task: the taps of the VMs still running here, with the peers last heard.
+        network.reconcile(driver)
+    except NetworkError as exc:
+        logger.error("node %s: the network data plane could not be rebuilt: %s", config.name, exc)
+    register_tasks(app, driver, reporter, network)
     client = redis.Redis.from_url(config.redis_url)
     monitor = Monitor(config, driver, reporter, client)
-    register_migration_tasks(app, MigrationRunner(config, driver, app, client))
+    register_migration_tasks(app, MigrationRunner(config, driver, app, client, network))
     try:
         dwcp = DWCPServer(
             listen=config.dwcp_address,
@@ -85,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     @signals.worker_ready.connect(weak=False)
     def announce(**_: Any) -> None:
         # Register first, then hand over every VM this node holds so the control side reconciles.
-        reporter.register(address=config.address, dwcp_address=config.dwcp_address, facts=facts)
+        reporter.register(
+            address=config.address,
+            dwcp_address=config.dwcp_address,
+            facts=facts,
+            vxlan_port=config.vxlan_port,
+            networking=network.problem,
+        )
         reporter.vm_states(driver.discover(), complete=True)
         monitor.start()
         logger.info(

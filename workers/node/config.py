@@ -4,9 +4,13 @@ import argparse
 import os
 import re
 import socket
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers import contract
+from workers.net.dataplane import parse_physical_networks
+from workers.net.model import NetworkError
 from workers.qemu import AcceleratorSetting
 
 VERIFY_MEMORY_CHOICES = ("auto", "on", "off")
@@ -32,6 +36,8 @@ class NodeConfig:
     metrics_interval: float
     powerdown_timeout: float
     verify_memory: str = "auto"  # at a live migration's switch: on, off, or auto (on under TCG)
+    vxlan_port: int = contract.VXLAN_PORT  # UDP port of this node's VXLAN devices
+    physical_networks: Mapping[str, str] = field(default_factory=dict)  # provider network -> interface
 
     @property
     def dwcp_address(self) -> str:
@@ -90,6 +96,19 @@ def parser() -> argparse.ArgumentParser:
         help="compare guest RAM on both nodes before a live-migrated guest resumes: on, off, or auto "
         "(on under TCG, where QEMU 7.2 was measured losing writes; env NODE_VERIFY_MEMORY)",
     )
+    p.add_argument(
+        "--vxlan-port",
+        type=int,
+        default=int(env("NODE_VXLAN_PORT", str(contract.VXLAN_PORT))),
+        help="UDP port of this node's VXLAN devices; nodes sharing a network namespace need different "
+        f"ones (env NODE_VXLAN_PORT, default {contract.VXLAN_PORT})",
+    )
+    p.add_argument(
+        "--physical-networks",
+        default=env("NODE_PHYSICAL_NETWORKS", ""),
+        help="NAME=INTERFACE,...: the interface of this node bridged into each provider network of that "
+        "physical network (env NODE_PHYSICAL_NETWORKS)",
+    )
     return p
 
 
@@ -104,6 +123,12 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         raise ConfigError("--concurrency must be at least 1")
     if args.heartbeat_interval <= 0 or args.metrics_interval <= 0:
         raise ConfigError("intervals must be positive")
+    if not 0 < args.vxlan_port < 65536:
+        raise ConfigError(f"--vxlan-port must be a UDP port (1-65535), not {args.vxlan_port}")
+    try:
+        physical_networks = parse_physical_networks(args.physical_networks)
+    except NetworkError as exc:
+        raise ConfigError(f"--physical-networks: {exc}") from None
     secret = os.environ.get("DWCP_SECRET", "")
     if not secret:
         raise ConfigError(
@@ -125,4 +150,6 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         metrics_interval=args.metrics_interval,
         powerdown_timeout=args.powerdown_timeout,
         verify_memory=args.verify_memory,
+        vxlan_port=args.vxlan_port,
+        physical_networks=physical_networks,
     )

@@ -74,7 +74,15 @@ class Reporter:
         }
         self._send(contract.CONTROL_NODE_VM_STATES, states)
 
-    def register(self, *, address: str, dwcp_address: str, facts: contract.HypervisorFacts) -> None:
+    def register(
+        self,
+        *,
+        address: str,
+        dwcp_address: str,
+        facts: contract.HypervisorFacts,
+        vxlan_port: int = contract.VXLAN_PORT,
+        networking: str = "",
+    ) -> None:
         registration: contract.NodeRegistration = {
             "name": self.node,
             "address": address,
@@ -83,5 +91,7 @@ class Reporter:
             "memory_mb": facts["memory_mb"],
             "disk_gb": max(int(facts["disk_free_gb"]), 1),
             "hypervisor": facts,
+            "vxlan_port": vxlan_port,
+            "networking": networking,  # "" when this node can attach NICs, else why not
         }
         self._send(contract.CONTROL_NODE_REGISTER, registration)

@@ -14,6 +14,10 @@ What brings a lost task back depends on how it was lost:
   clearing the pending action (``apps.vms.services.reports.node_apply_vm_states``). A node that never
   comes back is marked down after ``NODE_HEARTBEAT_TIMEOUT``: its VMs go to ``error`` ("state unknown
   until it returns") and keep their pending action, so no other action is accepted for them meanwhile.
+
+NICs (``workers.node.network``): create, start and reboot wire the VM's NICs before QEMU starts (a
+failed create removes them with the VM); delete removes them after QEMU is gone; stop keeps them.
+``NODE_NETWORK_PEERS`` updates the overlay's peers.
 """
 
 import logging
@@ -23,8 +27,10 @@ from typing import Any, Unpack
 from celery import Celery
 
 from workers import contract
+from workers.net.model import NetworkError
 from workers.qemu import QemuDriver, QemuError, VmSpec, VmStatus
 
+from .network import NodeNetwork
 from .reports import Reporter, vm_entry
 
 logger = logging.getLogger(__name__)
@@ -32,12 +38,13 @@ logger = logging.getLogger(__name__)
 TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "time_limit": 600}
 
 
-def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter) -> None:
-    """Bind the lifecycle tasks of ``workers.contract`` to this node's driver."""
+Work = Callable[[VmSpec, contract.VmDescription], VmStatus | None]
 
-    def run(
-        operation: contract.Operation, vm: contract.VmDescription, work: Callable[[VmSpec], VmStatus | None]
-    ) -> None:
+
+def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter, network: NodeNetwork) -> None:
+    """Bind the lifecycle tasks of ``workers.contract`` to this node's driver and data plane."""
+
+    def run(operation: contract.Operation, vm: contract.VmDescription, work: Work) -> None:
         vm_id = str(vm.get("id", ""))
         try:
             spec = VmSpec.from_dict(vm)
@@ -47,8 +54,8 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter) -> None:
             )
             return
         try:
-            status = work(spec)
-        except QemuError as exc:
+            status = work(spec, vm)
+        except (QemuError, NetworkError) as exc:
             reporter.vm(vm_id=spec.uuid, operation=operation, ok=False, state="error", reason=str(exc))
             return
         except Exception as exc:
@@ -66,29 +73,37 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter) -> None:
                 vm_id=spec.uuid, operation=operation, ok=ok, state=entry["state"], reason=entry["reason"]
             )
 
-    def create(spec: VmSpec) -> VmStatus:
+    def create(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
         reporter.vm(vm_id=spec.uuid, operation="create", ok=True, state="provisioning", final=False)
         try:
+            network.attach(spec.uuid, vm)  # restores what it found on failure: nothing, for a new VM
             driver.create(spec)
             return driver.start(spec.uuid)
         except QemuError:
             # Leave nothing behind: the control plane records the error and releases the capacity.
             driver.delete(spec.uuid)
+            try:
+                network.detach(spec.uuid)
+            except NetworkError:  # the create's own error is the one to report
+                logger.exception("VM %s: its NICs could not be removed after a failed create", spec.uuid)
             raise
 
-    def start(spec: VmSpec) -> VmStatus:
+    def start(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
+        network.attach(spec.uuid, vm)
         return driver.start(spec.uuid)
 
-    def stop(spec: VmSpec) -> VmStatus:
+    def stop(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
         return driver.stop(spec.uuid)
 
-    def reboot(spec: VmSpec) -> VmStatus:
+    def reboot(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
+        network.attach(spec.uuid, vm)
         return driver.reboot(spec.uuid)
 
-    def delete(spec: VmSpec) -> None:
+    def delete(spec: VmSpec, vm: contract.VmDescription) -> None:
         driver.delete(spec.uuid)  # deleting a VM this node does not hold is a no-op
+        network.detach(spec.uuid)
 
-    operations: dict[str, tuple[contract.Operation, Callable[[VmSpec], VmStatus | None]]] = {
+    operations: dict[str, tuple[contract.Operation, Work]] = {
         contract.NODE_VM_CREATE: ("create", create),
         contract.NODE_VM_START: ("start", start),
         contract.NODE_VM_STOP: ("stop", stop),
@@ -97,12 +112,13 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter) -> None:
     }
     for task_name, (operation, work) in operations.items():
         app.task(name=task_name, **TASK_OPTIONS)(_bind(run, operation, work))
+    app.task(name=contract.NODE_NETWORK_PEERS, **TASK_OPTIONS)(network.set_peers)
 
 
 def _bind(
-    run: Callable[[contract.Operation, contract.VmDescription, Callable[[VmSpec], VmStatus | None]], None],
+    run: Callable[[contract.Operation, contract.VmDescription, Work], None],
     operation: contract.Operation,
-    work: Callable[[VmSpec], VmStatus | None],
+    work: Work,
 ) -> Callable[..., None]:
     def task(**request: Unpack[contract.VmOperationRequest]) -> None:
         vm = request["vm"]

@@ -13,6 +13,7 @@ from workers.qemu.driver import QemuDriver
 from workers.qemu.errors import (
     DataDirError,
     InvalidSpec,
+    NicsUnsupported,
     QemuError,
     QemuImgError,
     QemuNotInstalled,
@@ -28,7 +29,7 @@ from workers.qemu.errors import (
 from workers.qemu.layout import VmPaths
 from workers.qemu.qmp import QmpEvent, QmpSession
 from workers.qemu.settings import DriverSettings
-from workers.qemu.spec import DiskImage, KernelImage, VmSpec
+from workers.qemu.spec import DiskImage, KernelImage, NetworkSpec, NicSpec, VmSpec
 from workers.qemu.status import VmState, VmStatus
 
 __all__ = [
@@ -39,6 +40,9 @@ __all__ = [
     "DriverSettings",
     "InvalidSpec",
     "KernelImage",
+    "NetworkSpec",
+    "NicSpec",
+    "NicsUnsupported",
     "ProbeResult",
     "QemuDriver",
     "QemuError",

@@ -3,14 +3,23 @@
 The disk is always the pair ``file0`` (file protocol node) + ``disk0`` (qcow2 format node) behind a
 ``virtio-blk-pci`` device: live migration mirrors ``disk0`` and exports it over NBD by that name, so
 both ends of a migration must use exactly these node names. The serial console is the only console
-(``graphics=off`` also makes SeaBIOS print there); there is no NIC yet.
+(``graphics=off`` also makes SeaBIOS print there).
+
+NIC ``i`` is ``-netdev tap,id=net<i>`` on the node's persistent tap (created and bridged by the node
+before QEMU starts; QEMU runs no scripts) behind ``-device virtio-net-pci,id=nic<i>`` with the spec's
+MAC and no option ROM (``romfile=``): nothing boots from the network, SeaBIOS skips iPXE, and a ROM
+differing between two hosts' ipxe packages cannot make a migration fail on a RAM block size mismatch.
+Only the tap's name differs between the ends of a migration (it carries each node's tag); the guest
+sees the same devices.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from workers.net.names import tap_name
 from workers.qemu.accel import Accelerator
+from workers.qemu.errors import NicsUnsupported
 from workers.qemu.layout import VmPaths
 from workers.qemu.spec import KernelImage, VmSpec
 
@@ -25,12 +34,15 @@ def qemu_command(
     *,
     accelerator: Accelerator,
     cpu_model: str,
+    device_tag: str = "",
     incoming: bool = False,
 ) -> list[str]:
     """The full argument vector that starts ``spec`` daemonized with its run files in ``paths``.
 
-    ``incoming`` starts a live-migration destination: CPUs stopped (``-S``, so it stays paused after
-    the migration completes until told ``cont``) and waiting for ``migrate-incoming`` (``-incoming defer``).
+    ``device_tag`` is the node's tag in its taps' names (`workers.net.names`); without one a spec
+    with NICs raises `NicsUnsupported`. ``incoming`` starts a live-migration destination: CPUs
+    stopped (``-S``, so it stays paused after the migration completes until told ``cont``) and
+    waiting for ``migrate-incoming`` (``-incoming defer``).
     """
     command = [
         str(qemu_system),
@@ -59,6 +71,7 @@ def qemu_command(
         "-blockdev", f"driver=qcow2,file={FILE_NODE},node-name={DISK_NODE}",
         "-device", f"virtio-blk-pci,drive={DISK_NODE},id=virtio-{DISK_NODE}",
     ]  # fmt: skip
+    command += nic_arguments(spec, device_tag)
     if isinstance(spec.image, KernelImage):
         command += ["-kernel", str(spec.image.kernel_path)]
         if spec.image.initrd_path is not None:
@@ -67,6 +80,27 @@ def qemu_command(
     if incoming:
         command += ["-S", "-incoming", "defer"]
     return command
+
+
+def nic_arguments(spec: VmSpec, device_tag: str) -> list[str]:
+    """The ``-netdev``/``-device`` pairs of the spec's NICs, in guest order (``eth0`` first)."""
+    arguments: list[str] = []
+    for index, (nic, tap) in enumerate(zip(spec.nics, tap_names(spec, device_tag), strict=True)):
+        arguments += [
+            "-netdev", f"tap,id=net{index},ifname={tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=net{index},mac={nic.mac},id=nic{index},romfile=",
+        ]  # fmt: skip
+    return arguments
+
+
+def tap_names(spec: VmSpec, device_tag: str) -> list[str]:
+    """The node's taps of the spec's NICs, in order; `NicsUnsupported` without a ``device_tag``."""
+    if spec.nics and not device_tag:
+        raise NicsUnsupported(
+            f"VM {spec.uuid} has {len(spec.nics)} NIC(s) but this node's QEMU driver cannot attach NICs "
+            "(it has no device tag); start the node worker with networking enabled"
+        )
+    return [tap_name(device_tag, spec.uuid, index) for index in range(len(spec.nics))]
 
 
 def opt_escape(value: Path | str) -> str:

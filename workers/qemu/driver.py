@@ -14,6 +14,10 @@ Rules it keeps:
   operation connects to ``qmp.sock``, runs its commands and disconnects, and any number of worker
   processes can share a VM. Long jobs that watch events (live migration) get their own monitor,
   ``qmp-jobs.sock``, through `QemuDriver.job_session`, so they never block status queries.
+* A VM's NICs are taps the node creates (and bridges) before QEMU starts, named with the node's
+  ``device_tag`` (`workers.net.names`); the driver only checks that they exist in its network
+  namespace, so QEMU never makes a fresh, unbridged tap of its own. A driver without a tag refuses
+  VMs with NICs.
 * How the last run ended is written to ``exit.json`` when the driver ends it (powerdown, quit, kill).
   QEMU deletes its pidfile when it exits normally, so a leftover pidfile without a live process means
   it was killed or crashed. A daemonized QEMU is not our child and its exit status cannot be collected:
@@ -27,7 +31,9 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -44,10 +50,11 @@ from workers.qemu.accel import (
     cached_probe_kvm,
     resolve_accelerator,
 )
-from workers.qemu.cmdline import qemu_command
+from workers.qemu.cmdline import qemu_command, tap_names
 from workers.qemu.errors import (
     DataDirError,
     InvalidSpec,
+    NicsUnsupported,
     QemuError,
     QemuStartError,
     QmpError,
@@ -66,12 +73,20 @@ from workers.qemu.tools import QemuTools
 logger = logging.getLogger(__name__)
 
 KILL_TIMEOUT = 5.0
+DEVICE_TAG = re.compile(r"[0-9a-f]{4}")  # workers.net.names.node_tag
 
 
 class QemuDriver:
-    """Runs the VMs of one node's data directory. Close it (or use ``with``) to stop its QMP thread."""
+    """Runs the VMs of one node's data directory. Close it (or use ``with``) to stop its QMP thread.
 
-    def __init__(self, settings: DriverSettings) -> None:
+    ``device_tag`` is the node's tag in its taps' names (`workers.net.names.node_tag`); the default ""
+    means this driver cannot attach NICs.
+    """
+
+    def __init__(self, settings: DriverSettings, device_tag: str = "") -> None:
+        if device_tag and not DEVICE_TAG.fullmatch(device_tag):
+            raise ValueError(f"device_tag must be four lower-case hex digits (node_tag), not {device_tag!r}")
+        self.device_tag = device_tag
         self.settings = settings
         self.layout = NodeLayout(settings.data_dir)
         self.tools = QemuTools.locate(settings.qemu_system, settings.qemu_img)
@@ -136,6 +151,7 @@ class QemuDriver:
 
     def create(self, spec: VmSpec) -> VmStatus:
         """Make the VM's disk and run directory; a repeat with the same spec changes nothing."""
+        self.tap_names(spec)  # refuses NICs when this driver cannot attach them
         paths = self.layout.vm(spec.uuid)
         made_run_dir = not paths.run_dir.exists()
         paths.run_dir.mkdir(mode=0o700, exist_ok=True)
@@ -365,6 +381,10 @@ class QemuDriver:
         os.chmod(temporary, 0o600)  # guest data: readable by the worker's user only
         temporary.replace(paths.disk)
 
+    def tap_names(self, spec: VmSpec) -> list[str]:
+        """The taps the node must create (and bridge) for the spec's NICs before starting it, in order."""
+        return tap_names(spec, self.device_tag)
+
     def _launch(self, spec: VmSpec, paths: VmPaths, *, incoming: bool) -> None:
         accelerator = self.accelerator
         command = qemu_command(
@@ -373,8 +393,17 @@ class QemuDriver:
             paths,
             accelerator=accelerator,
             cpu_model=self.settings.cpu_model_for(accelerator),
+            device_tag=self.device_tag,
             incoming=incoming,
         )
+        for index, tap in enumerate(self.tap_names(spec)):
+            try:
+                socket.if_nametoindex(tap)
+            except OSError:
+                raise NicsUnsupported(
+                    f"the tap {tap} of NIC {index} ({spec.nics[index].mac}) of VM {spec.uuid} does not "
+                    "exist; the node creates it (in the network's bridge) before starting the VM"
+                ) from None
         # stderr goes to a file, not a pipe: the daemonized QEMU inherits it, and a pipe would keep us
         # waiting for an EOF that only comes when the VM ends.
         with tempfile.TemporaryFile() as stderr:

@@ -31,6 +31,12 @@ class InvalidSpec(QemuError):
     code = "invalid_spec"
 
 
+class NicsUnsupported(QemuError):
+    """The VM has NICs and this driver cannot attach them (no device tag, or a tap is missing)."""
+
+    code = "nics_unsupported"
+
+
 class VmNotFound(QemuError):
     """No VM with this uuid was created in this data directory."""
 

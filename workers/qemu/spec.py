@@ -1,20 +1,24 @@
-"""What a VM is made of, as the driver needs it: `VmSpec` and its boot image.
+"""What a VM is made of, as the driver needs it: `VmSpec`, its boot image and its NICs.
 
 The dictionary form (`VmSpec.to_dict` / `VmSpec.from_dict`) is the node-task contract's
 `workers.contract.VmDescription`; it is also what the driver stores as ``run/<uuid>/spec.json`` so a
-run directory describes itself after a worker restart. Validation happens here, once, with messages
-naming the field.
+run directory describes itself after a worker restart. Each NIC keeps its whole network (VNI, subnet,
+gateway, DNS, MTU) for the same reason: a node can rebuild its bridges and DHCP leases from its run
+directories alone. Validation happens here, once, with messages naming the field.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import uuid as uuid_module
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.contract import ImageDescription, VmDescription
+from workers.contract import ImageDescription, NetworkDescription, NicDescription, VmDescription
+from workers.net.names import MAX_NICS
 from workers.qemu.errors import InvalidSpec
 from workers.qemu.layout import canonical_uuid
 
@@ -23,6 +27,10 @@ DISK_FORMATS = ("qcow2", "raw")
 MAX_VCPUS = 512
 MAX_MEMORY_MB = 4 * 1024 * 1024
 MAX_DISK_GB = 64 * 1024
+MAX_VNI = 2**24 - 1  # VXLAN network identifiers are 24 bits; 0 is not used
+# IPv4's minimum reassembly size up to a jumbo frame less VXLAN's 50 bytes of headers.
+MIN_MTU, MAX_MTU = 576, 9000 - 50
+MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,115 @@ Image = DiskImage | KernelImage
 
 
 @dataclass(frozen=True)
+class NetworkSpec:
+    """The network a NIC is attached to, whole (`workers.contract.NetworkDescription`)."""
+
+    id: str
+    name: str
+    vni: int
+    cidr: str
+    gateway: str
+    dns: tuple[str, ...] = ()
+    mtu: int = 1450
+    external: bool = False
+    physical_network: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id or not self.name:
+            raise InvalidSpec("network.id and network.name must not be empty")
+        _require_range("network.vni", self.vni, 1, MAX_VNI)
+        _require_range("network.mtu", self.mtu, MIN_MTU, MAX_MTU)
+        subnet = self.subnet  # validates cidr
+        gateway = _ipv4("network.gateway", self.gateway)
+        if gateway not in subnet or gateway in (subnet.network_address, subnet.broadcast_address):
+            raise InvalidSpec(f"network.gateway {self.gateway} is not a host address of {self.cidr}")
+        for server in self.dns:
+            _ipv4("network.dns", server)
+        if not isinstance(self.external, bool):
+            raise InvalidSpec(f"network.external must be true or false, not {self.external!r}")
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network:
+        try:
+            return ipaddress.IPv4Network(self.cidr)
+        except ValueError as exc:
+            raise InvalidSpec(f"network.cidr must be an IPv4 network such as 10.20.0.0/24: {exc}") from None
+
+    def to_dict(self) -> NetworkDescription:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "vni": self.vni,
+            "cidr": self.cidr,
+            "gateway": self.gateway,
+            "dns": list(self.dns),
+            "mtu": self.mtu,
+            "external": self.external,
+            "physical_network": self.physical_network,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NetworkSpec:
+        return cls(
+            id=str(data["id"]),
+            name=str(data["name"]),
+            vni=_as_int("network.vni", data["vni"]),
+            cidr=str(data["cidr"]),
+            gateway=str(data["gateway"]),
+            dns=tuple(str(server) for server in _as_list("network.dns", data.get("dns") or [])),
+            mtu=_as_int("network.mtu", data["mtu"]),
+            external=data.get("external", False),
+            physical_network=str(data.get("physical_network") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    """One virtio-net NIC: its MAC, its IPv4 address (handed out by the node's DHCP) and its network."""
+
+    mac: str
+    ipv4: str
+    network: NetworkSpec
+
+    def __post_init__(self) -> None:
+        mac = self.mac.lower() if isinstance(self.mac, str) else ""
+        if not MAC_PATTERN.fullmatch(mac):
+            raise InvalidSpec(
+                f"nic.mac must be six colon-separated hex bytes such as 52:54:00:12:34:56, not {self.mac!r}"
+            )
+        if int(mac[:2], 16) & 1:
+            raise InvalidSpec(f"nic.mac {mac} is a multicast address; a NIC needs a unicast MAC")
+        if mac == "00:00:00:00:00:00":
+            raise InvalidSpec("nic.mac must not be all zeros")
+        object.__setattr__(self, "mac", mac)
+        address = _ipv4("nic.ipv4", self.ipv4)
+        subnet = self.network.subnet
+        if address not in subnet or address in (subnet.network_address, subnet.broadcast_address):
+            raise InvalidSpec(f"nic.ipv4 {self.ipv4} is not a host address of the network's {subnet}")
+        if address == ipaddress.IPv4Address(self.network.gateway):
+            raise InvalidSpec(f"nic.ipv4 {self.ipv4} is the network's gateway address")
+
+    @property
+    def prefix_length(self) -> int:
+        return self.network.subnet.prefixlen
+
+    def to_dict(self) -> NicDescription:
+        return {"mac": self.mac, "ipv4": self.ipv4, "network": self.network.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NicSpec:
+        network = data["network"]
+        if not isinstance(network, Mapping):
+            raise InvalidSpec("nic.network must be an object")
+        return cls(mac=data["mac"], ipv4=str(data["ipv4"]), network=NetworkSpec.from_dict(network))
+
+
+@dataclass(frozen=True)
 class VmSpec:
-    """One VM: identity, size, boot image and extra kernel arguments (kernel images only)."""
+    """One VM: identity, size, boot image, extra kernel arguments (kernel images only) and NICs.
+
+    NIC ``i`` is the guest's ``eth<i>`` and the node's tap ``workers.net.names.tap_name(tag, uuid, i)``.
+    """
 
     uuid: str
     name: str
@@ -66,6 +181,7 @@ class VmSpec:
     disk_gb: int
     image: Image
     extra_kernel_args: tuple[str, ...] = field(default=())
+    nics: tuple[NicSpec, ...] = field(default=())
 
     def __post_init__(self) -> None:
         canonical = canonical_uuid(self.uuid)
@@ -82,6 +198,11 @@ class VmSpec:
         for arg in self.extra_kernel_args:
             if not arg or any(ch.isspace() for ch in arg):
                 raise InvalidSpec(f"each extra kernel argument must be one non-empty word, not {arg!r}")
+        if len(self.nics) > MAX_NICS:
+            raise InvalidSpec(f"a VM has at most {MAX_NICS} NICs, not {len(self.nics)}")
+        macs = [nic.mac for nic in self.nics]
+        if duplicates := sorted({mac for mac in macs if macs.count(mac) > 1}):
+            raise InvalidSpec(f"each NIC needs its own MAC; repeated: {', '.join(duplicates)}")
 
     @property
     def kernel_cmdline(self) -> str:
@@ -110,6 +231,7 @@ class VmSpec:
             "disk_gb": self.disk_gb,
             "image": image,
             "extra_kernel_args": list(self.extra_kernel_args),
+            "nics": [nic.to_dict() for nic in self.nics],
         }
 
     @classmethod
@@ -135,6 +257,11 @@ class VmSpec:
             extra = data.get("extra_kernel_args") or ()
             if isinstance(extra, str):
                 extra = extra.split()
+            nics = []
+            for nic in _as_list("nics", data.get("nics") or []):
+                if not isinstance(nic, Mapping):
+                    raise InvalidSpec(f"each NIC must be an object, not {nic!r}")
+                nics.append(NicSpec.from_dict(nic))
             return cls(
                 uuid=str(data["id"] if "id" in data else data["uuid"]),
                 name=str(data["name"]),
@@ -143,9 +270,23 @@ class VmSpec:
                 disk_gb=_as_int("disk_gb", data["disk_gb"]),
                 image=image,
                 extra_kernel_args=tuple(str(arg) for arg in extra),
+                nics=tuple(nics),
             )
         except KeyError as exc:
             raise InvalidSpec(f"VM spec is missing the key {exc.args[0]!r}") from exc
+
+
+def _as_list(name: str, value: object) -> Sequence[Any]:
+    if not isinstance(value, list | tuple):
+        raise InvalidSpec(f"{name} must be a list, not {value!r}")
+    return value
+
+
+def _ipv4(name: str, value: object) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value if isinstance(value, str) else "")
+    except ValueError:
+        raise InvalidSpec(f"{name} must be an IPv4 address such as 10.20.0.5, not {value!r}") from None
 
 
 def _as_int(name: str, value: object) -> int:

@@ -1,10 +1,13 @@
 """Requesting a migration: checked against the VM's state, recorded ``queued`` with the destination's
 capacity reserved; the scheduler starts it within the per-node limits (``scheduling``)."""
 
+import dataclasses
+
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
 from apps.core.errors import Conflict, InvalidInput, InvalidState
+from apps.networks import peers
 from apps.vms import cache as vm_cache
 from apps.vms import scheduler
 from apps.vms.choices import NodeStatus, VMState
@@ -47,7 +50,9 @@ def migration_request(
         )
     if dest_node is not None and dest_node.status != NodeStatus.UP:
         raise InvalidState(f"Node {dest_node.name} is {dest_node.status}: it takes no migrations.")
-    (dest,) = scheduler.reserve(demands=[vm_demand(vm)], pinned=[dest_node], exclude={source.pk})
+    # A VM with NICs goes only to a node that can attach them.
+    demand = dataclasses.replace(vm_demand(vm), networked=vm.nics.exists())
+    (dest,) = scheduler.reserve(demands=[demand], pinned=[dest_node], exclude={source.pk})
     assert dest is not None
     try:
         with transaction.atomic():
@@ -71,6 +76,7 @@ def migration_request(
     vm.state = VMState.MIGRATING
     vm.save(update_fields=["state", "updated_at"])
     vm_cache.vms_changed([vm])
+    peers.sync_on_commit(vm_ids=[vm.pk])  # the destination joins the VM's networks' overlays
     transaction.on_commit(schedule_soon)
     return migration
 

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import InvalidState
+from apps.networks import peers
 
 from .. import progress
 from ..choices import RUNNING_STATUSES, TERMINAL_STATUSES, MigrationPhase, MigrationStatus
@@ -71,6 +72,11 @@ def transition(
     )
     if to in TERMINAL_STATUSES:
         forget_progress(migration)
+    if to == S.PREPARING or to in TERMINAL_STATUSES:
+        # The destination starts or stops hosting the VM's networks (before its prepare is sent,
+        # so that it and the other nodes know each other before the RAM moves; after the switch or
+        # the roll-back, the side that no longer holds the VM leaves).
+        peers.sync_on_commit(vm_ids=[migration.vm_id])
     if novacron_setting("MIGRATION_WEBHOOK_URL"):
         from ..tasks import migration_webhook_send  # noqa: PLC0415  (tasks import services)
 

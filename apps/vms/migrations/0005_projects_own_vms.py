@@ -23,9 +23,11 @@ def _to_personal_projects(apps: Any, schema_editor: Any) -> None:
     vm_model = apps.get_model("vms", "VM")
     batch_model = apps.get_model("vms", "BatchOperation")
     quota_model = apps.get_model("vms", "Quota")
-    defaults = dict(settings.NOVACRON["DEFAULT_QUOTA"])
+    # The limits a project had at this migration (later ones, max_networks, come with their own).
+    historical = ("max_vms", "max_vcpus", "max_memory_mb")
+    defaults = {key: settings.NOVACRON["DEFAULT_QUOTA"][key] for key in historical}
     quotas = {
-        row["user_id"]: {key: row[key] for key in ("max_vms", "max_vcpus", "max_memory_mb")}
+        row["user_id"]: {key: row[key] for key in historical}
         for row in quota_model.objects.values("user_id", "max_vms", "max_vcpus", "max_memory_mb")
     }
     owners = (

@@ -8,9 +8,13 @@ from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import Conflict
+from apps.networks import peers
 from apps.vms import cache as vm_cache
 from apps.vms.choices import NodeStatus, VMState
 from apps.vms.models import VM, Image, Node
+from workers import contract
+
+NETWORKING_NOT_REPORTED = "its node worker did not say whether it can attach NICs (an older version)"
 
 
 @transaction.atomic
@@ -23,11 +27,16 @@ def node_register(
     memory_mb: int,
     disk_gb: int,
     hypervisor: dict[str, Any],
+    vxlan_port: int = contract.VXLAN_PORT,
+    networking: str = NETWORKING_NOT_REPORTED,
 ) -> Node:
     """Create or refresh a node from its worker's registration; a node coming back is ``up`` again.
 
     Capacity is what the host has times the allocation ratios (vCPUs are overcommitted as in Nova),
     never below what is already allocated: a host that shrank refuses new VMs rather than failing.
+    ``networking`` is "" when the node can attach NICs (else why not: VMs with NICs go elsewhere);
+    a worker that does not say (an older one) cannot. After commit the node is sent its overlay
+    peers (:func:`apps.networks.peers.node_registered`).
     """
     node = Node.objects.select_for_update().filter(name=name).first()
     if node is None:
@@ -37,11 +46,13 @@ def node_register(
     node.memory_mb = max(int(memory_mb * novacron_setting("RAM_ALLOCATION_RATIO")), node.allocated_memory_mb)
     node.disk_gb = max(disk_gb, node.allocated_disk_gb)
     node.hypervisor = hypervisor
+    node.vxlan_port, node.networking = vxlan_port, networking[:500]
     node.last_heartbeat = timezone.now()
     if node.status == NodeStatus.DOWN or node._state.adding:
         node.status, node.status_reason = NodeStatus.UP, ""
     node.full_clean()
     node.save()
+    transaction.on_commit(lambda: peers.node_registered(node))
     return node
 
 

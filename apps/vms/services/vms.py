@@ -7,7 +7,7 @@ Every service runs in one transaction, checks what a client can get wrong (400),
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,8 @@ from apps.core.conf import novacron_setting
 from apps.core.context import Viewer
 from apps.core.db import bulk_insert, none_elsewhere, postgresql_or
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
+from apps.networks import peers
+from apps.networks import services as network_services
 from apps.projects.services import lock_project
 from apps.vms import cache as vm_cache
 from apps.vms import dispatch, reads, representation, scheduler
@@ -49,10 +51,8 @@ class VMRequest:
     memory_mb: int
     disk_gb: int
     node: Node | None = None
-
-    @property
-    def demand(self) -> scheduler.Demand:
-        return scheduler.Demand(self.vcpus, self.memory_mb, self.disk_gb)
+    # Network names or ids, one NIC each, in order; None: the project's default network; empty: no NIC.
+    networks: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,14 @@ def vm_demand(vm: VM) -> scheduler.Demand:
     return scheduler.Demand(vm.vcpus, vm.memory_mb, vm.disk_gb)
 
 
-def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest], name_key: Any) -> list[VM]:
+def _create_many(
+    *, owner: User, project_id: int, requests: Sequence[VMRequest], item_key: Callable[[int], str]
+) -> list[VM]:
+    """``item_key(index)``: the prefix of an item's error keys (``""``, ``"vms[3]."``)."""
     project = lock_project(project_id)
     names = [request.name for request in requests]
     limits, usage, taken = project_state(project_id, names)
-    check_new_names(project_id, names, name_key, taken)
+    check_new_names(project_id, names, lambda index: f"{item_key(index)}name", taken)
     check_quota(
         project_id,
         vms=len(requests),
@@ -90,10 +93,22 @@ def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest],
         memory_mb=sum(request.memory_mb for request in requests),
         known=(limits, usage),
     )
+    # The networks' rows are locked next (their addresses are taken until the commit), then the nodes'.
+    wanted = [request.networks for request in requests]
+    attached = network_services.resolve_networks(project, wanted, item_key)
+    plan = network_services.plan_addresses(attached)
     vm_cache.project_changed(project_id=project_id)
     # Last before the insert: the node rows the reservation updates stay locked until the commit.
-    nodes = scheduler.reserve(
-        demands=[request.demand for request in requests], pinned=[request.node for request in requests]
+    demands = [
+        scheduler.Demand(request.vcpus, request.memory_mb, request.disk_gb, networked=bool(networks))
+        for request, networks in zip(requests, attached, strict=True)
+    ]
+    nodes = scheduler.reserve(demands=demands, pinned=[request.node for request in requests])
+    joining = peers.arrivals(
+        (network.pk, node.pk)
+        for networks, node in zip(attached, nodes, strict=True)
+        if node is not None
+        for network in networks
     )
     vms = [
         VM(
@@ -115,6 +130,8 @@ def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest],
         # Only a concurrent create of the same name gets here (names were checked under the project lock).
         # No savepoint: the Conflict leaves the caller's transaction, which rolls back, unused.
         raise Conflict("A VM with one of these names was created concurrently; retry.") from exc
+    network_services.nics_insert(created, plan)
+    peers.sync_on_commit(joining)
     return created
 
 
@@ -122,9 +139,7 @@ def _create_many(*, owner: User, project_id: int, requests: Sequence[VMRequest],
 def vm_create(*, owner: User, project_id: int, request: VMRequest) -> VM:
     """Record a VM of ``project_id`` as ``pending`` on a node with reserved capacity; its node
     creates it after commit."""
-    (vm,) = _create_many(
-        owner=owner, project_id=project_id, requests=[request], name_key=lambda _index: "name"
-    )
+    (vm,) = _create_many(owner=owner, project_id=project_id, requests=[request], item_key=lambda _index: "")
     dispatch.send_on_commit(vm, contract.NODE_VM_CREATE)
     return vm
 
@@ -154,7 +169,7 @@ def vm_batch_create(
     """Create up to ``BATCH_MAX_ITEMS`` VMs in one transaction; the node tasks go out as one group."""
     _check_batch_size(len(requests))
     vms = _create_many(
-        owner=owner, project_id=project_id, requests=requests, name_key=lambda index: f"vms[{index}].name"
+        owner=owner, project_id=project_id, requests=requests, item_key=lambda index: f"vms[{index}]."
     )
     batch = _new_batch(owner, project_id, BatchKind.CREATE, vms, BatchItemStatus.PENDING)
     _send_batch_on_commit(batch, contract.NODE_VM_CREATE)
@@ -351,8 +366,13 @@ def _mark_deleting(vm: VM, *, save: bool = True) -> bool:
 
 
 def _finish_delete(vm: VM) -> None:
+    """The VM is gone: its capacity and its addresses are free; if its node hosts none of its
+    networks any more, the networks' other nodes are told."""
     if vm.node_id is not None and vm.state != VMState.DELETED:
         scheduler.release(node_id=vm.node_id, demand=vm_demand(vm))
+    released = network_services.nics_release([vm.pk])
+    if vm.node_id is not None:
+        peers.sync_on_commit(left={(network_id, vm.node_id) for network_id in released})
     vm.state = VMState.DELETED
     vm.pending_action = VMAction.NONE
     vm.deleted_at = timezone.now()

@@ -85,7 +85,13 @@ def test_cancel_while_preparing_aborts_the_destination(api, running_vm, user):
     )
     assert services.migrations_schedule() == [str(migration.pk)]
     assert Migration.objects.get(pk=migration.pk).status == "preparing"
-    assert _queued_tasks("node.dst") == ["novacron.node.migration_prepare"]
+    # Newest first: the destination learnt its overlay peers (when requested, then when preparing)
+    # before its prepare.
+    assert _queued_tasks("node.dst") == [
+        "novacron.node.migration_prepare",
+        "novacron.node.network_peers",
+        "novacron.node.network_peers",
+    ]
     services.migration_cancel(migration=migration, actor="alice")
     assert Migration.objects.get(pk=migration.pk).status == "cancelled"
     assert "novacron.node.migration_abort" in _queued_tasks("node.dst")

@@ -18,6 +18,8 @@ from apps.vms.models import VM, BatchItem, BatchOperation
 PER_USER = [("vms", "0004_vms_owner_usage_idx"), ("projects", "0001_initial")]
 ALICE_LIMITS = {"max_vms": 7, "max_vcpus": 21, "max_memory_mb": 4096}
 CAROL_LIMITS = {"max_vms": 1, "max_vcpus": 2, "max_memory_mb": 512}
+# The limits a project had then (max_networks came later, with its own migration).
+HISTORICAL_DEFAULTS = {key: Project.default_quota()[key] for key in ALICE_LIMITS}
 
 
 def _migrate(targets: list[tuple[str, str]] | None = None) -> Any:
@@ -53,9 +55,7 @@ def _populate(old: Any) -> dict[str, Any]:
     users = {name: user_model.objects.create(username=name) for name in ("alice", "bob", "carol", "dave")}
     # bob already had a personal project (made on first use by the code before this migration).
     project_model = old.get_model("projects", "Project")
-    bobs = project_model.objects.create(
-        name="~bob", personal_of_id=users["bob"].pk, **Project.default_quota()
-    )
+    bobs = project_model.objects.create(name="~bob", personal_of_id=users["bob"].pk, **HISTORICAL_DEFAULTS)
     old.get_model("projects", "Membership").objects.create(project=bobs, user=users["bob"], role="admin")
     quota_model = old.get_model("vms", "Quota")
     quota_model.objects.create(user=users["alice"], **ALICE_LIMITS)
@@ -112,7 +112,7 @@ def test_every_vm_and_batch_lands_in_its_owners_personal_project(per_user_schema
 
     assert limits(users["alice"]) == ALICE_LIMITS  # from the quota row
     assert limits(users["carol"]) == CAROL_LIMITS  # a quota row and nothing else: kept
-    assert limits(users["bob"]) == Project.default_quota()  # his project, as it was
+    assert limits(users["bob"]) == HISTORICAL_DEFAULTS  # his project, as it was
     assert Project.objects.count() == 3  # dave, with nothing, gets his on first use
     assert Project.objects.filter(personal_of_id=users["bob"].pk).get().memberships.count() == 1
     assert "quotas" not in connection.introspection.table_names()

@@ -24,7 +24,7 @@ def test_the_quota_shows_limits_and_usage(team: Team, node: Any, image: Any) -> 
     assert response.status_code == 200
     assert response.json() == {
         "limits": Project.default_quota(),
-        "usage": {"vms": 1, "vcpus": 3, "memory_mb": 512},
+        "usage": {"vms": 1, "vcpus": 3, "memory_mb": 512, "networks": 1},  # its default network
     }
 
 
@@ -38,7 +38,7 @@ def test_a_quota_raised_by_staff_lets_the_next_create_through(team: Team, node: 
     raised = staff.patch(team.url("quota/"), {"max_vms": 2}, format="json")
     assert raised.json() == {
         "limits": {**Project.default_quota(), "max_vms": 2},
-        "usage": {"vms": 1, "vcpus": 2, "memory_mb": 1024},
+        "usage": {"vms": 1, "vcpus": 2, "memory_mb": 1024, "networks": 1},
     }
     assert _create(team, "web-2").status_code == 202
 
@@ -51,7 +51,10 @@ def test_a_limit_below_the_usage_is_allowed_and_refuses_new_creates(
     limits = {"max_vms": 10, "max_vcpus": 1, "max_memory_mb": 100}
     response = team.clients["staff"].put(team.url("quota/"), limits, format="json")
     assert response.status_code == 200
-    assert response.json() == {"limits": limits, "usage": {"vms": 2, "vcpus": 4, "memory_mb": 2048}}
+    assert response.json() == {
+        "limits": {**limits, "max_networks": Project.default_quota()["max_networks"]},  # left as it was
+        "usage": {"vms": 2, "vcpus": 4, "memory_mb": 2048, "networks": 1},
+    }
     refused = _create(team, "web-3", vcpus=1, memory_mb=64)
     assert refused.status_code == 403 and "vCPUs 4+1 > 1" in refused.json()["error"]["message"]
 

@@ -108,6 +108,7 @@ def test_any_user_creates_a_team_project_and_becomes_its_admin(team: Team, role:
         "max_vms": project.max_vms,
         "max_vcpus": project.max_vcpus,
         "max_memory_mb": project.max_memory_mb,
+        "max_networks": project.max_networks,
     } == Project.default_quota()
     assert list(project.memberships.values_list("user__username", "role")) == [
         (team.users[role].username, "admin")

@@ -2,6 +2,7 @@
 
 import threading
 from collections import Counter
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -9,8 +10,9 @@ from django.db import connection
 from apps.core.context import Viewer
 from apps.core.errors import NoCapacity
 from apps.projects.services import personal_project
+from apps.vms import scheduler
 from apps.vms.models import VM, Node
-from apps.vms.services import VMRequest, vm_create
+from apps.vms.services import VMRequest, node_register, vm_create
 from tests.conftest import set_quota
 
 
@@ -244,3 +246,25 @@ def test_concurrent_renames_to_one_name_leave_one_vm_with_it(service, make_user,
     assert results.count("renamed") == 1
     assert len(results) == len(vms)
     assert VM.objects.filter(owner=owner, name="same").count() == 1
+
+
+@pytest.mark.django_db
+def test_vms_with_nics_go_only_to_nodes_that_can_attach_them(user, image, make_node) -> None:
+    old = node_register(
+        name="old", address="h", dwcp_address="h:1", vcpus=16, memory_mb=32768, disk_gb=500, hypervisor={}
+    )
+    assert "did not say whether it can attach NICs" in old.networking  # an older worker
+    project_id = personal_project(user).pk
+
+    def create(name: str, **extra: Any) -> VM:
+        request = VMRequest(name=name, image=image, vcpus=1, memory_mb=64, disk_gb=1, **extra)
+        return vm_create(owner=user, project_id=project_id, request=request)
+
+    with pytest.raises(NoCapacity, match=r"No node that can attach NICs has room .*networks: \[\]"):
+        create("vm")
+    with pytest.raises(NoCapacity, match=r"Node old cannot attach NICs .*networks: \[\]"):
+        create("vm", node=old)
+    assert create("bare", networks=[]).node == old
+    able = make_node("able")
+    assert create("vm").node == able
+    assert scheduler.reserve(demands=[scheduler.Demand(1, 64, 1, networked=True)], pinned=[able]) == [able]

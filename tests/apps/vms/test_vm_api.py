@@ -38,8 +38,9 @@ def test_create_returns_pending_vm_and_enqueues_create_on_its_node(
     assert body["image"] == "debian-12"
     assert body["owner"] == "alice"
     uuid.UUID(body["id"])
-    assert _queued_tasks("node.node1") == ["novacron.node.vm_create"]
-    (raw,) = redis.Redis.from_url(settings.REDIS_URL).lrange("node.node1", 0, -1)
+    # Newest first: the VM's network peers were sent before its create (its default network).
+    assert _queued_tasks("node.node1") == ["novacron.node.vm_create", "novacron.node.network_peers"]
+    raw = redis.Redis.from_url(settings.REDIS_URL).lrange("node.node1", 0, -1)[0]  # the create
     headers = json.loads(raw)["headers"]
     request_id = headers["kwargsrepr"].rpartition("'request_id': '")[2].rstrip("'}")
     assert headers["kwargsrepr"] == f"{{'vm': 'web-1' ({body['id']}), 'request_id': '{request_id}'}}"

@@ -16,7 +16,7 @@ from workers.guest.kernel import has_pvh_entry
 
 def test_manifest_describes_the_files(guest_manifest: Path):
     manifest = json.loads(guest_manifest.read_text())
-    assert manifest["format"] == 1
+    assert manifest["format"] == 2
     assert manifest["name"] == "testguest"
     assert manifest["cmdline"].startswith("console=ttyS0")
     kernel, initrd = manifest["kernel"], manifest["initrd"]
@@ -33,7 +33,7 @@ def test_manifest_describes_the_files(guest_manifest: Path):
         assert kernel["path"] == "vmlinuz" and kernel["boot"] == "bzimage"
 
 
-def test_initramfs_holds_busybox_init_and_disk_modules(guest_manifest: Path):
+def test_initramfs_holds_busybox_init_dhcp_script_and_disk_and_net_modules(guest_manifest: Path):
     manifest = json.loads(guest_manifest.read_text())
     members = {
         path: (mode, body, major, minor)
@@ -46,10 +46,33 @@ def test_initramfs_holds_busybox_init_and_disk_modules(guest_manifest: Path):
     assert members["bin/busybox"][1].startswith(b"\x7fELF")
     assert members["bin/sh"][1] == b"busybox"
     assert members["dev/console"][2:] == (5, 1)
-    order = members["lib/modules/load-order"][1].decode().split()
-    assert order == manifest["initrd"]["modules"]
-    assert order[-1] == "virtio_blk"
-    assert all(f"lib/modules/{name}.ko" in members for name in order)
+    assert members["etc/udhcpc.script"][1].startswith(b"#!/bin/sh")
+    assert members["etc/udhcpc.script"][0] & 0o111
+    orders = {
+        name: members[f"lib/modules/{name}.order"][1].decode().split()
+        for name in manifest["initrd"]["modules"]
+    }
+    assert orders == manifest["initrd"]["modules"]
+    assert orders["disk"][-1] == "virtio_blk" and orders["net"][-1] == "virtio_net"
+    assert {"failover", "net_failover"} <= set(orders["net"])  # virtio_net's dependencies, before it
+    assert orders["net"].index("virtio_pci") < orders["net"].index("virtio_net")
+    assert all(f"lib/modules/{name}.ko" in members for order in orders.values() for name in order)
+
+
+def test_a_change_to_a_guest_file_changes_the_builder_fingerprint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    # The build reuses its output only while the fingerprint matches: editing init.sh or the DHCP
+    # script must make the next build produce a new initramfs.
+    for name in build_module.SOURCES:
+        (tmp_path / name).write_bytes((build_module.PACKAGE_DIR / name).read_bytes())
+    monkeypatch.setattr(build_module, "PACKAGE_DIR", tmp_path)
+    fingerprints = {build_module.builder_fingerprint()}
+    for name in ("init.sh", "udhcpc.sh"):
+        with (tmp_path / name).open("a") as script:
+            script.write("# edited\n")
+        fingerprints.add(build_module.builder_fingerprint())
+    assert len(fingerprints) == 3
 
 
 def test_second_build_reuses_the_output(guest_manifest: Path):

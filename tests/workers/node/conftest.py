@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -102,6 +103,8 @@ class Cluster:
         self.data_dirs[name] = data_dir
         listen = f"{host.address}:7400" if host else f"127.0.0.1:{port}"
         prefix = ["ip", "netns", "exec", host.netns] if host else []
+        # Nodes beside the test share its namespace (and other sessions'): each its own VXLAN port.
+        vxlan = () if host else ("--vxlan-port", str(_free_port(socket.SOCK_DGRAM)))
         command = [
             *prefix,
             sys.executable,
@@ -117,6 +120,7 @@ class Cluster:
             "tcg",
             "--heartbeat-interval",
             "1",
+            *vxlan,
             *(host.extra_args if host else ()),
         ]
         return Process(name, command, self.env, self.workdir / f"{name}.log")
@@ -130,10 +134,8 @@ class Cluster:
         self.control.stop()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

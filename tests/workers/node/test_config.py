@@ -32,3 +32,28 @@ def test_a_missing_dwcp_secret_is_refused(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("DWCP_SECRET")
     with pytest.raises(ConfigError, match="DWCP_SECRET is not set"):
         from_args(REQUIRED)
+
+
+def test_vxlan_port_and_physical_networks_come_from_flags_or_environment(monkeypatch: pytest.MonkeyPatch):
+    config = from_args(REQUIRED)
+    assert (config.vxlan_port, dict(config.physical_networks)) == (4789, {})
+    config = from_args([*REQUIRED, "--vxlan-port", "4790", "--physical-networks", "lan=lan0, dmz=eth2"])
+    assert (config.vxlan_port, dict(config.physical_networks)) == (4790, {"lan": "lan0", "dmz": "eth2"})
+    monkeypatch.setenv("NODE_VXLAN_PORT", "4791")
+    monkeypatch.setenv("NODE_PHYSICAL_NETWORKS", "lan=eth1")
+    config = from_args(REQUIRED)
+    assert (config.vxlan_port, dict(config.physical_networks)) == (4791, {"lan": "eth1"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--vxlan-port", "0"], "--vxlan-port must be a UDP port"),
+        (["--physical-networks", "lan"], "NAME=INTERFACE"),
+        (["--physical-networks", "lan=eth0,lan=eth1"], "mapped twice"),
+        (["--physical-networks", "lan=an-interface-name-too-long"], "longer than 15"),
+    ],
+)
+def test_bad_network_settings_are_refused(flags: list[str], message: str):
+    with pytest.raises(ConfigError, match=message):
+        from_args([*REQUIRED, *flags])

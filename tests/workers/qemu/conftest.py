@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,6 +127,28 @@ def last_tick(log: Path) -> int:
         if line.startswith("tick ")
     ]
     return max(ticks) if ticks else -1
+
+
+def live_migrate(source: QemuDriver, source_uuid: str, dest: QemuDriver, dest_uuid: str) -> dict[str, Any]:
+    """Migrate a running VM of ``source`` into the paused incoming VM of ``dest`` through a unix socket
+    (bandwidth cap lifted); QEMU's ``query-migrate`` answer once it completed."""
+    channel = dest.layout.data_dir / "migration.sock"
+    dest.execute(dest_uuid, "migrate-incoming", {"uri": f"unix:{channel}"})
+    with source.job_session(source_uuid) as qmp:
+        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 30})
+        mark = qmp.event_mark()
+        started = time.monotonic()
+        qmp.execute("migrate", {"uri": f"unix:{channel}"})
+        done = qmp.wait_event(
+            "MIGRATION",
+            after=mark,
+            timeout=60,
+            match=lambda event: event.data.get("status") in ("completed", "failed"),
+        )
+        print(f"\nmigration {done.data['status']} in {time.monotonic() - started:.2f} s")
+        assert done.data["status"] == "completed"
+    return source.execute(source_uuid, "query-migrate")
 
 
 def qemu_processes_for(socket_path: Path) -> list[int]:

@@ -9,11 +9,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.workers.qemu.conftest import (
     last_tick,
+    live_migrate,
     new_data_dir,
     qemu_processes_for,
     sweep,
@@ -23,6 +25,9 @@ from tests.workers.qemu.conftest import (
 from workers.qemu import (
     InvalidSpec,
     KernelImage,
+    NetworkSpec,
+    NicSpec,
+    NicsUnsupported,
     QemuDriver,
     QemuStartError,
     QmpCommandError,
@@ -36,6 +41,11 @@ from workers.qemu.process import wait_gone
 pytestmark = pytest.mark.qemu
 
 SpecFactory = Callable[..., VmSpec]
+NIC = NicSpec(
+    "52:54:00:00:00:0a",
+    "10.20.0.10",
+    NetworkSpec(id="n1", name="blue", vni=100, cidr="10.20.0.0/24", gateway="10.20.0.1"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -269,23 +279,8 @@ def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_another_node(
     driver.create(destination)
     incoming = driver.start(destination.uuid, incoming=True)
     assert (incoming.state, incoming.qemu_status) == (VmState.PAUSED, "inmigrate")
-    channel = driver.layout.data_dir / "migration.sock"
-    driver.execute(destination.uuid, "migrate-incoming", {"uri": f"unix:{channel}"})
-
     source_log = source_driver.paths(source.uuid).serial_log
-    with source_driver.job_session(source.uuid) as qmp:
-        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        mark = qmp.event_mark()
-        started = time.monotonic()
-        qmp.execute("migrate", {"uri": f"unix:{channel}"})
-        done = qmp.wait_event(
-            "MIGRATION",
-            after=mark,
-            timeout=60,
-            match=lambda event: event.data.get("status") in ("completed", "failed"),
-        )
-        print(f"\nmigration {done.data['status']} in {time.monotonic() - started:.2f} s")
-        assert done.data["status"] == "completed"
+    live_migrate(source_driver, source.uuid, driver, destination.uuid)
     last_source_tick = last_tick(source_log)
     assert source_driver.status(source.uuid).qemu_status == "postmigrate"
 
@@ -295,3 +290,30 @@ def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_another_node(
     destination_log = driver.paths(destination.uuid).serial_log
     wait_for_serial(destination_log, f"tick {last_source_tick + 2}\r".encode(), timeout=10)
     assert b"tick 0\r" not in destination_log.read_bytes()  # the guest kept counting: it did not reboot
+
+
+def kernel_files(directory: Path) -> KernelImage:
+    (directory / "vmlinux").write_bytes(b"not started")
+    return KernelImage(directory / "vmlinux")
+
+
+def test_a_driver_without_a_device_tag_refuses_to_create_a_vm_with_nics(driver: QemuDriver, tmp_path: Path):
+    spec = VmSpec(str(uuid.uuid4()), "vm", 1, 128, 1, kernel_files(tmp_path), nics=(NIC,))
+    with pytest.raises(NicsUnsupported, match="cannot attach NICs"):
+        driver.create(spec)
+    assert not driver.paths(spec.uuid).run_dir.exists()
+
+
+def test_a_missing_tap_is_a_clear_error_before_qemu_starts(data_dir: Path, tmp_path: Path):
+    spec = VmSpec(str(uuid.uuid4()), "vm", 1, 128, 1, kernel_files(tmp_path), nics=(NIC,))
+    with QemuDriver(tcg_settings(data_dir), device_tag="beef") as tagged:
+        tagged.create(spec)
+        (tap,) = tagged.tap_names(spec)
+        with pytest.raises(NicsUnsupported, match=f"the tap {tap} of NIC 0 .* does not exist"):
+            tagged.start(spec.uuid)
+        assert tagged.status(spec.uuid).state == VmState.STOPPED
+
+
+def test_a_device_tag_must_look_like_a_node_tag(data_dir: Path):
+    with pytest.raises(ValueError, match="four lower-case hex digits"):
+        QemuDriver(tcg_settings(data_dir), device_tag="node1")

@@ -84,3 +84,79 @@ def test_extra_kernel_arguments_must_be_single_words():
     image = KernelImage(Path("/g/vmlinux"))
     with pytest.raises(InvalidSpec, match="one non-empty word"):
         VmSpec(str(uuid.uuid4()), "vm", 1, 128, 1, image, ("a b",))
+
+
+def network_dict(**overrides: object) -> dict[str, object]:
+    data: dict[str, object] = {
+        "id": "net-7",
+        "name": "blue",
+        "vni": 4242,
+        "cidr": "10.20.0.0/24",
+        "gateway": "10.20.0.1",
+        "dns": ["10.20.0.1"],
+        "mtu": 1450,
+        "external": False,
+        "physical_network": "",
+    }
+    data.update(overrides)
+    return data
+
+
+def nic_dict(mac: str = "52:54:00:aa:bb:01", ipv4: str = "10.20.0.5", **network: object) -> dict[str, object]:
+    return {"mac": mac, "ipv4": ipv4, "network": network_dict(**network)}
+
+
+def test_nics_round_trip_with_their_whole_network():
+    data = contract_dict(
+        nics=[
+            nic_dict(),
+            nic_dict("52:54:00:AA:BB:02", "10.30.0.9", cidr="10.30.0.0/16", gateway="10.30.0.1", vni=7),
+        ]
+    )
+    spec = VmSpec.from_dict(data)
+    assert [nic.mac for nic in spec.nics] == ["52:54:00:aa:bb:01", "52:54:00:aa:bb:02"]
+    assert spec.nics[1].network.vni == 7 and spec.nics[1].prefix_length == 16
+    assert spec.to_dict()["nics"][0] == nic_dict()  # the contract form, network included, unchanged
+    assert VmSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_a_spec_without_nics_has_none():
+    assert VmSpec.from_dict(contract_dict()).nics == ()
+    assert VmSpec.from_dict(contract_dict(nics=[])).to_dict()["nics"] == []
+
+
+@pytest.mark.parametrize(
+    ("nics", "message"),
+    [
+        ("eth0", "nics must be a list"),
+        (["eth0"], "each NIC must be an object"),
+        ([nic_dict(mac="52:54:00:aa:bb")], "nic.mac must be six colon-separated hex bytes"),
+        ([nic_dict(mac="52-54-00-aa-bb-01")], "nic.mac must be six colon-separated hex bytes"),
+        ([nic_dict(mac="01:00:5e:00:00:01")], "multicast address; a NIC needs a unicast MAC"),
+        ([nic_dict(mac="00:00:00:00:00:00")], "must not be all zeros"),
+        (
+            [nic_dict(ipv4="10.21.0.5")],
+            r"nic.ipv4 10.21.0.5 is not a host address of the network's 10.20.0.0/24",
+        ),
+        ([nic_dict(ipv4="10.20.0.255")], "is not a host address"),
+        ([nic_dict(ipv4="10.20.0.1")], "is the network's gateway address"),
+        ([nic_dict(ipv4="fe80::1")], "nic.ipv4 must be an IPv4 address"),
+        ([nic_dict(vni=0)], "network.vni must be an integer from 1 to 16777215"),
+        ([nic_dict(vni=2**24)], "network.vni must be an integer from 1 to 16777215"),
+        ([nic_dict(cidr="10.20.0.1/24")], "network.cidr must be an IPv4 network"),
+        ([nic_dict(gateway="10.99.0.1")], "network.gateway 10.99.0.1 is not a host address of 10.20.0.0/24"),
+        ([nic_dict(dns=["dns.example"])], "network.dns must be an IPv4 address"),
+        ([nic_dict(mtu=100)], "network.mtu must be an integer from 576"),
+        ([nic_dict(external="yes")], "network.external must be true or false"),
+        ([{"mac": "52:54:00:aa:bb:01", "ipv4": "10.20.0.5"}], "missing the key 'network'"),
+        ([{**nic_dict(), "network": "blue"}], "nic.network must be an object"),
+        ([nic_dict(), nic_dict(ipv4="10.20.0.6")], "each NIC needs its own MAC; repeated: 52:54:00:aa:bb:01"),
+        (
+            [nic_dict(f"52:54:00:aa:bb:{i:02x}", f"10.20.0.{10 + i}") for i in range(9)],
+            "at most 8 NICs, not 9",
+        ),
+    ],
+)
+def test_bad_nics_are_refused_naming_the_field(nics, message):
+    with pytest.raises(InvalidSpec, match=message):
+        VmSpec.from_dict(contract_dict(nics=nics))

@@ -18,6 +18,7 @@ from workers.dwcp.errors import TransferInterrupted
 from workers.qemu import Accelerator, QemuDriver, QemuError
 
 from ..config import NodeConfig
+from ..network import NodeNetwork
 from .markers import Markers
 from .memory_check import MemoryMismatch
 from .transfer import MigrationAborted
@@ -30,9 +31,17 @@ DETAIL_MAX_CHARS = 2000  # what the control side keeps of a detail
 class NodeMigrations:
     """One node's share of migrations: configuration, driver, Redis, markers, reports and VM locks."""
 
-    def __init__(self, config: NodeConfig, driver: QemuDriver, app: Celery, client: redis.Redis) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        driver: QemuDriver,
+        app: Celery,
+        client: redis.Redis,
+        network: NodeNetwork | None = None,
+    ) -> None:
         self.config = config
         self.driver = driver
+        self.network = network or NodeNetwork(config)
         self.app = app
         self.redis = client
         self.markers = Markers(driver)

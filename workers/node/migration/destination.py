@@ -4,6 +4,9 @@ Live: a QEMU waits with ``-incoming defer -S`` behind an NBD export of its empty
 thread resumes the guest once its incoming migration completed and the memory check passed, and
 reports the switch. Cold: the disk file arrives over DWCP and ``finish`` defines (and starts) the VM.
 A copy is only ever removed while its marker names this migration as its destination.
+NICs: live, the taps, bridge and peers are wired before the incoming QEMU starts, and the guest's MACs
+are announced (QMP ``announce-self``) once it runs, so the overlay learns where it is now; cold, they
+are wired by ``finish``; an aborted copy's taps go with it.
 """
 
 import contextlib
@@ -14,7 +17,7 @@ from typing import Any
 
 from workers import contract
 from workers.dwcp.files import JOURNAL_SUFFIX, PART_SUFFIX
-from workers.qemu import QemuDriver, QemuError, QmpError, QmpSession, QmpTimeout, VmSpec
+from workers.qemu import QemuError, QmpError, QmpSession, QmpTimeout, VmSpec
 from workers.qemu.memory import memory_digest
 
 from . import memory_check, qmp_steps
@@ -41,10 +44,14 @@ class Destination:
             return
         with self.node.vm_lock(spec.uuid):
             self.node.guarded(
-                migration_id, "dest", lambda: self._prepare(migration_id, spec, request["mode"])
+                migration_id,
+                "dest",
+                lambda: self._prepare(migration_id, spec, request["vm"], request["mode"]),
             )
 
-    def _prepare(self, migration_id: str, spec: VmSpec, mode: contract.MigrationMode) -> None:
+    def _prepare(
+        self, migration_id: str, spec: VmSpec, vm: contract.VmDescription, mode: contract.MigrationMode
+    ) -> None:
         markers = self.node.markers
         paths = self.driver.paths(spec.uuid)
         if paths.spec.exists() and markers.role(spec.uuid) == "source":
@@ -64,6 +71,7 @@ class Destination:
                 migration_id, "dest", "prepared", "ready to receive the disk", targets={"disk": target}
             )
             return
+        self.node.network.attach(spec.uuid, vm)
         self.driver.create(spec)
         self.driver.start(spec.uuid, incoming=True)
         nbd = paths.run_dir / "nbd.sock"
@@ -126,6 +134,7 @@ class Destination:
             resume_mark = qmp.event_mark()
             qmp.execute("cont")
             resumed = qmp.wait_event("RESUME", timeout=10, after=resume_mark)
+            qmp_steps.announce(qmp)
             memory_check.answer(self.node.redis, migration_id, verdict, MEMORY_CHECK_MIN_WAIT)
             qmp_steps.release_incoming_disk(qmp)
         self.node.markers.remove(uuid)
@@ -204,6 +213,7 @@ class Destination:
         def work() -> None:
             if not self.node.markers.names(spec.uuid, migration_id, "dest"):
                 raise QemuError("no prepared copy of this migration here")
+            self.node.network.attach(spec.uuid, request["vm"])
             self.driver.create(spec)  # the received disk is in place: this only records the VM
             if start:
                 self.driver.start(spec.uuid)
@@ -219,7 +229,7 @@ class Destination:
 
         def work() -> None:
             if self.node.markers.names(spec.uuid, migration_id, "dest"):
-                remove_copy(self.driver, spec.uuid)
+                remove_copy(self.node, spec.uuid)
                 self.node.report(migration_id, "dest", "aborted", "destination copy removed")
             else:
                 self.node.report(migration_id, "dest", "aborted", "nothing of this migration here")
@@ -228,15 +238,17 @@ class Destination:
             self.node.guarded(migration_id, "dest", work)
 
 
-def remove_copy(driver: QemuDriver, uuid: str) -> None:
-    """Remove a destination copy: the VM, and what the DWCP receiver kept of an interrupted disk
-    transfer (its part and journal).
+def remove_copy(node: NodeMigrations, uuid: str) -> None:
+    """Remove a destination copy: the VM, its NICs, and what the DWCP receiver kept of an interrupted
+    disk transfer (its part and journal).
 
     Kept for a resume of the same transfer, but an aborted migration will not resume: left behind
     they fill the disk (found by the 'destination disk full' fault test: the partial file kept the
     full filesystem full after the rollback).
     """
+    driver = node.driver
     driver.delete(uuid)
+    node.network.detach(uuid)
     disk = driver.paths(uuid).disk
     # The journal's scratch copy too: a journal write that hit ENOSPC leaves it behind.
     for suffix in (PART_SUFFIX, JOURNAL_SUFFIX, f"{JOURNAL_SUFFIX}.tmp"):

@@ -57,7 +57,7 @@ class Leftovers:
                 try:
                     kept = self._guest_ran_here(uuid)
                     if not kept:
-                        remove_copy(self.driver, uuid)
+                        remove_copy(self.node, uuid)
                 except (QemuError, OSError) as exc:
                     kept = f"it could not be removed: {exc}"
                 if kept:

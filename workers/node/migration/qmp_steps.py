@@ -7,6 +7,7 @@ on any failure (``undo_source``), and what a killed worker's attempt left behind
 """
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 from workers.qemu import Accelerator, QemuError, QmpError, QmpSession, QmpTimeout
 
 from .transfer import POLL_SECONDS, SendJob
+
+logger = logging.getLogger(__name__)
 
 Execute = Callable[[str, dict[str, Any] | None], Any]
 
@@ -35,6 +38,9 @@ QEMU_DOWNTIME_FLOOR_MS = 20
 # pages in 3 of 8, those that switched after one in none of 47. This limit lets QEMU switch after its
 # first pass; QEMU's part of the guest pause grew from ~50 ms to 0.24-0.53 s for that guest.
 TCG_QEMU_DOWNTIME_MS = 2000
+# The guest's MACs sent again from the destination (a RARP per NIC, QEMU's default schedule: 5 rounds,
+# from 50 ms, 100 ms apart), so the overlay's learned entries and any LAN switch move to this node.
+ANNOUNCE_PARAMETERS = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 
 def export_incoming_disk(execute: Execute, nbd: Path) -> None:
@@ -53,6 +59,14 @@ def release_incoming_disk(qmp: QmpSession) -> None:
         qmp.execute("block-export-del", {"id": EXPORT_ID, "mode": "hard"})
     with contextlib.suppress(QmpError):
         qmp.execute("nbd-server-stop")
+
+
+def announce(qmp: QmpSession) -> None:
+    """Destination, after the resume: announce the guest's NICs (a guest without any: nothing sent)."""
+    try:
+        qmp.execute("announce-self", ANNOUNCE_PARAMETERS)
+    except QmpError as exc:  # the guest runs; the overlay then learns from its own next frames
+        logger.warning("announce-self failed: %s", exc)
 
 
 def mirror_and_migrate(

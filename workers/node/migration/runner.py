@@ -16,6 +16,7 @@ from workers import contract
 from workers.qemu import QemuDriver
 
 from ..config import NodeConfig
+from ..network import NodeNetwork
 from .context import NodeMigrations
 from .destination import Destination
 from .leftovers import Leftovers
@@ -26,8 +27,15 @@ from .source import Source
 class MigrationRunner:
     """Runs the migration tasks of one node."""
 
-    def __init__(self, config: NodeConfig, driver: QemuDriver, app: Celery, client: redis.Redis) -> None:
-        node = NodeMigrations(config, driver, app, client)
+    def __init__(
+        self,
+        config: NodeConfig,
+        driver: QemuDriver,
+        app: Celery,
+        client: redis.Redis,
+        network: NodeNetwork | None = None,
+    ) -> None:
+        node = NodeMigrations(config, driver, app, client, network)
         self.source = Source(node)
         self.destination = Destination(node)
         self.leftovers = Leftovers(node)

@@ -286,6 +286,7 @@ class Source:
                 self.node.report(migration_id, "source", "cleaned", "nothing to clean")
                 return
             self.driver.delete(spec.uuid)
+            self.node.network.detach(spec.uuid)  # only now: until the switch the guest ran here
             self.node.report(migration_id, "source", "cleaned", "source copy removed")
 
         with self.node.vm_lock(spec.uuid):
