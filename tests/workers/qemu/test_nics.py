@@ -8,6 +8,7 @@ lease, persistent taps named as the node names them) and starts QEMU from inside
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import socket
 import threading
@@ -24,7 +25,11 @@ from tests.workers.qemu.netns import GUEST_MTU, PrivateNetwork, private_network
 from workers.guest.boot import GuestError, SerialConsole
 from workers.qemu import KernelImage, NicSpec, QemuDriver, VmSpec, VmState
 
-pytestmark = [pytest.mark.qemu, pytest.mark.netns]
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and taps need root"),
+]
 
 ECHO_PORT, COUNTER_PORT = 7, 9000
 BOOT_TIMEOUT = 90.0
