@@ -5,7 +5,7 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     mismatch" after every test passed.
     """
     gc.collect()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """The same collection before a failure's report: rendering it parses the test's source with
+    ``compile()``, where a finalizer of a pending QMP pump aborted a CI run with the same error and
+    hid which test had failed."""
+    if call.excinfo is not None:
+        gc.collect()
+    yield
 
 
 _sequence = itertools.count(1)
