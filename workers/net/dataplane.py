@@ -239,15 +239,12 @@ class DataPlane:
                     devices.delete(name, link)
 
     def _wanted_nics(self) -> list[Nic]:
-        nics: list[Nic] = []
-        for vm_uuid, described in self.recorded().items():
-            nics.extend(parse_nics(vm_uuid, described))
-        # One description per network: the last attached VM's (the control plane's newest view).
-        newest: dict[int, Network] = {}
-        for vm_uuid in sorted(self._recorded_vms(), key=lambda vm: self._record(vm).stat().st_mtime_ns):
-            for nic in nics:
-                if nic.vm_uuid == vm_uuid:
-                    newest[nic.network.vni] = nic.network
+        recorded = self.recorded()
+        # Oldest record first, so that each network keeps the description of the last attached VM
+        # (the control plane's newest view).
+        order = sorted(recorded, key=lambda vm: self._record(vm).stat().st_mtime_ns)
+        nics = [nic for vm_uuid in order for nic in parse_nics(vm_uuid, recorded[vm_uuid])]
+        newest = {nic.network.vni: nic.network for nic in nics}
         seen: dict[tuple[int, str], str] = {}
         for nic in nics:
             owner = seen.setdefault((nic.network.vni, nic.mac), nic.vm_uuid)
