@@ -24,12 +24,16 @@ def node_queue(node_name: str) -> str:
 
 class ImageDescription(TypedDict, total=False):
     """A VM's boot image: a disk (``path``, ``format``) or a kernel (``kernel_path``, ``initrd_path``,
-    ``cmdline``). The control plane sends every key (the unused ones empty) and the catalog ``name``."""
+    ``cmdline``). The control plane sends every key (the unused ones empty) and the catalog ``name``.
+    A stored disk image has ``sha256`` (and ``size_bytes``) and an empty ``path``: the node takes its
+    base from its own image cache, where it is named by that digest."""
 
     kind: Required[Literal["disk", "kernel"]]
     name: str
     format: str
     path: str
+    sha256: str
+    size_bytes: int
     kernel_path: str
     initrd_path: str
     cmdline: str

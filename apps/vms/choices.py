@@ -20,6 +20,19 @@ class ImageFormat(models.TextChoices):
     RAW = "raw", "raw"
 
 
+class ImageStatus(models.TextChoices):
+    PENDING = "pending", "Waiting for its file"
+    UPLOADING = "uploading", "Upload in progress"
+    IMPORTING = "importing", "Fetching or checking its file"
+    READY = "ready", "Ready"
+    FAILED = "failed", "Import failed"
+
+
+class ImageVisibility(models.TextChoices):
+    PRIVATE = "private", "Its project only"
+    SHARED = "shared", "Every user"
+
+
 class VMState(models.TextChoices):
     PENDING = "pending", "Pending"
     PROVISIONING = "provisioning", "Provisioning"

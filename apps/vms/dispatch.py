@@ -36,6 +36,8 @@ def vm_spec(vm: VM) -> contract.VmDescription:
             "kernel_path": image.kernel_path,
             "initrd_path": image.initrd_path,
             "cmdline": image.cmdline,
+            "sha256": image.sha256,
+            "size_bytes": image.size_bytes,
         },
         # In guest order; prefetched for a batch (``apps.networks.selectors.NICS_PREFETCH``).
         "nics": nic_descriptions(vm),

@@ -22,6 +22,8 @@ from .choices import (
     BatchStatus,
     ImageFormat,
     ImageKind,
+    ImageStatus,
+    ImageVisibility,
     NodeStatus,
     VMAction,
     VMState,
@@ -123,17 +125,42 @@ class Node(models.Model):
 
 
 class Image(models.Model):
+    """A boot image. A disk image from the store is addressed by ``sha256`` (nodes cache it by that
+    name and ``path`` stays empty); an image registered by ``path`` must exist on every node."""
+
     name = models.CharField(max_length=63, unique=True, validators=[name_validator])
+    project = models.ForeignKey(
+        "projects.Project",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="images",
+        help_text="The owning project; empty for the operators' catalog.",
+    )
+    visibility = models.CharField(
+        max_length=8, choices=ImageVisibility.choices, default=ImageVisibility.SHARED
+    )
+    status = models.CharField(max_length=10, choices=ImageStatus.choices, default=ImageStatus.READY)
+    status_reason = models.CharField(max_length=500, blank=True)
     kind = models.CharField(max_length=8, choices=ImageKind.choices, default=ImageKind.DISK)
     format = models.CharField(max_length=8, choices=ImageFormat.choices, default=ImageFormat.QCOW2)
     path = models.CharField(
-        max_length=1024, blank=True, help_text="Base disk path on the nodes (disk images)."
+        max_length=1024, blank=True, help_text="Base disk path on the nodes (disk images not in the store)."
+    )
+    sha256 = models.CharField(
+        max_length=64, blank=True, db_index=True, help_text="Content address of a stored disk image."
     )
     size_bytes = models.PositiveBigIntegerField(default=0)
+    virtual_size_bytes = models.PositiveBigIntegerField(default=0)
     checksum = models.CharField(max_length=80, blank=True, help_text="sha256 of the base disk or kernel.")
     kernel_path = models.CharField(max_length=1024, blank=True)
     initrd_path = models.CharField(max_length=1024, blank=True)
     cmdline = models.CharField(max_length=1024, blank=True)
+    os_type = models.CharField(max_length=32, blank=True)
+    os_version = models.CharField(max_length=32, blank=True)
+    min_disk_gb = models.PositiveIntegerField(default=0)
+    min_memory_mb = models.PositiveIntegerField(default=0)
+    source_url = models.CharField(max_length=2048, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -144,8 +171,9 @@ class Image(models.Model):
         return self.name
 
     def clean(self) -> None:
-        if self.kind == ImageKind.DISK and not self.path:
-            raise ValidationError({"path": "A disk image needs the path of its base disk."})
+        stored_or_pending = self.sha256 or self.status != ImageStatus.READY
+        if self.kind == ImageKind.DISK and not self.path and not stored_or_pending:
+            raise ValidationError({"path": "A disk image needs the path of its base disk or a stored file."})
         if self.kind == ImageKind.KERNEL and not self.kernel_path:
             raise ValidationError({"kernel_path": "A kernel image needs kernel_path."})
         for field in ("path", "kernel_path", "initrd_path"):

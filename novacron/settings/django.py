@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "apps.projects",
     "apps.audit",
     "apps.networks",
+    "apps.images",
 ]
 
 MIDDLEWARE = [

@@ -1,5 +1,6 @@
 """NovaCron's own options, under one dict read through ``apps.core.conf.novacron_setting``."""
 
+from .django import VAR_DIR
 from .env import env, env_int
 
 DWCP_SECRET = env(
@@ -16,6 +17,11 @@ NOVACRON = {
         "max_networks": env_int("QUOTA_MAX_NETWORKS", 10, help="Quota of a new project: networks."),
     },
     "BATCH_MAX_ITEMS": 1000,
+    "IMAGE_STORE_DIR": env(
+        "IMAGE_STORE_DIR",
+        str(VAR_DIR / "images" / "store"),
+        help="The control host's image store (files named by sha256).",
+    ),
     "CPU_ALLOCATION_RATIO": env(
         "CPU_ALLOCATION_RATIO", 4.0, cast=float, help="vCPUs offered per host CPU when a node registers."
     ),
