@@ -50,6 +50,17 @@ class VmDescription(TypedDict):
     image: ImageDescription
     extra_kernel_args: NotRequired[list[str]]  # kernel images only
     nics: NotRequired[list["NicDescription"]]  # in guest order; absent or empty: no network device
+    seed: NotRequired["SeedDescription"]  # absent: no cloud-init seed drive
+
+
+class SeedDescription(TypedDict):
+    """What the VM's cloud-init NoCloud seed carries; the node builds the seed drive from it and from
+    the VM's id (meta-data's instance-id) and NICs (network-config). ``user_data`` is the user's
+    opaque text (empty: none): it is never logged or shown in task arguments."""
+
+    hostname: str
+    ssh_keys: list[str]
+    user_data: str
 
 
 # Node tasks of the VM lifecycle; kwargs: VmOperationRequest.
