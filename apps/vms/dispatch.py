@@ -14,6 +14,7 @@ from apps.networks.nics import nic_descriptions
 from novacron.celery import app
 from workers import contract
 
+from . import cloud_init
 from .choices import ImageKind
 from .models import VM
 
@@ -22,7 +23,7 @@ def vm_spec(vm: VM) -> contract.VmDescription:
     """The VM description a node needs to create and run it (``contract.VmDescription``)."""
     image = vm.image
     kind: Literal["disk", "kernel"] = "kernel" if image.kind == ImageKind.KERNEL else "disk"
-    return {
+    description: contract.VmDescription = {
         "id": str(vm.id),
         "name": vm.name,
         "vcpus": vm.vcpus,
@@ -42,6 +43,15 @@ def vm_spec(vm: VM) -> contract.VmDescription:
         # In guest order; prefetched for a batch (``apps.networks.selectors.NICS_PREFETCH``).
         "nics": nic_descriptions(vm),
     }
+    # A cloud-init seed for disk images (cloud images look for one) and for any VM given seed data;
+    # none for a kernel image booted without any (the test guest runs no cloud-init).
+    if image.kind == ImageKind.DISK or vm.ssh_keys or vm.user_data:
+        description["seed"] = {
+            "hostname": vm.hostname or cloud_init.hostname_for(vm.name),
+            "ssh_keys": list(vm.ssh_keys),
+            "user_data": vm.user_data,
+        }
+    return description
 
 
 def _signature(vm: VM, task_name: str, node_name: str | None = None) -> Any:

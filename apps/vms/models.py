@@ -220,6 +220,10 @@ class VM(models.Model):
         validators=[MinValueValidator(64), MaxValueValidator(MAX_MEMORY_MB)]
     )
     disk_gb = models.PositiveIntegerField(validators=[MinValueValidator(1), MaxValueValidator(MAX_DISK_GB)])
+    # cloud-init's NoCloud seed (apps.vms.cloud_init).
+    hostname = models.CharField(max_length=253, blank=True)
+    ssh_keys = models.JSONField(default=list, blank=True)
+    user_data = models.TextField(blank=True, help_text="Never shown back or logged.")
     created_at = models.DateTimeField(auto_now_add=True, db_index=False)
     updated_at = models.DateTimeField(auto_now=True)
     deleted_at = models.DateTimeField(null=True, blank=True)

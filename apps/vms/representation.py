@@ -101,6 +101,8 @@ VM_FIELDS: tuple[VMField, ...] = (
     VMField("vcpus", "vcpus"),
     VMField("memory_mb", "memory_mb"),
     VMField("disk_gb", "disk_gb"),
+    VMField("hostname", "hostname"),
+    VMField("ssh_keys", "ssh_keys", sql="v.ssh_keys::text", render=_json_list),  # user_data: never shown
     VMField("created_at", "created_at"),
     VMField("updated_at", "updated_at"),
     VMField(

@@ -1,5 +1,6 @@
 """Input and output shapes of the VM, batch, node, image and user endpoints."""
 
+from collections.abc import Callable
 from typing import Any
 
 from rest_framework import serializers
@@ -7,7 +8,7 @@ from rest_framework import serializers
 from apps.core.serializers import NameOrIdField, StrictInputMixin
 from workers.net.names import MAX_NICS
 
-from . import representation
+from . import cloud_init, representation
 from .choices import BatchItemStatus
 from .models import (
     MAX_DISK_GB,
@@ -75,9 +76,43 @@ class VMCreateSerializer(StrictInputMixin, serializers.Serializer[VMRequest]):
         help_text="Networks (names or ids) of the VM's NICs, in guest order; omitted: the project's "
         "default network (made on first use); empty: no NIC.",
     )
+    hostname = serializers.CharField(
+        max_length=253,
+        required=False,
+        help_text="The guest's host name (cloud-init); omitted: the VM's name.",
+    )
+    ssh_keys = serializers.ListField(
+        child=serializers.CharField(max_length=cloud_init.MAX_SSH_KEY_CHARS, trim_whitespace=False),
+        required=False,
+        max_length=cloud_init.MAX_SSH_KEYS,
+        help_text="OpenSSH public keys cloud-init authorises for the image's default user.",
+    )
+    user_data = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        write_only=True,
+        help_text="cloud-init user data (#cloud-config, a script, ...), at most 64 KiB; never shown back.",
+    )
+
+    def validate_hostname(self, value: str) -> str:
+        return _cloud_init_check(cloud_init.check_hostname, value)
+
+    def validate_ssh_keys(self, value: list[str]) -> list[str]:
+        return [_cloud_init_check(cloud_init.check_ssh_key, key) for key in value]
+
+    def validate_user_data(self, value: str) -> str:
+        return _cloud_init_check(cloud_init.check_user_data, value) if value else value
 
     def to_request(self) -> VMRequest:
         return VMRequest(**self.validated_data)
+
+
+def _cloud_init_check(check: Callable[[str], str], value: str) -> str:
+    try:
+        return check(value)
+    except cloud_init.CloudInitError as exc:
+        raise serializers.ValidationError(str(exc)) from None
 
 
 class VMUpdateSerializer(StrictInputMixin, serializers.Serializer[VMChanges]):

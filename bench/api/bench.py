@@ -224,13 +224,14 @@ def seed(args: argparse.Namespace, timings: dict[str, float]) -> Seeded:
                 sample[tenant].append(str(vm_id))
             yield (
                 f"{vm_id}\tvm-{index}\t{tenants[tenant].pk}\t{projects[tenant].pk}\t{node}\t{image}\t{state}\t\t\t"
-                f"{1 + index % 8}\t{512 * (1 + index % 8)}\t{10 + index % 50}\t{stamp}\t{stamp}\t{deleted_at}\n"
+                f"{1 + index % 8}\t{512 * (1 + index % 8)}\t{10 + index % 50}\t{stamp}\t{stamp}\t{deleted_at}\t"
+                f"vm-{index}\t[]\t\n"
             )
 
     _copy(
         "vms",
         "id, name, owner_id, project_id, node_id, image_id, state, state_reason, pending_action, vcpus, "
-        "memory_mb, disk_gb, created_at, updated_at, deleted_at",
+        "memory_mb, disk_gb, created_at, updated_at, deleted_at, hostname, ssh_keys, user_data",
         vm_rows(),
     )
     timings["vms_copy"] = time.perf_counter() - started

@@ -23,7 +23,7 @@ from apps.networks import peers
 from apps.networks import services as network_services
 from apps.projects.services import lock_project
 from apps.vms import cache as vm_cache
-from apps.vms import dispatch, reads, representation, scheduler
+from apps.vms import cloud_init, dispatch, reads, representation, scheduler
 from apps.vms.choices import (
     ACTIVE_STATES,
     BatchItemStatus,
@@ -35,7 +35,7 @@ from apps.vms.choices import (
 )
 from apps.vms.models import VM, VM_NAME_UNIQUE, BatchItem, BatchOperation, Image, Node
 from apps.vms.selectors import visible_project
-from apps.vms.services.limits import check_new_names, check_quota, name_taken, project_state
+from apps.vms.services.limits import check_new_names, check_quota, image_refusal, name_taken, project_state
 from workers import contract
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ class VMRequest:
     node: Node | None = None
     # Network names or ids, one NIC each, in order; None: the project's default network; empty: no NIC.
     networks: Sequence[str] | None = None
+    # cloud-init (apps.vms.cloud_init, checked by the serializer); hostname empty: the VM's name.
+    hostname: str = ""
+    ssh_keys: Sequence[str] = ()
+    user_data: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,15 @@ def _create_many(
     names = [request.name for request in requests]
     limits, usage, taken = project_state(project_id, names)
     check_new_names(project_id, names, lambda index: f"{item_key(index)}name", taken)
+    refused = {
+        f"{item_key(index)}image": [reason]
+        for index, request in enumerate(requests)
+        if (
+            reason := image_refusal(request.image, project_id, memory=request.memory_mb, disk=request.disk_gb)
+        )
+    }
+    if refused:
+        raise InvalidInput(next(iter(refused.values()))[0], fields=refused)
     check_quota(
         project_id,
         vms=len(requests),
@@ -120,6 +133,9 @@ def _create_many(
             vcpus=request.vcpus,
             memory_mb=request.memory_mb,
             disk_gb=request.disk_gb,
+            hostname=request.hostname or cloud_init.hostname_for(request.name),
+            ssh_keys=list(request.ssh_keys),
+            user_data=request.user_data,
             state=VMState.PENDING,
         )
         for request, node in zip(requests, nodes, strict=True)

@@ -61,12 +61,13 @@ def _copy_vms(owners: list[Any], image_id: int, node_id: int, count: int) -> Non
         created = (start + timedelta(seconds=index)).isoformat()
         owner, project = owners[index % len(owners)].pk, projects[index % len(owners)]
         buffer.write(
-            f"{uuid.uuid4()}\tvm-{index}\t{owner}\t{project}\t{node_id}\t{image_id}\t{state}\t\t\t1\t256\t1\t{created}\t{created}\t\\N\n"
+            f"{uuid.uuid4()}\tvm-{index}\t{owner}\t{project}\t{node_id}\t{image_id}\t{state}\t\t\t1\t256\t1\t{created}\t{created}\t\\N\t"
+            f"vm-{index}\t[]\t\n"
         )
     buffer.seek(0)
     columns = (
         "id, name, owner_id, project_id, node_id, image_id, state, state_reason, pending_action, vcpus, "
-        "memory_mb, disk_gb, created_at, updated_at, deleted_at"
+        "memory_mb, disk_gb, created_at, updated_at, deleted_at, hostname, ssh_keys, user_data"
     )
     with connection.cursor() as cursor:
         with cursor.copy(f"COPY vms ({columns}) FROM STDIN") as copy:
