@@ -6,7 +6,7 @@ representation, selectors and dispatch import this module).
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from django.db.models import Prefetch
 
@@ -18,8 +18,21 @@ from .models import Network, Nic
 NICS_PREFETCH = Prefetch("nics", queryset=Nic.objects.select_related("network").order_by("index"))
 
 
+# Where a VM instance keeps the NICs its create just wrote (with their networks), so its answer and
+# its node task read them from memory.
+_WRITTEN: Final = "_novacron_written_nics"
+
+
+def keep_written(vm: Any, nics: Sequence[Nic]) -> None:
+    """Remember on ``vm`` the NICs just written for it, in index order, their networks loaded."""
+    vm.__dict__[_WRITTEN] = sorted(nics, key=lambda nic: nic.index)
+
+
 def vm_nics(vm: Any) -> Sequence[Nic]:
-    """The VM's NICs in index order (prefetched with :data:`NICS_PREFETCH`, else read now)."""
+    """The VM's NICs in index order (just written, or prefetched with :data:`NICS_PREFETCH`, else read
+    now)."""
+    if _WRITTEN in vm.__dict__:
+        return list(vm.__dict__[_WRITTEN])
     if "nics" in getattr(vm, "_prefetched_objects_cache", {}):
         return list(vm.nics.all())
     return list(Nic.objects.filter(vm_id=vm.pk).select_related("network").order_by("index"))

@@ -13,12 +13,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Final
 
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 
-from apps.core.db import bulk_insert
+from apps.core.db import bulk_insert, fetch_prepared, on_postgresql
 from apps.core.errors import Conflict, InvalidInput, NoAddress, QuotaExceeded
 from apps.projects.models import Project
 from apps.projects.services import lock_project
@@ -26,6 +27,7 @@ from apps.vms.models import VM
 
 from . import addresses
 from .models import DEFAULT_MTU, DEFAULT_NETWORK, VNI_MAX, VNI_MIN, Network, Nic
+from .nics import keep_written
 
 VNI_ATTEMPTS: Final = 8  # concurrent creates that picked the same VNI pick again
 MAC_ATTEMPTS: Final = 8  # draws of new MACs for those already taken
@@ -299,37 +301,81 @@ def plan_addresses(networks: Sequence[Sequence[Network]]) -> AddressPlan:
     return plan
 
 
+# New NICs in one statement that skips a MAC already taken (instead of a look-up of the drawn MACs
+# first): the rows it returns are written, the others draw again. Rows: arrays of VM ids, network
+# ids, indexes, MACs and addresses, one element per NIC.
+_NICS_INSERT_SQL = """
+INSERT INTO nics (vm_id, network_id, "index", mac, ipv4, created_at)
+SELECT vm, network, position, mac, ipv4, now()
+FROM unnest(%s::uuid[], %s::bigint[], %s::smallint[], %s::varchar[], %s::varchar[])
+    AS t(vm, network, position, mac, ipv4)
+ON CONFLICT (mac) DO NOTHING
+RETURNING id, mac, created_at
+"""
+
+
+def _insert_skipping_taken_macs(nics: Sequence[Nic]) -> dict[str, tuple[int, datetime]]:
+    """Write the NICs whose MAC is free; the id and creation time of each written one, by MAC."""
+    rows = fetch_prepared(
+        _NICS_INSERT_SQL,
+        [
+            [nic.vm_id for nic in nics],
+            [nic.network_id for nic in nics],
+            [nic.index for nic in nics],
+            [nic.mac for nic in nics],
+            [nic.ipv4 for nic in nics],
+        ],
+    )
+    return {mac: (pk, created) for pk, mac, created in rows}
+
+
+def _insert_by_orm(nics: Sequence[Nic]) -> dict[str, tuple[int, datetime]]:
+    clashes = set(Nic.objects.filter(mac__in=[nic.mac for nic in nics]).values_list("mac", flat=True))
+    fresh = [nic for nic in nics if nic.mac not in clashes]
+    bulk_insert(fresh)
+    return {
+        mac: (pk, created)
+        for pk, mac, created in Nic.objects.filter(mac__in=[nic.mac for nic in fresh]).values_list(
+            "pk", "mac", "created_at"
+        )
+    }
+
+
 def nics_insert(vms: Sequence[VM], plan: AddressPlan) -> list[Nic]:
     """The NICs of ``vms`` (VM rows just inserted, in the plan's order) with the planned addresses and
-    new random MACs (those already taken drawn again).
+    new random MACs (a MAC already taken is drawn again), kept on each VM for its answer and its node
+    task (:func:`apps.networks.nics.keep_written`).
 
-    Two concurrent creates that drew the same new MAC (about one in 16 million per pair of NICs)
-    meet the unique index: the later one is refused with a 409 to retry.
+    A MAC taken by another NIC is skipped by the insert and drawn again (one statement in all,
+    unless a drawn MAC was taken: about one in 16 million per NIC and existing NIC pair).
     """
-    rows = [
-        (vm, index, network, address)
+    nics = [
+        Nic(vm=vm, network=network, index=index, mac="", ipv4=address)
         for vm, networks, taken in zip(vms, plan.networks, plan.addresses, strict=True)
         for index, (network, address) in enumerate(zip(networks, taken, strict=True))
     ]
-    if not rows:
-        return []
-    macs = addresses.random_macs(len(rows))
+    pending = list(nics)
+    drawn: set[str] = set()
+    insert = _insert_skipping_taken_macs if on_postgresql() else _insert_by_orm
     for _attempt in range(MAC_ATTEMPTS):
-        clashes = set(Nic.objects.filter(mac__in=macs).values_list("mac", flat=True))
-        if not clashes:
+        if not pending:
             break
-        fresh = iter(addresses.random_macs(len(clashes), avoid=set(macs)))
-        macs = [next(fresh) if mac in clashes else mac for mac in macs]
-    else:
+        for nic, mac in zip(pending, addresses.random_macs(len(pending), avoid=drawn), strict=True):
+            nic.mac = mac
+            drawn.add(mac)
+        written = insert(pending)
+        for nic in pending:
+            if nic.mac in written:
+                nic.pk, nic.created_at = written[nic.mac]
+                nic._state.adding = False
+        pending = [nic for nic in pending if nic.mac not in written]
+    if pending:
         raise Conflict("Could not find free MAC addresses; retry.")
-    nics = [
-        Nic(vm=vm, network=network, index=index, mac=mac, ipv4=address)
-        for (vm, index, network, address), mac in zip(rows, macs, strict=True)
-    ]
-    try:
-        bulk_insert(nics)
-    except IntegrityError as exc:
-        raise Conflict("A concurrent create took one of the new MAC addresses; retry.") from exc
+    by_vm: dict[uuid.UUID, list[Nic]] = {vm.pk: [] for vm in vms}
+    for nic in nics:
+        by_vm[nic.vm_id].append(nic)
+    for vm in vms:
+        keep_written(vm, by_vm[vm.pk])
     return nics
 
 

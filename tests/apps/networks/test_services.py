@@ -11,7 +11,9 @@ import pytest
 from django.db import connection
 
 from apps.core.errors import InvalidInput, NoAddress
+from apps.networks import addresses
 from apps.networks.models import Network, Nic
+from apps.networks.nics import nic_descriptions, nics_shown, vm_nics
 from apps.networks.services import network_create
 from apps.projects.models import Membership, Project, Role
 from apps.projects.services import personal_project
@@ -181,3 +183,23 @@ def test_unknown_or_invisible_networks_are_400s_naming_them(
         "vms[2].networks[2]": [f"No network '{theirs.pk}' in this project or shared with it."],
     }
     assert not VM.objects.exists() and not Nic.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_drawn_mac_already_taken_is_drawn_again_and_the_answer_shows_what_was_written(
+    user: Any, node: Any, make_image: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = make_image()
+    project = personal_project(user)
+    first = vm_create(owner=user, project_id=project.pk, request=_requests(image, "a", 1, None)[0])
+    taken = Nic.objects.get(vm=first).mac
+    draws = iter([[taken, "52:54:00:00:00:02"], ["52:54:00:00:00:03"]])
+    monkeypatch.setattr(addresses, "random_macs", lambda count, avoid=frozenset(): next(draws))
+    _, (one, two) = vm_batch_create(
+        owner=user, project_id=project.pk, requests=_requests(image, "b", 2, None)
+    )
+    assert nic_descriptions(one)[0]["mac"] == "52:54:00:00:00:03"  # the clash, drawn again
+    assert nics_shown(two) == [{"network": "default", "mac": "52:54:00:00:00:02", "ipv4": "10.0.0.4"}]
+    stored = dict(Nic.objects.filter(vm__in=[one, two]).values_list("vm__name", "mac"))
+    assert stored == {"b0": "52:54:00:00:00:03", "b1": "52:54:00:00:00:02"}
+    assert [nic.ipv4 for nic in vm_nics(VM.objects.get(pk=one.pk))] == ["10.0.0.3"]
