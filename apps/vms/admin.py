@@ -70,6 +70,8 @@ class VMAdmin(admin.ModelAdmin[VM]):
         "state",
         "state_reason",
         "pending_action",
+        "hostname",
+        "ssh_keys",
         "created_at",
         "updated_at",
         "deleted_at",
@@ -87,6 +89,8 @@ class VMAdmin(admin.ModelAdmin[VM]):
         "vcpus",
         "memory_mb",
         "disk_gb",
+        "hostname",
+        "ssh_keys",  # user data is never shown, here neither
         "created_at",
         "updated_at",
         "deleted_at",
