@@ -1,4 +1,4 @@
-"""Input and output shapes of the VM, batch, node, image and user endpoints."""
+"""Input and output shapes of the VM, batch, node and user endpoints."""
 
 from typing import Any
 
@@ -202,32 +202,6 @@ class NodeSerializer(StrictInputMixin, serializers.ModelSerializer[Node]):
                 "disk_gb",
             )
         }
-
-
-class ImageSerializer(StrictInputMixin, serializers.ModelSerializer[Image]):
-    class Meta:
-        model = Image
-        fields = (
-            "id",
-            "name",
-            "kind",
-            "format",
-            "path",
-            "size_bytes",
-            "checksum",
-            "kernel_path",
-            "initrd_path",
-            "cmdline",
-            "created_at",
-        )
-        read_only_fields = ("created_at",)
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        current = (
-            {} if self.instance is None else {f: getattr(self.instance, f) for f in self.Meta.fields[1:-1]}
-        )
-        Image(**{**current, **attrs}).clean()
-        return attrs
 
 
 class QuotaSerializer(serializers.Serializer[Any]):
