@@ -157,8 +157,8 @@ class ImageViewSet(
             offset = {"received_bytes": held, "size": image.size_bytes or None, "status": image.status}
             return Response(offset, headers={OFFSET_HEADER: str(held)})
         image = self._writable(request)
-        length = request.META.get("CONTENT_LENGTH")
-        if not length or not length.isdigit():
+        length = request.META.get("CONTENT_LENGTH") or "0"
+        if request.META.get("HTTP_TRANSFER_ENCODING") or not length.isdigit():
             message = "Send the file with a Content-Length (chunked bodies are not taken)."
             return Response(error_body("length_required", message), status=status.HTTP_411_LENGTH_REQUIRED)
         chunk = imports.chunk_of(request.headers.get("Content-Range"), int(length))
