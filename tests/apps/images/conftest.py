@@ -44,7 +44,9 @@ def disks(tmp_path: Path) -> Callable[..., Path]:
         elif kind == "backing":
             qemu_img("create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", str(path))
         elif kind == "data_file":
-            qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={made / 'external.raw'}", str(path), size)
+            qemu_img(
+                "create", "-q", "-f", "qcow2", "-o", f"data_file={made / 'external.raw'}", str(path), size
+            )
         elif kind == "text":
             path.write_text("#!/bin/sh\necho this is not a disk image\n")
         else:

@@ -38,7 +38,11 @@ def test_a_qcow2_upload_is_stored_by_its_sha256(api: Any, store: Path, disks: Ca
     data = disks("qcow2", size="3G").read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     image = _create(api, sha256=digest, os_type="linux", min_disk_gb=1)
-    assert (image["status"], image["project"] is not None, image["visibility"]) == ("pending", True, "private")
+    assert (image["status"], image["project"] is not None, image["visibility"]) == (
+        "pending",
+        True,
+        "private",
+    )
     response = _put(api, image["id"], data)
     assert response.status_code == 200, response.content
     body = response.json()
