@@ -19,7 +19,7 @@ from apps.vms.choices import ImageFormat, ImageStatus, ImageVisibility
 from apps.vms.models import Image
 
 from ... import imports, services
-from ...downloads import SCHEMES, import_url
+from ...downloads import check_url, import_url
 from ...store import file_sha256
 
 
@@ -41,12 +41,16 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         name, source = options["name"], options["source"]
-        is_url = source.split(":", 1)[0].lower() in SCHEMES
-        local = None if is_url else Path(source)
-        if local is not None and not local.is_file():
+        local = None if "://" in source else Path(source)
+        if local is None:
+            try:
+                check_url(source)
+            except NovaCronError as exc:
+                raise CommandError(exc.message) from exc
+        elif not local.is_file():
             raise CommandError(f"{source}: no such file (give a local file or an http(s) URL).")
         existing = Image.objects.filter(name=name).first()
-        if existing is not None and local is not None and existing.sha256 == file_sha256(local):
+        if existing is not None and existing.sha256 and self._same(existing, local, source):
             self.stdout.write(f"image {name!r} unchanged (sha256 {existing.sha256})")
             return
         if existing is not None and not options["replace"]:
@@ -67,6 +71,11 @@ class Command(BaseCommand):
         else:
             self._replace(existing, image)
             self.stdout.write(self.style.SUCCESS(f"image {name!r} replaced ({self._shown(image)})"))
+
+    @staticmethod
+    def _same(existing: Image, local: Path | None, source: str) -> bool:
+        """Whether ``existing`` holds the source's content (a URL: it was imported from it)."""
+        return existing.source_url == source if local is None else existing.sha256 == file_sha256(local)
 
     def _import(self, name: str, local: Path | None, source: str, options: dict[str, Any]) -> Image:
         """A new image ``name`` holding the source's verified file; nothing is left when it is refused."""
