@@ -1,11 +1,12 @@
 """Input and output shapes of the image endpoints."""
 
-from typing import Any
+from typing import Any, cast
 
 from rest_framework import serializers
 
-from apps.core.serializers import StrictInputMixin
-from apps.vms.choices import ImageFormat, ImageKind, ImageVisibility
+from apps.core.serializers import NameOrIdField, StrictInputMixin
+from apps.projects.acting import acting
+from apps.vms.choices import ImageFormat, ImageKind, ImageStatus, ImageVisibility
 from apps.vms.models import Image, name_validator
 
 from .imports import received_bytes
@@ -100,3 +101,31 @@ class UploadOffsetSerializer(serializers.Serializer[Any]):
     received_bytes = serializers.IntegerField()
     size = serializers.IntegerField(allow_null=True, help_text="The announced size of the file.")
     status = serializers.CharField()
+
+
+class UsableImageField(NameOrIdField):
+    """A VM's image, by name or id: one the request's project sees (another project's private image
+    is unknown, as in the image endpoints) and ``ready`` (no query beyond the look-up)."""
+
+    default_error_messages = {
+        **NameOrIdField.default_error_messages,
+        "not_ready": "Image {name} is {status}, not ready: its file must be imported first.",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(Image, **kwargs)
+
+    def to_internal_value(self, data: Any) -> Image:
+        image = cast("Image", super().to_internal_value(data))
+        if not self._seen(image):
+            self.fail("not_found", model=Image._meta.verbose_name, value=data)
+        if image.status != ImageStatus.READY:
+            self.fail("not_ready", name=image.name, status=image.status)
+        return image
+
+    def _seen(self, image: Image) -> bool:
+        """Whether the request sees ``image`` (:func:`apps.images.selectors.image_visible_to`'s rule)."""
+        request = self.context.get("request")
+        if image.project_id is None or image.visibility == ImageVisibility.SHARED:
+            return True
+        return request is None or request.user.is_staff or image.project_id == acting(request).project_id

@@ -5,6 +5,7 @@ from typing import Any
 from rest_framework import serializers
 
 from apps.core.serializers import NameOrIdField, StrictInputMixin
+from apps.images.serializers import UsableImageField
 from workers.net.names import MAX_NICS
 
 from . import representation
@@ -16,7 +17,6 @@ from .models import (
     VM,
     BatchItem,
     BatchOperation,
-    Image,
     Node,
     name_validator,
 )
@@ -63,7 +63,7 @@ def _name_field(**kwargs: Any) -> serializers.CharField:
 
 class VMCreateSerializer(StrictInputMixin, serializers.Serializer[VMRequest]):
     name = _name_field()
-    image = NameOrIdField(Image)
+    image = UsableImageField()
     vcpus = serializers.IntegerField(min_value=1, max_value=MAX_VCPUS)
     memory_mb = serializers.IntegerField(min_value=64, max_value=MAX_MEMORY_MB)
     disk_gb = serializers.IntegerField(min_value=1, max_value=MAX_DISK_GB)

@@ -161,3 +161,20 @@ def test_the_browsable_forms_and_the_schema(api: Any, store: Path) -> None:
     operations = schema["paths"]["/api/v1/images/{id}/file/"]
     assert "application/octet-stream" in operations["put"]["requestBody"]["content"]
     assert set(operations) >= {"get", "put"}
+
+
+def test_a_vm_boots_only_from_a_ready_image_its_project_sees(
+    api: Any, other_api: Any, node: Any, store: Path, disks: Callable[..., Path]
+) -> None:
+    from tests.conftest import vm_payload
+
+    mine = _post(api).json()
+    created = other_api.post("/api/v1/vms/", vm_payload("vm", image=mine["id"]), format="json")
+    assert created.status_code == 400 and "No image" in created.json()["error"]["fields"]["image"][0]
+    assert other_api.post("/api/v1/vms/", vm_payload("vm", image="img"), format="json").status_code == 400
+    pending = api.post("/api/v1/vms/", vm_payload("vm", image="img"), format="json")
+    assert pending.status_code == 400 and "not ready" in pending.json()["error"]["fields"]["image"][0]
+    assert _upload(api, mine["id"], disks("qcow2").read_bytes()).status_code == 200
+    assert api.post("/api/v1/vms/", vm_payload("vm", image="img"), format="json").status_code == 202
+    assert other_api.post("/api/v1/vms/", vm_payload("vm", image="img"), format="json").status_code == 400
+    assert VM.objects.count() == 1
