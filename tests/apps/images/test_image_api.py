@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from apps.audit.models import AuditEvent
-from apps.projects.models import Membership, Project, Role
 from apps.vms.models import VM, Image
 from tests.apps.images.conftest import stored_files
 
@@ -61,14 +60,9 @@ def test_users_create_private_images_only(api: Any, store: Path) -> None:
     assert not Image.objects.exists()
 
 
-def test_a_reader_reads_and_cannot_write(make_user: Any, client_for: Any, store: Path) -> None:
-    project = Project.objects.create(name="team", **Project.default_quota())
-    writer, reader = make_user("writer"), make_user("reader")
-    Membership.objects.create(project=project, user=writer, role=Role.MEMBER)
-    Membership.objects.create(project=project, user=reader, role=Role.READER)
-    as_writer, as_reader = client_for(writer), client_for(reader)
-    for client in (as_writer, as_reader):
-        client.defaults["HTTP_X_PROJECT"] = str(project.pk)
+def test_a_reader_reads_and_cannot_write(team: Any, store: Path) -> None:
+    _, clients = team(writer="member", reader="reader")
+    as_writer, as_reader = clients["writer"], clients["reader"]
     refused = _post(as_reader)
     assert refused.status_code == 403 and "reader" in refused.json()["error"]["message"]
     created = _post(as_writer)
