@@ -169,7 +169,7 @@ def team(make_user: Callable[..., Any]) -> Callable[..., tuple[Project, dict[str
 
     def make(**roles: str) -> tuple[Project, dict[str, APIClient]]:
         project = Project.objects.create(name="team", **Project.default_quota())
-        clients = {}
+        clients: dict[str, APIClient] = {}
         for name, role in roles.items():
             member = make_user(name)
             Membership.objects.create(project=project, user=member, role=role)
