@@ -7,6 +7,7 @@ refused (409) while a VM record uses the image or its file is being received, an
 file when no other image has the same content.
 """
 
+import math
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -18,6 +19,7 @@ from apps.vms.models import VM, Image
 
 from . import imports
 from .downloads import check_url
+from .probe import GIB
 from .store import discard_partial, is_valid_sha256, store_path
 
 #: Fields a staff-only registration by path sets (the operators' legacy images: ``testguest``).
@@ -81,6 +83,10 @@ def image_update(*, image: Image, **fields: Any) -> Image:
         raise _name_taken(name)
     for field, value in fields.items():
         setattr(image, field, value)
+    least = math.ceil(image.virtual_size_bytes / GIB)
+    if image.min_disk_gb < least:
+        message = f"The image's virtual size needs at least {least} GiB of disk."
+        raise InvalidInput(message, fields={"min_disk_gb": [message]})
     image.full_clean(exclude=["project"], validate_unique=False, validate_constraints=False)
     image.save()
     vm_cache.fleet_changed()  # VM bodies show image names

@@ -103,6 +103,9 @@ def test_metadata_changes_and_staff_only_visibility(api: Any, staff_api: Any, st
     assert changed.status_code == 200
     assert (changed.json()["name"], changed.json()["os_version"]) == ("renamed", "12")
     assert api.patch(url, {"visibility": "shared"}, format="json").status_code == 403
+    Image.objects.filter(pk=image["id"]).update(virtual_size_bytes=3 * 1024**3, min_disk_gb=3)
+    small = api.patch(url, {"min_disk_gb": 2}, format="json")
+    assert small.status_code == 400 and "at least 3 GiB" in small.json()["error"]["message"]
     assert api.patch(url, {"sha256": "0" * 64}, format="json").status_code == 400
     _post(staff_api, name="taken", visibility="shared")
     taken = api.patch(url, {"name": "taken"}, format="json")
