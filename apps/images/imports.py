@@ -128,21 +128,21 @@ def received_bytes(image: Image) -> int | None:
     return held_bytes(image.pk)
 
 
-def _check_receivable(image: Image, *, importing: bool = False) -> None:
+def _check_receivable(image: Image) -> None:
     if image.path or image.kernel_path:
         raise Conflict(f"Image {image.name} is registered by path on the nodes; it has no file to upload.")
     if image.status == ImageStatus.READY:
         raise Conflict(f"Image {image.name} already has its file; create another image for new content.")
-    if image.status == ImageStatus.IMPORTING and not importing:
+    if image.status == ImageStatus.IMPORTING:
         raise Conflict(f"Image {image.name} is being imported from its URL; it takes no upload.")
 
 
-def receive(image: Image, body: Readable, chunk: Chunk, *, importing: bool = False) -> Image:
+def receive(image: Image, body: Readable, chunk: Chunk) -> Image:
     """Write ``chunk`` of ``image``'s file from ``body`` (under :func:`import_lock`); verify and store
     the file when its last byte arrived. Raises :class:`OffsetMismatch`, :class:`ImageRefused` (the
     image is then ``failed``) or :class:`InvalidInput` when the body ended early (what arrived is kept)."""
     image = Image.objects.get(pk=image.pk)
-    _check_receivable(image, importing=importing)
+    _check_receivable(image)
     held = held_bytes(image.pk)
     if chunk.start and chunk.start != held:
         raise OffsetMismatch(held, chunk.start)
@@ -151,8 +151,9 @@ def receive(image: Image, body: Readable, chunk: Chunk, *, importing: bool = Fal
             f"This upload's file has {image.size_bytes} bytes, not {chunk.total};"
             " to start again, send from byte 0."
         )
-    status = ImageStatus.IMPORTING if importing else ImageStatus.UPLOADING
-    Image.objects.filter(pk=image.pk).update(status=status, status_reason="", size_bytes=chunk.total)
+    Image.objects.filter(pk=image.pk).update(
+        status=ImageStatus.UPLOADING, status_reason="", size_bytes=chunk.total
+    )
     digest = hashlib.sha256() if chunk.start == 0 else None
     written = append(image.pk, body, chunk.length, start=chunk.start, digest=digest)
     if written < chunk.length:
