@@ -162,6 +162,25 @@ def make_image(db: None) -> Callable[..., Any]:
 
 
 @pytest.fixture
+def team(make_user: Callable[..., Any]) -> Callable[..., tuple[Project, dict[str, APIClient]]]:
+    """``team(writer="member", reader="reader")``: a project "team" whose new users of those names
+    have those roles, and an API client for each that acts in it (``X-Project``)."""
+    from apps.projects.models import Membership
+
+    def make(**roles: str) -> tuple[Project, dict[str, APIClient]]:
+        project = Project.objects.create(name="team", **Project.default_quota())
+        clients: dict[str, APIClient] = {}
+        for name, role in roles.items():
+            member = make_user(name)
+            Membership.objects.create(project=project, user=member, role=role)
+            clients[name] = _client_for(member)
+            clients[name].defaults["HTTP_X_PROJECT"] = str(project.pk)
+        return project, clients
+
+    return make
+
+
+@pytest.fixture
 def node(make_node: Callable[..., Any]) -> Any:
     return make_node("node1")
 

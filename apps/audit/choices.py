@@ -30,6 +30,7 @@ class AuditAction(models.TextChoices):
     IMAGE_CREATE = "image.create"
     IMAGE_UPDATE = "image.update"
     IMAGE_DELETE = "image.delete"
+    IMAGE_UPLOAD = "image.upload"  # a file's upload or URL import ended (stored or refused)
     NETWORK_CREATE = "network.create"
     NETWORK_UPDATE = "network.update"
     NETWORK_DELETE = "network.delete"

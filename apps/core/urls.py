@@ -7,12 +7,13 @@ from rest_framework.routers import DefaultRouter
 from apps.accounts.urls import API_ROUTES as ACCOUNTS_ROUTES
 from apps.accounts.urls import api_urlpatterns as accounts_urlpatterns
 from apps.audit.urls import API_ROUTES as AUDIT_ROUTES
+from apps.images.views import ImageViewSet
 from apps.migrations.views import MigrationViewSet
 from apps.monitoring.urls import API_ROUTES as MONITORING_ROUTES
 from apps.monitoring.urls import api_urlpatterns as monitoring_urlpatterns
 from apps.networks.views import NetworkViewSet
 from apps.projects.views import ProjectMemberViewSet, ProjectViewSet
-from apps.vms.views import BatchViewSet, ImageViewSet, MeView, NodeViewSet, VMViewSet
+from apps.vms.views import BatchViewSet, MeView, NodeViewSet, VMViewSet
 
 router = DefaultRouter()
 router.register("vms", VMViewSet, basename="vm")

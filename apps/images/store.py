@@ -1,14 +1,21 @@
 """The content-addressed image store on the control host: one file per image, named by its sha256.
 
-No path in the store comes from a user: a name is the 64 lowercase hex digits of the file's sha256.
+No path in the store comes from a user: a name is the 64 lowercase hex digits of the file's sha256,
+and a file being received lives in the store's hidden ``.partial`` area under the image's id until it
+is verified and moved (one rename, same filesystem) to its content address. Two images with the same
+content share one file.
 """
 
+import hashlib
+import os
 import re
 from pathlib import Path
 
 from apps.core.conf import novacron_setting
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+PARTIAL_DIR = ".partial"
+HASH_CHUNK = 1 << 20
 
 
 def store_dir() -> Path:
@@ -20,3 +27,45 @@ def store_path(sha256: str) -> Path:
     if not _SHA256.fullmatch(sha256):
         raise ValueError(f"not a sha256 in lowercase hex: {sha256!r}")
     return store_dir() / sha256
+
+
+def partial_path(image_id: int) -> Path:
+    """Where the file of image ``image_id`` is received (created with its directory on demand)."""
+    return store_dir() / PARTIAL_DIR / str(int(image_id))
+
+
+def held_bytes(image_id: int) -> int:
+    """How many bytes of image ``image_id``'s file the store holds so far (0: none)."""
+    try:
+        return partial_path(image_id).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def discard_partial(image_id: int) -> None:
+    partial_path(image_id).unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def keep(image_id: int, sha256: str) -> Path:
+    """Move image ``image_id``'s verified partial file to its content address; when the store
+    already holds that content the partial file is dropped (one file per content)."""
+    target = store_path(sha256)
+    partial = partial_path(image_id)
+    if target.exists():
+        partial.unlink()
+    else:
+        partial.chmod(0o644)
+        os.replace(partial, target)
+    return target
+
+
+def is_valid_sha256(value: str) -> bool:
+    return bool(_SHA256.fullmatch(value))

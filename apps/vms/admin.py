@@ -1,5 +1,5 @@
-"""Django admin for the fleet: VMs (with lifecycle actions, each VM's in the audit trail), nodes,
-images and batches (projects, their members and quotas: ``apps.projects.admin``)."""
+"""Django admin for the fleet: VMs (with lifecycle actions, each VM's in the audit trail), nodes
+and batches (projects, their members and quotas: ``apps.projects.admin``; images: ``apps.images.admin``)."""
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -14,7 +14,7 @@ from apps.migrations.services import migration_request
 
 from . import representation, services
 from .choices import VMAction
-from .models import VM, BatchItem, BatchOperation, Image, Node
+from .models import VM, BatchItem, BatchOperation, Node
 
 
 def _each(
@@ -184,13 +184,6 @@ class NodeAdmin(admin.ModelAdmin[Node]):
         "hypervisor",
         "last_heartbeat",
     )
-
-
-@admin.register(Image)
-class ImageAdmin(admin.ModelAdmin[Image]):
-    list_display = ("name", "kind", "format", "path", "kernel_path", "size_bytes", "created_at")
-    list_filter = ("kind", "format")
-    search_fields = ("name",)
 
 
 class BatchItemInline(admin.TabularInline[BatchItem, BatchOperation]):

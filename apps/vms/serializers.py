@@ -1,4 +1,4 @@
-"""Input and output shapes of the VM, batch, node, image and user endpoints."""
+"""Input and output shapes of the VM, batch, node and user endpoints."""
 
 from collections.abc import Callable
 from typing import Any
@@ -6,6 +6,7 @@ from typing import Any
 from rest_framework import serializers
 
 from apps.core.serializers import NameOrIdField, StrictInputMixin
+from apps.images.serializers import UsableImageField
 from workers.net.names import MAX_NICS
 
 from . import cloud_init, representation
@@ -17,7 +18,6 @@ from .models import (
     VM,
     BatchItem,
     BatchOperation,
-    Image,
     Node,
     name_validator,
 )
@@ -64,7 +64,7 @@ def _name_field(**kwargs: Any) -> serializers.CharField:
 
 class VMCreateSerializer(StrictInputMixin, serializers.Serializer[VMRequest]):
     name = _name_field()
-    image = NameOrIdField(Image)
+    image = UsableImageField()
     vcpus = serializers.IntegerField(min_value=1, max_value=MAX_VCPUS)
     memory_mb = serializers.IntegerField(min_value=64, max_value=MAX_MEMORY_MB)
     disk_gb = serializers.IntegerField(min_value=1, max_value=MAX_DISK_GB)
@@ -237,32 +237,6 @@ class NodeSerializer(StrictInputMixin, serializers.ModelSerializer[Node]):
                 "disk_gb",
             )
         }
-
-
-class ImageSerializer(StrictInputMixin, serializers.ModelSerializer[Image]):
-    class Meta:
-        model = Image
-        fields = (
-            "id",
-            "name",
-            "kind",
-            "format",
-            "path",
-            "size_bytes",
-            "checksum",
-            "kernel_path",
-            "initrd_path",
-            "cmdline",
-            "created_at",
-        )
-        read_only_fields = ("created_at",)
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        current = (
-            {} if self.instance is None else {f: getattr(self.instance, f) for f in self.Meta.fields[1:-1]}
-        )
-        Image(**{**current, **attrs}).clean()
-        return attrs
 
 
 class QuotaSerializer(serializers.Serializer[Any]):

@@ -1,4 +1,4 @@
-"""VM, batch, node, image and user endpoints. Thin: validate, call one service, serialize.
+"""VM, batch, node and user endpoints. Thin: validate, call one service, serialize.
 
 The VM list, VM detail and ``users/me`` read through the response cache (:mod:`.cache`) when the
 answer is JSON; a miss reads its page or VM with fixed SQL (:mod:`.reads`; the list's ``node`` and
@@ -44,7 +44,7 @@ from . import cache as vm_cache
 from . import reads, services
 from .choices import VMAction
 from .filters import VMFilter
-from .models import VM, BatchItem, BatchOperation, Image, Node
+from .models import VM, BatchItem, BatchOperation, Node
 from .representation import vm_data
 from .selectors import (
     Usage,
@@ -59,7 +59,6 @@ from .selectors import (
 from .serializers import (
     BatchSerializer,
     BatchSummarySerializer,
-    ImageSerializer,
     MeSerializer,
     NodeSerializer,
     VMBatchCreateSerializer,
@@ -412,25 +411,6 @@ class NodeViewSet(AuditedView, viewsets.ModelViewSet[Node]):
 
     def perform_destroy(self, instance: Node) -> None:
         services.node_delete(node=instance)
-
-
-class ImageViewSet(AuditedView, viewsets.ModelViewSet[Image]):
-    """The image catalog: everyone reads, staff register images."""
-
-    audit_actions = model_writes("image")
-    audit_fields = ("name", "kind", "format", "path", "size_bytes", "checksum")  # not a kernel cmdline
-
-    serializer_class = ImageSerializer
-    permission_classes = (permissions.IsAuthenticated, IsStaffOrReadOnly)
-    queryset = Image.objects.all()
-    filterset_fields = ("kind", "name")
-
-    def perform_update(self, serializer: serializers.BaseSerializer[Image]) -> None:
-        super().perform_update(serializer)
-        vm_cache.fleet_changed()  # VM bodies show image names
-
-    def perform_destroy(self, instance: Image) -> None:
-        services.image_delete(image=instance)
 
 
 class MeView(APIView):

@@ -22,6 +22,15 @@ NOVACRON = {
         str(VAR_DIR / "images" / "store"),
         help="The control host's image store (files named by sha256).",
     ),
+    "IMAGE_MAX_SIZE_GB": env_int(
+        "IMAGE_MAX_SIZE_GB", 64, help="Largest image file the store takes (upload or URL), in GiB."
+    ),
+    "IMAGE_MAX_VIRTUAL_SIZE_GB": env_int(
+        "IMAGE_MAX_VIRTUAL_SIZE_GB", 2048, help="Largest virtual disk size of an imported image, in GiB."
+    ),
+    "IMAGE_URL_ATTEMPTS": env_int(
+        "IMAGE_URL_ATTEMPTS", 5, help="Tries of a URL import (resumed with a Range request) before it fails."
+    ),
     "CPU_ALLOCATION_RATIO": env(
         "CPU_ALLOCATION_RATIO", 4.0, cast=float, help="vCPUs offered per host CPU when a node registers."
     ),

@@ -1,6 +1,6 @@
-"""Writes to the fleet, by entity: VM requests (``vms``), node reports (``reports``), nodes and images."""
+"""Writes to the fleet, by entity: VM requests (``vms``), node reports (``reports``), nodes."""
 
-from .nodes import image_delete, node_delete, node_register
+from .nodes import node_delete, node_register
 from .reports import batch_update_status, node_apply_vm_states, nodes_check_heartbeats, vm_record_report
 from .vms import (
     VMChanges,
@@ -19,7 +19,6 @@ __all__ = [
     "VMChanges",
     "VMRequest",
     "batch_update_status",
-    "image_delete",
     "node_apply_vm_states",
     "node_delete",
     "node_register",

@@ -1,4 +1,4 @@
-"""Node and image records: registration by node workers, removal by staff."""
+"""Node records: registration by node workers, removal by staff."""
 
 from typing import Any
 
@@ -11,7 +11,7 @@ from apps.core.errors import Conflict
 from apps.networks import peers
 from apps.vms import cache as vm_cache
 from apps.vms.choices import NodeStatus, VMState
-from apps.vms.models import VM, Image, Node
+from apps.vms.models import VM, Node
 from workers import contract
 
 NETWORKING_NOT_REPORTED = "its node worker did not say whether it can attach NICs (an older version)"
@@ -70,11 +70,3 @@ def node_delete(*, node: Node) -> None:
     VM.objects.filter(node=node).update(node=None)
     node.delete()
     vm_cache.fleet_changed()  # deleted VMs showed its name
-
-
-@transaction.atomic
-def image_delete(*, image: Image) -> None:
-    used = VM.objects.filter(image=image).count()
-    if used:
-        raise Conflict(f"Image {image.name} is used by {used} VM record(s).")
-    image.delete()

@@ -7,7 +7,6 @@ import pytest
 
 from apps.audit.models import AuditEvent
 from apps.networks.models import Network
-from apps.projects.models import Project
 from apps.projects.services import personal_project
 from tests.conftest import set_quota, vm_payload
 
@@ -153,16 +152,9 @@ def test_a_network_in_use_is_a_409_and_deletable_once_its_vms_are_gone(
     assert not Network.objects.exists()
 
 
-def test_a_reader_reads_and_cannot_write(make_user: Any, client_for: Any) -> None:
-    from apps.projects.models import Membership, Role
-
-    project = Project.objects.create(name="team", **Project.default_quota())
-    writer, reader = make_user("writer"), make_user("reader")
-    Membership.objects.create(project=project, user=writer, role=Role.MEMBER)
-    Membership.objects.create(project=project, user=reader, role=Role.READER)
-    as_writer, as_reader = client_for(writer), client_for(reader)
-    for client in (as_writer, as_reader):
-        client.defaults["HTTP_X_PROJECT"] = str(project.pk)
+def test_a_reader_reads_and_cannot_write(team: Any) -> None:
+    _, clients = team(writer="member", reader="reader")
+    as_writer, as_reader = clients["writer"], clients["reader"]
     assert _create(as_reader).status_code == 403
     created = _create(as_writer)
     assert created.status_code == 201 and created.json()["project"] == "team"
