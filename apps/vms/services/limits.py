@@ -1,4 +1,4 @@
-"""What a project may still create: its quota and usage, the names its live VMs hold, the images it boots.
+"""What a project may still create: its quota and usage, the names its live VMs hold, the images' minimums.
 
 A quota-checked write takes the project's lock first (:func:`apps.projects.services.lock_project`),
 then reads its state (:func:`project_state`, one round trip on PostgreSQL) and checks
@@ -11,7 +11,7 @@ from typing import Any
 
 from apps.core.db import fetch_prepared, postgresql_or
 from apps.core.errors import InvalidInput, QuotaExceeded
-from apps.vms.choices import ImageStatus, ImageVisibility, VMState
+from apps.vms.choices import VMState
 from apps.vms.models import VM, Image
 from apps.vms.selectors import Limits, Usage, project_quota, project_usage
 
@@ -90,18 +90,9 @@ def name_taken(name: str) -> str:
     return f"The project already has a VM named {name!r}."
 
 
-def image_refusal(image: Image, project_id: int, *, memory: int, disk: int) -> str | None:
-    """Why a VM of ``project_id`` cannot boot ``image`` with ``memory`` MiB and a ``disk`` GiB disk; None if
-    it can.
-
-    Another project's private image reads as an unknown one (the serializer's own wording), so a
-    create does not tell who else has which images.
-    """
-    private = image.visibility == ImageVisibility.PRIVATE and image.project_id is not None
-    if private and image.project_id != project_id:
-        return f"No image named or numbered {image.name!r}."
-    if image.status != ImageStatus.READY:
-        return f"Image {image.name} is not ready: it is {image.status}."
+def image_refusal(image: Image, *, memory: int, disk: int) -> str | None:
+    """Why a VM with ``memory`` MiB and a ``disk`` GiB disk cannot boot ``image`` (its minimums); None
+    if it can. Which images a project may boot at all is the serializer's (``UsableImageField``)."""
     if memory < image.min_memory_mb:
         return f"Image {image.name} needs at least {image.min_memory_mb} MiB of memory."
     if disk < image.min_disk_gb:

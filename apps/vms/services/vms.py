@@ -93,9 +93,7 @@ def _create_many(
     refused = {
         f"{item_key(index)}image": [reason]
         for index, request in enumerate(requests)
-        if (
-            reason := image_refusal(request.image, project_id, memory=request.memory_mb, disk=request.disk_gb)
-        )
+        if (reason := image_refusal(request.image, memory=request.memory_mb, disk=request.disk_gb))
     }
     if refused:
         raise InvalidInput(next(iter(refused.values()))[0], fields=refused)

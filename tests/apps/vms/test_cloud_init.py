@@ -144,7 +144,7 @@ def test_a_project_boots_only_ready_images_it_may_see_and_meets_their_minimums(
     make_image("big", min_memory_mb=4096, min_disk_gb=20)
     expectations = {
         "theirs": "No image named or numbered 'theirs'.",
-        "uploading": "Image uploading is not ready: it is uploading.",
+        "uploading": "Image uploading is uploading, not ready: its file must be imported first.",
         "big": "Image big needs at least 4096 MiB of memory.",
     }
     for name, message in expectations.items():
