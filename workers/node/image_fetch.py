@@ -7,36 +7,19 @@ resumes from what the receiver's journal holds. After an adoption the cache evic
 beyond its limit and the node reports its whole listing.
 """
 
-import logging
 from typing import Any, Unpack
 
 from celery import Celery
 
 from workers import contract
-from workers.dwcp import DWCPError, Progress, send_file
+from workers.dwcp import DWCPError
+from workers.image_push import push_image
 
 from .config import NodeConfig
 from .images import ImageCache, ImageRefused
 from .reports import Reporter
 
-logger = logging.getLogger(__name__)
-
 TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True, "time_limit": 6 * 3600}
-
-
-class StepReporter:
-    """A DWCP progress reporter that calls ``report(percent)`` at every IMAGE_PROGRESS_STEP percent."""
-
-    def __init__(self, total: int, report: Any) -> None:
-        self.total = max(total, 1)
-        self.report_step = report
-        self.next_step = contract.IMAGE_PROGRESS_STEP
-
-    def report(self, progress: Progress) -> None:
-        percent = min(100.0 * progress.raw_bytes / self.total, 100.0)
-        if percent >= self.next_step and percent < 100:
-            self.next_step = (int(percent) // contract.IMAGE_PROGRESS_STEP + 1) * contract.IMAGE_PROGRESS_STEP
-            self.report_step(percent)
 
 
 class ImageTasks:
@@ -63,26 +46,13 @@ class ImageTasks:
             self.reporter.image_fetch(fetch_id=fetch_id, sha256=sha256, event="progress", percent=percent)
 
         try:
-            result = send_file(
-                path,
-                address=request["dest_dwcp_address"],
-                name=request["target"],
-                ticket=request["ticket"],
-                secret=self.config.dwcp_secret,
-                source_node=self.config.name,
-                streams=request["streams"],
-                reporter=StepReporter(path.stat().st_size, progress),
+            detail = push_image(
+                path, request, secret=self.config.dwcp_secret, source_node=self.config.name, step=progress
             )
         except (DWCPError, OSError) as exc:
             self.reporter.image_fetch(fetch_id=fetch_id, sha256=sha256, event="failed", detail=str(exc))
             return
-        self.reporter.image_fetch(
-            fetch_id=fetch_id,
-            sha256=sha256,
-            event="sent",
-            detail=f"{result.raw_bytes} bytes ({result.wire_bytes} on the wire, {result.resumed_bytes} "
-            f"resumed) in {result.seconds:.1f} s",
-        )
+        self.reporter.image_fetch(fetch_id=fetch_id, sha256=sha256, event="sent", detail=detail)
 
     def adopt(self, **request: Unpack[contract.ImageAdopt]) -> None:
         fetch_id, sha256 = request["fetch_id"], request["sha256"]
