@@ -18,7 +18,7 @@ fetch that is not the row's current one changes nothing.
 import logging
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Unpack
 
 from django.conf import settings
@@ -65,21 +65,21 @@ def ensure(node: Node, image: Image) -> NodeImage:
     return row
 
 
-def send_creates(vm_ids: Iterable[uuid.UUID | str]) -> list[VM]:
-    """Send the creates of ``vm_ids`` whose node holds their image; the others wait for their fetch.
+def send_creates(vms: Sequence[VM]) -> None:
+    """Send the creates of ``vms`` whose node holds their image; the others wait for their fetch.
 
     Runs in its own transaction (after the creating one committed): the rows of a fetch are locked
-    after, never while, the VMs' nodes are. Returns the VMs sent now.
+    after, never while, the VMs' nodes are. ``vms`` then show what was recorded (a waiting reason, or
+    the error of a fetch that could not start).
     """
+    ids = [vm.pk for vm in vms]
     with transaction.atomic():
-        vms = list(
-            VM.objects.filter(pk__in=list(vm_ids), state__in=WAITING_STATES, node__isnull=False)
+        for vm in (
+            VM.objects.filter(pk__in=ids, state__in=WAITING_STATES, node__isnull=False)
             .select_related("node", "image")
             .prefetch_related(NICS_PREFETCH)
             .order_by("pk")
-        )
-        sent: list[VM] = []
-        for vm in vms:
+        ):
             assert vm.node is not None
             if is_stored(vm.image):
                 row = ensure(vm.node, vm.image)
@@ -87,8 +87,10 @@ def send_creates(vm_ids: Iterable[uuid.UUID | str]) -> list[VM]:
                     _show_waiting(row)
                     continue
             dispatch.send_on_commit(vm, contract.NODE_VM_CREATE)
-            sent.append(vm)
-        return sent
+    recorded = VM.objects.select_related("node").in_bulk(ids)
+    for vm in vms:
+        vm.state, vm.state_reason = recorded[vm.pk].state, recorded[vm.pk].state_reason
+        vm.node = recorded[vm.pk].node
 
 
 def _sources(row: NodeImage, tried: list[str]) -> list[str]:

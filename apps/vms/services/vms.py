@@ -142,7 +142,7 @@ def vm_create(*, owner: User, project_id: int, request: VMRequest) -> VM:
     creates it after commit."""
     (vm,) = _create_many(owner=owner, project_id=project_id, requests=[request], item_key=lambda _index: "")
     if fetches.is_stored(vm.image):  # its node may have to fetch the image first
-        transaction.on_commit(lambda: fetches.send_creates([vm.pk]))
+        transaction.on_commit(lambda: fetches.send_creates([vm]))
     else:
         dispatch.send_on_commit(vm, contract.NODE_VM_CREATE)
     return vm

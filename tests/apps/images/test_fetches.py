@@ -158,7 +158,7 @@ def test_concurrent_creates_on_one_node_make_one_fetch(api, nodes, stored, store
     def create(vm: VM) -> None:
         try:
             barrier.wait()
-            fetches.send_creates([vm.pk])
+            fetches.send_creates([vm])
         except BaseException as exc:
             errors.append(exc)
         finally:
