@@ -402,7 +402,9 @@ class MigrationControl(TypedDict, total=False):
 # the control plane: it signs a DWCP ticket (kind "file", target <IMAGE_INCOMING_DIR>/<sha256> on the
 # receiver) and asks the source to push it: a node that holds the image (NODE_IMAGE_SEND) or the
 # control host's store (a control task; the ticket's source is IMAGE_STORE_SOURCE). The sender reports
-# "progress" every IMAGE_PROGRESS_STEP percent, then "sent" or "failed"; the receiver is then told
+# "progress" every IMAGE_PROGRESS_STEP percent and at least every IMAGE_PROGRESS_INTERVAL seconds (a
+# fetch without reports for longer is restarted from the next source), then "sent" or "failed"; the
+# receiver is then told
 # NODE_IMAGE_ADOPT: it checks the sha256, moves the file into its cache and reports "adopted" (or
 # "failed"). A create whose image the node lacks is answered by "missing" (no VM report): the control
 # plane fetches the image and sends the create again. Nodes list what they hold (CONTROL_NODE_IMAGES)
@@ -412,6 +414,7 @@ IMAGE_CACHE_DIR: Final = "images"
 IMAGE_INCOMING_DIR: Final = "images/incoming"
 IMAGE_STORE_SOURCE: Final = "store"  # the ticket's source_node when the control host's store sends
 IMAGE_PROGRESS_STEP: Final = 10  # percent between two "progress" reports of a push
+IMAGE_PROGRESS_INTERVAL: Final = 30.0  # seconds: the longest a push goes without a "progress" report
 
 # Node task, on the source: push its cached copy to the receiver (reports progress, sent or failed).
 NODE_IMAGE_SEND: Final = "novacron.node.image_send"

@@ -29,3 +29,9 @@ def image_fetch_report(**report: Unpack[contract.ImageFetchReport]) -> None:
 def node_images(**listing: Unpack[contract.NodeImages]) -> None:
     """Everything a node's image cache holds (at its start and after each adoption or eviction)."""
     fetches.node_images(**listing)
+
+
+@shared_task(name="apps.images.fetch_tasks.fetches_watchdog", acks_late=True, time_limit=60, expires=10)
+def fetches_watchdog() -> list[str]:
+    """Beat task: restart stalled fetches from their next source."""
+    return fetches.fetches_watchdog()

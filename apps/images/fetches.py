@@ -19,11 +19,13 @@ import logging
 import threading
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Unpack
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Count
+from django.utils import timezone
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import InvalidState
@@ -241,11 +243,9 @@ def fetch_report(**report: Unpack[contract.ImageFetchReport]) -> None:
         logger.info("image fetch %s: %s from %s ignored (not under way)", report["fetch_id"], event, reporter)
         return
     if event == "progress" and reporter == row.source:
-        percent = float(report.get("percent", 0.0))
-        if percent > row.percent:
-            row.percent = min(percent, 99.0)
-            row.save(update_fields=["percent", "updated_at"])
-            _show_waiting(row)
+        row.percent = max(row.percent, min(float(report.get("percent", 0.0)), 99.0))
+        row.save(update_fields=["percent", "updated_at"])  # a slow fetch is not a stalled one
+        _show_waiting(row)
     elif event == "sent" and reporter == row.source:
         logger.info("image %s sent to %s by %s: %s", row.image.name, row.node.name, reporter, detail)
         adopt: contract.ImageAdopt = {
@@ -295,6 +295,25 @@ def node_images(*, node: str, images: list[contract.CachedImage], over_limit: st
         NodeImage.objects.get_or_create(node=node_row, image=image, defaults={"state": NodeImageState.READY})
     if over_limit:
         logger.warning("node %s: %s", node, over_limit)
+
+
+def fetches_watchdog() -> list[str]:
+    """Restart from the next source the fetches without a report for ``IMAGE_FETCH_STALL_TIMEOUT``
+    seconds (a sender or a receiver lost with its worker); returns the images' rows restarted."""
+    timeout = novacron_setting("IMAGE_FETCH_STALL_TIMEOUT")
+    stalled = NodeImage.objects.filter(
+        state=NodeImageState.FETCHING, updated_at__lt=timezone.now() - timedelta(seconds=timeout)
+    ).values_list("fetch_id", flat=True)
+    restarted = []
+    for fetch_id in list(stalled):
+        with transaction.atomic():
+            row = _locked_fetch(str(fetch_id))
+            if row is None or row.updated_at >= timezone.now() - timedelta(seconds=timeout):
+                continue
+            logger.warning("image %s: fetch to %s from %s stalled", row.image.name, row.node.name, row.source)
+            _start(row, tried=row.tried, cause=f"{row.source}: no report for {timeout} s")
+            restarted.append(str(row.pk))
+    return restarted
 
 
 _pushing: set[str] = set()  # fetches this process sends from the store (a redelivered task waits out)

@@ -22,6 +22,12 @@ NOVACRON = {
         str(VAR_DIR / "images" / "store"),
         help="The control host's image store (files named by sha256).",
     ),
+    "IMAGE_FETCH_STALL_TIMEOUT": env_int(
+        "IMAGE_FETCH_STALL_TIMEOUT",
+        120,
+        help="Seconds a fetch of an image to a node may go without a report before it is restarted "
+        "from the next source (senders report at least every 30 s).",
+    ),
     "CPU_ALLOCATION_RATIO": env(
         "CPU_ALLOCATION_RATIO", 4.0, cast=float, help="vCPUs offered per host CPU when a node registers."
     ),

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.db import close_old_connections
+from django.utils import timezone
 
 from apps.images import fetches
 from apps.images.models import NodeImage, NodeImageState
@@ -271,3 +273,22 @@ def test_a_failed_base_fetch_fails_the_migration_and_the_vm_keeps_running(api, n
     assert (vm.state, vm.node_id) == ("running", nodes["n1"].pk)
     assert Node.objects.get(name="n3").allocated_vcpus == 0
     assert _named(contract.node_queue("n3"), contract.NODE_MIGRATION_PREPARE) == []
+
+
+def test_a_stalled_fetch_restarts_from_the_next_source_then_fails(api, nodes, stored, store):
+    NodeImage.objects.create(node=nodes["n2"], image=stored, state=NodeImageState.READY)
+    vm = _create(api, "web-1", "n1")
+    assert _row("n1").source == "n2"
+    assert fetches.fetches_watchdog() == []  # a fresh fetch is left alone
+    long_ago = timezone.now() - timedelta(hours=1)
+    NodeImage.objects.filter(node__name="n1").update(updated_at=long_ago)
+    fetches.fetches_watchdog()
+    row = _row("n1")
+    assert (row.state, row.source, row.tried) == (NodeImageState.FETCHING, "store", ["n2", "store"])
+    _report(row, "progress", "store", percent=12.0)  # a report keeps it alive
+    assert fetches.fetches_watchdog() == []
+    NodeImage.objects.filter(node__name="n1").update(updated_at=long_ago)
+    fetches.fetches_watchdog()
+    vm.refresh_from_db()
+    assert vm.state == "error"
+    assert vm.state_reason.endswith("could not be fetched to n1: store: no report for 120 s")
