@@ -8,17 +8,20 @@ VM for these purposes. Transfers are counted in the receivers' logs, where DWCP'
 """
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from apps.images.models import NodeImage, NodeImageState
+from apps.images.store import store_path
 from apps.migrations.models import Migration, MigrationEvent
 from apps.projects.models import Project
 from apps.vms.models import VM, Image
 from tests.workers.node.conftest import Cluster, wait_for
 from workers import contract
+from workers.node.images import qcow2_backing_file
 
 pytestmark = [
     pytest.mark.integration,
@@ -55,6 +58,16 @@ def _cached(cluster: Cluster, node: str) -> set[str]:
     return {
         path.name for path in (cluster.data_dirs[node] / contract.IMAGE_CACHE_DIR).iterdir() if path.is_file()
     }
+
+
+def _ended(migration_id: str) -> Migration:
+    wait_for(
+        lambda: Migration.objects.filter(pk=migration_id, status__in=["completed", "failed"]).exists(),
+        300,
+        "the migration to end",
+        interval=1,
+    )
+    return Migration.objects.get(pk=migration_id)
 
 
 def _source(node: str, image: Image) -> str:
@@ -95,14 +108,7 @@ def test_images_travel_once_per_node_migrations_bring_the_base_and_the_cache_evi
     # A live migration to the third node, which lacks the base: it fetches it first, visibly.
     response = api.post(f"/api/v1/vms/{a1.pk}/migrate/", {"dest_node": n3, "mode": "live"}, format="json")
     assert response.status_code in (201, 202), response.json()
-    migration = Migration.objects.get(pk=response.json()["id"])
-    wait_for(
-        lambda: Migration.objects.filter(pk=migration.pk, status__in=["completed", "failed"]).exists(),
-        300,
-        "the migration to end",
-        interval=1,
-    )
-    migration.refresh_from_db()
+    migration = _ended(response.json()["id"])
     assert migration.status == "completed", migration.error
     phases = list(MigrationEvent.objects.filter(migration=migration).values_list("phase", "detail"))
     assert ("image", "phase image") in phases
@@ -112,7 +118,9 @@ def test_images_travel_once_per_node_migrations_bring_the_base_and_the_cache_evi
     a1.refresh_from_db()
     assert (a1.state, a1.node.name) == ("running", n3)
     wait_for(lambda: not (cluster.data_dirs[n1] / "run" / str(a1.pk)).exists(), 60, "the source copy to go")
-    assert (cluster.data_dirs[n3] / "run" / str(a1.pk) / "spec.json").exists()
+    assert qcow2_backing_file(cluster.data_dirs[n3] / "disks" / f"{a1.pk}.qcow2") == str(
+        cluster.data_dirs[n3] / contract.IMAGE_CACHE_DIR / debian.sha256
+    )  # the destination made its disk on its own cache file
 
     # The first node's cache holds two images: a third evicts the least recently used image no VM
     # uses (debian-12, since a1 left), never "other", older but in use by o1.
@@ -131,6 +139,26 @@ def test_images_travel_once_per_node_migrations_bring_the_base_and_the_cache_evi
         ("third", "ready"),
     }
     assert _running("o1", "b0", "b1", "b2", "b3", "a1", "t1")
+
+    # A cold migration to a node without the base: fetched first, then the received overlay is rebased
+    # onto the destination's own cache file before it starts.
+    t1 = VM.objects.get(name="t1")
+    response = api.post(f"/api/v1/vms/{t1.pk}/migrate/", {"dest_node": n2, "mode": "cold"}, format="json")
+    assert response.status_code in (201, 202), response.json()
+    cold = _ended(response.json()["id"])
+    assert cold.status == "completed", cold.error
+    assert MigrationEvent.objects.filter(migration=cold, phase="image").exists()
+    assert _source(n2, third) == n1
+    t1.refresh_from_db()
+    assert (t1.state, t1.node.name) == ("running", n2)
+    disk = cluster.data_dirs[n2] / "disks" / f"{t1.pk}.qcow2"
+    assert qcow2_backing_file(disk) == str(cluster.data_dirs[n2] / contract.IMAGE_CACHE_DIR / third.sha256)
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-U", str(disk), str(store_path(third.sha256))],
+        capture_output=True,
+        text=True,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr  # the chain reads the base's bytes
 
 
 def test_a_path_image_vm_runs_as_before(cluster: Cluster, api, guest_image: Image, tmp_path: Path):
