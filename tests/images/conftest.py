@@ -13,8 +13,8 @@ import pytest
 
 from apps.images.store import store_path
 from apps.vms.models import Image
-from tests.faults.redis_server import PrivateRedis, producer_on
 from tests.netlab import NetLab, netlab
+from tests.networks.conftest import cluster_redis_url  # noqa: F401 - fixture (a private Redis on the lab)
 from tests.workers.node.conftest import (  # noqa: F401 - fixtures
     NodeHost,
     cluster,
@@ -52,18 +52,6 @@ def cluster_hosts(lab: NetLab) -> tuple[NodeHost, ...]:
         NodeHost(first.netns, first.address, ("--image-cache-gb", str(CACHE_GB))),
         *(NodeHost(host.netns, host.address) for host in others),
     )
-
-
-@pytest.fixture
-def cluster_redis_url(lab: NetLab, tmp_path: Path, settings) -> Iterator[str]:
-    server = PrivateRedis(tmp_path, host=lab.gateway)
-    try:
-        server.start()
-        settings.REDIS_URL = server.url
-        with producer_on(server.url):
-            yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -68,8 +68,8 @@ class ImageCache:
         """``vm`` with its stored image's base path set to this cache's file (present or not)."""
         image = vm.get("image", {})
         sha256 = str(image.get("sha256") or "")
-        if not sha256 or image.get("path"):
-            return vm
+        if not valid_sha256(sha256) or image.get("path"):
+            return vm  # an invalid digest leaves no path: the spec is refused as it stands
         return {**vm, "image": {**image, "path": str(self.path(sha256))}}
 
     @contextmanager

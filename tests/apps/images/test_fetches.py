@@ -22,6 +22,7 @@ from apps.images import fetches
 from apps.images.models import NodeImage, NodeImageState
 from apps.migrations import services as migration_services
 from apps.migrations.choices import MigrationMode, MigrationStatus
+from apps.migrations.models import Migration
 from apps.vms.choices import NodeStatus
 from apps.vms.models import VM, Image, Node
 from tests.conftest import vm_payload
@@ -236,15 +237,23 @@ def test_the_rows_follow_a_nodes_listing(nodes, stored, make_image):
     ]
 
 
-def test_a_migration_waits_in_phase_image_then_prepares(api, nodes, stored, store, user):
+def _started_migration(
+    api: Any, user: Any, nodes: dict[str, Node], stored: Image, mode: MigrationMode
+) -> Migration:
+    """A running VM of ``stored`` on n1 (which holds the image), migrating to n3 (which does not)."""
     NodeImage.objects.create(node=nodes["n1"], image=stored, state=NodeImageState.READY)
     vm = _create(api, "web-1", "n1")
     VM.objects.filter(pk=vm.pk).update(state="running")
     migration = migration_services.migration_request(
-        vm=vm, requested_by=user, mode=MigrationMode.LIVE, dest_node=nodes["n3"]
+        vm=vm, requested_by=user, mode=mode, dest_node=nodes["n3"]
     )
     migration_services.migrations_schedule()
     migration.refresh_from_db()
+    return migration
+
+
+def test_a_migration_waits_in_phase_image_then_prepares(api, nodes, stored, store, user):
+    migration = _started_migration(api, user, nodes, stored, MigrationMode.LIVE)
     assert (migration.status, migration.phase) == (MigrationStatus.PREPARING, "image")
     assert _named(contract.node_queue("n3"), contract.NODE_MIGRATION_PREPARE) == []
     row = _row("n3")
@@ -257,13 +266,8 @@ def test_a_migration_waits_in_phase_image_then_prepares(api, nodes, stored, stor
 
 
 def test_a_failed_base_fetch_fails_the_migration_and_the_vm_keeps_running(api, nodes, stored, store, user):
-    NodeImage.objects.create(node=nodes["n1"], image=stored, state=NodeImageState.READY)
-    vm = _create(api, "web-1", "n1")
-    VM.objects.filter(pk=vm.pk).update(state="running")
-    migration = migration_services.migration_request(
-        vm=vm, requested_by=user, mode=MigrationMode.COLD, dest_node=nodes["n3"]
-    )
-    migration_services.migrations_schedule()
+    migration = _started_migration(api, user, nodes, stored, MigrationMode.COLD)
+    vm = migration.vm
     _report(_row("n3"), "failed", "n1", detail="disk full")
     _report(_row("n3"), "failed", "store", detail="disk full")
     migration.refresh_from_db()

@@ -88,6 +88,7 @@ def test_a_vm_of_a_stored_image_gets_the_cache_path_and_waits_for_the_file(cache
     assert vm["image"]["path"] == str(cache.root / sha256)
     with pytest.raises(ImageMissing), cache.holding(vm):
         pass
+    assert cache.resolve(_vm("../../etc/passwd"))["image"]["path"] == ""
     legacy = _vm("")
     legacy["image"]["path"] = "/srv/images/legacy.qcow2"
     assert cache.resolve(legacy) == legacy
