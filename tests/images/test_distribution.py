@@ -160,6 +160,16 @@ def test_images_travel_once_per_node_migrations_bring_the_base_and_the_cache_evi
     )
     assert compare.returncode == 0, compare.stdout + compare.stderr  # the chain reads the base's bytes
 
+    # A node that lost an image it was thought to hold (a wiped disk) says so at the create: the image
+    # is fetched again, from a peer, and the VM runs.
+    (cluster.data_dirs[n1] / contract.IMAGE_CACHE_DIR / third.sha256).unlink()
+    assert _source(n1, third) == contract.IMAGE_STORE_SOURCE  # the control plane still thinks it is there
+    response = api.post("/api/v1/vms/", _vm("w1", third, n1), format="json")
+    assert response.status_code == 202, response.json()
+    wait_for(lambda: _running("w1"), 180, "w1 to run", interval=1)
+    assert _source(n1, third) == n2
+    assert _transfers(cluster, n1, third) == 2
+
 
 def test_a_path_image_vm_runs_as_before(cluster: Cluster, api, guest_image: Image, tmp_path: Path):
     n1 = next(iter(cluster.nodes))
