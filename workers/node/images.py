@@ -5,9 +5,10 @@ digest and this module fills in the path (``resolve``), so no path from a user r
 image lands in DATA/images/incoming/<sha256> (DWCP verified its own chunk digests) and is adopted
 only once its sha256 matches, by an atomic rename. Order of use is the file's mtime (touched at every
 create, start and migration). Invariants: an image a VM of this node is backed by (a run dir's spec, a
-disk's or an incoming disk's qcow2 backing file) is never evicted; creates and evictions hold one lock,
-so an image cannot go between a create's check and its overlay; when everything is in use the cache
-stays over its limit and says so.
+disk's or an incoming disk's qcow2 backing file) is never evicted, nor one adopted for VMs or a
+migration that have not used it yet (pinned in memory, for at most PIN_SECONDS); creates and evictions
+hold one lock, so an image cannot go between a create's check and its overlay; when everything is in
+use the cache stays over its limit and says so.
 """
 
 import hashlib
@@ -18,6 +19,7 @@ import re
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -30,6 +32,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _QCOW2_MAGIC = b"QFI\xfb"
 _QCOW2_BACKING = struct.Struct(">QI")  # backing_file_offset, backing_file_size at byte 8
 _READ_SIZE = 4 << 20
+PIN_SECONDS = 3600.0  # how long an adopted image nobody used yet is kept from eviction
 
 
 class ImageMissing(Exception):
@@ -57,6 +60,7 @@ class ImageCache:
         self.incoming = data_dir / contract.IMAGE_INCOMING_DIR
         self.limit_bytes = limit_bytes
         self.lock = threading.RLock()
+        self._pins: dict[str, float] = {}  # adopted, not used yet: sha256 -> monotonic expiry
         self.incoming.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
@@ -83,6 +87,12 @@ class ImageCache:
                     raise ImageMissing(sha256)
                 self.touch(sha256)
             yield
+            self.unpin(sha256)  # the new disk's header names it from now on
+
+    def unpin(self, sha256: str) -> None:
+        """What the image was fetched for uses it now (its VMs' disks protect it from here on)."""
+        with self.lock:
+            self._pins.pop(sha256, None)
 
     def touch_vm(self, vm: contract.VmDescription) -> None:
         """Record a use of ``vm``'s stored image, if it has one."""
@@ -117,6 +127,7 @@ class ImageCache:
             received.chmod(0o644)
             os.replace(received, target)
             self.touch(sha256)
+            self._pins[sha256] = time.monotonic() + PIN_SECONDS
         logger.info("image %s adopted into the cache (%d bytes)", sha256, actual_size)
         return target
 
@@ -160,12 +171,14 @@ class ImageCache:
         """
         evicted: list[str] = []
         with self.lock:
+            now = time.monotonic()
+            self._pins = {sha256: until for sha256, until in self._pins.items() if until > now}
             images = sorted(self.listing(), key=lambda image: image["last_used"])
             total = sum(image["size_bytes"] for image in images)
             for image in images:
                 if total <= self.limit_bytes:
                     break
-                if image["in_use"]:
+                if image["in_use"] or image["sha256"] in self._pins:
                     continue
                 self.path(image["sha256"]).unlink(missing_ok=True)
                 total -= image["size_bytes"]
@@ -175,7 +188,7 @@ class ImageCache:
         if total > self.limit_bytes:
             over = (
                 f"image cache holds {total} bytes, over its limit of {self.limit_bytes}: "
-                "every remaining image is in use by a VM"
+                "every remaining image is in use by a VM or fetched for one that has not started yet"
             )
             logger.warning("%s", over)
         return evicted, over

@@ -34,9 +34,13 @@ def cache(tmp_path: Path) -> ImageCache:
     return ImageCache(tmp_path / "data", limit_bytes=2 * MIB)
 
 
-def _cached(cache: ImageCache, fill: int, *, used_at: float) -> str:
+def _cached(cache: ImageCache, fill: int, *, used_at: float, used: bool = True) -> str:
+    """An adopted image, last used at ``used_at``; ``used=False``: what it was fetched for has not
+    used it yet."""
     sha256, _ = _image(cache.incoming, fill)
     cache.adopt(sha256, MIB)
+    if used:
+        cache.unpin(sha256)
     os.utime(cache.path(sha256), (used_at, used_at))
     return sha256
 
@@ -112,6 +116,18 @@ def test_a_use_moves_an_image_up_the_order(cache: ImageCache):
         pass
     assert cache.evict()[0] == [second]
     assert {image["sha256"] for image in cache.listing()} == {first, third}
+
+
+def test_an_image_fetched_for_vms_that_did_not_use_it_yet_is_kept(cache: ImageCache):
+    waiting = _cached(cache, 1, used_at=1000, used=False)  # the oldest, but its VMs are still to come
+    second = _cached(cache, 2, used_at=2000)
+    _cached(cache, 3, used_at=3000)
+    assert cache.evict()[0] == [second]
+    with cache.holding(cache.resolve(_vm(waiting))):  # its VM's disk is made: the pin goes
+        pass
+    os.utime(cache.path(waiting), (1000, 1000))
+    _cached(cache, 4, used_at=4000)
+    assert cache.evict()[0] == [waiting]
 
 
 def test_images_in_use_stay_even_over_the_limit(cache: ImageCache, tmp_path: Path):

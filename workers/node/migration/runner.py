@@ -53,9 +53,16 @@ class MigrationRunner:
         self.images.touch_vm(vm)
         return self.images.resolve(vm)
 
+    def _unpin(self, vm: contract.VmDescription) -> None:
+        sha256 = str(vm.get("image", {}).get("sha256") or "")
+        if self.images is not None and sha256:
+            self.images.unpin(sha256)
+
     def prepare(self, **request: Unpack[contract.MigrationPrepare]) -> None:
         request["vm"] = self._resolved(request["vm"])
         self.destination.prepare(request)
+        if request["mode"] == "live":
+            self._unpin(request["vm"])  # the incoming QEMU's disk is made on it
 
     def send(self, **request: Unpack[contract.MigrationSend]) -> None:
         request["vm"] = self._resolved(request["vm"])
@@ -63,16 +70,16 @@ class MigrationRunner:
 
     def finish(self, **request: Unpack[contract.MigrationFinish]) -> None:
         request["vm"] = self._resolved(request["vm"])
-        if self.images is not None:
+        paths = self.driver.paths(request["vm"]["id"])
+        if self.images is not None and not paths.spec.exists():
             # The received overlay names the source's cache file as its base: point it at this node's.
-            disk = self.driver.paths(request["vm"]["id"]).disk
-            if not self.driver.paths(request["vm"]["id"]).spec.exists():
-                try:
-                    self.images.rebase(self.driver.tools.img, disk, request["vm"])
-                except (ImageMissing, ImageRefused) as exc:
-                    self.node.report(request["migration_id"], "dest", "failed", str(exc))
-                    return
+            try:
+                self.images.rebase(self.driver.tools.img, paths.disk, request["vm"])
+            except (ImageMissing, ImageRefused) as exc:
+                self.node.report(request["migration_id"], "dest", "failed", str(exc))
+                return
         self.destination.finish(request)
+        self._unpin(request["vm"])
 
     def abort(self, **request: Unpack[contract.MigrationAbort]) -> None:
         request["vm"] = self._resolved(request["vm"])
