@@ -290,6 +290,9 @@ def node_images(*, node: str, images: list[contract.CachedImage], over_limit: st
     for row in rows:
         if row.state == NodeImageState.READY and row.image.sha256 not in held:
             row.delete()
+        elif row.state == NodeImageState.FAILED and row.image.sha256 in held:
+            row.state, row.reason = NodeImageState.READY, ""  # it came after all (another image's fetch)
+            row.save(update_fields=["state", "reason", "updated_at"])
     known = {row.image_id for row in rows}
     for image in Image.objects.filter(sha256__in=held).exclude(pk__in=known):
         NodeImage.objects.get_or_create(node=node_row, image=image, defaults={"state": NodeImageState.READY})

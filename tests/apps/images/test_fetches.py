@@ -227,14 +227,18 @@ def test_a_node_that_lost_the_image_fetches_it_again(api, nodes, stored, store):
 
 def test_the_rows_follow_a_nodes_listing(nodes, stored, make_image):
     other = make_image("alpine", path="", sha256="b" * 64, size_bytes=10)
+    failed = make_image("arch", path="", sha256="c" * 64, size_bytes=10)
     NodeImage.objects.create(node=nodes["n1"], image=stored, state=NodeImageState.READY)
+    NodeImage.objects.create(node=nodes["n1"], image=failed, state=NodeImageState.FAILED, reason="x")
     listing: list[contract.CachedImage] = [
-        {"sha256": "b" * 64, "size_bytes": 10, "last_used": 0.0, "in_use": False}
+        {"sha256": sha256, "size_bytes": 10, "last_used": 0.0, "in_use": False}
+        for sha256 in ("b" * 64, "c" * 64)
     ]
     fetches.node_images(node="n1", images=listing, over_limit="")
-    assert list(NodeImage.objects.filter(node__name="n1").values_list("image", "state")) == [
-        (other.pk, NodeImageState.READY)
-    ]
+    assert set(NodeImage.objects.filter(node__name="n1").values_list("image", "state", "reason")) == {
+        (other.pk, NodeImageState.READY, ""),
+        (failed.pk, NodeImageState.READY, ""),
+    }
 
 
 def _started_migration(
