@@ -395,6 +395,84 @@ class MigrationControl(TypedDict, total=False):
     force_complete: bool
 
 
+# --- Images ---------------------------------------------------------------------------------------
+# A stored disk image (``ImageDescription.sha256``) travels to a node on first use and stays in the
+# node's cache, DATA/<IMAGE_CACHE_DIR>/<sha256> (the data dir is the node's DWCP root); the node uses
+# that file as the VM's base, never a path from a user. One fetch per (node, image) at a time, started by
+# the control plane: it signs a DWCP ticket (kind "file", target <IMAGE_INCOMING_DIR>/<sha256> on the
+# receiver) and asks the source to push it: a node that holds the image (NODE_IMAGE_SEND) or the
+# control host's store (a control task; the ticket's source is IMAGE_STORE_SOURCE). The sender reports
+# "progress" every IMAGE_PROGRESS_STEP percent and at least every IMAGE_PROGRESS_INTERVAL seconds (a
+# fetch without reports for longer is restarted from the next source), then "sent" or "failed"; the
+# receiver is then told
+# NODE_IMAGE_ADOPT: it checks the sha256, moves the file into its cache and reports "adopted" (or
+# "failed"). A create whose image the node lacks is answered by "missing" (no VM report): the control
+# plane fetches the image and sends the create again. Nodes list what they hold (CONTROL_NODE_IMAGES)
+# at start and after every adoption or eviction.
+
+IMAGE_CACHE_DIR: Final = "images"
+IMAGE_INCOMING_DIR: Final = "images/incoming"
+IMAGE_STORE_SOURCE: Final = "store"  # the ticket's source_node when the control host's store sends
+IMAGE_PROGRESS_STEP: Final = 10  # percent between two "progress" reports of a push
+IMAGE_PROGRESS_INTERVAL: Final = 30.0  # seconds: the longest a push goes without a "progress" report
+
+# Node task, on the source: push its cached copy to the receiver (reports progress, sent or failed).
+NODE_IMAGE_SEND: Final = "novacron.node.image_send"
+# Node task, on the receiver: verify the received file and adopt it into the cache (adopted or failed).
+NODE_IMAGE_ADOPT: Final = "novacron.node.image_adopt"
+
+
+class ImageSend(TypedDict):
+    fetch_id: str
+    sha256: str
+    dest_node: str
+    dest_dwcp_address: str
+    target: str  # <IMAGE_INCOMING_DIR>/<sha256>, relative to the receiver's data dir
+    ticket: str
+    streams: int
+
+
+class ImageAdopt(TypedDict):
+    fetch_id: str
+    sha256: str
+    size_bytes: int
+
+
+# progress, sent: the sender; adopted: the receiver; failed: either; missing: a node asked to create a VM
+# on an image it does not hold (fetch_id "", vm_id set).
+ImageFetchEvent = Literal["progress", "sent", "adopted", "failed", "missing"]
+
+# Control task: a step of a fetch, or a missing image.
+CONTROL_IMAGE_FETCH_REPORT: Final = "novacron.control.image_fetch_report"
+
+
+class ImageFetchReport(TypedDict):
+    fetch_id: str
+    node: str  # who reports: a node's name or IMAGE_STORE_SOURCE
+    sha256: str
+    event: ImageFetchEvent
+    percent: NotRequired[float]  # progress
+    detail: NotRequired[str]  # failed: why
+    vm_id: NotRequired[str]  # missing
+
+
+class CachedImage(TypedDict):
+    sha256: str
+    size_bytes: int
+    last_used: float  # epoch seconds: the cache's LRU order
+    in_use: bool  # a VM (or a migration's copy) on this node is backed by it
+
+
+# Control task: every image a node's cache holds (the control plane's rows follow it).
+CONTROL_NODE_IMAGES: Final = "novacron.control.node_images"
+
+
+class NodeImages(TypedDict):
+    node: str
+    images: list[CachedImage]
+    over_limit: str  # "" or why the cache stays over its size limit (every image is in use)
+
+
 # --- Redis values written by nodes and read by the control side --------------------------------------
 
 HEARTBEAT_KEY: Final = "novacron:node:{name}:heartbeat"  # JSON Heartbeat, with a TTL

@@ -21,6 +21,9 @@ class NodeImage(models.Model):
     state = models.CharField(max_length=10, choices=NodeImageState.choices)
     source = models.CharField(max_length=63, blank=True, help_text="The node (or 'store') it came from.")
     reason = models.CharField(max_length=500, blank=True)
+    fetch_id = models.UUIDField(null=True, blank=True, help_text="The fetch under way (reports name it).")
+    tried = models.JSONField(default=list, blank=True, help_text="Sources this fetch tried, in order.")
+    percent = models.FloatField(default=0.0, help_text="How far the fetch under way is.")
     started_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

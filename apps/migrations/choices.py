@@ -20,6 +20,7 @@ class MigrationStatus(models.TextChoices):
 
 class MigrationPhase(models.TextChoices):
     NONE = "", "None"
+    IMAGE = "image", "Fetching the base image"
     DISK = "disk", "Disk"
     MEMORY = "memory", "Memory"
 

@@ -11,6 +11,7 @@ import redis
 from celery import shared_task
 from django.conf import settings
 
+from apps.images import fetches
 from apps.networks.nics import NICS_PREFETCH
 from workers import contract
 
@@ -30,8 +31,12 @@ def batch_dispatch(*, batch_id: str, task_name: str) -> int:
         .select_related("node", "image")
         .prefetch_related(NICS_PREFETCH)
     )
+    count = len(vms)
+    if task_name == contract.NODE_VM_CREATE:  # VMs of stored images wait for their node's copy
+        fetches.send_creates([vm for vm in vms if fetches.is_stored(vm.image)])
+        vms = [vm for vm in vms if not fetches.is_stored(vm.image)]
     dispatch.send_group(vms, task_name)
-    return len(vms)
+    return count
 
 
 @shared_task(name=contract.CONTROL_VM_REPORT, acks_late=True, time_limit=60)

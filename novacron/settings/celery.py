@@ -44,6 +44,7 @@ CELERY_BEAT_SCHEDULE = {
     "nodes-check-heartbeats": {"task": "apps.vms.tasks.nodes_check_heartbeats", "schedule": 5.0},
     "metrics-flush": {"task": "apps.monitoring.tasks.metrics_flush", "schedule": 10.0},
     "migrations-watchdog": {"task": "apps.migrations.tasks.migrations_watchdog", "schedule": 10.0},
+    "images-fetch-watchdog": {"task": "apps.images.fetch_tasks.fetches_watchdog", "schedule": 15.0},
     "migrations-schedule": {"task": "apps.migrations.tasks.migrations_schedule", "schedule": 15.0},
     "api-logs-flush": {
         "task": "apps.monitoring.tasks.api_logs_flush",

@@ -31,6 +31,12 @@ NOVACRON = {
     "IMAGE_URL_ATTEMPTS": env_int(
         "IMAGE_URL_ATTEMPTS", 5, help="Tries of a URL import (resumed with a Range request) before it fails."
     ),
+    "IMAGE_FETCH_STALL_TIMEOUT": env_int(
+        "IMAGE_FETCH_STALL_TIMEOUT",
+        120,
+        help="Seconds a fetch of an image to a node may go without a report before it is restarted "
+        "from the next source (senders report at least every 30 s).",
+    ),
     "CPU_ALLOCATION_RATIO": env(
         "CPU_ALLOCATION_RATIO", 4.0, cast=float, help="vCPUs offered per host CPU when a node registers."
     ),

@@ -16,6 +16,8 @@ from workers.net.model import NetworkError
 from workers.qemu import DataDirError, DriverSettings, QemuDriver, QemuNotInstalled
 
 from .config import ConfigError, NodeConfig, from_args
+from .image_fetch import ImageTasks, register_image_tasks
+from .images import ImageCache
 from .migration.runner import MigrationRunner, register_migration_tasks
 from .monitor import Monitor
 from .network import NodeNetwork
@@ -76,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         network.reconcile(driver)
     except NetworkError as exc:
         logger.error("node %s: the network data plane could not be rebuilt: %s", config.name, exc)
-    register_tasks(app, driver, reporter, network)
+    images = ImageCache(config.data_dir, int(config.image_cache_gb * 2**30))
+    register_tasks(app, driver, reporter, network, images)
+    image_tasks = ImageTasks(config, images, reporter)
+    register_image_tasks(app, image_tasks)
     client = redis.Redis.from_url(config.redis_url)
     monitor = Monitor(config, driver, reporter, client)
-    register_migration_tasks(app, MigrationRunner(config, driver, app, client, network))
+    register_migration_tasks(app, MigrationRunner(config, driver, app, client, network, images=images))
     try:
         dwcp = DWCPServer(
             listen=config.dwcp_address,
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             networking=network.problem,
         )
         reporter.vm_states(driver.discover(), complete=True)
+        image_tasks.report_listing(evict=True)  # the control plane's rows follow what the cache holds
         monitor.start()
         logger.info(
             "node %s ready: queue %s, accelerator %s",

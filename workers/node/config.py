@@ -38,6 +38,7 @@ class NodeConfig:
     verify_memory: str = "auto"  # at a live migration's switch: on, off, or auto (on under TCG)
     vxlan_port: int = contract.VXLAN_PORT  # UDP port of this node's VXLAN devices
     physical_networks: Mapping[str, str] = field(default_factory=dict)  # provider network -> interface
+    image_cache_gb: float = 50.0  # size limit of the stored images' cache (workers.node.images)
 
     @property
     def dwcp_address(self) -> str:
@@ -109,6 +110,13 @@ def parser() -> argparse.ArgumentParser:
         help="NAME=INTERFACE,...: the interface of this node bridged into each provider network of that "
         "physical network (env NODE_PHYSICAL_NETWORKS)",
     )
+    p.add_argument(
+        "--image-cache-gb",
+        type=float,
+        default=float(env("NODE_IMAGE_CACHE_GB", "50")),
+        help="size limit of the cache of stored images; the least recently used image no VM uses is "
+        "evicted when a new one makes it larger (env NODE_IMAGE_CACHE_GB, default 50)",
+    )
     return p
 
 
@@ -129,6 +137,8 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         physical_networks = parse_physical_networks(args.physical_networks)
     except NetworkError as exc:
         raise ConfigError(f"--physical-networks: {exc}") from None
+    if args.image_cache_gb <= 0:
+        raise ConfigError(f"--image-cache-gb must be positive, not {args.image_cache_gb}")
     secret = os.environ.get("DWCP_SECRET", "")
     if not secret:
         raise ConfigError(
@@ -152,4 +162,5 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         verify_memory=args.verify_memory,
         vxlan_port=args.vxlan_port,
         physical_networks=physical_networks,
+        image_cache_gb=args.image_cache_gb,
     )

@@ -74,6 +74,34 @@ class Reporter:
         }
         self._send(contract.CONTROL_NODE_VM_STATES, states)
 
+    def image_fetch(
+        self,
+        *,
+        fetch_id: str,
+        sha256: str,
+        event: contract.ImageFetchEvent,
+        percent: float | None = None,
+        detail: str = "",
+        vm_id: str = "",
+    ) -> None:
+        logger.info("image %s fetch %s: %s %s", sha256, fetch_id, event, detail)
+        report: contract.ImageFetchReport = {
+            "fetch_id": fetch_id,
+            "node": self.node,
+            "sha256": sha256,
+            "event": event,
+            "detail": detail[:500],
+        }
+        if percent is not None:
+            report["percent"] = percent
+        if vm_id:
+            report["vm_id"] = vm_id
+        self._send(contract.CONTROL_IMAGE_FETCH_REPORT, report)
+
+    def images(self, images: list[contract.CachedImage], *, over_limit: str = "") -> None:
+        listing: contract.NodeImages = {"node": self.node, "images": images, "over_limit": over_limit}
+        self._send(contract.CONTROL_NODE_IMAGES, listing)
+
     def register(
         self,
         *,

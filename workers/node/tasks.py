@@ -18,6 +18,10 @@ What brings a lost task back depends on how it was lost:
 NICs (``workers.node.network``): create, start and reboot wire the VM's NICs before QEMU starts (a
 failed create removes them with the VM); delete removes them after QEMU is gone; stop keeps them.
 ``NODE_NETWORK_PEERS`` updates the overlay's peers.
+
+Stored images (``workers.node.images``): every description's image gets this node's cache path; a
+create on an image the cache lacks is answered by an image report "missing" instead of a VM report (the
+control plane fetches it and sends the create again); the disk is made under the cache's lock.
 """
 
 import logging
@@ -30,6 +34,7 @@ from workers import contract
 from workers.net.model import NetworkError
 from workers.qemu import QemuDriver, QemuError, VmSpec, VmStatus
 
+from .images import ImageCache, ImageMissing
 from .network import NodeNetwork
 from .reports import Reporter, vm_entry
 
@@ -41,11 +46,14 @@ TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True
 Work = Callable[[VmSpec, contract.VmDescription], VmStatus | None]
 
 
-def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter, network: NodeNetwork) -> None:
-    """Bind the lifecycle tasks of ``workers.contract`` to this node's driver and data plane."""
+def register_tasks(
+    app: Celery, driver: QemuDriver, reporter: Reporter, network: NodeNetwork, images: ImageCache
+) -> None:
+    """Bind the lifecycle tasks of ``workers.contract`` to this node's driver, data plane and images."""
 
     def run(operation: contract.Operation, vm: contract.VmDescription, work: Work) -> None:
         vm_id = str(vm.get("id", ""))
+        vm = images.resolve(vm)
         try:
             spec = VmSpec.from_dict(vm)
         except QemuError as exc:
@@ -55,6 +63,11 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter, network:
             return
         try:
             status = work(spec, vm)
+        except ImageMissing as exc:
+            reporter.image_fetch(
+                fetch_id="", sha256=exc.sha256, event="missing", detail=str(exc), vm_id=vm_id
+            )
+            return
         except (QemuError, NetworkError) as exc:
             reporter.vm(vm_id=spec.uuid, operation=operation, ok=False, state="error", reason=str(exc))
             return
@@ -77,9 +90,10 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter, network:
         reporter.vm(vm_id=spec.uuid, operation="create", ok=True, state="provisioning", final=False)
         try:
             network.attach(spec.uuid, vm)  # restores what it found on failure: nothing, for a new VM
-            driver.create(spec)
+            with images.holding(vm):
+                driver.create(spec)
             return driver.start(spec.uuid)
-        except QemuError:
+        except (QemuError, ImageMissing):
             # Leave nothing behind: the control plane records the error and releases the capacity.
             driver.delete(spec.uuid)
             try:
@@ -89,6 +103,7 @@ def register_tasks(app: Celery, driver: QemuDriver, reporter: Reporter, network:
             raise
 
     def start(spec: VmSpec, vm: contract.VmDescription) -> VmStatus:
+        images.touch_vm(vm)
         network.attach(spec.uuid, vm)
         return driver.start(spec.uuid)
 

@@ -7,7 +7,7 @@ from apps.core.conf import novacron_setting
 
 from ..choices import RUNNING_STATUSES, MigrationStatus
 from ..models import Migration
-from . import node_tasks
+from . import image_phase
 from .state import transition
 
 
@@ -47,6 +47,6 @@ def migrations_schedule() -> list[str]:
                 actor="system",
                 detail=f"started; preparing {migration.dest_node.name}",
             )
-            node_tasks.send_prepare(migration)
+            image_phase.begin(migration)  # the destination fetches the VM's base image first if needed
             started.append(str(migration.pk))
     return started

@@ -19,6 +19,7 @@ from apps.core.conf import novacron_setting
 from apps.core.context import Viewer
 from apps.core.db import bulk_insert, none_elsewhere, postgresql_or
 from apps.core.errors import Conflict, InvalidInput, InvalidState, QuotaExceeded, TooManyItems
+from apps.images import fetches
 from apps.networks import peers
 from apps.networks import services as network_services
 from apps.projects.services import lock_project
@@ -154,7 +155,10 @@ def vm_create(*, owner: User, project_id: int, request: VMRequest) -> VM:
     """Record a VM of ``project_id`` as ``pending`` on a node with reserved capacity; its node
     creates it after commit."""
     (vm,) = _create_many(owner=owner, project_id=project_id, requests=[request], item_key=lambda _index: "")
-    dispatch.send_on_commit(vm, contract.NODE_VM_CREATE)
+    if fetches.is_stored(vm.image):  # its node may have to fetch the image first
+        transaction.on_commit(lambda: fetches.send_creates([vm]))
+    else:
+        dispatch.send_on_commit(vm, contract.NODE_VM_CREATE)
     return vm
 
 

@@ -57,3 +57,12 @@ def test_vxlan_port_and_physical_networks_come_from_flags_or_environment(monkeyp
 def test_bad_network_settings_are_refused(flags: list[str], message: str):
     with pytest.raises(ConfigError, match=message):
         from_args([*REQUIRED, *flags])
+
+
+def test_the_image_cache_limit_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch):
+    assert from_args(REQUIRED).image_cache_gb == 50.0
+    assert from_args([*REQUIRED, "--image-cache-gb", "0.5"]).image_cache_gb == 0.5
+    monkeypatch.setenv("NODE_IMAGE_CACHE_GB", "200")
+    assert from_args(REQUIRED).image_cache_gb == 200.0
+    with pytest.raises(ConfigError, match="--image-cache-gb must be positive"):
+        from_args([*REQUIRED, "--image-cache-gb", "0"])
