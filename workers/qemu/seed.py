@@ -63,8 +63,9 @@ class _FixedClock:
 def _frozen_clock() -> Iterator[None]:
     with _clock_lock:
         originals = [module.time for module in _CLOCK_USERS]
+        # setattr: mypy does not know these modules have a ``time`` attribute.
         for module in _CLOCK_USERS:
-            setattr(module, "time", _FixedClock())  # noqa: B010 (a module attribute mypy cannot see)
+            setattr(module, "time", _FixedClock())  # noqa: B010
         try:
             yield
         finally:
