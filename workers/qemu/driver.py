@@ -518,6 +518,8 @@ def _temporary_disk(paths: VmPaths) -> Path:
 
 
 def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
+    # Mode 0600: spec.json carries a seed's user data.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        file.write(json.dumps(data, indent=2) + "\n")
     temporary.replace(path)

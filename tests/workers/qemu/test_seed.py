@@ -163,6 +163,7 @@ def test_qemu_gets_the_seed_as_a_read_only_cdrom_rebuilt_at_start_and_deleted_wi
     paths = driver.paths(spec.uuid)
     wait_for_serial(paths.serial_log, b"tick 1\r", timeout=60)
     assert paths.seed.read_bytes() == seed_image(spec)
+    assert stat.S_IMODE(paths.spec.stat().st_mode) == 0o600  # it holds the user data too
     devices = {
         device["device"] or device["qdev"]: device for device in driver.execute(spec.uuid, "query-block")
     }
