@@ -14,15 +14,17 @@ timers that only slow a TCG guest down are masked. Free blocks are trimmed (hole
 the raw disk becomes a compressed qcow2.
 
 Invariants: the output appears only complete (written under a temporary name, then renamed); a build
-whose recipe digest (this file's bytes and the mirror) matches the manifest is skipped; loop devices
-and mounts are released on every failure.
+whose recipe digest (settings, file texts, the code of the steps, the mirror) matches the manifest is
+skipped; loop devices and mounts are released on every failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -108,10 +110,11 @@ def _run(command: list[str], *, timeout: float = 1800) -> str:
 
 
 def recipe_digest(mirror: str) -> str:
-    """What decides the image's contents: this builder's bytes and the mirror."""
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update(mirror.encode())
-    return digest.hexdigest()
+    """What decides the image's contents: the recipe's settings, the code of its steps and the mirror."""
+    settings = [SUITE, PACKAGES, DISK_SIZE, PARTITION_START, KERNEL_ARGS, MASKED_UNITS]
+    texts = [CLOUD_CFG, SSHD_CONFIG, FSTAB, EXTLINUX_CONF, mirror]
+    steps = [inspect.getsource(step) for step in (_partition, _install_system, _configure, _assemble)]
+    return hashlib.sha256(json.dumps([settings, texts, steps]).encode()).hexdigest()
 
 
 def _manifest(out: Path) -> dict[str, object] | None:
@@ -190,8 +193,8 @@ def _install_system(root: Path, mirror: str) -> None:
     )
 
 
-def _configure(root: Path, uuid: str) -> tuple[str, str]:
-    """Write the image's configuration; return the kernel's and initrd's file names in /boot."""
+def _configure(root: Path, uuid: str) -> None:
+    """Write the image's configuration (filesystem ``uuid``) and the boot loader's."""
     boot = root / "boot"
     kernels = sorted(p.name for p in boot.glob("vmlinuz-*"))
     initrds = sorted(p.name for p in boot.glob("initrd.img-*"))
@@ -218,7 +221,6 @@ def _configure(root: Path, uuid: str) -> tuple[str, str]:
     (extlinux / "extlinux.conf").write_text(
         EXTLINUX_CONF.format(kernel=kernels[0], initrd=initrds[0], uuid=uuid, args=KERNEL_ARGS)
     )
-    return kernels[0], initrds[0]
 
 
 def build(out: Path = DEFAULT_OUT, mirror: str = DEFAULT_MIRROR, *, force: bool = False) -> Path:
@@ -232,57 +234,60 @@ def build(out: Path = DEFAULT_OUT, mirror: str = DEFAULT_MIRROR, *, force: bool 
         if shutil.which(tool) is None:
             raise BuildError(f"{tool} is missing; run scripts/system-deps.sh test as root")
     out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=".build-", dir=out) as work_dir:
-        work = Path(work_dir)
-        raw = work / "disk.raw"
-        _partition(raw)
-        with _loop_device(raw) as device:
-            partition = device
-            _run(["mkfs.ext4", "-q", "-L", "root", "-O", "^metadata_csum_seed,^orphan_file", partition])
-            uuid = _run(["blkid", "-s", "UUID", "-o", "value", partition]).strip()
-            mountpoint = work / "root"
-            mountpoint.mkdir()
-            with _mounted(partition, mountpoint) as root:
-                _install_system(root, mirror)
-                with contextlib.chdir(root):
-                    _run(["mklost+found"], timeout=60)
-                _configure(root, uuid)
-                _run(["extlinux", "--install", str(root / "boot" / "extlinux")])
-                # Free blocks (packages unpacked, then deleted) become holes, which qemu-img skips.
-                _run(["fstrim", str(root)])
-        with open(raw, "r+b") as disk:
-            disk.write(SYSLINUX_MBR.read_bytes()[:440])  # boot code only: the partition table stays
-        partial = work / IMAGE_NAME
-        _run(["qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(partial)])
-        partial.replace(image)
-    seconds = round(time.monotonic() - started, 1)
-    manifest = {
-        "recipe": recipe_digest(mirror),
-        "suite": SUITE,
-        "packages": list(PACKAGES),
-        "size_bytes": image.stat().st_size,
-        "virtual_size_bytes": DISK_SIZE,
-        "build_seconds": seconds,
-    }
-    temporary = out / ".manifest.json.tmp"
-    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-    temporary.replace(out / "manifest.json")
+    with open(out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the second finds the first's result
+        if not force and up_to_date(out, mirror):
+            return image
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=out) as work_dir:
+            _assemble(Path(work_dir), mirror).replace(image)
+        seconds = round(time.monotonic() - started, 1)
+        manifest = {
+            "recipe": recipe_digest(mirror),
+            "suite": SUITE,
+            "packages": list(PACKAGES),
+            "size_bytes": image.stat().st_size,
+            "virtual_size_bytes": DISK_SIZE,
+            "build_seconds": seconds,
+        }
+        temporary = out / ".manifest.json.tmp"
+        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+        temporary.replace(out / "manifest.json")
     return image
+
+
+def _assemble(work: Path, mirror: str) -> Path:
+    """Make the image in ``work``: the raw disk, its system and boot loader, then the compressed qcow2."""
+    raw = work / "disk.raw"
+    _partition(raw)
+    with _loop_device(raw) as partition:
+        _run(["mkfs.ext4", "-q", "-L", "root", "-O", "^metadata_csum_seed,^orphan_file", partition])
+        uuid = _run(["blkid", "-s", "UUID", "-o", "value", partition]).strip()
+        mountpoint = work / "root"
+        mountpoint.mkdir()
+        with _mounted(partition, mountpoint) as root:
+            _install_system(root, mirror)
+            with contextlib.chdir(root):
+                _run(["mklost+found"], timeout=60)
+            _configure(root, uuid)
+            _run(["extlinux", "--install", str(root / "boot" / "extlinux")])
+            # Free blocks (packages unpacked, then deleted) become holes, which qemu-img skips.
+            _run(["fstrim", str(root)])
+    with open(raw, "r+b") as disk:
+        disk.write(SYSLINUX_MBR.read_bytes()[:440])  # boot code only: the partition table stays
+    partial = work / IMAGE_NAME
+    _run(["qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(partial)])
+    return partial
 
 
 def register(image: Path) -> str:
     """Import the image into the catalog when ``manage.py image_import`` exists; say what happened."""
-    manage = REPO_ROOT / "manage.py"
-    probe = subprocess.run(
-        [sys.executable, str(manage), "help", "image_import"], capture_output=True, text=True, check=False
-    )
-    if probe.returncode != 0:
+    if not any(REPO_ROOT.glob("apps/*/management/commands/image_import.py")):
         return "not registered: this tree has no manage.py image_import command"
     _run(
         [
             sys.executable,
-            str(manage),
+            str(REPO_ROOT / "manage.py"),
             "image_import",
             "debian-12",
             str(image),
