@@ -45,6 +45,28 @@ def test_the_image_is_a_compressed_qcow2_of_the_current_recipe_and_a_rebuild_is_
     assert debian_qcow2.stat().st_size == manifest["size_bytes"]
 
 
+def test_a_failed_build_leaves_no_loop_device_mount_or_partial_image(tmp_path: Path):
+    out = tmp_path / "out"
+    unreachable = "http://127.0.0.1:9/debian"  # the discard port: mmdebstrap fails at its first download
+    with pytest.raises(debian.BuildError, match=r"mmdebstrap .* failed"):
+        debian.build(out, unreachable)
+    loops = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "BACK-FILE"], capture_output=True, text=True
+    )
+    assert str(out) not in loops.stdout
+    assert str(out) not in Path("/proc/mounts").read_text()
+    assert sorted(path.name for path in out.iterdir()) == [".lock"]
+    assert not debian.up_to_date(out, unreachable)
+
+
+def test_the_recipe_digest_follows_the_mirror_and_the_settings(monkeypatch: pytest.MonkeyPatch):
+    digest = debian.recipe_digest(debian.DEFAULT_MIRROR)
+    assert debian.recipe_digest(debian.DEFAULT_MIRROR) == digest
+    assert debian.recipe_digest("http://mirror.example/debian") != digest
+    monkeypatch.setattr(debian, "PACKAGES", (*debian.PACKAGES, "vim"))
+    assert debian.recipe_digest(debian.DEFAULT_MIRROR) != digest
+
+
 def _ssh(client: Namespace, key: Path, address: str, *command: str) -> list[str]:
     return client.command(
         "ssh",
