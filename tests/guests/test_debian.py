@@ -183,9 +183,17 @@ def test_a_debian_guest_gets_its_seed_and_keeps_an_ssh_session_through_a_live_mi
         raise AssertionError(
             f"{exc}; the guest's serial console ends:\n{_serial_tail(cluster, vm['id'])}"
         ) from None
-    print(
-        f"\nDebian guest: SSH answered its seeded hostname {time.monotonic() - started:.0f} s after the create"
+    booted = time.monotonic() - started
+    # The default user has passwordless sudo; sshd offers no password logins.
+    sudo = subprocess.run(
+        _ssh(client, key, address, "sudo", "-n", "id", "-un"), capture_output=True, text=True
     )
+    assert sudo.stdout.strip() == "root", (sudo.stdout, sudo.stderr)
+    refused = subprocess.run(
+        _ssh(client, tmp_path / "no-such-key", address, "true"), capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 255 and "Permission denied (publickey)." in refused.stderr, refused.stderr
+    print(f"\nDebian guest: SSH answered its seeded hostname {booted:.0f} s after the create")
 
     stream = Stream(_ssh(client, key, address, "while sleep 0.2; do date +%s%N; done"))
     try:
