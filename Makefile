@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: setup run stop test test-deps bench-deps lint typecheck guest bench-dwcp bench-migration clean soak faults reliability
+.PHONY: setup run stop test test-deps bench-deps lint typecheck guest image-debian bench-dwcp bench-migration clean soak faults reliability
 
 setup: $(VENV)/.installed  ## idempotent install step used by run and test
 
@@ -21,6 +21,10 @@ stop: setup  ## what make run left running: its processes, then each local VM (A
 
 guest: setup  ## the test guest (kernel + busybox initramfs from Debian packages), registered as image testguest
 	$(PY) -m workers.guest.build --out var/images/testguest
+
+image-debian: setup  ## Debian 12 cloud image from Debian's packages (root; mmdebstrap), imported as debian-12
+	scripts/system-deps.sh image
+	$(PY) -m workers.guest.debian
 
 bench-dwcp: bench-deps setup  ## DWCP against nc, rsync and QEMU migration on shaped namespaces and loopback (root)
 	$(PY) -m bench.dwcp.bench $(BENCH_ARGS)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages NovaCron needs (as root), or prints the exact command and fails.
-# Usage: scripts/system-deps.sh run|test|bench
+# Usage: scripts/system-deps.sh run|test|bench|image
 #   run:  what `make run` needs (QEMU; the VM networks' data plane: iproute2, nftables, dnsmasq-base;
 #         and a Redis server when none answers at REDIS_URL)
 #   test: what `make test` needs: the above, plus what the suite drives (network namespaces and tc,
@@ -8,20 +8,25 @@
 #         fault scenarios' private servers, losetup for block-device sends, busybox's udhcpc as the
 #         network tests' DHCP client, iputils' ping for the clients' view of a moving VM)
 #   bench: what the `make bench-*` targets need: the test set and wrk (bench-api's load generator)
+#   image: what `make image-debian` needs (mmdebstrap, extlinux + syslinux's MBR, sfdisk, e2fsprogs);
+#         test and bench include it: the guest tests build that image when it is missing
 # Nothing else is touched: a package already installed is not upgraded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-}"
 case "$profile" in
-  run | test | bench) ;;
-  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
+  run | test | bench | image) ;;
+  *) echo "usage: $0 run|test|bench|image" >&2; exit 2 ;;
 esac
 
 packages=(qemu-system-x86 qemu-utils iproute2 nftables dnsmasq-base)
 command -v python3 >/dev/null || packages+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
-if [[ "$profile" == test || "$profile" == bench ]]; then
-  packages+=(netcat-openbsd rsync chromium redis-server util-linux busybox iputils-ping)
+image_packages=(mmdebstrap extlinux syslinux-common fdisk e2fsprogs util-linux openssh-client)
+if [[ "$profile" == image ]]; then
+  packages+=("${image_packages[@]}")
+elif [[ "$profile" == test || "$profile" == bench ]]; then
+  packages+=(netcat-openbsd rsync chromium redis-server util-linux busybox iputils-ping "${image_packages[@]}")
   [[ "$profile" == bench ]] && packages+=(wrk)
 elif ! command -v redis-server >/dev/null && ! scripts/redis-up.sh; then
   packages+=(redis-server)

@@ -11,6 +11,11 @@ MAC and no option ROM (``romfile=``): nothing boots from the network, SeaBIOS sk
 differing between two hosts' ipxe packages cannot make a migration fail on a RAM block size mismatch.
 Only the tap's name differs between the ends of a migration (it carries each node's tag); the guest
 sees the same devices.
+
+A VM with a cloud-init seed gets ``seed.iso`` as a read-only CD on the q35 machine's built-in AHCI
+(``ide-cd`` on ``ide.0``), node names ``seed-file`` + ``seed0``. Nothing mirrors it in a live migration
+(only ``disk0`` moves): the destination rebuilds the identical image from the spec and has the same
+device.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from workers.qemu.spec import KernelImage, VmSpec
 
 FILE_NODE = "file0"
 DISK_NODE = "disk0"
+SEED_FILE_NODE = "seed-file"
+SEED_NODE = "seed0"
 
 
 def qemu_command(
@@ -71,6 +78,8 @@ def qemu_command(
         "-blockdev", f"driver=qcow2,file={FILE_NODE},node-name={DISK_NODE}",
         "-device", f"virtio-blk-pci,drive={DISK_NODE},id=virtio-{DISK_NODE}",
     ]  # fmt: skip
+    if spec.seed is not None:
+        command += seed_arguments(paths)
     command += nic_arguments(spec, device_tag)
     if isinstance(spec.image, KernelImage):
         command += ["-kernel", str(spec.image.kernel_path)]
@@ -80,6 +89,15 @@ def qemu_command(
     if incoming:
         command += ["-S", "-incoming", "defer"]
     return command
+
+
+def seed_arguments(paths: VmPaths) -> list[str]:
+    """The read-only CD drive of the VM's cloud-init seed image."""
+    return [
+        "-blockdev", f"driver=file,filename={opt_escape(paths.seed)},node-name={SEED_FILE_NODE},read-only=on",
+        "-blockdev", f"driver=raw,file={SEED_FILE_NODE},node-name={SEED_NODE},read-only=on",
+        "-device", f"ide-cd,drive={SEED_NODE},bus=ide.0,id=cd-{SEED_NODE}",
+    ]  # fmt: skip
 
 
 def nic_arguments(spec: VmSpec, device_tag: str) -> list[str]:

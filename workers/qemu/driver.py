@@ -18,6 +18,9 @@ Rules it keeps:
   ``device_tag`` (`workers.net.names`); the driver only checks that they exist in its network
   namespace, so QEMU never makes a fresh, unbridged tap of its own. A driver without a tag refuses
   VMs with NICs.
+* A VM with a cloud-init seed gets its seed drive rebuilt from the spec before every QEMU start
+  (`workers.qemu.seed`: the same spec gives the same bytes), so a migration's destination, a restart
+  and a cold move all find it; it lives in the run directory and goes with it.
 * How the last run ended is written to ``exit.json`` when the driver ends it (powerdown, quit, kill).
   QEMU deletes its pidfile when it exits normally, so a leftover pidfile without a live process means
   it was killed or crashed. A daemonized QEMU is not our child and its exit status cannot be collected:
@@ -65,6 +68,7 @@ from workers.qemu.errors import (
 from workers.qemu.layout import NodeLayout, VmPaths
 from workers.qemu.process import is_alive, kill_hard, read_pid, wait_gone
 from workers.qemu.qmp import EventLoopThread, QmpSession
+from workers.qemu.seed import write_seed
 from workers.qemu.settings import DriverSettings
 from workers.qemu.spec import DiskImage, VmSpec
 from workers.qemu.status import VmState, VmStatus, log_tail, status_from_query
@@ -404,6 +408,13 @@ class QemuDriver:
                     f"the tap {tap} of NIC {index} ({spec.nics[index].mac}) of VM {spec.uuid} does not "
                     "exist; the node creates it (in the network's bridge) before starting the VM"
                 ) from None
+        if spec.seed is not None:
+            try:
+                write_seed(spec, paths.seed)
+            except OSError as exc:
+                raise QemuStartError(
+                    f"cannot write the seed drive of VM {spec.uuid}: {exc.strerror}"
+                ) from exc
         # stderr goes to a file, not a pipe: the daemonized QEMU inherits it, and a pipe would keep us
         # waiting for an EOF that only comes when the VM ends.
         with tempfile.TemporaryFile() as stderr:
@@ -507,6 +518,8 @@ def _temporary_disk(paths: VmPaths) -> Path:
 
 
 def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
+    # Mode 0600: spec.json carries a seed's user data.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+        file.write(json.dumps(data, indent=2) + "\n")
     temporary.replace(path)

@@ -7,6 +7,7 @@
         qmp-jobs.sock                  second QMP monitor, for long jobs such as migration (mode 0600)
         serial.log, serial.log.1       serial console of this run and of the previous one
         console.sock                   the serial console's input and output (mode 0600)
+        seed.iso                       the cloud-init NoCloud seed drive, VMs with a seed only (mode 0600)
         qemu.log, qemu.log.1           QEMU's own messages once daemonized (-D), this run and the previous
         qemu.pid                       written (and locked) by QEMU itself
         exit.json                      how the last run ended, when the driver knows
@@ -61,6 +62,11 @@ class VmPaths:
     @property
     def previous_serial_log(self) -> Path:
         return self.run_dir / "serial.log.1"
+
+    @property
+    def seed(self) -> Path:
+        """The cloud-init seed drive (`workers.qemu.seed`), rebuilt from the spec before each start."""
+        return self.run_dir / "seed.iso"
 
     @property
     def qemu_log(self) -> Path:

@@ -4,7 +4,8 @@ The dictionary form (`VmSpec.to_dict` / `VmSpec.from_dict`) is the node-task con
 `workers.contract.VmDescription`; it is also what the driver stores as ``run/<uuid>/spec.json`` so a
 run directory describes itself after a worker restart. Each NIC keeps its whole network (VNI, subnet,
 gateway, DNS, MTU) for the same reason: a node can rebuild its bridges and DHCP leases from its run
-directories alone. Validation happens here, once, with messages naming the field.
+directories alone, and its cloud-init seed drive (``seed``, user data included: the run directory is
+the worker's alone) likewise. Validation happens here, once, with messages naming the field.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.contract import ImageDescription, NetworkDescription, NicDescription, VmDescription
+from workers.contract import (
+    ImageDescription,
+    NetworkDescription,
+    NicDescription,
+    SeedDescription,
+    VmDescription,
+)
 from workers.net.names import MAX_NICS
 from workers.qemu.errors import InvalidSpec
 from workers.qemu.layout import canonical_uuid
@@ -31,6 +38,12 @@ MAX_VNI = 2**24 - 1  # VXLAN network identifiers are 24 bits; 0 is not used
 # IPv4's minimum reassembly size up to a jumbo frame less VXLAN's 50 bytes of headers.
 MIN_MTU, MAX_MTU = 576, 9000 - 50
 MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+# The cloud-init seed's limits: the API validates first and tighter; these are the node's second line.
+HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123
+MAX_HOSTNAME = 253
+MAX_SSH_KEYS = 32
+MAX_SSH_KEY_BYTES = 16 * 1024
+MAX_USER_DATA_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -168,8 +181,63 @@ class NicSpec:
 
 
 @dataclass(frozen=True)
+class SeedSpec:
+    """The VM's cloud-init NoCloud seed (`workers.contract.SeedDescription`); built by `workers.qemu.seed`.
+
+    ``user_data`` is the user's opaque text: it is kept out of ``repr`` and out of every error message.
+    """
+
+    hostname: str
+    ssh_keys: tuple[str, ...] = ()
+    user_data: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        hostname = self.hostname if isinstance(self.hostname, str) else ""
+        if len(hostname) > MAX_HOSTNAME or not all(
+            HOSTNAME_LABEL.fullmatch(label) for label in hostname.split(".")
+        ):
+            raise InvalidSpec(
+                f"seed.hostname must be an RFC 1123 host name (dot-separated labels of letters, digits and "
+                f"inner hyphens, each at most 63 characters, {MAX_HOSTNAME} in all), not {self.hostname!r}"
+            )
+        if len(self.ssh_keys) > MAX_SSH_KEYS:
+            raise InvalidSpec(f"seed.ssh_keys holds at most {MAX_SSH_KEYS} keys, not {len(self.ssh_keys)}")
+        for index, key in enumerate(self.ssh_keys):
+            if not isinstance(key, str) or len(key.split()) < 2 or any(c in key for c in "\r\n\0"):
+                raise InvalidSpec(
+                    f"seed.ssh_keys[{index}] must be one OpenSSH public key line "
+                    "such as 'ssh-ed25519 AAAA... comment'"
+                )
+            if len(key.encode()) > MAX_SSH_KEY_BYTES:
+                raise InvalidSpec(f"seed.ssh_keys[{index}] is longer than {MAX_SSH_KEY_BYTES} bytes")
+        if not isinstance(self.user_data, str):
+            raise InvalidSpec("seed.user_data must be text")
+        size = len(self.user_data.encode("utf-8", errors="replace"))
+        if size > MAX_USER_DATA_BYTES:
+            raise InvalidSpec(f"seed.user_data is {size} bytes; the limit is {MAX_USER_DATA_BYTES}")
+        if "\0" in self.user_data:
+            raise InvalidSpec("seed.user_data must not contain NUL characters")
+
+    def to_dict(self) -> SeedDescription:
+        return {"hostname": self.hostname, "ssh_keys": list(self.ssh_keys), "user_data": self.user_data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SeedSpec:
+        if not isinstance(data, Mapping):
+            raise InvalidSpec("seed must be an object")
+        hostname = data.get("hostname")
+        if not isinstance(hostname, str):
+            raise InvalidSpec("seed.hostname must be a string")
+        return cls(
+            hostname=hostname,
+            ssh_keys=tuple(_as_list("seed.ssh_keys", data.get("ssh_keys") or [])),
+            user_data=data.get("user_data") or "",
+        )
+
+
+@dataclass(frozen=True)
 class VmSpec:
-    """One VM: identity, size, boot image, extra kernel arguments (kernel images only) and NICs.
+    """One VM: identity, size, boot image, extra kernel arguments (kernel images only), NICs and seed.
 
     NIC ``i`` is the guest's ``eth<i>`` and the node's tap ``workers.net.names.tap_name(tag, uuid, i)``.
     """
@@ -182,6 +250,7 @@ class VmSpec:
     image: Image
     extra_kernel_args: tuple[str, ...] = field(default=())
     nics: tuple[NicSpec, ...] = field(default=())
+    seed: SeedSpec | None = None
 
     def __post_init__(self) -> None:
         canonical = canonical_uuid(self.uuid)
@@ -223,7 +292,7 @@ class VmSpec:
                 "initrd_path": str(self.image.initrd_path) if self.image.initrd_path else "",
                 "cmdline": self.image.cmdline,
             }
-        return {
+        description: VmDescription = {
             "id": self.uuid,
             "name": self.name,
             "vcpus": self.vcpus,
@@ -233,6 +302,9 @@ class VmSpec:
             "extra_kernel_args": list(self.extra_kernel_args),
             "nics": [nic.to_dict() for nic in self.nics],
         }
+        if self.seed is not None:
+            description["seed"] = self.seed.to_dict()
+        return description
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VmSpec:
@@ -271,6 +343,7 @@ class VmSpec:
                 image=image,
                 extra_kernel_args=tuple(str(arg) for arg in extra),
                 nics=tuple(nics),
+                seed=SeedSpec.from_dict(data["seed"]) if data.get("seed") is not None else None,
             )
         except KeyError as exc:
             raise InvalidSpec(f"VM spec is missing the key {exc.args[0]!r}") from exc
