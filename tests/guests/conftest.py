@@ -1,19 +1,20 @@
 """The Debian 12 cloud image for guest tests: built by the same code as ``make image-debian`` when it is
-missing or its recipe changed, and registered as a path image; plus the network cluster of tests/networks
-(node workers in namespaces, a client on the provider LAN ``lan`` both nodes join)."""
+missing or its recipe changed, and imported into the store (nodes fetch it by DWCP); plus the network
+cluster of tests/networks (node workers in namespaces, a client on the provider LAN ``lan`` both nodes
+join) with the store shared by the control worker."""
 
-import json
-import subprocess
+import io
 import time
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 
 from apps.vms.models import Image
+from tests.images.conftest import cluster_extra_env, store_dir  # noqa: F401 - fixtures
 from tests.networks.conftest import cluster_hosts, cluster_redis_url, lab  # noqa: F401 - fixtures
 from tests.workers.node.conftest import (  # noqa: F401 - fixtures
     cluster,
-    cluster_extra_env,
     guest_image,
     test_guest,
 )
@@ -33,18 +34,21 @@ def debian_qcow2() -> Path:
 
 
 @pytest.fixture
-def debian_image(debian_qcow2: Path, transactional_db: None) -> Image:
-    """The image registered by path (a stored image once ``image_import`` is in the tree)."""
-    info = subprocess.run(
-        ["qemu-img", "info", "--output=json", str(debian_qcow2)], check=True, capture_output=True, text=True
-    )
-    return Image.objects.create(
-        name="debian-12",
-        path=str(debian_qcow2),
+def debian_image(debian_qcow2: Path, store_dir: Path, transactional_db: None) -> Image:  # noqa: F811 - the fixture
+    """The image imported into the store as an operator would (``manage.py image_import``): VMs of it
+    fetch it to their node by DWCP."""
+    out = io.StringIO()
+    call_command(
+        "image_import",
+        "debian-12",
+        str(debian_qcow2),
         format="qcow2",
+        visibility="shared",
         os_type="linux",
         os_version="12",
-        size_bytes=debian_qcow2.stat().st_size,
-        virtual_size_bytes=json.loads(info.stdout)["virtual-size"],
         min_memory_mb=256,
+        stdout=out,
     )
+    image = Image.objects.get(name="debian-12")
+    assert image.sha256 and not image.path, out.getvalue()
+    return image

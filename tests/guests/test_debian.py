@@ -15,14 +15,12 @@ import pytest
 
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Image
-from apps.vms.serializers import VMCreateSerializer
 from tests.netlab import Namespace, NetLab
 from tests.workers.node.conftest import Cluster, wait_for
 from workers.guest import debian
 
 BOOT_TIMEOUT = 900.0  # to a working SSH login under TCG on a loaded 2-core machine (~2-4 min measured)
 MIGRATION_TIMEOUT = 600.0
-SEED_IN_API = {"hostname", "ssh_keys"} <= set(VMCreateSerializer().fields)
 
 
 def test_the_image_is_a_compressed_qcow2_of_the_current_recipe_and_a_rebuild_is_skipped(debian_qcow2: Path):
@@ -134,9 +132,6 @@ class Stream:
 @pytest.mark.qemu
 @pytest.mark.netns
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(
-    not SEED_IN_API, reason="the VM API's seed fields (issue #22, the lead's part) are not here"
-)
 def test_a_debian_guest_gets_its_seed_and_keeps_an_ssh_session_through_a_live_migration(
     cluster: Cluster, api: Any, staff_api: Any, debian_image: Image, lab: NetLab, tmp_path: Path
 ) -> None:
