@@ -1,24 +1,24 @@
 """Receiving an image's file into the store, the one path of uploads, URL imports and the CLI.
 
 Invariants: bytes are written only to the store's hidden ``.partial/<image id>`` file, only by the
-holder of the image's import lock (a PostgreSQL advisory lock of the session: a second upload or
-import of the same image is a 409, and a process that dies frees it); a cut connection keeps what was
-written, and the next chunk must start exactly there. When the last byte is held the file is verified
-(:func:`apps.images.probe.verify`): accepted, it moves to its content address and the image is
-``ready``; refused, the partial file is removed and the image is ``failed`` with the reason (it can be
-uploaded again). The row's ``size_bytes`` holds the announced total while the file arrives and
-``checksum`` the sha256 the uploader expects.
+holder of the image's import lock (a lock of the store, :func:`apps.images.store.store_lock`: a
+second upload or import of the same image is a 409, and a process that dies frees it); a cut
+connection keeps what was written, and the next chunk must start exactly there. When the last byte
+is held the file is verified (:func:`apps.images.probe.verify`): accepted, it moves to its content
+address and the image is ``ready``; refused, the partial file is removed and the image is
+``failed`` with the reason (it can be uploaded again). The row's ``size_bytes`` holds the announced
+total while the file arrives and ``checksum`` the sha256 the uploader expects.
 """
 
 import hashlib
 import math
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Final, Protocol
 
-from django.db import DatabaseError, connection, transaction
+from django.db import transaction
 
 from apps.core.conf import novacron_setting
 from apps.core.errors import Conflict, InvalidInput, NovaCronError
@@ -26,10 +26,9 @@ from apps.vms.choices import ImageStatus
 from apps.vms.models import Image
 
 from .probe import GIB, ImageRefused, verify
-from .store import discard_partial, held_bytes, keep, partial_path
+from .store import discard_partial, held_bytes, is_valid_sha256, keep, partial_path, store_lock
 
 CHUNK: Final = 1 << 20
-LOCK_CLASS: Final = 0x494D47  # "IMG": the advisory locks' first key; the second is the image's id
 RECEIVING: Final = frozenset({ImageStatus.PENDING, ImageStatus.UPLOADING, ImageStatus.FAILED})
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19})")
 
@@ -98,27 +97,20 @@ def chunk_of(content_range: str | None, content_length: int) -> Chunk:
 @contextmanager
 def import_lock(image_id: int) -> Iterator[None]:
     """Hold image ``image_id``'s import lock for the block, or raise :class:`Conflict`."""
-    key = [LOCK_CLASS, image_id % 2**31]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s, %s)", key)
-        (locked,) = cursor.fetchone()
-    if not locked:
-        raise Conflict("Another upload or import of this image is in progress; try again when it ends.")
-    try:
+    with store_lock(f"image-{int(image_id)}", wait=False) as held:
+        if not held:
+            raise Conflict("Another upload or import of this image is in progress; try again when it ends.")
         yield
-    finally:
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", key)
-        except DatabaseError:  # the session is gone, and its locks with it
-            pass
 
 
-def content_lock(sha256: str) -> None:
-    """Lock the store's file of ``sha256`` until the transaction ends: a file is moved in and its
-    image row saved, or its last image's delete removes it, never both at once."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [LOCK_CLASS + 1, sha256])
+def content_lock(sha256: str) -> AbstractContextManager[bool]:
+    """The store's file of ``sha256`` for the block, which holds the transaction that moves a file in
+    and saves its image row, or that deletes its last image and removes it: never both at once.
+    Take it outside the transaction (``with content_lock(x), transaction.atomic():``), so it is held
+    until the commit."""
+    if not is_valid_sha256(sha256):
+        raise ValueError(f"not a sha256 in lowercase hex: {sha256!r}")
+    return store_lock(sha256, wait=True)
 
 
 def received_bytes(image: Image) -> int | None:
@@ -199,8 +191,7 @@ def finish(image: Image, *, sha256: str = "") -> Image:
     except ImageRefused as refused:
         fail(image, refused.message)
         raise
-    with transaction.atomic():
-        content_lock(verified.sha256)
+    with content_lock(verified.sha256), transaction.atomic():
         keep(image.pk, verified.sha256)
         image = Image.objects.select_for_update().get(pk=image.pk)
         image.sha256 = image.checksum = verified.sha256

@@ -115,8 +115,7 @@ def _drop_files(image_id: int, sha256: str) -> None:
     (under the content's lock, so a concurrent import of the same content keeps its file)."""
     discard_partial(image_id)
     if sha256:
-        with transaction.atomic():
-            imports.content_lock(sha256)
+        with imports.content_lock(sha256), transaction.atomic():
             if not Image.objects.filter(sha256=sha256).exists():
                 store_path(sha256).unlink(missing_ok=True)
 

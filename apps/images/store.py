@@ -4,17 +4,25 @@ No path in the store comes from a user: a name is the 64 lowercase hex digits of
 and a file being received lives in the store's hidden ``.partial`` area under the image's id until it
 is verified and moved (one rename, same filesystem) to its content address. Two images with the same
 content share one file.
+
+Locks are ``flock`` locks on files of the store's hidden ``.locks`` area: every process that writes
+the store runs on the control host that holds it (web, control worker, ``manage.py``), whatever the
+database, and a process that dies frees its locks.
 """
 
+import fcntl
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from apps.core.conf import novacron_setting
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PARTIAL_DIR = ".partial"
+LOCKS_DIR = ".locks"
 HASH_CHUNK = 1 << 20
 
 
@@ -69,3 +77,21 @@ def keep(image_id: int, sha256: str) -> Path:
 
 def is_valid_sha256(value: str) -> bool:
     return bool(_SHA256.fullmatch(value))
+
+
+@contextmanager
+def store_lock(name: str, *, wait: bool) -> Iterator[bool]:
+    """Hold the store's lock ``name`` for the block; yields whether it is held (``wait=False`` yields
+    False at once when another process, or another open of this one, holds it)."""
+    directory = store_dir() / LOCKS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)  # closing the last descriptor of the open file releases its lock

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from django.conf import settings
 
+from apps.images.store import LOCKS_DIR
+
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -19,8 +21,9 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def stored_files(store: Path) -> list[str]:
-    """Every file under the store, partial ones included (relative paths)."""
-    return sorted(str(path.relative_to(store)) for path in store.rglob("*") if path.is_file())
+    """Every file under the store, partial ones included (relative paths); not the empty lock files."""
+    found = (path.relative_to(store) for path in store.rglob("*") if path.is_file())
+    return sorted(str(path) for path in found if path.parts[0] != LOCKS_DIR)
 
 
 def qemu_img(*args: str) -> None:
