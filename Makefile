@@ -24,7 +24,7 @@ guest: setup  ## the test guest (kernel + busybox initramfs from Debian packages
 
 image-debian: setup  ## Debian 12 cloud image from Debian's packages (root; mmdebstrap), imported as debian-12
 	scripts/system-deps.sh image
-	$(PY) -m workers.guest.debian
+	scripts/image-debian.sh
 
 bench-dwcp: bench-deps setup  ## DWCP against nc, rsync and QEMU migration on shaped namespaces and loopback (root)
 	$(PY) -m bench.dwcp.bench $(BENCH_ARGS)

@@ -2,7 +2,7 @@
 # `make run`: the whole system on this machine — web (granian), control worker, beat, Flower and
 # two local nodes — under honcho. Files go under NOVACRON_VAR_DIR (default var/).
 # SECRET_KEY, DWCP_SECRET and NOVACRON_ADMIN_PASSWORD come from the environment when set; the ones
-# missing come from var/secrets.env (mode 0600), generated once.
+# missing come from var/secrets.env (mode 0600), generated once (scripts/local-secrets.sh).
 # Each process logs to var/log/<process>.log; the console shows warnings and errors (scripts/logged.py).
 # On stop it says what keeps running (VMs outlive make run); `make stop` ends them.
 set -euo pipefail
@@ -19,17 +19,8 @@ export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 scripts/system-deps.sh run
 scripts/ensure-redis.sh
 
-secrets="$var/secrets.env"
-declare -A secret_bytes=([SECRET_KEY]=50 [DWCP_SECRET]=32 [NOVACRON_ADMIN_PASSWORD]=12)
-(umask 077 && touch "$secrets")
 password_given="${NOVACRON_ADMIN_PASSWORD:+yes}"
-for name in SECRET_KEY DWCP_SECRET NOVACRON_ADMIN_PASSWORD; do
-  [[ -n "${!name:-}" ]] && continue  # the environment wins
-  if ! grep -q "^$name=" "$secrets"; then
-    echo "$name=$(.venv/bin/python -c "import secrets; print(secrets.token_urlsafe(${secret_bytes[$name]}))")" >> "$secrets"
-  fi
-  export "$name=$(sed -n "s/^$name=//p" "$secrets" | tail -n 1)"
-done
+source scripts/local-secrets.sh
 admin_password="password: $NOVACRON_ADMIN_PASSWORD (kept in $secrets)"
 [[ -n "$password_given" ]] && admin_password="password from NOVACRON_ADMIN_PASSWORD"
 export ALLOWED_HOSTS="${ALLOWED_HOSTS:-127.0.0.1,localhost,$HOST}"
