@@ -33,8 +33,10 @@ def batch_dispatch(*, batch_id: str, task_name: str) -> int:
     )
     count = len(vms)
     if task_name == contract.NODE_VM_CREATE:  # VMs of stored images wait for their node's copy
-        fetches.send_creates([vm for vm in vms if fetches.is_stored(vm.image)])
-        vms = [vm for vm in vms if not fetches.is_stored(vm.image)]
+        stored = [vm for vm in vms if fetches.is_stored(vm.image)]
+        if stored:
+            fetches.send_creates(stored)
+            vms = [vm for vm in vms if not fetches.is_stored(vm.image)]
     dispatch.send_group(vms, task_name)
     return count
 
