@@ -15,8 +15,9 @@ from apps.accounts.services import token_create
 from apps.migrations.choices import MigrationStatus
 from apps.migrations.services.state import locked, transition
 from apps.projects.services import project_create
+from tests.streams_server import ORIGIN, Reader, server_redis_connections
 
-from .conftest import ORIGIN, Reader, events_url, publish_progress, server_redis_connections
+from .conftest import events_url, publish_progress
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
