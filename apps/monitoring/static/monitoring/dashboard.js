@@ -74,7 +74,11 @@
     if (!STREAMS || !window.NovaCronStreams || followed[id]) return;
     followed[id] = true;
     window.NovaCronStreams.follow(STREAMS, id, {
-      progress: function (state) { live[id] = state; renderMigrations(shown); },
+      progress: function (state) {
+        state.percent = Math.max(state.percent || 0, (live[id] || {}).percent || 0);  // never backwards
+        live[id] = state;
+        renderMigrations(shown);
+      },
       end: function (state) { live[id] = Object.assign({}, live[id], state); renderMigrations(shown); },
       fail: function (reason) { delete live[id]; streamFailed(reason); }
     });
