@@ -13,11 +13,12 @@ from django.urls import path, re_path
 
 from . import hub
 from .migrations import MigrationEventsConsumer
-from .sse import NotFoundConsumer
+from .sse import HealthConsumer, NotFoundConsumer
 
 http_routes = URLRouter(
     [
         path("api/v1/migrations/<str:migration_id>/events/", MigrationEventsConsumer.as_asgi()),
+        path("healthz", HealthConsumer.as_asgi()),
         re_path(r"", NotFoundConsumer.as_asgi()),
     ]
 )

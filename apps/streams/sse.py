@@ -69,6 +69,13 @@ class NotFoundConsumer(AsyncHttpConsumer):
         )
 
 
+class HealthConsumer(AsyncHttpConsumer):
+    """``/healthz``: the process serves (for a proxy's or an orchestrator's checks)."""
+
+    async def handle(self, body: bytes) -> None:
+        await self.send_response(200, b"ok", headers=[(b"content-type", b"text/plain")])
+
+
 class EventStreamConsumer(AsyncHttpConsumer):
     """An SSE endpoint: ``stream`` sends events until it returns; errors become JSON answers."""
 

@@ -106,6 +106,7 @@ def test_tenancy_and_authentication_as_the_rest_api(streams, user, other_user, s
         bad_id = client.get(f"{streams}/api/v1/migrations/not-a-uuid/events/", headers=_token(user))
         assert bad_id.status_code == 404
         assert client.get(f"{streams}/api/v1/vms/", headers=_token(user)).status_code == 404
+        assert client.get(f"{streams}/healthz").text == "ok"
     with (
         httpx.Client(timeout=10) as client,
         client.stream("GET", url, headers=_token(staff)) as response,  # staff see all
