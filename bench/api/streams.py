@@ -50,17 +50,17 @@ def make_migrations(token_vm_ids: list[str], count: int) -> list[str]:
     from apps.vms.models import VM, Node
 
     nodes = list(Node.objects.order_by("pk").values_list("pk", flat=True)[:2])
-    vms = list(VM.objects.filter(pk__in=token_vm_ids).exclude(node=None)[:count])
+    placed = VM.objects.filter(pk__in=token_vm_ids).exclude(node=None).values_list("pk", "node_id")[:count]
     made = Migration.objects.bulk_create(
         Migration(
-            vm=vm,
-            source_node_id=vm.node_id,
-            dest_node_id=nodes[0] if vm.node_id != nodes[0] else nodes[1],
+            vm_id=vm_id,
+            source_node_id=node_id,
+            dest_node_id=nodes[0] if node_id != nodes[0] else nodes[1],
             status="transferring",
             phase="memory",
             error="bench",
         )
-        for vm in vms
+        for vm_id, node_id in placed
     )
     return [str(migration.pk) for migration in made]
 
