@@ -30,16 +30,18 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+def _wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    """Until the server answers ``/healthz`` (or fails: its log in the error)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"streams server exited: {log.read_text()}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
                 return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"the streams server at {base} did not answer: {log.read_text()}")
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +80,8 @@ def launch_streams(
         log = tmp_path_factory.mktemp("streams") / "server.log"
         with log.open("wb") as output:
             process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-        _wait_for_port(port, process, log)
         servers[key] = (f"http://127.0.0.1:{port}", process)
+        _wait_ready(servers[key][0], process, log)
         pids[servers[key][0]] = process.pid
         return servers[key][0]
 

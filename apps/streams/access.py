@@ -36,7 +36,9 @@ class Refused(Exception):
 
 
 @dataclass(frozen=True)
-class Caller:
+class Opened:
+    """Who opened the stream and what ``read`` returned for them."""
+
     user_id: int
     data: Any  # what the stream's opener read (e.g. the migration's state)
 
@@ -56,7 +58,7 @@ def _request(scope: dict[str, Any]) -> Request:
     return Request(django_request, authenticators=[auth() for auth in authenticators])
 
 
-def _open(scope: dict[str, Any], read: Callable[[Request], Any]) -> Caller:
+def _open(scope: dict[str, Any], read: Callable[[Request], Any]) -> Opened:
     close_old_connections()
     try:
         request = _request(scope)
@@ -67,14 +69,14 @@ def _open(scope: dict[str, Any], read: Callable[[Request], Any]) -> Caller:
         if not user.is_authenticated:
             raise Refused(401, "Authentication credentials were not provided.")
         try:
-            return Caller(user_id=int(user.pk), data=read(request))
+            return Opened(user_id=int(user.pk), data=read(request))
         except exceptions.APIException as exc:  # a project the caller is no member of: 404
             raise Refused(exc.status_code, str(exc.detail)) from None
     finally:
         connections.close_all()  # back to the pool: the stream waits without a connection
 
 
-async def opened(scope: dict[str, Any], read: Callable[[Request], Any]) -> Caller:
+async def opened(scope: dict[str, Any], read: Callable[[Request], Any]) -> Opened:
     """Authenticate the scope's caller and run ``read`` (which applies the tenancy, e.g. through
     ``apps.projects.acting.viewer`` of the request) in Django's thread; :class:`Refused` with
     401/403/404 as the REST API answers."""

@@ -17,11 +17,16 @@ def open_count() -> int:
     return sum(_open.values())
 
 
+def check_process() -> None:
+    """:class:`Refused` (429) when this process holds its most streams (checked first, cheaply)."""
+    if open_count() >= settings.STREAMS_MAX_PER_PROCESS:
+        raise Refused(429, "Too many open streams on this server; try again shortly.")
+
+
 @contextmanager
 def slot(user_id: int) -> Iterator[None]:
     """Hold one stream's place for ``user_id``; :class:`Refused` (429) when a limit is reached."""
-    if open_count() >= settings.STREAMS_MAX_PER_PROCESS:
-        raise Refused(429, "Too many open streams on this server; try again shortly.")
+    check_process()
     if _open[user_id] >= settings.STREAMS_MAX_PER_USER:
         raise Refused(
             429,

@@ -82,13 +82,14 @@ class MigrationEventsConsumer(sse.EventStreamConsumer):
             migration_id = uuid.UUID(self.scope["url_route"]["kwargs"]["migration_id"])
         except ValueError:
             raise access.Refused(404, "Not found.") from None
+        limits.check_process()  # before any work for a stream this process would refuse anyway
         events = hub.hub()
         subscription = await events.subscribe(contract.MIGRATION_EVENTS_CHANNEL.format(id=migration_id))
         try:  # subscribed before the state is read: nothing falls between the two
             current = await self._progress(migration_id)
-            caller = await access.opened(self.scope, _reader(migration_id, current))
-            with limits.slot(caller.user_id):
-                await self._run(caller.data, subscription, cors)
+            opened = await access.opened(self.scope, _reader(migration_id, current))
+            with limits.slot(opened.user_id):
+                await self._run(opened.data, subscription, cors)
         finally:
             await events.unsubscribe(subscription)
 
@@ -99,8 +100,8 @@ class MigrationEventsConsumer(sse.EventStreamConsumer):
     async def _reread(self, state: State) -> State:
         """The row again (a gap in the channel, or the end's final figures), as the opener saw it."""
         current = await self._progress(state.migration.pk)
-        caller = await access.opened(self.scope, _reader(state.migration.pk, current))
-        fresh: State = caller.data
+        opened = await access.opened(self.scope, _reader(state.migration.pk, current))
+        fresh: State = opened.data
         return fresh
 
     async def _run(
@@ -149,7 +150,8 @@ class MigrationEventsConsumer(sse.EventStreamConsumer):
             migration.status = str(message.get("status", migration.status))
             migration.phase = str(message.get("phase", migration.phase))
             state.snapshot.update(status=migration.status, phase=migration.phase)
-            state.history = max(state.history, int(message.get("history", 0)))
+            history = message.get("history")
+            state.history = max(state.history, history if isinstance(history, int) else 0)
             return state
         current = live.parse(message)
         state.snapshot.update(progress_view(state.migration, current))

@@ -97,7 +97,7 @@ class EventStreamConsumer(AsyncHttpConsumer):
                 ],
             )
             return
-        if self.scope["method"] not in ("GET", "HEAD"):
+        if self.scope["method"] != "GET":
             await self.refuse(Refused(405, f'Method "{self.scope["method"]}" not allowed.'), cors)
             return
         self._gone = asyncio.get_running_loop().create_future()
