@@ -4,25 +4,13 @@ import pytest
 
 from apps.migrations.models import Migration
 from apps.projects.services import personal_project
-from apps.vms.models import VM
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def migration(user, make_node, make_image) -> Migration:
-    source, dest = make_node("ev-a"), make_node("ev-b")
-    vm = VM.objects.create(
-        owner=user,
-        name="ev",
-        image=make_image(),
-        node=source,
-        state="running",
-        vcpus=1,
-        memory_mb=256,
-        disk_gb=1,
-    )
-    return Migration.objects.create(vm=vm, source_node=source, dest_node=dest, status="transferring")
+def migration(user, make_migration) -> Migration:
+    return make_migration(user)
 
 
 def test_the_events_url_redirects_to_the_streams_service_on_the_requests_host(api, user, migration, settings):

@@ -1,5 +1,5 @@
-"""Streams tests: the server fixture (``tests.streams_server``), a migration to stream and what a
-node publishes."""
+"""Streams tests: the server fixture (``tests.streams_server``), the events URL and what a source
+node publishes (migrations: ``make_migration`` of tests/conftest.py)."""
 
 import json
 import time
@@ -10,8 +10,6 @@ import pytest
 import redis
 from django.conf import settings
 
-from apps.migrations.models import Migration
-from apps.vms.models import VM
 from tests.streams_server import launch_streams
 from workers import contract
 
@@ -35,29 +33,3 @@ def publish_progress(migration: Any, **fields: float | str) -> None:
     client.hset(key, mapping={name: str(value) for name, value in snapshot.items()})
     client.publish(contract.MIGRATION_EVENTS_CHANNEL.format(id=migration.pk), json.dumps(snapshot))
     client.close()
-
-
-@pytest.fixture
-def make_migration(make_node: Callable[..., Any], make_image: Callable[..., Any]) -> Callable[..., Migration]:
-    nodes: list[Any] = []
-
-    def make(owner: Any, *, status: str = "transferring", name: str = "moving") -> Migration:
-        if not nodes:
-            nodes.extend([make_node("stream-a"), make_node("stream-b")])
-            nodes.append(make_image("stream-image"))
-        source, dest, image = nodes
-        vm = VM.objects.create(
-            owner=owner,
-            name=name,
-            image=image,
-            node=source,
-            state="running",
-            vcpus=1,
-            memory_mb=256,
-            disk_gb=1,
-        )
-        return Migration.objects.create(
-            vm=vm, source_node=source, dest_node=dest, status=status, phase="memory"
-        )
-
-    return make
