@@ -1,9 +1,13 @@
-"""ASGI entry point, for servers that speak ASGI (server-sent progress streams)."""
+"""ASGI entry point: the streams service (``apps.streams``), served by granian ``--interface asgi``
+on ``STREAMS_PORT``. The REST API stays on WSGI (``novacron.wsgi``)."""
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "novacron.settings.main")
+django.setup()
 
-application = get_asgi_application()
+from apps.streams.routing import application  # noqa: E402  (models load after setup)
+
+__all__ = ["application"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: the whole system on this machine — web (granian), control worker, beat, Flower and
-# two local nodes — under honcho. Files go under NOVACRON_VAR_DIR (default var/).
+# `make run`: the whole system on this machine — web (granian), streams (granian ASGI), control
+# worker, beat, Flower and two local nodes — under honcho. Files go under NOVACRON_VAR_DIR (default var/).
 # SECRET_KEY, DWCP_SECRET and NOVACRON_ADMIN_PASSWORD come from the environment when set; the ones
 # missing come from var/secrets.env (mode 0600), generated once (scripts/local-secrets.sh).
 # Each process logs to var/log/<process>.log; the console shows warnings and errors (scripts/logged.py).
@@ -11,6 +11,9 @@ export NOVACRON_VAR_DIR="$(realpath -m "${NOVACRON_VAR_DIR:-var}")"
 var="$NOVACRON_VAR_DIR"
 mkdir -p "$var/log"
 export HOST="${HOST:-127.0.0.1}" PORT="${PORT:-8000}" FLOWER_PORT="${FLOWER_PORT:-5555}"
+# The streams service (migration events) on its own port; pages of the web port may open its streams.
+export STREAMS_PORT="${STREAMS_PORT:-8001}"
+export STREAMS_ALLOWED_ORIGINS="${STREAMS_ALLOWED_ORIGINS:-http://$HOST:$PORT,http://localhost:$PORT,http://127.0.0.1:$PORT}"
 export NODE1_DWCP_PORT="${NODE1_DWCP_PORT:-7001}" NODE2_DWCP_PORT="${NODE2_DWCP_PORT:-7002}"
 # Both local nodes share this host's network namespace: each needs its own VXLAN UDP port.
 export NODE1_VXLAN_PORT="${NODE1_VXLAN_PORT:-4789}" NODE2_VXLAN_PORT="${NODE2_VXLAN_PORT:-4790}"
@@ -47,6 +50,7 @@ cat <<MSG
 NovaCron is starting:
   API (browsable)  http://$HOST:$PORT/api/v1/
   API docs         http://$HOST:$PORT/api/v1/docs/
+  Streams          http://$HOST:$STREAMS_PORT/api/v1/migrations/<id>/events/ (SSE; docs/streams.md)
   Admin            http://$HOST:$PORT/admin/      user admin, $admin_password
   Flower           http://127.0.0.1:$FLOWER_PORT/  user admin, same password
   Dashboard        http://$HOST:$PORT/dashboard/  (staff login); Prometheus text at /metrics

@@ -181,6 +181,36 @@ def team(make_user: Callable[..., Any]) -> Callable[..., tuple[Project, dict[str
 
 
 @pytest.fixture
+def make_migration(make_node: Callable[..., Any], make_image: Callable[..., Any]) -> Callable[..., Any]:
+    """A factory of migrations of a new VM of ``owner`` (in their personal project), on two nodes."""
+    from apps.migrations.models import Migration
+    from apps.vms.models import VM
+
+    nodes: list[Any] = []
+
+    def make(owner: Any, *, status: str = "transferring", name: str = "moving") -> Migration:
+        if not nodes:
+            nodes.extend([make_node("migrating-from"), make_node("migrating-to")])
+            nodes.append(make_image("migrating-image"))
+        source, dest, image = nodes
+        vm = VM.objects.create(
+            owner=owner,
+            name=name,
+            image=image,
+            node=source,
+            state="running",
+            vcpus=1,
+            memory_mb=256,
+            disk_gb=1,
+        )
+        return Migration.objects.create(
+            vm=vm, source_node=source, dest_node=dest, status=status, phase="memory"
+        )
+
+    return make
+
+
+@pytest.fixture
 def node(make_node: Callable[..., Any]) -> Any:
     return make_node("node1")
 

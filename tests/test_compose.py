@@ -22,6 +22,7 @@ def test_compose_has_every_service_of_the_design():
         "postgres",
         "redis",
         "web",
+        "streams",
         "control",
         "beat",
         "flower",

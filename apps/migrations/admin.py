@@ -1,5 +1,10 @@
-"""Django admin for migrations: progress bars, the audit trail, those waiting for an operator, cancel."""
+"""Django admin for migrations: progress bars, the audit trail, those waiting for an operator, cancel.
 
+A migration's page follows its progress live from the streams service (``migrations/follow.js``;
+polling the REST API, with a note, when the stream cannot be opened).
+"""
+
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -41,7 +46,7 @@ class MigrationAdmin(admin.ModelAdmin[Migration]):
     list_filter = ("needs_operator", "status", "mode")
     search_fields = ("id", "vm__name", "vm__id")
     list_select_related = ("vm", "source_node", "dest_node")
-    readonly_fields = [*(field.name for field in Migration._meta.fields), "progress"]
+    readonly_fields = [*(field.name for field in Migration._meta.fields), "live_progress"]
     inlines = (MigrationEventInline,)
     actions = ("cancel_migrations",)
 
@@ -54,6 +59,25 @@ class MigrationAdmin(admin.ModelAdmin[Migration]):
         return format_html(
             '<progress max="100" value="{}" style="width:8em"></progress> {}%', percent, round(percent)
         )
+
+    @admin.display(description="Progress")
+    def live_progress(self, migration: Migration) -> str:
+        """The bar of the migration's page, which ``admin-progress.js`` moves with its stream."""
+        percent = MigrationSerializer(migration).data["percent"]
+        return format_html(
+            '<progress max="100" value="{}" style="width:12em" data-migration="{}" data-status="{}" '
+            'data-streams-url="{}" data-streams-port="{}"></progress> <span>{}%</span>'
+            ' <span class="stream-note" hidden></span>',
+            percent,
+            migration.pk,
+            migration.status,
+            settings.STREAMS_URL,
+            settings.STREAMS_PORT,
+            round(percent),
+        )
+
+    class Media:
+        js = ("migrations/follow.js", "migrations/admin-progress.js")
 
     @admin.action(description="Cancel selected migrations")
     def cancel_migrations(self, request: HttpRequest, queryset: QuerySet[Migration]) -> None:

@@ -2,10 +2,14 @@
 
 The source node writes the progress hash; the API reads it while a migration runs and folds it into
 the row when it ends. The control hash carries what an operator changes while it runs (bandwidth,
-cancel, force-complete); the source polls it.
+cancel, force-complete); the source polls it. The events channel carries the source's progress
+snapshots and, from the control side, each status change (:func:`publish_status`, a JSON object with
+``"event": "status"``), which the streams service (``apps.streams``) passes on to its clients.
 """
 
-from typing import Any, Unpack
+import json
+from collections.abc import Mapping
+from typing import Any, Final, Unpack
 
 import redis
 
@@ -17,6 +21,7 @@ _MOVEMENT_KEY = "novacron:migration:{id}:watchdog"
 # figures are in the row by then. Without this, every migration's keys stayed for days (the soak's
 # Redis grew by ~3 MiB in 10 minutes of back-and-forth migrations).
 ENDED_TTL_SECONDS = 60
+STATUS_EVENT: Final = "status"  # the "event" of a status change on the events channel
 
 
 def read(client: redis.Redis, migration_id: str) -> dict[str, Any]:
@@ -25,6 +30,11 @@ def read(client: redis.Redis, migration_id: str) -> dict[str, Any]:
         raw = client.hgetall(contract.MIGRATION_PROGRESS_KEY.format(id=migration_id))
     except redis.RedisError:
         return {}
+    return parse(raw)
+
+
+def parse(raw: Mapping[Any, Any]) -> dict[str, Any]:
+    """The progress fields of a hash or a published snapshot (numbers as floats; others dropped)."""
     progress: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.decode() if isinstance(key, bytes) else str(key)
@@ -37,6 +47,14 @@ def read(client: redis.Redis, migration_id: str) -> dict[str, Any]:
         elif name == "phase":
             progress[name] = text
     return progress
+
+
+def publish_status(
+    client: redis.Redis, migration_id: str, *, status: str, phase: str, error: str, history: int
+) -> None:
+    """Announce a status change on the events channel (``history``: the MigrationEvent's id)."""
+    message = {"event": STATUS_EVENT, "status": status, "phase": phase, "error": error, "history": history}
+    client.publish(contract.MIGRATION_EVENTS_CHANNEL.format(id=migration_id), json.dumps(message))
 
 
 def set_control(client: redis.Redis, migration_id: str, **knobs: Unpack[contract.MigrationControl]) -> None:

@@ -1,16 +1,16 @@
-"""Migration endpoints: list, detail with history, bandwidth changes, cancel, force-complete, SSE;
-and a node's drain (``POST /api/v1/nodes/{id}/drain/``: its VMs migrated away)."""
+"""Migration endpoints: list, detail with history, bandwidth changes, cancel, force-complete, the
+events stream's address; and a node's drain (``POST /api/v1/nodes/{id}/drain/``: its VMs migrated
+away).
+
+``GET /api/v1/migrations/{id}/events/`` answers 307 to the same path on the streams service
+(``apps.streams``), after the same checks as the detail (401, 404 for another project's migration):
+a stream held here would hold a WSGI thread and a database connection.
+"""
 
 import json
-import time
-from collections.abc import Iterator
 from typing import Any
 
-import redis
-from django.conf import settings
-from django.db import close_old_connections
 from django.db.models import QuerySet
-from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics, mixins, permissions, renderers, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -23,8 +23,8 @@ from apps.core.auth import request_user
 from apps.core.ids import uuid_text
 from apps.projects.acting import viewer as acting_viewer
 from apps.projects.permissions import ProjectRole
+from apps.streams.links import streams_base
 from apps.vms.models import Node
-from workers import contract
 
 from . import services
 from .models import Migration
@@ -35,10 +35,6 @@ from .serializers import (
     MigrationUpdateSerializer,
     NodeDrainSerializer,
 )
-
-STREAM_MAX_SECONDS = 3600  # an SSE client reconnects after this; bounds a thread held by a slow migration
-STREAM_TICK_SECONDS = 0.5  # at least two updates a second while something changes
-STREAM_KEEPALIVE_SECONDS = 15
 
 
 class EventStreamRenderer(renderers.BaseRenderer):
@@ -123,51 +119,23 @@ class MigrationViewSet(
 
     @extend_schema(
         responses={
-            (200, "text/event-stream"): OpenApiResponse(description="Server-Sent Events: progress, end")
+            307: OpenApiResponse(
+                description="Redirect to the streams service, which serves the events (progress, end) "
+                "as Server-Sent Events: docs/streams.md"
+            )
         }
     )
-    @action(detail=True, methods=["get"], renderer_classes=[EventStreamRenderer, renderers.JSONRenderer])
-    def events(self, request: Request, pk: str) -> StreamingHttpResponse:
+    @action(detail=True, methods=["get"], renderer_classes=[renderers.JSONRenderer, EventStreamRenderer])
+    def events(self, request: Request, pk: str) -> Response:
         migration = self.get_object()
-        response = StreamingHttpResponse(_stream(migration.pk), content_type="text/event-stream")
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
-        return response
-
-
-def _event(name: str, data: Any) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, default=str)}\n\n"
-
-
-def _stream(migration_id: Any) -> Iterator[str]:
-    """Progress snapshots as they change, then ``end`` once the migration is over."""
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(contract.MIGRATION_EVENTS_CHANNEL.format(id=migration_id))
-    started = time.monotonic()
-    last_sent = started
-    previous: dict[str, Any] | None = None
-    yield "retry: 2000\n\n"
-    try:
-        while time.monotonic() - started < STREAM_MAX_SECONDS:
-            migration = Migration.objects.select_related("vm", "source_node", "dest_node").get(
-                pk=migration_id
-            )
-            snapshot = dict(MigrationSerializer(migration).data)
-            if snapshot != previous:
-                yield _event("progress", snapshot)
-                previous = snapshot
-                last_sent = time.monotonic()
-            if migration.status in services.TERMINAL_STATUSES:
-                yield _event("end", {"status": migration.status, "error": migration.error})
-                return
-            if time.monotonic() - last_sent > STREAM_KEEPALIVE_SECONDS:
-                yield ": keepalive\n\n"
-                last_sent = time.monotonic()
-            pubsub.get_message(timeout=STREAM_TICK_SECONDS)  # wakes early when the source publishes
-    finally:
-        pubsub.close()
-        close_old_connections()
+        query = request._request.META.get("QUERY_STRING", "")
+        url = f"{streams_base(request._request)}/api/v1/migrations/{migration.pk}/events/"
+        url += f"?{query}" if query else ""
+        return Response(
+            {"detail": "Migration events are served by the streams service.", "url": url},
+            status=status.HTTP_307_TEMPORARY_REDIRECT,
+            headers={"Location": url},
+        )
 
 
 class NodeDrainView(AuditedView, generics.GenericAPIView[Node]):

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from apps.migrations import progress as migration_progress
 from apps.migrations.models import Migration
+from apps.streams.links import streams_base
 
 from .selectors import active_migrations, fleet_summary, metric_series, open_alerts
 
@@ -109,7 +110,8 @@ def dashboard_context() -> dict[str, Any]:
 
 @staff_member_required
 def dashboard_page(request: HttpRequest) -> HttpResponse:
-    return render(request, "monitoring/dashboard.html", {"data": dashboard_context()})
+    context = {"data": dashboard_context(), "streams_url": streams_base(request)}
+    return render(request, "monitoring/dashboard.html", context)
 
 
 @staff_member_required

@@ -11,12 +11,16 @@
    database of its own (``--redis-url``, refused unless empty; flushed at the end), API throttles
    lifted, and runs wrk (``bench/api/scenario.lua``) for each scenario: the bare endpoint
    (``/healthz``), VM list cached and uncached, detail cached and uncached, POST batches of 10 and
-   1000, and the mixed 90 % read / 10 % write load at 16, 64 and 256 connections.
+   1000, and the mixed 90 % read / 10 % write load at 16, 64 and 256 connections. With ``--streams N``
+   (alone: 500) each mixed scenario runs alternately without and with N open migration-event streams
+   on the streams service (``bench/api/streams.py``: one asyncio client, nodes' progress published
+   twice a second), and reports whether each stream got every event.
 4. Prints the table (p50/p95/p99, throughput and its ratio to the bare endpoint of the same run,
    error rate, database query avg/p95 inside the scenario's window, server CPU and memory) and
    writes everything as JSON under ``bench/results/``.
 
-Run: ``make bench-api`` (``BENCH_ARGS="--quick"`` for a 100k-VM smoke run). Needs PostgreSQL,
+Run: ``make bench-api`` (``BENCH_ARGS="--quick"`` for a 100k-VM smoke run;
+``BENCH_ARGS="--only mixed --streams 500"`` for the mixed load beside 500 streams). Needs PostgreSQL,
 Redis and ``wrk`` (``apt-get install -y wrk``). The machine is shared: only ratios measured in one
 run compare.
 """
@@ -101,6 +105,7 @@ class Run:
     seed_seconds: dict[str, float] = field(default_factory=dict)
     explain: list[dict[str, Any]] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
+    streams: list[dict[str, Any]] = field(default_factory=list)  # --streams: each "with streams" run
 
 
 def log(message: str) -> None:
@@ -381,16 +386,26 @@ def _timed(label: str, plan: str, sql: str, params: Any, connection: Any) -> dic
 
 
 class Server:
-    """granian on the timed WSGI app; CPU and memory of its process tree sampled while it runs."""
+    """granian on the timed WSGI app (or, for ``--streams``, the streams service's ASGI app); CPU and
+    memory of its process tree sampled while it runs."""
 
-    def __init__(self, port: int, granian_args: str, env: dict[str, str], query_dir: str) -> None:
+    def __init__(
+        self,
+        port: int,
+        granian_args: str,
+        env: dict[str, str],
+        query_dir: str,
+        *,
+        interface: str = "wsgi",
+        app: str = "bench.api.timed_wsgi:application",
+    ) -> None:
         self.port = port
         self.query_dir = query_dir
         command = [
             str(VENV_BIN / "granian"),
             "--interface",
-            "wsgi",
-            "bench.api.timed_wsgi:application",
+            interface,
+            app,
             "--host",
             "127.0.0.1",
             "--port",
@@ -628,6 +643,22 @@ def table(run: Run) -> str:
     return "\n".join(lines)
 
 
+def streams_table(reports: list[dict[str, Any]]) -> str:
+    lines = [
+        "| with streams | opened | migrations | events published | received / expected | streams with every "
+        "event | min / median share | streams server CPU % | RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r['scenario']} | {r['opened']}/{r['streams']} | {r['migrations']} | {r['published']:,} "
+            f"| {r['received']:,} / {r['expected']:,} | {r['complete']}/{r['streams']} "
+            f"| {r['min_ratio']:.1%} / {r['median_ratio']:.1%} | {r['server_cpu_percent']:.0f} "
+            f"| {r['server_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def explain_table(report: list[dict[str, Any]]) -> str:
     lines = [
         "| query at seed size | index used | seq scan on vms | median ms | p95 ms |",
@@ -639,6 +670,84 @@ def explain_table(report: list[dict[str, Any]]) -> str:
             f"{'YES' if row['seq_scan_on_vms'] else 'no'} | {row['median_ms']} | {row['p95_ms']} |"
         )
     return "\n".join(lines)
+
+
+def _alternation(args: argparse.Namespace, scenario: Scenario) -> list[bool]:
+    """Whether each run of ``scenario`` holds the streams: the mixed ones alternate without/with."""
+    if not args.streams or scenario.mode != "mixed":
+        return [False]
+    return [False, True] * max(1, args.rounds)
+
+
+class _MixedWithStreams:
+    """The streams service, the streams and their migrations for the ``--streams`` runs."""
+
+    def __init__(self, args: argparse.Namespace, env: dict[str, str], seeded: Seeded, query_dir: str) -> None:
+        from bench.api.streams import MIGRATIONS, StreamLoad, make_migrations
+
+        tenant = next(index for index, ids in seeded.vm_ids.items() if ids)
+        self.migration_ids = make_migrations(seeded.vm_ids[tenant], MIGRATIONS)
+        limits = {
+            "STREAMS_MAX_PER_USER": str(args.streams + 10),
+            "STREAMS_MAX_PER_PROCESS": str(args.streams + 10),
+        }
+        self.server = Server(
+            args.port + 1,
+            "--workers 1 --http auto",
+            env | limits,
+            query_dir,
+            interface="asgi",
+            app="novacron.asgi:application",
+        )
+        self.server.wait_ready()
+        log(f"streams service: {' '.join(self.server.command[1:])}")
+        self.load = StreamLoad(
+            base=f"http://127.0.0.1:{args.port + 1}",
+            redis_url=env["REDIS_URL"],
+            token=seeded.tokens[tenant],
+            migration_ids=self.migration_ids,
+            count=args.streams,
+        )
+        self.reports: list[dict[str, Any]] = []
+
+    def measure(
+        self,
+        scenario: Scenario,
+        server: Server,
+        args: argparse.Namespace,
+        url: str,
+        lines: dict[str, Path],
+        seeded: Seeded,
+        run_id: str,
+    ) -> Result:
+        log(f"{scenario.name} at {scenario.connections} connections with {args.streams} open streams")
+        self.load.open()
+        log(f"  {self.load.opened}/{args.streams} streams open")
+        self.server.take_peak_rss()
+        cpu0, start = self.server.cpu_seconds(), time.time()
+        with self.load.publishing() as published:
+            result = measure(
+                scenario, server, args.database, url, lines, seeded.writer_token, run_id, args.threads
+            )
+        cpu = 100 * (self.server.cpu_seconds() - cpu0) / (time.time() - start)
+        report = self.load.report(published, rss_mb=self.server.take_peak_rss(), cpu_percent=cpu)
+        self.load.close()
+        result.scenario = f"{scenario.name} + {args.streams} streams"
+        self.reports.append(
+            {"scenario": result.scenario, "connections": scenario.connections, **asdict(report)}
+        )
+        log(
+            f"  {result.rps:,.0f} req/s, p95 {result.p95_ms:.1f} ms, errors {result.error_rate:.3%}; streams: "
+            f"{report.complete}/{report.streams} got every event ({report.received:,}/{report.expected:,})"
+        )
+        return result
+
+    def stop(self) -> None:
+        self.load.stop()
+        self.server.stop()
+        from bench.api.streams import remove_migrations
+
+        remove_migrations(self.migration_ids)
 
 
 def _git_commit() -> str:
@@ -671,6 +780,17 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the database (and reuse it with --reuse)")
     parser.add_argument("--reuse", action="store_true", help="skip seeding: use the kept database")
     parser.add_argument("--quick", action="store_true", help="100k VMs, 5 s per scenario")
+    parser.add_argument(
+        "--streams",
+        type=int,
+        nargs="?",
+        const=500,
+        default=0,
+        help="also run each mixed scenario with N open migration-event streams (alone: 500), alternating",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="--streams: without/with alternations per scenario"
+    )
     args = parser.parse_args()
     if args.quick:
         args.vms, args.metrics, args.api_logs, args.duration = 100_000, 200_000, 100_000, 5
@@ -751,15 +871,41 @@ def main() -> None:
             # Warm-up: connection pools, imports, the cached list.
             run_wrk(Scenario("warm-up", "get", "list", 8, 3), url, lines, seeded.writer_token, run_id, 2)
             wanted = [prefix.strip() for prefix in args.only.split(",") if prefix.strip()]
-            for scenario in scenarios(args):
-                if wanted and not any(scenario.name.startswith(prefix) for prefix in wanted):
-                    continue
-                log(f"{scenario.name} at {scenario.connections} connections for {scenario.duration:.0f} s")
-                result = measure(
-                    scenario, server, args.database, url, lines, seeded.writer_token, run_id, args.threads
-                )
-                run.results.append(result)
-                log(f"  {result.rps:,.0f} req/s, p95 {result.p95_ms:.1f} ms, errors {result.error_rate:.3%}")
+            load = _MixedWithStreams(args, env, seeded, query_dir) if args.streams else None
+            try:
+                for scenario in scenarios(args):
+                    if wanted and not any(scenario.name.startswith(prefix) for prefix in wanted):
+                        continue
+                    for index, streams in enumerate(_alternation(args, scenario)):
+                        # Each run of an alternation names the VMs it creates apart (the same names: 400).
+                        run_id = uuid.uuid4().hex[:6] if index else run_id
+                        if streams:
+                            assert load is not None
+                            run.results.append(
+                                load.measure(scenario, server, args, url, lines, seeded, run_id)
+                            )
+                            run.streams.append(load.reports[-1])
+                            continue
+                        log(
+                            f"{scenario.name} at {scenario.connections} connections for {scenario.duration:.0f} s"
+                        )
+                        result = measure(
+                            scenario,
+                            server,
+                            args.database,
+                            url,
+                            lines,
+                            seeded.writer_token,
+                            run_id,
+                            args.threads,
+                        )
+                        run.results.append(result)
+                        log(
+                            f"  {result.rps:,.0f} req/s, p95 {result.p95_ms:.1f} ms, errors {result.error_rate:.3%}"
+                        )
+            finally:
+                if load is not None:
+                    load.stop()
         bare = next((r.rps for r in run.results if r.scenario.startswith("bare")), None)
         for result in run.results:
             result.ratio_to_bare = round(result.rps / bare, 4) if bare else None
@@ -783,6 +929,9 @@ def main() -> None:
         f"NovaCron API benchmark, {run.started}, commit {run.commit}, {args.vms:,} VMs, granian {args.granian}"
     )
     print(table(run))
+    if run.streams:
+        print()
+        print(streams_table(run.streams))
     print()
     print(explain_table(run.explain))
     print(f"\nJSON: {out.relative_to(ROOT)}")

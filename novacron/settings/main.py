@@ -10,6 +10,7 @@ from .logging import *  # noqa: F403
 from .monitoring import *  # noqa: F403
 from .novacron import *  # noqa: F403
 from .rest import *  # noqa: F403
+from .streams import *  # noqa: F403
 
 # Makes generic classes (ModelAdmin[VM], QuerySet[VM]...) subscriptable at run time for type hints.
 django_stubs_ext.monkeypatch()

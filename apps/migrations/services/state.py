@@ -70,6 +70,7 @@ def transition(
         phase=migration.phase,
         detail=detail,
     )
+    announce(migration, event)
     if to in TERMINAL_STATUSES:
         forget_progress(migration)
     if to == S.PREPARING or to in TERMINAL_STATUSES:
@@ -82,6 +83,27 @@ def transition(
 
         event_id = event.pk
         transaction.on_commit(lambda: migration_webhook_send.delay(event_id=event_id))
+
+
+def announce(migration: Migration, event: MigrationEvent) -> None:
+    """After commit: the status change on the migration's events channel (for open streams)."""
+    migration_id, status, phase, error = (
+        str(migration.pk),
+        str(migration.status),
+        str(migration.phase),
+        migration.error,
+    )
+    history = event.pk
+
+    def publish() -> None:
+        try:
+            progress.publish_status(
+                redis_client(), migration_id, status=status, phase=phase, error=error, history=history
+            )
+        except redis.RedisError as exc:  # a stream re-reads the state when it reconnects
+            logger.warning("migration %s: status change not published: %s", migration_id, exc)
+
+    transaction.on_commit(publish)
 
 
 def forget_progress(migration: Migration) -> None:

@@ -7,12 +7,16 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Image, Node
+from tests.streams_server import launch_streams
 from tests.workers.node.conftest import Cluster, wait_for
 from workers.qemu.memory import ram_mapping
+
+__all__ = ["launch_streams"]  # a fixture of this module's tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu, pytest.mark.django_db(transaction=True)]
 
@@ -363,7 +367,7 @@ def test_destination_worker_killed_mid_transfer_fails_cleanly(cluster: Cluster, 
 
 
 def test_bandwidth_change_applies_while_it_runs_and_sse_streams_progress(
-    cluster: Cluster, api, dirty_image: Image
+    cluster: Cluster, api, dirty_image: Image, launch_streams
 ):
     source, dest = list(cluster.nodes)
     vm_id = _create_running(api, "throttled", source, dirty_image.name)
@@ -371,9 +375,14 @@ def test_bandwidth_change_applies_while_it_runs_and_sse_streams_progress(
     wait_for(lambda: Migration.objects.get(pk=migration_id).status == "transferring", 60, "transferring")
     response = api.patch(f"/api/v1/migrations/{migration_id}/", {"bandwidth_limit_mbps": None}, format="json")
     assert response.status_code == 200 and response.json()["bandwidth_limit_mbps"] is None
-    stream = api.get(f"/api/v1/migrations/{migration_id}/events/", HTTP_ACCEPT="text/event-stream")
-    assert stream.status_code == 200 and stream["Content-Type"].startswith("text/event-stream")
-    text = b"".join(stream.streaming_content).decode()
+    path = f"/api/v1/migrations/{migration_id}/events/"
+    redirect = api.get(path, HTTP_ACCEPT="text/event-stream")  # the REST API points to the streams service
+    assert redirect.status_code == 307 and redirect["Location"].endswith(path)
+    with httpx.stream(
+        "GET", launch_streams() + path, headers={"Authorization": f"Token {api.token_secret}"}, timeout=120
+    ) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        text = stream.read().decode()
     events = [block for block in text.split("\n\n") if block.startswith("event:")]
     assert events[-1].startswith("event: end")
     assert '"status": "completed"' in events[-1]

@@ -1,9 +1,15 @@
 // NovaCron operator dashboard: renders migrations, alerts and SVG line charts from the data the
-// page embeds, then refreshes them from /dashboard/data/ every REFRESH_MS. Plain JS, no build step.
+// page embeds, then refreshes them from /dashboard/data/ every REFRESH_MS. Each running migration's
+// bar follows its event stream (migrations/follow.js); when a stream fails, a note says so and the
+// bar moves with the refresh instead. Plain JS, no build step.
 (function () {
   "use strict";
   var REFRESH_MS = 5000;
   var SVG = "http://www.w3.org/2000/svg";
+  var STREAMS = document.body.getAttribute("data-streams");
+  var live = {};       // migration id -> its latest streamed state
+  var followed = {};   // migration id -> true once a stream was opened for it
+  var shown = [];      // the migrations last rendered
 
   function el(tag, attrs, text) {
     var node = document.createElement(tag);
@@ -49,17 +55,50 @@
     return outer;
   }
 
+  function withLive(m) {
+    var state = live[m.id];
+    if (!state) return m;
+    return { id: m.id, vm: m.vm, source: m.source, dest: m.dest, mode: m.mode, status: state.status || m.status,
+      phase: state.phase || m.phase, percent: Math.max(m.percent, state.percent || 0),
+      rate_bps: state.rate_bps, eta_seconds: state.eta_seconds };
+  }
+
+  function streamFailed(reason) {
+    var note = document.getElementById("stream-note");
+    note.textContent = "Live progress unavailable (" + reason + "): the bars follow the refresh every " +
+      REFRESH_MS / 1000 + " s.";
+    note.hidden = false;
+  }
+
+  function follow(id) {
+    if (!STREAMS || !window.NovaCronStreams || followed[id]) return;
+    followed[id] = true;
+    window.NovaCronStreams.follow(STREAMS, id, {
+      progress: function (state) {
+        state.percent = Math.max(state.percent || 0, (live[id] || {}).percent || 0);  // never backwards
+        live[id] = state;
+        renderMigrations(shown);
+      },
+      end: function (state) { live[id] = Object.assign({}, live[id], state); renderMigrations(shown); },
+      fail: function (reason) { delete live[id]; streamFailed(reason); }
+    });
+  }
+
   function renderMigrations(migrations) {
+    shown = migrations;
     var box = document.getElementById("migrations");
     box.textContent = "";
     if (!migrations.length) { box.appendChild(el("p", { "class": "empty" }, "No migration is running.")); return; }
-    box.appendChild(table(["VM", "from → to", "mode", "status", "progress", "rate", "ETA"], migrations.map(function (m) {
-      var cell = el("span");
-      cell.appendChild(bar(m.percent));
-      cell.appendChild(document.createTextNode(" " + m.percent + "%" + (m.phase ? " (" + m.phase + ")" : "")));
+    box.appendChild(table(["VM", "from → to", "mode", "status", "progress", "rate", "ETA"], migrations.map(function (row) {
+      var m = withLive(row);
+      var cell = el("span", { "data-migration": m.id });
+      var percent = Math.round(m.percent * 10) / 10;
+      cell.appendChild(bar(percent));
+      cell.appendChild(document.createTextNode(" " + percent + "%" + (m.phase ? " (" + m.phase + ")" : "")));
       return [m.vm, m.source + " → " + m.dest, m.mode, m.status, cell,
         m.rate_bps ? fmt(m.rate_bps) + "B/s" : "–", m.eta_seconds ? Math.round(m.eta_seconds) + " s" : "–"];
     })));
+    migrations.forEach(function (m) { follow(m.id); });
   }
 
   function renderAlerts(alerts) {
