@@ -383,7 +383,8 @@ def test_bandwidth_change_applies_while_it_runs_and_sse_streams_progress(
     ) as stream:
         assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
         text = stream.read().decode()
-    events = [block for block in text.split("\n\n") if block.startswith("event:")]
+    # Each event's block: an optional "id:" line, then "event:" and "data:" (comments and "retry:" apart).
+    events = [block[block.index("event: ") :] for block in text.split("\n\n") if "event: " in block]
     assert events[-1].startswith("event: end")
     assert '"status": "completed"' in events[-1]
     percents = [
