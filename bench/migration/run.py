@@ -291,15 +291,22 @@ def files_written(serial: Path) -> int:
     return max((int(count) for count in WRITER_COUNT.findall(text)), default=0)
 
 
-def wait_for_workload(serial: Path, after: int, timeout: float) -> int:
-    """Wait until the guest has booted (cloud-init's final line) and its workload has written more than
-    ``after`` files; the count."""
+def wait_for_boot(serial: Path) -> int:
+    """Wait until the guest has booted (cloud-init's final line) and its workload has written a few files;
+    the count."""
     wait_for(
-        lambda: CLOUD_INIT_FINISHED.search(serial.read_text(errors="replace")) if serial.exists() else None,
-        timeout, f"cloud-init to finish ({serial})", interval=1,
+        lambda: serial.exists() and CLOUD_INIT_FINISHED.search(serial.read_text(errors="replace")),
+        DEBIAN_BOOT_TIMEOUT, f"cloud-init to finish ({serial})", interval=1,
     )  # fmt: skip
-    return int(wait_for(lambda: files_written(serial) > after and files_written(serial), timeout,
-                        f"more than {after} files from the workload ({serial})", interval=1))  # fmt: skip
+    return wait_for_files(serial, 4, DEBIAN_BOOT_TIMEOUT)
+
+
+def wait_for_files(serial: Path, after: int, timeout: float) -> int:
+    """Wait until the workload has said it wrote more than ``after`` files; the count."""
+    return int(
+        wait_for(lambda: files_written(serial) > after and files_written(serial), timeout,
+                 f"more than {after} files from the workload ({serial})", interval=1)
+    )  # fmt: skip
 
 
 def debian_novacron_runs(
@@ -355,7 +362,7 @@ def debian_novacron_runs(
     created = time.monotonic()
     wait_for(lambda: VM.objects.get(pk=vm.pk).state == "running", 300, "the Debian VM to run")
     run_dir = workdir / node_a.name / "run" / str(vm.pk)
-    written = wait_for_workload(run_dir / "serial.log", 4, DEBIAN_BOOT_TIMEOUT)
+    written = wait_for_boot(run_dir / "serial.log")
     print(f"  debian booted and {written} files written {time.monotonic() - created:.0f} s after the create")
     spec = json.loads((run_dir / "spec.json").read_text())
     results: dict[str, list[dict[str, Any]]] = {}
@@ -368,7 +375,7 @@ def debian_novacron_runs(
             run = live_migration(vm.pk, user, there, topology)
             # The guest lives on at the destination: its workload goes on writing files.
             run["files_written_before"] = written
-            run["files_written_after"] = wait_for_workload(
+            run["files_written_after"] = wait_for_files(
                 workdir / there.name / "run" / str(vm.pk) / "serial.log", written, 180
             )
             results.setdefault(link, []).append(run)
@@ -418,7 +425,7 @@ def debian_native_runs(
         side, generation = "a", 0
         run, current = start(side, generation, incoming=False)
         created = time.monotonic()
-        written = wait_for_workload(run / "serial.log", 4, DEBIAN_BOOT_TIMEOUT)
+        written = wait_for_boot(run / "serial.log")
         print(
             f"  debian booted and {written} files written {time.monotonic() - created:.0f} s after the start"
         )
@@ -437,7 +444,7 @@ def debian_native_runs(
                         _quit(current)
                         current, run, side = dst, dst_run, other
                         result["files_written_before"] = written
-                        result["files_written_after"] = wait_for_workload(run / "serial.log", written, 180)
+                        result["files_written_after"] = wait_for_files(run / "serial.log", written, 180)
                     else:
                         _quit(dst)
                     results.setdefault(link, {}).setdefault(variant, []).append(result)
