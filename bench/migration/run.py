@@ -55,6 +55,8 @@ DEBIAN_DISK_GB = 3  # the image's virtual size
 DEBIAN_BOOT_TIMEOUT = 900  # create to cloud-init's final line and the workload's first files, under TCG
 CLOUD_INIT_FINISHED = re.compile(r"Cloud-init v\. \S+ finished at")
 WRITER_COUNT = re.compile(r"bench-writer (\d+) files")
+# After a migration the workload says a new count within ~5 files' time; this long without one: stuck.
+WORKLOAD_TIMEOUT = 120
 # QEMU alone: how each variant sets the source (and the destination, for multifd).
 NATIVE_VARIANTS: dict[str, dict[str, Any]] = {
     "default": {"lift": False, "multifd": 0},
@@ -309,6 +311,20 @@ def wait_for_files(serial: Path, after: int, timeout: float) -> int:
     )  # fmt: skip
 
 
+def workload_after(serial: Path, written: int) -> dict[str, Any]:
+    """Whether the moved guest lives on: its workload writes more files at the destination (within
+    ``WORKLOAD_TIMEOUT`` s); a guest that does not is kept in the results and flagged."""
+    try:
+        after: int | None = wait_for_files(serial, written, WORKLOAD_TIMEOUT)
+    except TimeoutError:
+        after = None
+    return {
+        "files_written_before": written,
+        "files_written_after": after,
+        "workload_went_on": after is not None,
+    }
+
+
 def debian_novacron_runs(
     args: argparse.Namespace, topology: Topology, workdir: Path
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
@@ -373,11 +389,7 @@ def debian_novacron_runs(
             there = node_b if here == node_a else node_a
             written = files_written(workdir / here.name / "run" / str(vm.pk) / "serial.log")
             run = live_migration(vm.pk, user, there, topology)
-            # The guest lives on at the destination: its workload goes on writing files.
-            run["files_written_before"] = written
-            run["files_written_after"] = wait_for_files(
-                workdir / there.name / "run" / str(vm.pk) / "serial.log", written, 180
-            )
+            run |= workload_after(workdir / there.name / "run" / str(vm.pk) / "serial.log", written)
             results.setdefault(link, []).append(run)
             print(f"  novacron debian {link} run {index + 1}: {run}", flush=True)
             here = there
@@ -443,12 +455,17 @@ def debian_native_runs(
                     if result["completed"]:
                         _quit(current)
                         current, run, side = dst, dst_run, other
-                        result["files_written_before"] = written
-                        result["files_written_after"] = wait_for_files(run / "serial.log", written, 180)
+                        result |= workload_after(run / "serial.log", written)
                     else:
                         _quit(dst)
                     results.setdefault(link, {}).setdefault(variant, []).append(result)
                     print(f"  qemu debian {variant} {link} run {index + 1}: {result}", flush=True)
+                    if not result.get("workload_went_on", True):
+                        # The next runs need a live guest: a fresh one, booted where this one stopped.
+                        _quit(current)
+                        generation += 1
+                        run, current = start(side, generation, incoming=False)
+                        wait_for_boot(run / "serial.log")
     finally:
         for session in sessions:
             _quit(session)
@@ -861,6 +878,10 @@ def _rows(
             "network_outage_range": spread([r.get("network_outage_ms") for r in runs]),
             "link_mb": median([r["link_bytes"] / 1e6 for r in runs]),
             "runs": len(runs),
+            # Debian: runs after which the guest's workload went on writing files at the destination.
+            "workload_went_on": f"{sum(r['workload_went_on'] for r in runs)}/{len(runs)}"
+            if "workload_went_on" in runs[0]
+            else "-",
         }
         for name, runs in methods.items()
         if runs
@@ -892,18 +913,20 @@ def report(args: argparse.Namespace, sections: list[Section]) -> None:
             rows += _rows(link, guest, ours, native)
     header = (f"{'link':<9} {'guest':<9} {'method':<33} {'runs':>4} {'total s':>9} {'range':>13} {'x best QEMU':>11} "
               f"{'pause ms':>9} {'range':>15} {'QEMU part':>9} {'mem check':>9} {'net out ms':>10} {'range':>13} "
-              f"{'on link MB':>11}")  # fmt: skip
+              f"{'on link MB':>11} {'guest went on':>13}")  # fmt: skip
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
         print(f"{row['link']:<9} {row['guest']:<9} {row['method']:<33} {row['runs']:>4} {row['total_seconds']!s:>9} "
               f"{row['total_range']:>13} {row['total_vs_best_native']!s:>11} {row['downtime_ms']!s:>9} "
               f"{row['downtime_range']:>15} {row['qemu_downtime_ms']!s:>9} {row['memory_check_ms']!s:>9} "
-              f"{row['network_outage_ms']!s:>10} {row['network_outage_range']:>13} {row['link_mb']!s:>11}")  # fmt: skip
+              f"{row['network_outage_ms']!s:>10} {row['network_outage_range']:>13} {row['link_mb']!s:>11} "
+              f"{row['workload_went_on']:>13}")  # fmt: skip
     print(
         "(medians and min-max ranges; pause = source QMP STOP -> destination RESUME, of which 'QEMU part' is"
         " QEMU's own downtime figure and 'mem check' the memory comparison; 'net out' = the longest gap between"
         " replies to a client pinging the guest every 10 ms from the nodes' LAN, through the move; 'on link'"
-        " counts both directions; the Debian guest has no NIC, so no 'net out')"
+        " counts both directions; the Debian guest has no NIC, so no 'net out'; 'guest went on' = runs after which"
+        " its workload wrote more files at the destination)"
     )
     cold = [
         (link, run)
