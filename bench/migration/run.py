@@ -56,7 +56,7 @@ DEBIAN_BOOT_TIMEOUT = 900  # create to cloud-init's final line and the workload'
 CLOUD_INIT_FINISHED = re.compile(r"Cloud-init v\. \S+ finished at")
 WRITER_COUNT = re.compile(r"bench-writer (\d+) files")
 # After a migration the workload says a new count within ~5 files' time; this long without one: stuck.
-WORKLOAD_TIMEOUT = 120
+WORKLOAD_TIMEOUT = 60
 # QEMU alone: how each variant sets the source (and the destination, for multifd).
 NATIVE_VARIANTS: dict[str, dict[str, Any]] = {
     "default": {"lift": False, "multifd": 0},
