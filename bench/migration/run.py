@@ -417,7 +417,11 @@ def debian_native_runs(
     root = workdir / "debian-native"
     sides = {"a": (topology.ns_a, topology.a_link), "b": (topology.ns_b, topology.b_link)}
     loop = EventLoopThread()
-    sessions: list[Any] = []
+    sessions: list[Any] = []  # the QEMUs still running
+
+    def stop(session: Any) -> None:
+        _quit(session)
+        sessions.remove(session)
 
     def start(side: str, generation: int, incoming: bool) -> tuple[Path, Any]:
         run = root / f"{generation}-{side}"
@@ -453,22 +457,22 @@ def debian_native_runs(
                         topology, current, dst, sides[other][1], NATIVE_VARIANTS[variant], QmpTimeout
                     )
                     if result["completed"]:
-                        _quit(current)
+                        stop(current)
                         current, run, side = dst, dst_run, other
                         result |= workload_after(run / "serial.log", written)
                     else:
-                        _quit(dst)
+                        stop(dst)
                     results.setdefault(link, {}).setdefault(variant, []).append(result)
                     print(f"  qemu debian {variant} {link} run {index + 1}: {result}", flush=True)
                     if not result.get("workload_went_on", True):
                         # The next runs need a live guest: a fresh one, booted where this one stopped.
-                        _quit(current)
+                        stop(current)
                         generation += 1
                         run, current = start(side, generation, incoming=False)
                         wait_for_boot(run / "serial.log")
     finally:
-        for session in sessions:
-            _quit(session)
+        for session in list(sessions):
+            stop(session)
         loop.close()
     return results
 
