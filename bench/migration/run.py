@@ -438,7 +438,7 @@ def debian_native_runs(
 
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
-        side, generation = "a", 0
+        side, generation, broken = "a", 0, False
         run, current = start(side, generation, incoming=False)
         created = time.monotonic()
         written = wait_for_boot(run / "serial.log")
@@ -449,6 +449,13 @@ def debian_native_runs(
             shape(topology, link)
             for variant in DEBIAN_VARIANTS:
                 for index in range(args.native_runs):
+                    if broken:
+                        # This run needs a live guest: a fresh one, booted where the last one stopped.
+                        stop(current)
+                        generation += 1
+                        run, current = start(side, generation, incoming=False)
+                        wait_for_boot(run / "serial.log")
+                        broken = False
                     other = "b" if side == "a" else "a"
                     generation += 1
                     dst_run, dst = start(other, generation, incoming=True)
@@ -464,12 +471,7 @@ def debian_native_runs(
                         stop(dst)
                     results.setdefault(link, {}).setdefault(variant, []).append(result)
                     print(f"  qemu debian {variant} {link} run {index + 1}: {result}", flush=True)
-                    if not result.get("workload_went_on", True):
-                        # The next runs need a live guest: a fresh one, booted where this one stopped.
-                        stop(current)
-                        generation += 1
-                        run, current = start(side, generation, incoming=False)
-                        wait_for_boot(run / "serial.log")
+                    broken = not result.get("workload_went_on", True)
     finally:
         for session in list(sessions):
             stop(session)
