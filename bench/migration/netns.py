@@ -4,7 +4,8 @@
                      | lan0                              | lan0
                      +------ client ns: bridge "lan" ----+
 
-Each namespace also has a veth to the host (for Redis); the A<->B link carries all migration
+Each namespace also has a veth to the host (for Redis, and the image store's pushes to the nodes'
+DWCP servers, routed to their link addresses); the A<->B link carries all migration
 traffic and the VMs' overlay (VXLAN), and is shaped with ``tc qdisc tbf`` on both ends. The client
 namespace plays an operator's machine on a provider LAN that both nodes join (each bridges its
 ``lan0`` into the provider network); the client's address goes on its bridge ``lan``. Addresses are private ones that exist only inside these namespaces. Needs root.
@@ -69,6 +70,11 @@ def two_hosts() -> Iterator[Topology]:
         for ns, ip in ((a, topology.a_link), (b, topology.b_link)):
             sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", "eth-peer")
             sh("ip", "-n", ns, "link", "set", "eth-peer", "up")
+        # The host reaches each node's address on that link through its own veth to the node: the image
+        # store on the host pushes images to the nodes' DWCP servers there, off the shaped link.
+        for host_if, ns_ip, link_ip in ((f"{PREFIX}ha", topology.a_host, topology.a_link),
+                                        (f"{PREFIX}hb", topology.b_host, topology.b_link)):  # fmt: skip
+            sh("ip", "route", "add", f"{link_ip}/32", "via", ns_ip, "dev", host_if)
         # the client's LAN, which both nodes join
         client = topology.ns_client
         sh("ip", "netns", "add", client)
