@@ -169,7 +169,9 @@ class _PendingSync:
     def __call__(self) -> None:
         networks = set(self.network_ids)
         if self.vm_ids:
-            networks |= set(Nic.objects.filter(vm_id__in=self.vm_ids).values_list("network_id", flat=True))
+            networks |= set(
+                Nic.objects.filter(vm_id__in=self.vm_ids).order_by().values_list("network_id", flat=True)
+            )
         if self.left:
             hosts = hosting(network_id for network_id, _ in self.left)
             networks |= {network_id for network_id, node_id in self.left if node_id not in hosts[network_id]}

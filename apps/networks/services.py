@@ -285,7 +285,9 @@ def plan_addresses(networks: Sequence[Sequence[Network]]) -> AddressPlan:
     if gone:
         raise Conflict("A network of this request was deleted meanwhile; retry.")
     taken: dict[int, list[str]] = {pk: [] for pk in needed}
-    for network_id, address in Nic.objects.filter(network_id__in=needed).values_list("network_id", "ipv4"):
+    for network_id, address in (
+        Nic.objects.filter(network_id__in=needed).order_by().values_list("network_id", "ipv4")
+    ):
         taken[network_id].append(address)
     free: dict[int, Iterator[str]] = {}
     for pk, count in needed.items():
