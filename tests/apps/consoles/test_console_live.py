@@ -5,6 +5,9 @@ Input is checked with the test guest's request loop on its console (``ping TAG``
 ``pong TAG``)."""
 
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ from django.conf import settings
 
 from apps.migrations.models import Migration
 from apps.vms.models import Node
-from tests.workers.node.conftest import Cluster
+from tests.workers.node.conftest import ROOT, Cluster, wait_for
 from tests.workers.node.test_migration import _create_running
 from workers import contract
 from workers.dwcp import DWCPError, open_tunnel, sign_ticket
@@ -38,6 +41,11 @@ def _answers(viewer: Viewer, tag: str, *, sent_by: Viewer | None = None) -> None
     start = len(viewer.output)
     (sent_by or viewer).type(f"ping {tag}\n")
     viewer.wait_output(rf"pong {tag}\r?\n", start=start)
+
+
+def _collect(stream: Any, into: bytearray) -> None:
+    while chunk := stream.read1(4096):
+        into.extend(chunk)
 
 
 def _refused_by_the_node(node: Node, vm_id: str, token: str, tmp_path: Path) -> str:
@@ -130,3 +138,36 @@ def test_a_console_follows_its_vm_through_a_live_migration(cluster: Cluster, api
     assert viewer.wait_event("connected", 120, count=2) == {"event": "connected", "node": dest}
     _answers(viewer, "after")
     assert Migration.objects.get(pk=response.json()["id"]).status == "completed"
+
+    # The operators' CLI attaches to the same console (at its new node) beside the WebSocket viewer.
+    command = subprocess.Popen(
+        [sys.executable, "manage.py", "console", "mover"],
+        cwd=ROOT,
+        env=cluster.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    printed, errors = bytearray(), bytearray()
+    readers = [
+        threading.Thread(target=_collect, args=(command.stdout, printed)),
+        threading.Thread(target=_collect, args=(command.stderr, errors)),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        start = len(viewer.output)
+        command.stdin.write(b"ping cli\n")  # typed at once: the CLI sends it once connected
+        command.stdin.flush()
+        viewer.wait_output(r"pong cli\r?\n", start=start)  # typed in the CLI, seen by the WebSocket viewer
+        wait_for(lambda: b"pong cli" in printed, 30, "the CLI to print the answer")
+        assert printed.index(b"pong after") < printed.index(b"pong cli")  # the scrollback came first
+        command.stdin.write(b"\x1d")  # Ctrl-]
+        command.stdin.flush()
+        assert command.wait(30) == 0
+    finally:
+        command.kill()
+        for reader in readers:
+            reader.join(10)
+    stderr = errors.decode()
+    assert f"[console connected: {dest}]" in stderr and "Detached." in stderr, stderr
