@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,13 @@ def test_viewers_share_the_console_within_limits_until_the_vm_is_deleted(
     for token in (forged, unsigned):
         assert "signature does not match" in _refused_by_the_node(node, vm_id, token, tmp_path)
     _answers(first, "d1")  # the refusals cost the viewers nothing
+
+    flood = [{"url": f"ws://x/api/v1/vms/{vm_id}/console/stream/?ticket=flood-{n}"} for n in range(40)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        closes = list(pool.map(lambda body: Viewer(stream_url(streams, body)).wait_closed()[0], flood))
+    assert closes == [4401] * 40
+    _answers(first, "e1")  # a flood of bad connections leaves the open consoles alone
+    second.wait_output(r"pong e1\r?\n")
 
     assert api.delete(f"/api/v1/vms/{vm_id}/").status_code == 202
     for viewer in (first, second, third):

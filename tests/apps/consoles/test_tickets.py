@@ -12,6 +12,7 @@ from django.conf import settings
 
 from apps.consoles.tickets import KEY, _digest
 from apps.vms.models import VM
+from tests.apps.vms.conftest import forget
 
 from .conftest import stream_url
 
@@ -106,3 +107,15 @@ def test_bad_tickets_are_refused_with_4401_saying_why(api, user, make_node, make
         4401,
         "the ticket was already used; ask for a new one",
     )
+
+
+def test_tickets_are_rate_limited_per_user(api, user, make_node, make_image):
+    forget("throttle")
+    vm = _vm(user, make_node, make_image)
+    try:
+        answers = [api.post(f"/api/v1/vms/{vm.pk}/console/") for _ in range(31)]  # the test rate: 30/min
+    finally:
+        forget("throttle")
+    assert [answer.status_code for answer in answers[:30]] == [201] * 30
+    assert answers[30].status_code == 429
+    assert "throttled" in answers[30].json()["error"]["message"]
