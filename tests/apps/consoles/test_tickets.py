@@ -10,6 +10,7 @@ import pytest
 import redis
 from django.conf import settings
 
+from apps.audit.models import AuditEvent
 from apps.consoles.tickets import KEY, _digest
 from apps.vms.models import VM
 from tests.apps.vms.conftest import forget
@@ -52,6 +53,11 @@ def test_a_ticket_is_for_the_callers_running_vms_and_a_readers_is_refused(
         f"ws://testserver:{settings.STREAMS_PORT}/api/v1/vms/{vm.pk}/console/stream/?ticket={body['ticket']}"
     )
     assert api.post(f"/api/v1/vms/{vm.pk}/console/", secure=True).json()["url"].startswith("wss://")
+    audited = (
+        AuditEvent.objects.filter(action="vm.console", target_id=str(vm.pk)).order_by("timestamp").first()
+    )
+    assert audited is not None and audited.actor_id == user.pk and audited.status == 201
+    assert body["ticket"] not in json.dumps(audited.detail)  # the ticket is never kept
     assert other_api.post(f"/api/v1/vms/{vm.pk}/console/").status_code == 404
     assert staff_api.post(f"/api/v1/vms/{vm.pk}/console/").status_code == 201
 
