@@ -197,8 +197,9 @@ class ConsoleLink:
         """To the guest (dropped while reconnecting)."""
         writer = self._writer
         if writer is not None and not writer.is_closing():
-            writer.write(data)
-            await writer.drain()
+            with contextlib.suppress(ConnectionError):  # the node just closed it: run() reconnects
+                writer.write(data)
+                await writer.drain()
 
     async def run(self) -> Ending:
         found = await locate(self.vm_id)

@@ -124,3 +124,10 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=json.dumps({"event": "closed", "reason": reason}))
             short = reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
             await self.close(code=code, reason=short)
+
+
+class NoSuchStream(AsyncWebsocketConsumer):
+    """Any other WebSocket path: the handshake is refused (HTTP 403)."""
+
+    async def connect(self) -> None:
+        await self.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import redis
+import websocket
 from django.conf import settings
 
 from apps.audit.models import AuditEvent
@@ -102,6 +103,11 @@ def test_bad_tickets_are_refused_with_4401_saying_why(api, user, make_node, make
     client.set(key, json.dumps(claims | {"expires": time.time() - 1}), keepttl=True)
     code, reason = viewers.open(stream_url(streams, expired)).wait_closed()
     assert (code, reason) == (4401, "the ticket expired (valid 30 s); ask for a new one")
+
+    for path in ("/api/v1/vms/not-a-uuid/console/stream/?ticket=x", "/api/v1/elsewhere/"):
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            viewers.open(streams.replace("http://", "ws://") + path)
+        assert refused.value.status_code == 403
 
     # A good ticket for a VM whose node does not answer: the console gives up after its attempts.
     good = ticket(vm.pk)
