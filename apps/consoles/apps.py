@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class ConsolesConfig(AppConfig):
+    name = "apps.consoles"
+    label = "consoles"
+    verbose_name = "Consoles"
