@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "apps.audit",
     "apps.networks",
     "apps.images",
+    "apps.consoles",
 ]
 
 MIDDLEWARE = [
