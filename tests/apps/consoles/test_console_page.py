@@ -9,7 +9,9 @@ from selenium.webdriver.common.by import By
 from apps.migrations.models import Migration
 from apps.projects.models import Membership, Project
 from apps.vms.models import VM
-from tests.apps.consoles.conftest import NEEDS_CHROMIUM, sign_in, terminal_text, wait_until
+from tests.apps.consoles.browser import NEEDS_CHROMIUM, browser, sign_in, terminal_text, wait_until
+
+__all__ = ["browser"]  # a fixture of this module's tests
 
 XTERM = "/static/consoles/vendor/xterm-6.0.0/xterm.js"
 
