@@ -494,3 +494,14 @@ class MetricSample(TypedDict):
     vm: NotRequired[str]  # per-VM samples only
     name: str
     value: float
+
+
+# --- Consoles ---------------------------------------------------------------------------------------
+
+# A VM's serial console is reached through its node's DWCP server with a ticket of kind ``console``
+# whose target is the VM's uuid (``workers.node.console``); the control plane signs it as this
+# source node, valid this long (it is used at once: a viewer connecting, or reconnecting after a move).
+CONSOLE_SOURCE_NODE: Final = "control"
+CONSOLE_TICKET_TTL_SECONDS: Final = 30
+# What a new viewer is sent first: the last output of the console, at most this many bytes.
+CONSOLE_SCROLLBACK_BYTES: Final = 64 * 1024

@@ -44,7 +44,7 @@ def console_page(request: HttpRequest, vm_id: uuid.UUID) -> HttpResponse:
         "vm": str(vm.pk),
         "name": vm.name,
         "project": vm.project_id,
-        "ticket_url": reverse("vm-detail", kwargs={"pk": vm.pk}) + "console/",
+        "ticket_url": reverse("vm-console", kwargs={"pk": vm.pk}),
         "may_type": may_type,
     }
     context = {"vm": vm, "role": role, "needed": CONSOLE_ROLE.value, "may_type": may_type, "page": page}

@@ -1,9 +1,8 @@
 """The streams service's ASGI application: which consumer serves which path, per protocol.
 
-HTTP carries Server-Sent Events; a WebSocket router joins ``ProtocolTypeRouter`` beside it when the
-first WebSocket consumer (the VM console) exists, reusing ``access`` (its scope has the same headers,
-cookies and query string), ``hub`` and ``limits``. ASGI lifespan: the process's Redis connections
-are closed at shutdown.
+HTTP carries Server-Sent Events; WebSockets carry the VM consoles (``console``, which shares ``hub``
+and ``limits`` with the event streams). ASGI lifespan: the process's Redis connections are closed at
+shutdown.
 """
 
 from typing import Any
@@ -12,6 +11,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter
 from django.urls import path, re_path
 
 from . import hub
+from .console import ConsoleConsumer
 from .migrations import MigrationEventsConsumer
 from .sse import HealthConsumer, NotFoundConsumer
 
@@ -35,4 +35,6 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
             return
 
 
-application = ProtocolTypeRouter({"http": http_routes, "lifespan": lifespan})
+websocket_routes = URLRouter([path("api/v1/vms/<uuid:vm_id>/console/stream/", ConsoleConsumer.as_asgi())])
+
+application = ProtocolTypeRouter({"http": http_routes, "websocket": websocket_routes, "lifespan": lifespan})

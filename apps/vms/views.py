@@ -24,11 +24,14 @@ from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from apps.audit.choices import AuditAction
 from apps.audit.recording import AuditedView, answer_of, kept_ids, model_writes, sent_fields
 from apps.consoles.pages import console_path
+from apps.consoles.services import console_open
+from apps.consoles.views import ConsoleThrottle, ConsoleTicketSerializer, ticket_body
 from apps.core.auth import request_user
 from apps.core.conf import novacron_setting
 from apps.core.context import Viewer
@@ -310,6 +313,17 @@ class VMViewSet(
         serializer.is_valid(raise_exception=True)
         migration = migration_request(vm=vm, requested_by=request_user(request), **serializer.validated_data)
         return Response(MigrationSerializer(migration).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={201: ConsoleTicketSerializer})
+    @action(
+        detail=True,
+        methods=["post"],
+        throttle_classes=[*api_settings.DEFAULT_THROTTLE_CLASSES, ConsoleThrottle],
+    )
+    def console(self, request: Request, pk: str) -> Response:
+        """A single-use ticket (30 s) and the WebSocket URL of the VM's serial console (docs/console.md)."""
+        grant = console_open(vm=self.get_object(), user_id=request_user(request).pk)
+        return Response(ticket_body(request, grant), status=status.HTTP_201_CREATED)
 
     @extend_schema(methods=["POST"], request=VMBatchCreateSerializer, responses={202: BatchResponse})
     @extend_schema(methods=["PUT"], request=VMBatchUpdateSerializer, responses={202: BatchResponse})

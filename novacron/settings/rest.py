@@ -34,6 +34,9 @@ REST_FRAMEWORK = {
         "user": env("THROTTLE_USER", "6000/min", help="API requests a user may make (DRF rate syntax)."),
         "anon": env("THROTTLE_ANON", "120/min", help="Unauthenticated API requests per client address."),
         "token": env("THROTTLE_TOKEN", "10/min", help="Token requests (login attempts) per client address."),
+        "console": env(
+            "THROTTLE_CONSOLE", "30/min", help="Console tickets a user may ask for (DRF rate syntax)."
+        ),
     },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",

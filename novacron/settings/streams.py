@@ -26,3 +26,9 @@ STREAMS_MAX_SECONDS = env_int(
 STREAMS_KEEPALIVE_SECONDS = env_int(
     "STREAMS_KEEPALIVE_SECONDS", 15, help="Seconds between keepalive comments on an idle stream."
 )
+CONSOLE_MAX_PER_USER = env_int(
+    "CONSOLE_MAX_PER_USER", 10, help="Open consoles one user may hold in one streams process (4429 beyond)."
+)
+CONSOLE_MAX_PER_VM = env_int(
+    "CONSOLE_MAX_PER_VM", 16, help="Open consoles of one VM in one streams process (4429 beyond)."
+)

@@ -12,7 +12,12 @@ from .main import *  # noqa: F403
 from .main import MONITORING, NOVACRON, REST_FRAMEWORK
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {"user": "100000/min", "anon": "100000/min", "token": "5/min"}
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
+    "user": "100000/min",
+    "anon": "100000/min",
+    "token": "5/min",
+    "console": "30/min",
+}
 NOVACRON["NODE_HEARTBEAT_TIMEOUT"] = 30
 # Each API log entry in Redis when its request ends, so tests read it at once (the batched pushes of
 # production have tests of their own: tests/apps/monitoring/test_api_logs.py).

@@ -4,14 +4,17 @@ Public API (everything else in this package is internal)::
 
     # control plane: mint a ticket for one transfer (pure Python, no Django). For kind="file"
     # the target is the path under the receiver's root the sender must ask for; for
-    # kind="tunnel" it is the unix socket, relative to the receiver's tunnel_root, to connect to.
-    sign_ticket(*, secret, source_node, dest_node, kind: "file" | "tunnel", target,
+    # kind="tunnel" it is the unix socket, relative to the receiver's tunnel_root, to connect to;
+    # for kind="console" it is a VM uuid, served by the server's ``consoles`` provider (one more
+    # viewer of that VM's serial console; opened with open_tunnel as a tunnel is)
+    sign_ticket(*, secret, source_node, dest_node, kind: "file" | "tunnel" | "console", target,
                 transfer_id=None, ttl_seconds=300) -> str
     verify_ticket(token, *, secret, node_name, replay_guard=None) -> Ticket   # raises TicketError
 
     # node worker: run the server (returns at once; stop() to shut down; also a context manager)
     server = DWCPServer(listen="0.0.0.0:7400", root="/var/lib/novacron", node_name="node-2",
-                        secret=secret, tunnel_root=None)    # tunnel_root defaults to root
+                        secret=secret, tunnel_root=None,    # tunnel_root defaults to root
+                        consoles=None)                      # a ConsoleProvider: attach(vm_uuid) -> socket
     server.start(); server.active_transfers() -> list[str]; server.stop()
 
     # source side: send a file or block device; blocks until the receiver verified the
@@ -28,6 +31,7 @@ Public API (everything else in this package is internal)::
                          ticket=token, secret=secret, source_node="node-1", streams=4,
                          codec="auto", control=None, reporter=None, pool=None)
     # point QEMU at unix:/run/novacron/vm42-mig.sock; then
+    tunnel.accepted; tunnel.ended                # the peer took the ticket; the tunnel is over
     tunnel.wait(timeout=None) -> TunnelResult   # after both directions reached EOF
     tunnel.close()                              # tears down this tunnel only
 
@@ -73,7 +77,7 @@ from .errors import (
 )
 from .progress import CallbackReporter, Progress, RedisProgressReporter, Reporter, TerminalReporter
 from .sender import TransferResult, send_file
-from .server import DWCPServer
+from .server import ConsoleProvider, DWCPServer
 from .tickets import ReplayGuard, Ticket, sign_ticket, verify_ticket
 from .tls import TLSConfig, tls_from_environment
 from .transport import ConnectionPool, default_pool
@@ -84,6 +88,7 @@ __all__ = [
     "ChecksumMismatch",
     "ConfigurationError",
     "ConnectionPool",
+    "ConsoleProvider",
     "DWCPError",
     "DWCPServer",
     "LocalProtocolError",

@@ -6,7 +6,10 @@ transfer with a ticket, verified against this node's name, the shared secret and
 guard; ``ATTACH`` adds a stream to an opened transfer, proven by the session key handed out in
 ``ACCEPT``. Refusals are answered with ``ERROR`` and logged; the connection stays usable.
 
-File targets and tunnel sockets are confined to the server's root directories.
+File targets and tunnel sockets are confined to the server's root directories. A ``console`` ticket
+(target: a VM uuid) is handed to the ``consoles`` provider, which returns a socket joined to that
+VM's console as one more viewer; it is carried as a tunnel, and unlike files and tunnels several
+sessions may hold the same console target at once (every viewer of one VM).
 
 With TLS (``tls``; from ``DWCP_TLS_*`` by default) every connection runs a mutual TLS 1.3 handshake
 before DWCP's; a peer whose certificate the CA did not sign, or that sends none, or speaks plain
@@ -31,7 +34,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import limits
 from .errors import (
@@ -69,6 +72,13 @@ LISTEN_BACKLOG = 2 * MAX_PENDING_HANDSHAKES
 STOP_CHECK_SECONDS = 0.2
 
 
+class ConsoleProvider(Protocol):
+    """Who serves ``console`` tickets (the node's console manager): ``attach(vm_uuid)`` returns a
+    connected socket carrying that VM's console for one viewer, or raises ``TransferError``."""
+
+    def attach(self, vm_uuid: str) -> socket.socket: ...
+
+
 def _linger_and_close(sock: socket.socket) -> None:
     """After a TLS refusal: FIN, not RST. Closing with the peer's hello unread would reset the
     connection and the client would see "connection reset" instead of our alert or a clean EOF,
@@ -90,6 +100,7 @@ class DWCPServer:
     tunnels may reach (defaults to ``root``). ``listen`` may use port 0; ``address`` tells the
     port actually bound. ``tls``: a ``TLSConfig``, None for plain TCP, or ``FROM_ENVIRONMENT``
     (the default; a partial or unreadable ``DWCP_TLS_*`` set raises ``ConfigurationError`` here).
+    ``consoles``: the provider of ``console`` tickets; without one they are refused.
     """
 
     def __init__(
@@ -102,6 +113,7 @@ class DWCPServer:
         tunnel_root: str | os.PathLike[str] | None = None,
         replay_guard: ReplayGuard | None = None,
         tls: TLSSetting = FROM_ENVIRONMENT,
+        consoles: ConsoleProvider | None = None,
     ) -> None:
         self._listen = parse_address(listen) if isinstance(listen, str) else listen
         self.root = Path(root)
@@ -115,6 +127,7 @@ class DWCPServer:
         self._secret = secret_bytes(secret)
         self.tls = resolve(tls)
         self.replay_guard = replay_guard or ReplayGuard()
+        self.consoles = consoles
         self._sessions: dict[str, Session] = {}
         self._targets: set[str] = set()
         self._lock = threading.Lock()
@@ -293,7 +306,8 @@ class DWCPServer:
     def _forget(self, session: Session) -> None:
         with self._lock:
             self._sessions.pop(session.ticket.transfer_id, None)
-            self._targets.discard(session.ticket.target)
+            if session.ticket.kind != "console":  # consoles never claimed their target
+                self._targets.discard(session.ticket.target)
 
     def _refuse(self, channel: Channel, code: str, message: str) -> None:
         logger.warning("DWCP refused a transfer from %s: %s (%s)", channel.peer[0], message, code)
@@ -347,22 +361,27 @@ class DWCPServer:
         if kind != ticket.kind:
             raise TransferError(f"ticket is for a {ticket.kind}, not a {kind}", code="wrong_kind")
         streams = request.integer("streams", low=1, high=limits.MAX_STREAMS)
+        exclusive = kind != "console"  # a VM's console has many viewers; a file or socket one user
         with self._lock:
             if len(self._sessions) >= limits.MAX_SESSIONS:
                 raise TransferError("server is busy", code="busy")
-            if ticket.target in self._targets:
+            if exclusive and ticket.target in self._targets:
                 raise TransferError(f"{ticket.target} is already being transferred", code="busy")
-            self._targets.add(ticket.target)
+            if exclusive:
+                self._targets.add(ticket.target)
         try:
             session: Session
             extra: dict[str, Any] = {}
             if kind == "file":
                 session, extra = self._file_session(channel, ticket, request, streams)
+            elif kind == "console":
+                session = self._console_session(channel, ticket, streams)
             else:
                 session = self._tunnel_session(channel, ticket, streams)
         except BaseException:
-            with self._lock:
-                self._targets.discard(ticket.target)
+            if exclusive:
+                with self._lock:
+                    self._targets.discard(ticket.target)
             raise
         with self._lock:
             self._sessions[ticket.transfer_id] = session
@@ -426,6 +445,14 @@ class DWCPServer:
             local.connect(os.fspath(path))
         except OSError as exc:
             raise TargetRefused(f"cannot connect to tunnel target {ticket.target!r}: {exc}") from None
+        return TunnelSession(ticket, streams, self._forget, local, channel.protocol.capabilities)
+
+    def _console_session(self, channel: Channel, ticket: Ticket, streams: int) -> Session:
+        if not channel.protocol.capabilities & Capability.TUNNEL:
+            raise RemoteProtocolError("tunnels were not negotiated")
+        if self.consoles is None:
+            raise TargetRefused(f"node {self.node_name} serves no consoles")
+        local = self.consoles.attach(ticket.target)
         return TunnelSession(ticket, streams, self._forget, local, channel.protocol.capabilities)
 
     def _attach(self, channel: Channel, frame: Frame) -> None:

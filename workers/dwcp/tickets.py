@@ -1,7 +1,8 @@
 """Transfer tickets: short-lived, HMAC-SHA256-signed permissions for one transfer.
 
 The control plane (or the CLI, for operator use) signs a ticket naming the transfer id, the source
-and destination nodes, the kind (``file`` or ``tunnel``), the target and an expiry; the receiving
+and destination nodes, the kind (``file``, ``tunnel`` or ``console``: a viewer of the serial console
+of the VM whose uuid is the target), the target and an expiry; the receiving
 node verifies it before touching its disk or sockets. Pure Python, no Django: the control plane
 imports ``sign_ticket`` directly and passes ``settings.DWCP["SECRET"]``.
 
@@ -32,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 TICKET_VERSION: Final = 1
 SIGNING_LABEL: Final = b"dwcp-ticket/1."
-TransferKind = Literal["file", "tunnel"]
-KINDS: Final = ("file", "tunnel")
+TransferKind = Literal["file", "tunnel", "console"]
+KINDS: Final = ("file", "tunnel", "console")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +152,7 @@ def _verify(token: str, secret: bytes, node_name: str, now: float | None) -> Tic
         raise TicketError("malformed", "claim 'exp' missing or invalid")
     kind = claims.get("kind")
     if kind not in KINDS:
-        raise TicketError("malformed", "claim 'kind' must be file or tunnel")
+        raise TicketError("malformed", f"claim 'kind' must be one of {', '.join(KINDS)}")
     ticket = Ticket(
         transfer_id=_claim(claims, "tid", limits.MAX_NAME_LENGTH),
         source_node=_claim(claims, "src", limits.MAX_NAME_LENGTH),

@@ -322,6 +322,7 @@ class Tunnel:
         claims = peek_ticket(ticket)
         self.transfer_id = claims.transfer_id
         self._target = claims.target
+        self._kind = claims.kind  # "tunnel", or "console" (a VM's console as one more viewer)
         self._dest_node = claims.dest_node  # the node a TLS server must prove to be
         self.control = control
         self._address = parse_address(address)
@@ -379,7 +380,7 @@ class Tunnel:
                 FrameType.OPEN,
                 {
                     "ticket": self._ticket,
-                    "kind": "tunnel",
+                    "kind": self._kind,
                     "target": self._target,
                     "source_node": self._source_node,
                     "streams": self._streams,
@@ -462,6 +463,16 @@ class Tunnel:
             raise self._error
         assert self._result is not None
         return self._result
+
+    @property
+    def accepted(self) -> bool:
+        """The peer accepted the ticket and bytes flow (stays True once set)."""
+        return self._endpoint is not None
+
+    @property
+    def ended(self) -> bool:
+        """The tunnel is over (``wait(0)`` then returns its result or raises why it failed)."""
+        return not self._thread.is_alive()
 
     @property
     def wire_bytes(self) -> int:

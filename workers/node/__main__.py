@@ -14,8 +14,10 @@ from workers.dwcp import DWCPError, DWCPServer
 from workers.net import names
 from workers.net.model import NetworkError
 from workers.qemu import DataDirError, DriverSettings, QemuDriver, QemuNotInstalled
+from workers.qemu.layout import NodeLayout
 
 from .config import ConfigError, NodeConfig, from_args
+from .console import ConsoleManager
 from .image_fetch import ImageTasks, register_image_tasks
 from .images import ImageCache
 from .migration.runner import MigrationRunner, register_migration_tasks
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     client = redis.Redis.from_url(config.redis_url)
     monitor = Monitor(config, driver, reporter, client)
     register_migration_tasks(app, MigrationRunner(config, driver, app, client, network, images=images))
+    consoles = ConsoleManager(NodeLayout(config.data_dir))
     try:
         dwcp = DWCPServer(
             listen=config.dwcp_address,
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             node_name=config.name,
             secret=config.dwcp_secret,
             tunnel_root=config.data_dir / "run",
+            consoles=consoles,  # the VMs' serial consoles, for the control plane's console tickets
         ).start()
     except (DWCPError, OSError) as exc:
         print(f"novacron node: cannot serve DWCP on {config.dwcp_address}: {exc}", file=sys.stderr)
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     def shut_down(**_: Any) -> None:
         monitor.stop()
         dwcp.stop()
+        consoles.stop()
         driver.close()
 
     exit_code = 1
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         # started (monitor, DWCP server, QMP loop) keep the process alive, heartbeating but consuming
         # nothing. Stop them and leave at once, so the supervisor starts a working worker; the VMs'
         # QEMUs are daemonized and unaffected.
-        for stop in (monitor.stop, dwcp.stop, driver.close):
+        for stop in (monitor.stop, dwcp.stop, consoles.stop, driver.close):
             try:
                 stop()
             except Exception:
