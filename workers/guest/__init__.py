@@ -1,5 +1,6 @@
-"""The NovaCron test guest: a Debian kernel + busybox initramfs that shows, on its serial console, that it
-keeps running (``tick N`` every 100 ms) and keeps its memory (a checksum of RAM it keeps rewriting).
+"""The NovaCron test guest: a Debian kernel + busybox initramfs that shows, on its guest channel (a second
+serial port), that it keeps running (``tick N`` every 100 ms) and keeps its memory (a checksum of RAM it
+keeps rewriting), and answers requests there; its serial console is a user's, with a shell.
 
 Build (from Debian packages only, nothing installed on the host; a second run reuses the output)::
 
@@ -26,9 +27,12 @@ Boot (TCG; KVM works the same way on hosts where it really boots Linux)::
         -kernel vmlinux -initrd initrd.img \\
         -append "console=ttyS0 quiet no_timer_check dirty_mb=16 dirty_rate_mb=8" \\
         -chardev socket,id=console,path=console.sock,server=on,wait=off,logfile=console.log \\
-        -serial chardev:console
+        -serial chardev:console \\
+        -chardev socket,id=guest,path=guest.sock,server=on,wait=off,logfile=guest.log \\
+        -serial chardev:guest
 
-(``-nographic`` instead of the ``-chardev``/``-serial`` pair puts the console on stdio.) Optional: a
+The first serial port (``ttyS0``) is the console, the second (``ttyS1``) the guest channel; a node's VMs
+have the same two (`workers.qemu.cmdline`: ``console.sock`` and ``guest.sock``). Optional: a
 virtio-blk disk, e.g. ``-blockdev driver=file,filename=disk.qcow2,node-name=file0 -blockdev
 driver=qcow2,file=file0,node-name=disk0 -device virtio-blk-pci,drive=disk0``, becomes ``/dev/vda`` (init
 loads the virtio modules only when one is present). Optional: virtio-net NICs, e.g. ``-netdev
@@ -49,17 +53,22 @@ with lz4 and zstd, where random data does not compress at all. Values are
 decimal without leading zeros (others are ignored). The guest needs at least 96 MiB of RAM (64 MiB does
 not boot) plus M.
 
-Serial console output: an empty line first, then ``tick 0``, ``tick 1``, ... every 100 ms (paced from
-``/proc/uptime``; after a pause or a migration the count goes on without a burst; a reset restarts it at
-0). The first tick comes a few seconds after QEMU starts under TCG (longer on a loaded host, and longer
-with the compressed vmlinuz): wait for it rather than for a fixed time. Then
-``dirty ready M R`` once the dirty memory is filled (``dirty error fill-failed`` if it does not fit).
-Lines end in ``\\r\\n``; the log also starts with firmware escape codes.
+Serial console (``ttyS0``): the kernel's messages (few, with ``quiet``), a line saying where the test
+protocol is, then a busybox shell with the prompt ``testguest# `` and ``ttyS0`` as its controlling
+terminal (job control, ^C), started again whenever it exits. Its echo is on, as for any terminal. Nothing
+of the protocol below appears on it.
 
-Request protocol: write one line ``COMMAND TAG [VALUE]`` to the serial port input (the unix socket above);
-TAG is a word chosen by the caller (``-`` if omitted) and is repeated in the one-line answer, which may
-come between tick lines. Init turns the console's echo off; send requests only after the first ``tick``
-line, since input that reaches the kernel's tty before init runs is echoed into the output.
+Guest channel output (``ttyS1``): an empty line first, then ``tick 0``, ``tick 1``, ... every 100 ms
+(paced from ``/proc/uptime``; after a pause or a migration the count goes on without a burst; a reset
+restarts it at 0). The first tick comes a few seconds after QEMU starts under TCG (longer on a loaded
+host, and longer with the compressed vmlinuz): wait for it rather than for a fixed time. Then
+``dirty ready M R`` once the dirty memory is filled (``dirty error fill-failed`` if it does not fit).
+The ``dhcp ...`` lines above come here too. Lines end in ``\\r\\n``.
+
+Request protocol: write one line ``COMMAND TAG [VALUE]`` to the guest channel's input (``guest.sock``
+above); TAG is a word chosen by the caller (``-`` if omitted) and is repeated in the one-line answer,
+which may come between tick lines. Init turns the channel's echo off as it opens it; send requests only
+after the first ``tick`` line, since input that arrives before is lost or echoed.
 
 ==========================  ======================================================================
 request                     answer
@@ -90,6 +99,6 @@ request                     answer
 Failures answer ``error TAG <reason>`` (``no-dirty-memory``, ``no-disk``, ``no-nic``, ``no-lease``,
 ``bad-address``, ``bad-mac``, ``unknown-command CMD``, ...).
 A checksum is slow under TCG: allow for it in timeouts. :mod:`workers.guest.boot` implements a client
-(:class:`~workers.guest.boot.GuestVM`, :class:`~workers.guest.boot.SerialConsole`). PID 1 never exits;
+(:class:`~workers.guest.boot.GuestVM`, :class:`~workers.guest.boot.GuestChannel`). PID 1 never exits;
 the guest has no ACPI handling, so stop it with QMP ``quit`` or by killing QEMU.
 """

@@ -1,9 +1,10 @@
-"""Boot the test guest under QEMU and talk to its serial console.
+"""Boot the test guest under QEMU and talk to its two serial ports.
 
 Used by the builder's boot check and by tests: :class:`GuestVM` starts ``qemu-system-x86_64`` with the
-guest's kernel and initramfs and its serial port on a unix socket chardev (output also logged to a file);
-:class:`SerialConsole` reads the guest's lines (recording ``tick N``) and sends the one-line requests
-described in :mod:`workers.guest`.
+guest's kernel and initramfs, its serial console (``ttyS0``, a user's shell) and its guest channel
+(``ttyS1``, the request protocol of :mod:`workers.guest`) each on a unix socket chardev whose output is
+also logged to a file. :class:`LineSocket` reads and writes lines on either socket; :class:`GuestChannel`
+adds the protocol: it records ``tick N`` lines and sends the one-line requests.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 QEMU = "qemu-system-x86_64"
 SOCKET_PATH_MAX = 100
@@ -69,19 +71,22 @@ class GuestImage:
 def qemu_command(
     image: GuestImage,
     *,
-    serial_socket: Path,
-    serial_log: Path,
+    console_socket: Path,
+    console_log: Path,
+    guest_socket: Path,
+    guest_log: Path,
     memory_mb: int = 256,
     accel: str = "tcg",
     extra_cmdline: str = "",
     disk: Path | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The QEMU command line that boots ``image`` with its console on ``serial_socket``.
+    """The QEMU command line that boots ``image`` with its console on ``console_socket`` and its guest
+    channel on ``guest_socket``.
 
-    The socket is a server that does not wait for a client; everything the guest prints is also appended
-    to ``serial_log``. ``disk`` (a qcow2 file) is attached as a virtio-blk device, ``/dev/vda`` in the guest.
-    ``extra_args`` are appended as they are (e.g. ``-qmp`` or ``-incoming`` options).
+    Each socket is a server that does not wait for a client; everything the guest prints on the port is
+    also appended to its log. ``disk`` (a qcow2 file) is attached as a virtio-blk device, ``/dev/vda`` in
+    the guest. ``extra_args`` are appended as they are (e.g. ``-qmp`` or ``-incoming`` options).
     """
     cmdline = f"{image.cmdline} {extra_cmdline}".strip()
     command = [
@@ -100,10 +105,8 @@ def qemu_command(
         str(image.initrd),
         "-append",
         cmdline,
-        "-chardev",
-        f"socket,id=console,path={serial_socket},server=on,wait=off,logfile={serial_log}",
-        "-serial",
-        "chardev:console",
+        *serial_arguments("console", console_socket, console_log),
+        *serial_arguments("guest", guest_socket, guest_log),
     ]
     if disk is not None:
         command += [
@@ -117,24 +120,30 @@ def qemu_command(
     return [*command, *extra_args]
 
 
-@dataclass
-class SerialConsole:
-    """Line-oriented client of the guest's serial console unix socket.
+def serial_arguments(chardev_id: str, sock: Path, log: Path) -> list[str]:
+    """The next serial port of the guest (``ttyS0``, then ``ttyS1``) on a unix socket that also logs to
+    ``log``."""
+    return [
+        "-chardev",
+        f"socket,id={chardev_id},path={sock},server=on,wait=off,logfile={log}",
+        "-serial",
+        f"chardev:{chardev_id}",
+    ]
 
-    Every complete line read is kept in ``lines``; ``tick N`` lines are also kept in ``ticks`` as
-    ``(monotonic time received, N)``.
+
+@dataclass
+class LineSocket:
+    """Line-oriented client of a serial port's unix socket (the console or the guest channel).
+
+    Every complete line read is kept in ``lines``.
     """
 
     sock: socket.socket
     lines: list[str] = field(default_factory=list)
-    ticks: list[tuple[float, int]] = field(default_factory=list)
     _buffer: bytes = b""
-    _tags: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     @classmethod
-    def connect(
-        cls, path: Path, timeout: float, alive: subprocess.Popen[bytes] | None = None
-    ) -> SerialConsole:
+    def connect(cls, path: Path, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> Self:
         """Connect to the chardev socket, retrying until QEMU has created it (or ``alive`` has exited)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -145,10 +154,10 @@ class SerialConsole:
                 sock.close()
                 if alive is not None and alive.poll() is not None:
                     raise GuestError(
-                        f"QEMU exited with status {alive.returncode} before its console opened"
+                        f"QEMU exited with status {alive.returncode} before {path} opened"
                     ) from None
                 if time.monotonic() > deadline:
-                    raise GuestError(f"serial console socket {path} did not open in {timeout} s") from None
+                    raise GuestError(f"serial port socket {path} did not open in {timeout} s") from None
                 time.sleep(0.02)
                 continue
             sock.setblocking(False)
@@ -170,15 +179,16 @@ class SerialConsole:
                 continue
             chunk = self.sock.recv(65536)
             if not chunk:
-                raise GuestError("serial console closed (QEMU exited?)")
+                raise GuestError("serial port closed (QEMU exited?)")
             self._buffer += chunk
         raw, self._buffer = self._buffer.split(b"\n", 1)
         line = raw.decode(errors="replace").strip("\r")
         self.lines.append(line)
-        tick = TICK.match(line)
-        if tick:
-            self.ticks.append((time.monotonic(), int(tick.group(1))))
+        self._received(line)
         return line
+
+    def _received(self, line: str) -> None:
+        """Called with every complete line read (for subclasses that track some)."""
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
         """Read lines until one matches the regular expression ``pattern`` (anchored at the start)."""
@@ -191,12 +201,28 @@ class SerialConsole:
         raise GuestError(f"no line matching {pattern!r} within {timeout} s; last lines: {self.lines[-5:]}")
 
     def send(self, line: str) -> None:
-        """Write one line to the guest's console input."""
+        """Write one line to the guest's side of the port."""
         self.sock.setblocking(True)
         try:
             self.sock.sendall(line.encode() + b"\n")
         finally:
             self.sock.setblocking(False)
+
+
+@dataclass
+class GuestChannel(LineSocket):
+    """Client of the test guest's request protocol on its guest channel (``ttyS1``).
+
+    ``tick N`` lines are also kept in ``ticks`` as ``(monotonic time received, N)``.
+    """
+
+    ticks: list[tuple[float, int]] = field(default_factory=list)
+    _tags: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def _received(self, line: str) -> None:
+        tick = TICK.match(line)
+        if tick:
+            self.ticks.append((time.monotonic(), int(tick.group(1))))
 
     def request(self, command: str, *args: str, timeout: float = 30.0) -> list[str]:
         """Send ``command TAG args...`` and return the words of the answer after its tag.
@@ -219,7 +245,9 @@ class SerialConsole:
 
 
 class GuestVM:
-    """A running test guest: QEMU process plus its console, as a context manager that always kills QEMU."""
+    """A running test guest: QEMU process plus its guest channel, as a context manager that always kills
+    QEMU. ``console_socket`` / ``console_log`` are its serial console (connect with :class:`LineSocket`),
+    ``guest_socket`` / ``guest_log`` its guest channel (``channel`` once started)."""
 
     def __init__(
         self,
@@ -233,17 +261,21 @@ class GuestVM:
         extra_args: Sequence[str] = (),
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.serial_socket = run_dir / "console.sock"
+        socket_dir = run_dir
         self._socket_dir: Path | None = None
-        if len(str(self.serial_socket)) > SOCKET_PATH_MAX:
+        if len(str(run_dir / "console.sock")) > SOCKET_PATH_MAX:
             # Unix socket paths are limited to 107 bytes; deep run dirs (pytest's tmp_path) exceed it.
-            self._socket_dir = Path(tempfile.mkdtemp(prefix="testguest-", dir="/tmp"))
-            self.serial_socket = self._socket_dir / "console.sock"
-        self.serial_log = run_dir / "console.log"
+            self._socket_dir = socket_dir = Path(tempfile.mkdtemp(prefix="testguest-", dir="/tmp"))
+        self.console_socket = socket_dir / "console.sock"
+        self.guest_socket = socket_dir / "guest.sock"
+        self.console_log = run_dir / "console.log"
+        self.guest_log = run_dir / "guest.log"
         self.command = qemu_command(
             image,
-            serial_socket=self.serial_socket,
-            serial_log=self.serial_log,
+            console_socket=self.console_socket,
+            console_log=self.console_log,
+            guest_socket=self.guest_socket,
+            guest_log=self.guest_log,
             memory_mb=memory_mb,
             accel=accel,
             extra_cmdline=extra_cmdline,
@@ -252,43 +284,45 @@ class GuestVM:
         )
         self.stderr_path = run_dir / "qemu.stderr"
         self.process: subprocess.Popen[bytes] | None = None
-        self.console: SerialConsole | None = None
+        self.channel: GuestChannel | None = None
         self.started_at = 0.0
 
-    def start(self, connect_timeout: float = 10.0) -> SerialConsole:
-        """Start QEMU and connect to the console; ``started_at`` is the monotonic start time."""
-        self.serial_socket.unlink(missing_ok=True)
+    def start(self, connect_timeout: float = 10.0) -> GuestChannel:
+        """Start QEMU and connect to the guest channel; ``started_at`` is the monotonic start time."""
+        for sock in (self.console_socket, self.guest_socket):
+            sock.unlink(missing_ok=True)
         with self.stderr_path.open("wb") as stderr:
             self.started_at = time.monotonic()
             self.process = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
             )
-        self.console = SerialConsole.connect(self.serial_socket, connect_timeout, alive=self.process)
-        return self.console
+        self.channel = GuestChannel.connect(self.guest_socket, connect_timeout, alive=self.process)
+        return self.channel
 
     def wait_first_tick(self, timeout: float = 60.0) -> float:
         """Seconds from QEMU start to the guest's first ``tick`` line."""
-        if self.console is None:
+        if self.channel is None:
             raise GuestError("guest not started")
         try:
-            self.console.wait_for(r"tick \d+$", timeout)
+            self.channel.wait_for(r"tick \d+$", timeout)
         except GuestError as error:
             raise GuestError(f"{error}; QEMU stderr: {self.stderr()!r}") from None
-        return self.console.ticks[0][0] - self.started_at
+        return self.channel.ticks[0][0] - self.started_at
 
     def stderr(self) -> str:
         """What QEMU wrote to stdout/stderr so far."""
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
     def stop(self) -> None:
-        """Kill QEMU (the guest has no ACPI handling, so there is nothing gentler) and close the console."""
-        if self.console is not None:
-            self.console.close()
-            self.console = None
+        """Kill QEMU (the guest has no ACPI handling, so there is nothing gentler) and close the channel."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
-        self.serial_socket.unlink(missing_ok=True)
+        for sock in (self.console_socket, self.guest_socket):
+            sock.unlink(missing_ok=True)
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
 

@@ -267,17 +267,17 @@ def _up_to_date(out: Path, inputs: dict[str, str], boot_check: bool) -> bool:
 
 
 def check_boot(out: Path, kernel_name: str, log: Log) -> float:
-    """Boot the built guest under TCG, check that its console answers requests, and return the seconds
-    from starting QEMU to its first tick."""
+    """Boot the built guest under TCG, check that its guest channel answers requests, and return the
+    seconds from starting QEMU to its first tick."""
     image = GuestImage(out / kernel_name, out / "initrd.img", CMDLINE)
     with (
         tempfile.TemporaryDirectory(prefix="testguest-boot-") as run_dir,
         GuestVM(image, Path(run_dir)) as vm,
     ):
-        console = vm.start()
+        channel = vm.start()
         seconds = vm.wait_first_tick(BOOT_CHECK_TIMEOUT)
-        if console.request("ping") != [] or console.checksum() != "none":
-            raise GuestError(f"unexpected answers on the console: {console.lines[-3:]}")
+        if channel.request("ping") != [] or channel.checksum() != "none":
+            raise GuestError(f"unexpected answers on the guest channel: {channel.lines[-3:]}")
     log(f"boot check: {kernel_name} reached its first tick in {seconds:.2f} s under TCG")
     return seconds
 

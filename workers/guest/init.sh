@@ -1,11 +1,11 @@
 #!/bin/sh
 # NovaCron test guest: PID 1 of the busybox initramfs built by workers/guest/build.py.
-# Prints "tick N" every 100 ms on the serial console, optionally keeps rewriting dirty_mb MiB of RAM at
-# dirty_rate_mb MiB/s, and answers one-line requests read from the console (see workers/guest/__init__.py).
+# Two serial ports (see workers/guest/__init__.py): the console (ttyS0) is a user's, with a busybox shell
+# respawned whenever it exits; the guest channel (ttyS1) carries "tick N" every 100 ms, the dirty memory's
+# reports and the answers to the one-line requests read from it. Nothing of the channel's protocol is
+# printed on the console. Optionally keeps rewriting dirty_mb MiB of RAM at dirty_rate_mb MiB/s.
 # PID 1 must never exit: nothing here uses "set -e" and the request loop never ends.
 
-# Requests arrive on the console: turn echo off first, so the output holds only the guest's own lines.
-/bin/busybox stty -echo 2>/dev/null
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -13,7 +13,26 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /run /tmp
 mount -t tmpfs -o mode=0755 tmpfs /run
-echo
+
+# The guest channel stays open on fd 3 for PID 1's whole life (its settings hold while it is open).
+# Requests arrive on it: echo off first, so its output holds only the guest's own lines.
+CHANNEL=/dev/ttyS1
+exec 3<>$CHANNEL
+stty -echo 115200 <&3
+echo >&3
+
+echo "NovaCron test guest: this console is a shell; the test protocol is on the second serial port ($CHANNEL)"
+
+# The user's console: an interactive shell with ttyS0 as its controlling terminal (job control, ^C),
+# started again whenever it exits. It does not inherit the channel, so nothing typed there can take
+# the channel's requests.
+console_shell() {
+	while :; do
+		PS1='testguest# ' setsid cttyhack sh </dev/console >/dev/console 2>&1
+		sleep 0.2
+	done
+}
+console_shell 3>&- &
 
 DIRTY_FILE=/dirty/mem
 DIRTY_MB=0
@@ -136,7 +155,7 @@ dirtier() {
 	done
 }
 
-ticker &
+ticker >&3 &
 
 # Whether a virtio PCI device with one of the given device ids is present.
 pci_present() {
@@ -355,9 +374,11 @@ handle() {
 if [ "$DIRTY_MB" -gt 0 ]; then
 	mkdir -p /dirty
 	mount -t tmpfs -o size=$((DIRTY_MB + 1))m tmpfs /dirty
-	dirtier &
+	dirtier >&3 &
 fi
 
+# Requests from the guest channel; answers go back on it.
+exec <&3 >&3
 while :; do
 	while read -r line; do
 		# Unquoted on purpose: split the request into words (no globbing of request text).
@@ -366,6 +387,6 @@ while :; do
 		set +f
 		handle "$@"
 	done
-	# End of input (console hangup): keep serving.
+	# End of input (hangup of the channel): keep serving.
 	sleep 1
 done

@@ -2,8 +2,8 @@
 # NovaCron test guest: busybox udhcpc's event script (/etc/udhcpc.script), called as "$0 EVENT" with the
 # lease in the environment: interface, ip, mask (prefix length), router, dns, mtu (option 26, requested
 # with -O mtu). It configures the interface from the lease, records it in /run/net/<interface>.* for
-# init's requests, and prints "dhcp bound <interface> <ip>/<mask>" on /dev/console when the address
-# changes (udhcpc's own output goes nowhere).
+# init's requests, and prints "dhcp bound <interface> <ip>/<mask>" on the guest channel (ttyS1) when the
+# address changes (udhcpc's own output goes nowhere).
 # Only eth0 gets the default route and /etc/resolv.conf, so a second NIC never takes them over.
 
 state=/run/net/$interface
@@ -23,7 +23,7 @@ bound | renew)
 		ip -4 addr flush dev "$interface"
 		ip addr add "$address" dev "$interface"
 		echo "$address" >"$state".addr
-		echo "dhcp bound $interface $address" >/dev/console
+		echo "dhcp bound $interface $address" >/dev/ttyS1
 	fi
 	gateway=${router%% *}
 	echo "${gateway:--}" >"$state".router
@@ -34,7 +34,7 @@ bound | renew)
 	fi
 	;;
 leasefail | nak)
-	echo "dhcp $1 $interface" >/dev/console
+	echo "dhcp $1 $interface" >/dev/ttyS1
 	;;
 esac
 exit 0

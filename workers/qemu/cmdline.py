@@ -2,8 +2,11 @@
 
 The disk is always the pair ``file0`` (file protocol node) + ``disk0`` (qcow2 format node) behind a
 ``virtio-blk-pci`` device: live migration mirrors ``disk0`` and exports it over NBD by that name, so
-both ends of a migration must use exactly these node names. The serial console is the only console
-(``graphics=off`` also makes SeaBIOS print there).
+both ends of a migration must use exactly these node names. The serial console (first serial port,
+``ttyS0``, chardev ``serial0`` on ``console.sock``) is the only console (``graphics=off`` also makes
+SeaBIOS print there). Every VM also has a second serial port, the guest channel (``ttyS1``, chardev
+``guest0`` on ``guest.sock``), for machine-to-machine lines such as the test guest's requests; both ends
+of a migration have both ports, in this order.
 
 NIC ``i`` is ``-netdev tap,id=net<i>`` on the node's persistent tap (created and bridged by the node
 before QEMU starts; QEMU runs no scripts) behind ``-device virtio-net-pci,id=nic<i>`` with the spec's
@@ -74,6 +77,11 @@ def qemu_command(
         f"socket,id=serial0,path={opt_escape(paths.console_socket)},server=on,wait=off,"
         f"logfile={opt_escape(paths.serial_log)}",
         "-serial", "chardev:serial0",
+        # The guest channel: a second serial port, so programs never share the user's console.
+        "-chardev",
+        f"socket,id=guest0,path={opt_escape(paths.guest_socket)},server=on,wait=off,"
+        f"logfile={opt_escape(paths.guest_log)}",
+        "-serial", "chardev:guest0",
         "-blockdev", f"driver=file,filename={opt_escape(paths.disk)},node-name={FILE_NODE}",
         "-blockdev", f"driver=qcow2,file={FILE_NODE},node-name={DISK_NODE}",
         "-device", f"virtio-blk-pci,drive={DISK_NODE},id=virtio-{DISK_NODE}",

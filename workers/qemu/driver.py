@@ -206,11 +206,13 @@ class QemuDriver:
                 paths.qmp_socket,
                 paths.jobs_socket,
                 paths.console_socket,
+                paths.guest_socket,
                 paths.exit_record,
             ):
                 stale.unlink(missing_ok=True)
             for current, previous in (
                 (paths.serial_log, paths.previous_serial_log),
+                (paths.guest_log, paths.previous_guest_log),
                 (paths.qemu_log, paths.previous_qemu_log),
             ):
                 if current.exists():
@@ -441,12 +443,12 @@ class QemuDriver:
             raise QemuStartError(
                 f"QEMU for VM {spec.uuid} failed to start (exit {result.returncode}): {message}"
             )
-        for socket_path in (paths.qmp_socket, paths.jobs_socket, paths.console_socket):
+        for socket_path in (paths.qmp_socket, paths.jobs_socket, paths.console_socket, paths.guest_socket):
             if not socket_path.exists():
                 raise QemuStartError(f"QEMU for VM {spec.uuid} started but created no socket {socket_path}")
             os.chmod(socket_path, 0o600)
         # The daemonized QEMU switches to umask 027 before opening some files; tighten them as well.
-        for log in (paths.serial_log, paths.qemu_log):
+        for log in (paths.serial_log, paths.guest_log, paths.qemu_log):
             if log.exists():
                 os.chmod(log, 0o600)
         if message:

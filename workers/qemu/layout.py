@@ -5,8 +5,10 @@
         spec.json                      the VmSpec it was created from
         qmp.sock                       QMP monitor for lifecycle operations and status (mode 0600)
         qmp-jobs.sock                  second QMP monitor, for long jobs such as migration (mode 0600)
-        serial.log, serial.log.1       serial console of this run and of the previous one
+        serial.log, serial.log.1       serial console (ttyS0) of this run and of the previous one
         console.sock                   the serial console's input and output (mode 0600)
+        guest.log, guest.log.1         guest channel (ttyS1) of this run and of the previous one
+        guest.sock                     the guest channel's input and output (mode 0600)
         seed.iso                       the cloud-init NoCloud seed drive, VMs with a seed only (mode 0600)
         qemu.log, qemu.log.1           QEMU's own messages once daemonized (-D), this run and the previous
         qemu.pid                       written (and locked) by QEMU itself
@@ -52,16 +54,34 @@ class VmPaths:
 
     @property
     def serial_log(self) -> Path:
+        """Everything the guest printed on its serial console (boot messages, a user's session)."""
         return self.run_dir / "serial.log"
 
     @property
     def console_socket(self) -> Path:
-        """The serial console as a unix socket (mode 0600): what the guest prints, and its input."""
+        """The serial console as a unix socket (mode 0600): what the guest prints, and its input. The
+        user's console: a node-side multiplexer is its only client."""
         return self.run_dir / "console.sock"
 
     @property
     def previous_serial_log(self) -> Path:
         return self.run_dir / "serial.log.1"
+
+    @property
+    def guest_log(self) -> Path:
+        """Everything the guest printed on its guest channel (the test guest's ticks and answers)."""
+        return self.run_dir / "guest.log"
+
+    @property
+    def guest_socket(self) -> Path:
+        """The guest channel, a second serial port (the guest's ``ttyS1``), as a unix socket (mode 0600):
+        a machine-to-machine line channel kept apart from the user's console (the test guest's request
+        protocol, `workers.guest`); unused by guests that do not open ``ttyS1``."""
+        return self.run_dir / "guest.sock"
+
+    @property
+    def previous_guest_log(self) -> Path:
+        return self.run_dir / "guest.log.1"
 
     @property
     def seed(self) -> Path:
