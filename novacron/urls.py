@@ -4,7 +4,7 @@ JSON errors for /api/."""
 from django.contrib import admin
 from django.urls import include, path
 
-from apps.consoles.pages import console_page
+from apps.consoles.pages import console_find, console_page
 from apps.core.views import healthz, readyz
 
 urlpatterns = [
@@ -13,6 +13,7 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
     path("admin/", admin.site.urls),
+    path("vms/console/", console_find, name="vm-console-find"),
     path("vms/<uuid:vm_id>/console/", console_page, name="vm-console-page"),
     path("", include("apps.monitoring.urls")),
 ]

@@ -2,7 +2,7 @@
 
 Server-rendered with Django templates; ``static/monitoring/dashboard.js`` (plain JS, no build step)
 draws the charts as SVG from the embedded data and refreshes everything from ``/dashboard/data/``.
-Each migrating VM's name links to its console page.
+Each migrating VM's name links to its console page; a form opens any VM's (by name or id).
 """
 
 from datetime import timedelta

@@ -127,3 +127,38 @@ def test_the_console_stays_usable_while_its_vm_live_migrates(
     )
     wait_until(browser, lambda d: d.find_element(By.ID, "state").text == "connected", 60, "the console again")
     _type_and_see(browser, f"after-{secrets.token_hex(4)}")
+
+
+def test_reconnect_once_the_vm_runs_a_long_paste_goes_in_pieces_and_a_deleted_vm_closes_the_page(
+    cluster: Cluster, api, user, live_server, browser, launch_streams, settings
+):
+    settings.STREAMS_URL = launch_streams(STREAMS_ALLOWED_ORIGINS=live_server.url)
+    node = next(iter(cluster.nodes))
+    payload = {"name": "late", "image": "testguest", "vcpus": 1, "memory_mb": 128, "disk_gb": 1, "node": node}
+    vm_id = str(api.post("/api/v1/vms/", payload, format="json").json()["id"])
+    sign_in(browser, live_server.url, user)
+    browser.get(f"{live_server.url}/vms/{vm_id}/console/")  # before it runs: the API's 409
+    wait_until(browser, lambda d: d.find_element(By.ID, "state").text == "closed", 30, "the refusal")
+    assert "console can be opened while it runs" in browser.find_element(By.ID, "reason").text
+    wait_for(lambda: VM.objects.get(pk=vm_id).state == "running", 90, "the VM to run")
+    browser.find_element(By.ID, "reconnect").click()
+    wait_until(browser, lambda d: d.find_element(By.ID, "state").text == "connected", 60, "the console")
+    wait_until(browser, lambda d: PROMPT in terminal_text(d), 90, "the shell's prompt")
+
+    # 10 000 bytes of no-op lines and an echo in one paste: the page sends them as messages of at most
+    # 4096 bytes (the server closes the console on a larger one, 1009) and the shell runs them all.
+    word = f"pasted-{secrets.token_hex(4)}"
+    lines = "(': ' + 'x'.repeat(97) + '\\n').repeat(100)"
+    browser.execute_script(f"window.novacronConsole.terminal.paste({lines} + 'echo {word}\\n');")
+    wait_until(
+        browser,
+        lambda d: word in [line.strip() for line in terminal_text(d).splitlines()],
+        120,
+        f"the answer {word} after the paste",
+    )
+    assert browser.find_element(By.ID, "state").text == "connected"
+
+    assert api.delete(f"/api/v1/vms/{vm_id}/").status_code == 202
+    wait_until(browser, lambda d: d.find_element(By.ID, "state").text == "closed", 90, "the console to close")
+    assert browser.find_element(By.ID, "reason").text == "the VM was deleted", terminal_text(browser)[-300:]
+    assert browser.find_element(By.ID, "reconnect").is_displayed()

@@ -129,3 +129,25 @@ def test_the_admin_dashboard_and_browsable_api_link_to_the_console(staff, node, 
     json_answer = staff_api.get(f"/api/v1/vms/{vm.pk}/")
     assert json_answer.status_code == 200 and b"console" not in json_answer.content  # the JSON is unchanged
     assert "console" not in staff_api.options(f"/api/v1/vms/{vm.pk}/").json()["description"]
+
+
+def test_the_dashboard_form_finds_a_console_by_name_or_id_among_the_vms_one_may_see(
+    user, other_user, staff, node, image
+):
+    mine = _vm(user, node, image, name="db")
+    theirs = _vm(other_user, node, image, name="db")
+    _vm(other_user, node, image, name="cache")
+    as_staff = Client()
+    as_staff.force_login(staff)
+    assert 'action="/vms/console/"' in as_staff.get("/dashboard/").content.decode()
+
+    as_user = Client()
+    as_user.force_login(user)
+    assert as_user.get("/vms/console/", {"vm": "db"})["Location"] == f"/vms/{mine.pk}/console/"
+    assert as_user.get("/vms/console/", {"vm": str(mine.pk)})["Location"] == f"/vms/{mine.pk}/console/"
+    assert as_user.get("/vms/console/", {"vm": "cache"}).status_code == 404  # another project's
+    listed = as_staff.get("/vms/console/", {"vm": "db"})
+    assert listed.status_code == 200
+    assert f"/vms/{mine.pk}/console/" in listed.content.decode()
+    assert f"/vms/{theirs.pk}/console/" in listed.content.decode()
+    assert Client().get("/vms/console/", {"vm": "db"}).status_code == 302  # to the login
