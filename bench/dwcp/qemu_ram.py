@@ -83,15 +83,17 @@ class Guest:
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
-        self.serial_log = run_dir / "serial.log"
+        self.guest_log = run_dir / "guest.log"
         extra = ["-cpu", "max", "-daemonize", "-pidfile", str(run_dir / "qemu.pid"),
                  "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off"]  # fmt: skip
         if incoming:
             extra += ["-S", "-incoming", "defer"]
         command = qemu_command(
             image,
-            serial_socket=run_dir / "serial.sock",
-            serial_log=self.serial_log,
+            console_socket=run_dir / "console.sock",
+            console_log=run_dir / "serial.log",
+            guest_socket=run_dir / "guest.sock",
+            guest_log=self.guest_log,
             memory_mb=MEMORY_MB,
             extra_cmdline="" if incoming else f"dirty_mb={DIRTY_MB} dirty_data=binaries",
             extra_args=extra,
@@ -105,7 +107,7 @@ class Guest:
 
     def wait_loaded(self) -> None:
         _wait(
-            lambda: "dirty ready" in self.serial_log.read_text(errors="replace"), 600, "the guest's RAM load"
+            lambda: "dirty ready" in self.guest_log.read_text(errors="replace"), 600, "the guest's RAM load"
         )
 
     def migration_status(self) -> str:

@@ -232,9 +232,9 @@ def novacron_runs(
                                capture_output=True, check=False).returncode == 0,
         300, "the guest to answer on the LAN",
     )  # fmt: skip
-    serial = workdir / node_a.name / "run" / str(vm.pk) / "serial.log"
+    guest_log = workdir / node_a.name / "run" / str(vm.pk) / "guest.log"
     # Filled once; from then on the guest keeps rewriting it, on whichever node it runs.
-    wait_for(lambda: "dirty ready" in serial.read_text(errors="replace"), 600, "the guest's RAM load")
+    wait_for(lambda: "dirty ready" in guest_log.read_text(errors="replace"), 600, "the guest's RAM load")
     here = node_a
     for link in args.links:
         shape(topology, link)
@@ -609,14 +609,16 @@ def native_runs(
 
 
 def _qemu(ns: str, memory_mb: int, disk: Path, run: Path, extra: list[str]) -> list[str]:
-    """QEMU in namespace ``ns``, the disk as NovaCron's nodes attach it (``disk0``, virtio-blk); ``extra``
-    says what it boots (a kernel, or the disk with a seed CD) and whether it waits for a migration."""
+    """QEMU in namespace ``ns``, the disk and the two serial ports (console, guest channel) as NovaCron's
+    nodes attach them (``disk0``, virtio-blk; ``serial.log``, ``guest.log``); ``extra`` says what it
+    boots (a kernel, or the disk with a seed CD) and whether it waits for a migration."""
     return [
         "ip", "netns", "exec", ns, "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "max",
         "-m", str(memory_mb), "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
         "-daemonize", "-pidfile", str(run / "qemu.pid"),
         "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
         "-chardev", f"file,id=serial0,path={run / 'serial.log'}", "-serial", "chardev:serial0",
+        "-chardev", f"file,id=guest0,path={run / 'guest.log'}", "-serial", "chardev:guest0",
         "-blockdev", f"driver=file,filename={disk},node-name=file0",
         "-blockdev", "driver=qcow2,file=file0,node-name=disk0",
         "-device", "virtio-blk-pci,drive=disk0", *extra,
@@ -662,7 +664,7 @@ def _native_once(
     dst = session_class(dst_run / "qmp.sock", loop, timeout=30)
     try:
         wait_for(
-            lambda: "dirty ready" in (src_run / "serial.log").read_text(errors="replace"), 300, "the RAM load"
+            lambda: "dirty ready" in (src_run / "guest.log").read_text(errors="replace"), 300, "the RAM load"
         )
         return _native_migrate(topology, src, dst, topology.b_link, options, timeout_error)
     finally:

@@ -21,27 +21,27 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 def dirty_guest_with_marker(cluster: Cluster, api: Any, name: str, node: str, image: str, marker: str) -> str:
     """A running memory-dirtying guest on ``node`` that has written ``marker`` to its disk."""
-    from workers.guest.boot import SerialConsole
+    from workers.guest.boot import GuestChannel
 
     vm_id = create_running(api, name, node, image)
-    console = SerialConsole.connect(run_dir(cluster, node, vm_id) / "console.sock", timeout=30)
+    channel = GuestChannel.connect(run_dir(cluster, node, vm_id) / "guest.sock", timeout=30)
     try:
-        console.wait_for(r"dirty ready", 120)
-        console.request("disk-write", marker, timeout=60)
+        channel.wait_for(r"dirty ready", 120)
+        channel.request("disk-write", marker, timeout=60)
     finally:
-        console.close()
+        channel.close()
     return vm_id
 
 
 def disk_marker(cluster: Cluster, node: str, vm_id: str) -> list[str]:
     """What the guest on ``node`` reads back from its disk marker."""
-    from workers.guest.boot import SerialConsole
+    from workers.guest.boot import GuestChannel
 
-    console = SerialConsole.connect(run_dir(cluster, node, vm_id) / "console.sock", timeout=30)
+    channel = GuestChannel.connect(run_dir(cluster, node, vm_id) / "guest.sock", timeout=30)
     try:
-        return list(console.request("disk-read", timeout=60))
+        return list(channel.request("disk-read", timeout=60))
     finally:
-        console.close()
+        channel.close()
 
 
 def create_vm(api: Any, name: str, node: str, image: str = "testguest") -> str:

@@ -99,14 +99,14 @@ def _failed_back_on_source(
     cluster: Cluster, fault: FaultRecord, migration: Migration, vm_id: str, source: str
 ) -> None:
     """A live migration hit by a killed worker failed, and the fleet settled with the VM on its source:
-    running there only, not paused (its serial log grows), its disk marker intact."""
+    running there only, not paused (its guest channel's log grows), its disk marker intact."""
     assert_invariant(cluster, timeout=60)
     fault.recovered()
     fault.note(f"migration ended {migration.status}: {migration.error}")
     assert migration.status == "failed" and migration.error
     vm = VM.objects.select_related("node").get(pk=vm_id)
     assert vm.node.name == source and vm.state == "running"
-    log = run_dir(cluster, source, vm_id) / "serial.log"
+    log = run_dir(cluster, source, vm_id) / "guest.log"
     size = log.stat().st_size
     wait_for(lambda: log.stat().st_size > size, 15, "the source guest to keep running (not paused)")
     assert disk_marker(cluster, source, vm_id) == ["before-the-fault"]

@@ -60,16 +60,16 @@ def test_redis_restarted_during_live_migration(
         invariant="the migration ends (completed, or failed with an error); the VM runs on exactly one "
         "node with its disk marker intact; capacity; the cluster keeps working (a VM stop goes through)",
     )
-    from workers.guest.boot import SerialConsole
+    from workers.guest.boot import GuestChannel
 
     source, dest = list(cluster.nodes)
     vm_id = create_running(api, "redis-r", source, dirty_image.name)
-    console = SerialConsole.connect(run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
+    channel = GuestChannel.connect(run_dir(cluster, source, vm_id) / "guest.sock", timeout=30)
     try:
-        console.wait_for(r"dirty ready", 120)
-        console.request("disk-write", "through-redis-restart", timeout=60)
+        channel.wait_for(r"dirty ready", 120)
+        channel.request("disk-write", "through-redis-restart", timeout=60)
     finally:
-        console.close()
+        channel.close()
     response = api.post(
         f"/api/v1/vms/{vm_id}/migrate/",
         {"dest_node": dest, "mode": "live", "bandwidth_limit_mbps": 8},
@@ -106,11 +106,11 @@ def test_redis_restarted_during_live_migration(
             assert migration.error
         vm = VM.objects.select_related("node").get(pk=vm_id)
         assert vm.state == "running"
-        console = SerialConsole.connect(run_dir(cluster, vm.node.name, vm_id) / "console.sock", timeout=30)
+        channel = GuestChannel.connect(run_dir(cluster, vm.node.name, vm_id) / "guest.sock", timeout=30)
         try:
-            assert console.request("disk-read", timeout=60) == ["through-redis-restart"]
+            assert channel.request("disk-read", timeout=60) == ["through-redis-restart"]
         finally:
-            console.close()
+            channel.close()
         # The workers reconnected: an ordinary operation still goes through end to end.
         assert api.post(f"/api/v1/vms/{vm_id}/stop/").status_code == 202
         wait_for(lambda: VM.objects.get(pk=vm_id).state == "stopped", 60, "the VM to stop after the restart")

@@ -15,7 +15,7 @@ from apps.vms.models import VM, Image
 from bench.migration.outage import Probe
 from tests.netlab import Namespace, NetLab
 from tests.workers.node.conftest import Cluster, wait_for
-from workers.guest.boot import SerialConsole
+from workers.guest.boot import GuestChannel
 from workers.net import names
 
 pytestmark = [
@@ -31,10 +31,10 @@ def _subnet() -> str:
 
 
 @contextmanager
-def console(cluster: Cluster, vm_id: str) -> Iterator[SerialConsole]:
+def guest_channel(cluster: Cluster, vm_id: str) -> Iterator[GuestChannel]:
     node = VM.objects.select_related("node").get(pk=vm_id).node
     assert node is not None
-    guest = SerialConsole.connect(cluster.data_dirs[node.name] / "run" / vm_id / "console.sock", timeout=30)
+    guest = GuestChannel.connect(cluster.data_dirs[node.name] / "run" / vm_id / "guest.sock", timeout=30)
     try:
         guest.wait_for(r"tick \d+", 60)
         yield guest
@@ -53,7 +53,7 @@ def create_vm(api: Any, name: str, image: Image, node: str, networks: list[str])
 
 def leased(cluster: Cluster, vm: dict[str, Any]) -> str:
     """The address the guest got by DHCP, once it has one; it must be the one the API shows."""
-    with console(cluster, vm["id"]) as guest:
+    with guest_channel(cluster, vm["id"]) as guest:
 
         def address() -> str | None:
             words = guest.request("net", timeout=20)
@@ -67,7 +67,7 @@ def leased(cluster: Cluster, vm: dict[str, Any]) -> str:
 
 
 def ask(cluster: Cluster, vm_id: str, command: str, *args: str, timeout: float = 30) -> list[str]:
-    with console(cluster, vm_id) as guest:
+    with guest_channel(cluster, vm_id) as guest:
         return guest.request(command, *args, timeout=timeout)
 
 
@@ -151,7 +151,7 @@ def test_a_tcp_connection_from_the_lan_survives_a_live_migration(
         return bool(client.run("ss", "-Htn", "dst", f"{address}:9000").stdout.strip())
 
     wait_for(connected, 30, "the client's connection to the guest's counter")
-    with console(cluster, vm["id"]) as guest:
+    with guest_channel(cluster, vm["id"]) as guest:
         for _ in range(10):  # a second of traffic before the move
             guest.wait_for(r"tick \d+", 30)
     response = api.post(
@@ -168,7 +168,7 @@ def test_a_tcp_connection_from_the_lan_survives_a_live_migration(
     migration = Migration.objects.get(pk=migration_id)
     assert migration.status == "completed", migration.error
     # Traffic keeps flowing on the destination for two seconds before the probe ends.
-    with console(cluster, vm["id"]) as guest:
+    with guest_channel(cluster, vm["id"]) as guest:
         for _ in range(20):
             guest.wait_for(r"tick \d+", 30)
     seen = probe.finish()

@@ -13,7 +13,7 @@ import pytest
 from apps.projects.models import Project
 from apps.vms.models import VM, Image
 from tests.workers.node.conftest import Cluster, wait_for
-from workers.guest.boot import SerialConsole
+from workers.guest.boot import GuestChannel
 
 pytestmark = [
     pytest.mark.integration,
@@ -83,7 +83,7 @@ def test_a_batch_on_two_nodes_gets_distinct_addresses_and_each_node_leases_its_o
     except AssertionError as exc:
         missing = [vm for vm in vms if vm["nics"][0]["mac"] not in leased()]
         tails = {
-            vm["name"]: (cluster.data_dirs[vm["node"]] / "run" / vm["id"] / "serial.log").read_bytes()[-300:]
+            vm["name"]: (cluster.data_dirs[vm["node"]] / "run" / vm["id"] / "guest.log").read_bytes()[-300:]
             for vm in missing[:3]
         }
         raise AssertionError(f"{exc}: {len(missing)} without a lease, e.g. {tails}") from None
@@ -92,10 +92,10 @@ def test_a_batch_on_two_nodes_gets_distinct_addresses_and_each_node_leases_its_o
         # Each node answered exactly its own guests, with the addresses the control plane gave them.
         assert set(leases) == by_node[node]
         assert all(given[mac] == address for mac, address in leases.items())
-    # And the guests hold them (each one asked on its console).
+    # And the guests hold them (each one asked on its guest channel).
     for vm in vms:
-        socket = cluster.data_dirs[vm["node"]] / "run" / vm["id"] / "console.sock"
-        guest = SerialConsole.connect(socket, timeout=30)
+        socket = cluster.data_dirs[vm["node"]] / "run" / vm["id"] / "guest.sock"
+        guest = GuestChannel.connect(socket, timeout=30)
         try:
             words = guest.request("net", timeout=30)
         finally:

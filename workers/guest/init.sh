@@ -4,7 +4,7 @@
 # respawned whenever it exits; the guest channel (ttyS1) carries "tick N" every 100 ms, the dirty memory's
 # reports and the answers to the one-line requests read from it. Nothing of the channel's protocol is
 # printed on the console. Optionally keeps rewriting dirty_mb MiB of RAM at dirty_rate_mb MiB/s.
-# PID 1 must never exit: nothing here uses "set -e" and the request loop never ends.
+# PID 1 must never exit: nothing here uses "set -e" and the console's loop never ends.
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 /bin/busybox --install -s
@@ -22,17 +22,6 @@ stty -echo 115200 <&3
 echo >&3
 
 echo "NovaCron test guest: this console is a shell; the test protocol is on the second serial port ($CHANNEL)"
-
-# The user's console: an interactive shell with ttyS0 as its controlling terminal (job control, ^C),
-# started again whenever it exits. It does not inherit the channel, so nothing typed there can take
-# the channel's requests.
-console_shell() {
-	while :; do
-		PS1='testguest# ' setsid cttyhack sh </dev/console >/dev/console 2>&1
-		sleep 0.2
-	done
-}
-console_shell 3>&- &
 
 DIRTY_FILE=/dirty/mem
 DIRTY_MB=0
@@ -378,15 +367,26 @@ if [ "$DIRTY_MB" -gt 0 ]; then
 fi
 
 # Requests from the guest channel; answers go back on it.
-exec <&3 >&3
-while :; do
-	while read -r line; do
-		# Unquoted on purpose: split the request into words (no globbing of request text).
-		set -f
-		set -- $line
-		set +f
-		handle "$@"
+serve_requests() {
+	while :; do
+		while read -r line; do
+			# Unquoted on purpose: split the request into words (no globbing of request text).
+			set -f
+			set -- $line
+			set +f
+			handle "$@"
+		done
+		# End of input (hangup of the channel): keep serving.
+		sleep 1
 	done
-	# End of input (hangup of the channel): keep serving.
-	sleep 1
+}
+serve_requests <&3 >&3 &
+
+# The user's console: an interactive shell with ttyS0 as its controlling terminal (job control, ^C),
+# started again whenever it exits. It runs in PID 1's foreground because a background command of this
+# script starts with SIGINT ignored, which the shell and its commands would keep (no ^C). It does not
+# inherit the channel, so nothing typed there can take the channel's requests.
+while :; do
+	PS1='testguest# ' setsid cttyhack sh </dev/console >/dev/console 2>&1 3>&-
+	sleep 0.2
 done

@@ -1,1 +1,1 @@
-"""Tests of the test guest builder and its QEMU console harness."""
+"""Tests of the test guest builder, the guest itself and its QEMU harness (console and guest channel)."""

@@ -5,15 +5,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.guest.boot import GuestError, GuestImage, GuestVM, SerialConsole
+from workers.guest.boot import GuestChannel, GuestError, GuestImage, GuestVM
 
 pytestmark = pytest.mark.qemu
 
 
-def read_for(console: SerialConsole, seconds: float) -> None:
+def read_for(channel: GuestChannel, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while (remaining := deadline - time.monotonic()) > 0:
-        console.read_line(remaining)
+        channel.read_line(remaining)
 
 
 @pytest.fixture(scope="module")
@@ -26,58 +26,58 @@ def dirtying_guest(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFac
 
 
 def test_checksum_before_the_memory_is_filled_is_refused(dirtying_guest: GuestVM):
-    console = dirtying_guest.console
-    assert console is not None
+    channel = dirtying_guest.channel
+    assert channel is not None
     # Filling 16 MiB takes most of a second under TCG; the first tick comes as the fill starts.
-    console.send("checksum early")
-    answer = console.wait_for(r"(checksum|error) early ", 30).string
-    if not any(line.startswith("dirty ready") for line in console.lines[:-1]):
+    channel.send("checksum early")
+    answer = channel.wait_for(r"(checksum|error) early ", 30).string
+    if not any(line.startswith("dirty ready") for line in channel.lines[:-1]):
         assert answer == "error early dirty-not-ready"
 
 
 def test_boots_and_ticks_every_100_ms(dirtying_guest: GuestVM):
-    console = dirtying_guest.console
-    assert console is not None
-    assert console.ticks[0][0] - dirtying_guest.started_at < 30
-    read_for(console, 1.5)
-    numbers = [number for _, number in console.ticks]
+    channel = dirtying_guest.channel
+    assert channel is not None
+    assert channel.ticks[0][0] - dirtying_guest.started_at < 30
+    read_for(channel, 1.5)
+    numbers = [number for _, number in channel.ticks]
     assert numbers[0] == 0
     assert numbers == list(range(len(numbers)))
     assert len(numbers) >= 8
-    (first_at, first), (last_at, last) = console.ticks[0], console.ticks[-1]
+    (first_at, first), (last_at, last) = channel.ticks[0], channel.ticks[-1]
     assert 0.05 < (last_at - first_at) / (last - first) < 0.3
-    assert "" in console.lines  # the guest prints an empty line before its first tick
+    assert "" in channel.lines  # the guest prints an empty line before its first tick
 
 
 def test_checksum_changes_while_dirtying_and_holds_while_paused(dirtying_guest: GuestVM):
-    console = dirtying_guest.console
-    assert console is not None
-    if not any(line.startswith("dirty ready") for line in console.lines):
-        console.wait_for(r"dirty ready 16 8$", 30)
-    assert console.request("ping") == []
-    first = console.checksum()
+    channel = dirtying_guest.channel
+    assert channel is not None
+    if not any(line.startswith("dirty ready") for line in channel.lines):
+        channel.wait_for(r"dirty ready 16 8$", 30)
+    assert channel.request("ping") == []
+    first = channel.checksum()
     assert len(first) == 32 and int(first, 16) >= 0
     time.sleep(0.5)
-    second = console.checksum()
+    second = channel.checksum()
     assert second != first
 
-    assert console.request("pause") == []
-    paused = console.checksum()
+    assert channel.request("pause") == []
+    paused = channel.checksum()
     time.sleep(0.5)
-    assert console.checksum() == paused
+    assert channel.checksum() == paused
 
-    assert console.request("resume") == []
+    assert channel.request("resume") == []
     time.sleep(0.5)
-    assert console.checksum() != paused
-    ticks_before = len(console.ticks)
-    read_for(console, 0.5)
-    assert len(console.ticks) > ticks_before
+    assert channel.checksum() != paused
+    ticks_before = len(channel.ticks)
+    read_for(channel, 0.5)
+    assert len(channel.ticks) > ticks_before
 
 
 def test_errors_are_answered(dirtying_guest: GuestVM):
-    console = dirtying_guest.console
-    assert console is not None
-    console.send("frobnicate t1")
-    console.wait_for(r"error t1 unknown-command frobnicate$", 10)
+    channel = dirtying_guest.channel
+    assert channel is not None
+    channel.send("frobnicate t1")
+    channel.wait_for(r"error t1 unknown-command frobnicate$", 10)
     with pytest.raises(GuestError, match="no-disk"):
-        console.request("disk-read")
+        channel.request("disk-read")

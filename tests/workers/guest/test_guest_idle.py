@@ -16,15 +16,15 @@ def test_idle_memory_checksum_is_stable_and_disk_marker_persists(guest_image: Gu
     disk = tmp_path / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "8M"], check=True)
     with GuestVM(guest_image, tmp_path / "run", extra_cmdline="dirty_mb=4 dirty_rate_mb=0", disk=disk) as vm:
-        console = vm.start()
+        channel = vm.start()
         vm.wait_first_tick(60)
-        console.wait_for(r"dirty ready 4 0$", 30)
-        first = console.checksum()
+        channel.wait_for(r"dirty ready 4 0$", 30)
+        first = channel.checksum()
         time.sleep(0.3)
-        assert console.checksum() == first
-        assert console.request("disk-read") == ["-"]
-        assert console.request("disk-write", "marker-42") == ["marker-42"]
-        assert console.request("disk-read") == ["marker-42"]
+        assert channel.checksum() == first
+        assert channel.request("disk-read") == ["-"]
+        assert channel.request("disk-write", "marker-42") == ["marker-42"]
+        assert channel.request("disk-read") == ["marker-42"]
     raw = tmp_path / "disk.raw"
     subprocess.run(
         ["qemu-img", "dd", "-f", "qcow2", "-O", "raw", f"if={disk}", f"of={raw}", "bs=512", "count=1"],

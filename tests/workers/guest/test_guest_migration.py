@@ -60,14 +60,14 @@ def test_memory_checksum_and_ticks_survive_live_migration(guest_image: GuestImag
         ],
     )
     with source, destination:
-        src_console = source.start()
+        src_channel = source.start()
         source.wait_first_tick(60)
-        src_console.wait_for(r"dirty ready 16 8$", 30)
-        dst_console = destination.start()
+        src_channel.wait_for(r"dirty ready 16 8$", 30)
+        dst_channel = destination.start()
         src_qmp, dst_qmp = qmp(short_dir / "src.qmp"), qmp(short_dir / "dst.qmp")
         try:
-            assert src_console.request("pause") == []
-            before = src_console.checksum()
+            assert src_channel.request("pause") == []
+            before = src_channel.checksum()
             run(src_qmp, "migrate-set-parameters", **{"max-bandwidth": 1 << 30})
             run(src_qmp, "migrate", uri=f"unix:{incoming}")
             deadline = time.monotonic() + 60
@@ -77,12 +77,12 @@ def test_memory_checksum_and_ticks_survive_live_migration(guest_image: GuestImag
             assert status == "completed"
             assert run(dst_qmp, "query-status")["status"] == "running"
 
-            first = int(dst_console.wait_for(r"tick (\d+)$", 10).group(1))
+            first = int(dst_channel.wait_for(r"tick (\d+)$", 10).group(1))
             assert first > 0  # the counter carried on from the source rather than restarting
-            assert dst_console.checksum() == before
-            assert dst_console.request("resume") == []
+            assert dst_channel.checksum() == before
+            assert dst_channel.request("resume") == []
             time.sleep(0.5)
-            assert dst_console.checksum() != before
+            assert dst_channel.checksum() != before
         finally:
             src_qmp.close()
             dst_qmp.close()

@@ -33,7 +33,7 @@ def dirty_image(guest_image: Image) -> Image:
 
 
 class TickWatcher(threading.Thread):
-    """Timestamps every tick line as it appears in a serial log (polled every 5 ms)."""
+    """Timestamps every tick line as it appears in a guest channel's log (polled every 5 ms)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
@@ -68,18 +68,20 @@ def _run_dir(cluster: Cluster, node: str, vm_id: str) -> Path:
 
 
 def _silence(cluster: Cluster, node: str, vm_id: str) -> str:
-    """What a guest's node shows when its console stays silent: the run directory, the serial log's
-    size and tail, and the node's log (a completed live migration left the destination's console
-    silent in CI rehearsals: its kernel had panicked on RAM QEMU did not deliver, now caught by the
-    memory check, see ``workers/qemu/memory.py``)."""
+    """What a guest's node shows when its guest channel stays silent: the run directory, the size and
+    tail of the channel's and the console's logs (a kernel panic shows on the console), and the node's
+    log (a completed live migration left the destination's guest silent in CI rehearsals: its kernel
+    had panicked on RAM QEMU did not deliver, now caught by the memory check, see
+    ``workers/qemu/memory.py``)."""
     run_dir = _run_dir(cluster, node, vm_id)
     files = sorted(path.name for path in run_dir.iterdir()) if run_dir.exists() else "missing"
-    log = run_dir / "serial.log"
-    tail = log.read_bytes()[-400:] if log.exists() else b"(no serial.log)"
-    size = log.stat().st_size if log.exists() else 0
-    return (
-        f"run dir {files}; serial.log {size} bytes, tail {tail!r}; node log:\n{cluster.nodes[node].output()}"
-    )
+    logs = []
+    for name in ("guest.log", "serial.log"):
+        log = run_dir / name
+        tail = log.read_bytes()[-400:] if log.exists() else b"(missing)"
+        size = log.stat().st_size if log.exists() else 0
+        logs.append(f"{name} {size} bytes, tail {tail!r}")
+    return f"run dir {files}; {'; '.join(logs)}; node log:\n{cluster.nodes[node].output()}"
 
 
 def test_live_migration_keeps_the_guest_running(cluster: Cluster, api, dirty_image: Image):
@@ -94,13 +96,13 @@ def test_live_migration_keeps_the_guest_running(cluster: Cluster, api, dirty_ima
     }
     vm_id = api.post("/api/v1/vms/", payload, format="json").json()["id"]
     wait_for(lambda: VM.objects.get(pk=vm_id).state == "running", 60, "the VM to run")
-    source_watch = TickWatcher(_run_dir(cluster, source, vm_id) / "serial.log")
+    source_watch = TickWatcher(_run_dir(cluster, source, vm_id) / "guest.log")
     source_watch.start()
     wait_for(lambda: len(source_watch.ticks) >= 20, 60, "ticks on the source")
     response = api.post(f"/api/v1/vms/{vm_id}/migrate/", {"dest_node": dest, "mode": "live"}, format="json")
     assert response.status_code == 202, response.json()
     migration_id = response.json()["id"]
-    dest_watch = TickWatcher(_run_dir(cluster, dest, vm_id) / "serial.log")
+    dest_watch = TickWatcher(_run_dir(cluster, dest, vm_id) / "guest.log")
     dest_watch.start()
     percents: list[float] = []
 
@@ -226,7 +228,7 @@ def test_a_guest_write_lost_by_qemu_is_caught_before_the_destination_runs(
     assert differing is not None and int(differing[1]) >= 1, migration.error
     vm = VM.objects.get(pk=vm_id)
     assert vm.node.name == source and vm.state == "running"
-    log = _run_dir(cluster, source, vm_id) / "serial.log"
+    log = _run_dir(cluster, source, vm_id) / "guest.log"
     size = log.stat().st_size
     wait_for(lambda: log.stat().st_size > size, 15, "the source guest to keep running")
     assert Node.objects.get(name=dest).allocated_vcpus == 0
@@ -290,8 +292,8 @@ def test_cancel_while_queued_and_while_transferring(cluster: Cluster, api, dirty
     assert vm.node.name == source and vm.state == "running"
     wait_for(lambda: not _run_dir(cluster, dest, vm_id).exists(), 30, "the destination copy to be removed")
     assert Node.objects.get(name=dest).allocated_vcpus == 0
-    # The source keeps running: its serial log keeps growing.
-    log = _run_dir(cluster, source, vm_id) / "serial.log"
+    # The source keeps running: its guest channel's log keeps growing.
+    log = _run_dir(cluster, source, vm_id) / "guest.log"
     size = log.stat().st_size
     wait_for(lambda: log.stat().st_size > size, 10, "the source guest to keep printing")
 
@@ -355,7 +357,7 @@ def test_destination_worker_killed_mid_transfer_fails_cleanly(cluster: Cluster, 
     )
     vm = VM.objects.get(pk=vm_id)
     assert vm.node.name == source and vm.state == "running"
-    log = _run_dir(cluster, source, vm_id) / "serial.log"
+    log = _run_dir(cluster, source, vm_id) / "guest.log"
     size = log.stat().st_size
     try:
         wait_for(lambda: log.stat().st_size > size, 10, "the source guest to keep running")
@@ -400,18 +402,18 @@ def test_bandwidth_change_applies_while_it_runs_and_sse_streams_progress(
 def test_live_migration_keeps_memory_and_disk(cluster: Cluster, api, dirty_image: Image, tmp_path: Path):
     """The guest's memory checksum, a marker it wrote to its disk and the whole disk (``qemu-img
     compare`` of a copy taken before the move with the destination's disk) are the same after it."""
-    from workers.guest.boot import SerialConsole
+    from workers.guest.boot import GuestChannel
 
     source, dest = list(cluster.nodes)
     vm_id = _create_running(api, "keeper", source, dirty_image.name)
-    console = SerialConsole.connect(_run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
+    channel = GuestChannel.connect(_run_dir(cluster, source, vm_id) / "guest.sock", timeout=30)
     try:
-        console.wait_for(r"dirty ready", 120)
-        console.request("pause", timeout=60)  # the dirtier stops so the region has one checksum
-        before = console.checksum()
-        console.request("disk-write", "migrated-intact", timeout=60)
+        channel.wait_for(r"dirty ready", 120)
+        channel.request("pause", timeout=60)  # the dirtier stops so the region has one checksum
+        before = channel.checksum()
+        channel.request("disk-write", "migrated-intact", timeout=60)
     finally:
-        console.close()
+        channel.close()
     # The guest writes nothing more to its disk: a copy now is what the destination must end with
     # (-U: read while the running QEMU holds the image).
     copy = tmp_path / "before.qcow2"
@@ -424,12 +426,12 @@ def test_live_migration_keeps_memory_and_disk(cluster: Cluster, api, dirty_image
         "the move",
     )
     assert Migration.objects.get(pk=migration_id).status == "completed"
-    console = SerialConsole.connect(_run_dir(cluster, dest, vm_id) / "console.sock", timeout=30)
+    channel = GuestChannel.connect(_run_dir(cluster, dest, vm_id) / "guest.sock", timeout=30)
     try:
-        assert console.checksum() == before
-        assert console.request("disk-read", timeout=60) == ["migrated-intact"]
+        assert channel.checksum() == before
+        assert channel.request("disk-read", timeout=60) == ["migrated-intact"]
     finally:
-        console.close()
+        channel.close()
     dest_disk = cluster.data_dirs[dest] / "disks" / f"{vm_id}.qcow2"
     compared = subprocess.run(
         ["qemu-img", "compare", "-U", str(copy), str(dest_disk)], capture_output=True, text=True, check=False

@@ -100,7 +100,7 @@ def test_cancel_in_a_transfer_phase_leaves_the_guest_running_on_its_source_only(
     vm_id = _create_running(api, f"cancel-{phase}", source, dirty_image.name)
     if phase == "disk":
         _fill_disk(cluster, api, source, vm_id, DISK_FILL_MB)
-    watch = TickWatcher(_run_dir(cluster, source, vm_id) / "serial.log")
+    watch = TickWatcher(_run_dir(cluster, source, vm_id) / "guest.log")
     watch.start()
     wait_for(lambda: len(watch.ticks) >= 5, 60, "ticks on the source")
     response = api.post(

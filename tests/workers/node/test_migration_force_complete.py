@@ -54,16 +54,16 @@ def test_force_complete_finishes_a_migration_that_cannot_converge(
     user,
     dirty_image: Image,  # noqa: F811
 ):
-    from workers.guest.boot import SerialConsole
+    from workers.guest.boot import GuestChannel
 
     source, dest = list(cluster.nodes)
     started = time.monotonic()
     vm_id = _create_running(api, "forced", source, dirty_image.name)
-    console = SerialConsole.connect(_run_dir(cluster, source, vm_id) / "console.sock", timeout=30)
+    channel = GuestChannel.connect(_run_dir(cluster, source, vm_id) / "guest.sock", timeout=30)
     try:
-        console.wait_for(r"dirty ready", 120)
-        console.request("disk-write", "forced-intact", timeout=60)
-        source_watch = TickWatcher(_run_dir(cluster, source, vm_id) / "serial.log")
+        channel.wait_for(r"dirty ready", 120)
+        channel.request("disk-write", "forced-intact", timeout=60)
+        source_watch = TickWatcher(_run_dir(cluster, source, vm_id) / "guest.log")
         source_watch.start()
         response = api.post(
             f"/api/v1/vms/{vm_id}/migrate/",
@@ -72,7 +72,7 @@ def test_force_complete_finishes_a_migration_that_cannot_converge(
         )
         assert response.status_code == 202, response.json()
         migration_id = response.json()["id"]
-        dest_watch = TickWatcher(_run_dir(cluster, dest, vm_id) / "serial.log")
+        dest_watch = TickWatcher(_run_dir(cluster, dest, vm_id) / "guest.log")
         dest_watch.start()
         url = f"/api/v1/migrations/{migration_id}/"
 
@@ -103,10 +103,10 @@ def test_force_complete_finishes_a_migration_that_cannot_converge(
         wait_for(next_pass_as_large, 60, "a second RAM pass that does not converge", interval=0.25)
         # The dirtier stops so that the region has one checksum to compare after the move. What it dirtied
         # since QEMU's last sync still takes seconds at this limit, and the force comes right after.
-        console.request("pause", timeout=60)
-        before = console.checksum()
+        channel.request("pause", timeout=60)
+        before = channel.checksum()
     finally:
-        console.close()
+        channel.close()
     assert api.get(url).json()["status"] == "transferring"
     forced_at = time.time()
     response = api.post(f"{url}force-complete/")
@@ -168,12 +168,12 @@ def test_force_complete_finishes_a_migration_that_cannot_converge(
         last_source_tick,
         first_dest_tick,
     )
-    console = SerialConsole.connect(_run_dir(cluster, dest, vm_id) / "console.sock", timeout=30)
+    channel = GuestChannel.connect(_run_dir(cluster, dest, vm_id) / "guest.sock", timeout=30)
     try:
-        assert console.checksum() == before
-        assert console.request("disk-read", timeout=60) == ["forced-intact"]
+        assert channel.checksum() == before
+        assert channel.request("disk-read", timeout=60) == ["forced-intact"]
     finally:
-        console.close()
+        channel.close()
 
     # A finished migration cannot be forced any more.
     response = api.post(f"{url}force-complete/")

@@ -26,14 +26,14 @@ def _state(vm_id: str) -> str:
     return VM.objects.values_list("state", flat=True).get(pk=vm_id)
 
 
-def _serial(cluster: Cluster, vm: VM) -> str:
+def _guest_log(cluster: Cluster, vm: VM) -> str:
     assert vm.node is not None
-    log = cluster.data_dirs[vm.node.name] / "run" / str(vm.pk) / "serial.log"
+    log = cluster.data_dirs[vm.node.name] / "run" / str(vm.pk) / "guest.log"
     return log.read_text(errors="replace") if log.exists() else ""
 
 
 def _ticks(cluster: Cluster, vm: VM) -> list[int]:
-    return [int(line.split()[1]) for line in _serial(cluster, vm).splitlines() if line.startswith("tick ")]
+    return [int(line.split()[1]) for line in _guest_log(cluster, vm).splitlines() if line.startswith("tick ")]
 
 
 def _qemu_pid(cluster: Cluster, vm: VM) -> int | None:
@@ -66,7 +66,7 @@ def test_vm_lifecycle_through_the_api(cluster: Cluster, api):
     vm_id = _create(api, "life", node_name)
     wait_for(lambda: _state(vm_id) == "running", 60, "the VM to run")
     vm = _vm(vm_id)
-    wait_for(lambda: len(_ticks(cluster, vm)) >= 3, 60, "ticks on the serial console")
+    wait_for(lambda: len(_ticks(cluster, vm)) >= 3, 60, "ticks on the guest channel")
     pid = _qemu_pid(cluster, vm)
     assert pid is not None
 

@@ -1,4 +1,4 @@
-"""The QEMU command line of a VM: its NICs as tap netdevs behind virtio-net-pci devices."""
+"""The QEMU command line of a VM: its two serial ports, its NICs as tap netdevs behind virtio-net-pci devices."""
 
 from __future__ import annotations
 
@@ -66,3 +66,27 @@ def test_a_driver_without_a_device_tag_cannot_build_nics():
     ):
         nic_arguments(spec, "")
     assert nic_arguments(spec_with(), "") == []
+
+
+def test_every_vm_has_the_console_then_the_guest_channel_as_serial_ports_on_both_ends(tmp_path: Path):
+    spec = spec_with()
+    ends = [
+        qemu_command(
+            Path("/usr/bin/qemu-system-x86_64"),
+            spec,
+            NodeLayout(tmp_path / node).vm(spec.uuid),
+            accelerator=Accelerator.TCG,
+            cpu_model="max",
+            incoming=incoming,
+        )
+        for node, incoming in (("source", False), ("dest", True))
+    ]
+    for command, node in zip(ends, ("source", "dest"), strict=True):
+        paths = NodeLayout(tmp_path / node).vm(spec.uuid)
+        serials = [command[index + 1] for index, arg in enumerate(command) if arg == "-serial"]
+        assert serials == ["chardev:serial0", "chardev:guest0"]  # ttyS0, ttyS1: the same on both ends
+        chardevs = [command[index + 1] for index, arg in enumerate(command) if arg == "-chardev"]
+        assert chardevs == [
+            f"socket,id=serial0,path={paths.console_socket},server=on,wait=off,logfile={paths.serial_log}",
+            f"socket,id=guest0,path={paths.guest_socket},server=on,wait=off,logfile={paths.guest_log}",
+        ]

@@ -59,7 +59,7 @@ def booted(testguest: KernelImage) -> Iterator[tuple[QemuDriver, VmSpec]]:
         started = time.monotonic()
         driver.start(spec.uuid)
         daemonized = time.monotonic() - started
-        wait_for_serial(driver.paths(spec.uuid).serial_log, b"tick 1\r")
+        wait_for_serial(driver.paths(spec.uuid).guest_log, b"tick 1\r")
         print(f"\nstart returned after {daemonized:.2f} s; tick 1 after {time.monotonic() - started:.2f} s")
         yield driver, spec
     finally:
@@ -67,29 +67,30 @@ def booted(testguest: KernelImage) -> Iterator[tuple[QemuDriver, VmSpec]]:
         sweep(data_dir)
 
 
-def test_a_started_vm_is_running_and_its_serial_log_keeps_growing(booted):
+def test_a_started_vm_is_running_and_its_guest_channel_log_keeps_growing(booted):
     driver, spec = booted
     status = driver.status(spec.uuid)
     assert status.state is VmState.RUNNING
     assert status.qemu_status == "running"
     assert status.pid is not None
-    log = driver.paths(spec.uuid).serial_log
+    log = driver.paths(spec.uuid).guest_log
     before_size, before_tick = log.stat().st_size, last_tick(log)
     time.sleep(0.6)
     assert log.stat().st_size > before_size
     assert last_tick(log) > before_tick
 
 
-def test_the_qmp_sockets_run_dir_disk_and_console_are_private(booted):
+def test_the_qmp_sockets_run_dir_disk_console_and_guest_channel_are_private(booted):
     driver, spec = booted
     paths = driver.paths(spec.uuid)
-    for socket_path in (paths.qmp_socket, paths.jobs_socket):
+    for socket_path in (paths.qmp_socket, paths.jobs_socket, paths.console_socket, paths.guest_socket):
         mode = os.stat(socket_path).st_mode
         assert stat.S_ISSOCK(mode)
         assert stat.S_IMODE(mode) == 0o600
     assert stat.S_IMODE(os.stat(paths.run_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(paths.disk).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(paths.serial_log).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(paths.guest_log).st_mode) == 0o600
 
 
 def test_starting_a_running_vm_starts_no_second_qemu(booted):
@@ -153,7 +154,7 @@ def test_a_job_session_sees_events_and_status_follows_pause_and_resume(booted):
 def test_reboot_restarts_the_guest_in_the_same_qemu(booted):
     driver, spec = booted
     pid = driver.status(spec.uuid).pid
-    log = driver.paths(spec.uuid).serial_log
+    log = driver.paths(spec.uuid).guest_log
     offset = log.stat().st_size
     assert driver.reboot(spec.uuid).pid == pid
     wait_for_serial(log, b"tick 0\r", offset=offset)
@@ -167,7 +168,7 @@ def test_stop_falls_back_to_quit_when_the_guest_ignores_acpi_and_start_works_aga
     driver.create(spec)
     pid = driver.start(spec.uuid).pid
     paths = driver.paths(spec.uuid)
-    wait_for_serial(paths.serial_log, b"tick 1\r")
+    wait_for_serial(paths.guest_log, b"tick 1\r")
     started = time.monotonic()
     stopped = driver.stop(spec.uuid, powerdown_timeout=1.0)
     elapsed = time.monotonic() - started
@@ -175,7 +176,7 @@ def test_stop_falls_back_to_quit_when_the_guest_ignores_acpi_and_start_works_aga
     assert stopped.state is VmState.STOPPED
     assert "ignored ACPI powerdown" in stopped.reason
     assert "quit" in stopped.reason
-    assert any(line.startswith("tick ") for line in stopped.serial_tail)
+    assert any(line.startswith("testguest#") for line in stopped.serial_tail)  # the console: a shell prompt
     assert 1.0 <= elapsed < 10.0
     assert pid is not None and wait_gone(pid, str(paths.qmp_socket), 0)
     assert not paths.pidfile.exists()
@@ -186,7 +187,8 @@ def test_stop_falls_back_to_quit_when_the_guest_ignores_acpi_and_start_works_aga
     restarted = driver.start(spec.uuid)
     assert restarted.state is VmState.RUNNING
     assert restarted.pid != pid
-    assert b"tick" in paths.previous_serial_log.read_bytes()  # the previous run's console is kept
+    assert b"testguest# " in paths.previous_serial_log.read_bytes()  # the previous run's console is kept
+    assert b"tick" in paths.previous_guest_log.read_bytes()  # and its guest channel
 
 
 def test_a_qemu_killed_with_sigkill_is_reported_dead_with_its_last_serial_lines(
@@ -279,7 +281,7 @@ def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_another_node(
     driver.create(destination)
     incoming = driver.start(destination.uuid, incoming=True)
     assert (incoming.state, incoming.qemu_status) == (VmState.PAUSED, "inmigrate")
-    source_log = source_driver.paths(source.uuid).serial_log
+    source_log = source_driver.paths(source.uuid).guest_log
     live_migrate(source_driver, source.uuid, driver, destination.uuid)
     last_source_tick = last_tick(source_log)
     assert source_driver.status(source.uuid).qemu_status == "postmigrate"
@@ -287,7 +289,7 @@ def test_the_raw_qmp_helpers_live_migrate_a_ticking_guest_to_another_node(
     assert driver.status(destination.uuid).state is VmState.PAUSED  # -S: paused until told to continue
     driver.execute(destination.uuid, "cont")
     assert driver.status(destination.uuid).state is VmState.RUNNING
-    destination_log = driver.paths(destination.uuid).serial_log
+    destination_log = driver.paths(destination.uuid).guest_log
     wait_for_serial(destination_log, f"tick {last_source_tick + 2}\r".encode(), timeout=10)
     assert b"tick 0\r" not in destination_log.read_bytes()  # the guest kept counting: it did not reboot
 

@@ -24,7 +24,7 @@ def paused(driver: QemuDriver, guest_spec: Callable[..., VmSpec]) -> Iterator[tu
     spec = guest_spec(memory_mb=MEMORY_MB, uuid=str(uuid.uuid4()))
     driver.create(spec)
     driver.start(spec.uuid)
-    wait_for_serial(driver.paths(spec.uuid).serial_log, b"tick 3\r")
+    wait_for_serial(driver.paths(spec.uuid).guest_log, b"tick 3\r")
     pid = driver.status(spec.uuid).pid
     assert pid is not None
     with driver.job_session(spec.uuid) as qmp:

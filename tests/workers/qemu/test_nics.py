@@ -22,7 +22,7 @@ import pytest
 
 from tests.workers.qemu.conftest import live_migrate, new_data_dir, sweep, tcg_settings
 from tests.workers.qemu.netns import GUEST_MTU, PrivateNetwork, private_network
-from workers.guest.boot import GuestError, SerialConsole
+from workers.guest.boot import GuestChannel, GuestError
 from workers.qemu import KernelImage, NicSpec, QemuDriver, VmSpec, VmState
 
 pytestmark = [
@@ -48,14 +48,14 @@ class Node:
     driver: QemuDriver
     taps: list[str] = field(default_factory=list)
 
-    def start(self, spec: VmSpec, *, incoming: bool = False) -> SerialConsole:
+    def start(self, spec: VmSpec, *, incoming: bool = False) -> GuestChannel:
         self.driver.create(spec)
         for tap in self.driver.tap_names(spec):
             self.net.add_tap(tap)
             self.taps.append(tap)
         with self.net.entered():
             self.driver.start(spec.uuid, incoming=incoming)
-        return SerialConsole.connect(self.driver.paths(spec.uuid).console_socket, 10)
+        return GuestChannel.connect(self.driver.paths(spec.uuid).guest_socket, 10)
 
 
 @pytest.fixture
@@ -87,20 +87,20 @@ def guest_with_nic(image: KernelImage, net: PrivateNetwork, host: int) -> VmSpec
 
 def booted_with_lease(
     image: KernelImage, net: PrivateNetwork, node: Node, host: int
-) -> tuple[VmSpec, SerialConsole]:
+) -> tuple[VmSpec, GuestChannel]:
     """A guest with one NIC (address ``host`` of the network, with a DHCP lease) booted on ``node``."""
     spec = guest_with_nic(image, net, host)
     nic = spec.nics[0]
     net.serve_dhcp({**net.leases, nic.mac: nic.ipv4})
-    console = node.start(spec)
-    console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
-    print(f"\nlease after {wait_for_lease(console, nic):.1f} s")
-    return spec, console
+    channel = node.start(spec)
+    channel.wait_for(r"tick \d+$", BOOT_TIMEOUT)
+    print(f"\nlease after {wait_for_lease(channel, nic):.1f} s")
+    return spec, channel
 
 
-def wait_for_lease(console: SerialConsole, nic: NicSpec) -> float:
+def wait_for_lease(channel: GuestChannel, nic: NicSpec) -> float:
     started = time.monotonic()
-    console.wait_for(rf"dhcp bound eth0 {nic.ipv4}/{nic.prefix_length}$", DHCP_TIMEOUT)
+    channel.wait_for(rf"dhcp bound eth0 {nic.ipv4}/{nic.prefix_length}$", DHCP_TIMEOUT)
     return time.monotonic() - started
 
 
@@ -150,13 +150,13 @@ class CounterReader:
 def test_a_guest_with_a_nic_gets_its_lease_and_serves_ping_echo_and_counter(
     testguest: KernelImage, net: PrivateNetwork, make_node: Callable[[], Node]
 ):
-    spec, console = booted_with_lease(testguest, net, make_node(), 10)
+    spec, channel = booted_with_lease(testguest, net, make_node(), 10)
     nic = spec.nics[0]
 
-    assert console.request("net") == ["eth0", f"{nic.ipv4}/24", nic.mac, str(GUEST_MTU)]
-    assert console.request("reach", net.network.gateway) == ["ok"]
-    assert console.request("reach", str(net.network.subnet.network_address + 99)) == ["fail"]
-    assert console.request("tcp", net.network.gateway, "1", "hello") == ["-"]  # nothing listens there
+    assert channel.request("net") == ["eth0", f"{nic.ipv4}/24", nic.mac, str(GUEST_MTU)]
+    assert channel.request("reach", net.network.gateway) == ["ok"]
+    assert channel.request("reach", str(net.network.subnet.network_address + 99)) == ["fail"]
+    assert channel.request("tcp", net.network.gateway, "1", "hello") == ["-"]  # nothing listens there
     net.ns("ping", "-c", "2", "-W", "2", nic.ipv4)  # the namespace reaches the guest
 
     with net.entered():
@@ -189,8 +189,8 @@ def test_the_guest_talks_tcp_to_a_service_in_the_namespace(
             connection.sendall(b"got " + word + b"\n")
 
     threading.Thread(target=answer_once, daemon=True).start()
-    _, console = booted_with_lease(testguest, net, make_node(), 11)
-    assert console.request("tcp", net.network.gateway, str(port), "marco") == ["got", "marco"]
+    _, channel = booted_with_lease(testguest, net, make_node(), 11)
+    assert channel.request("tcp", net.network.gateway, str(port), "marco") == ["got", "marco"]
     server.close()
 
 
@@ -199,18 +199,18 @@ def test_a_guest_without_a_lease_reports_its_nic_without_address_and_no_nic_gues
 ):
     spec = guest_with_nic(testguest, net, 12)  # no DHCP server: no lease
     node = make_node()
-    console = node.start(spec)
-    console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
-    assert console.request("net") == ["eth0", "-", spec.nics[0].mac, "1500"]
+    channel = node.start(spec)
+    channel.wait_for(r"tick \d+$", BOOT_TIMEOUT)
+    assert channel.request("net") == ["eth0", "-", spec.nics[0].mac, "1500"]
     with pytest.raises(GuestError, match="no-lease"):
-        console.request("spoof-ip", str(net.network.subnet.network_address + 50))
+        channel.request("spoof-ip", str(net.network.subnet.network_address + 50))
 
     bare = VmSpec(str(uuid.uuid4()), "bare", 1, 256, 1, testguest)
-    bare_console = node.start(bare)
-    bare_console.wait_for(r"tick \d+$", BOOT_TIMEOUT)
-    assert bare_console.request("net") == ["none"]
+    bare_channel = node.start(bare)
+    bare_channel.wait_for(r"tick \d+$", BOOT_TIMEOUT)
+    assert bare_channel.request("net") == ["none"]
     with pytest.raises(GuestError, match="no-nic"):
-        bare_console.request("reach", net.network.gateway)
+        bare_channel.request("reach", net.network.gateway)
 
 
 def test_spoofing_and_a_rogue_dhcp_server_work_on_an_unprotected_bridge(
@@ -219,13 +219,13 @@ def test_spoofing_and_a_rogue_dhcp_server_work_on_an_unprotected_bridge(
     # Without the node's anti-spoofing rules (workers.net) forged traffic gets answers and a guest's
     # DHCP server is heard: the baseline that the node's rules must turn into "fail" and silence.
     node = make_node()
-    spec, console = booted_with_lease(testguest, net, node, 13)
+    spec, channel = booted_with_lease(testguest, net, node, 13)
     nic = spec.nics[0]
-    assert console.request("spoof-ip", str(net.network.subnet.network_address + 77)) == ["ok"]
-    assert console.request("spoof-mac", "52:54:00:66:66:66") == ["ok"]
-    assert console.request("net")[2] == nic.mac  # restored
-    assert console.request("reach", net.network.gateway) == ["ok"]
-    assert console.request("dhcp-serve") == ["started"]
+    assert channel.request("spoof-ip", str(net.network.subnet.network_address + 77)) == ["ok"]
+    assert channel.request("spoof-mac", "52:54:00:66:66:66") == ["ok"]
+    assert channel.request("net")[2] == nic.mac  # restored
+    assert channel.request("reach", net.network.gateway) == ["ok"]
+    assert channel.request("dhcp-serve") == ["started"]
 
     # A second guest whose MAC dnsmasq has no lease for takes the rogue server's offer.
     victim = node.start(guest_with_nic(testguest, net, 14))
@@ -287,6 +287,6 @@ def test_a_tcp_connection_to_the_guest_survives_its_live_migration(
         f"\nQEMU downtime {migration.get('downtime')} ms; longest gap between counter lines "
         f"{reader.longest_gap() * 1000:.0f} ms (median interval {usual * 1000:.0f} ms, {len(times)} lines)"
     )
-    dest_console = SerialConsole.connect(dest.driver.paths(spec.uuid).console_socket, 10)
-    assert dest_console.request("net") == ["eth0", f"{nic.ipv4}/24", nic.mac, str(GUEST_MTU)]
-    assert dest_console.request("reach", net.network.gateway) == ["ok"]
+    dest_channel = GuestChannel.connect(dest.driver.paths(spec.uuid).guest_socket, 10)
+    assert dest_channel.request("net") == ["eth0", f"{nic.ipv4}/24", nic.mac, str(GUEST_MTU)]
+    assert dest_channel.request("reach", net.network.gateway) == ["ok"]

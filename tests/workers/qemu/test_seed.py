@@ -157,7 +157,7 @@ def started_with_seed(driver: QemuDriver, guest_spec: SpecFactory) -> VmSpec:
     spec = guest_spec(seed=SeedSpec("web-1", (KEY,), USER_DATA))
     driver.create(spec)
     driver.start(spec.uuid)
-    wait_for_serial(driver.paths(spec.uuid).serial_log, b"tick 1\r", timeout=60)
+    wait_for_serial(driver.paths(spec.uuid).guest_log, b"tick 1\r", timeout=60)
     return spec
 
 
