@@ -36,6 +36,7 @@ MAX_INPUT_BYTES: Final = 4096
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_BAD_TICKET: Final = 4401
 CLOSE_TOO_MANY: Final = 4429
+CLOSE_SERVER_ERROR: Final = 1011
 MAX_REASON_BYTES: Final = 123  # RFC 6455: a close frame's reason fits in 125 bytes with its code
 
 
@@ -76,31 +77,32 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
 
     async def _serve(self) -> None:
         vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
+        try:
+            ending = await self._admit_and_run(vm_id)
+        except Exception:  # Redis or the database failing: the viewer is told, not left hanging
+            logger.exception("console of VM %s failed", vm_id)
+            ending = Ending(CLOSE_SERVER_ERROR, "the console failed on the server; try again")
+        finally:
+            self._link = None
+        await self._end(ending.code, ending.reason)
+
+    async def _admit_and_run(self, vm_id: str) -> Ending:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         ticket = (query.get("ticket") or [""])[0]
         try:
             claims = await ticket_consume(hub.redis_client(), ticket)
         except TicketRefused as refused:
-            await self._end(CLOSE_BAD_TICKET, str(refused))
-            return
+            return Ending(CLOSE_BAD_TICKET, str(refused))
         if claims.vm_id != vm_id:
-            await self._end(CLOSE_BAD_TICKET, "the ticket is for another VM")
-            return
+            return Ending(CLOSE_BAD_TICKET, "the ticket is for another VM")
         if not await sync_to_async(_user_active)(claims.user_id):
-            await self._end(CLOSE_BAD_TICKET, "the ticket's user is no longer active")
-            return
+            return Ending(CLOSE_BAD_TICKET, "the ticket's user is no longer active")
         try:
             with limits.slot(claims.user_id), limits.console_slot(claims.user_id, vm_id):
                 self._link = ConsoleLink(vm_id, output=self._output, event=self._event)
-                ending = await self._link.run()
+                return await self._link.run()
         except Refused as refused:
-            ending = Ending(CLOSE_TOO_MANY, refused.detail)
-        except Exception:
-            logger.exception("console of VM %s failed", vm_id)
-            ending = Ending(1011, "the console failed on the server")
-        finally:
-            self._link = None
-        await self._end(ending.code, ending.reason)
+            return Ending(CLOSE_TOO_MANY, refused.detail)
 
     async def _output(self, data: bytes) -> None:
         if not self._ended:

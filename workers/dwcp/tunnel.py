@@ -322,7 +322,9 @@ class Tunnel:
         claims = peek_ticket(ticket)
         self.transfer_id = claims.transfer_id
         self._target = claims.target
-        self._kind = claims.kind  # "tunnel", or "console" (a VM's console as one more viewer)
+        # A tunnel, or a VM's console as one more viewer; any other ticket is asked for as a tunnel,
+        # and the server refuses it as the wrong kind.
+        self._kind = "console" if claims.kind == "console" else "tunnel"
         self._dest_node = claims.dest_node  # the node a TLS server must prove to be
         self.control = control
         self._address = parse_address(address)

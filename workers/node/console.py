@@ -96,10 +96,6 @@ class ConsoleMux:
             self._wake_writer.send(b"\0")
         self._thread.join(timeout=5)
 
-    @property
-    def viewer_count(self) -> int:
-        return len(self._viewers)
-
     # -- the loop ----------------------------------------------------------------------------------
 
     def _admit(self) -> None:
@@ -244,12 +240,6 @@ class ConsoleManager:
                     ) from None
                 self._muxes[canonical] = mux
         return theirs
-
-    def viewers(self, vm_uuid: str) -> int:
-        """How many viewers VM ``vm_uuid``'s console has now."""
-        with self._lock:
-            mux = self._muxes.get(vm_uuid)
-        return mux.viewer_count if mux is not None else 0
 
     def _forget(self, mux: ConsoleMux) -> None:
         with self._lock:
