@@ -1,8 +1,10 @@
-"""URL routes: the API under /api/v1/, health probes, admin, /metrics, /dashboard/; JSON errors for /api/."""
+"""URL routes: the API under /api/v1/, health probes, admin, /metrics, /dashboard/, VM console pages;
+JSON errors for /api/."""
 
 from django.contrib import admin
 from django.urls import include, path
 
+from apps.consoles.pages import console_find, console_page
 from apps.core.views import healthz, readyz
 
 urlpatterns = [
@@ -11,6 +13,8 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
     path("admin/", admin.site.urls),
+    path("vms/console/", console_find, name="vm-console-find"),
+    path("vms/<uuid:vm_id>/console/", console_page, name="vm-console-page"),
     path("", include("apps.monitoring.urls")),
 ]
 

@@ -54,6 +54,7 @@ NovaCron is starting:
   Admin            http://$HOST:$PORT/admin/      user admin, $admin_password
   Flower           http://127.0.0.1:$FLOWER_PORT/  user admin, same password
   Dashboard        http://$HOST:$PORT/dashboard/  (staff login); Prometheus text at /metrics
+  Consoles         http://$HOST:$PORT/vms/<id>/console/  a VM's serial console in the browser (docs/console.md)
   Nodes            node1 (DWCP 127.0.0.1:$NODE1_DWCP_PORT, VXLAN $NODE1_VXLAN_PORT), node2 (DWCP 127.0.0.1:$NODE2_DWCP_PORT, VXLAN $NODE2_VXLAN_PORT), data in $var/nodes/
   Try              POST /api/v1/vms/ {"name": "demo", "image": "testguest", "vcpus": 1, "memory_mb": 128, "disk_gb": 1}
   Database         ${DATABASE_URL:-SQLite file $var/novacron.sqlite3}

@@ -4,8 +4,9 @@
 #   run:  what `make run` needs (QEMU; the VM networks' data plane: iproute2, nftables, dnsmasq-base;
 #         and a Redis server when none answers at REDIS_URL)
 #   test: what `make test` needs: the above, plus what the suite drives (network namespaces and tc,
-#         nc and rsync as transfer baselines, Chromium for the dashboard, redis-server for the
-#         fault scenarios' private servers, losetup for block-device sends, busybox's udhcpc as the
+#         nc and rsync as transfer baselines, Chromium for the dashboard and chromium-driver for the
+#         console page (Selenium types into it), redis-server for the fault scenarios' private
+#         servers, losetup for block-device sends, busybox's udhcpc as the
 #         network tests' DHCP client, iputils' ping for the clients' view of a moving VM)
 #   bench: what the `make bench-*` targets need: the test set and wrk (bench-api's load generator)
 #   image: what `make image-debian` needs (mmdebstrap, extlinux + syslinux's MBR, sfdisk, e2fsprogs);
@@ -26,7 +27,7 @@ image_packages=(mmdebstrap extlinux syslinux-common fdisk e2fsprogs util-linux o
 if [[ "$profile" == image ]]; then
   packages+=("${image_packages[@]}")
 elif [[ "$profile" == test || "$profile" == bench ]]; then
-  packages+=(netcat-openbsd rsync chromium redis-server util-linux busybox iputils-ping "${image_packages[@]}")
+  packages+=(netcat-openbsd rsync chromium chromium-driver redis-server util-linux busybox iputils-ping "${image_packages[@]}")
   [[ "$profile" == bench ]] && packages+=(wrk)
 elif ! command -v redis-server >/dev/null && ! scripts/redis-up.sh; then
   packages+=(redis-server)

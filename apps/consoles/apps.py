@@ -1,3 +1,5 @@
+"""App configuration of ``apps.consoles``."""
+
 from django.apps import AppConfig
 
 

@@ -2,6 +2,7 @@
 
 Server-rendered with Django templates; ``static/monitoring/dashboard.js`` (plain JS, no build step)
 draws the charts as SVG from the embedded data and refreshes everything from ``/dashboard/data/``.
+Each migrating VM's name links to its console page; a form opens any VM's (by name or id).
 """
 
 from datetime import timedelta
@@ -14,6 +15,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import timezone
 
+from apps.consoles.pages import console_path
 from apps.migrations import progress as migration_progress
 from apps.migrations.models import Migration
 from apps.streams.links import streams_base
@@ -42,6 +44,7 @@ def _migration_row(migration: Migration, client: Any) -> dict[str, Any]:
     return {
         "id": str(migration.pk),
         "vm": migration.vm.name,
+        "console": console_path(migration.vm_id),
         "source": migration.source_node.name,
         "dest": migration.dest_node.name,
         "mode": migration.mode,

@@ -1,19 +1,22 @@
-"""Django admin for the fleet: VMs (with lifecycle actions, each VM's in the audit trail), nodes
-and batches (projects, their members and quotas: ``apps.projects.admin``; images: ``apps.images.admin``)."""
+"""Django admin for the fleet: VMs (with lifecycle actions, each VM's in the audit trail, and a link
+to the VM's console page), nodes and batches (projects, their members and quotas:
+``apps.projects.admin``; images: ``apps.images.admin``)."""
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html
 
 from apps.audit.choices import AuditAction
 from apps.audit.services import audit_admin
+from apps.consoles.pages import console_path
 from apps.core.auth import request_user
 from apps.core.errors import NovaCronError
 from apps.migrations.choices import MigrationMode
 from apps.migrations.services import migration_request
 
 from . import representation, services
-from .choices import VMAction
+from .choices import VMAction, VMState
 from .models import VM, BatchItem, BatchOperation, Node
 
 
@@ -64,6 +67,7 @@ class VMAdmin(admin.ModelAdmin[VM]):
     list_select_related = representation.relations()
     readonly_fields = (
         "id",
+        "console",
         "project",
         "owner",
         "node",
@@ -78,6 +82,7 @@ class VMAdmin(admin.ModelAdmin[VM]):
     )
     fields = (
         "id",
+        "console",
         "name",
         "project",
         "owner",
@@ -97,6 +102,12 @@ class VMAdmin(admin.ModelAdmin[VM]):
     )
     actions = ("start_vms", "stop_vms", "reboot_vms", "live_migrate_vms", "delete_vms")
     show_full_result_count = False
+
+    @admin.display(description="Console")
+    def console(self, vm: VM) -> str:
+        if vm.state == VMState.DELETED:
+            return "none (the VM is deleted)"
+        return format_html('<a class="button" href="{}">Open the console</a>', console_path(vm.pk))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # VMs are created through the API, which places them and reserves capacity

@@ -17,6 +17,8 @@ import orjson
 import xxhash
 from django.db.models import Count, Prefetch, QuerySet, prefetch_related_objects
 from django.http import Http404, HttpResponse, HttpResponseBase, HttpResponseNotModified
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -27,6 +29,7 @@ from rest_framework.views import APIView
 
 from apps.audit.choices import AuditAction
 from apps.audit.recording import AuditedView, answer_of, kept_ids, model_writes, sent_fields
+from apps.consoles.pages import console_path
 from apps.consoles.services import console_open
 from apps.consoles.views import ConsoleThrottle, ConsoleTicketSerializer, ticket_body
 from apps.core.auth import request_user
@@ -231,6 +234,16 @@ class VMViewSet(
                 raise Http404
             entry.store(body)
         return vm_read_response(request.META, body, detail=True)
+
+    def get_view_description(self, html: bool = False) -> str:
+        """The browsable API's VM detail page adds a link to the VM's console page (HTML only: the
+        JSON answers and the OPTIONS description stay as they are)."""
+        description = super().get_view_description(html)
+        vm_id = uuid_text(self.kwargs.get("pk", "")) if self.action == "retrieve" else None
+        if not html or vm_id is None:
+            return description
+        link = format_html('<p><a href="{}">Open this VM\'s console</a></p>', console_path(vm_id))
+        return SafeString(description + link)
 
     def get_serializer_class(self) -> type[serializers.BaseSerializer[Any]]:
         classes: dict[str, type[serializers.BaseSerializer[Any]]] = {

@@ -1,7 +1,8 @@
 // NovaCron operator dashboard: renders migrations, alerts and SVG line charts from the data the
 // page embeds, then refreshes them from /dashboard/data/ every REFRESH_MS. Each running migration's
 // bar follows its event stream (migrations/follow.js); when a stream fails, a note says so and the
-// bar moves with the refresh instead. Plain JS, no build step.
+// bar moves with the refresh instead. A migrating VM's name links to its console page. Plain JS, no
+// build step.
 (function () {
   "use strict";
   var REFRESH_MS = 5000;
@@ -58,7 +59,8 @@
   function withLive(m) {
     var state = live[m.id];
     if (!state) return m;
-    return { id: m.id, vm: m.vm, source: m.source, dest: m.dest, mode: m.mode, status: state.status || m.status,
+    return { id: m.id, vm: m.vm, console: m.console, source: m.source, dest: m.dest, mode: m.mode,
+      status: state.status || m.status,
       phase: state.phase || m.phase, percent: Math.max(m.percent, state.percent || 0),
       rate_bps: state.rate_bps, eta_seconds: state.eta_seconds };
   }
@@ -95,7 +97,8 @@
       var percent = Math.round(m.percent * 10) / 10;
       cell.appendChild(bar(percent));
       cell.appendChild(document.createTextNode(" " + percent + "%" + (m.phase ? " (" + m.phase + ")" : "")));
-      return [m.vm, m.source + " → " + m.dest, m.mode, m.status, cell,
+      var vm = el("a", { href: m.console, "class": "console" }, m.vm);
+      return [vm, m.source + " → " + m.dest, m.mode, m.status, cell,
         m.rate_bps ? fmt(m.rate_bps) + "B/s" : "–", m.eta_seconds ? Math.round(m.eta_seconds) + " s" : "–"];
     })));
     migrations.forEach(function (m) { follow(m.id); });
