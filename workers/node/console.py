@@ -43,6 +43,8 @@ VIEWER_BACKLOG_BYTES = 16 * contract.CONSOLE_SCROLLBACK_BYTES
 # pushes back on whoever pastes too much.
 GUEST_BACKLOG_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
+# QEMU queues a client while another holds its console; a full queue must not block the DWCP server.
+CONNECT_TIMEOUT_SECONDS = 5.0
 POLL_READ = select.POLLIN | select.POLLPRI
 POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -56,6 +58,7 @@ class ConsoleMux:
         self.uuid = paths.run_dir.name
         self._on_closed = on_closed
         qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        qemu.settimeout(CONNECT_TIMEOUT_SECONDS)
         try:
             qemu.connect(str(paths.console_socket))
         except OSError:
