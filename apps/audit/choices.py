@@ -17,6 +17,7 @@ class AuditAction(models.TextChoices):
     VM_STOP = "vm.stop"
     VM_REBOOT = "vm.reboot"
     VM_MIGRATE = "vm.migrate"
+    VM_CONSOLE = "vm.console"  # a console ticket issued (docs/console.md)
     BATCH_CREATE = "batch.create"
     BATCH_UPDATE = "batch.update"
     BATCH_DELETE = "batch.delete"

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final, Literal, NotRequired, TypedDict
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -180,7 +180,17 @@ async def open_console(
 
 
 Output = Callable[[bytes], Awaitable[None]]
-Event = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class ConsoleEvent(TypedDict):
+    """A status event for the viewer (the WebSocket's text messages, docs/console.md)."""
+
+    event: Literal["connected", "reconnecting", "closed"]
+    node: NotRequired[str]  # connected: the node serving the console now
+    reason: NotRequired[str]  # reconnecting, closed: why, for a person
+
+
+Event = Callable[[ConsoleEvent], Awaitable[None]]
 
 
 class ConsoleLink:
@@ -197,8 +207,9 @@ class ConsoleLink:
         """To the guest (dropped while reconnecting)."""
         writer = self._writer
         if writer is not None and not writer.is_closing():
-            writer.write(data)
-            await writer.drain()
+            with contextlib.suppress(ConnectionError):  # the node just closed it: run() reconnects
+                writer.write(data)
+                await writer.drain()
 
     async def run(self) -> Ending:
         found = await locate(self.vm_id)

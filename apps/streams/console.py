@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, Final
+from typing import Final
 from urllib.parse import parse_qs
 
 from asgiref.sync import sync_to_async
@@ -23,7 +23,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.contrib.auth import get_user_model
 from django.db import close_old_connections, connections
 
-from apps.consoles.link import ConsoleLink, Ending
+from apps.consoles.link import ConsoleEvent, ConsoleLink, Ending
 from apps.consoles.tickets import TicketRefused, ticket_consume
 
 from . import hub, limits
@@ -108,7 +108,7 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
         if not self._ended:
             await self.send(bytes_data=data)
 
-    async def _event(self, event: dict[str, Any]) -> None:
+    async def _event(self, event: ConsoleEvent) -> None:
         if not self._ended:
             await self.send(text_data=json.dumps(event))
 
@@ -121,6 +121,14 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
         if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
         with contextlib.suppress(OSError):
-            await self.send(text_data=json.dumps({"event": "closed", "reason": reason}))
+            closed: ConsoleEvent = {"event": "closed", "reason": reason}
+            await self.send(text_data=json.dumps(closed))
             short = reason.encode()[:MAX_REASON_BYTES].decode(errors="ignore")
             await self.close(code=code, reason=short)
+
+
+class NoSuchStream(AsyncWebsocketConsumer):
+    """Any other WebSocket path: the handshake is refused (HTTP 403)."""
+
+    async def connect(self) -> None:
+        await self.close()

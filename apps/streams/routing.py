@@ -11,7 +11,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter
 from django.urls import path, re_path
 
 from . import hub
-from .console import ConsoleConsumer
+from .console import ConsoleConsumer, NoSuchStream
 from .migrations import MigrationEventsConsumer
 from .sse import HealthConsumer, NotFoundConsumer
 
@@ -35,6 +35,11 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
             return
 
 
-websocket_routes = URLRouter([path("api/v1/vms/<uuid:vm_id>/console/stream/", ConsoleConsumer.as_asgi())])
+websocket_routes = URLRouter(
+    [
+        path("api/v1/vms/<uuid:vm_id>/console/stream/", ConsoleConsumer.as_asgi()),
+        re_path(r"", NoSuchStream.as_asgi()),
+    ]
+)
 
 application = ProtocolTypeRouter({"http": http_routes, "websocket": websocket_routes, "lifespan": lifespan})

@@ -158,6 +158,7 @@ class VMViewSet(
         "stop": AuditAction.VM_STOP,
         "reboot": AuditAction.VM_REBOOT,
         "migrate": AuditAction.VM_MIGRATE,
+        "console": AuditAction.VM_CONSOLE,
         "batch": {
             "post": AuditAction.BATCH_CREATE,
             "put": AuditAction.BATCH_UPDATE,

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.django_db
 # Path templates whose {id} names an object owned by one user -> which object of the victim to use.
 OWNED = {
     "/api/v1/vms/{id}/": "vm",
+    "/api/v1/vms/{id}/console/": "vm",
     "/api/v1/vms/{id}/migrate/": "vm",
     "/api/v1/vms/{id}/reboot/": "vm",
     "/api/v1/vms/{id}/start/": "vm",

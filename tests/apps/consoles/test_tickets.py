@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 import redis
+import websocket
 from django.conf import settings
+from django.core.management import CommandError, call_command
 
+from apps.audit.models import AuditEvent
 from apps.consoles.tickets import KEY, _digest
 from apps.vms.models import VM
 from tests.apps.vms.conftest import forget
@@ -52,6 +55,11 @@ def test_a_ticket_is_for_the_callers_running_vms_and_a_readers_is_refused(
         f"ws://testserver:{settings.STREAMS_PORT}/api/v1/vms/{vm.pk}/console/stream/?ticket={body['ticket']}"
     )
     assert api.post(f"/api/v1/vms/{vm.pk}/console/", secure=True).json()["url"].startswith("wss://")
+    audited = (
+        AuditEvent.objects.filter(action="vm.console", target_id=str(vm.pk)).order_by("timestamp").first()
+    )
+    assert audited is not None and audited.actor_id == user.pk and audited.status == 201
+    assert body["ticket"] not in json.dumps(audited.detail)  # the ticket is never kept
     assert other_api.post(f"/api/v1/vms/{vm.pk}/console/").status_code == 404
     assert staff_api.post(f"/api/v1/vms/{vm.pk}/console/").status_code == 201
 
@@ -97,6 +105,11 @@ def test_bad_tickets_are_refused_with_4401_saying_why(api, user, make_node, make
     code, reason = viewers.open(stream_url(streams, expired)).wait_closed()
     assert (code, reason) == (4401, "the ticket expired (valid 30 s); ask for a new one")
 
+    for path in ("/api/v1/vms/not-a-uuid/console/stream/?ticket=x", "/api/v1/elsewhere/"):
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            viewers.open(streams.replace("http://", "ws://") + path)
+        assert refused.value.status_code == 403
+
     # A good ticket for a VM whose node does not answer: the console gives up after its attempts.
     good = ticket(vm.pk)
     first = viewers.open(stream_url(streams, good))
@@ -119,3 +132,16 @@ def test_tickets_are_rate_limited_per_user(api, user, make_node, make_image):
     assert [answer.status_code for answer in answers[:30]] == [201] * 30
     assert answers[30].status_code == 429
     assert "throttled" in answers[30].json()["error"]["message"]
+
+
+def test_the_cli_names_the_vm_it_cannot_attach_to(user, other_user, make_node, make_image):
+    missing = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(CommandError, match=f"no VM with id {missing}"):
+        call_command("console", missing)
+    with pytest.raises(CommandError, match="no VM named 'nope'"):
+        call_command("console", "nope")
+    mine = _vm(user, make_node, make_image)
+    theirs = _vm(other_user, make_node, make_image)
+    VM.objects.filter(pk=theirs.pk).update(name=mine.name)
+    with pytest.raises(CommandError, match=f"several VMs are named '{mine.name}'.*{mine.pk}"):
+        call_command("console", mine.name)

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from apps.consoles.link import CLOSE_NORMAL, ConsoleLink, Ending, drain_cleanups
+from apps.consoles.link import CLOSE_NORMAL, ConsoleEvent, ConsoleLink, Ending, drain_cleanups
 from apps.core.ids import uuid_text
 from apps.vms.choices import VMState
 from apps.vms.models import VM
@@ -76,7 +76,7 @@ class Command(BaseCommand):
         async def output(data: bytes) -> None:
             os.write(stdout, data)
 
-        async def event(message: dict[str, Any]) -> None:
+        async def event(message: ConsoleEvent) -> None:
             detail = message.get("node") or message.get("reason") or ""
             sys.stderr.write(f"\r\n[console {message['event']}: {detail}]\r\n")
             sys.stderr.flush()
