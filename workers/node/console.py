@@ -8,8 +8,9 @@ guest. A viewer is one end of a socket pair; the DWCP server carries the other e
 plane as a tunnel of a ``console`` ticket (``ConsoleManager.attach`` is the server's provider), so
 nothing reaches a console without the control plane's signature.
 
-One thread per watched VM, non-blocking sockets and ``poll``. Invariants: a viewer that stops
-reading is dropped once ``VIEWER_BACKLOG_BYTES`` wait for it, and never slows the others; input
+One thread per watched VM, non-blocking sockets and ``poll``. Invariants: output goes at the pace
+of the fastest viewer; a viewer that stops reading is dropped once ``VIEWER_BACKLOG_BYTES`` wait for
+it, and never slows the others; input
 waiting for the guest is bounded (viewers are not read while ``GUEST_BACKLOG_BYTES`` wait); when
 QEMU closes the socket (the VM stopped, or moved to another node) every viewer is closed (it sees
 EOF); when the last viewer leaves the mux lets QEMU's socket go, so a VM nobody watches holds
@@ -32,6 +33,9 @@ from workers.qemu.layout import NodeLayout, VmPaths, canonical_uuid
 
 logger = logging.getLogger(__name__)
 
+# QEMU's output is read while some viewer has less than this waiting: the console goes at the pace
+# of its fastest viewer, and a guest printing faster than that is held back by its UART.
+OUTPUT_PAUSE_BYTES = 4 * contract.CONSOLE_SCROLLBACK_BYTES
 # Output waiting for one viewer (its tunnel not keeping up) before that viewer is dropped: 16 times
 # the scrollback, far more than a terminal shows, small next to what a stuck viewer would cost.
 VIEWER_BACKLOG_BYTES = 16 * contract.CONSOLE_SCROLLBACK_BYTES
@@ -39,6 +43,8 @@ VIEWER_BACKLOG_BYTES = 16 * contract.CONSOLE_SCROLLBACK_BYTES
 # pushes back on whoever pastes too much.
 GUEST_BACKLOG_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
+# QEMU queues a client while another holds its console; a full queue must not block the DWCP server.
+CONNECT_TIMEOUT_SECONDS = 5.0
 POLL_READ = select.POLLIN | select.POLLPRI
 POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -52,6 +58,7 @@ class ConsoleMux:
         self.uuid = paths.run_dir.name
         self._on_closed = on_closed
         qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        qemu.settimeout(CONNECT_TIMEOUT_SECONDS)
         try:
             qemu.connect(str(paths.console_socket))
         except OSError:
@@ -140,7 +147,10 @@ class ConsoleMux:
                 return "its last viewer left"
             poller = select.poll()
             poller.register(self._wake_reader, POLL_READ)
-            poller.register(self._qemu, POLL_READ | (select.POLLOUT if self._to_guest else 0))
+            take_output = min(len(pending) for pending in self._viewers.values()) < OUTPUT_PAUSE_BYTES
+            poller.register(
+                self._qemu, (POLL_READ if take_output else 0) | (select.POLLOUT if self._to_guest else 0)
+            )
             take_input = len(self._to_guest) < GUEST_BACKLOG_BYTES
             by_fd = {viewer.fileno(): viewer for viewer in self._viewers}
             for fd, viewer in by_fd.items():

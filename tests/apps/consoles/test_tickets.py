@@ -10,6 +10,7 @@ import pytest
 import redis
 import websocket
 from django.conf import settings
+from django.core.management import CommandError, call_command
 
 from apps.audit.models import AuditEvent
 from apps.consoles.tickets import KEY, _digest
@@ -131,3 +132,16 @@ def test_tickets_are_rate_limited_per_user(api, user, make_node, make_image):
     assert [answer.status_code for answer in answers[:30]] == [201] * 30
     assert answers[30].status_code == 429
     assert "throttled" in answers[30].json()["error"]["message"]
+
+
+def test_the_cli_names_the_vm_it_cannot_attach_to(user, other_user, make_node, make_image):
+    missing = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(CommandError, match=f"no VM with id {missing}"):
+        call_command("console", missing)
+    with pytest.raises(CommandError, match="no VM named 'nope'"):
+        call_command("console", "nope")
+    mine = _vm(user, make_node, make_image)
+    theirs = _vm(other_user, make_node, make_image)
+    VM.objects.filter(pk=theirs.pk).update(name=mine.name)
+    with pytest.raises(CommandError, match=f"several VMs are named '{mine.name}'.*{mine.pk}"):
+        call_command("console", mine.name)
