@@ -58,8 +58,8 @@
     if (message.event === "connected") {
       if (message.node) nodeBox.textContent = message.node;
       show("connected", "");
-    } else if (message.event === "reconnecting") {
-      show("reconnecting", message.reason);
+    } else if (message.event === "reconnecting") {  // the server drops input until "connected"
+      show("reconnecting", (message.reason ? message.reason + "; " : "") + "typing resumes once connected");
     } else if (message.event === "closed") {
       closedReason = message.reason || "";
     }
