@@ -132,6 +132,8 @@ def test_the_console_stays_usable_while_its_vm_live_migrates(
         browser, lambda d: d.find_element(By.ID, "node").text == dest, 60, "the page to show the new node"
     )
     wait_until(browser, lambda d: d.find_element(By.ID, "state").text == "connected", 60, "the console again")
+    statuses = [state for state, _ in browser.execute_script("return window.novacronConsole.statuses")]
+    assert statuses[-2:] == ["reconnecting", "connected"], statuses  # the switch, shown on the page
     _type_and_see(browser, f"after-{secrets.token_hex(4)}")
 
 

@@ -3,7 +3,8 @@
 // binary messages (console output: scrollback first, then live) to the terminal and sends what the
 // user types as bytes, at most MAX_INPUT_BYTES per message. Text messages are status events
 // (connected, reconnecting, closed) shown on the status line; after a close, "Reconnect" asks for a
-// new ticket. The terminal is window.novacronConsole.terminal (tests read its buffer). No build step.
+// new ticket. The terminal is window.novacronConsole.terminal, the statuses shown are its .statuses
+// (tests read both). No build step.
 (function () {
   "use strict";
   var MAX_INPUT_BYTES = 4096;  // the server closes with 1009 on a larger input message
@@ -33,7 +34,10 @@
   fit.fit();
   window.addEventListener("resize", function () { fit.fit(); });
 
+  var shown = [];  // every status shown, in order: [state, reason] (tests read it)
+
   function show(state, reason) {
+    shown.push([state, reason || ""]);
     document.body.setAttribute("data-state", state);
     stateBox.textContent = state;
     reasonBox.textContent = reason || "";
@@ -58,8 +62,8 @@
     if (message.event === "connected") {
       if (message.node) nodeBox.textContent = message.node;
       show("connected", "");
-    } else if (message.event === "reconnecting") {
-      show("reconnecting", message.reason);
+    } else if (message.event === "reconnecting") {  // the server drops input until "connected"
+      show("reconnecting", (message.reason ? message.reason + "; " : "") + "typing resumes once connected");
     } else if (message.event === "closed") {
       closedReason = message.reason || "";
     }
@@ -109,6 +113,7 @@
   reconnectButton.addEventListener("click", connect);
   window.novacronConsole = {
     terminal: terminal,
+    statuses: shown,
     // The terminal's whole buffer as text, one line per row (what tests read).
     text: function () {
       var buffer = terminal.buffer.active;
