@@ -19,6 +19,18 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+# Headless Chromium as every browser test here runs it (plus a profile directory of its own).
+HEADLESS_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,900",
+)
 NEEDS_CHROMIUM = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
@@ -31,18 +43,7 @@ def browser() -> Iterator[WebDriver]:
     with tempfile.TemporaryDirectory() as profile:
         options = Options()
         options.binary_location = CHROMIUM
-        for argument in (
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--window-size=1280,900",
-            f"--user-data-dir={profile}",
-        ):
+        for argument in (*HEADLESS_ARGS, f"--user-data-dir={profile}"):
             options.add_argument(argument)
         driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
         try:

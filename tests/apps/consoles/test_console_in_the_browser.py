@@ -18,29 +18,10 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from apps.migrations.models import Migration
 from apps.vms.models import VM
 from tests.apps.consoles.browser import NEEDS_CHROMIUM, browser, sign_in, terminal_text, wait_until
-from tests.streams_server import launch_streams
-from tests.workers.node.conftest import (
-    Cluster,
-    cluster,
-    cluster_extra_env,
-    cluster_hosts,
-    cluster_redis_url,
-    guest_image,
-    test_guest,
-    wait_for,
-)
+from tests.workers.node.conftest import Cluster, wait_for
 
-# Fixtures of these tests (the cluster's from the node workers' tests).
-__all__ = [
-    "browser",
-    "cluster",
-    "cluster_extra_env",
-    "cluster_hosts",
-    "cluster_redis_url",
-    "guest_image",
-    "launch_streams",
-    "test_guest",
-]
+# The browser fixture; the cluster's and the streams server's come from this directory's conftest.
+__all__ = ["browser"]
 
 pytestmark = [
     pytest.mark.integration,

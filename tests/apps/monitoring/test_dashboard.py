@@ -30,6 +30,7 @@ from apps.migrations.models import Migration
 from apps.migrations.services.state import locked, transition
 from apps.monitoring.models import Alert, AlertRule, Metric
 from apps.vms.models import VM
+from tests.apps.consoles.browser import HEADLESS_ARGS
 from tests.streams_server import launch_streams
 from workers import contract
 
@@ -92,16 +93,8 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [
                 str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
+                *HEADLESS_ARGS,
                 f"--user-data-dir={profile}",
-                "--window-size=1280,900",
                 "--virtual-time-budget=4000",
                 *args,
             ],
