@@ -73,6 +73,14 @@ assert CONSOLES_PER_NODE < limits.MAX_SESSIONS
 # --- The node side --------------------------------------------------------------------------------
 
 
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` has something to read (or ended) within ``timeout`` seconds. ``poll``, not
+    ``select``: the bench process holds well over 1024 descriptors (streams, tunnels, DWCP)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 class StandInGuest:
     """A VM's serial line as QEMU's console chardev serves it (one client at a time, on
     ``console.sock``), with a shell with echo behind it: what is typed comes back (a carriage return
@@ -92,8 +100,7 @@ class StandInGuest:
     def _run(self) -> None:
         with self._listener:
             while not self._stopping.is_set():
-                ready, _, _ = select.select([self._listener], [], [], 0.5)
-                if ready:
+                if _readable(self._listener, 0.5):
                     client, _ = self._listener.accept()
                     with client, contextlib.suppress(OSError):
                         self._serve(client)
@@ -103,9 +110,8 @@ class StandInGuest:
         started = time.monotonic()
         next_tick = started + 1.0
         while not self._stopping.is_set():
-            ready, _, _ = select.select([client], [], [], max(0.0, min(0.5, next_tick - time.monotonic())))
             output = bytearray()
-            if ready:
+            if _readable(client, max(0.0, min(0.5, next_tick - time.monotonic()))):
                 typed = client.recv(4096)
                 if not typed:
                     return  # the node's console multiplexer let the console go
