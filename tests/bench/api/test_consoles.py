@@ -4,19 +4,36 @@ console manager, stand-in guests on the VMs' console sockets."""
 
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
 
 from apps.accounts.services import token_create
-from bench.api.consoles import ConsoleLoad, ConsoleNode, ConsoleSlot, register_rows
+from bench.api.consoles import ConsoleLoad, ConsoleNode, ConsoleSlot, Spread, register_rows
 from tests.streams_server import launch_streams
+from workers.dwcp import limits
 
 __all__ = ["launch_streams"]
 
-pytestmark = pytest.mark.django_db(transaction=True)
+
+@pytest.mark.parametrize("consoles", [1, 5, 100, 101, 500])
+def test_the_spread_of_consoles_stays_within_the_console_limits_and_a_nodes_sessions(
+    consoles: int, settings: Any
+) -> None:
+    spread = Spread(consoles)
+    vms = [spread.vm_of(console) for console in range(consoles)]
+    assert set(vms) == set(range(spread.vms))
+    assert max(Counter(vms).values()) <= settings.CONSOLE_MAX_PER_VM
+    by_user = Counter(spread.user_of(vm) for vm in vms)
+    assert set(by_user) == set(range(spread.users))
+    assert max(by_user.values()) <= settings.CONSOLE_MAX_PER_USER
+    by_node = Counter(spread.node_of(vm) for vm in vms)
+    assert set(by_node) == set(range(spread.nodes))
+    assert max(by_node.values()) < limits.MAX_SESSIONS
 
 
+@pytest.mark.django_db(transaction=True)
 def test_every_command_typed_on_five_consoles_over_two_vms_is_answered(
     live_server: Any, launch_streams: Any, settings: Any, make_user: Any
 ) -> None:
