@@ -777,8 +777,8 @@ class _Beside:
             self.nodes.append(node)
             register_rows(node, {vm_id: seeded.tenant_ids[owners[vm_id]] for vm_id in mine})
         log(
-            f"consoles: {args.consoles} over {spread.vms} VMs of {spread.users} tenants on {spread.nodes} "
-            f"nodes ({', '.join(node.server.address_text for node in self.nodes)})"
+            f"consoles: {args.consoles} over {spread.vms} VMs of {spread.users} tenants; their nodes' DWCP: "
+            f"{', '.join(node.server.address_text for node in self.nodes)}"
         )
         slots = [
             ConsoleSlot(vm_ids[spread.vm_of(index)], seeded.tokens[owners[vm_ids[spread.vm_of(index)]]])

@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -378,7 +379,8 @@ class ConsoleLoad:
                                 ready.set_result(True)
                     elif isinstance(event, CloseConnection):
                         console.close = console.close or f"{event.code} {event.reason}"
-                        writer.write(connection.send(event.response()))
+                        if connection.state is ConnectionState.REMOTE_CLOSING:  # not an answer to ours
+                            writer.write(connection.send(event.response()))
                         return
                     elif isinstance(event, AcceptConnection):
                         continue
