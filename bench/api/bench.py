@@ -25,8 +25,9 @@
 4. Prints the table (p50/p95/p99, throughput and its ratio to the bare endpoint of the same run,
    error rate, database query avg/p95 inside the scenario's window, server CPU and memory), then per
    run with streams their events received / expected, per run with consoles the consoles opened,
-   commands answered / sent, answer latency (median, p95, max) and output bytes, and writes everything
-   (each console's own figures too) as JSON under ``bench/results/``.
+   commands answered / sent, answer latency (median, p95, max), output bytes and the CPU of this
+   process (the clients, the consoles' nodes and guests: on a small machine they compete with the
+   servers), and writes everything (each console's own figures too) as JSON under ``bench/results/``.
 
 Run: ``make bench-api`` (``BENCH_ARGS="--quick"`` for a 100k-VM smoke run;
 ``BENCH_ARGS="--only mixed --streams 500 --consoles 100"`` for the mixed load beside 500 streams and
@@ -680,15 +681,16 @@ def consoles_table(reports: list[dict[str, Any]]) -> str:
 
     lines = [
         "| with consoles | opened | VMs | commands answered / sent | consoles with every answer "
-        "| answer ms median / p95 / max | output bytes (least per console) | streams server CPU % | RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| answer ms median / p95 / max | output bytes (least per console) | streams server CPU % | RSS MB "
+        "| bench process CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         lines.append(
             f"| {r['scenario']} | {r['opened']}/{r['consoles']} | {r['vms']} | {r['answered']:,} / {r['sent']:,} "
             f"| {r['complete']}/{r['consoles']} | {ms(r['latency_median_ms'])} / {ms(r['latency_p95_ms'])} / "
             f"{ms(r['latency_max_ms'])} | {r['output_bytes']:,} ({r['min_output_bytes']:,}) "
-            f"| {r['server_cpu_percent']:.0f} | {r['server_rss_mb']:.0f} |"
+            f"| {r['server_cpu_percent']:.0f} | {r['server_rss_mb']:.0f} | {r['bench_cpu_percent']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -812,7 +814,8 @@ class _Beside:
             self.consoles.open()
             log(f"  {self.consoles.opened}/{args.consoles} consoles open")
         self.server.take_peak_rss()
-        cpu0, start = self.server.cpu_seconds(), time.time()
+        bench = psutil.Process()
+        cpu0, bench0, start = self.server.cpu_seconds(), sum(bench.cpu_times()[:2]), time.time()
         with contextlib.ExitStack() as holding:
             published = holding.enter_context(self.streams.publishing()) if self.streams is not None else None
             if self.consoles is not None:
@@ -820,7 +823,9 @@ class _Beside:
             result = measure(
                 scenario, server, args.database, url, lines, seeded.writer_token, run_id, args.threads
             )
-        cpu = 100 * (self.server.cpu_seconds() - cpu0) / (time.time() - start)
+        seconds = time.time() - start
+        cpu = 100 * (self.server.cpu_seconds() - cpu0) / seconds
+        bench_cpu = 100 * (sum(bench.cpu_times()[:2]) - bench0) / seconds
         rss = self.server.take_peak_rss()
         result.scenario = f"{scenario.name} + {held}"
         summary = f"  {result.rps:,.0f} req/s, p95 {result.p95_ms:.1f} ms, errors {result.error_rate:.3%}"
@@ -835,7 +840,7 @@ class _Beside:
                 f"({report.received:,}/{report.expected:,})"
             )
         if self.consoles is not None:
-            answers = self.consoles.report(rss_mb=rss, cpu_percent=cpu)
+            answers = self.consoles.report(rss_mb=rss, cpu_percent=cpu, bench_cpu_percent=bench_cpu)
             self.consoles.close()
             self.console_reports.append(
                 {"scenario": result.scenario, "connections": scenario.connections, **asdict(answers)}

@@ -310,6 +310,9 @@ class ConsoleReport:
     latency_max_ms: float | None
     server_rss_mb: float
     server_cpu_percent: float
+    # The bench process beside it (the clients, the consoles' nodes and guests; the streams' publisher):
+    # on a small machine it takes CPU from the servers too.
+    bench_cpu_percent: float
     per_console: list[dict[str, Any]]
 
 
@@ -427,7 +430,7 @@ class ConsoleLoad:
         while any(console.waiting for console in self.consoles) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    def report(self, *, rss_mb: float, cpu_percent: float) -> ConsoleReport:
+    def report(self, *, rss_mb: float, cpu_percent: float, bench_cpu_percent: float) -> ConsoleReport:
         latencies = [latency for console in self.consoles for latency in console.latencies_ms]
         return ConsoleReport(
             consoles=len(self.consoles),
@@ -443,6 +446,7 @@ class ConsoleLoad:
             latency_max_ms=round(max(latencies), 1) if latencies else None,
             server_rss_mb=round(rss_mb, 1),
             server_cpu_percent=round(cpu_percent, 1),
+            bench_cpu_percent=round(bench_cpu_percent, 1),
             per_console=[
                 {
                     "vm": console.slot.vm_id,
