@@ -14,15 +14,25 @@
    1000, and the mixed 90 % read / 10 % write load at 16, 64 and 256 connections. With ``--streams N``
    (alone: 500) each mixed scenario runs alternately without and with N open migration-event streams
    on the streams service (``bench/api/streams.py``: one asyncio client, nodes' progress published
-   twice a second), and reports whether each stream got every event.
+   twice a second), and reports whether each stream got every event. With ``--consoles N`` (alone:
+   100) each mixed scenario runs alternately without and with N open VM consoles (with ``--streams``
+   too, "with" holds both): ``bench/api/consoles.py`` asks the API for a ticket per console, opens the
+   WebSockets on the streams service, types a command on each every 2 s and times its answer; the
+   nodes are real DWCP servers and console managers in this process, the guests stand-ins on the VMs'
+   console sockets (QEMU guests would take the CPU the load measures). The consoles are spread within
+   the per-VM and per-user console limits (2 viewers per VM, 2 VMs per tenant) and over nodes of at
+   most 50 (a node's DWCP server holds 64 sessions).
 4. Prints the table (p50/p95/p99, throughput and its ratio to the bare endpoint of the same run,
-   error rate, database query avg/p95 inside the scenario's window, server CPU and memory) and
-   writes everything as JSON under ``bench/results/``.
+   error rate, database query avg/p95 inside the scenario's window, server CPU and memory), then per
+   run with streams their events received / expected, per run with consoles the consoles opened,
+   commands answered / sent, answer latency (median, p95, max), output bytes and the CPU of this
+   process (the clients, the consoles' nodes and guests: on a small machine they compete with the
+   servers), and writes everything (each console's own figures too) as JSON under ``bench/results/``.
 
 Run: ``make bench-api`` (``BENCH_ARGS="--quick"`` for a 100k-VM smoke run;
-``BENCH_ARGS="--only mixed --streams 500"`` for the mixed load beside 500 streams). Needs PostgreSQL,
-Redis and ``wrk`` (``apt-get install -y wrk``). The machine is shared: only ratios measured in one
-run compare.
+``BENCH_ARGS="--only mixed --streams 500 --consoles 100"`` for the mixed load beside 500 streams and
+100 consoles). Needs PostgreSQL, Redis and ``wrk`` (``apt-get install -y wrk``). The machine is
+shared: only ratios measured in one run compare.
 """
 
 from __future__ import annotations
@@ -47,10 +57,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil
+
+if TYPE_CHECKING:  # imported where used: run as a script, ROOT joins sys.path in main()
+    from bench.api.consoles import ConsoleLoad, ConsoleNode
+    from bench.api.streams import StreamLoad
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -106,6 +120,7 @@ class Run:
     explain: list[dict[str, Any]] = field(default_factory=list)
     results: list[Result] = field(default_factory=list)
     streams: list[dict[str, Any]] = field(default_factory=list)  # --streams: each "with streams" run
+    consoles: list[dict[str, Any]] = field(default_factory=list)  # --consoles: each "with consoles" run
 
 
 def log(message: str) -> None:
@@ -410,11 +425,12 @@ class Server:
             "127.0.0.1",
             "--port",
             str(port),
-            "--no-ws",
             "--log-level",
             "warning",
             *granian_args.split(),
         ]
+        if interface == "wsgi":
+            command.append("--no-ws")  # as the Procfile's web; the streams service serves WebSockets
         self.command = command
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
         self._peak_rss = 0.0
@@ -659,6 +675,26 @@ def streams_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def consoles_table(reports: list[dict[str, Any]]) -> str:
+    def ms(value: float | None) -> str:
+        return f"{value:.0f}" if value is not None else "-"
+
+    lines = [
+        "| with consoles | opened | VMs | commands answered / sent | consoles with every answer "
+        "| answer ms median / p95 / max | output bytes (least per console) | streams server CPU % | RSS MB "
+        "| bench process CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r['scenario']} | {r['opened']}/{r['consoles']} | {r['vms']} | {r['answered']:,} / {r['sent']:,} "
+            f"| {r['complete']}/{r['consoles']} | {ms(r['latency_median_ms'])} / {ms(r['latency_p95_ms'])} / "
+            f"{ms(r['latency_max_ms'])} | {r['output_bytes']:,} ({r['min_output_bytes']:,}) "
+            f"| {r['server_cpu_percent']:.0f} | {r['server_rss_mb']:.0f} | {r['bench_cpu_percent']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def explain_table(report: list[dict[str, Any]]) -> str:
     lines = [
         "| query at seed size | index used | seq scan on vms | median ms | p95 ms |",
@@ -673,24 +709,25 @@ def explain_table(report: list[dict[str, Any]]) -> str:
 
 
 def _alternation(args: argparse.Namespace, scenario: Scenario) -> list[bool]:
-    """Whether each run of ``scenario`` holds the streams: the mixed ones alternate without/with."""
-    if not args.streams or scenario.mode != "mixed":
+    """Whether each run of ``scenario`` holds the streams and consoles: the mixed ones alternate
+    without/with."""
+    if not (args.streams or args.consoles) or scenario.mode != "mixed":
         return [False]
     return [False, True] * max(1, args.rounds)
 
 
-class _MixedWithStreams:
-    """The streams service, the streams and their migrations for the ``--streams`` runs."""
+class _Beside:
+    """The streams service and what is held open on it in the runs "with": ``--streams`` (the streams
+    and their migrations) and ``--consoles`` (the consoles, their VMs and nodes)."""
 
     def __init__(self, args: argparse.Namespace, env: dict[str, str], seeded: Seeded, query_dir: str) -> None:
         from bench.api.streams import MIGRATIONS, StreamLoad, make_migrations
 
-        tenant = next(index for index, ids in seeded.vm_ids.items() if ids)
-        self.migration_ids = make_migrations(seeded.vm_ids[tenant], MIGRATIONS)
-        limits = {
-            "STREAMS_MAX_PER_USER": str(args.streams + 10),
-            "STREAMS_MAX_PER_PROCESS": str(args.streams + 10),
-        }
+        self.migration_ids: list[str] = []
+        self.nodes: list[ConsoleNode] = []
+        # Consoles are streams too (STREAMS_MAX_*); the console limits stay as they are (the spread).
+        held = args.streams + args.consoles + 10
+        limits = {"STREAMS_MAX_PER_USER": str(held), "STREAMS_MAX_PER_PROCESS": str(held)}
         self.server = Server(
             args.port + 1,
             "--workers 1 --http auto",
@@ -701,14 +738,55 @@ class _MixedWithStreams:
         )
         self.server.wait_ready()
         log(f"streams service: {' '.join(self.server.command[1:])}")
-        self.load = StreamLoad(
-            base=f"http://127.0.0.1:{args.port + 1}",
-            redis_url=env["REDIS_URL"],
-            token=seeded.tokens[tenant],
-            migration_ids=self.migration_ids,
-            count=args.streams,
+        self.streams: StreamLoad | None = None
+        if args.streams:
+            tenant = next(index for index, ids in seeded.vm_ids.items() if ids)
+            self.migration_ids = make_migrations(seeded.vm_ids[tenant], MIGRATIONS)
+            self.streams = StreamLoad(
+                base=f"http://127.0.0.1:{args.port + 1}",
+                redis_url=env["REDIS_URL"],
+                token=seeded.tokens[tenant],
+                migration_ids=self.migration_ids,
+                count=args.streams,
+            )
+        self.consoles = self._consoles(args, env, seeded) if args.consoles else None
+        self.stream_reports: list[dict[str, Any]] = []
+        self.console_reports: list[dict[str, Any]] = []
+
+    def _consoles(self, args: argparse.Namespace, env: dict[str, str], seeded: Seeded) -> ConsoleLoad:
+        """The console nodes (in this process), their VMs' rows owned by the last tenants (not those
+        of the mixed load), and the load's consoles over them."""
+        from bench.api.consoles import (
+            NAME_PREFIX,
+            ConsoleLoad,
+            ConsoleNode,
+            ConsoleSlot,
+            Spread,
+            register_rows,
+            remove_rows,
         )
-        self.reports: list[dict[str, Any]] = []
+
+        spread = Spread(args.consoles)
+        if spread.users > len(seeded.tokens):
+            raise SystemExit(f"--consoles {args.consoles} needs {spread.users} tenants; --users gives fewer")
+        first_owner = len(seeded.tokens) - spread.users
+        vm_ids = [str(uuid.uuid4()) for _ in range(spread.vms)]
+        owners = {vm_id: first_owner + spread.user_of(vm) for vm, vm_id in enumerate(vm_ids)}
+        remove_rows()  # a kept database's, from a run that failed
+        for number in range(spread.nodes):
+            mine = [vm_id for vm, vm_id in enumerate(vm_ids) if spread.node_of(vm) == number]
+            node = ConsoleNode(f"{NAME_PREFIX}-{number}", mine, env["DWCP_SECRET"])
+            self.nodes.append(node)
+            register_rows(node, {vm_id: seeded.tenant_ids[owners[vm_id]] for vm_id in mine})
+        log(
+            f"consoles: {args.consoles} over {spread.vms} VMs of {spread.users} tenants; their nodes' DWCP: "
+            f"{', '.join(node.server.address_text for node in self.nodes)}"
+        )
+        slots = [
+            ConsoleSlot(vm_ids[spread.vm_of(index)], seeded.tokens[owners[vm_ids[spread.vm_of(index)]]])
+            for index in range(args.consoles)
+        ]
+        return ConsoleLoad(api=f"http://127.0.0.1:{args.port}", slots=slots)
 
     def measure(
         self,
@@ -720,34 +798,75 @@ class _MixedWithStreams:
         seeded: Seeded,
         run_id: str,
     ) -> Result:
-        log(f"{scenario.name} at {scenario.connections} connections with {args.streams} open streams")
-        self.load.open()
-        log(f"  {self.load.opened}/{args.streams} streams open")
+        held = " + ".join(
+            part
+            for part, wanted in (
+                (f"{args.streams} streams", args.streams),
+                (f"{args.consoles} consoles", args.consoles),
+            )
+            if wanted
+        )
+        log(f"{scenario.name} at {scenario.connections} connections with {held} open")
+        if self.streams is not None:
+            self.streams.open()
+            log(f"  {self.streams.opened}/{args.streams} streams open")
+        if self.consoles is not None:
+            self.consoles.open()
+            log(f"  {self.consoles.opened}/{args.consoles} consoles open")
         self.server.take_peak_rss()
-        cpu0, start = self.server.cpu_seconds(), time.time()
-        with self.load.publishing() as published:
+        bench = psutil.Process()
+        cpu0, bench0, start = self.server.cpu_seconds(), sum(bench.cpu_times()[:2]), time.time()
+        with contextlib.ExitStack() as holding:
+            published = holding.enter_context(self.streams.publishing()) if self.streams is not None else None
+            if self.consoles is not None:
+                holding.enter_context(self.consoles.typing())
             result = measure(
                 scenario, server, args.database, url, lines, seeded.writer_token, run_id, args.threads
             )
-        cpu = 100 * (self.server.cpu_seconds() - cpu0) / (time.time() - start)
-        report = self.load.report(published, rss_mb=self.server.take_peak_rss(), cpu_percent=cpu)
-        self.load.close()
-        result.scenario = f"{scenario.name} + {args.streams} streams"
-        self.reports.append(
-            {"scenario": result.scenario, "connections": scenario.connections, **asdict(report)}
-        )
-        log(
-            f"  {result.rps:,.0f} req/s, p95 {result.p95_ms:.1f} ms, errors {result.error_rate:.3%}; streams: "
-            f"{report.complete}/{report.streams} got every event ({report.received:,}/{report.expected:,})"
-        )
+        seconds = time.time() - start
+        cpu = 100 * (self.server.cpu_seconds() - cpu0) / seconds
+        bench_cpu = 100 * (sum(bench.cpu_times()[:2]) - bench0) / seconds
+        rss = self.server.take_peak_rss()
+        result.scenario = f"{scenario.name} + {held}"
+        summary = f"  {result.rps:,.0f} req/s, p95 {result.p95_ms:.1f} ms, errors {result.error_rate:.3%}"
+        if self.streams is not None and published is not None:
+            report = self.streams.report(published, rss_mb=rss, cpu_percent=cpu)
+            self.streams.close()
+            self.stream_reports.append(
+                {"scenario": result.scenario, "connections": scenario.connections, **asdict(report)}
+            )
+            summary += (
+                f"; streams: {report.complete}/{report.streams} got every event "
+                f"({report.received:,}/{report.expected:,})"
+            )
+        if self.consoles is not None:
+            answers = self.consoles.report(rss_mb=rss, cpu_percent=cpu, bench_cpu_percent=bench_cpu)
+            self.consoles.close()
+            self.console_reports.append(
+                {"scenario": result.scenario, "connections": scenario.connections, **asdict(answers)}
+            )
+            summary += (
+                f"; consoles: {answers.answered:,}/{answers.sent:,} commands answered, "
+                f"p95 {answers.latency_p95_ms} ms"
+            )
+        log(summary)
         return result
 
     def stop(self) -> None:
-        self.load.stop()
+        if self.streams is not None:
+            self.streams.stop()
+        if self.consoles is not None:
+            self.consoles.stop()
         self.server.stop()
+        for node in self.nodes:
+            node.stop()
         from bench.api.streams import remove_migrations
 
         remove_migrations(self.migration_ids)
+        if self.nodes:
+            from bench.api.consoles import remove_rows
+
+            remove_rows()
 
 
 def _git_commit() -> str:
@@ -789,7 +908,16 @@ def main() -> None:
         help="also run each mixed scenario with N open migration-event streams (alone: 500), alternating",
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="--streams: without/with alternations per scenario"
+        "--consoles",
+        type=int,
+        nargs="?",
+        const=100,
+        default=0,
+        help="also run each mixed scenario with N open VM consoles (alone: 100), alternating; with --streams, "
+        "the runs 'with' hold both",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="--streams/--consoles: without/with alternations per scenario"
     )
     args = parser.parse_args()
     if args.quick:
@@ -831,6 +959,9 @@ def main() -> None:
         # The benchmark measures the server, not the per-user rate limit.
         THROTTLE_USER="100000000/min",
         THROTTLE_ANON="100000000/min",
+        THROTTLE_CONSOLE="100000000/min",
+        STREAMS_URL=f"http://127.0.0.1:{args.port + 1}",  # the console tickets' WebSocket URLs
+        DWCP_SECRET="bench-only-dwcp-secret",  # noqa: S106 (the streams service and the bench's nodes)
         LOG_LEVEL="WARNING",
         DJANGO_SETTINGS_MODULE="novacron.settings.main",
         NOVACRON_BENCH_QUERY_DIR=query_dir,
@@ -871,7 +1002,7 @@ def main() -> None:
             # Warm-up: connection pools, imports, the cached list.
             run_wrk(Scenario("warm-up", "get", "list", 8, 3), url, lines, seeded.writer_token, run_id, 2)
             wanted = [prefix.strip() for prefix in args.only.split(",") if prefix.strip()]
-            load = _MixedWithStreams(args, env, seeded, query_dir) if args.streams else None
+            load = _Beside(args, env, seeded, query_dir) if args.streams or args.consoles else None
             try:
                 for scenario in scenarios(args):
                     if wanted and not any(scenario.name.startswith(prefix) for prefix in wanted):
@@ -884,7 +1015,8 @@ def main() -> None:
                             run.results.append(
                                 load.measure(scenario, server, args, url, lines, seeded, run_id)
                             )
-                            run.streams.append(load.reports[-1])
+                            run.streams += load.stream_reports[-1:] if args.streams else []
+                            run.consoles += load.console_reports[-1:] if args.consoles else []
                             continue
                         log(
                             f"{scenario.name} at {scenario.connections} connections for {scenario.duration:.0f} s"
@@ -932,6 +1064,9 @@ def main() -> None:
     if run.streams:
         print()
         print(streams_table(run.streams))
+    if run.consoles:
+        print()
+        print(consoles_table(run.consoles))
     print()
     print(explain_table(run.explain))
     print(f"\nJSON: {out.relative_to(ROOT)}")
