@@ -54,6 +54,7 @@ class Hub:
         self._lock = asyncio.Lock()
         self._subscribed = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False  # the server shut down: streams still leaving have nothing to undo
 
     async def subscribe(self, channel: str) -> Subscription:
         subscription = Subscription(channel)
@@ -74,7 +75,7 @@ class Hub:
     async def unsubscribe(self, subscription: Subscription) -> None:
         async with self._lock:
             listeners = self._listeners.get(subscription.channel)
-            if listeners is None or subscription not in listeners:
+            if self._closed or listeners is None or subscription not in listeners:
                 return
             listeners.discard(subscription)
             if not listeners:
@@ -113,6 +114,8 @@ class Hub:
                 subscription.gap = True
 
     async def close(self) -> None:
+        async with self._lock:
+            self._closed = True
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -58,3 +58,14 @@ def test_a_slow_subscriber_keeps_the_newest_messages_and_knows_it_lost_some():
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_stream_leaving_after_the_hub_closed_at_shutdown_is_no_error():
+    async def scenario() -> None:
+        hub = Hub(settings.REDIS_URL)
+        subscription = await hub.subscribe(f"test-hub-{uuid.uuid4()}")
+        await hub.close()
+        await hub.unsubscribe(subscription)  # once raised AttributeError from the closed connection
+        assert hub.listener_count() == 1  # nothing undone on a closed hub
+
+    asyncio.run(scenario())
