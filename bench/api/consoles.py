@@ -14,8 +14,8 @@ control plane.
 :class:`ConsoleLoad` holds the N WebSockets from one asyncio loop (a thread of its own, as
 ``streams.StreamLoad``; the WebSocket protocol is ``wsproto``'s, over asyncio streams) and, while
 the load runs, types a command on each console every ``TYPE_SECONDS`` and times its answer.
-Invariants: a node's DWCP server holds at most ``limits.MAX_SESSIONS`` sessions, consoles included,
-so consoles are spread over nodes (``CONSOLES_PER_NODE``); the spread stays within the streams
+Invariants: a node's DWCP server holds at most ``limits.MAX_CONSOLE_SESSIONS`` consoles, and the
+consoles are spread over nodes (``CONSOLES_PER_NODE``) as a fleet's are; the spread stays within the streams
 service's ``CONSOLE_MAX_PER_VM`` and ``CONSOLE_MAX_PER_USER`` (``VIEWERS_PER_VM``, ``VMS_PER_USER``).
 """
 
@@ -61,14 +61,14 @@ NAME_PREFIX = "bench-console"  # the nodes' and VMs' names: removed by remove_ro
 VIEWERS_PER_VM = 2
 # Each user owns this many of the watched VMs: 4 consoles each (CONSOLE_MAX_PER_USER: 10).
 VMS_PER_USER = 2
-# Below a DWCP server's MAX_SESSIONS: each console is one session on its VM's node.
+# Consoles per node: each is one console session on its VM's node (MAX_CONSOLE_SESSIONS: 256).
 CONSOLES_PER_NODE = 50
 TYPE_SECONDS = 2.0  # each console types a command this often
 ANSWER_WAIT_SECONDS = 5.0  # after the load: how long the last commands' answers may take
 OPEN_TIMEOUT_SECONDS = 60.0
 READ_SIZE = 64 * 1024
 
-assert CONSOLES_PER_NODE < limits.MAX_SESSIONS
+assert CONSOLES_PER_NODE < limits.MAX_CONSOLE_SESSIONS
 
 
 # --- The node side --------------------------------------------------------------------------------

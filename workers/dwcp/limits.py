@@ -46,9 +46,13 @@ MAX_STREAMS = 16
 DEFAULT_STREAMS = 4
 # Transfers a server runs at once; each costs up to MAX_STREAMS threads and buffers.
 MAX_SESSIONS = 64
+# Console viewers a server holds at once (one stream each, a few bytes a second), counted apart from
+# the transfers: however many consoles are open, a migration or an image fetch still gets a session.
+MAX_CONSOLE_SESSIONS = 256
 # Connections a server holds (idle pooled ones included), one thread each: a full set of streams
-# for every session, so a flood of connections cannot exhaust the node's threads or memory.
-MAX_CONNECTIONS = MAX_SESSIONS * MAX_STREAMS
+# for every session and one per console, so a flood of connections cannot exhaust the node's
+# threads or memory.
+MAX_CONNECTIONS = MAX_SESSIONS * MAX_STREAMS + MAX_CONSOLE_SESSIONS
 
 # Socket buffers. 8 MiB covers the bandwidth-delay product of 1 Gbit at 64 ms RTT, so one stream
 # is never window-limited on the links we run on.

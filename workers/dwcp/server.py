@@ -363,8 +363,11 @@ class DWCPServer:
         streams = request.integer("streams", low=1, high=limits.MAX_STREAMS)
         exclusive = kind != "console"  # a VM's console has many viewers; a file or socket one user
         with self._lock:
-            if len(self._sessions) >= limits.MAX_SESSIONS:
+            consoles = sum(1 for session in self._sessions.values() if session.ticket.kind == "console")
+            if exclusive and len(self._sessions) - consoles >= limits.MAX_SESSIONS:
                 raise TransferError("server is busy", code="busy")
+            if not exclusive and consoles >= limits.MAX_CONSOLE_SESSIONS:
+                raise TransferError(f"server holds {consoles} consoles, its most", code="busy")
             if exclusive and ticket.target in self._targets:
                 raise TransferError(f"{ticket.target} is already being transferred", code="busy")
             if exclusive:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.dwcp import DWCPServer, TransferError, TransferRefused, Tunnel, open_tunnel
+from workers.dwcp import DWCPServer, TransferError, TransferRefused, Tunnel, limits, open_tunnel, send_file
 
 from .helpers import DEST, SECRET, SOURCE
 
@@ -80,3 +80,39 @@ def test_a_console_ticket_is_refused_for_a_vm_not_served_or_by_a_server_without_
     with pytest.raises(TransferRefused) as refused:
         tunnel.wait(10)
     assert refused.value.code == "bad_target" and "serves no consoles" in str(refused.value)
+
+
+def test_consoles_have_a_budget_of_their_own_and_never_keep_a_transfer_out(
+    root: Path, tmp_path: Path, ticket: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_SESSIONS", 1)
+    monkeypatch.setattr(limits, "MAX_CONSOLE_SESSIONS", 2)
+    with DWCPServer(
+        listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET, consoles=ShoutingConsoles()
+    ) as server:
+        viewers = [
+            _viewer(server.address_text, tmp_path / f"v{n}.sock", ticket(VM, kind="console"))
+            for n in range(2)
+        ]
+        for client, _ in viewers:
+            client.sendall(b"here\n")
+            assert client.recv(100) == b"HERE\n"
+        client, tunnel = _viewer(server.address_text, tmp_path / "third.sock", ticket(VM, kind="console"))
+        assert client.recv(100) == b""
+        with pytest.raises(TransferRefused) as refused:
+            tunnel.wait(10)
+        assert refused.value.code == "busy" and "consoles" in str(refused.value)
+        data = tmp_path / "disk.img"
+        data.write_bytes(b"x" * 100_000)
+        result = send_file(  # the one transfer slot is free whatever the consoles hold
+            data,
+            address=server.address_text,
+            name="disk.img",
+            ticket=ticket("disk.img"),
+            secret=SECRET,
+            source_node=SOURCE,
+        )
+        assert result.raw_bytes == 100_000 and (root / "disk.img").read_bytes() == data.read_bytes()
+        for client, tunnel in viewers:
+            client.close()
+            tunnel.wait(10)
