@@ -11,7 +11,8 @@
    database of its own (``--redis-url``, refused unless empty; flushed at the end), API throttles
    lifted, and runs wrk (``bench/api/scenario.lua``) for each scenario: the bare endpoint
    (``/healthz``), VM list cached and uncached, detail cached and uncached, POST batches of 10 and
-   1000, and the mixed 90 % read / 10 % write load at 16, 64 and 256 connections. With ``--streams N``
+   1000, and the mixed 90 % read / 10 % write load at 16, 64 and 256 connections (``--write-percent``
+   sets the writes' share: 0 shows what they cost). With ``--streams N``
    (alone: 500) each mixed scenario runs alternately without and with N open migration-event streams
    on the streams service (``bench/api/streams.py``: one asyncio client, nodes' progress published
    twice a second), and reports whether each stream got every event. With ``--consoles N`` (alone:
@@ -83,6 +84,7 @@ class Scenario:
     connections: int
     duration: float
     batch: int = 0
+    write_percent: int = 10  # mixed: the share of writes (BENCH_WRITE_PCT of scenario.lua)
 
 
 @dataclass
@@ -549,6 +551,7 @@ def run_wrk(
         BENCH_MODE=scenario.mode,
         BENCH_LINES=str(lines[scenario.lines]),
         BENCH_BATCH=str(scenario.batch),
+        BENCH_WRITE_PCT=str(scenario.write_percent),
         BENCH_TOKEN=writer_token,
         BENCH_RUN=run_id
         + "".join(ch for ch in scenario.name if ch.isalnum())[:12]
@@ -624,6 +627,7 @@ def measure(
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
     d = args.duration
     c = args.connections
+    w = args.write_percent
     return [
         Scenario("bare /healthz", "get", "bare", c, d),
         Scenario("vm list cached", "get", "list", c, d),
@@ -632,7 +636,10 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         Scenario("vm detail uncached", "get-bust", "detail", c, d),
         Scenario("POST batch of 10", "batch", "list", 4, d, batch=10),
         Scenario("POST batch of 1000", "batch", "list", 2, max(d, 20), batch=1000),
-        *(Scenario("mixed 90/10", "mixed", "mixed", conns, d) for conns in (16, 64, 256)),
+        *(
+            Scenario(f"mixed {100 - w}/{w}", "mixed", "mixed", conns, d, write_percent=w)
+            for conns in (16, 64, 256)
+        ),
     ]
 
 
@@ -917,6 +924,14 @@ def main() -> None:
         "the runs 'with' hold both",
     )
     parser.add_argument(
+        "--write-percent",
+        type=int,
+        default=10,
+        choices=range(101),
+        metavar="W",
+        help="mixed: the share of writes in percent (default 10; 0 shows what the writes cost)",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=2, help="--streams/--consoles: without/with alternations per scenario"
     )
     args = parser.parse_args()
@@ -1086,7 +1101,7 @@ def _remove_earlier_writes() -> int:
 
     mine = (
         "SELECT id FROM vms WHERE owner_id = (SELECT id FROM auth_user WHERE username = 'bench-writer') "
-        r"OR name ~ '^m[0-9a-f]{6}mixed9010\d+-\d+-\d+$'"
+        r"OR name ~ '^m[0-9a-f]{6}mixed\d+-\d+-\d+$'"
     )
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("CREATE INDEX bench_metrics_vm_idx ON metrics (vm_id)")

@@ -3,8 +3,9 @@
 -- BENCH_MODE   get       GET a random line of BENCH_LINES ("<token>\t<path>", token may be "-")
 --              get-bust  the same with a unique "?bust=" parameter: every request misses the cache
 --              batch     POST /api/v1/vms/batch/ with BENCH_BATCH new VMs without NICs (token BENCH_TOKEN)
---              mixed     90 % GETs as in "get", 10 % writes by the line's user: half create one VM,
---                        half rename a VM of theirs (the line's detail path)
+--              mixed     GETs as in "get" and BENCH_WRITE_PCT % (default 10) writes by the line's user: a
+--                        create of one VM (on a list line, else at a coin flip: 60 % of the writes) or a
+--                        rename of a VM of theirs (the line's detail path: 40 %)
 -- BENCH_RUN    a run id that keeps VM names unique across runs
 -- The summary is printed as one JSON line prefixed with "BENCH_RESULT ".
 
@@ -13,6 +14,7 @@ local run_id = os.getenv("BENCH_RUN") or tostring(os.time())
 local batch_size = tonumber(os.getenv("BENCH_BATCH") or "10")
 local batch_token = os.getenv("BENCH_TOKEN") or ""
 local image = os.getenv("BENCH_IMAGE") or "bench-image"
+local write_percent = tonumber(os.getenv("BENCH_WRITE_PCT") or "10")
 
 local threads = {}
 local thread_count = 0
@@ -85,7 +87,7 @@ function request()
     return write_json("POST", "/api/v1/vms/batch/", batch_token, '{"vms":[' .. table.concat(items, ",") .. ']}')
   end
   -- mixed
-  if math.random(100) > 10 then return get(false) end
+  if math.random(100) > write_percent then return get(false) end
   local line = lines[math.random(#lines)]
   if math.random(2) == 1 or not line[2]:find("/vms/%x") then
     return write_json("POST", "/api/v1/vms/", line[1], vm_item(unique("m")))
