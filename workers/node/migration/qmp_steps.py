@@ -15,6 +15,7 @@ from typing import Any
 
 from workers.qemu import Accelerator, QemuError, QmpError, QmpSession, QmpTimeout
 
+from .forecast import ForecastWatch
 from .transfer import POLL_SECONDS, SendJob
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def mirror_and_migrate(
     disk_socket: Path,
     memory_socket: Path,
     accelerator: Accelerator,
+    watch: ForecastWatch,
     on_memory_phase: Callable[[], None],
 ) -> None:
     """The QMP sequence on the source, from the mirror to the completed migration (source paused).
@@ -91,6 +93,12 @@ def mirror_and_migrate(
         {"capability": "auto-converge", "state": bool(job.options.get("auto_converge", True))},
     ]
     qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+    downtime_limit = int(job.options.get("downtime_limit_ms") or 100)
+    qemu_limit = max(downtime_limit - SWITCHOVER_RESERVE_MS, QEMU_DOWNTIME_FLOOR_MS)
+    if accelerator is Accelerator.TCG:
+        qemu_limit = max(qemu_limit, TCG_QEMU_DOWNTIME_MS)
+    watch.forecaster.downtime_limit = qemu_limit / 1000  # what decides QEMU's switch
+    memory_total = float(job.spec.memory_mb) * (1 << 20)
     clear_leftovers(qmp.execute)
     mark = qmp.event_mark()
     qmp.execute(
@@ -122,6 +130,7 @@ def mirror_and_migrate(
                     disk_processed=offset,
                     disk_remaining=max(total - offset, 0),
                     percent=50.0 * fraction,
+                    **watch.disk(remaining=max(total - offset, 0), memory_total=memory_total),
                 )
         if has_event(qmp, mark, "BLOCK_JOB_CANCELLED", job_id) or has_event(
             qmp, mark, "BLOCK_JOB_ERROR", job_id
@@ -130,10 +139,6 @@ def mirror_and_migrate(
         time.sleep(POLL_SECONDS)
     job.publisher.update(phase="memory", percent=50.0, disk_remaining=0, force=True)
     on_memory_phase()
-    downtime_limit = int(job.options.get("downtime_limit_ms") or 100)
-    qemu_limit = max(downtime_limit - SWITCHOVER_RESERVE_MS, QEMU_DOWNTIME_FLOOR_MS)
-    if accelerator is Accelerator.TCG:
-        qemu_limit = max(qemu_limit, TCG_QEMU_DOWNTIME_MS)
     qmp.execute(
         "migrate-set-parameters",
         {"downtime-limit": qemu_limit, "max-bandwidth": UNLIMITED_QEMU_BANDWIDTH},
@@ -168,8 +173,8 @@ def mirror_and_migrate(
                 dirty_rate=float(ram.get("dirty-pages-rate", 0)) * float(ram.get("page-size", 4096)),
                 rate_bps=float(ram.get("mbps", 0)) * 1_000_000,
                 wire_bytes=transferred,
-                eta_seconds=(remaining * 8 / (float(ram["mbps"]) * 1_000_000)) if ram.get("mbps") else None,
                 percent=50.0 + 49.0 * (processed / total if total else 0.0),
+                **watch.memory(ram),
             )
         if status == "pre-switchover":
             stop = next((event for event in qmp.events_since(migrate_mark) if event.name == "STOP"), None)

@@ -1,0 +1,349 @@
+"""The source's forecast of a live migration: its remaining time and whether its pre-copy converges.
+
+Sans-I/O: :class:`Forecaster` takes one :class:`Sample` per progress poll (QMP figures and the DWCP
+tunnels' raw and wire byte counters) and returns a :class:`Forecast`; :class:`ForecastWatch` binds it
+to a migration (tunnel reporters in, progress fields and verdict reports out).
+
+Model. The link rate is the wire bytes/s over the last ``WINDOW_SECONDS``, the compression ratio the
+raw/wire bytes over the same window, the effective rate their product (raw bytes the link carries per
+second). QEMU's RAM migration is a series of passes: each sends what the guest dirtied during the one
+before, and QEMU switches over once what is left fits its downtime limit at its measured bandwidth.
+The next pass is ``dirty rate x this pass's duration`` (at most the guest's RAM), sent at the effective
+rate; passes are predicted until one fits the limit. The remaining time is the disk mirror's remainder,
+the current memory pass (its remainder times the non-zero share seen so far in it: zero pages cost
+only a header), the predicted passes and the final copy with the guest paused.
+
+Invariants:
+  - The verdict is ``unknown`` until QEMU measured a dirty rate (its first sync, at the end of the first
+    pass) and the link was watched for ``MIN_SPAN_SECONDS``; afterwards it is decided once per pass
+    (at each sync, when QEMU's dirty rate changes), never between two: it cannot flicker.
+  - ``no`` when the dirty rate is at least the effective rate less ``MARGIN``, when more than
+    ``MAX_PASSES`` would be needed, or when the pass sizes stopped shrinking for ``STUCK_PASSES``.
+  - The ETA is ``None`` while unknown and while the verdict is ``no`` (it would never end by itself).
+
+Why the ETA does not saw-tooth: a naive ``remaining / rate`` drops towards zero at the end of every
+pass and jumps back at the next sync. Here the prediction includes the passes still to come, so a sync
+moves figures from "predicted" to "current" without changing the total much; the rates are differences
+of cumulative counters over a fixed window (one late sample moves them by its share of the window, not
+by its own jitter); and what is smoothed is the predicted *finish time* (an EWMA, weight
+``FINISH_SMOOTHING``), not the remaining time: a correct prediction is a constant finish time, which the
+EWMA leaves unchanged, so the ETA counts down one second per second, while a single outlying sample
+moves the finish time by only a fraction of its error. A finish time that recedes (the guest dirties
+more) is followed at the same pace.
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers import contract
+from workers.dwcp import Progress
+
+logger = logging.getLogger(__name__)
+
+WINDOW_SECONDS = (
+    3.0  # the link rate's window: several DWCP progress ticks (5/s), short enough to follow a change
+)
+MIN_SPAN_SECONDS = 1.0  # a rate over less than this is noise (a burst filling socket buffers)
+FINISH_SMOOTHING = 0.3  # EWMA weight of a new predicted finish time
+DIRTY_SMOOTHING = 0.5  # EWMA weight of a new dirty-rate measurement (one per QEMU sync)
+MARGIN = 0.1  # "converging" needs an effective rate at least 10 % above the dirty rate
+MAX_PASSES = 30  # more predicted passes than this is "no": each pass costs a full round of the dirty set
+STUCK_PASSES = 3  # this many passes in a row that did not shrink the dirty set: "no"
+SWITCH_SECONDS = 0.3  # the switch around QEMU's last pass (mirror end, resume): measured 0.1-0.5 s
+MEBI = float(1 << 20)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One progress poll of the source. Byte counts are cumulative except the ``*_remaining``."""
+
+    at: float  # monotonic seconds
+    phase: contract.ProgressPhase
+    raw_bytes: float  # into the DWCP tunnels (both), since the migration started
+    wire_bytes: float  # on the wire (both tunnels)
+    disk_remaining: float
+    memory_total: float
+    memory_remaining: float = 0.0  # QEMU's ram.remaining of the current pass (memory phase)
+    memory_transferred: float = 0.0  # QEMU's ram.transferred (non-zero pages and headers)
+    dirty_rate: float = 0.0  # bytes/s, QEMU's dirty-pages-rate x page size (0 before its first sync)
+    passes: int = 0  # QEMU's dirty-sync-count: 1 during the first pass
+
+
+@dataclass(frozen=True)
+class Forecast:
+    eta_seconds: float | None  # the whole migration's remaining time
+    phase_eta_seconds: float | None  # the current phase's (disk: the mirror; memory: the current pass)
+    converging: contract.Converging
+    reason: str
+    link_rate: float | None = None  # wire bytes/s
+    compression: float | None = None  # raw / wire
+    dirty_rate: float | None = None  # bytes/s, smoothed
+    passes: int = 0
+
+    def progress_fields(self) -> dict[str, Any]:
+        """The fields of ``contract.MigrationProgress`` this forecast sets ("" clears an unknown)."""
+        return {
+            "eta_seconds": "" if self.eta_seconds is None else round(self.eta_seconds, 2),
+            "phase_eta_seconds": "" if self.phase_eta_seconds is None else round(self.phase_eta_seconds, 2),
+            "converging": self.converging,
+            "converging_reason": self.reason,
+            "link_rate_bps": "" if self.link_rate is None else round(self.link_rate * 8),
+            "compression_ratio": "" if self.compression is None else round(self.compression, 3),
+            "memory_passes": self.passes,
+        }
+
+
+@dataclass
+class _Pass:
+    number: int
+    started: float
+    start_size: float  # QEMU's remaining at the sync that began it
+    transferred: float  # QEMU's transferred then
+    drained: float  # pages processed so far (bytes) then
+
+
+@dataclass
+class Forecaster:
+    """Turns samples into forecasts; ``downtime_limit`` is QEMU's (seconds), set before the memory phase."""
+
+    downtime_limit: float
+    window: deque[Sample] = field(default_factory=deque)
+    dirty_rate: float | None = None
+    verdict: contract.Converging = "unknown"
+    reason: str = "waiting for enough samples of the link"
+    finish: float | None = None
+    passes: list[_Pass] = field(default_factory=list)
+    drained: float = 0.0  # memory pages processed, all passes (bytes)
+    last: Sample | None = None
+    decided_at: int = 0  # the pass whose start last decided the verdict
+
+    def add(self, sample: Sample) -> Forecast:
+        self._track(sample)
+        link_rate, compression = self._link()
+        effective = link_rate * compression if link_rate is not None and compression is not None else None
+        if sample.phase == "memory" and self.passes and self.passes[-1].number != self.decided_at:
+            self._decide(sample, effective)
+        eta, phase_eta = self._eta(sample, effective)
+        if self.verdict == "no":
+            eta = None
+        smoothed = self._smooth(sample.at, eta)
+        return Forecast(
+            eta_seconds=smoothed,
+            phase_eta_seconds=phase_eta,
+            converging=self.verdict,
+            reason=self.reason,
+            link_rate=link_rate,
+            compression=compression,
+            dirty_rate=self.dirty_rate,
+            passes=sample.passes,
+        )
+
+    def _track(self, sample: Sample) -> None:
+        self.window.append(sample)
+        while len(self.window) > 2 and sample.at - self.window[1].at >= WINDOW_SECONDS:
+            self.window.popleft()
+        previous, self.last = self.last, sample
+        if sample.phase != "memory":
+            return
+        if previous is not None and previous.phase == "memory":
+            self.drained += max(previous.memory_remaining - sample.memory_remaining, 0.0)
+        if not self.passes or sample.passes > self.passes[-1].number:
+            self.passes.append(
+                _Pass(
+                    sample.passes, sample.at, sample.memory_remaining, sample.memory_transferred, self.drained
+                )
+            )
+            if sample.dirty_rate > 0 and sample.passes > 1:  # a new measurement: one per sync
+                self.dirty_rate = (
+                    sample.dirty_rate
+                    if self.dirty_rate is None
+                    else DIRTY_SMOOTHING * sample.dirty_rate + (1 - DIRTY_SMOOTHING) * self.dirty_rate
+                )
+
+    def _link(self) -> tuple[float | None, float | None]:
+        first, last = self.window[0], self.window[-1]
+        span = last.at - first.at
+        wire = last.wire_bytes - first.wire_bytes
+        if span < MIN_SPAN_SECONDS or wire <= 0:
+            return None, None
+        raw = last.raw_bytes - first.raw_bytes
+        return wire / span, max(raw / wire, 1.0 / 64)
+
+    def _decide(self, sample: Sample, effective: float | None) -> None:
+        """The verdict at a pass boundary (see the module's invariants)."""
+        if self.dirty_rate is None or effective is None:
+            self.reason = "waiting for QEMU's first dirty-rate measurement (the end of its first pass)"
+            return
+        self.decided_at = self.passes[-1].number
+        limit_bytes = effective * self.downtime_limit
+        figures = (
+            f"dirty rate {self.dirty_rate / MEBI:.1f} MiB/s, effective rate {effective / MEBI:.1f} MiB/s "
+            f"(link {effective / self._compression_or_one() / MEBI:.1f} MiB/s x compression "
+            f"{self._compression_or_one():.2f})"
+        )
+        sizes = [p.start_size for p in self.passes[1:]]  # the first pass is all of RAM
+        stuck = len(sizes) >= STUCK_PASSES and all(
+            later >= earlier * 0.95 and later > limit_bytes
+            for earlier, later in zip(sizes[-STUCK_PASSES:], sizes[-STUCK_PASSES + 1 :], strict=False)
+        )
+        if self.dirty_rate * (1 + MARGIN) >= effective:
+            self.verdict = "no"
+            self.reason = f"{figures}: the guest dirties memory as fast as the link carries it"
+        elif stuck:
+            self.verdict = "no"
+            self.reason = (
+                f"{figures}: the dirty set stayed at {sizes[-1] / MEBI:.1f} MiB for {STUCK_PASSES} passes, "
+                f"above the {limit_bytes / MEBI:.1f} MiB the downtime limit allows"
+            )
+        else:
+            needed = self._passes_needed(sample.memory_remaining, effective)
+            if needed is None:
+                self.verdict = "no"
+                self.reason = f"{figures}: more than {MAX_PASSES} passes would be needed"
+            else:
+                self.verdict = "yes"
+                self.reason = (
+                    f"{figures}: about {needed} more pass(es) until the dirty set fits the "
+                    f"{self.downtime_limit * 1000:.0f} ms downtime limit ({limit_bytes / MEBI:.1f} MiB)"
+                )
+
+    def _compression_or_one(self) -> float:
+        return self._link()[1] or 1.0
+
+    def _passes_needed(self, remaining: float, effective: float) -> int | None:
+        """Passes after the current one until one fits the downtime limit (None: more than MAX_PASSES)."""
+        return (
+            len(self._future_passes(remaining, effective)) if self._converges(remaining, effective) else None
+        )
+
+    def _future_passes(self, remaining: float, effective: float) -> list[float]:
+        """Sizes of the passes after the current one, the last of which fits the limit (bounded)."""
+        rate = self.dirty_rate or 0.0
+        total = self.last.memory_total if self.last is not None else remaining
+        current = self.passes[-1] if self.passes else None
+        elapsed = (self.last.at - current.started) if current is not None and self.last is not None else 0.0
+        size = min(rate * (elapsed + remaining / effective), total)
+        sizes: list[float] = []
+        while size > effective * self.downtime_limit and len(sizes) < MAX_PASSES:
+            sizes.append(size)
+            size = min(rate * size / effective, total)
+        sizes.append(size)
+        return sizes
+
+    def _converges(self, remaining: float, effective: float) -> bool:
+        sizes = self._future_passes(remaining, effective)
+        return sizes[-1] <= effective * self.downtime_limit
+
+    def _eta(self, sample: Sample, effective: float | None) -> tuple[float | None, float | None]:
+        if effective is None or effective <= 0:
+            return None, None
+        if sample.phase == "disk":
+            disk = sample.disk_remaining / effective
+            # The first memory pass: all of RAM at most (its zero pages cost only headers).
+            memory = sample.memory_total / effective if sample.memory_total else 0.0
+            return disk + memory + SWITCH_SECONDS, disk
+        current = self._current_pass_seconds(sample, effective)
+        if self.dirty_rate is None:
+            return current + SWITCH_SECONDS, current
+        if not self._converges(sample.memory_remaining, effective):
+            return None, current
+        return current + sum(self._future_passes(sample.memory_remaining, effective)) / effective + (
+            SWITCH_SECONDS
+        ), current
+
+    def _current_pass_seconds(self, sample: Sample, effective: float) -> float:
+        """The current pass's remainder at the effective rate, times its share of non-zero pages so far."""
+        current = self.passes[-1]
+        drained = self.drained - current.drained
+        sent = sample.memory_transferred - current.transferred
+        share = min(sent / drained, 1.0) if drained >= MEBI else 1.0
+        return sample.memory_remaining * share / effective
+
+    def _smooth(self, now: float, eta: float | None) -> float | None:
+        if eta is None:
+            self.finish = None
+            return None
+        predicted = now + eta
+        self.finish = (
+            predicted
+            if self.finish is None
+            else FINISH_SMOOTHING * predicted + (1 - FINISH_SMOOTHING) * self.finish
+        )
+        return max(self.finish - now, 0.0)
+
+
+class ForecastWatch:
+    """A migration's forecast on the source: fed by the tunnels and the QMP polls, read by the publisher.
+
+    ``on_verdict(forecast)`` is called when the verdict changes, and at every new pass while it is
+    ``no`` (the control plane's policy counts passes).
+    """
+
+    def __init__(self, on_verdict: Callable[[Forecast], None], downtime_limit: float = 0.1) -> None:
+        self.forecaster = Forecaster(downtime_limit=downtime_limit)
+        self.on_verdict = on_verdict
+        self._tunnels: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._reported: tuple[contract.Converging, int] = ("unknown", 0)
+
+    def tunnel_reporter(self, name: str) -> "TunnelCounter":
+        return TunnelCounter(self, name)
+
+    def count(self, name: str, progress: Progress) -> None:
+        with self._lock:
+            self._tunnels[name] = (progress.raw_bytes, progress.wire_bytes)
+
+    def _bytes(self) -> tuple[float, float]:
+        with self._lock:
+            return (
+                float(sum(raw for raw, _ in self._tunnels.values())),
+                float(sum(wire for _, wire in self._tunnels.values())),
+            )
+
+    def disk(self, *, remaining: float, memory_total: float) -> dict[str, Any]:
+        raw, wire = self._bytes()
+        sample = Sample(time.monotonic(), "disk", raw, wire, remaining, memory_total)
+        return self._add(sample)
+
+    def memory(self, ram: dict[str, Any]) -> dict[str, Any]:
+        raw, wire = self._bytes()
+        sample = Sample(
+            at=time.monotonic(),
+            phase="memory",
+            raw_bytes=raw,
+            wire_bytes=wire,
+            disk_remaining=0.0,
+            memory_total=float(ram.get("total", 0)),
+            memory_remaining=float(ram.get("remaining", 0)),
+            memory_transferred=float(ram.get("transferred", 0)),
+            dirty_rate=float(ram.get("dirty-pages-rate", 0)) * float(ram.get("page-size", 4096)),
+            passes=int(ram.get("dirty-sync-count", 0)),
+        )
+        return self._add(sample)
+
+    def _add(self, sample: Sample) -> dict[str, Any]:
+        forecast = self.forecaster.add(sample)
+        reported = (forecast.converging, forecast.passes if forecast.converging == "no" else 0)
+        if forecast.converging != "unknown" and reported != self._reported:
+            self._reported = reported
+            try:
+                self.on_verdict(forecast)
+            except Exception:  # a report that cannot be sent must not stop the migration
+                logger.exception("forecast verdict not reported")
+        return forecast.progress_fields()
+
+
+@dataclass
+class TunnelCounter:
+    """A DWCP ``Reporter`` that hands one tunnel's byte counters to its watch."""
+
+    watch: ForecastWatch
+    name: str
+
+    def report(self, progress: Progress) -> None:
+        self.watch.count(self.name, progress)
