@@ -409,6 +409,10 @@ class MigrationProgress(TypedDict, total=False):
     link_rate_bps: float  # wire bits/s over the forecast's window
     compression_ratio: float  # raw / wire bytes over that window
     memory_passes: float  # QEMU's dirty-sync-count
+    memory_transferred: float  # QEMU's ram.transferred
+    tunnel_raw_bytes: float  # into the DWCP tunnels so far (live)
+    tunnel_wire_bytes: float  # on the wire from them so far (live)
+    sampled_dirty_rate: float  # bytes/s, QMP calc-dirty-rate's sample of the guest (live, disk phase)
     updated: float  # epoch seconds
 
 

@@ -14,9 +14,10 @@ the current memory pass (its remainder times the non-zero share seen so far in i
 only a header), the predicted passes and the final copy with the guest paused.
 
 Invariants:
-  - The verdict is ``unknown`` until QEMU measured a dirty rate (its first sync, at the end of the first
-    pass) and the link was watched for ``MIN_SPAN_SECONDS``; afterwards it is decided once per pass
-    (at each sync, when QEMU's dirty rate changes), never between two: it cannot flicker.
+  - The verdict is ``unknown`` until the guest's dirty rate is known (QMP ``calc-dirty-rate`` sampled
+    during the disk phase, then QEMU's own at each sync) and the link was watched for
+    ``MIN_SPAN_SECONDS``; it is decided once per pass (at its start, or as soon as both are known),
+    never between two: it cannot flicker.
   - ``no`` when the dirty rate is at least the effective rate less ``MARGIN``, when more than
     ``MAX_PASSES`` would be needed, or when the pass sizes stopped shrinking for ``STUCK_PASSES``.
   - The ETA is ``None`` while unknown and while the verdict is ``no`` (it would never end by itself).
@@ -72,6 +73,40 @@ class Sample:
     memory_transferred: float = 0.0  # QEMU's ram.transferred (non-zero pages and headers)
     dirty_rate: float = 0.0  # bytes/s, QEMU's dirty-pages-rate x page size (0 before its first sync)
     passes: int = 0  # QEMU's dirty-sync-count: 1 during the first pass
+    sampled_dirty_rate: float | None = None  # bytes/s, QMP calc-dirty-rate's (None: not measured yet)
+
+    def progress_fields(self) -> dict[str, Any]:
+        """The inputs a progress snapshot carries besides the QMP figures it already has."""
+        return {
+            "tunnel_raw_bytes": self.raw_bytes,
+            "tunnel_wire_bytes": self.wire_bytes,
+            "memory_transferred": self.memory_transferred,
+            "memory_passes": self.passes,
+        } | ({} if self.sampled_dirty_rate is None else {"sampled_dirty_rate": self.sampled_dirty_rate})
+
+    @classmethod
+    def from_progress(cls, snapshot: dict[str, Any]) -> "Sample":
+        """The sample a published snapshot was made from (``updated`` as its time): to replay one."""
+
+        def figure(name: str) -> float:
+            try:
+                return float(snapshot.get(name) or 0)
+            except (TypeError, ValueError):
+                return 0.0
+
+        return cls(
+            at=figure("updated"),
+            phase="memory" if snapshot.get("phase") == "memory" else "disk",
+            raw_bytes=figure("tunnel_raw_bytes"),
+            wire_bytes=figure("tunnel_wire_bytes"),
+            disk_remaining=figure("disk_remaining"),
+            memory_total=figure("memory_total"),
+            memory_remaining=figure("memory_remaining"),
+            memory_transferred=figure("memory_transferred"),
+            dirty_rate=figure("dirty_rate"),
+            passes=int(figure("memory_passes")),
+            sampled_dirty_rate=figure("sampled_dirty_rate") if "sampled_dirty_rate" in snapshot else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,7 +129,6 @@ class Forecast:
             "converging_reason": self.reason,
             "link_rate_bps": "" if self.link_rate is None else round(self.link_rate * 8),
             "compression_ratio": "" if self.compression is None else round(self.compression, 3),
-            "memory_passes": self.passes,
         }
 
 
@@ -113,7 +147,8 @@ class Forecaster:
 
     downtime_limit: float
     window: deque[Sample] = field(default_factory=deque)
-    dirty_rate: float | None = None
+    dirty_rate: float | None = None  # QEMU's own measurements (one per sync), smoothed
+    sampled_dirty_rate: float | None = None  # QMP calc-dirty-rate's, before QEMU's first sync
     verdict: contract.Converging = "unknown"
     reason: str = "waiting for enough samples of the link"
     finish: float | None = None
@@ -139,11 +174,18 @@ class Forecaster:
             reason=self.reason,
             link_rate=link_rate,
             compression=compression,
-            dirty_rate=self.dirty_rate,
+            dirty_rate=self.guest_dirty_rate,
             passes=sample.passes,
         )
 
+    @property
+    def guest_dirty_rate(self) -> float | None:
+        """QEMU's measurement once it has one, else the sampled one taken before the memory phase."""
+        return self.dirty_rate if self.dirty_rate is not None else self.sampled_dirty_rate
+
     def _track(self, sample: Sample) -> None:
+        if sample.sampled_dirty_rate is not None:
+            self.sampled_dirty_rate = sample.sampled_dirty_rate
         self.window.append(sample)
         while len(self.window) > 2 and sample.at - self.window[1].at >= WINDOW_SECONDS:
             self.window.popleft()
@@ -176,13 +218,14 @@ class Forecaster:
 
     def _decide(self, sample: Sample, effective: float | None) -> None:
         """The verdict at a pass boundary (see the module's invariants)."""
-        if self.dirty_rate is None or effective is None:
-            self.reason = "waiting for QEMU's first dirty-rate measurement (the end of its first pass)"
+        dirty_rate = self.guest_dirty_rate
+        if dirty_rate is None or effective is None:
+            self.reason = "waiting for a measurement of the guest's dirty rate and of the link"
             return
         self.decided_at = self.passes[-1].number
         limit_bytes = effective * self.downtime_limit
         figures = (
-            f"dirty rate {self.dirty_rate / MEBI:.1f} MiB/s, effective rate {effective / MEBI:.1f} MiB/s "
+            f"dirty rate {dirty_rate / MEBI:.1f} MiB/s, effective rate {effective / MEBI:.1f} MiB/s "
             f"(link {effective / self._compression_or_one() / MEBI:.1f} MiB/s x compression "
             f"{self._compression_or_one():.2f})"
         )
@@ -191,7 +234,7 @@ class Forecaster:
             later >= earlier * 0.95 and later > limit_bytes
             for earlier, later in zip(sizes[-STUCK_PASSES:], sizes[-STUCK_PASSES + 1 :], strict=False)
         )
-        if self.dirty_rate * (1 + MARGIN) >= effective:
+        if dirty_rate * (1 + MARGIN) >= effective:
             self.verdict = "no"
             self.reason = f"{figures}: the guest dirties memory as fast as the link carries it"
         elif stuck:
@@ -223,7 +266,7 @@ class Forecaster:
 
     def _future_passes(self, remaining: float, effective: float) -> list[float]:
         """Sizes of the passes after the current one, the last of which fits the limit (bounded)."""
-        rate = self.dirty_rate or 0.0
+        rate = self.guest_dirty_rate or 0.0
         total = self.last.memory_total if self.last is not None else remaining
         current = self.passes[-1] if self.passes else None
         elapsed = (self.last.at - current.started) if current is not None and self.last is not None else 0.0
@@ -248,7 +291,7 @@ class Forecaster:
             memory = sample.memory_total / effective if sample.memory_total else 0.0
             return disk + memory + SWITCH_SECONDS, disk
         current = self._current_pass_seconds(sample, effective)
-        if self.dirty_rate is None:
+        if self.guest_dirty_rate is None:
             return current + SWITCH_SECONDS, current
         if not self._converges(sample.memory_remaining, effective):
             return None, current
@@ -290,6 +333,14 @@ class ForecastWatch:
         self._tunnels: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._reported: tuple[contract.Converging, int] = ("unknown", 0)
+        self._sampled: float | None = None
+
+    @property
+    def wants_sampled_dirty_rate(self) -> bool:
+        return self._sampled is None and self.forecaster.dirty_rate is None
+
+    def sampled_dirty_rate(self, bytes_per_second: float) -> None:
+        self._sampled = bytes_per_second
 
     def tunnel_reporter(self, name: str) -> "TunnelCounter":
         return TunnelCounter(self, name)
@@ -307,7 +358,9 @@ class ForecastWatch:
 
     def disk(self, *, remaining: float, memory_total: float) -> dict[str, Any]:
         raw, wire = self._bytes()
-        sample = Sample(time.monotonic(), "disk", raw, wire, remaining, memory_total)
+        sample = Sample(
+            time.monotonic(), "disk", raw, wire, remaining, memory_total, sampled_dirty_rate=self._sampled
+        )
         return self._add(sample)
 
     def memory(self, ram: dict[str, Any]) -> dict[str, Any]:
@@ -323,6 +376,7 @@ class ForecastWatch:
             memory_transferred=float(ram.get("transferred", 0)),
             dirty_rate=float(ram.get("dirty-pages-rate", 0)) * float(ram.get("page-size", 4096)),
             passes=int(ram.get("dirty-sync-count", 0)),
+            sampled_dirty_rate=self._sampled,
         )
         return self._add(sample)
 
@@ -335,7 +389,7 @@ class ForecastWatch:
                 self.on_verdict(forecast)
             except Exception:  # a report that cannot be sent must not stop the migration
                 logger.exception("forecast verdict not reported")
-        return forecast.progress_fields()
+        return sample.progress_fields() | forecast.progress_fields()
 
 
 @dataclass
