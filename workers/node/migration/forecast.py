@@ -186,7 +186,8 @@ class Forecaster:
     def _track(self, sample: Sample) -> None:
         if sample.sampled_dirty_rate is not None:
             self.sampled_dirty_rate = sample.sampled_dirty_rate
-        self.window.append(sample)
+        if sample.wire_bytes > 0:  # before the first byte the link is not measured, only idle
+            self.window.append(sample)
         while len(self.window) > 2 and sample.at - self.window[1].at >= WINDOW_SECONDS:
             self.window.popleft()
         previous, self.last = self.last, sample
@@ -208,6 +209,8 @@ class Forecaster:
                 )
 
     def _link(self) -> tuple[float | None, float | None]:
+        if len(self.window) < 2:
+            return None, None
         first, last = self.window[0], self.window[-1]
         span = last.at - first.at
         wire = last.wire_bytes - first.wire_bytes
@@ -361,7 +364,7 @@ class ForecastWatch:
         sample = Sample(
             time.monotonic(), "disk", raw, wire, remaining, memory_total, sampled_dirty_rate=self._sampled
         )
-        return self._add(sample)
+        return self.add(sample)
 
     def memory(self, ram: dict[str, Any]) -> dict[str, Any]:
         raw, wire = self._bytes()
@@ -378,9 +381,9 @@ class ForecastWatch:
             passes=int(ram.get("dirty-sync-count", 0)),
             sampled_dirty_rate=self._sampled,
         )
-        return self._add(sample)
+        return self.add(sample)
 
-    def _add(self, sample: Sample) -> dict[str, Any]:
+    def add(self, sample: Sample) -> dict[str, Any]:
         forecast = self.forecaster.add(sample)
         reported = (forecast.converging, forecast.passes if forecast.converging == "no" else 0)
         if forecast.converging != "unknown" and reported != self._reported:
