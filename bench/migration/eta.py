@@ -1,0 +1,79 @@
+"""The forecast's ETA in ``make bench-migration``: what it said at 25, 50 and 75 % of each NovaCron run.
+
+An :class:`EtaRecorder` subscribes to every migration's events channel before the run is requested
+(its id is known only after), keeps each progress snapshot's ``eta_seconds`` with its ``updated`` stamp,
+and once the run ended compares, at each mark, the last ETA given by then with the time that really
+remained (to ``finished_at``, when the control plane recorded the completion). The error is
+``(eta - true) / true`` in percent: positive when the forecast was pessimistic.
+"""
+
+import json
+import statistics
+import threading
+from typing import Any
+
+import redis
+
+from workers import contract
+
+MARKS = (25, 50, 75)  # percent of the run's wall time, request to completion
+
+
+class EtaRecorder:
+    """Every ETA the source publishes while it runs (a pattern subscription, on its own thread)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe(contract.MIGRATION_EVENTS_CHANNEL.format(id="*"))
+        self.given: list[tuple[str, float, float]] = []  # (channel, updated, eta_seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self.pubsub.get_message(timeout=0.2)
+            if not message or message["type"] != "pmessage":
+                continue
+            body = json.loads(message["data"])
+            eta, updated = body.get("eta_seconds"), body.get("updated")
+            if isinstance(eta, (int, float)) and isinstance(updated, (int, float)):
+                self.given.append((message["channel"].decode(), float(updated), float(eta)))
+
+    def errors(self, migration_id: str, requested_at: float, ended_at: float) -> dict[str, float | None]:
+        """Stop, and the error in percent at each mark (None: no ETA had been given by then)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.pubsub.close()
+        self.client.close()
+        channel = contract.MIGRATION_EVENTS_CHANNEL.format(id=migration_id)
+        given = [(updated, eta) for name, updated, eta in self.given if name == channel]
+        errors: dict[str, float | None] = {}
+        for mark in MARKS:
+            at = requested_at + mark / 100 * (ended_at - requested_at)
+            before = [(updated, eta) for updated, eta in given if updated <= at]
+            if not before:
+                errors[str(mark)] = None
+                continue
+            updated, eta = before[-1]
+            truth = ended_at - updated
+            errors[str(mark)] = round(100 * (eta - truth) / truth, 1) if truth > 0 else None
+        return errors
+
+
+def distribution(runs: list[dict[str, Any]], mark: str | None = None) -> dict[str, float | None]:
+    """Median and largest absolute error (percent) over runs, at one mark or all of them."""
+    marks = [mark] if mark else [str(m) for m in MARKS]
+    values = [
+        run["eta_error_pct"][m]
+        for run in runs
+        for m in marks
+        if run.get("eta_error_pct", {}).get(m) is not None
+    ]
+    if not values:
+        return {"median": None, "max_abs": None}
+    return {
+        "median": round(statistics.median(values), 1),
+        "max_abs": round(max(abs(value) for value in values), 1),
+    }
