@@ -4,20 +4,32 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('vm_migrations', '0005_image_phase'),
+        ("vm_migrations", "0005_image_phase"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='migration',
-            name='force_complete_after_passes',
-            field=models.PositiveSmallIntegerField(blank=True, help_text='With force_complete_after: the RAM pass from which to force.', null=True),
+            model_name="migration",
+            name="force_complete_after_passes",
+            field=models.PositiveSmallIntegerField(
+                blank=True,
+                help_text="With force_complete_after: the RAM pass from which to force.",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='migration',
-            name='on_no_convergence',
-            field=models.CharField(choices=[('keep', 'Keep trying (auto-converge throttles the guest)'), ('force_complete_after', 'Force-complete after N passes'), ('cancel', 'Cancel (the VM stays on its source)')], default='keep', help_text="Live: what a 'no' convergence verdict of the source's forecast leads to.", max_length=24),
+            model_name="migration",
+            name="on_no_convergence",
+            field=models.CharField(
+                choices=[
+                    ("keep", "Keep trying (auto-converge throttles the guest)"),
+                    ("force_complete_after", "Force-complete after N passes"),
+                    ("cancel", "Cancel (the VM stays on its source)"),
+                ],
+                default="keep",
+                help_text="Live: what a 'no' convergence verdict of the source's forecast leads to.",
+                max_length=24,
+            ),
         ),
     ]

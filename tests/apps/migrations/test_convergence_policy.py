@@ -6,18 +6,19 @@ import redis
 from django.conf import settings
 
 from apps.migrations import services
-from apps.migrations.choices import MigrationMode
+from apps.migrations.choices import MigrationMode, OnNoConvergence
 from apps.migrations.models import Migration
 from apps.vms.models import Node
 from tests.apps.migrations.test_migration_services import _transferring, running_vm  # noqa: F401 (fixture)
 from tests.apps.streams.conftest import publish_progress
+from workers import contract
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 REASON = "dirty rate 12.0 MiB/s, effective rate 3.0 MiB/s (link 2.2 MiB/s x compression 1.39): too fast"
 
 
-def _verdict(migration: Migration, verdict: str, passes: int) -> None:
+def _verdict(migration: Migration, verdict: contract.Converging, passes: int) -> None:
     services.migration_report(
         migration_id=str(migration.pk),
         node="src",
@@ -115,7 +116,7 @@ def test_force_complete_after_n_passes_forces_at_pass_n_once(running_vm, user): 
         requested_by=user,
         mode=MigrationMode.LIVE,
         dest_node=Node.objects.get(name="dst"),
-        on_no_convergence="force_complete_after",
+        on_no_convergence=OnNoConvergence.FORCE_COMPLETE_AFTER,
         force_complete_after_passes=3,
     )
     services.migrations_schedule()
