@@ -26,7 +26,7 @@ class EtaRecorder:
         self.client = redis.Redis.from_url(url)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe(contract.MIGRATION_EVENTS_CHANNEL.format(id="*"))
-        self.given: list[tuple[str, float, float]] = []  # (channel, updated, eta_seconds)
+        self.given: list[tuple[str, float, float, str]] = []  # (channel, updated, eta_seconds, phase)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -39,27 +39,35 @@ class EtaRecorder:
             body = json.loads(message["data"])
             eta, updated = body.get("eta_seconds"), body.get("updated")
             if isinstance(eta, (int, float)) and isinstance(updated, (int, float)):
-                self.given.append((message["channel"].decode(), float(updated), float(eta)))
+                phase = str(body.get("phase", ""))
+                self.given.append((message["channel"].decode(), float(updated), float(eta), phase))
 
-    def errors(self, migration_id: str, requested_at: float, ended_at: float) -> dict[str, float | None]:
-        """Stop, and the error in percent at each mark (None: no ETA had been given by then)."""
+    def stop(self, migration_id: str, requested_at: float) -> list[tuple[float, float, str]]:
+        """Stop listening; the ETAs given for that migration: (seconds since the request, ETA, phase)."""
         self._stop.set()
         self._thread.join(timeout=5)
         self.pubsub.close()
         self.client.close()
         channel = contract.MIGRATION_EVENTS_CHANNEL.format(id=migration_id)
-        given = [(updated, eta) for name, updated, eta in self.given if name == channel]
-        errors: dict[str, float | None] = {}
-        for mark in MARKS:
-            at = requested_at + mark / 100 * (ended_at - requested_at)
-            before = [(updated, eta) for updated, eta in given if updated <= at]
-            if not before:
-                errors[str(mark)] = None
-                continue
-            updated, eta = before[-1]
-            truth = ended_at - updated
-            errors[str(mark)] = round(100 * (eta - truth) / truth, 1) if truth > 0 else None
-        return errors
+        return [
+            (round(updated - requested_at, 2), round(eta, 2), phase)
+            for name, updated, eta, phase in self.given
+            if name == channel
+        ]
+
+
+def errors(given: list[tuple[float, float, str]], duration: float) -> dict[str, float | None]:
+    """The error in percent at each mark of a run that lasted ``duration`` seconds (None: no ETA yet)."""
+    found: dict[str, float | None] = {}
+    for mark in MARKS:
+        before = [(at, eta) for at, eta, _ in given if at <= mark / 100 * duration]
+        if not before:
+            found[str(mark)] = None
+            continue
+        at, eta = before[-1]
+        truth = duration - at
+        found[str(mark)] = round(100 * (eta - truth) / truth, 1) if truth > 0 else None
+    return found
 
 
 def distribution(runs: list[dict[str, Any]], mark: str | None = None) -> dict[str, float | None]:

@@ -156,6 +156,7 @@ class Forecaster:
     drained: float = 0.0  # memory pages processed, all passes (bytes)
     last: Sample | None = None
     decided_at: int = 0  # the pass whose start last decided the verdict
+    smoothed_phase: str = ""  # the phase of the finish time being smoothed
 
     def add(self, sample: Sample) -> Forecast:
         self._track(sample)
@@ -166,7 +167,7 @@ class Forecaster:
         eta, phase_eta = self._eta(sample, effective)
         if self.verdict == "no":
             eta = None
-        smoothed = self._smooth(sample.at, eta)
+        smoothed = self._smooth(sample.at, sample.phase, eta)
         return Forecast(
             eta_seconds=smoothed,
             phase_eta_seconds=phase_eta,
@@ -310,7 +311,9 @@ class Forecaster:
         share = min(sent / drained, 1.0) if drained >= MEBI else 1.0
         return sample.memory_remaining * share / effective
 
-    def _smooth(self, now: float, eta: float | None) -> float | None:
+    def _smooth(self, now: float, phase: str, eta: float | None) -> float | None:
+        if phase != self.smoothed_phase:  # a new phase is a new model: its first prediction stands alone
+            self.finish, self.smoothed_phase = None, phase
         if eta is None:
             self.finish = None
             return None
