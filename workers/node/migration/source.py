@@ -149,6 +149,7 @@ class Source:
             for name, local in (("disk", disk_socket), ("memory", memory_socket))
         ]
         job_id = f"mig-{job.migration_id[:8]}"
+        watch.profile_ram(self.driver.status(job.spec.uuid).pid, job.spec.memory_mb)
         try:
             with self.driver.job_session(job.spec.uuid) as qmp:
                 try:
