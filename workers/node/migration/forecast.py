@@ -193,6 +193,9 @@ class Forecaster:
     def _track(self, sample: Sample) -> None:
         if sample.sampled_dirty_rate is not None:
             self.sampled_dirty_rate = sample.sampled_dirty_rate
+        if self.window and self.window[-1].phase != sample.phase:
+            # The memory stream fills the link at once; the mirror's tail before it may have idled.
+            self.window.clear()
         if sample.wire_bytes > 0:  # before the first byte the link is not measured, only idle
             self.window.append(sample)
         while len(self.window) > 2 and sample.at - self.window[1].at >= WINDOW_SECONDS:
