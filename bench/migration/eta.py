@@ -26,7 +26,7 @@ class EtaRecorder:
         self.client = redis.Redis.from_url(url)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe(contract.MIGRATION_EVENTS_CHANNEL.format(id="*"))
-        self.given: list[tuple[str, float, float, str]] = []  # (channel, updated, eta_seconds, phase)
+        self.snapshots: list[tuple[str, dict[str, Any]]] = []  # (channel, progress snapshot)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -37,30 +37,33 @@ class EtaRecorder:
             if not message or message["type"] != "pmessage":
                 continue
             body = json.loads(message["data"])
-            eta, updated = body.get("eta_seconds"), body.get("updated")
-            if isinstance(eta, (int, float)) and isinstance(updated, (int, float)):
-                phase = str(body.get("phase", ""))
-                self.given.append((message["channel"].decode(), float(updated), float(eta), phase))
+            if "event" not in body:  # the control side's status changes carry no forecast
+                self.snapshots.append((message["channel"].decode(), body))
 
-    def stop(self, migration_id: str, requested_at: float) -> list[tuple[float, float, str]]:
-        """Stop listening; the ETAs given for that migration: (seconds since the request, ETA, phase)."""
+    def stop(self, migration_id: str) -> list[dict[str, Any]]:
+        """Stop listening; the progress snapshots that migration's source published."""
         self._stop.set()
         self._thread.join(timeout=5)
         self.pubsub.close()
         self.client.close()
         channel = contract.MIGRATION_EVENTS_CHANNEL.format(id=migration_id)
-        return [
-            (round(updated - requested_at, 2), round(eta, 2), phase)
-            for name, updated, eta, phase in self.given
-            if name == channel
-        ]
+        return [body for name, body in self.snapshots if name == channel]
 
 
-def errors(given: list[tuple[float, float, str]], duration: float) -> dict[str, float | None]:
+def given(snapshots: list[dict[str, Any]], requested_at: float) -> list[tuple[float, float, str]]:
+    """The ETAs among the snapshots: (seconds since the request, ETA, phase)."""
+    return [
+        (round(body["updated"] - requested_at, 2), round(body["eta_seconds"], 2), str(body.get("phase", "")))
+        for body in snapshots
+        if isinstance(body.get("eta_seconds"), (int, float)) and isinstance(body.get("updated"), (int, float))
+    ]
+
+
+def errors(etas: list[tuple[float, float, str]], duration: float) -> dict[str, float | None]:
     """The error in percent at each mark of a run that lasted ``duration`` seconds (None: no ETA yet)."""
     found: dict[str, float | None] = {}
     for mark in MARKS:
-        before = [(at, eta) for at, eta, _ in given if at <= mark / 100 * duration]
+        before = [(at, eta) for at, eta, _ in etas if at <= mark / 100 * duration]
         if not before:
             found[str(mark)] = None
             continue

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.migration.eta import MARKS, EtaRecorder, distribution, errors
+from bench.migration.eta import MARKS, EtaRecorder, distribution, errors, given
 from bench.migration.netns import Topology, shape, two_hosts
 from bench.migration.outage import Probe
 
@@ -177,7 +177,8 @@ def live_migration(vm_id: Any, user: Any, there: Any, topology: Topology) -> dic
     migration.refresh_from_db()
     if migration.status != "completed" or migration.finished_at is None:
         raise RuntimeError(f"NovaCron migration {migration.pk} {migration.status}: {migration.error}")
-    eta_given = recorder.stop(str(migration.pk), requested_at)
+    snapshots = recorder.stop(str(migration.pk))
+    eta_given = given(snapshots, requested_at)
     eta_errors = errors(eta_given, migration.finished_at.timestamp() - requested_at)
     data = MigrationSerializer(migration).data
     return {
@@ -191,6 +192,9 @@ def live_migration(vm_id: Any, user: Any, there: Any, topology: Topology) -> dic
         "converging": migration.stats.get("converging", "unknown"),
         "eta_error_pct": eta_errors,
         "eta_given": eta_given,  # (seconds since the request, ETA, phase) as the source published them
+        "progress": snapshots,  # every snapshot the source published: the forecast's inputs, to replay
+        "requested_at": requested_at,
+        "finished_at": migration.finished_at.timestamp(),
     }
 
 
@@ -270,7 +274,7 @@ def novacron_runs(
                 "pings_lost": seen["ping"]["sent"] - seen["ping"]["received"],
             }
             runs.append(run)
-            shown = {key: value for key, value in run.items() if key != "eta_given"}
+            shown = {key: value for key, value in run.items() if key not in ("eta_given", "progress")}
             print(f"  novacron {link} run {index + 1}: {shown}", flush=True)
             here = there
             time.sleep(2)  # the source's cleanup lands before the next run starts
