@@ -20,21 +20,23 @@ Invariants:
     never between two: it cannot flicker.
   - ``no`` when the dirty rate is at least the effective rate less ``MARGIN``, when more than
     ``MAX_PASSES`` would be needed, or when the pass sizes stopped shrinking for ``STUCK_PASSES``.
-  - The ETA is ``None`` while unknown and while the verdict is ``no`` (it would never end by itself).
+  - The ETA is ``None`` until the link and the dirty rate were measured, and while the verdict is ``no``
+    (it would never end by itself).
 
 Why the ETA does not saw-tooth: a naive ``remaining / rate`` drops towards zero at the end of every
 pass and jumps back at the next sync. Here the prediction includes the passes still to come, so a sync
 moves figures from "predicted" to "current" without changing the total much; the rates are differences
 of cumulative counters over a fixed window (one late sample moves them by its share of the window, not
-by its own jitter); and what is smoothed is the predicted *finish time* (an EWMA, weight
-``FINISH_SMOOTHING``), not the remaining time: a correct prediction is a constant finish time, which the
-EWMA leaves unchanged, so the ETA counts down one second per second, while a single outlying sample
-moves the finish time by only a fraction of its error. A finish time that recedes (the guest dirties
-more) is followed at the same pace.
+by its own jitter); and what is smoothed is the predicted *finish time*: the published one is the median
+of the predictions of the last ``FINISH_WINDOW_SECONDS``. A correct prediction is a constant finish time,
+so the ETA counts down one second per second; one outlying sample cannot move a median (half the window
+must agree), and a real change (the link speeding up, the guest dirtying more) is followed within half
+the window, where an EWMA would still carry a share of every early error.
 """
 
 import logging
 import os
+import statistics
 import threading
 import time
 from collections import deque
@@ -49,11 +51,9 @@ from workers.qemu.memory import ram_mapping
 
 logger = logging.getLogger(__name__)
 
-WINDOW_SECONDS = (
-    3.0  # the link rate's window: several DWCP progress ticks (5/s), short enough to follow a change
-)
-MIN_SPAN_SECONDS = 1.0  # a rate over less than this is noise (a burst filling socket buffers)
-FINISH_SMOOTHING = 0.3  # EWMA weight of a new predicted finish time
+WINDOW_SECONDS = 2.0  # the link rate's window: 10 DWCP progress ticks, short enough to follow a ramp-up
+MIN_SPAN_SECONDS = 0.6  # a rate over less than this is noise (a burst filling socket buffers)
+FINISH_WINDOW_SECONDS = 1.5  # the predicted finish times whose median is published
 DIRTY_SMOOTHING = 0.5  # EWMA weight of a new dirty-rate measurement (one per QEMU sync)
 MARGIN = 0.1  # "converging" needs an effective rate at least 10 % above the dirty rate
 MAX_PASSES = 30  # more predicted passes than this is "no": each pass costs a full round of the dirty set
@@ -157,7 +157,7 @@ class Forecaster:
     ram_profile: tuple[bool, ...] = ()  # whether each of evenly spaced guest pages is non-zero, in RAM order
     verdict: contract.Converging = "unknown"
     reason: str = "waiting for enough samples of the link"
-    finish: float | None = None
+    finishes: deque[tuple[float, float]] = field(default_factory=deque)  # (when, predicted finish)
     passes: list[_Pass] = field(default_factory=list)
     drained: float = 0.0  # memory pages processed, all passes (bytes)
     last: Sample | None = None
@@ -296,6 +296,9 @@ class Forecaster:
         return sizes[-1] <= effective * self.downtime_limit
 
     def _eta(self, sample: Sample, effective: float | None) -> tuple[float | None, float | None]:
+        """The whole migration's remaining time and the current phase's; the first is unknown until the
+        dirty rate is (without it the passes to come are unknown, and an ETA leaving them out would
+        only jump once they are counted)."""
         if effective is None or effective <= 0:
             return None, None
         if sample.phase == "disk":
@@ -303,10 +306,12 @@ class Forecaster:
             # The first memory pass: its non-zero pages (all of RAM without a profile).
             share = self._profile_share() if self.ram_profile else 1.0
             memory = sample.memory_total * share / effective if sample.memory_total else 0.0
+            if self.guest_dirty_rate is None:
+                return None, disk
             return disk + memory + SWITCH_SECONDS, disk
         current = self._current_pass_seconds(sample, effective)
         if self.guest_dirty_rate is None:
-            return current + SWITCH_SECONDS, current
+            return None, current
         if not self._converges(sample.memory_remaining, effective):
             return None, current
         return current + sum(self._future_passes(sample.memory_remaining, effective)) / effective + (
@@ -339,18 +344,15 @@ class Forecaster:
         return sum(tail) / len(tail) if tail else 1.0
 
     def _smooth(self, now: float, phase: str, eta: float | None) -> float | None:
-        if phase != self.smoothed_phase:  # a new phase is a new model: its first prediction stands alone
-            self.finish, self.smoothed_phase = None, phase
+        if phase != self.smoothed_phase or eta is None:  # a new phase is a new model; unknown restarts
+            self.finishes.clear()
+            self.smoothed_phase = phase
         if eta is None:
-            self.finish = None
             return None
-        predicted = now + eta
-        self.finish = (
-            predicted
-            if self.finish is None
-            else FINISH_SMOOTHING * predicted + (1 - FINISH_SMOOTHING) * self.finish
-        )
-        return max(self.finish - now, 0.0)
+        self.finishes.append((now, now + eta))
+        while now - self.finishes[0][0] > FINISH_WINDOW_SECONDS:
+            self.finishes.popleft()
+        return max(statistics.median(finish for _, finish in self.finishes) - now, 0.0)
 
 
 class ForecastWatch:
