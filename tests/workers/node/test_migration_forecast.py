@@ -1,6 +1,7 @@
 """The source's forecast on real migrations: a guest that dirties memory faster than the link carries it
 is flagged ``converging: no`` within its second RAM pass and the ``cancel`` policy cancels it (the VM
-runs on its source only); a guest that converges shows ``yes`` and an ETA near the true remaining time.
+runs on its source only), the ``keep`` policy lets it go on, flagged at each pass; a guest that
+converges shows ``yes`` and an ETA near the true remaining time.
 
 Each test keeps every progress snapshot the source published (the migration's Redis channel); with
 ``NOVACRON_RECORD_FORECAST=1`` it writes them to ``fixtures/forecast_<case>.jsonl``, the samples the
@@ -133,7 +134,7 @@ def test_a_guest_dirtying_faster_than_the_link_is_flagged_and_cancelled_by_its_p
         "the policy's cancel",
         interval=0.25,
     )
-    samples = snapshots.stop(migration_id, "not_converging")
+    samples = snapshots.stop(migration_id, "not_converging_cancelled")
     migration = Migration.objects.get(pk=migration_id)
     history = list(migration.events.order_by("at", "id").values_list("actor", "detail"))
     assert migration.status == "cancelled", (migration.error, history)
@@ -153,11 +154,64 @@ def test_a_guest_dirtying_faster_than_the_link_is_flagged_and_cancelled_by_its_p
     )
     body = api.get(url).json()
     assert body["converging"] == "no" and body["eta_seconds"] is None
+    # The source published the verdict as soon as it had it (the stream's clients saw it live).
     flagged_at = next(sample for sample in samples if sample.get("converging") == "no")
+    assert int(flagged_at["memory_passes"]) <= 2, flagged_at
     print(
         f"\nflagged at RAM pass {flagged_at.get('memory_passes')}: {flagged_at.get('converging_reason')}; "
         f"{len(samples)} snapshots; test {time.monotonic() - started:.0f} s"
     )
+
+
+def test_the_keep_policy_lets_a_runaway_migration_go_on_flagged_at_each_pass(
+    cluster: Cluster, api, fast_dirty_image: Image
+):
+    from workers.guest.boot import GuestChannel
+
+    started = time.monotonic()
+    source, dest = list(cluster.nodes)
+    vm_id = _create_running(api, "runaway-kept", source, fast_dirty_image.name)
+    channel = GuestChannel.connect(_run_dir(cluster, source, vm_id) / "guest.sock", timeout=30)
+    try:
+        channel.wait_for(r"dirty ready", 120)
+    finally:
+        channel.close()
+    snapshots = Snapshots()
+    migration_id = _migrate(api, vm_id, dest, bandwidth_limit_mbps=SLOW_LINK_MBPS, on_no_convergence="keep")
+    url = f"/api/v1/migrations/{migration_id}/"
+
+    def second_pass_flagged() -> bool:
+        body = api.get(url).json()
+        assert body["status"] in ("queued", "preparing", "transferring"), body
+        history = [event["detail"] for event in body["history"]]
+        return (
+            body["converging"] == "no"
+            and any(d.startswith("converging no") for d in history)
+            and any(body_pass >= 2 for body_pass in _passes(snapshots))
+        )
+
+    wait_for(second_pass_flagged, 120, "a verdict and a second pass", interval=0.25)
+    body = api.get(url).json()
+    assert body["status"] == "transferring" and body["eta_seconds"] is None
+    policy = [event["detail"] for event in body["history"] if event["actor"] == "policy on_no_convergence"]
+    # Recorded at each "no" (auto-converge may bring a "yes" between two), never acted on.
+    assert policy and set(policy) == {"on_no_convergence keep: auto-converge throttles the guest; trying on"}
+    verdicts = [event["detail"] for event in body["history"] if event["detail"].startswith("converging ")]
+    print("\n" + "\n".join(verdicts))
+    assert api.post(f"{url}cancel/").status_code == 202
+    wait_for(lambda: api.get(url).json()["status"] == "cancelled", 60, "the operator's cancel")
+    samples = snapshots.stop(migration_id, "not_converging")
+    print(
+        f"\n{len(samples)} snapshots over {len(set(_passes_of(samples)))} passes; test {time.monotonic() - started:.0f} s"
+    )
+
+
+def _passes(snapshots: Snapshots) -> list[int]:
+    return _passes_of([body for _, body in list(snapshots.messages)])
+
+
+def _passes_of(samples: list[dict[str, Any]]) -> list[int]:
+    return [int(sample.get("memory_passes") or 0) for sample in samples]
 
 
 def test_a_converging_guest_shows_yes_and_an_eta_near_the_truth(

@@ -57,7 +57,7 @@ FINISH_WINDOW_SECONDS = 1.5  # the predicted finish times whose median is publis
 DIRTY_SMOOTHING = 0.5  # EWMA weight of a new dirty-rate measurement (one per QEMU sync)
 MARGIN = 0.1  # "converging" needs an effective rate at least 10 % above the dirty rate
 MAX_PASSES = 30  # more predicted passes than this is "no": each pass costs a full round of the dirty set
-STUCK_PASSES = 3  # this many passes in a row that did not shrink the dirty set: "no"
+STUCK_PASSES = 2  # this many pass starts in a row whose dirty set did not shrink: "no"
 SWITCH_SECONDS = 0.3  # the switch around QEMU's last pass (mirror end, resume): measured 0.1-0.5 s
 MEBI = float(1 << 20)
 PAGE = 4096
@@ -193,8 +193,11 @@ class Forecaster:
     def _track(self, sample: Sample) -> None:
         if sample.sampled_dirty_rate is not None:
             self.sampled_dirty_rate = sample.sampled_dirty_rate
-        if self.window and self.window[-1].phase != sample.phase:
-            # The memory stream fills the link at once; the mirror's tail before it may have idled.
+        if self.window and (
+            self.window[-1].phase != sample.phase or sample.at - self.window[-1].at > WINDOW_SECONDS
+        ):
+            # The memory stream fills the link at once; the mirror's tail before it may have idled. And
+            # a gap in the samples (QMP blocked while QEMU holds its lock) is not a measure of the link.
             self.window.clear()
         if sample.wire_bytes > 0:  # before the first byte the link is not measured, only idle
             self.window.append(sample)
@@ -369,6 +372,7 @@ class ForecastWatch:
         self._lock = threading.Lock()
         self._reported: tuple[contract.Converging, int] = ("unknown", 0)
         self._sampled: float | None = None
+        self.verdict_changed = False  # by the last sample: publish it at once
 
     @property
     def wants_sampled_dirty_rate(self) -> bool:
@@ -428,6 +432,7 @@ class ForecastWatch:
     def add(self, sample: Sample) -> dict[str, Any]:
         forecast = self.forecaster.add(sample)
         reported = (forecast.converging, forecast.passes if forecast.converging == "no" else 0)
+        self.verdict_changed = forecast.converging != "unknown" and reported[0] != self._reported[0]
         if forecast.converging != "unknown" and reported != self._reported:
             self._reported = reported
             try:

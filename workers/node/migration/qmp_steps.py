@@ -166,6 +166,7 @@ def mirror_and_migrate(
         status = info.get("status")
         ram = info.get("ram") or {}
         if ram:
+            forecast = watch.memory(ram)
             total = float(ram.get("total", 0))
             transferred = float(ram.get("transferred", 0))
             remaining = float(ram.get("remaining", 0))
@@ -179,7 +180,8 @@ def mirror_and_migrate(
                 rate_bps=float(ram.get("mbps", 0)) * 1_000_000,
                 wire_bytes=transferred,
                 percent=50.0 + 49.0 * (processed / total if total else 0.0),
-                **watch.memory(ram),
+                force=watch.verdict_changed,
+                **forecast,
             )
         if status == "pre-switchover":
             stop = next((event for event in qmp.events_since(migrate_mark) if event.name == "STOP"), None)
