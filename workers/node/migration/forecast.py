@@ -10,8 +10,9 @@ second). QEMU's RAM migration is a series of passes: each sends what the guest d
 before, and QEMU switches over once what is left fits its downtime limit at its measured bandwidth.
 The next pass is ``dirty rate x this pass's duration`` (at most the guest's RAM), sent at the effective
 rate; passes are predicted until one fits the limit. The remaining time is the disk mirror's remainder,
-the current memory pass (its remainder times the non-zero share seen so far in it: zero pages cost
-only a header), the predicted passes and the final copy with the guest paused.
+the current memory pass (its remainder times its share of non-zero pages: a zero page costs only a
+header; in the first pass from a profile of the guest's RAM read before the migration, later from what
+the pass sent so far), the predicted passes and the final copy with the guest paused.
 
 Invariants:
   - The verdict is ``unknown`` until the guest's dirty rate is known (QMP ``calc-dirty-rate`` sampled
@@ -19,7 +20,9 @@ Invariants:
     ``MIN_SPAN_SECONDS``; it is decided once per pass (at its start, or as soon as both are known),
     never between two: it cannot flicker.
   - ``no`` when the dirty rate is at least the effective rate less ``MARGIN``, when more than
-    ``MAX_PASSES`` would be needed, or when the pass sizes stopped shrinking for ``STUCK_PASSES``.
+    ``MAX_PASSES`` would be needed, or when the dirty set at ``STUCK_PASSES`` pass starts in a row did
+    not shrink (QEMU's dirty rate counts distinct pages since its last sync: a small working set
+    rewritten fast looks slow, its pass sizes do not).
   - The ETA is ``None`` until the link and the dirty rate were measured, and while the verdict is ``no``
     (it would never end by itself).
 
