@@ -2,9 +2,10 @@
 
 ``fixtures/forecast_*.jsonl`` are the progress snapshots a real source published, one JSON object a
 line, recorded by ``NOVACRON_RECORD_FORECAST=1 pytest tests/workers/node/test_migration_forecast.py``
-(two node workers, the test guest under TCG, QEMU's downtime limit 2000 ms as under TCG): a guest
-rewriting 1 MiB/s of its 32 MiB of random data over a 40 Mbit/s DWCP limit (``converging``) and one
-rewriting 8 MiB/s over 24 Mbit/s with the ``keep`` policy, for six passes (``not_converging``).
+(two node workers, the test guest under TCG, QEMU's downtime limit 2000 ms as under TCG), at a time
+when that test limited DWCP's bandwidth rather than shaping the link with tc: a guest rewriting
+1 MiB/s of its 32 MiB of random data at 40 Mbit/s (``converging``) and one rewriting 8 MiB/s at
+24 Mbit/s with the ``keep`` policy, for six passes (``not_converging``).
 Replaying them gives the verdicts and ETAs the source computed, except where the live source had
 samples between two published snapshots (it polls every 0.2 s, publishes at most every 0.25 s) and the
 guest's zero-page profile (not published).
