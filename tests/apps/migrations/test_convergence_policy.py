@@ -4,6 +4,7 @@ Redis; the source's forecast reports are applied as a node sends them)."""
 import pytest
 import redis
 from django.conf import settings
+from django.core.exceptions import ValidationError
 
 from apps.migrations import services
 from apps.migrations.choices import MigrationMode, OnNoConvergence
@@ -155,3 +156,13 @@ def test_keep_policy_records_the_verdicts_and_leaves_the_migration_running(runni
         "on_no_convergence keep: auto-converge throttles the guest; trying on",
         f"converging yes (RAM pass 4): {REASON}",
     ], details
+
+
+def test_the_row_refuses_force_complete_after_without_its_passes(running_vm, user):  # noqa: F811
+    migration = _transferring(running_vm, user)
+    migration.on_no_convergence = OnNoConvergence.FORCE_COMPLETE_AFTER
+    with pytest.raises(ValidationError) as raised:
+        migration.clean()
+    assert "force_complete_after_passes" in raised.value.message_dict
+    migration.force_complete_after_passes = 2
+    migration.clean()
