@@ -205,9 +205,24 @@ MigrationMode = Literal["live", "cold"]
 #   QEMU completed, source paused; cold: disk sent and verified), switched (dest runs or holds the VM),
 #   failed, cancelled, aborted (this migration's QEMU and files removed on that side), cleaned (source
 #   copy removed after the switch), kept (a leftover copy this node did not remove: the detail says why).
+#   forecast (source, live, memory phase: its convergence verdict changed, or another pass while it is
+#   "no"; the detail is the reason, the stats carry converging, converging_reason and memory_passes).
 ReportEvent = Literal[
-    "prepared", "phase", "transferred", "switched", "failed", "cancelled", "aborted", "cleaned", "kept"
+    "prepared",
+    "phase",
+    "transferred",
+    "switched",
+    "failed",
+    "cancelled",
+    "aborted",
+    "cleaned",
+    "kept",
+    "forecast",
 ]
+# Whether a live migration's pre-copy converges under its downtime limit (the source's forecast,
+# ``workers.node.migration.forecast``): unknown until QEMU measured the guest's dirty rate.
+Converging = Literal["yes", "no", "unknown"]
+CONVERGING_VALUES: Final[tuple[Converging, ...]] = get_args(Converging)
 # Where each transfer lands on the destination, by name ("disk"; live also "memory"): the disk file
 # (cold) or the NBD and incoming migration sockets (live), relative to the destination's DWCP roots.
 Targets = dict[str, str]
@@ -316,6 +331,10 @@ class MigrationStats(TypedDict, total=False):
     dest_resumed_at: float
     memory_check: str  # the verdict: match, skipped, unverified (workers.node.migration.memory_check)
     memory_check_ms: float
+    # source, live, "forecast" reports
+    converging: Converging
+    converging_reason: str
+    memory_passes: int  # QEMU's dirty-sync-count when the verdict was given
 
 
 # Control task: a node reports a step of a migration.
@@ -366,8 +385,13 @@ MIGRATION_PROGRESS_KEY: Final = "novacron:migration:{id}:progress"
 MIGRATION_EVENTS_CHANNEL: Final = "novacron:migration:{id}:events"
 
 
+ProgressPhase = Literal["disk", "memory"]
+
+
 class MigrationProgress(TypedDict, total=False):
-    phase: Literal["disk", "memory"]
+    """A progress snapshot. The forecast's figures (live only) are "" while unknown."""
+
+    phase: ProgressPhase
     percent: float
     memory_total: float
     memory_processed: float
@@ -378,11 +402,22 @@ class MigrationProgress(TypedDict, total=False):
     disk_remaining: float
     wire_bytes: float
     rate_bps: float
-    eta_seconds: float
+    eta_seconds: float  # the whole migration's remaining time (live: the forecast's)
+    phase_eta_seconds: float  # the current phase's (live memory phase: the current pass)
+    converging: Converging
+    converging_reason: str  # the verdict's reason, with its figures
+    link_rate_bps: float  # wire bits/s over the forecast's window
+    compression_ratio: float  # raw / wire bytes over that window
+    memory_passes: float  # QEMU's dirty-sync-count
+    memory_transferred: float  # QEMU's ram.transferred
+    tunnel_raw_bytes: float  # into the DWCP tunnels so far (live)
+    tunnel_wire_bytes: float  # on the wire from them so far (live)
+    sampled_dirty_rate: float  # bytes/s, QMP calc-dirty-rate's sample of the guest (live, disk phase)
     updated: float  # epoch seconds
 
 
 MIGRATION_PROGRESS_FIELDS: Final = tuple(MigrationProgress.__annotations__)
+MIGRATION_PROGRESS_TEXT_FIELDS: Final = frozenset({"phase", "converging", "converging_reason"})
 
 # Control knobs the source polls while it transfers: a Redis hash of MigrationControl, written as
 # strings ("" clears the bandwidth limit; "1" sets a flag).

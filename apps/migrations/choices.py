@@ -25,6 +25,14 @@ class MigrationPhase(models.TextChoices):
     MEMORY = "memory", "Memory"
 
 
+class OnNoConvergence(models.TextChoices):
+    """What happens when the source's forecast says a live migration's pre-copy does not converge."""
+
+    KEEP = "keep", "Keep trying (auto-converge throttles the guest)"
+    FORCE_COMPLETE_AFTER = "force_complete_after", "Force-complete after N passes"
+    CANCEL = "cancel", "Cancel (the VM stays on its source)"
+
+
 # Under way on the nodes; a migration that is not under way is queued or ended.
 RUNNING_STATUSES = frozenset(
     {MigrationStatus.PREPARING, MigrationStatus.TRANSFERRING, MigrationStatus.SWITCHING}

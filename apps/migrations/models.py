@@ -3,13 +3,14 @@
 import uuid
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
 from apps.vms.models import VM, Node
 from workers import contract
 
-from .choices import ACTIVE_STATUSES, MigrationMode, MigrationPhase, MigrationStatus
+from .choices import ACTIVE_STATUSES, MigrationMode, MigrationPhase, MigrationStatus, OnNoConvergence
 
 
 class Migration(models.Model):
@@ -28,6 +29,15 @@ class Migration(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="requested_migrations"
     )
     bandwidth_limit_mbps = models.PositiveIntegerField(null=True, blank=True)
+    on_no_convergence = models.CharField(
+        max_length=24,
+        choices=OnNoConvergence.choices,
+        default=OnNoConvergence.KEEP,
+        help_text="Live: what a 'no' convergence verdict of the source's forecast leads to.",
+    )
+    force_complete_after_passes = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="With force_complete_after: the RAM pass from which to force."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -77,6 +87,15 @@ class Migration(models.Model):
 
     def __str__(self) -> str:
         return f"migration {self.id} of {self.vm_id}"
+
+    def clean(self) -> None:
+        if (
+            self.on_no_convergence == OnNoConvergence.FORCE_COMPLETE_AFTER
+            and not self.force_complete_after_passes
+        ):
+            raise ValidationError(
+                {"force_complete_after_passes": "force_complete_after needs a number of passes (1 or more)."}
+            )
 
 
 class MigrationEvent(models.Model):

@@ -15,7 +15,7 @@ import redis
 
 from workers import contract
 
-_NUMERIC = frozenset(contract.MIGRATION_PROGRESS_FIELDS) - {"phase"}
+_NUMERIC = frozenset(contract.MIGRATION_PROGRESS_FIELDS) - contract.MIGRATION_PROGRESS_TEXT_FIELDS
 _MOVEMENT_KEY = "novacron:migration:{id}:watchdog"
 # An ended migration's progress hash stays this long (an SSE client may still be reading); its
 # figures are in the row by then. Without this, every migration's keys stayed for days (the soak's
@@ -44,7 +44,7 @@ def parse(raw: Mapping[Any, Any]) -> dict[str, Any]:
                 progress[name] = float(text)
             except ValueError:
                 continue
-        elif name == "phase":
+        elif name in contract.MIGRATION_PROGRESS_TEXT_FIELDS:
             progress[name] = text
     return progress
 

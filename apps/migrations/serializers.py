@@ -7,9 +7,10 @@ from rest_framework import serializers
 
 from apps.core.serializers import NameOrIdField, StrictInputMixin
 from apps.vms.models import Node
+from workers import contract
 
 from . import progress as live
-from .choices import ACTIVE_STATUSES, MigrationMode
+from .choices import ACTIVE_STATUSES, MigrationMode, OnNoConvergence
 from .models import Migration, MigrationEvent
 
 
@@ -28,6 +29,8 @@ def progress_view(migration: Migration, current: dict[str, Any]) -> dict[str, An
         value = source.get(name)
         return float(value) if isinstance(value, (int, float)) else None
 
+    converging = source.get("converging")
+
     def triple(prefix: str) -> dict[str, float | None]:
         return {
             "total": figure(f"{prefix}_total"),
@@ -42,7 +45,10 @@ def progress_view(migration: Migration, current: dict[str, Any]) -> dict[str, An
         "disk": triple("disk"),
         "wire_bytes": figure("wire_bytes"),
         "rate_bps": figure("rate_bps"),
-        "eta_seconds": figure("eta_seconds"),
+        # The source's forecast (live): null when unknown, and once the migration ended.
+        "eta_seconds": figure("eta_seconds") if migration.status in ACTIVE_STATUSES else None,
+        "converging": converging if converging in contract.CONVERGING_VALUES else "unknown",
+        "converging_reason": str(source.get("converging_reason") or ""),
         # What the guest lived through (source stop -> destination resume) when both ends reported it;
         # QEMU's own figure (stats.qemu_downtime_ms) leaves out the destination's resume.
         "downtime_ms": figure("guest_pause_ms")
@@ -65,6 +71,8 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
     wire_bytes = serializers.SerializerMethodField()
     rate_bps = serializers.SerializerMethodField()
     eta_seconds = serializers.SerializerMethodField()
+    converging = serializers.SerializerMethodField()
+    converging_reason = serializers.SerializerMethodField()
     downtime_ms = serializers.SerializerMethodField()
     total_seconds = serializers.SerializerMethodField()
 
@@ -85,10 +93,14 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
             "wire_bytes",
             "rate_bps",
             "eta_seconds",
+            "converging",
+            "converging_reason",
             "downtime_ms",
             "total_seconds",
             "requested_by",
             "bandwidth_limit_mbps",
+            "on_no_convergence",
+            "force_complete_after_passes",
             "created_at",
             "started_at",
             "finished_at",
@@ -131,6 +143,12 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
     def get_eta_seconds(self, migration: Migration) -> float | None:
         return self._progress(migration)["eta_seconds"]
 
+    def get_converging(self, migration: Migration) -> str:
+        return str(self._progress(migration)["converging"])
+
+    def get_converging_reason(self, migration: Migration) -> str:
+        return str(self._progress(migration)["converging_reason"])
+
     def get_downtime_ms(self, migration: Migration) -> float | None:
         return self._progress(migration)["downtime_ms"]
 
@@ -151,6 +169,17 @@ class MigrateRequestSerializer(StrictInputMixin, serializers.Serializer[Any]):
     mode = serializers.ChoiceField(choices=MigrationMode.choices, default=MigrationMode.LIVE)
     bandwidth_limit_mbps = serializers.IntegerField(
         min_value=1, max_value=400_000, required=False, allow_null=True
+    )
+    on_no_convergence = serializers.ChoiceField(
+        choices=OnNoConvergence.choices,
+        required=False,
+        help_text="Live: what a 'no' convergence verdict leads to (default: MIGRATION_ON_NO_CONVERGENCE).",
+    )
+    force_complete_after_passes = serializers.IntegerField(
+        min_value=1,
+        max_value=1000,
+        required=False,
+        help_text="With force_complete_after: the RAM pass from which the migration is forced to complete.",
     )
 
 

@@ -17,6 +17,10 @@ written a few files, it is live-migrated back and forth (``--debian-runs`` per l
 (a fresh overlay on the same base file on each side) and the same seed ISO with QEMU alone: default,
 multifd x4 and cap lifted + auto-converge. The Debian guest has no NIC.
 
+For each NovaCron run it also records the ETA the source's forecast gave at 25, 50 and 75 % of the run's
+wall time against the time that really remained (``bench/migration/eta.py``) and prints the error
+distribution (median and largest absolute, in percent; ``--help`` tells how it is measured).
+
     python -m bench.migration.run [--runs 5] [--links 1gbit,100mbit] [--memory-mb 1024] [--dirty-mb 256]
                                   [--guests testguest,debian] [--debian-runs 3] [--debian-memory-mb 512]
 """
@@ -39,6 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.migration.eta import MARKS, EtaRecorder, distribution, errors, given
 from bench.migration.netns import Topology, shape, two_hosts
 from bench.migration.outage import Probe
 
@@ -154,6 +159,8 @@ def live_migration(vm_id: Any, user: Any, there: Any, topology: Topology) -> dic
     from apps.vms.models import VM
 
     before = link_bytes(topology)
+    recorder = EtaRecorder(os.environ["REDIS_URL"])
+    requested_at = time.time()
     migration = migration_request(
         vm=VM.objects.get(pk=vm_id), requested_by=user, mode=MigrationMode.LIVE, dest_node=there
     )
@@ -168,8 +175,11 @@ def live_migration(vm_id: Any, user: Any, there: Any, topology: Topology) -> dic
         30, "the source's final report",
     )  # fmt: skip
     migration.refresh_from_db()
-    if migration.status != "completed":
+    if migration.status != "completed" or migration.finished_at is None:
         raise RuntimeError(f"NovaCron migration {migration.pk} {migration.status}: {migration.error}")
+    snapshots = recorder.stop(str(migration.pk))
+    eta_given = given(snapshots, requested_at)
+    eta_errors = errors(eta_given, migration.finished_at.timestamp() - requested_at)
     data = MigrationSerializer(migration).data
     return {
         "id": str(migration.pk),
@@ -179,6 +189,12 @@ def live_migration(vm_id: Any, user: Any, there: Any, topology: Topology) -> dic
         "memory_check_ms": migration.stats.get("memory_check_ms"),
         "link_bytes": link_bytes(topology) - before,
         "dwcp_wire_bytes": data["wire_bytes"],
+        "converging": migration.stats.get("converging", "unknown"),
+        "eta_error_pct": eta_errors,
+        "eta_given": eta_given,  # (seconds since the request, ETA, phase) as the source published them
+        "progress": snapshots,  # every snapshot the source published: the forecast's inputs, to replay
+        "requested_at": requested_at,
+        "finished_at": migration.finished_at.timestamp(),
     }
 
 
@@ -258,7 +274,8 @@ def novacron_runs(
                 "pings_lost": seen["ping"]["sent"] - seen["ping"]["received"],
             }
             runs.append(run)
-            print(f"  novacron {link} run {index + 1}: {run}", flush=True)
+            shown = {key: value for key, value in run.items() if key not in ("eta_given", "progress")}
+            print(f"  novacron {link} run {index + 1}: {shown}", flush=True)
             here = there
             time.sleep(2)  # the source's cleanup lands before the next run starts
     if args.cold:
@@ -766,7 +783,14 @@ def _native_migrate(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="ETA columns (NovaCron rows): at 25, 50 and 75 % of each run's wall time (request to completion)"
+        " the last ETA the source's forecast had published is compared with the time that really remained;"
+        " the error is (ETA - true) / true in percent (positive: pessimistic). The table shows the median and the"
+        " largest absolute error over the runs and the three marks, and a second table each mark on its own;"
+        " the JSON keeps each run's errors (eta_error_pct).",
+    )
     parser.add_argument(
         "--runs", type=int, default=5, help="NovaCron migrations per link (medians over them)"
     )
@@ -885,6 +909,8 @@ def _rows(
             "network_outage_ms": median([r.get("network_outage_ms") for r in runs]),
             "network_outage_range": spread([r.get("network_outage_ms") for r in runs]),
             "link_mb": median([r["link_bytes"] / 1e6 for r in runs]),
+            "eta_error_median_pct": distribution(runs)["median"],
+            "eta_error_max_abs_pct": distribution(runs)["max_abs"],
             "runs": len(runs),
             # Debian: runs after which the guest's workload went on writing files at the destination.
             "workload_went_on": f"{sum(r['workload_went_on'] for r in runs)}/{len(runs)}"
@@ -913,6 +939,25 @@ def _rows(
 Section = tuple[str, dict[str, list[dict[str, Any]]], dict[str, dict[str, list[dict[str, Any]]]]]
 
 
+def eta_table(args: argparse.Namespace, sections: list[Section]) -> None:
+    """The forecast's error at each mark, per link and guest: median and largest absolute, in percent."""
+    print("\nETA error of NovaCron's forecast, (ETA - true remaining) / true remaining, in %:")
+    print(
+        f"{'link':<9} {'guest':<9} {'runs':>4} "
+        + " ".join(f"{f'at {m} %: median':>16} {'max |%|':>7}" for m in MARKS)
+    )
+    for link in args.links:
+        for guest, ours, _ in sections:
+            runs = ours.get(link, [])
+            if not runs:
+                continue
+            cells = []
+            for mark in MARKS:
+                spread_at = distribution(runs, str(mark))
+                cells.append(f"{spread_at['median']!s:>16} {spread_at['max_abs']!s:>7}")
+            print(f"{link:<9} {guest:<9} {len(runs):>4} " + " ".join(cells))
+
+
 def report(args: argparse.Namespace, sections: list[Section]) -> None:
     """The table (per link, each guest's NovaCron row beside its QEMU-only rows) and the JSON file."""
     rows = []
@@ -921,21 +966,23 @@ def report(args: argparse.Namespace, sections: list[Section]) -> None:
             rows += _rows(link, guest, ours, native)
     header = (f"{'link':<9} {'guest':<9} {'method':<33} {'runs':>4} {'total s':>9} {'range':>13} {'x best QEMU':>11} "
               f"{'pause ms':>9} {'range':>15} {'QEMU part':>9} {'mem check':>9} {'net out ms':>10} {'range':>13} "
-              f"{'on link MB':>11} {'guest went on':>13}")  # fmt: skip
+              f"{'on link MB':>11} {'guest went on':>13} {'ETA err %':>9} {'max |%|':>7}")  # fmt: skip
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
         print(f"{row['link']:<9} {row['guest']:<9} {row['method']:<33} {row['runs']:>4} {row['total_seconds']!s:>9} "
               f"{row['total_range']:>13} {row['total_vs_best_native']!s:>11} {row['downtime_ms']!s:>9} "
               f"{row['downtime_range']:>15} {row['qemu_downtime_ms']!s:>9} {row['memory_check_ms']!s:>9} "
               f"{row['network_outage_ms']!s:>10} {row['network_outage_range']:>13} {row['link_mb']!s:>11} "
-              f"{row['workload_went_on']:>13}")  # fmt: skip
+              f"{row['workload_went_on']:>13} {row['eta_error_median_pct']!s:>9} {row['eta_error_max_abs_pct']!s:>7}")  # fmt: skip
     print(
         "(medians and min-max ranges; pause = source QMP STOP -> destination RESUME, of which 'QEMU part' is"
         " QEMU's own downtime figure and 'mem check' the memory comparison; 'net out' = the longest gap between"
         " replies to a client pinging the guest every 10 ms from the nodes' LAN, through the move; 'on link'"
         " counts both directions; the Debian guest has no NIC, so no 'net out'; 'guest went on' = runs after which"
-        " its workload wrote more files at the destination)"
+        " its workload wrote more files at the destination; 'ETA err' = the forecast's error at 25/50/75 % of"
+        " each NovaCron run against the time that really remained, median and largest absolute, see --help)"
     )
+    eta_table(args, sections)
     cold = [
         (link, run)
         for link in args.links

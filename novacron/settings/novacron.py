@@ -7,6 +7,17 @@ DWCP_SECRET = env(
     "DWCP_SECRET", "", help="Shared HMAC key for DWCP transfer tickets (control plane and every node)."
 )
 
+
+def _no_convergence_policy(raw: str) -> str:
+    """``keep``, ``cancel`` or ``force_complete_after:N`` (N >= 1), as ``MIGRATION_ON_NO_CONVERGENCE``."""
+    policy, _, passes = raw.strip().partition(":")
+    if policy in ("keep", "cancel") and not passes:
+        return policy
+    if policy == "force_complete_after" and passes.isdigit() and int(passes) >= 1:
+        return f"{policy}:{int(passes)}"
+    raise ValueError(f"expected keep, cancel or force_complete_after:N (N >= 1), got {raw!r}")
+
+
 NOVACRON = {
     "DEFAULT_QUOTA": {
         "max_vms": env_int("QUOTA_MAX_VMS", 100, help="Quota of a new project: VMs (not deleted)."),
@@ -56,6 +67,13 @@ NOVACRON = {
         "MIGRATION_DOWNTIME_LIMIT_MS",
         100,
         help="Live migration: the longest pause QEMU may plan for the switch.",
+    ),
+    "MIGRATION_ON_NO_CONVERGENCE": env(
+        "MIGRATION_ON_NO_CONVERGENCE",
+        "keep",
+        cast=_no_convergence_policy,
+        help="Live migration whose pre-copy does not converge, unless its request says otherwise: keep "
+        "(auto-converge, keep trying), force_complete_after:N (force-complete from RAM pass N) or cancel.",
     ),
     "MIGRATION_STREAMS": env_int(
         "MIGRATION_STREAMS", 4, help="DWCP parallel TCP streams per migration transfer."

@@ -20,6 +20,7 @@ from .. import progress
 from ..choices import ACTIVE_STATUSES, TERMINAL_STATUSES, MigrationMode, MigrationPhase, MigrationStatus
 from ..models import Migration
 from . import node_tasks
+from .convergence import migration_forecast
 from .outcomes import complete, late_failure, roll_back
 from .state import forget_progress, note, record_phase, redis_client, transition
 
@@ -36,6 +37,7 @@ class Report:
     detail: str
     targets: contract.Targets
     cause: contract.FailureCause
+    stats: contract.MigrationStats
 
     @property
     def actor(self) -> str:
@@ -93,6 +95,7 @@ def migration_report(**report: Unpack[contract.MigrationReport]) -> None:
             detail=report.get("detail", ""),
             targets=report.get("targets") or {},
             cause=report.get("cause", "error"),
+            stats=stats or {},
         ),
     )
 
@@ -138,6 +141,21 @@ def _switched(migration: Migration, report: Report) -> None:
     if migration.status == MigrationStatus.TRANSFERRING:
         transition(migration, MigrationStatus.SWITCHING, actor=report.actor, detail="destination took over")
     complete(migration, report.actor, report.detail)
+
+
+def _forecast(migration: Migration, report: Report) -> None:
+    """The source's convergence verdict: recorded, and acted on by the migration's policy."""
+    stats = report.stats
+    verdict = stats.get("converging", "unknown")
+    if verdict == "unknown":
+        return
+    migration_forecast(
+        migration,
+        verdict=verdict,
+        reason=stats.get("converging_reason", report.detail),
+        passes=int(stats.get("memory_passes", 0)),
+        actor=report.actor,
+    )
 
 
 def _cancelled(migration: Migration, report: Report) -> None:
@@ -200,6 +218,7 @@ REDUCER: Final[dict[tuple[MigrationStatus, contract.ReportEvent], Handler]] = {
     (S.TRANSFERRING, "transferred"): _transferred,
     (S.TRANSFERRING, "switched"): _switched,  # live: it can overtake the source's "transferred"
     (S.SWITCHING, "switched"): _switched,
+    (S.TRANSFERRING, "forecast"): _forecast,
     **_rows(ACTIVE_STATUSES, ["phase"], _phase),
     **_rows(ACTIVE_STATUSES, ["cancelled"], _cancelled),
     **_rows(ACTIVE_STATUSES, ["failed"], _failed),

@@ -6,6 +6,7 @@ import dataclasses
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 
+from apps.core.conf import novacron_setting
 from apps.core.errors import Conflict, InvalidInput, InvalidState
 from apps.networks import peers
 from apps.vms import cache as vm_cache
@@ -14,7 +15,7 @@ from apps.vms.choices import NodeStatus, VMState
 from apps.vms.models import VM, Node
 from apps.vms.services.vms import vm_demand
 
-from ..choices import MigrationMode, MigrationStatus
+from ..choices import MigrationMode, MigrationStatus, OnNoConvergence
 from ..models import Migration, MigrationEvent
 
 # The VM states each mode moves: a live migration needs a running guest.
@@ -32,8 +33,14 @@ def migration_request(
     mode: MigrationMode,
     dest_node: Node | None = None,
     bandwidth_limit_mbps: int | None = None,
+    on_no_convergence: OnNoConvergence | None = None,
+    force_complete_after_passes: int | None = None,
 ) -> Migration:
-    """Record a migration of ``vm`` as ``queued`` with the destination's capacity reserved."""
+    """Record a migration of ``vm`` as ``queued`` with the destination's capacity reserved.
+
+    ``on_no_convergence`` (and its passes) default to ``MIGRATION_ON_NO_CONVERGENCE``.
+    """
+    policy, passes = no_convergence_policy(on_no_convergence, force_complete_after_passes)
     vm = VM.objects.select_for_update(of=("self",)).select_related("node").get(pk=vm.pk)
     if vm.state == VMState.MIGRATING:
         raise Conflict(f"VM {vm.name} is already being migrated.")
@@ -63,6 +70,8 @@ def migration_request(
                 mode=mode,
                 requested_by=requested_by,
                 bandwidth_limit_mbps=bandwidth_limit_mbps,
+                on_no_convergence=policy,
+                force_complete_after_passes=passes,
                 vm_state_before=vm.state,
             )
     except IntegrityError as exc:
@@ -79,6 +88,30 @@ def migration_request(
     peers.sync_on_commit(vm_ids=[vm.pk])  # the destination joins the VM's networks' overlays
     transaction.on_commit(schedule_soon)
     return migration
+
+
+def no_convergence_policy(
+    policy: OnNoConvergence | None, passes: int | None
+) -> tuple[OnNoConvergence, int | None]:
+    """A request's policy, the setting's where it names none; passes only with force_complete_after."""
+    if policy is None:
+        name, _, default_passes = str(novacron_setting("MIGRATION_ON_NO_CONVERGENCE")).partition(":")
+        policy = OnNoConvergence(name)
+        if passes is None and default_passes:
+            passes = int(default_passes)
+    if policy != OnNoConvergence.FORCE_COMPLETE_AFTER:
+        if passes is not None:
+            raise InvalidInput(
+                "force_complete_after_passes applies only to on_no_convergence force_complete_after.",
+                fields={"force_complete_after_passes": ["Only with on_no_convergence force_complete_after."]},
+            )
+        return policy, None
+    if passes is None:
+        raise InvalidInput(
+            "on_no_convergence force_complete_after needs force_complete_after_passes.",
+            fields={"force_complete_after_passes": ["Give the RAM pass from which to force (1 or more)."]},
+        )
+    return policy, passes
 
 
 def schedule_soon() -> None:

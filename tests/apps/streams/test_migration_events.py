@@ -250,3 +250,36 @@ def test_too_many_streams_answer_429(launch_streams, user, other_user, make_migr
     assert refused_user.status_code == 429 and "streams open" in refused_user.json()["detail"]
     assert refused_process.status_code == 429 and "this server" in refused_process.json()["detail"]
     assert refused_user.headers["retry-after"] == "10"
+
+
+FORECAST_REASON = "dirty rate 1.0 MiB/s, effective rate 5.0 MiB/s: about 1 more pass(es)"
+
+
+def test_the_sse_events_carry_the_forecast(streams, user, make_migration):
+    migration = make_migration(user)
+    publish_progress(migration, percent=50.0, phase="memory", converging="unknown", eta_seconds="")
+    headers = _token(user)
+
+    async def scenario() -> list:
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            client.stream("GET", events_url(streams, migration), headers=headers) as response,
+        ):
+            reader = Reader(response)
+            first = await reader.next()
+            publish_progress(
+                migration, percent=55.0, eta_seconds=8.25, converging="yes", converging_reason=FORECAST_REASON
+            )
+            return [first, await reader.next()]
+
+    first, second = asyncio.run(scenario())
+    assert (first.data["converging"], first.data["eta_seconds"], first.data["converging_reason"]) == (
+        "unknown",
+        None,
+        "",
+    )
+    assert (second.data["converging"], second.data["eta_seconds"], second.data["converging_reason"]) == (
+        "yes",
+        8.25,
+        FORECAST_REASON,
+    )

@@ -15,6 +15,7 @@ from typing import Any
 
 from workers.qemu import Accelerator, QemuError, QmpError, QmpSession, QmpTimeout
 
+from .forecast import ForecastWatch
 from .transfer import POLL_SECONDS, SendJob
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ MIRROR_NODE = "mig-target"
 EXPORT_ID = "mig-export"
 MIRROR_READY_TIMEOUT = 3600.0
 MIGRATE_TIMEOUT = 6 * 3600.0
+DIRTY_RATE_SAMPLE_SECONDS = 1  # calc-dirty-rate's window: its unit is the second
+DIRTY_RATE_SAMPLE_PAGES = 4096  # per GiB of RAM (QEMU's default 512 sees 64 pages of a 128 MiB guest)
 SWITCH_TIMEOUT = 60.0  # from pre-switchover to completed: the mirror's last blocks and the last RAM pass
 UNLIMITED_QEMU_BANDWIDTH = 1 << 40  # bytes/s: lift QEMU's own 32 MiB/s cap; DWCP's limit is the one in force
 # The downtime limit is what the guest sees, from its pause on the source to its resume on the
@@ -77,6 +80,7 @@ def mirror_and_migrate(
     disk_socket: Path,
     memory_socket: Path,
     accelerator: Accelerator,
+    watch: ForecastWatch,
     on_memory_phase: Callable[[], None],
 ) -> None:
     """The QMP sequence on the source, from the mirror to the completed migration (source paused).
@@ -91,6 +95,12 @@ def mirror_and_migrate(
         {"capability": "auto-converge", "state": bool(job.options.get("auto_converge", True))},
     ]
     qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+    downtime_limit = int(job.options.get("downtime_limit_ms") or 100)
+    qemu_limit = max(downtime_limit - SWITCHOVER_RESERVE_MS, QEMU_DOWNTIME_FLOOR_MS)
+    if accelerator is Accelerator.TCG:
+        qemu_limit = max(qemu_limit, TCG_QEMU_DOWNTIME_MS)
+    watch.forecaster.downtime_limit = qemu_limit / 1000  # what decides QEMU's switch
+    memory_total = float(job.spec.memory_mb) * (1 << 20)
     clear_leftovers(qmp.execute)
     mark = qmp.event_mark()
     qmp.execute(
@@ -105,11 +115,13 @@ def mirror_and_migrate(
     qmp.execute(
         "blockdev-mirror", {"job-id": job_id, "device": "disk0", "target": MIRROR_NODE, "sync": "top"}
     )
+    start_dirty_rate_sampling(qmp)
     deadline = time.monotonic() + MIRROR_READY_TIMEOUT
     while not has_event(qmp, mark, "BLOCK_JOB_READY", job_id):
         if time.monotonic() > deadline:
             raise QemuError("the disk mirror did not become ready in time")
         job.knobs.poll()
+        read_sampled_dirty_rate(qmp, watch)
         for block_job in qmp.execute("query-block-jobs"):
             if block_job.get("device") == job_id:
                 # len grows as the guest writes, so this fraction can drop: the publisher keeps the
@@ -122,6 +134,7 @@ def mirror_and_migrate(
                     disk_processed=offset,
                     disk_remaining=max(total - offset, 0),
                     percent=50.0 * fraction,
+                    **watch.disk(remaining=max(total - offset, 0), memory_total=memory_total),
                 )
         if has_event(qmp, mark, "BLOCK_JOB_CANCELLED", job_id) or has_event(
             qmp, mark, "BLOCK_JOB_ERROR", job_id
@@ -130,10 +143,6 @@ def mirror_and_migrate(
         time.sleep(POLL_SECONDS)
     job.publisher.update(phase="memory", percent=50.0, disk_remaining=0, force=True)
     on_memory_phase()
-    downtime_limit = int(job.options.get("downtime_limit_ms") or 100)
-    qemu_limit = max(downtime_limit - SWITCHOVER_RESERVE_MS, QEMU_DOWNTIME_FLOOR_MS)
-    if accelerator is Accelerator.TCG:
-        qemu_limit = max(qemu_limit, TCG_QEMU_DOWNTIME_MS)
     qmp.execute(
         "migrate-set-parameters",
         {"downtime-limit": qemu_limit, "max-bandwidth": UNLIMITED_QEMU_BANDWIDTH},
@@ -152,10 +161,12 @@ def mirror_and_migrate(
             # The guest is down until the rest arrives: copy it at the link's speed. A limit
             # set again afterwards (PATCH) still applies.
             job.knobs.control.set_bandwidth_limit(None)
+        read_sampled_dirty_rate(qmp, watch)
         info = qmp.execute("query-migrate")
         status = info.get("status")
         ram = info.get("ram") or {}
         if ram:
+            forecast = watch.memory(ram)
             total = float(ram.get("total", 0))
             transferred = float(ram.get("transferred", 0))
             remaining = float(ram.get("remaining", 0))
@@ -168,8 +179,9 @@ def mirror_and_migrate(
                 dirty_rate=float(ram.get("dirty-pages-rate", 0)) * float(ram.get("page-size", 4096)),
                 rate_bps=float(ram.get("mbps", 0)) * 1_000_000,
                 wire_bytes=transferred,
-                eta_seconds=(remaining * 8 / (float(ram["mbps"]) * 1_000_000)) if ram.get("mbps") else None,
                 percent=50.0 + 49.0 * (processed / total if total else 0.0),
+                force=watch.verdict_changed,
+                **forecast,
             )
         if status == "pre-switchover":
             stop = next((event for event in qmp.events_since(migrate_mark) if event.name == "STOP"), None)
@@ -220,6 +232,28 @@ def mirror_and_migrate(
         },
         force=True,
     )
+
+
+def start_dirty_rate_sampling(qmp: QmpSession) -> None:
+    """Source: sample the guest's dirty rate (page sampling; the dirty-bitmap mode crashes 7.2 under TCG)
+    so that the forecast can judge convergence before QEMU's first pass ends."""
+    try:
+        qmp.execute(
+            "calc-dirty-rate",
+            {"calc-time": DIRTY_RATE_SAMPLE_SECONDS, "sample-pages": DIRTY_RATE_SAMPLE_PAGES},
+        )
+    except QmpError as exc:  # the forecast then waits for QEMU's own measurement
+        logger.info("calc-dirty-rate refused: %s", exc)
+
+
+def read_sampled_dirty_rate(qmp: QmpSession, watch: ForecastWatch) -> None:
+    """Hand the sampled dirty rate to the forecast once it is measured (until QEMU measures its own)."""
+    if not watch.wants_sampled_dirty_rate:
+        return
+    with contextlib.suppress(QmpError):
+        result = qmp.execute("query-dirty-rate")
+        if result.get("status") == "measured":
+            watch.sampled_dirty_rate(float(result.get("dirty-rate", 0)) * (1 << 20))
 
 
 def undo_source(qmp: QmpSession, job_id: str, *, resume: bool) -> None:

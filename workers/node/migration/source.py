@@ -18,6 +18,7 @@ from workers.qemu.memory import memory_digest
 
 from . import memory_check, qmp_steps
 from .context import NodeMigrations
+from .forecast import Forecast, ForecastWatch
 from .memory_check import MemoryMismatch, Verdict, memory_check_wait
 from .transfer import POLL_SECONDS, Knobs, MigrationAborted, ProgressCallback, Publisher, SendJob
 
@@ -133,6 +134,7 @@ class Source:
         paths = self.driver.paths(job.spec.uuid)
         disk_socket = paths.run_dir / "mig-disk.sock"
         memory_socket = paths.run_dir / "mig-mem.sock"
+        watch = ForecastWatch(lambda forecast: self._report_forecast(job, forecast))
         tunnels = [
             open_tunnel(
                 address=job.address,
@@ -142,10 +144,12 @@ class Source:
                 source_node=self.node.config.name,
                 streams=job.streams,
                 control=job.control,
+                reporter=watch.tunnel_reporter(name),
             )
             for name, local in (("disk", disk_socket), ("memory", memory_socket))
         ]
         job_id = f"mig-{job.migration_id[:8]}"
+        watch.profile_ram(self.driver.status(job.spec.uuid).pid, job.spec.memory_mb)
         try:
             with self.driver.job_session(job.spec.uuid) as qmp:
                 try:
@@ -156,6 +160,7 @@ class Source:
                         disk_socket=disk_socket,
                         memory_socket=memory_socket,
                         accelerator=self.driver.accelerator,
+                        watch=watch,
                         on_memory_phase=lambda: self.node.report(
                             job.migration_id, "source", "phase", "memory"
                         ),
@@ -198,6 +203,20 @@ class Source:
                 "disk_total": final.get("disk_total"),
                 "wire_bytes": wire,
                 "qemu": final.get("qemu", {}),
+            },
+        )
+
+    def _report_forecast(self, job: SendJob, forecast: Forecast) -> None:
+        """The verdict, to the control plane (whose ``on_no_convergence`` policy acts on a "no")."""
+        self.node.report(
+            job.migration_id,
+            "source",
+            "forecast",
+            forecast.reason,
+            stats={
+                "converging": forecast.converging,
+                "converging_reason": forecast.reason,
+                "memory_passes": forecast.passes,
             },
         )
 

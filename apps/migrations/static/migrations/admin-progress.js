@@ -1,14 +1,24 @@
-// The admin's migration page: its progress bar follows the migration's event stream; if the stream
+// The admin's migration page: its progress bar (with the forecast's ETA and verdict, the verdict's
+// reason as the tooltip) follows the migration's event stream; if the stream
 // cannot be opened, a note says so and the bar follows GET /api/v1/migrations/{id}/ every 5 s.
 (function () {
   "use strict";
   var POLL_MS = 5000;
   var ENDED = ["completed", "failed", "cancelled"];
 
+  // The source's forecast beside the bar: its ETA while known, and a warning when it does not converge.
+  function forecast(state) {
+    var text = "";
+    if (typeof state.eta_seconds === "number") text += ", about " + Math.ceil(state.eta_seconds) + " s left";
+    if (state.converging === "no") text += ", not converging";
+    return text;
+  }
+
   function show(bar, state) {
     bar.value = Math.max(Number(bar.value), state.percent || 0);
     bar.nextElementSibling.textContent = Math.round(bar.value) + "% " + (state.status || "") +
-      (state.phase ? " (" + state.phase + ")" : "");
+      (state.phase ? " (" + state.phase + ")" : "") + forecast(state);
+    bar.nextElementSibling.title = state.converging_reason || "";
   }
 
   function poll(bar) {
