@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, NotRequired, TypedDict
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connections
 
+from apps.streams.access import briefly
 from apps.vms.choices import VMState
 from apps.vms.models import VM
 from workers import contract
@@ -88,16 +87,8 @@ def locate_now(vm_id: str) -> Location | Ending:
     return Location(vm.node.name, vm.node.dwcp_address, migrating=vm.state == VMState.MIGRATING)
 
 
-def _locate_in_thread(vm_id: str) -> Location | Ending:
-    close_old_connections()
-    try:
-        return locate_now(vm_id)
-    finally:
-        connections.close_all()  # back to the pool: an open console holds no connection
-
-
 async def locate(vm_id: str) -> Location | Ending:
-    return await sync_to_async(_locate_in_thread)(vm_id)
+    return await briefly(locate_now, vm_id)  # an open console holds no database connection
 
 
 class ConnectFailed(Exception):

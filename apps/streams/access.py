@@ -11,7 +11,7 @@ import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -24,6 +24,8 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 from rest_framework.settings import api_settings
+
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -58,26 +60,36 @@ def _request(scope: dict[str, Any]) -> Request:
     return Request(django_request, authenticators=[auth() for auth in authenticators])
 
 
-def _open(scope: dict[str, Any], read: Callable[[Request], Any]) -> Opened:
+def _returning_connection(read: Callable[..., T], *args: Any) -> T:
     close_old_connections()
     try:
-        request = _request(scope)
-        try:
-            user = request.user
-        except exceptions.APIException as exc:
-            raise Refused(exc.status_code, str(exc.detail)) from None
-        if not user.is_authenticated:
-            raise Refused(401, "Authentication credentials were not provided.")
-        try:
-            return Opened(user_id=int(user.pk), data=read(request))
-        except exceptions.APIException as exc:  # a project the caller is no member of: 404
-            raise Refused(exc.status_code, str(exc.detail)) from None
+        return read(*args)
     finally:
         connections.close_all()  # back to the pool: the stream waits without a connection
+
+
+async def briefly(read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)`` in Django's thread, its database connection back in the pool before this
+    returns (how an open stream or console reads: it never holds one while it waits)."""
+    return await sync_to_async(_returning_connection)(read, *args)
+
+
+def _open(scope: dict[str, Any], read: Callable[[Request], Any]) -> Opened:
+    request = _request(scope)
+    try:
+        user = request.user
+    except exceptions.APIException as exc:
+        raise Refused(exc.status_code, str(exc.detail)) from None
+    if not user.is_authenticated:
+        raise Refused(401, "Authentication credentials were not provided.")
+    try:
+        return Opened(user_id=int(user.pk), data=read(request))
+    except exceptions.APIException as exc:  # a project the caller is no member of: 404
+        raise Refused(exc.status_code, str(exc.detail)) from None
 
 
 async def opened(scope: dict[str, Any], read: Callable[[Request], Any]) -> Opened:
     """Authenticate the scope's caller and run ``read`` (which applies the tenancy, e.g. through
     ``apps.projects.acting.viewer`` of the request) in Django's thread; :class:`Refused` with
     401/403/404 as the REST API answers."""
-    return await sync_to_async(_open)(scope, read)
+    return await briefly(_open, scope, read)

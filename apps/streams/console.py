@@ -18,16 +18,14 @@ import logging
 from typing import Final
 from urllib.parse import parse_qs
 
-from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.contrib.auth import get_user_model
-from django.db import close_old_connections, connections
 
 from apps.consoles.link import ConsoleEvent, ConsoleLink, Ending
 from apps.consoles.tickets import TicketRefused, ticket_consume
 
 from . import hub, limits
-from .access import Refused
+from .access import Refused, briefly
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +39,7 @@ MAX_REASON_BYTES: Final = 123  # RFC 6455: a close frame's reason fits in 125 by
 
 
 def _user_active(user_id: int) -> bool:
-    close_old_connections()
-    try:
-        return get_user_model().objects.filter(pk=user_id, is_active=True).exists()
-    finally:
-        connections.close_all()
+    return get_user_model().objects.filter(pk=user_id, is_active=True).exists()
 
 
 class ConsoleConsumer(AsyncWebsocketConsumer):
@@ -95,7 +89,7 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             return Ending(CLOSE_BAD_TICKET, str(refused))
         if claims.vm_id != vm_id:
             return Ending(CLOSE_BAD_TICKET, "the ticket is for another VM")
-        if not await sync_to_async(_user_active)(claims.user_id):
+        if not await briefly(_user_active, claims.user_id):
             return Ending(CLOSE_BAD_TICKET, "the ticket's user is no longer active")
         try:
             with limits.slot(claims.user_id), limits.console_slot(claims.user_id, vm_id):
