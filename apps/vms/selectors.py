@@ -11,6 +11,7 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 
 from apps.core.context import Viewer
+from apps.core.ids import uuid_text
 from apps.projects.models import Membership, Project
 
 from . import representation
@@ -116,3 +117,21 @@ def vm_row_data(row: dict[str, Any]) -> dict[str, Any]:
 
 def batch_visible(*, viewer: Viewer) -> QuerySet[BatchOperation]:
     return _visible(BatchOperation.objects.all(), viewer)
+
+
+def vm_by_reference(reference: str) -> VM:
+    """The live VM named ``reference`` (or with that uuid), for operators' commands; ``LookupError``
+    saying why when there is none or several (those listed with their projects)."""
+    live = VM.objects.exclude(state=VMState.DELETED).select_related("project")
+    if uuid_text(reference) is not None:
+        found = live.filter(pk=reference).first()
+        if found is None:
+            raise LookupError(f"no VM with id {reference}")
+        return found
+    matches = list(live.filter(name=reference)[:10])
+    if not matches:
+        raise LookupError(f"no VM named {reference!r}")
+    if len(matches) > 1:
+        listed = ", ".join(f"{vm.pk} (project {vm.project.name})" for vm in matches)
+        raise LookupError(f"several VMs are named {reference!r}: {listed}; give the id")
+    return matches[0]

@@ -17,29 +17,10 @@ from typing import Any, Final
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.consoles.link import CLOSE_NORMAL, ConsoleEvent, ConsoleLink, Ending, drain_cleanups
-from apps.core.ids import uuid_text
-from apps.vms.choices import VMState
-from apps.vms.models import VM
+from apps.vms.selectors import vm_by_reference
 
 ESCAPE: Final = b"\x1d"  # Ctrl-]
 READ_SIZE: Final = 4096
-
-
-def _find(reference: str) -> VM:
-    """The live VM named ``reference`` (or with that uuid); ``CommandError`` if none or several."""
-    live = VM.objects.exclude(state=VMState.DELETED).select_related("project")
-    if uuid_text(reference) is not None:
-        found = live.filter(pk=reference).first()
-        if found is None:
-            raise CommandError(f"no VM with id {reference}")
-        return found
-    matches = list(live.filter(name=reference)[:10])
-    if not matches:
-        raise CommandError(f"no VM named {reference!r}")
-    if len(matches) > 1:
-        listed = ", ".join(f"{vm.pk} (project {vm.project.name})" for vm in matches)
-        raise CommandError(f"several VMs are named {reference!r}: {listed}; give the id")
-    return matches[0]
 
 
 class Command(BaseCommand):
@@ -49,7 +30,10 @@ class Command(BaseCommand):
         parser.add_argument("vm", help="the VM's name or uuid")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        vm = _find(options["vm"])
+        try:
+            vm = vm_by_reference(options["vm"])
+        except LookupError as exc:
+            raise CommandError(str(exc)) from None
         self.stderr.write(f"Console of VM {vm.name} ({vm.pk}); Ctrl-] quits.")
         stdin = sys.stdin.fileno()
         saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None

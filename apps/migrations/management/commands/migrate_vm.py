@@ -15,6 +15,7 @@ from apps.migrations.models import Migration
 from apps.migrations.serializers import MigrationSerializer
 from apps.migrations.services import migration_request
 from apps.vms.models import VM, Node
+from apps.vms.selectors import vm_by_reference
 
 
 class Command(BaseCommand):
@@ -81,13 +82,10 @@ class Command(BaseCommand):
         raise CommandError(f"still {migration.status} after {timeout:g} s (migration {migration.pk})")
 
     def _vm(self, ref: str) -> VM:
-        query = Q(name=ref)
-        if len(ref) == 36:
-            query |= Q(pk=ref)
-        matches = list(VM.objects.filter(query).exclude(state="deleted")[:2])
-        if len(matches) != 1:
-            raise CommandError(f"{'no' if not matches else 'more than one'} VM matches {ref!r}; give its id")
-        return matches[0]
+        try:
+            return vm_by_reference(ref)
+        except LookupError as exc:
+            raise CommandError(str(exc)) from None
 
     def _node(self, ref: str) -> Node:
         query = Q(name=ref) | (Q(pk=int(ref)) if ref.isdigit() else Q())
