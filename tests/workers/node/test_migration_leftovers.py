@@ -174,7 +174,17 @@ def test_a_restarted_node_worker_removes_the_waiting_copy_whose_abort_was_lost(c
     qemu_pid = int(pidfile.read_text())
     cluster.nodes[dest].kill()  # its QEMU lives on, waiting with -incoming defer
     wait_for(lambda: Migration.objects.get(pk=migration_id).status == "failed", 60, "the watchdog")
-    redis.Redis.from_url(settings.REDIS_URL).delete(contract.node_queue(dest))  # its abort is lost
+    # The abort goes out when the failure commits, a moment after the status shows: lose it once queued.
+    broker = redis.Redis.from_url(settings.REDIS_URL)
+    wait_for(
+        lambda: any(
+            name == contract.NODE_MIGRATION_ABORT and kwargs["migration_id"] == migration_id
+            for name, kwargs in queued(broker, contract.node_queue(dest))
+        ),
+        10,
+        "the abort in the destination's queue",
+    )
+    broker.delete(contract.node_queue(dest))  # its abort is lost
     assert Path(f"/proc/{qemu_pid}").exists()
     cluster.start_node(dest)
     wait_for(lambda: not (cluster.data_dirs[dest] / "run" / vm_id).exists(), 30, "the leftover to be removed")
