@@ -9,6 +9,10 @@ DWCP servers, routed to their link addresses); the A<->B link carries all migrat
 traffic and the VMs' overlay (VXLAN), and is shaped with ``tc qdisc tbf`` on both ends. The client
 namespace plays an operator's machine on a provider LAN that both nodes join (each bridges its
 ``lan0`` into the provider network); the client's address goes on its bridge ``lan``. Addresses are private ones that exist only inside these namespaces. Needs root.
+
+:func:`cut` drops every packet between the nodes' link addresses (nftables, in A: a link that goes
+silent, as a pulled cable or a firewall drop, not a reset) until :func:`mend`. Each user of this module
+(the migration bench, the soak) has its own :meth:`Topology.of`, so both can run at once.
 """
 
 import contextlib
@@ -25,6 +29,7 @@ def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 @dataclass(frozen=True)
 class Topology:
+    prefix: str = PREFIX  # of the namespaces' and host links' names
     ns_a: str = f"{PREFIX}a"
     ns_b: str = f"{PREFIX}b"
     ns_client: str = f"{PREFIX}c"
@@ -35,6 +40,15 @@ class Topology:
     a_link: str = "10.231.1.1"  # A's address on the shaped A<->B link
     b_link: str = "10.231.1.2"
 
+    @classmethod
+    def of(cls, prefix: str, octet: int) -> "Topology":
+        """Names starting with ``prefix`` (at most 12 characters) and addresses in ``10.<octet>.0.0/23``."""
+        net = f"10.{octet}"
+        return cls(
+            prefix, f"{prefix}a", f"{prefix}b", f"{prefix}c",
+            f"{net}.0.1", f"{net}.0.2", f"{net}.0.5", f"{net}.0.6", f"{net}.1.1", f"{net}.1.2",
+        )  # fmt: skip
+
     def exec_prefix(self, ns: str) -> list[str]:
         return ["ip", "netns", "exec", ns]
 
@@ -42,13 +56,13 @@ class Topology:
 def _cleanup(topology: Topology) -> None:
     for ns in (topology.ns_a, topology.ns_b, topology.ns_client):
         sh("ip", "netns", "del", ns, check=False)
-    for link in (f"{PREFIX}ha", f"{PREFIX}hb"):
+    for link in (f"{topology.prefix}ha", f"{topology.prefix}hb"):
         sh("ip", "link", "del", link, check=False)
 
 
 @contextlib.contextmanager
-def two_hosts() -> Iterator[Topology]:
-    topology = Topology()
+def two_hosts(topology: Topology | None = None) -> Iterator[Topology]:
+    topology = topology or Topology()
     _cleanup(topology)
     try:
         a, b = topology.ns_a, topology.ns_b
@@ -57,8 +71,8 @@ def two_hosts() -> Iterator[Topology]:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         # host <-> A and host <-> B
         for host_if, ns, ns_if, host_ip, ns_ip in (
-            (f"{PREFIX}ha", a, "eth-host", topology.host_a, topology.a_host),
-            (f"{PREFIX}hb", b, "eth-host", topology.host_b, topology.b_host),
+            (f"{topology.prefix}ha", a, "eth-host", topology.host_a, topology.a_host),
+            (f"{topology.prefix}hb", b, "eth-host", topology.host_b, topology.b_host),
         ):
             sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns)
             sh("ip", "addr", "add", f"{host_ip}/30", "dev", host_if)
@@ -72,8 +86,8 @@ def two_hosts() -> Iterator[Topology]:
             sh("ip", "-n", ns, "link", "set", "eth-peer", "up")
         # The host reaches each node's address on that link through its own veth to the node: the image
         # store on the host pushes images to the nodes' DWCP servers there, off the shaped link.
-        for host_if, ns_ip, link_ip in ((f"{PREFIX}ha", topology.a_host, topology.a_link),
-                                        (f"{PREFIX}hb", topology.b_host, topology.b_link)):  # fmt: skip
+        for host_if, ns_ip, link_ip in ((f"{topology.prefix}ha", topology.a_host, topology.a_link),
+                                        (f"{topology.prefix}hb", topology.b_host, topology.b_link)):  # fmt: skip
             sh("ip", "route", "add", f"{link_ip}/32", "via", ns_ip, "dev", host_if)
         # the client's LAN, which both nodes join
         client = topology.ns_client
@@ -98,3 +112,24 @@ def shape(topology: Topology, rate: str | None) -> None:
             burst = "1mb" if rate.endswith("gbit") else "256kb"
             sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth-peer", "root",
                "tbf", "rate", rate, "burst", burst, "latency", "50ms")  # fmt: skip
+
+
+CUT_TABLE = "nccut"
+
+
+def cut(topology: Topology) -> None:
+    """Drop every packet between A's and B's link addresses, both ways, silently (no reset)."""
+    rules = (
+        f"table inet {CUT_TABLE} {{\n"
+        f"  chain out {{ type filter hook output priority 0; ip daddr {topology.b_link} drop; }}\n"
+        f"  chain in {{ type filter hook input priority 0; ip saddr {topology.b_link} drop; }}\n"
+        "}\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", topology.ns_a, "nft", "-f", "-"], input=rules, text=True, check=True
+    )
+
+
+def mend(topology: Topology) -> None:
+    """Undo :func:`cut`."""
+    sh("ip", "netns", "exec", topology.ns_a, "nft", "delete", "table", "inet", CUT_TABLE, check=False)
