@@ -99,6 +99,9 @@ class Monitor(threading.Thread):
             {"ts": now, "node": node, "name": "node.disk_used_bytes", "value": disk.used},
             {"ts": now, "node": node, "name": "node.disk_percent", "value": disk.percent},
         ]
+        # Each migration here starts or ends a QEMU: only the running ones' processes are kept.
+        running = {status.pid for status in statuses if status.pid is not None}
+        self._processes = {pid: process for pid, process in self._processes.items() if pid in running}
         for status in statuses:
             if status.pid is None:
                 continue
