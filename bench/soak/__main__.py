@@ -2,7 +2,9 @@
 
 Starts everything itself, isolated from anything else on the machine: a private ``redis-server`` on a
 free port, the database ``novacron_soak`` (created and migrated), granian serving the API, the control
-worker with beat, and two node workers with the test guest under TCG. Two VMs migrate back and forth
+worker with beat, and two node workers with the test guest under TCG, each in its own network
+namespace (``bench.migration.netns``: two hosts joined by a veth link; their VMs' networks need a
+namespace each, as on real hosts). Needs root. Two VMs migrate back and forth
 between the nodes the whole time while client threads list, read and rename VMs and read migrations.
 Every ``--interval`` seconds it prints requests, errors and p95 latency of that interval; at the end the
 migrations completed and failed, and each process's RSS before the traffic ("cold"), after a warm-up of
@@ -10,8 +12,7 @@ migrations completed and failed, and each process's RSS before the traffic ("col
 ``--growth-limit`` (5 %; the first minutes load modules, fill pools and start threads once; the cold
 column shows how much), with no 5xx and no failed migration.
 
-``--link-cuts``: the node workers run in two network namespaces joined by a veth link
-(``bench.migration.netns``), and every ``--cut-every`` seconds the link between them goes silent for
+``--link-cuts``: every ``--cut-every`` seconds the link between the nodes goes silent for
 ``--cut-seconds`` (every packet dropped, both ways) while migrations run over it: they must ride it
 out. The report and a JSON file under ``bench/results/`` give every figure. Not part of CI.
 """
@@ -42,7 +43,7 @@ from bench.migration.netns import Topology, cut, mend, two_hosts
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 DB_NAME = "novacron_soak"
-TOPOLOGY = Topology.of("ncsk", 232)  # the namespaces of --link-cuts (bench-migration's are its own)
+TOPOLOGY = Topology.of("ncsk", 232)  # the nodes' namespaces (bench-migration's are its own)
 DWCP_PORT = 7400
 
 
@@ -65,9 +66,9 @@ def _wait(condition: Any, timeout: float, what: str) -> None:
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, topology: Topology | None) -> None:
+    def __init__(self, args: argparse.Namespace, topology: Topology) -> None:
         self.args = args
-        self.topology = topology  # the nodes' namespaces, with --link-cuts
+        self.topology = topology
         self.workdir = Path(tempfile.mkdtemp(prefix="nc-soak-"))
         self.redis_port = _free_port()
         self.web_port = _free_port()
@@ -112,9 +113,8 @@ class Soak:
         )
 
     def start(self) -> None:
-        binds = ["127.0.0.1"]
-        if self.topology is not None:  # the nodes reach Redis over their own links to the host
-            binds += [self.topology.host_a, self.topology.host_b]
+        # The nodes reach Redis over their own links to the host.
+        binds = ["127.0.0.1", self.topology.host_a, self.topology.host_b]
         self.spawn(
             "redis",
             [
@@ -206,12 +206,9 @@ class Soak:
         _wait(lambda: self.call("GET", "/healthz")[0] == 200, 30, "the web server")
 
     def start_node(self, name: str) -> None:
-        """A node worker: on loopback, or with ``--link-cuts`` in its namespace (DWCP on the cut link)."""
+        """A node worker in its namespace, its DWCP server on the nodes' link."""
         command = [PY, "-m", "workers.node", "--name", name, "--data-dir", str(self.workdir / name)]
         command += ["--accelerator", "tcg", "--heartbeat-interval", "2"]
-        if self.topology is None:
-            self.spawn(name, [*command, "--dwcp-listen", f"127.0.0.1:{_free_port()}"])
-            return
         topology = self.topology
         ns, redis_host, link = (
             (topology.ns_a, topology.host_a, topology.a_link)
@@ -223,7 +220,6 @@ class Soak:
 
     def cutter(self) -> None:
         """Every ``--cut-every`` seconds, the nodes' link silent for ``--cut-seconds``."""
-        assert self.topology is not None
         while not self.stop.wait(self.args.cut_every):
             started = time.monotonic()
             cut(self.topology)
@@ -372,7 +368,7 @@ class Soak:
             for i in range(self.args.clients)
         ]
         threads += [threading.Thread(target=self.mover, args=(vm_id,), daemon=True) for vm_id in vm_ids]
-        if self.topology is not None:
+        if self.args.link_cuts:
             threads.append(threading.Thread(target=self.cutter, daemon=True))
         time.sleep(5)
         rss_start = self.rss()
@@ -381,7 +377,7 @@ class Soak:
             thread.start()
         cuts = (
             f", the link cut for {self.args.cut_seconds} s every {self.args.cut_every} s"
-            if self.topology is not None
+            if self.args.link_cuts
             else ""
         )
         print(
@@ -436,7 +432,7 @@ class Soak:
         print(f"migrations completed {self.migrations['completed']}, failed {self.migrations['failed']}")
         for error in self.failures:
             print(f"  failed: {error}")
-        if self.topology is not None:
+        if self.args.link_cuts:
             lengths = ", ".join(f"{entry['seconds']:.0f} s at {entry['at_s']:.0f} s" for entry in self.cuts)
             print(f"link cuts {len(self.cuts)}: {lengths}")
         # Growth is judged from the end of the warm-up: the first minutes of traffic load modules,
@@ -512,9 +508,7 @@ def main() -> int:
     parser.add_argument(
         "--growth-limit", type=float, default=5.0, help="RSS growth allowed after the warm-up, %%"
     )
-    parser.add_argument(
-        "--link-cuts", action="store_true", help="nodes in namespaces, their link cut again and again (root)"
-    )
+    parser.add_argument("--link-cuts", action="store_true", help="the nodes' link cut again and again")
     parser.add_argument("--cut-every", type=float, default=240, help="seconds between two link cuts")
     parser.add_argument("--cut-seconds", type=float, default=20, help="how long each cut lasts")
     parser.add_argument("--think", type=float, default=0.05, help="seconds a client pauses between rounds")
@@ -524,16 +518,15 @@ def main() -> int:
         help=f"PostgreSQL server to use (the database {DB_NAME} is created on it)",
     )
     args = parser.parse_args()
-    hosts: contextlib.AbstractContextManager[Topology | None] = (
-        two_hosts(TOPOLOGY) if args.link_cuts else contextlib.nullcontext()
-    )
-    with hosts as topology:
+    if os.geteuid() != 0:
+        print("make soak needs root (network namespaces)", file=sys.stderr)
+        return 2
+    with two_hosts(TOPOLOGY) as topology:
         soak = Soak(args, topology)
         try:
             return soak.run()
         finally:
-            if topology is not None:
-                mend(topology)
+            mend(topology)
             soak.shutdown()
 
 
