@@ -158,7 +158,7 @@ def _cell(value: Any) -> str:
 COLUMNS = (  # (heading, row key, width)
     ("link", "link", 9),
     ("guest", "guest", 9),
-    ("method", "method", 26),
+    ("method", "method", 31),
     ("runs", "runs", 4),
     ("total s", "total_seconds", 8),
     ("range", "total_range", 13),
