@@ -29,7 +29,7 @@ image-debian: setup  ## Debian 12 cloud image from Debian's packages (root; mmde
 bench-dwcp: bench-deps setup  ## DWCP against nc, rsync and QEMU migration on shaped namespaces and loopback (root)
 	$(PY) -m bench.dwcp.bench $(BENCH_ARGS)
 
-bench-migration: bench-deps setup  ## NovaCron live migration vs QEMU alone between two namespaces, test guest and Debian (root; ~35 min)
+bench-migration: bench-deps setup  ## NovaCron live migration vs QEMU alone between two namespaces, test guest and Debian (root; 1-2 h: 5 runs of 7 configurations on 3 links)
 	$(PY) -m bench.migration.run $(BENCH_ARGS)
 
 lint: setup

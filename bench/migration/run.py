@@ -1,14 +1,18 @@
 """``make bench-migration``: NovaCron live migration against QEMU's native migration, side by side.
 
-Two node workers run in network namespaces joined by a veth link shaped with ``tc tbf`` (1 Gbit, then
-100 Mbit); a private Redis on the host serves them and the control worker. Per link it migrates a
-1 GiB test guest that holds and keeps rewriting RAM (``dirty_mb``/``dirty_rate_mb``) and has data on
-its disk, through the product's own path (API service -> control worker -> node workers -> DWCP),
-with a NIC on a provider network whose LAN a client namespace shares with both nodes (a ping every 10 ms
-and one TCP connection to the guest's counter follow each migration: the network outage a user sees,
-beside the guest's pause), then the same guest with QEMU alone over plain TCP on the same link (NBD disk mirror + ``migrate``):
-defaults (QEMU's 32 MiB/s cap), cap lifted, and multifd with the cap lifted. It prints the table
-(medians) and writes JSON under ``bench/results/``. Needs root, QEMU and the local PostgreSQL.
+Two node workers run in network namespaces joined by a veth link, in turn shaped with ``tc tbf`` (1 Gbit,
+100 Mbit) and unshaped (no limit: what the machine moves); a private Redis on the host serves them and
+the control worker. Per link it migrates a 1 GiB test guest that holds and keeps rewriting RAM
+(``dirty_mb``/``dirty_rate_mb``) and has data on its disk, through the product's own path (API service
+-> control worker -> node workers -> DWCP), with a NIC on a provider network whose LAN a client
+namespace shares with both nodes (a ping every 10 ms and one TCP connection to the guest's counter
+follow each migration: the network outage a user sees, beside the guest's pause), then the same guest
+with QEMU alone over plain TCP on the same link (NBD disk mirror + ``migrate``): defaults (QEMU's
+32 MiB/s cap), cap lifted, multifd x4 uncompressed, with zstd and with zlib, and cap lifted +
+auto-converge. Each guest pause is split into QEMU's last pass and the switch (``table.pause_parts``).
+It prints the table (``bench/migration/table.py``: medians, ranges, ratios to the best QEMU-alone
+configuration and the issue's targets) and writes JSON under ``bench/results/``. Needs root, QEMU and
+the local PostgreSQL.
 
 Then (``--guests`` has ``debian``, the default) a Debian 12 guest (``make image-debian``), imported into
 the store as ``debian-12`` and fetched to both nodes, created through the product with user data whose
@@ -21,7 +25,8 @@ For each NovaCron run it also records the ETA the source's forecast gave at 25, 
 wall time against the time that really remained (``bench/migration/eta.py``) and prints the error
 distribution (median and largest absolute, in percent; ``--help`` tells how it is measured).
 
-    python -m bench.migration.run [--runs 5] [--links 1gbit,100mbit] [--memory-mb 1024] [--dirty-mb 256]
+    python -m bench.migration.run [--runs 5] [--native-runs N] [--links 1gbit,100mbit,unshaped]
+                                  [--memory-mb 1024] [--dirty-mb 256]
                                   [--guests testguest,debian] [--debian-runs 3] [--debian-memory-mb 512]
 """
 
@@ -33,7 +38,6 @@ import os
 import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,9 +47,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.migration.eta import MARKS, EtaRecorder, distribution, errors, given
+from bench.migration.eta import EtaRecorder, errors, given
 from bench.migration.netns import Topology, shape, two_hosts
 from bench.migration.outage import Probe
+from bench.migration.table import Section, link_rate, links, pause_parts, report
 
 ROOT = Path(__file__).resolve().parents[2]
 DB_NAME = "novacron_bench_migration"
@@ -67,6 +72,9 @@ NATIVE_VARIANTS: dict[str, dict[str, Any]] = {
     "default": {"lift": False, "multifd": 0},
     "cap lifted": {"lift": True, "multifd": 0},
     "multifd x4": {"lift": True, "multifd": 4},
+    # QEMU's strongest: each multifd channel compresses its pages (level 1, QEMU's default for both).
+    "multifd x4 + zstd": {"lift": True, "multifd": 4, "compression": "zstd"},
+    "multifd x4 + zlib": {"lift": True, "multifd": 4, "compression": "zlib"},
     # NovaCron turns auto-converge on; this is QEMU with the same help, for a like-for-like ratio.
     "cap lifted + auto-converge": {"lift": True, "multifd": 0, "auto_converge": True},
 }
@@ -127,25 +135,6 @@ def spawn(started: list[subprocess.Popen[bytes]], command: list[str], env: dict[
         )
 
 
-def median(values: list[float | None]) -> float | None:
-    present = [value for value in values if value is not None]
-    return round(statistics.median(present), 3) if present else None
-
-
-def spread(values: list[float | None]) -> str:
-    """``min-max`` of the values present, for the table beside the median."""
-    present = [value for value in values if value is not None]
-    return f"{min(present):g}-{max(present):g}" if present else "-"
-
-
-def git_commit() -> str:
-    """The short commit the result file belongs to ("unknown" outside a git checkout)."""
-    result = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    return result.stdout.strip() if result.returncode == 0 else "unknown"
-
-
 # --- NovaCron through the product ---------------------------------------------------------------------
 
 
@@ -181,12 +170,18 @@ def live_migration(vm_id: Any, user: Any, there: Any, topology: Topology) -> dic
     eta_given = given(snapshots, requested_at)
     eta_errors = errors(eta_given, migration.finished_at.timestamp() - requested_at)
     data = MigrationSerializer(migration).data
+    stats = migration.stats
+    parts = pause_parts(
+        stats.get("source_stopped_at"), stats.get("source_completed_at"), stats.get("dest_resumed_at")
+    )
     return {
         "id": str(migration.pk),
         "total_seconds": data["total_seconds"],
         "downtime_ms": data["downtime_ms"],
-        "qemu_downtime_ms": migration.stats.get("qemu_downtime_ms"),
-        "memory_check_ms": migration.stats.get("memory_check_ms"),
+        "last_pass_ms": parts["last_pass_ms"],
+        "switch_ms": parts["switch_ms"],
+        "qemu_downtime_ms": stats.get("qemu_downtime_ms"),
+        "memory_check_ms": stats.get("memory_check_ms"),
         "link_bytes": link_bytes(topology) - before,
         "dwcp_wire_bytes": data["wire_bytes"],
         "converging": migration.stats.get("converging", "unknown"),
@@ -253,7 +248,7 @@ def novacron_runs(
     wait_for(lambda: "dirty ready" in guest_log.read_text(errors="replace"), 600, "the guest's RAM load")
     here = node_a
     for link in args.links:
-        shape(topology, link)
+        shape(topology, link_rate(link))
         runs = results.setdefault(link, [])
         for index in range(args.runs):
             there = node_b if here == node_a else node_a
@@ -401,7 +396,7 @@ def debian_novacron_runs(
     results: dict[str, list[dict[str, Any]]] = {}
     here = node_a
     for link in args.links:
-        shape(topology, link)
+        shape(topology, link_rate(link))
         for index in range(args.debian_runs):
             there = node_b if here == node_a else node_a
             written = files_written(workdir / here.name / "run" / str(vm.pk) / "serial.log")
@@ -463,7 +458,7 @@ def debian_native_runs(
             f"  debian booted and {written} files written {time.monotonic() - created:.0f} s after the start"
         )
         for link in args.links:
-            shape(topology, link)
+            shape(topology, link_rate(link))
             for variant in DEBIAN_VARIANTS:
                 for index in range(args.native_runs):
                     if broken:
@@ -549,7 +544,7 @@ def cold_runs(
         "bench-b": (topology.ns_b, topology.b_link),
     }
     for link in args.links:
-        shape(topology, link)
+        shape(topology, link_rate(link))
         there = Node.objects.exclude(pk=here.pk).get(name__in=list(nodes))
         disk = workdir / here.name / "disks" / f"{vm.pk}.qcow2"
         ns, _ = nodes[here.name]
@@ -604,7 +599,7 @@ def native_runs(
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         for link in args.links:
-            shape(topology, link)
+            shape(topology, link_rate(link))
             for variant, options in NATIVE_VARIANTS.items():
                 for index in range(args.native_runs):
                     run = _native_once(
@@ -701,15 +696,27 @@ def _native_migrate(
     ``dst_address``): ``disk0``'s top layer mirrored to an NBD export of the destination's, then
     ``migrate``, switched over when the mirror is cancelled (in sync), the destination resumed. A run
     short of its switch-over after ``NATIVE_TIMEOUT_SECONDS`` is cancelled: the source runs on as before.
-    Every capability and parameter is set, so a QEMU that served an earlier variant keeps nothing of it."""
+    Every capability and parameter is set, so a QEMU that served an earlier variant keeps nothing of it.
+    A multifd compression this QEMU refuses is returned as such (``unsupported``: QEMU's message)."""
+    from workers.qemu.errors import QmpCommandError
+
     nbd_port, mig_port = free_port(), free_port()
     caps = [
         {"capability": "events", "state": True},
         {"capability": "multifd", "state": bool(options["multifd"])},
     ]
     dst.execute("migrate-set-capabilities", {"capabilities": caps})
+    multifd: dict[str, Any] = {}
     if options["multifd"]:
-        dst.execute("migrate-set-parameters", {"multifd-channels": options["multifd"]})
+        # Both ends must agree on the compression; "none" resets what an earlier variant set.
+        multifd = {
+            "multifd-channels": options["multifd"],
+            "multifd-compression": options.get("compression", "none"),
+        }
+        try:
+            dst.execute("migrate-set-parameters", multifd)
+        except QmpCommandError as exc:
+            return {"completed": False, "unsupported": str(exc)}
     dst.execute(
         "nbd-server-start", {"addr": {"type": "inet", "data": {"host": dst_address, "port": str(nbd_port)}}}
     )
@@ -729,9 +736,7 @@ def _native_migrate(
         "downtime-limit": 100,
         "max-bandwidth": 1 << 40 if options["lift"] else 32 * MiB,
     }
-    if options["multifd"]:
-        params["multifd-channels"] = options["multifd"]
-    src.execute("migrate-set-parameters", params)
+    src.execute("migrate-set-parameters", params | multifd)
     before = link_bytes(topology)
     started = time.monotonic()
     mark = src.event_mark()
@@ -764,16 +769,22 @@ def _native_migrate(
     dst.wait_event(
         "MIGRATION", timeout=120, after=dst_mark, match=lambda e: e.data.get("status") == "completed"
     )
+    completed = src.wait_event(
+        "MIGRATION", timeout=10, after=mark, match=lambda e: e.data.get("status") == "completed"
+    )
     resume_mark = dst.event_mark()
     dst.execute("cont")  # as NovaCron does: resume first, then drop the export
     resumed = dst.wait_event("RESUME", timeout=10, after=resume_mark)
     dst.execute("block-export-del", {"id": "exp", "mode": "hard"})
     total = time.monotonic() - started
     info = src.execute("query-migrate")
+    parts = pause_parts(stopped.timestamp, completed.timestamp, resumed.timestamp)
     return {
         "completed": True,
         "total_seconds": round(total, 3),
-        "downtime_ms": round((resumed.timestamp - stopped.timestamp) * 1000, 1),
+        "downtime_ms": parts["pause_ms"],
+        "last_pass_ms": parts["last_pass_ms"],
+        "switch_ms": parts["switch_ms"],
         "qemu_downtime_ms": info.get("downtime"),
         "link_bytes": link_bytes(topology) - before,
     }
@@ -795,9 +806,13 @@ def main() -> int:
         "--runs", type=int, default=5, help="NovaCron migrations per link (medians over them)"
     )
     parser.add_argument(
-        "--native-runs", type=int, default=1, help="QEMU-only migrations per variant and link"
-    )
-    parser.add_argument("--links", default="1gbit,100mbit", type=lambda text: text.split(","))
+        "--native-runs", type=int, default=None,
+        help="QEMU-only migrations per configuration and link (default: as many as --runs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--links", default="1gbit,100mbit,unshaped", type=links,
+        help="tc rates of the A<->B link, in turn, and/or 'unshaped' (no limit)",
+    )  # fmt: skip
     parser.add_argument(
         "--cold", action=argparse.BooleanOptionalAction, default=True, help="cold migration runs too"
     )
@@ -818,6 +833,10 @@ def main() -> int:
     parser.add_argument("--debian-file-mb", type=int, default=8, help="size of each file the workload writes")
     parser.add_argument("--debian-pause", type=float, default=2.0, help="seconds between two files")
     args = parser.parse_args()
+    if args.native_runs is None:
+        args.native_runs = args.runs
+    if args.runs < 1 or args.native_runs < 0:
+        parser.error("--runs must be at least 1 and --native-runs at least 0")
     if unknown := set(args.guests) - {"testguest", "debian"}:
         parser.error(f"unknown guest(s): {', '.join(sorted(unknown))}")
     if os.geteuid() != 0:
@@ -859,9 +878,7 @@ def main() -> int:
         from apps.vms.models import Node
 
         wait_for(lambda: Node.objects.filter(name__in=["bench-a", "bench-b"]).count() == 2, 60, "the nodes")
-        sections: list[
-            tuple[str, dict[str, list[dict[str, Any]]], dict[str, dict[str, list[dict[str, Any]]]]]
-        ] = []
+        sections: list[Section] = []
         if "testguest" in args.guests:
             print(f"NovaCron live migration ({args.runs} runs per link; logs in {workdir}):", flush=True)
             ours = novacron_runs(args, topology, workdir)
@@ -884,145 +901,6 @@ def main() -> int:
         ["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", "--force", DB_NAME], check=False
     )
     return 0
-
-
-def _rows(
-    link: str,
-    guest: str,
-    ours: dict[str, list[dict[str, Any]]],
-    native: dict[str, dict[str, list[dict[str, Any]]]],
-) -> list[dict[str, Any]]:
-    """One guest's rows on one link: medians and ranges, and the total's ratio to the best QEMU-only run."""
-    rows = []
-    methods = {"NovaCron (DWCP)": ours.get(link, [])} | {
-        f"QEMU {name}": [run for run in runs if run.get("completed", True)]
-        for name, runs in native.get(link, {}).items()
-    }
-    summary: dict[str, dict[str, Any]] = {
-        name: {
-            "total_seconds": median([r["total_seconds"] for r in runs]),
-            "total_range": spread([r["total_seconds"] for r in runs]),
-            "downtime_ms": median([r["downtime_ms"] for r in runs]),
-            "downtime_range": spread([r["downtime_ms"] for r in runs]),
-            "qemu_downtime_ms": median([r.get("qemu_downtime_ms") for r in runs]),
-            "memory_check_ms": median([r.get("memory_check_ms") for r in runs]),
-            "network_outage_ms": median([r.get("network_outage_ms") for r in runs]),
-            "network_outage_range": spread([r.get("network_outage_ms") for r in runs]),
-            "link_mb": median([r["link_bytes"] / 1e6 for r in runs]),
-            "eta_error_median_pct": distribution(runs)["median"],
-            "eta_error_max_abs_pct": distribution(runs)["max_abs"],
-            "runs": len(runs),
-            # Debian: runs after which the guest's workload went on writing files at the destination.
-            "workload_went_on": f"{sum(r['workload_went_on'] for r in runs)}/{len(runs)}"
-            if "workload_went_on" in runs[0]
-            else "-",
-        }
-        for name, runs in methods.items()
-        if runs
-    }
-    for name, runs in native.get(link, {}).items():
-        gave_up = [run for run in runs if not run.get("completed", True)]
-        if gave_up:
-            print(
-                f"{link} {guest}: QEMU {name}: {len(gave_up)} run(s) did not complete in {NATIVE_TIMEOUT_SECONDS} s"
-            )
-    best_native = min(
-        (s["total_seconds"] for n, s in summary.items() if n.startswith("QEMU") and s["total_seconds"]),
-        default=None,
-    )
-    for name, s in summary.items():
-        ratio = round(s["total_seconds"] / best_native, 2) if best_native and s["total_seconds"] else None
-        rows.append({"link": link, "guest": guest, "method": name, **s, "total_vs_best_native": ratio})
-    return rows
-
-
-Section = tuple[str, dict[str, list[dict[str, Any]]], dict[str, dict[str, list[dict[str, Any]]]]]
-
-
-def eta_table(args: argparse.Namespace, sections: list[Section]) -> None:
-    """The forecast's error at each mark, per link and guest: median and largest absolute, in percent."""
-    print("\nETA error of NovaCron's forecast, (ETA - true remaining) / true remaining, in %:")
-    print(
-        f"{'link':<9} {'guest':<9} {'runs':>4} "
-        + " ".join(f"{f'at {m} %: median':>16} {'max |%|':>7}" for m in MARKS)
-    )
-    for link in args.links:
-        for guest, ours, _ in sections:
-            runs = ours.get(link, [])
-            if not runs:
-                continue
-            cells = []
-            for mark in MARKS:
-                spread_at = distribution(runs, str(mark))
-                cells.append(f"{spread_at['median']!s:>16} {spread_at['max_abs']!s:>7}")
-            print(f"{link:<9} {guest:<9} {len(runs):>4} " + " ".join(cells))
-
-
-def report(args: argparse.Namespace, sections: list[Section]) -> None:
-    """The table (per link, each guest's NovaCron row beside its QEMU-only rows) and the JSON file."""
-    rows = []
-    for link in args.links:
-        for guest, ours, native in sections:
-            rows += _rows(link, guest, ours, native)
-    header = (f"{'link':<9} {'guest':<9} {'method':<33} {'runs':>4} {'total s':>9} {'range':>13} {'x best QEMU':>11} "
-              f"{'pause ms':>9} {'range':>15} {'QEMU part':>9} {'mem check':>9} {'net out ms':>10} {'range':>13} "
-              f"{'on link MB':>11} {'guest went on':>13} {'ETA err %':>9} {'max |%|':>7}")  # fmt: skip
-    print("\n" + header + "\n" + "-" * len(header))
-    for row in rows:
-        print(f"{row['link']:<9} {row['guest']:<9} {row['method']:<33} {row['runs']:>4} {row['total_seconds']!s:>9} "
-              f"{row['total_range']:>13} {row['total_vs_best_native']!s:>11} {row['downtime_ms']!s:>9} "
-              f"{row['downtime_range']:>15} {row['qemu_downtime_ms']!s:>9} {row['memory_check_ms']!s:>9} "
-              f"{row['network_outage_ms']!s:>10} {row['network_outage_range']:>13} {row['link_mb']!s:>11} "
-              f"{row['workload_went_on']:>13} {row['eta_error_median_pct']!s:>9} {row['eta_error_max_abs_pct']!s:>7}")  # fmt: skip
-    print(
-        "(medians and min-max ranges; pause = source QMP STOP -> destination RESUME, of which 'QEMU part' is"
-        " QEMU's own downtime figure and 'mem check' the memory comparison; 'net out' = the longest gap between"
-        " replies to a client pinging the guest every 10 ms from the nodes' LAN, through the move; 'on link'"
-        " counts both directions; the Debian guest has no NIC, so no 'net out'; 'guest went on' = runs after which"
-        " its workload wrote more files at the destination; 'ETA err' = the forecast's error at 25/50/75 % of"
-        " each NovaCron run against the time that really remained, median and largest absolute, see --help)"
-    )
-    eta_table(args, sections)
-    cold = [
-        (link, run)
-        for link in args.links
-        for guest, ours, _ in sections
-        if guest == "testguest"
-        for run in ours.get(f"{link} cold", [])
-    ]
-    if cold:
-        print("\ncold migration of the stopped VM against a plain DWCP file transfer of its disk, same link:")
-        print(
-            f"{'link':<9} {'disk MB':>8} {'cold s':>8} {'dwcp send s':>12} {'cold / send':>12} {'on link MB':>11}"
-        )
-        for link, run in cold:
-            ratio = (
-                round(run["total_seconds"] / run["dwcp_send_seconds"], 2)
-                if run["dwcp_send_seconds"]
-                else None
-            )
-            print(f"{link:<9} {run['disk_bytes'] / 1e6:8.1f} {run['total_seconds']!s:>8} "
-                  f"{run['dwcp_send_seconds']!s:>12} {ratio!s:>12} {run['link_bytes'] / 1e6:11.1f}")  # fmt: skip
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"migration-{time.strftime('%Y%m%d-%H%M%S')}-{git_commit()}.json"
-    path.write_text(
-        json.dumps(
-            {"args": vars(args), "rows": rows}
-            # The test guest's runs under "novacron" and "qemu" as before; the Debian guest's under "debian".
-            | {
-                key: value
-                for guest, ours, native in sections
-                for key, value in (
-                    {"novacron": ours, "qemu": native}
-                    if guest == "testguest"
-                    else {guest: {"novacron": ours, "qemu": native}}
-                ).items()
-            },
-            indent=2,
-        )
-    )
-    print(f"results: {path}")
 
 
 if __name__ == "__main__":
