@@ -242,9 +242,19 @@ def bench_rsync(link: Link, source: Path, target_dir: Path, *, compress: str | N
     )
 
 
-def bench_dwcp(link: Link, source: Path, target_dir: Path, *, codec: str, streams: int) -> Measurement:
+def bench_dwcp(
+    link: Link,
+    source: Path,
+    target_dir: Path,
+    *,
+    codec: str,
+    streams: int,
+    code: Path = REPO,
+    label: str = "",
+) -> Measurement:
+    """``send`` to ``serve``, both run from the checkout at ``code`` (another revision: ``--compare-rev``)."""
     port = 17403
-    env = {**os.environ, "DWCP_SECRET": SECRET, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "DWCP_SECRET": SECRET, "PYTHONPATH": str(code)}
     server = subprocess.Popen(
         link.wrap(
             "recv",
@@ -267,6 +277,7 @@ def bench_dwcp(link: Link, source: Path, target_dir: Path, *, codec: str, stream
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=code,  # python -m puts the working directory first on sys.path
     )
     wait_port(link, port)
     started = time.monotonic()
@@ -298,6 +309,7 @@ def bench_dwcp(link: Link, source: Path, target_dir: Path, *, codec: str, stream
         capture_output=True,
         text=True,
         env=env,
+        cwd=code,
         check=False,
     )
     wall = time.monotonic() - started
@@ -307,7 +319,7 @@ def bench_dwcp(link: Link, source: Path, target_dir: Path, *, codec: str, stream
     summary = json.loads(sender.stdout.strip().splitlines()[-1])
     _, send_cpu, send_rss = parse_time(sender.stderr)
     _, recv_cpu, recv_rss = parse_time(server_stderr)
-    label = f"dwcp {codec} x{streams}"
+    label = f"dwcp{label} {codec} x{streams}"
     return Measurement(
         label,
         wall,
@@ -398,9 +410,14 @@ def live_migrations(link: Link, scratch: Path, streams: int) -> list[Measurement
 
 
 def run_tools(
-    link: Link, source: Path, scratch: Path, streams: int, wanted: set[str] | None = None
+    link: Link,
+    source: Path,
+    scratch: Path,
+    streams: int,
+    wanted: set[str] | None = None,
+    compare: tuple[str, Path] | None = None,
 ) -> list[Measurement]:
-    """Every tool once, each into a fresh, empty target directory."""
+    """Every tool once, each into a fresh, empty target directory; ``compare``: DWCP of another revision too."""
     tools = {
         "nc": lambda target: bench_nc(link, source, target),
         "rsync": lambda target: bench_rsync(link, source, target, compress=None),
@@ -408,9 +425,19 @@ def run_tools(
         "rsync -z zstd": lambda target: bench_rsync(link, source, target, compress="zstd"),
         "dwcp": lambda target: bench_dwcp(link, source, target, codec="auto", streams=streams),
     }
+    if compare is not None:
+        revision, checkout = compare
+        tools["dwcp"] = lambda target: bench_dwcp(
+            link, source, target, codec="auto", streams=streams, code=checkout, label=f"@{revision}"
+        )
+        tools["dwcp (this tree)"] = lambda target: bench_dwcp(
+            link, source, target, codec="auto", streams=streams
+        )
     results = []
     for name, bench in tools.items():
-        if wanted is not None and name not in wanted and name != "nc":  # nc is every ratio's base
+        if (
+            wanted is not None and name.split(" (")[0] not in wanted and name != "nc"
+        ):  # nc: every ratio's base
             continue
         target = scratch / "target"
         shutil.rmtree(target, ignore_errors=True)
@@ -526,6 +553,9 @@ def main() -> int:
     )
     parser.add_argument("--mixed-mib", type=int, default=512, help="size of the mixed data set on every link")
     parser.add_argument("--runs", type=int, default=1, help="runs per link and data set (tables: medians)")
+    parser.add_argument(
+        "--compare-rev", default=None, help="also run DWCP as of this git revision (before/after in one run)"
+    )
     args = parser.parse_args()
     if args.runs < 1 or args.mixed_mib < 1 or (args.size_mib is not None and args.size_mib < 1):
         parser.error("--runs, --mixed-mib and --size-mib must be positive")
@@ -577,8 +607,20 @@ def main() -> int:
     report: list[str] = []
     rows: list[dict[str, Any]] = []
     manifests: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="dwcp-bench-", dir="/var/tmp") as scratch_name:
+    with (
+        tempfile.TemporaryDirectory(prefix="dwcp-bench-", dir="/var/tmp") as scratch_name,
+        contextlib.ExitStack() as stack,  # the compared checkout goes before its directory does
+    ):
         scratch = Path(scratch_name)
+        compare = None
+        if args.compare_rev:
+            checkout = scratch / "compare-rev"
+            run(["git", "worktree", "add", "--detach", "-q", str(checkout), args.compare_rev], cwd=REPO)
+            stack.callback(run, ["git", "worktree", "remove", "--force", str(checkout)], cwd=REPO)
+            compare = (
+                run(["git", "rev-parse", "--short", args.compare_rev], cwd=REPO).stdout.strip(),
+                checkout,
+            )
         for link in links:
             if link.name.split()[-1] not in wanted_links:
                 continue
@@ -591,7 +633,7 @@ def main() -> int:
                 runs: list[list[Measurement]] = []
                 with context:
                     for _ in range(args.runs):
-                        results = run_tools(link, source, scratch, args.streams, wanted_tools)
+                        results = run_tools(link, source, scratch, args.streams, wanted_tools, compare)
                         if dataset == "qemu-ram" and "qemu" in wanted_tools:
                             results += live_migrations(link, scratch, args.streams)
                         runs.append(results)
