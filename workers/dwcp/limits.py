@@ -92,6 +92,10 @@ ERROR_LINGER_SECONDS = 1.0
 # sender's buffered data to ~QUEUE_DEPTH MiB for any file size (memory stays flat); 8 keeps a
 # two-core codec pool busy, and a shallow queue lets a new codec level take effect sooner.
 SEND_QUEUE_DEPTH = 8
+# The same queue holds this many bytes of larger chunks (at least two, one per codec worker of a
+# two-core node): 4 MiB chunks queue two deep, so a new codec level still takes effect after
+# about as much data as with 1 MiB chunks, not four times as much.
+SEND_QUEUE_BYTES = SEND_QUEUE_DEPTH * DEFAULT_CHUNK_SIZE
 # Tunnels keep little data between the two local sockets. Whatever sits in the sender's queue and
 # socket buffers counts as sent for QEMU, which stops the guest for its last pass with that backlog
 # still to cross the link: the backlog adds to the guest's pause. Per direction at most one read

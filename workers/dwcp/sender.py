@@ -2,7 +2,7 @@
 
 Pipeline, bounded at every step so memory stays flat for any file size::
 
-    producer thread --(futures, queue of SEND_QUEUE_DEPTH)--> one writer thread per stream
+    producer thread --(futures, queue of SEND_QUEUE_BYTES)--> one writer thread per stream
         |  submits read+encode jobs to the shared codec pool          | token bucket, send
         v                                                              v
     codec pool (pread, zero check, dedup key, lz4/zstd, xxh3)     N TCP streams --> receiver
@@ -112,7 +112,7 @@ class _FileSend:
         self.tracker = tracker
         count = files.chunk_count(size, chunk_size)
         self.checksums = [codecs.zero_checksum(files.chunk_length(i, size, chunk_size)) for i in range(count)]
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=limits.SEND_QUEUE_DEPTH)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_depth(chunk_size))
         self.stop = threading.Event()
         self.failure: BaseException | None = None
         self._failure_lock = threading.Lock()
@@ -243,6 +243,11 @@ class _Watcher:
 def _source_size(fd: int, stat: os.stat_result) -> int:
     """A block device reports st_size 0; its size is where its end is."""
     return os.lseek(fd, 0, os.SEEK_END) if S_ISBLK(stat.st_mode) else stat.st_size
+
+
+def queue_depth(chunk_size: int) -> int:
+    """Chunks the producer may queue ahead of the writers: ``SEND_QUEUE_BYTES``, at least two."""
+    return max(2, limits.SEND_QUEUE_BYTES // chunk_size)
 
 
 def default_chunk_size(stat: os.stat_result, size: int, *, base: str | None) -> int:
