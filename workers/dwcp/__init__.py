@@ -21,8 +21,7 @@ Public API (everything else in this package is internal)::
     # whole-file digest and renamed it into place; name must equal the ticket's target
     send_file(path, *, address="node-2:7400", name="vms/42/disk.qcow2", ticket=token,
               secret=secret, source_node="node-1", streams=4, codec="auto" | "lz4" | "zstd" | "raw",
-              chunk_size=None, base=None, control=None, reporter=None, pool=None) -> TransferResult
-    # chunk_size None: 4 MiB for a dense file sent without a base, else 1 MiB (sender.default_chunk_size)
+              chunk_size=1 MiB, base=None, control=None, reporter=None, pool=None) -> TransferResult
     # TransferResult: transfer_id, raw_bytes, wire_bytes, seconds, streams, codec_mix, digest,
     # resumed_bytes; base names a file under the receiver's root whose equal chunks go as references
 

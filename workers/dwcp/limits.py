@@ -20,13 +20,6 @@ MIN_PROTOCOL_VERSION = 1
 # per-frame Python overhead (one header, one hash call, one syscall) to well under 1 % while
 # keeping the in-flight memory (queue depth x chunk) small.
 DEFAULT_CHUNK_SIZE = 1 * MiB
-# Dense files (no holes) named without a base go in 4 MiB chunks: zstd finds matches across the
-# whole chunk (its window at levels 3 and up is 2-8 MiB), so bench-dwcp's mixed system files shrink
-# to 2.95x at zstd-9 instead of 2.84x at 1 MiB (rsync -z zstd's single stream: 2.82x), and a frame's
-# fixed costs are spread over four times the data. Sparse files and transfers against a base keep
-# DEFAULT_CHUNK_SIZE: a chunk that is part hole is written whole, and base references match only
-# equal chunks, so smaller chunks keep the holes and find more of them.
-DENSE_FILE_CHUNK_SIZE = 4 * MiB
 # Smallest chunk a sender may pick: below this the per-frame overhead dominates and resume
 # journals / base indexes grow needlessly.
 MIN_CHUNK_SIZE = 64 * KiB
@@ -92,10 +85,6 @@ ERROR_LINGER_SECONDS = 1.0
 # sender's buffered data to ~QUEUE_DEPTH MiB for any file size (memory stays flat); 8 keeps a
 # two-core codec pool busy, and a shallow queue lets a new codec level take effect sooner.
 SEND_QUEUE_DEPTH = 8
-# The same queue holds this many bytes of larger chunks (at least two, one per codec worker of a
-# two-core node): 4 MiB chunks queue two deep, so a new codec level still takes effect after
-# about as much data as with 1 MiB chunks, not four times as much.
-SEND_QUEUE_BYTES = SEND_QUEUE_DEPTH * DEFAULT_CHUNK_SIZE
 # Tunnels keep little data between the two local sockets. Whatever sits in the sender's queue and
 # socket buffers counts as sent for QEMU, which stops the guest for its last pass with that backlog
 # still to cross the link: the backlog adds to the guest's pause. Per direction at most one read

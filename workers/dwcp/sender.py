@@ -2,7 +2,7 @@
 
 Pipeline, bounded at every step so memory stays flat for any file size::
 
-    producer thread --(futures, queue of SEND_QUEUE_BYTES)--> one writer thread per stream
+    producer thread --(futures, queue of SEND_QUEUE_DEPTH)--> one writer thread per stream
         |  submits read+encode jobs to the shared codec pool          | token bucket, send
         v                                                              v
     codec pool (pread, zero check, dedup key, lz4/zstd, xxh3)     N TCP streams --> receiver
@@ -25,7 +25,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from stat import S_ISBLK, S_ISREG
+from stat import S_ISBLK
 from typing import Any
 
 import xxhash
@@ -112,7 +112,7 @@ class _FileSend:
         self.tracker = tracker
         count = files.chunk_count(size, chunk_size)
         self.checksums = [codecs.zero_checksum(files.chunk_length(i, size, chunk_size)) for i in range(count)]
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_depth(chunk_size))
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=limits.SEND_QUEUE_DEPTH)
         self.stop = threading.Event()
         self.failure: BaseException | None = None
         self._failure_lock = threading.Lock()
@@ -245,22 +245,6 @@ def _source_size(fd: int, stat: os.stat_result) -> int:
     return os.lseek(fd, 0, os.SEEK_END) if S_ISBLK(stat.st_mode) else stat.st_size
 
 
-def queue_depth(chunk_size: int) -> int:
-    """Chunks the producer may queue ahead of the writers: ``SEND_QUEUE_BYTES``, at least two."""
-    return max(2, limits.SEND_QUEUE_BYTES // chunk_size)
-
-
-def default_chunk_size(stat: os.stat_result, size: int, *, base: str | None) -> int:
-    """Large chunks for a dense file sent on its own, the finer grid for sparse files and base references.
-
-    A regular file whose allocated blocks cover its size has no holes; block devices report no
-    blocks and keep the finer grid, as do sparse files (a chunk that is partly hole is written
-    whole) and transfers with a ``base`` (references match only equal chunks).
-    """
-    dense = S_ISREG(stat.st_mode) and stat.st_blocks * 512 >= size
-    return limits.DENSE_FILE_CHUNK_SIZE if dense and base is None else limits.DEFAULT_CHUNK_SIZE
-
-
 def _source_id(path: Path, stat: os.stat_result, size: int) -> str:
     identity = f"{path.resolve()}|{size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_dev}|{stat.st_rdev}"
     return hashlib.sha256(identity.encode()).hexdigest()[:32]
@@ -304,7 +288,7 @@ def send_file(
     source_node: str,
     streams: int = limits.DEFAULT_STREAMS,
     codec: str = "auto",
-    chunk_size: int | None = None,
+    chunk_size: int = limits.DEFAULT_CHUNK_SIZE,
     base: str | None = None,
     control: TransferControl | None = None,
     reporter: Reporter | None = None,
@@ -313,17 +297,14 @@ def send_file(
     """Send the file at ``path`` to the DWCP server at ``address`` (``HOST:PORT``) as ``name``.
 
     ``ticket`` must be a ticket for ``kind="file"`` and ``target=name``; ``base`` names a file
-    under the receiver's root whose identical chunks are sent as references. ``chunk_size`` defaults
-    to what suits the file (``default_chunk_size``). Blocks until the
+    under the receiver's root whose identical chunks are sent as references. Blocks until the
     receiver verified the whole-file digest and renamed the file into place. Raises
     ``TransferRefused``, ``TransferInterrupted`` (retry with a new ticket to resume),
     ``TransferCancelled`` or another ``TransferError``.
     """
     if not 1 <= streams <= limits.MAX_STREAMS:
         raise ValueError(f"streams must be in 1..{limits.MAX_STREAMS}")
-    if chunk_size is not None and (
-        chunk_size & (chunk_size - 1) or not limits.MIN_CHUNK_SIZE <= chunk_size <= limits.MAX_CHUNK_SIZE
-    ):
+    if chunk_size & (chunk_size - 1) or not limits.MIN_CHUNK_SIZE <= chunk_size <= limits.MAX_CHUNK_SIZE:
         raise ValueError("chunk_size must be a power of two within the protocol limits")
     key = secret_bytes(secret)
     mode = codecs.CodecMode(codec)
@@ -338,8 +319,6 @@ def send_file(
     started = time.monotonic()
     stat = os.fstat(fd)
     size = _source_size(fd, stat)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(stat, size, base=base)
     tracker = ProgressTracker(transfer_id, total_bytes=size, reporter=reporter)
     phase = "failed"
     try:

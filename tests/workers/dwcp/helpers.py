@@ -16,16 +16,15 @@ DEST = "node-b"
 MiB = 1024 * 1024
 
 
-def write_mixed_file(path: Path, size: int, seed: int = 1, region: int = MiB) -> Path:
-    """Random, text-like and zero regions of ``region`` bytes, like a VM disk: chunks of that size
-    get every codec."""
+def write_mixed_file(path: Path, size: int, seed: int = 1) -> Path:
+    """Random, text-like and zero regions, like a VM disk: every codec gets used."""
     rng = random.Random(seed)
     words = [bytes(rng.choice(b"abcdefghij klmnop\n") for _ in range(8)) for _ in range(256)]
     with path.open("wb") as handle:
         written = 0
         block = 0
         while written < size:
-            length = min(region, size - written)
+            length = min(MiB, size - written)
             kind = block % 3
             if kind == 0:
                 data = rng.randbytes(length)

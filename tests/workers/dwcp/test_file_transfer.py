@@ -22,7 +22,6 @@ from workers.dwcp import (
     TransferError,
     TransferInterrupted,
     TransferRefused,
-    limits,
     send_file,
 )
 from workers.dwcp.transport import ConnectionPool
@@ -52,8 +51,7 @@ def wait_idle(server: DWCPServer) -> None:
 def test_a_mixed_file_arrives_identical_according_to_sha256sum(
     server: DWCPServer, root: Path, tmp_path: Path, ticket: Callable[..., str]
 ) -> None:
-    # A dense file goes in DENSE_FILE_CHUNK_SIZE chunks: regions that large give each codec its own.
-    source = write_mixed_file(tmp_path / "disk.img", 24 * MiB + 12345, region=limits.DENSE_FILE_CHUNK_SIZE)
+    source = write_mixed_file(tmp_path / "disk.img", 24 * MiB + 12345)
     result = send(server, ticket, source, "vms/1/disk.img")
     delivered = root / "vms/1/disk.img"
     reference = subprocess.run(
@@ -123,8 +121,6 @@ def test_a_cut_connection_is_resumed_and_only_the_rest_is_sent(
     proxy.close()
     wait_idle(server)
     assert not (root / "big.bin").exists()
-    journal = json.loads((root / ".big.bin.dwcp-journal").read_text())
-    assert journal["chunk_size"] == limits.DENSE_FILE_CHUNK_SIZE  # a dense file: the large grid
     result = send(server, ticket, source, "big.bin", pool=pool)
     assert sha256_of(root / "big.bin") == sha256_of(source)
     assert result.resumed_bytes >= 4 * MiB  # type: ignore[attr-defined]
@@ -373,12 +369,11 @@ def test_a_transfer_resumes_on_a_restarted_server_from_its_journal(
             codec="raw",
             control=control,
             pool=pool,
-            chunk_size=MiB,  # several chunks land before the stop, whatever the stream count
         )
     wait_idle(first)
     assert list(root.glob(".big.bin.dwcp-journal"))
     with DWCPServer(listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET) as second:
-        result = send(second, ticket, source, "big.bin", pool=pool, chunk_size=MiB)
+        result = send(second, ticket, source, "big.bin", pool=pool)
     assert result.resumed_bytes >= 2 * MiB  # type: ignore[attr-defined]
     assert sha256_of(root / "big.bin") == sha256_of(source)
     assert not list(root.glob(".big.bin.*"))
