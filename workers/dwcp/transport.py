@@ -120,10 +120,12 @@ def set_tunnel_buffers(sock: socket.socket, *, tunnel: bool) -> None:
     """Small buffers while a pooled connection carries a tunnel, the bulk ones again after."""
     size = limits.TUNNEL_SOCKET_BUFFER_SIZE if tunnel else limits.SOCKET_BUFFER_SIZE
     lowat = limits.TUNNEL_NOTSENT_LOWAT_BYTES if tunnel else limits.NOTSENT_LOWAT_BYTES
+    user_timeout = limits.TUNNEL_TCP_USER_TIMEOUT_MS if tunnel else 0  # 0: the kernel's default
     with contextlib.suppress(OSError):  # a connection that just failed keeps what it had
         _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size)
         _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout)
 
 
 def congestion_control(sock: socket.socket) -> str:
@@ -349,13 +351,27 @@ class Channel:
     def send(self, frame: Frame) -> int:
         """Send one frame; returns the bytes it took on the wire."""
         with self._send_lock:
-            with self._state_lock:
-                header, payload = self.protocol.send(frame)
-            if self.tls is None:
-                _send_buffers(self.sock, (header, payload))
-            else:
-                self.sock.sendall(self.tls.seal((header, payload)))
-            return len(header) + len(payload)
+            return self._send_locked(frame)
+
+    def try_send(self, frame: Frame) -> bool:
+        """Send ``frame`` unless another thread is sending on this channel right now (a tunnel's
+        ACKs and keepalives: a busy channel is evidently alive and must not stall the sender)."""
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            self._send_locked(frame)
+            return True
+        finally:
+            self._send_lock.release()
+
+    def _send_locked(self, frame: Frame) -> int:
+        with self._state_lock:
+            header, payload = self.protocol.send(frame)
+        if self.tls is None:
+            _send_buffers(self.sock, (header, payload))
+        else:
+            self.sock.sendall(self.tls.seal((header, payload)))
+        return len(header) + len(payload)
 
     def receive(self) -> Frame | None:
         """Next frame from the peer; None when it closed the connection cleanly while idle."""
