@@ -123,6 +123,9 @@ TUNNEL_TCP_USER_TIMEOUT_MS = 8000
 # window that long; the client reconnects with a backoff of 0.25 s doubling up to the cap.
 TUNNEL_LINK_OUTAGE_SECONDS = 120.0
 TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+# A reconnect's TCP connect + handshake must finish within this (1.5 round trips; a WAN's RTT is
+# far below it): an attempt into a link still down must not outlast the outage limit by much.
+TUNNEL_RECONNECT_TIMEOUT_SECONDS = 3.0
 
 # Socket buffers of a connection while it carries a tunnel. A tunnel's stream is latency sensitive
 # (QEMU's migration stream, NBD): whatever sits in buffers between the two local sockets counts as

@@ -460,9 +460,16 @@ class ConnectionPool:
     def _key(address: Address, secret: bytes, server_name: str | None) -> PoolKey:
         return address, hashlib.sha256(secret).digest(), server_name
 
-    def acquire(self, address: Address, secret: bytes, server_name: str | None = None) -> Channel:
-        """An idle channel to ``address`` or a new one. ``server_name`` is the node the server must
-        prove to be under TLS (the ticket's destination)."""
+    def acquire(
+        self,
+        address: Address,
+        secret: bytes,
+        server_name: str | None = None,
+        *,
+        timeout: float = limits.HANDSHAKE_TIMEOUT_SECONDS,
+    ) -> Channel:
+        """An idle channel to ``address`` or a new one (connected within ``timeout``). ``server_name``
+        is the node the server must prove to be under TLS (the ticket's destination)."""
         tls = self.tls
         key = self._key(address, secret, server_name)
         now = time.monotonic()
@@ -477,7 +484,7 @@ class ConnectionPool:
                 return channel
             channel.close()
         self.connects += 1
-        return Channel.connect(address, secret, tls=tls, server_name=server_name)
+        return Channel.connect(address, secret, tls=tls, server_name=server_name, timeout=timeout)
 
     def release(self, channel: Channel, secret: bytes) -> None:
         """Give back a channel after a transfer; it is closed unless idle and healthy."""

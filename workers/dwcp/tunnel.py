@@ -541,7 +541,8 @@ class TunnelEndpoint:
         with contextlib.suppress(OSError):
             self.local.close()
         for thread in self._threads:
-            thread.join(timeout=1.0)
+            if thread is not threading.current_thread():  # the ticker may end the tunnel itself
+                thread.join(timeout=1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,7 +730,12 @@ class Tunnel:
 
     def _join(self, endpoint: TunnelEndpoint, frame_type: FrameType, stream: int, generation: int) -> int:
         """Open one more stream (ATTACH, or RESUME after a cut); returns its generation."""
-        channel = self._pool.acquire(self._address, self._secret, self._dest_node)
+        timeout = (
+            limits.TUNNEL_RECONNECT_TIMEOUT_SECONDS
+            if frame_type is FrameType.RESUME
+            else limits.HANDSHAKE_TIMEOUT_SECONDS
+        )
+        channel = self._pool.acquire(self._address, self._secret, self._dest_node, timeout=timeout)
         self._channels.append(channel)
         message: dict[str, Any] = {
             "transfer_id": self.transfer_id,
