@@ -145,6 +145,7 @@ class Source:
                 streams=job.streams,
                 control=job.control,
                 reporter=watch.tunnel_reporter(name),
+                link_outage_seconds=self.node.config.link_outage_seconds,
             )
             for name, local in (("disk", disk_socket), ("memory", memory_socket))
         ]
