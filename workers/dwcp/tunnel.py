@@ -51,7 +51,16 @@ from .errors import (
     TransferInterrupted,
     TransferRefused,
 )
-from .frames import HEADER_SIZE, MAX_U64, Frame, FrameType, control_frame, make_frame, parse_control
+from .frames import (
+    HEADER_SIZE,
+    MAX_U64,
+    ControlMessage,
+    Frame,
+    FrameType,
+    control_frame,
+    make_frame,
+    parse_control,
+)
 from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .sender import codec_pool, negotiate
@@ -207,7 +216,7 @@ class TunnelEndpoint:
             target=self._write_channel, args=(channel, generation), name="dwcp-tunnel-write", daemon=True
         ).start()
 
-    def _link_down(self, generation: int, reason: str) -> None:
+    def cut_link(self, generation: int, reason: str) -> None:
         """A connection of ``generation`` broke: cut them all and wait for a resume."""
         with self._cond:
             if generation != self._generation or self.failed.is_set() or self.link_lost.is_set():
@@ -301,7 +310,7 @@ class TunnelEndpoint:
                 return
             for link in links:
                 if link.receiving and now - link.last_heard > limits.TUNNEL_LINK_SILENCE_SECONDS:
-                    self._link_down(generation, f"nothing heard for {now - link.last_heard:.1f} s")
+                    self.cut_link(generation, f"nothing heard for {now - link.last_heard:.1f} s")
                     break
                 keepalive = now - link.last_sent >= limits.TUNNEL_KEEPALIVE_SECONDS
                 if not (due or keepalive):
@@ -311,7 +320,7 @@ class TunnelEndpoint:
                 except ProtocolError:
                     continue  # the connection is ending (END, RESULT): no more ACKs on it
                 except OSError as exc:
-                    self._link_down(generation, f"sending an ACK failed: {exc}")
+                    self.cut_link(generation, f"sending an ACK failed: {exc}")
                     break
                 if sent:
                     link.last_sent = now
@@ -403,10 +412,11 @@ class TunnelEndpoint:
                     self.control.bucket.acquire(HEADER_SIZE + frame.wire_length)
                 wire = channel.send(frame)
             except (OSError, ProtocolError) as exc:
-                self._link_down(generation, f"sending failed: {exc}")
+                self.cut_link(generation, f"sending failed: {exc}")
                 return
             except BaseException as exc:
-                self.fail(exc)
+                if generation == self.generation:
+                    self.fail(exc)
                 return
             with self._cond:
                 link = self._links.get(channel)
@@ -514,13 +524,16 @@ class TunnelEndpoint:
                     )
                 else:
                     raise RemoteProtocolError(f"unexpected {frame.type.name} in a tunnel")
-        except (ConnectionLost, OSError) as exc:
-            self._link_down(generation, f"connection broke: {exc}")
-        except ProtocolError as exc:
-            if not self.failed.is_set():
-                self.fail(TransferInterrupted(f"tunnel connection broke: {exc}"))
         except BaseException as exc:
-            self.fail(exc)
+            if generation != self.generation:
+                return  # a connection of a generation already cut (closed by the reconnect)
+            if isinstance(exc, ConnectionLost | OSError):
+                self.cut_link(generation, f"connection broke: {exc}")
+            elif isinstance(exc, ProtocolError):
+                if not self.failed.is_set():
+                    self.fail(TransferInterrupted(f"tunnel connection broke: {exc}"))
+            else:
+                self.fail(exc)
 
     def _answer_end(self, channel: Channel) -> None:
         # Answer only once everything from the peer reached the local socket: the session (and
@@ -643,19 +656,7 @@ class Tunnel:
         endpoint: TunnelEndpoint | None = None
         phase = "failed"
         try:
-            primary = self._pool.acquire(self._address, self._secret, self._dest_node)
-            self._channels.append(primary)
-            accepted = negotiate(
-                primary,
-                FrameType.OPEN,
-                {
-                    "ticket": self._ticket,
-                    "kind": self._kind,
-                    "target": self._target,
-                    "source_node": self._source_node,
-                    "streams": self._streams,
-                },
-            )
+            primary, accepted = self._open(tracker)
             self._session_key = accepted.text("session_key", max_length=64)
             self._granted = accepted.integer("streams", low=1, high=self._streams)
             caps = primary.protocol.capabilities
@@ -679,8 +680,11 @@ class Tunnel:
             if self._closing.is_set():  # close() ran while the stream was being opened
                 endpoint.fail(TransferCancelled("tunnel closed"))
             self._carry(endpoint, primary, 0)
-            for stream in range(1, self._granted):
-                self._join(endpoint, FrameType.ATTACH, stream, 0)
+            try:
+                for stream in range(1, self._granted):
+                    self._join(endpoint, FrameType.ATTACH, stream, 0)
+            except (ProtocolError, OSError, TransferInterrupted) as exc:
+                endpoint.cut_link(0, f"opening stream failed: {exc}")  # resumed below
             while True:
                 endpoint.wait()
                 if endpoint.failure is not None:
@@ -714,6 +718,55 @@ class Tunnel:
             for channel in self._channels:
                 set_tunnel_buffers(channel.sock, tunnel=False)
                 self._pool.release(channel, self._secret)
+
+    def _open(self, tracker: ProgressTracker) -> tuple[Channel, ControlMessage]:
+        """OPEN the tunnel on its first stream; a link that is down (QEMU connected during a cut) is
+        retried with a backoff for up to the outage limit. A refusal is final."""
+        delay, first_failure = 0.25, None
+        while True:
+            timeout = (
+                limits.HANDSHAKE_TIMEOUT_SECONDS
+                if first_failure is None
+                else limits.TUNNEL_RECONNECT_TIMEOUT_SECONDS
+            )
+            try:
+                primary = self._pool.acquire(self._address, self._secret, self._dest_node, timeout=timeout)
+                self._channels.append(primary)
+                accepted = negotiate(
+                    primary,
+                    FrameType.OPEN,
+                    {
+                        "ticket": self._ticket,
+                        "kind": self._kind,
+                        "target": self._target,
+                        "source_node": self._source_node,
+                        "streams": self._streams,
+                    },
+                )
+                tracker.outage_since = None
+                return primary, accepted
+            except TransferRefused:
+                raise
+            except (ProtocolError, OSError, TransferInterrupted) as exc:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if self._closing.is_set() or now - first_failure > self._outage_limit:
+                    raise TransferInterrupted(
+                        f"link to {self._dest_node} down for {now - first_failure:.0f} s, "
+                        f"above the limit of {self._outage_limit:g} s: {exc}",
+                        code="link_outage",
+                    ) from exc
+                tracker.phase, tracker.outage_since = "reconnecting", first_failure
+                logger.info(
+                    "DWCP tunnel %s: opening to %s failed (%s); retrying in %.2f s",
+                    self.transfer_id,
+                    self._dest_node,
+                    exc,
+                    delay,
+                )
+                self._drop_broken_channels()
+                self._closing.wait(delay)
+                delay = min(2 * delay, limits.TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS)
 
     def _carry(self, endpoint: TunnelEndpoint, channel: Channel, generation: int) -> None:
         """Carry the tunnel on ``channel``: a writer and a reader thread for it."""
@@ -813,6 +866,12 @@ class Tunnel:
     def accepted(self) -> bool:
         """The peer accepted the ticket and bytes flow (stays True once set)."""
         return self._endpoint is not None
+
+    @property
+    def failure(self) -> TransferError | None:
+        """Why the tunnel failed, while or after it ran (None: it did not, or not yet)."""
+        failure = self._endpoint.failure if self._endpoint is not None else self._error
+        return failure if isinstance(failure, TransferError) else None
 
     @property
     def ended(self) -> bool:
