@@ -470,28 +470,20 @@ class DWCPServer:
             local.connect(os.fspath(path))
         except OSError as exc:
             raise TargetRefused(f"cannot connect to tunnel target {ticket.target!r}: {exc}") from None
-        return TunnelSession(
-            ticket,
-            streams,
-            self._forget,
-            local,
-            channel.protocol.capabilities,
-            outage_limit=self.link_outage_seconds,
-        )
+        return self._tunnel_over(local, channel, ticket, streams)
 
     def _console_session(self, channel: Channel, ticket: Ticket, streams: int) -> Session:
         if not channel.protocol.capabilities & Capability.TUNNEL:
             raise RemoteProtocolError("tunnels were not negotiated")
         if self.consoles is None:
             raise TargetRefused(f"node {self.node_name} serves no consoles")
-        local = self.consoles.attach(ticket.target)
+        return self._tunnel_over(self.consoles.attach(ticket.target), channel, ticket, streams)
+
+    def _tunnel_over(self, local: socket.socket, channel: Channel, ticket: Ticket, streams: int) -> Session:
+        """The session carrying ``local`` (a target's socket, a console viewer's) as a tunnel."""
+        caps = channel.protocol.capabilities
         return TunnelSession(
-            ticket,
-            streams,
-            self._forget,
-            local,
-            channel.protocol.capabilities,
-            outage_limit=self.link_outage_seconds,
+            ticket, streams, self._forget, local, caps, outage_limit=self.link_outage_seconds
         )
 
     def _attach(self, channel: Channel, frame: Frame) -> None:

@@ -747,6 +747,8 @@ class Tunnel:
                 return primary, accepted
             except TransferRefused:
                 raise
+            except ConnectionRefusedError as exc:
+                raise TransferInterrupted(self._server_gone(exc)) from exc
             except (ProtocolError, OSError, TransferInterrupted) as exc:
                 now = time.monotonic()
                 first_failure = first_failure or now
@@ -816,6 +818,8 @@ class Tunnel:
                 return
             except TransferRefused as exc:
                 endpoint.fail(TransferInterrupted(f"{self._dest_node} refused to resume the tunnel: {exc}"))
+            except ConnectionRefusedError as exc:
+                endpoint.fail(TransferInterrupted(self._server_gone(exc)))
             except (ProtocolError, OSError, TransferInterrupted) as exc:
                 logger.info(
                     "DWCP tunnel %s: reconnecting to %s failed (%s); retrying in %.2f s",
@@ -826,6 +830,11 @@ class Tunnel:
                 )
                 endpoint.failed.wait(delay)
                 delay = min(2 * delay, limits.TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS)
+
+    def _server_gone(self, exc: OSError) -> str:
+        """A refused connection: the peer host answers but its DWCP server is gone (its worker died
+        or restarted), and the tunnel's session with it. Waiting out the outage limit cannot help."""
+        return f"the DWCP server of {self._dest_node} is gone ({exc}), and this tunnel's session with it"
 
     def _drop_broken_channels(self) -> None:
         for channel in self._channels:

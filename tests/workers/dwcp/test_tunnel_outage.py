@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from workers.dwcp import (
     Progress,
     TransferInterrupted,
     TransferRefused,
+    Tunnel,
     codecs,
     open_tunnel,
 )
@@ -168,6 +170,19 @@ def exchange(path: Path, payload: bytes) -> tuple[threading.Thread, list[bytes]]
     return thread, received
 
 
+def tunnel_to(address: str, local_path: Path, ticket: Callable[..., str], **options: Any) -> Tunnel:
+    """A tunnel from ``local_path`` to the server's ``nbd.sock`` through ``address``."""
+    return open_tunnel(
+        address=address,
+        local_path=local_path,
+        ticket=ticket("nbd.sock", kind="tunnel"),
+        secret=SECRET,
+        source_node=SOURCE,
+        pool=ConnectionPool(tls=None),
+        **options,
+    )
+
+
 @pytest.fixture
 def outage_server(root: Path) -> Iterator[DWCPServer]:
     with DWCPServer(
@@ -195,14 +210,11 @@ def test_a_tunnel_survives_a_reset_and_a_blackhole_byte_exact_and_in_order(
 ) -> None:
     EchoTarget(root / "nbd.sock")
     progress: list[Progress] = []
-    tunnel = open_tunnel(
-        address=link.address,
-        local_path=tmp_path / "local.sock",
-        ticket=ticket("nbd.sock", kind="tunnel"),
-        secret=SECRET,
-        source_node=SOURCE,
+    tunnel = tunnel_to(
+        link.address,
+        tmp_path / "local.sock",
+        ticket,
         streams=4,
-        pool=ConnectionPool(tls=None),
         reporter=CallbackReporter(progress.append),
         link_outage_seconds=12,
         replay_window=WINDOW,
@@ -261,14 +273,11 @@ def test_a_resume_without_the_session_key_is_refused(
     outage_server: DWCPServer, link: Link, root: Path, tmp_path: Path, ticket: Callable[..., str]
 ) -> None:
     EchoTarget(root / "nbd.sock")
-    tunnel = open_tunnel(
-        address=link.address,
-        local_path=tmp_path / "local.sock",
-        ticket=ticket("nbd.sock", kind="tunnel"),
-        secret=SECRET,
-        source_node=SOURCE,
+    tunnel = tunnel_to(
+        link.address,
+        tmp_path / "local.sock",
+        ticket,
         streams=1,
-        pool=ConnectionPool(tls=None),
     )
     exchange(tmp_path / "local.sock", os.urandom(20 * MiB))
     wait_for(lambda: link.forwarded > 2 * MiB, 20, "the first bytes")
@@ -295,14 +304,11 @@ def test_an_outage_above_the_limit_fails_both_ends_with_the_reason(
         listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET, link_outage_seconds=3
     ) as server:
         relay = Link(server.address)
-        tunnel = open_tunnel(
-            address=relay.address,
-            local_path=tmp_path / "local.sock",
-            ticket=ticket("nbd.sock", kind="tunnel"),
-            secret=SECRET,
-            source_node=SOURCE,
+        tunnel = tunnel_to(
+            relay.address,
+            tmp_path / "local.sock",
+            ticket,
             streams=2,
-            pool=ConnectionPool(tls=None),
             link_outage_seconds=3,
         )
         thread, received = exchange(tmp_path / "local.sock", os.urandom(30 * MiB))
@@ -324,14 +330,11 @@ def test_a_new_ticket_supersedes_a_cut_tunnel_holding_its_target(
     outage_server: DWCPServer, link: Link, root: Path, tmp_path: Path, ticket: Callable[..., str]
 ) -> None:
     EchoTarget(root / "nbd.sock")
-    dead_source = open_tunnel(
-        address=link.address,
-        local_path=tmp_path / "dead.sock",
-        ticket=ticket("nbd.sock", kind="tunnel"),
-        secret=SECRET,
-        source_node=SOURCE,
+    dead_source = tunnel_to(
+        link.address,
+        tmp_path / "dead.sock",
+        ticket,
         streams=1,
-        pool=ConnectionPool(tls=None),
     )
     exchange(tmp_path / "dead.sock", os.urandom(20 * MiB))
     wait_for(lambda: link.forwarded > 2 * MiB, 20, "the first bytes")
@@ -339,14 +342,11 @@ def test_a_new_ticket_supersedes_a_cut_tunnel_holding_its_target(
     wait_for(lambda: dead_source.transfer_id in outage_server.active_transfers(), 5, "the cut session")
     time.sleep(0.5)
     started = time.monotonic()
-    successor = open_tunnel(
-        address=outage_server.address_text,
-        local_path=tmp_path / "next.sock",
-        ticket=ticket("nbd.sock", kind="tunnel"),
-        secret=SECRET,
-        source_node=SOURCE,
+    successor = tunnel_to(
+        outage_server.address_text,
+        tmp_path / "next.sock",
+        ticket,
         streams=2,
-        pool=ConnectionPool(tls=None),
     )
     payload = os.urandom(2 * MiB)
     thread, received = exchange(tmp_path / "next.sock", payload)

@@ -11,7 +11,6 @@ The source's link is shaped (tc tbf) so that each phase lasts long enough to be 
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,10 @@ import pytest
 
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Image
-from tests.netlab import NetLab, netlab
+from tests.netlab import NetLab
 from tests.networks.conftest import cluster_redis_url  # noqa: F401 - fixture (a private Redis on the lab)
-from tests.workers.node.conftest import Cluster, NodeHost, wait_for
+from tests.workers.node import test_migration_forecast as forecast_tests
+from tests.workers.node.conftest import Cluster, wait_for
 from tests.workers.node.test_migration import TickWatcher, _create_running, _run_dir
 from tests.workers.node.test_migration_control import _fill_disk
 from tests.workers.node.test_migration_force_complete import _qemu_run_dirs
@@ -29,20 +29,14 @@ from tests.workers.node.test_migration_forecast import Snapshots, _migrate, _sha
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu, pytest.mark.django_db(transaction=True)]
 
+# The forecast tests' lab: two node namespaces, their hosts for the cluster, a guest dirtying 1 MiB/s.
+lab = forecast_tests.lab
+cluster_hosts = forecast_tests.cluster_hosts
+slow_dirty_image = forecast_tests.slow_dirty_image
+
 OUTAGE_LIMIT_SECONDS = 75  # above the longest cut that must be survived (60 s)
 LINK = "40mbit"  # ~5 MB/s: the guest's 32 MiB of dirtied RAM take several seconds to cross
 DISK_DATA_MB = 40  # random data written into the VM's disk (the test guest writes only a marker)
-
-
-@pytest.fixture
-def lab() -> Iterator[NetLab]:
-    with netlab(2) as lab:
-        yield lab
-
-
-@pytest.fixture
-def cluster_hosts(lab: NetLab) -> tuple[NodeHost, ...]:
-    return tuple(NodeHost(host.netns, host.address) for host in lab.hosts)
 
 
 @pytest.fixture
@@ -51,21 +45,12 @@ def cluster_extra_env(request: pytest.FixtureRequest) -> dict[str, str]:
     return {"NODE_LINK_OUTAGE_SECONDS": limit, "MIGRATION_LINK_OUTAGE_SECONDS": limit}
 
 
-@pytest.fixture
-def busy_image(guest_image: Image) -> Image:
-    guest_image.pk = None
-    guest_image.name = "testguest-busy"
-    guest_image.cmdline = f"{guest_image.cmdline} dirty_mb=32 dirty_rate_mb=1"
-    guest_image.save()
-    return guest_image
-
-
 class Cut:
     """Drops every packet between the two nodes (nft, in the source's namespace) while active."""
 
-    def __init__(self, lab: NetLab) -> None:
-        self.host = lab.hosts[0]
-        self.peer = lab.hosts[1].address
+    def __init__(self, net: NetLab) -> None:
+        self.host = net.hosts[0]
+        self.peer = net.hosts[1].address
         self.started = self.ended = 0.0
 
     def __enter__(self) -> "Cut":
@@ -95,7 +80,7 @@ def _disk_copy(cluster: Cluster, node: str, vm_id: str, into: Path) -> Path:
 
 
 def _cut_during(
-    cluster: Cluster, lab: NetLab, api, image: Image, tmp_path: Path, *, phase: str, seconds: float
+    cluster: Cluster, net: NetLab, api, image: Image, tmp_path: Path, *, phase: str, seconds: float
 ) -> tuple[str, str, Cut, TickWatcher, list[dict[str, Any]]]:
     """Start a live migration, cut the link for ``seconds`` once its progress shows ``phase``."""
     from workers.guest.boot import GuestChannel
@@ -111,12 +96,12 @@ def _cut_during(
     _disk_copy(cluster, source, vm_id, tmp_path / "before.qcow2")
     ticks = TickWatcher(_run_dir(cluster, source, vm_id) / "guest.log")
     ticks.start()
-    _shape(lab, LINK)
+    _shape(net, LINK)
     snapshots = Snapshots()
     migration_id = _migrate(api, vm_id, dest)
     wait_for(lambda: _phase_of(snapshots) == phase, 120, f"the {phase} phase", interval=0.02)
     seen: list[dict[str, Any]] = []
-    with Cut(lab) as cut:
+    with Cut(net) as cut:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             seen.append(api.get(f"/api/v1/migrations/{migration_id}/").json())
@@ -166,30 +151,42 @@ def _assert_survived(
 
 
 def test_a_10_s_cut_in_the_disk_phase_is_survived(
-    cluster: Cluster, lab: NetLab, api, busy_image: Image, tmp_path: Path
+    cluster: Cluster,
+    lab: NetLab,
+    api,
+    slow_dirty_image: Image,
+    tmp_path: Path,
 ):
     vm_id, migration_id, cut, ticks, seen = _cut_during(
-        cluster, lab, api, busy_image, tmp_path, phase="disk", seconds=10
+        cluster, lab, api, slow_dirty_image, tmp_path, phase="disk", seconds=10
     )
     _assert_survived(cluster, api, vm_id, migration_id, cut, ticks, seen, tmp_path)
 
 
 def test_a_60_s_cut_in_the_memory_phase_is_survived(
-    cluster: Cluster, lab: NetLab, api, busy_image: Image, tmp_path: Path
+    cluster: Cluster,
+    lab: NetLab,
+    api,
+    slow_dirty_image: Image,
+    tmp_path: Path,
 ):
     vm_id, migration_id, cut, ticks, seen = _cut_during(
-        cluster, lab, api, busy_image, tmp_path, phase="memory", seconds=60
+        cluster, lab, api, slow_dirty_image, tmp_path, phase="memory", seconds=60
     )
     _assert_survived(cluster, api, vm_id, migration_id, cut, ticks, seen, tmp_path)
 
 
 @pytest.mark.parametrize("cluster_extra_env", [8], indirect=True)
 def test_a_cut_longer_than_the_limit_fails_with_the_reason_and_the_vm_stays_on_its_source(
-    cluster: Cluster, lab: NetLab, api, busy_image: Image, tmp_path: Path
+    cluster: Cluster,
+    lab: NetLab,
+    api,
+    slow_dirty_image: Image,
+    tmp_path: Path,
 ):
     source, _ = list(cluster.nodes)
     vm_id, migration_id, _cut, ticks, _seen = _cut_during(
-        cluster, lab, api, busy_image, tmp_path, phase="memory", seconds=25
+        cluster, lab, api, slow_dirty_image, tmp_path, phase="memory", seconds=25
     )
     ticks.stop_event.set()
     url = f"/api/v1/migrations/{migration_id}/"
