@@ -354,11 +354,17 @@ class Channel:
             return self._send_locked(frame)
 
     def try_send(self, frame: Frame) -> bool:
-        """Send ``frame`` unless another thread is sending on this channel right now (a tunnel's
-        ACKs and keepalives: a busy channel is evidently alive and must not stall the sender)."""
+        """Send a small ``frame`` unless that could block: another thread is sending on this channel,
+        or the socket is not writable (its unsent bytes above the low-water mark, a peer or a link that
+        stopped taking them). For a tunnel's ACKs and keepalives, whose thread also watches the link
+        and must never hang on it."""
         if not self._send_lock.acquire(blocking=False):
             return False
         try:
+            poller = select.poll()  # not select(): a busy server's descriptors pass 1024
+            poller.register(self.sock, select.POLLOUT)
+            if not any(events & select.POLLOUT for _, events in poller.poll(0)):
+                return False
             self._send_locked(frame)
             return True
         finally:

@@ -183,6 +183,15 @@ def tunnel_to(address: str, local_path: Path, ticket: Callable[..., str], **opti
     )
 
 
+def carrying(link: Link, root: Path, local_path: Path, ticket: Callable[..., str]) -> Tunnel:
+    """A one-stream tunnel through ``link`` to an echo target, 20 MiB on their way (2 MiB across)."""
+    EchoTarget(root / "nbd.sock")
+    tunnel = tunnel_to(link.address, local_path, ticket, streams=1)
+    exchange(local_path, os.urandom(20 * MiB))
+    wait_for(lambda: link.forwarded > 2 * MiB, 20, "the first bytes")
+    return tunnel
+
+
 @pytest.fixture
 def outage_server(root: Path) -> Iterator[DWCPServer]:
     with DWCPServer(
@@ -263,7 +272,7 @@ def test_the_receiver_drops_frames_it_already_holds() -> None:
             delivered += chunk
         assert delivered == b"first second"
         assert endpoint.duplicates_dropped == 3
-        assert endpoint.delivered == 3
+        wait_for(lambda: endpoint.delivered == 3, 5, "the EOF counted as delivered")
     finally:
         endpoint.close()
         far.close()
@@ -272,15 +281,7 @@ def test_the_receiver_drops_frames_it_already_holds() -> None:
 def test_a_resume_without_the_session_key_is_refused(
     outage_server: DWCPServer, link: Link, root: Path, tmp_path: Path, ticket: Callable[..., str]
 ) -> None:
-    EchoTarget(root / "nbd.sock")
-    tunnel = tunnel_to(
-        link.address,
-        tmp_path / "local.sock",
-        ticket,
-        streams=1,
-    )
-    exchange(tmp_path / "local.sock", os.urandom(20 * MiB))
-    wait_for(lambda: link.forwarded > 2 * MiB, 20, "the first bytes")
+    tunnel = carrying(link, root, tmp_path / "local.sock", ticket)
     link.blackhole()
     wait_for(lambda: tunnel.transfer_id in outage_server.active_transfers(), 5, "the session")
     time.sleep(5)  # both ends have declared the link dead
@@ -329,15 +330,7 @@ def test_an_outage_above_the_limit_fails_both_ends_with_the_reason(
 def test_a_new_ticket_supersedes_a_cut_tunnel_holding_its_target(
     outage_server: DWCPServer, link: Link, root: Path, tmp_path: Path, ticket: Callable[..., str]
 ) -> None:
-    EchoTarget(root / "nbd.sock")
-    dead_source = tunnel_to(
-        link.address,
-        tmp_path / "dead.sock",
-        ticket,
-        streams=1,
-    )
-    exchange(tmp_path / "dead.sock", os.urandom(20 * MiB))
-    wait_for(lambda: link.forwarded > 2 * MiB, 20, "the first bytes")
+    dead_source = carrying(link, root, tmp_path / "dead.sock", ticket)
     link.close()  # the source is gone for good: it never comes back to resume
     wait_for(lambda: dead_source.transfer_id in outage_server.active_transfers(), 5, "the cut session")
     time.sleep(0.5)

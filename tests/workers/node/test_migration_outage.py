@@ -150,28 +150,18 @@ def _assert_survived(
     )
 
 
-def test_a_10_s_cut_in_the_disk_phase_is_survived(
+@pytest.mark.parametrize(("phase", "seconds"), [("disk", 10), ("memory", 60)])
+def test_a_cut_is_survived(
     cluster: Cluster,
     lab: NetLab,
     api,
     slow_dirty_image: Image,
     tmp_path: Path,
+    phase: str,
+    seconds: float,
 ):
     vm_id, migration_id, cut, ticks, seen = _cut_during(
-        cluster, lab, api, slow_dirty_image, tmp_path, phase="disk", seconds=10
-    )
-    _assert_survived(cluster, api, vm_id, migration_id, cut, ticks, seen, tmp_path)
-
-
-def test_a_60_s_cut_in_the_memory_phase_is_survived(
-    cluster: Cluster,
-    lab: NetLab,
-    api,
-    slow_dirty_image: Image,
-    tmp_path: Path,
-):
-    vm_id, migration_id, cut, ticks, seen = _cut_during(
-        cluster, lab, api, slow_dirty_image, tmp_path, phase="memory", seconds=60
+        cluster, lab, api, slow_dirty_image, tmp_path, phase=phase, seconds=seconds
     )
     _assert_survived(cluster, api, vm_id, migration_id, cut, ticks, seen, tmp_path)
 
