@@ -123,6 +123,10 @@ TUNNEL_TCP_USER_TIMEOUT_MS = 8000
 # window that long; the client reconnects with a backoff of 0.25 s doubling up to the cap.
 TUNNEL_LINK_OUTAGE_SECONDS = 120.0
 TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+# The server end keeps a cut session this much longer than the outage limit: the client, which
+# reconnects, gives up first and says why (a migration's source reports the link outage before the
+# destination's QEMU sees its stream end), and never finds its session gone while still in its limit.
+TUNNEL_SERVER_OUTAGE_GRACE_SECONDS = 5.0
 # A reconnect's TCP connect + handshake must finish within this (1.5 round trips; a WAN's RTT is
 # far below it): an attempt into a link still down must not outlast the outage limit by much.
 TUNNEL_RECONNECT_TIMEOUT_SECONDS = 3.0

@@ -102,7 +102,8 @@ class DWCPServer:
     port actually bound. ``tls``: a ``TLSConfig``, None for plain TCP, or ``FROM_ENVIRONMENT``
     (the default; a partial or unreadable ``DWCP_TLS_*`` set raises ``ConfigurationError`` here).
     ``consoles``: the provider of ``console`` tickets; without one they are refused.
-    ``link_outage_seconds``: how long a tunnel whose link was cut waits for its client to resume.
+    ``link_outage_seconds``: how long a tunnel whose link was cut waits for its client to resume
+    (plus ``TUNNEL_SERVER_OUTAGE_GRACE_SECONDS``: the client gives up first).
     """
 
     def __init__(
@@ -482,9 +483,8 @@ class DWCPServer:
     def _tunnel_over(self, local: socket.socket, channel: Channel, ticket: Ticket, streams: int) -> Session:
         """The session carrying ``local`` (a target's socket, a console viewer's) as a tunnel."""
         caps = channel.protocol.capabilities
-        return TunnelSession(
-            ticket, streams, self._forget, local, caps, outage_limit=self.link_outage_seconds
-        )
+        outage_limit = self.link_outage_seconds + limits.TUNNEL_SERVER_OUTAGE_GRACE_SECONDS
+        return TunnelSession(ticket, streams, self._forget, local, caps, outage_limit=outage_limit)
 
     def _attach(self, channel: Channel, frame: Frame) -> None:
         request = parse_control(frame)
