@@ -386,6 +386,8 @@ MIGRATION_EVENTS_CHANNEL: Final = "novacron:migration:{id}:events"
 
 
 ProgressPhase = Literal["disk", "memory"]
+# A cut link is reconnected by DWCP within the node's --link-outage-seconds (QEMU does not see it).
+LinkState = Literal["up", "reconnecting"]
 
 
 class MigrationProgress(TypedDict, total=False):
@@ -413,11 +415,13 @@ class MigrationProgress(TypedDict, total=False):
     tunnel_raw_bytes: float  # into the DWCP tunnels so far (live)
     tunnel_wire_bytes: float  # on the wire from them so far (live)
     sampled_dirty_rate: float  # bytes/s, QMP calc-dirty-rate's sample of the guest (live, disk phase)
+    link: LinkState  # the DWCP tunnels' link to the destination (live)
+    outage_seconds: float  # while ``link`` is reconnecting: how long it has been cut
     updated: float  # epoch seconds
 
 
 MIGRATION_PROGRESS_FIELDS: Final = tuple(MigrationProgress.__annotations__)
-MIGRATION_PROGRESS_TEXT_FIELDS: Final = frozenset({"phase", "converging", "converging_reason"})
+MIGRATION_PROGRESS_TEXT_FIELDS: Final = frozenset({"phase", "converging", "converging_reason", "link"})
 
 # Control knobs the source polls while it transfers: a Redis hash of MigrationControl, written as
 # strings ("" clears the bandwidth limit; "1" sets a flag).

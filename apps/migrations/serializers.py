@@ -30,6 +30,7 @@ def progress_view(migration: Migration, current: dict[str, Any]) -> dict[str, An
         return float(value) if isinstance(value, (int, float)) else None
 
     converging = source.get("converging")
+    reconnecting = migration.status in ACTIVE_STATUSES and source.get("link") == "reconnecting"
 
     def triple(prefix: str) -> dict[str, float | None]:
         return {
@@ -55,6 +56,9 @@ def progress_view(migration: Migration, current: dict[str, Any]) -> dict[str, An
         if figure("guest_pause_ms") is not None
         else figure("qemu_downtime_ms"),
         "total_seconds": figure("total_seconds"),
+        # A cut link between the nodes that DWCP is reconnecting (live), and for how long.
+        "link": "reconnecting" if reconnecting else "up",
+        "outage_seconds": figure("outage_seconds") if reconnecting else None,
     }
 
 
@@ -75,6 +79,8 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
     converging_reason = serializers.SerializerMethodField()
     downtime_ms = serializers.SerializerMethodField()
     total_seconds = serializers.SerializerMethodField()
+    link = serializers.SerializerMethodField()
+    outage_seconds = serializers.SerializerMethodField()
 
     class Meta:
         model = Migration
@@ -97,6 +103,8 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
             "converging_reason",
             "downtime_ms",
             "total_seconds",
+            "link",
+            "outage_seconds",
             "requested_by",
             "bandwidth_limit_mbps",
             "on_no_convergence",
@@ -154,6 +162,12 @@ class MigrationSerializer(serializers.ModelSerializer[Migration]):
 
     def get_total_seconds(self, migration: Migration) -> float | None:
         return self._progress(migration)["total_seconds"]
+
+    def get_link(self, migration: Migration) -> str:
+        return str(self._progress(migration)["link"])
+
+    def get_outage_seconds(self, migration: Migration) -> float | None:
+        return self._progress(migration)["outage_seconds"]
 
 
 class MigrationDetailSerializer(MigrationSerializer):

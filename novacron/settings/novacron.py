@@ -84,6 +84,12 @@ NOVACRON = {
     "MIGRATION_STALL_TIMEOUT": env_int(
         "MIGRATION_STALL_TIMEOUT", 120, help="Seconds without progress before the watchdog fails a migration."
     ),
+    "MIGRATION_LINK_OUTAGE_SECONDS": env_int(
+        "MIGRATION_LINK_OUTAGE_SECONDS",
+        120,
+        help="Seconds a migration whose link between the nodes is cut (its progress shows link:"
+        " reconnecting) is not failed by the watchdog; keep it equal to the nodes' NODE_LINK_OUTAGE_SECONDS.",
+    ),
     "MIGRATION_SWITCH_UNKNOWN_TIMEOUT": env_int(
         "MIGRATION_SWITCH_UNKNOWN_TIMEOUT",
         300,

@@ -246,20 +246,22 @@ def test_dwcp_connection_cut_during_live_migration(
         scenario="DWCP connections cut during a live migration",
         action="live-migrate a memory-dirtying guest at 8 Mbit/s; destroy every TCP connection to the "
         "destination's DWCP port (ss -K) while transferring",
-        invariant="migration ends (completed, or failed with an error); the VM runs on exactly one node "
+        invariant="the tunnels resume and the migration completes; the VM runs on exactly one node "
         "with its disk marker intact; capacity; a second migration then succeeds",
     )
     source, dest = list(cluster.nodes)
     vm_id = dirty_guest_with_marker(cluster, api, "live-cut", source, dirty_image.name, "through-the-cut")
     migration_id = _transferring(api, vm_id, dest, "live", 8, settle=1.5)
     _cut_dwcp(fault, dest)
+    # The tunnels resume at once (a reset is a cut, docs/migrations.md); lifted, the 8 Mbit/s limit no
+    # longer keeps the dirtying guest from converging.
+    response = api.patch(f"/api/v1/migrations/{migration_id}/", {"bandwidth_limit_mbps": None}, format="json")
+    assert response.status_code == 200, response.json()
     migration = wait_terminal(migration_id, 120)
     assert_invariant(cluster)
     fault.recovered()
     fault.note(f"migration ended {migration.status}: {migration.error or 'no error'}")
-    assert migration.status in ("completed", "failed")
-    if migration.status == "failed":
-        assert migration.error
+    assert migration.status == "completed", migration.error
     vm = VM.objects.select_related("node").get(pk=vm_id)
     assert vm.state == "running"
     assert disk_marker(cluster, vm.node.name, vm_id) == ["through-the-cut"]

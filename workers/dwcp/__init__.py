@@ -14,7 +14,8 @@ Public API (everything else in this package is internal)::
     # node worker: run the server (returns at once; stop() to shut down; also a context manager)
     server = DWCPServer(listen="0.0.0.0:7400", root="/var/lib/novacron", node_name="node-2",
                         secret=secret, tunnel_root=None,    # tunnel_root defaults to root
-                        consoles=None)                      # a ConsoleProvider: attach(vm_uuid) -> socket
+                        consoles=None,                      # a ConsoleProvider: attach(vm_uuid) -> socket
+                        link_outage_seconds=120)            # how long a cut tunnel waits for RESUME
     server.start(); server.active_transfers() -> list[str]; server.stop()
 
     # source side: send a file or block device; blocks until the receiver verified the
@@ -29,11 +30,16 @@ Public API (everything else in this package is internal)::
     # socket on the peer (one connection per tunnel, both directions, order preserved)
     tunnel = open_tunnel(address="node-2:7400", local_path="/run/novacron/vm42-mig.sock",
                          ticket=token, secret=secret, source_node="node-1", streams=4,
-                         codec="auto", control=None, reporter=None, pool=None)
-    # point QEMU at unix:/run/novacron/vm42-mig.sock; then
+                         codec="auto", control=None, reporter=None, pool=None,
+                         link_outage_seconds=120, replay_window=32 MiB)
+    # point QEMU at unix:/run/novacron/vm42-mig.sock; a cut link is reconnected and resumed from
+    # the last acknowledged frame (protocol version 2: ACK, RESUME) for up to link_outage_seconds,
+    # progress phase "reconnecting" with outage_seconds meanwhile; then
     tunnel.accepted; tunnel.ended                # the peer took the ticket; the tunnel is over
     tunnel.wait(timeout=None) -> TunnelResult   # after both directions reached EOF
     tunnel.close()                              # tears down this tunnel only
+    tunnel.failure                               # why it failed (code "link_outage": the limit)
+    # TunnelResult also has bytes_resent and outages (seconds each cut lasted)
 
     # live control of running transfers (may be shared), from any thread
     control = TransferControl(bandwidth_limit_mbps=None)

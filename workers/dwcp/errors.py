@@ -26,6 +26,10 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent bytes or frames the protocol does not allow."""
 
 
+class ConnectionLost(RemoteProtocolError):
+    """The byte stream ended in the middle of a frame or a transfer: a cut, not a malformed peer."""
+
+
 class TLSMismatch(RemoteProtocolError):
     """One side speaks TLS and the other plain DWCP (``DWCP_TLS_*`` set on one node only)."""
 

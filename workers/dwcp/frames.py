@@ -43,6 +43,9 @@ class FrameType(enum.IntEnum):
     ERROR = 9  # either side: fatal for the transfer; the connection is closed afterwards
     INDEX = 10  # responder: digests of the base image's chunks, for references
     CANCEL = 11  # initiator: abandon the transfer; answered by RESULT
+    # Version 2 (resumable tunnels):
+    ACK = 12  # either side of a tunnel: seq is the count of frames delivered so far (cumulative)
+    RESUME = 13  # initiator: rejoin a cut tunnel (session key, next seq it needs); answered by ATTACHED
 
 
 CONTROL_TYPES: Final = frozenset(
@@ -55,6 +58,7 @@ CONTROL_TYPES: Final = frozenset(
         FrameType.RESULT,
         FrameType.ERROR,
         FrameType.CANCEL,
+        FrameType.RESUME,
     }
 )
 
@@ -109,7 +113,7 @@ def max_payload_for(frame_type: FrameType) -> int:
         return limits.MAX_INDEX_PAYLOAD
     if frame_type is FrameType.DATA:
         return limits.MAX_CHUNK_SIZE
-    return 0  # EOF carries no payload
+    return 0  # EOF and ACK carry no payload
 
 
 def parse_header(data: bytes | bytearray | memoryview) -> Frame:

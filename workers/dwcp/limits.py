@@ -11,10 +11,12 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 TiB = 1024 * GiB
 
-# Protocol version spoken by this code. Peers negotiate min(ours, theirs); there is only one.
-PROTOCOL_VERSION = 1
+# Protocol version spoken by this code. Peers negotiate min(ours, theirs). Version 2 added the
+# tunnel's ACK and RESUME frames (a tunnel survives a cut link); a tunnel needs both ends to
+# acknowledge, so version 1 peers are refused at the hello rather than half-served.
+PROTOCOL_VERSION = 2
 # Oldest version we still accept; raising it is how an incompatible change is rolled out.
-MIN_PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 2
 
 # Chunks are the unit of compression, checksumming, resume and dedup. 1 MiB amortises the
 # per-frame Python overhead (one header, one hash call, one syscall) to well under 1 % while
@@ -101,6 +103,34 @@ TUNNEL_END_DRAIN_SECONDS = 5.0
 # Receiver reorder window for tunnels, in frames: a stream whose next frame is further ahead than
 # this waits, so reordering memory is bounded by window x TUNNEL_FRAME_MAX (4 MiB).
 REORDER_WINDOW = 16
+# Replay window of a tunnel, per direction: raw bytes sent but not yet acknowledged by the peer,
+# kept to be sent again after a reconnect. The pump stops reading the local socket while it is
+# full, which slows QEMU's pre-copy (the guest runs on) instead of growing memory. 32 MiB is ~2.7 s
+# of a 100 Mbit link and ~0.3 s of 1 Gbit: several ACK intervals, so a healthy link never fills it.
+TUNNEL_REPLAY_WINDOW_BYTES = 32 * MiB
+# The receiver acknowledges after this many delivered frames, or after TUNNEL_ACK_INTERVAL_SECONDS.
+TUNNEL_ACK_EVERY_FRAMES = 8
+TUNNEL_ACK_INTERVAL_SECONDS = 0.5
+# Each end sends an ACK on every connection at least this often, data or not (a keepalive), and
+# declares a connection dead after TUNNEL_LINK_SILENCE_SECONDS without any frame on it.
+TUNNEL_KEEPALIVE_SECONDS = 1.0
+TUNNEL_LINK_SILENCE_SECONDS = 4.0
+# TCP_USER_TIMEOUT on tunnel connections: the kernel gives up on data unacknowledged this long, so a
+# writer blocked on a dead link fails instead of waiting for TCP's minutes of retransmissions.
+TUNNEL_TCP_USER_TIMEOUT_MS = 8000
+# How long a cut tunnel waits for its peer to come back before both ends fail it (a node setting,
+# --link-outage-seconds; this is the default). The server keeps the session, its local socket and
+# window that long; the client reconnects with a backoff of 0.25 s doubling up to the cap.
+TUNNEL_LINK_OUTAGE_SECONDS = 120.0
+TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS = 2.0
+# The server end keeps a cut session this much longer than the outage limit: the client, which
+# reconnects, gives up first and says why (a migration's source reports the link outage before the
+# destination's QEMU sees its stream end), and never finds its session gone while still in its limit.
+TUNNEL_SERVER_OUTAGE_GRACE_SECONDS = 5.0
+# A reconnect's TCP connect + handshake must finish within this (1.5 round trips; a WAN's RTT is
+# far below it): an attempt into a link still down must not outlast the outage limit by much.
+TUNNEL_RECONNECT_TIMEOUT_SECONDS = 3.0
+
 # Socket buffers of a connection while it carries a tunnel. A tunnel's stream is latency sensitive
 # (QEMU's migration stream, NBD): whatever sits in buffers between the two local sockets counts as
 # sent for QEMU, which then stops the guest for its last pass with that backlog still to cross. With

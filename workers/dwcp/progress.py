@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Progress:
     transfer_id: str
-    phase: str  # "connecting", "transferring", "verifying", "done", "failed", "cancelled"
+    phase: str  # "connecting", "transferring", "reconnecting", "verifying", "done", "failed", "cancelled"
     raw_bytes: int  # bytes of content delivered (holes, zeros and references included)
     wire_bytes: int  # bytes put on the wire, headers included
     total_bytes: int | None  # None for tunnels
@@ -38,6 +38,8 @@ class Progress:
     rate_bytes_per_second: float  # raw bytes per second, since the start
     eta_seconds: float | None
     codec_mix: dict[str, int] = field(default_factory=dict)  # raw bytes carried per codec
+    # While a tunnel's link is cut (phase "reconnecting"): seconds since it went down.
+    outage_seconds: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +63,7 @@ class ProgressTracker:
         self.transfer_id = transfer_id
         self.total_bytes = total_bytes
         self.phase = "connecting"
+        self.outage_since: float | None = None  # monotonic start of a tunnel's current link outage
         self._reporter = reporter
         self._interval = max(interval, limits.PROGRESS_INTERVAL_SECONDS)
         self._lock = threading.Lock()
@@ -91,7 +94,11 @@ class ProgressTracker:
         eta = None
         if self.total_bytes is not None and rate > 0:
             eta = max(0.0, (self.total_bytes - raw) / rate)
-        return Progress(self.transfer_id, self.phase, raw, wire, self.total_bytes, elapsed, rate, eta, mix)
+        outage_since = self.outage_since
+        outage = None if outage_since is None else round(time.monotonic() - outage_since, 1)
+        return Progress(
+            self.transfer_id, self.phase, raw, wire, self.total_bytes, elapsed, rate, eta, mix, outage
+        )
 
     def _tick(self) -> None:
         while not self._stopped.wait(self._interval):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import limits
-from .errors import LocalProtocolError, RemoteProtocolError, TLSMismatch
+from .errors import ConnectionLost, LocalProtocolError, RemoteProtocolError, TLSMismatch
 from .frames import HEADER_SIZE, Frame, FrameType, parse_header
 
 MAGIC: Final = b"DWCP"
@@ -74,6 +74,7 @@ S = State
 TRANSITIONS: Final[dict[tuple[State, Role, FrameType], State]] = {
     (S.READY, INI, FrameType.OPEN): S.OPENING,
     (S.READY, INI, FrameType.ATTACH): S.ATTACHING,
+    (S.READY, INI, FrameType.RESUME): S.ATTACHING,
     (S.OPENING, RES, FrameType.ACCEPT): S.STREAMING,
     (S.OPENING, RES, FrameType.ERROR): S.READY,  # refusal: the connection stays usable
     (S.ATTACHING, RES, FrameType.ATTACHED): S.STREAMING,
@@ -83,12 +84,15 @@ TRANSITIONS: Final[dict[tuple[State, Role, FrameType], State]] = {
     (S.STREAMING, INI, FrameType.EOF): S.STREAMING,
     (S.STREAMING, RES, FrameType.EOF): S.STREAMING,
     (S.STREAMING, RES, FrameType.INDEX): S.STREAMING,
+    (S.STREAMING, INI, FrameType.ACK): S.STREAMING,
+    (S.STREAMING, RES, FrameType.ACK): S.STREAMING,
     (S.STREAMING, INI, FrameType.END): S.DRAINING,
     (S.STREAMING, INI, FrameType.CANCEL): S.DRAINING,
     (S.STREAMING, INI, FrameType.ERROR): S.CLOSED,
     (S.STREAMING, RES, FrameType.ERROR): S.CLOSED,
     (S.DRAINING, RES, FrameType.DATA): S.DRAINING,
     (S.DRAINING, RES, FrameType.EOF): S.DRAINING,
+    (S.DRAINING, RES, FrameType.ACK): S.DRAINING,  # sent before the responder saw END
     (S.DRAINING, RES, FrameType.RESULT): S.READY,
     (S.DRAINING, RES, FrameType.ERROR): S.CLOSED,
 }
@@ -116,7 +120,9 @@ class Hello:
                 )
             raise RemoteProtocolError("peer is not speaking DWCP (bad magic)")
         if version < limits.MIN_PROTOCOL_VERSION:
-            raise RemoteProtocolError(f"peer speaks DWCP version {version}, we need >= 1")
+            raise RemoteProtocolError(
+                f"peer speaks DWCP version {version}, we need >= {limits.MIN_PROTOCOL_VERSION}"
+            )
         return cls(version, Capability(capabilities & ALL_CAPABILITIES), nonce)
 
 
@@ -292,7 +298,7 @@ class Connection:
             self.state = State.CLOSED
             if clean:
                 return ConnectionClosed()
-            raise RemoteProtocolError("connection closed in the middle of a frame or transfer")
+            raise ConnectionLost("connection closed in the middle of a frame or transfer")
         return NeedData(max(1, wanted - len(self._buffer)))
 
     def _next_frame(self) -> Frame | None:

@@ -4,7 +4,8 @@ One thread per connection (see ``transport`` for why threads). A connection auth
 then carries any number of transfers one after the other (the client pools it). ``OPEN`` starts a
 transfer with a ticket, verified against this node's name, the shared secret and the replay
 guard; ``ATTACH`` adds a stream to an opened transfer, proven by the session key handed out in
-``ACCEPT``. Refusals are answered with ``ERROR`` and logged; the connection stays usable.
+``ACCEPT``; ``RESUME`` brings a cut tunnel's streams back, proven the same way (see ``tunnel``).
+Refusals are answered with ``ERROR`` and logged; the connection stays usable.
 
 File targets and tunnel sockets are confined to the server's root directories. A ``console`` ticket
 (target: a VM uuid) is handed to the ``consoles`` provider, which returns a socket joined to that
@@ -46,7 +47,7 @@ from .errors import (
     TransferError,
 )
 from .files import FileReceiver, IncomingFile, TargetRefused, resolve_target
-from .frames import ControlMessage, Frame, FrameType, control_frame, make_frame, parse_control
+from .frames import MAX_U64, ControlMessage, Frame, FrameType, control_frame, make_frame, parse_control
 from .protocol import Capability, State
 from .sender import codec_pool
 from .sessions import FileSession, Session, TunnelSession
@@ -101,6 +102,8 @@ class DWCPServer:
     port actually bound. ``tls``: a ``TLSConfig``, None for plain TCP, or ``FROM_ENVIRONMENT``
     (the default; a partial or unreadable ``DWCP_TLS_*`` set raises ``ConfigurationError`` here).
     ``consoles``: the provider of ``console`` tickets; without one they are refused.
+    ``link_outage_seconds``: how long a tunnel whose link was cut waits for its client to resume
+    (plus ``TUNNEL_SERVER_OUTAGE_GRACE_SECONDS``: the client gives up first).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class DWCPServer:
         replay_guard: ReplayGuard | None = None,
         tls: TLSSetting = FROM_ENVIRONMENT,
         consoles: ConsoleProvider | None = None,
+        link_outage_seconds: float = limits.TUNNEL_LINK_OUTAGE_SECONDS,
     ) -> None:
         self._listen = parse_address(listen) if isinstance(listen, str) else listen
         self.root = Path(root)
@@ -128,6 +132,9 @@ class DWCPServer:
         self.tls = resolve(tls)
         self.replay_guard = replay_guard or ReplayGuard()
         self.consoles = consoles
+        if link_outage_seconds <= 0:
+            raise ConfigurationError("link_outage_seconds must be positive")
+        self.link_outage_seconds = link_outage_seconds
         self._sessions: dict[str, Session] = {}
         self._targets: set[str] = set()
         self._lock = threading.Lock()
@@ -288,7 +295,9 @@ class DWCPServer:
                     return
                 if frame.type is FrameType.OPEN:
                     self._open(channel, frame)
-                else:  # the state machine allows only OPEN or ATTACH on an idle connection
+                elif frame.type is FrameType.RESUME:
+                    self._resume(channel, frame)
+                else:  # the state machine allows only OPEN, ATTACH or RESUME on an idle connection
                     self._attach(channel, frame)
                 if channel.state is not State.READY:
                     return
@@ -362,6 +371,8 @@ class DWCPServer:
             raise TransferError(f"ticket is for a {ticket.kind}, not a {kind}", code="wrong_kind")
         streams = request.integer("streams", low=1, high=limits.MAX_STREAMS)
         exclusive = kind != "console"  # a VM's console has many viewers; a file or socket one user
+        if exclusive:
+            self._supersede_cut_holder(ticket)
         with self._lock:
             consoles = sum(1 for session in self._sessions.values() if session.ticket.kind == "console")
             if exclusive and len(self._sessions) - consoles >= limits.MAX_SESSIONS:
@@ -394,6 +405,18 @@ class DWCPServer:
         if index:
             channel.send(make_frame(FrameType.INDEX, index))
         return session
+
+    def _supersede_cut_holder(self, ticket: Ticket) -> None:
+        """A signed ticket for a target that only a cut tunnel holds (its client gone, maybe dead)
+        closes that tunnel at once: the VM's next migration must not wait for the outage limit."""
+        with self._lock:
+            holders = [
+                session
+                for session in self._sessions.values()
+                if session.ticket.target == ticket.target and isinstance(session, TunnelSession)
+            ]
+        for holder in holders:
+            holder.supersede(ticket.transfer_id)
 
     def _file_session(
         self, channel: Channel, ticket: Ticket, request: ControlMessage, streams: int
@@ -448,15 +471,20 @@ class DWCPServer:
             local.connect(os.fspath(path))
         except OSError as exc:
             raise TargetRefused(f"cannot connect to tunnel target {ticket.target!r}: {exc}") from None
-        return TunnelSession(ticket, streams, self._forget, local, channel.protocol.capabilities)
+        return self._tunnel_over(local, channel, ticket, streams)
 
     def _console_session(self, channel: Channel, ticket: Ticket, streams: int) -> Session:
         if not channel.protocol.capabilities & Capability.TUNNEL:
             raise RemoteProtocolError("tunnels were not negotiated")
         if self.consoles is None:
             raise TargetRefused(f"node {self.node_name} serves no consoles")
-        local = self.consoles.attach(ticket.target)
-        return TunnelSession(ticket, streams, self._forget, local, channel.protocol.capabilities)
+        return self._tunnel_over(self.consoles.attach(ticket.target), channel, ticket, streams)
+
+    def _tunnel_over(self, local: socket.socket, channel: Channel, ticket: Ticket, streams: int) -> Session:
+        """The session carrying ``local`` (a target's socket, a console viewer's) as a tunnel."""
+        caps = channel.protocol.capabilities
+        outage_limit = self.link_outage_seconds + limits.TUNNEL_SERVER_OUTAGE_GRACE_SECONDS
+        return TunnelSession(ticket, streams, self._forget, local, caps, outage_limit=outage_limit)
 
     def _attach(self, channel: Channel, frame: Frame) -> None:
         request = parse_control(frame)
@@ -485,5 +513,38 @@ class DWCPServer:
         channel.send(control_frame(FrameType.ATTACHED, {}))
         try:
             session.serve(channel, primary=False)
+        finally:
+            session.leave()
+
+    def _resume(self, channel: Channel, frame: Frame) -> None:
+        """RESUME: a stream of a cut tunnel comes back. Proven by the session key of its OPEN (and
+        this connection's own handshake with the shared secret); stream 0 starts the new
+        generation and both ends send again from what the other reports delivered."""
+        request = parse_control(frame)
+        transfer_id = request.text("transfer_id", max_length=limits.MAX_NAME_LENGTH)
+        key = request.text("session_key", max_length=64)
+        with self._lock:
+            session = self._sessions.get(transfer_id)
+        if (
+            not isinstance(session, TunnelSession)
+            or not hmac.compare_digest(session.session_key.encode(), key.encode())
+            or session.endpoint.failed.is_set()
+        ):
+            self._refuse(channel, "unknown_session", f"no tunnel {transfer_id} to resume with that key")
+            return
+        try:
+            self._check_certificate(channel, session.ticket.source_node)
+            stream = request.integer("stream", low=0, high=session.streams - 1)
+            if stream == 0:
+                generation = session.endpoint.resume(request.integer("next_seq", low=0, high=MAX_U64))
+            else:
+                generation = session.endpoint.generation
+        except (TransferError, RemoteProtocolError) as exc:
+            self._refuse(channel, getattr(exc, "code", "bad_request"), str(exc))
+            return
+        session.enter()
+        try:
+            channel.send(control_frame(FrameType.ATTACHED, {"next_seq": session.endpoint.delivered}))
+            session.serve(channel, primary=stream == 0, generation=generation)
         finally:
             session.leave()

@@ -61,6 +61,7 @@ class Session(abc.ABC):
         self.active = 0
         self.cond = threading.Condition()
         self.failed: str | None = None
+        self._released = False
 
     def enter(self) -> None:
         with self.cond:
@@ -69,13 +70,21 @@ class Session(abc.ABC):
     def leave(self) -> None:
         with self.cond:
             self.active -= 1
-            last = self.active == 0
+            last = self.active == 0 and not self.waiting_for_resume() and not self._released
+            self._released = self._released or last
             self.cond.notify_all()
         if last:
-            try:
-                self.release()
-            finally:
-                self.on_released(self)  # only now may a new transfer claim the same target
+            self._release_now()
+
+    def _release_now(self) -> None:
+        try:
+            self.release()
+        finally:
+            self.on_released(self)  # only now may a new transfer claim the same target
+
+    def waiting_for_resume(self) -> bool:
+        """No stream is attached, but the transfer waits for its peer to come back (kept)."""
+        return False
 
     @abc.abstractmethod
     def release(self) -> None:
@@ -180,6 +189,10 @@ class FileSession(Session):
 
 
 class TunnelSession(Session):
+    """A tunnel's server end. A cut link does not end it: with no stream attached it keeps its local
+    socket and replay window until the client sends RESUME, the outage limit fails it, or a new
+    ticket for the same target supersedes it (a source that died will never resume)."""
+
     def __init__(
         self,
         ticket: Ticket,
@@ -187,6 +200,8 @@ class TunnelSession(Session):
         on_released: Callable[[Session], None],
         local: socket.socket,
         caps: Capability,
+        *,
+        outage_limit: float = limits.TUNNEL_LINK_OUTAGE_SECONDS,
     ):
         super().__init__(ticket, streams, on_released)
         policy = codecs.AdaptivePolicy(
@@ -196,14 +211,45 @@ class TunnelSession(Session):
             allow_zstd=bool(caps & Capability.ZSTD),
         )
         tracker = ProgressTracker(ticket.transfer_id, total_bytes=None)
-        self.endpoint = TunnelEndpoint(local, policy=policy, control=TransferControl(), tracker=tracker)
+        self.endpoint = TunnelEndpoint(
+            local,
+            policy=policy,
+            control=TransferControl(),
+            tracker=tracker,
+            outage_limit=outage_limit,
+            peer=ticket.source_node,
+            on_failed=self._endpoint_failed,
+        )
 
-    def serve(self, channel: Channel, *, primary: bool) -> None:
-        set_tunnel_buffers(channel.sock, tunnel=True)
-        writer = threading.Thread(target=self.endpoint.write_channel, args=(channel,), daemon=True)
-        writer.start()
+    def waiting_for_resume(self) -> bool:
+        return self.endpoint.cut
+
+    def _endpoint_failed(self) -> None:
+        """The endpoint failed (outage limit, superseded): release at once if no stream holds it."""
+        with self.cond:
+            idle = self.active == 0 and not self._released
+            self._released = self._released or idle
+        if idle:
+            self._release_now()
+
+    def supersede(self, transfer_id: str) -> bool:
+        """A new ticket for this session's target arrived: give a cut session up now (its peer
+        died or gave up); True if released. A session with live streams is left alone."""
+        if not self.endpoint.cut:
+            return False
+        logger.warning(
+            "DWCP tunnel %s to %s superseded by transfer %s while its link was cut",
+            self.ticket.transfer_id,
+            self.ticket.target,
+            transfer_id,
+        )
+        self.endpoint.fail(TransferError(f"superseded by transfer {transfer_id}", code="superseded"))
+        return True
+
+    def serve(self, channel: Channel, *, primary: bool, generation: int = 0) -> None:
+        self.endpoint.add_channel(channel, generation)
         try:
-            self.endpoint.read_channel(channel, responder=True)
+            self.endpoint.read_channel(channel, generation, responder=True)
         finally:
             set_tunnel_buffers(channel.sock, tunnel=False)
         if self.endpoint.failure is not None and channel.state is not State.READY:
@@ -214,9 +260,11 @@ class TunnelSession(Session):
     def release(self) -> None:
         self.endpoint.close()
         logger.info(
-            "DWCP tunnel %s to %s closed (%d bytes in, %d bytes out)",
+            "DWCP tunnel %s to %s closed (%d bytes in, %d bytes out, %d resent, %d outages)",
             self.ticket.transfer_id,
             self.ticket.target,
             self.endpoint.bytes_in,
             self.endpoint.bytes_out,
+            self.endpoint.bytes_resent,
+            len(self.endpoint.outages),
         )

@@ -120,10 +120,12 @@ def set_tunnel_buffers(sock: socket.socket, *, tunnel: bool) -> None:
     """Small buffers while a pooled connection carries a tunnel, the bulk ones again after."""
     size = limits.TUNNEL_SOCKET_BUFFER_SIZE if tunnel else limits.SOCKET_BUFFER_SIZE
     lowat = limits.TUNNEL_NOTSENT_LOWAT_BYTES if tunnel else limits.NOTSENT_LOWAT_BYTES
+    user_timeout = limits.TUNNEL_TCP_USER_TIMEOUT_MS if tunnel else 0  # 0: the kernel's default
     with contextlib.suppress(OSError):  # a connection that just failed keeps what it had
         _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size)
         _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, lowat)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout)
 
 
 def congestion_control(sock: socket.socket) -> str:
@@ -349,13 +351,33 @@ class Channel:
     def send(self, frame: Frame) -> int:
         """Send one frame; returns the bytes it took on the wire."""
         with self._send_lock:
-            with self._state_lock:
-                header, payload = self.protocol.send(frame)
-            if self.tls is None:
-                _send_buffers(self.sock, (header, payload))
-            else:
-                self.sock.sendall(self.tls.seal((header, payload)))
-            return len(header) + len(payload)
+            return self._send_locked(frame)
+
+    def try_send(self, frame: Frame) -> bool:
+        """Send a small ``frame`` unless that could block: another thread is sending on this channel,
+        or the socket is not writable (its unsent bytes above the low-water mark, a peer or a link that
+        stopped taking them). For a tunnel's ACKs and keepalives, whose thread also watches the link
+        and must never hang on it."""
+        if not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            poller = select.poll()  # not select(): a busy server's descriptors pass 1024
+            poller.register(self.sock, select.POLLOUT)
+            if not any(events & select.POLLOUT for _, events in poller.poll(0)):
+                return False
+            self._send_locked(frame)
+            return True
+        finally:
+            self._send_lock.release()
+
+    def _send_locked(self, frame: Frame) -> int:
+        with self._state_lock:
+            header, payload = self.protocol.send(frame)
+        if self.tls is None:
+            _send_buffers(self.sock, (header, payload))
+        else:
+            self.sock.sendall(self.tls.seal((header, payload)))
+        return len(header) + len(payload)
 
     def receive(self) -> Frame | None:
         """Next frame from the peer; None when it closed the connection cleanly while idle."""
@@ -444,9 +466,16 @@ class ConnectionPool:
     def _key(address: Address, secret: bytes, server_name: str | None) -> PoolKey:
         return address, hashlib.sha256(secret).digest(), server_name
 
-    def acquire(self, address: Address, secret: bytes, server_name: str | None = None) -> Channel:
-        """An idle channel to ``address`` or a new one. ``server_name`` is the node the server must
-        prove to be under TLS (the ticket's destination)."""
+    def acquire(
+        self,
+        address: Address,
+        secret: bytes,
+        server_name: str | None = None,
+        *,
+        timeout: float = limits.HANDSHAKE_TIMEOUT_SECONDS,
+    ) -> Channel:
+        """An idle channel to ``address`` or a new one (connected within ``timeout``). ``server_name``
+        is the node the server must prove to be under TLS (the ticket's destination)."""
         tls = self.tls
         key = self._key(address, secret, server_name)
         now = time.monotonic()
@@ -461,7 +490,7 @@ class ConnectionPool:
                 return channel
             channel.close()
         self.connects += 1
-        return Channel.connect(address, secret, tls=tls, server_name=server_name)
+        return Channel.connect(address, secret, tls=tls, server_name=server_name, timeout=timeout)
 
     def release(self, channel: Channel, secret: bytes) -> None:
         """Give back a channel after a transfer; it is closed unless idle and healthy."""

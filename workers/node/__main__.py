@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             secret=config.dwcp_secret,
             tunnel_root=config.data_dir / "run",
             consoles=consoles,  # the VMs' serial consoles, for the control plane's console tickets
+            link_outage_seconds=config.link_outage_seconds,
         ).start()
     except (DWCPError, OSError) as exc:
         print(f"novacron node: cannot serve DWCP on {config.dwcp_address}: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ class NodeConfig:
     vxlan_port: int = contract.VXLAN_PORT  # UDP port of this node's VXLAN devices
     physical_networks: Mapping[str, str] = field(default_factory=dict)  # provider network -> interface
     image_cache_gb: float = 50.0  # size limit of the stored images' cache (workers.node.images)
+    link_outage_seconds: float = 120.0  # how long a DWCP tunnel whose link was cut tries to resume
 
     @property
     def dwcp_address(self) -> str:
@@ -117,6 +118,14 @@ def parser() -> argparse.ArgumentParser:
         help="size limit of the cache of stored images; the least recently used image no VM uses is "
         "evicted when a new one makes it larger (env NODE_IMAGE_CACHE_GB, default 50)",
     )
+    p.add_argument(
+        "--link-outage-seconds",
+        type=float,
+        default=float(env("NODE_LINK_OUTAGE_SECONDS", "120")),
+        help="how long a DWCP tunnel (a live migration's streams, a console) whose link to the peer node "
+        "was cut keeps reconnecting before it fails; QEMU does not see a shorter cut "
+        "(env NODE_LINK_OUTAGE_SECONDS, default 120)",
+    )
     return p
 
 
@@ -139,6 +148,8 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         raise ConfigError(f"--physical-networks: {exc}") from None
     if args.image_cache_gb <= 0:
         raise ConfigError(f"--image-cache-gb must be positive, not {args.image_cache_gb}")
+    if args.link_outage_seconds <= 0:
+        raise ConfigError(f"--link-outage-seconds must be positive, not {args.link_outage_seconds}")
     secret = os.environ.get("DWCP_SECRET", "")
     if not secret:
         raise ConfigError(
@@ -163,4 +174,5 @@ def from_args(argv: list[str] | None = None) -> NodeConfig:
         vxlan_port=args.vxlan_port,
         physical_networks=physical_networks,
         image_cache_gb=args.image_cache_gb,
+        link_outage_seconds=args.link_outage_seconds,
     )

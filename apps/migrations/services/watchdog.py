@@ -43,7 +43,9 @@ def migrations_watchdog() -> list[str]:
         except redis.RedisError as exc:
             moved = None  # the progress is unreadable, not still: only the switch is looked at now
             logger.warning("watchdog: progress of migration %s unreadable: %s", migration.pk, exc)
-        if moved:
+        if moved or (moved is not None and _reconnecting(client, str(migration.pk))):
+            # A cut link the nodes are still reconnecting (within their outage limit) is not a stall:
+            # the stall clock starts again once the link is back.
             Migration.objects.filter(pk=migration.pk).update(last_progress_at=now)
             continue
         if (migration.last_progress_at or migration.created_at) >= now - timeout:
@@ -65,6 +67,18 @@ def migrations_watchdog() -> list[str]:
         except redis.RedisError as exc:  # Redis went away mid-way: nothing was written; next tick again
             logger.warning("watchdog: migration %s left for the next tick: %s", migration.pk, exc)
     return failed
+
+
+def _reconnecting(client: redis.Redis, migration_id: str) -> bool:
+    """The source reports its link to the destination cut for no longer than the outage limit."""
+    fields = progress.read(client, migration_id)
+    if fields.get("link") != "reconnecting":
+        return False
+    try:
+        outage = float(fields.get("outage_seconds", 0))
+    except (TypeError, ValueError):
+        return False
+    return outage <= novacron_setting("MIGRATION_LINK_OUTAGE_SECONDS")
 
 
 SwitchDecision = Literal["complete", "roll_back", "wait", "operator"]

@@ -372,6 +372,7 @@ class ForecastWatch:
         self.forecaster = Forecaster(downtime_limit=downtime_limit)
         self.on_verdict = on_verdict
         self._tunnels: dict[str, tuple[int, int]] = {}
+        self._outages: dict[str, float | None] = {}  # per tunnel: seconds its link has been cut
         self._lock = threading.Lock()
         self._reported: tuple[contract.Converging, int] = ("unknown", 0)
         self._sampled: float | None = None
@@ -400,6 +401,15 @@ class ForecastWatch:
     def count(self, name: str, progress: Progress) -> None:
         with self._lock:
             self._tunnels[name] = (progress.raw_bytes, progress.wire_bytes)
+            self._outages[name] = progress.outage_seconds if progress.phase == "reconnecting" else None
+
+    def link_fields(self) -> dict[str, Any]:
+        """``link``: up, or reconnecting with ``outage_seconds`` (the longest cut of the tunnels)."""
+        with self._lock:
+            outages = [seconds for seconds in self._outages.values() if seconds is not None]
+        if not outages:
+            return {"link": "up", "outage_seconds": 0}
+        return {"link": "reconnecting", "outage_seconds": max(outages)}
 
     def _bytes(self) -> tuple[float, float]:
         with self._lock:
@@ -442,7 +452,7 @@ class ForecastWatch:
                 self.on_verdict(forecast)
             except Exception:  # a report that cannot be sent must not stop the migration
                 logger.exception("forecast verdict not reported")
-        return sample.progress_fields() | forecast.progress_fields()
+        return sample.progress_fields() | forecast.progress_fields() | self.link_fields()
 
 
 def ram_profile(pid: int, memory_mb: int, samples: int = RAM_PROFILE_SAMPLES) -> tuple[bool, ...]:

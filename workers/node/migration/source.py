@@ -145,6 +145,7 @@ class Source:
                 streams=job.streams,
                 control=job.control,
                 reporter=watch.tunnel_reporter(name),
+                link_outage_seconds=self.node.config.link_outage_seconds,
             )
             for name, local in (("disk", disk_socket), ("memory", memory_socket))
         ]
@@ -165,8 +166,13 @@ class Source:
                             job.migration_id, "source", "phase", "memory"
                         ),
                     )
-                except BaseException:
+                except BaseException as exc:
                     qmp_steps.undo_source(qmp, job_id, resume=job.knobs.force_complete)
+                    cut = next(
+                        (t.failure for t in tunnels if t.failure and t.failure.code == "link_outage"), None
+                    )
+                    if cut is not None and not isinstance(exc, MigrationAborted):
+                        raise cut from exc  # QEMU only saw its stream end: say why
                     raise
                 self._offer_memory(qmp, job)
             disk_tunnel, memory_tunnel = tunnels
