@@ -82,12 +82,15 @@ def mirror_and_migrate(
     accelerator: Accelerator,
     watch: ForecastWatch,
     on_memory_phase: Callable[[], None],
+    connect_timeout: float,
 ) -> None:
     """The QMP sequence on the source, from the mirror to the completed migration (source paused).
 
     The disk is mirrored into the destination's NBD export through ``disk_socket`` until READY, then
     RAM migrates through ``memory_socket`` with ``pause-before-switchover``; at the pause the ready
-    mirror is cancelled (a consistent finish) and the migration completes.
+    mirror is cancelled (a consistent finish) and the migration completes. ``blockdev-add`` holds QMP
+    while QEMU does the NBD handshake through the tunnel: a link cut then lasts up to the tunnel's
+    outage limit, which ``connect_timeout`` covers.
     """
     capabilities = [
         {"capability": "events", "state": True},
@@ -111,6 +114,7 @@ def mirror_and_migrate(
             "server": {"type": "unix", "path": str(disk_socket)},
             "export": "disk0",
         },
+        timeout=connect_timeout,
     )
     qmp.execute(
         "blockdev-mirror", {"job-id": job_id, "device": "disk0", "target": MIRROR_NODE, "sync": "top"}

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 # keeps the VM's NBD socket busy and refuses the VM's next migration there (the soak's only failed
 # migrations, when the VM moved back within seconds). The memory tunnel gets this grace.
 TUNNEL_DRAIN_SECONDS = 2.0
+# QEMU's NBD handshake through a cut tunnel waits for the link at most the outage limit, and then this.
+CONNECT_MARGIN_SECONDS = 10.0
 
 
 class Source:
@@ -162,6 +164,7 @@ class Source:
                         memory_socket=memory_socket,
                         accelerator=self.driver.accelerator,
                         watch=watch,
+                        connect_timeout=self.node.config.link_outage_seconds + CONNECT_MARGIN_SECONDS,
                         on_memory_phase=lambda: self.node.report(
                             job.migration_id, "source", "phase", "memory"
                         ),
