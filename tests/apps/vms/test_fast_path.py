@@ -5,6 +5,7 @@ authenticates, remembers the token and caches the body); once the token is remem
 answers hits from the cache and misses from the database (apps/vms/reads.py), and stores them.
 """
 
+import tracemalloc
 from typing import Any
 
 import orjson
@@ -379,13 +380,31 @@ def test_a_process_copy_of_a_body_is_served_only_while_redis_holds_the_same_byte
 
 
 def test_the_process_copies_keep_within_their_byte_budget_oldest_first() -> None:
-    bodies = vm_cache._Bodies(budget=10)
+    entry = 4 + 1 + vm_cache.BODY_ENTRY_OVERHEAD  # a 4-byte body under a 1-character key
+    bodies = vm_cache._Bodies(budget=2 * entry + 1)
     bodies.put("a", b"d-a", b"aaaa")
     bodies.put("b", b"d-b", b"bbbb")
     assert bodies.get("a", b"d-a") == b"aaaa"  # now the most recently used
-    bodies.put("c", b"d-c", b"cccc")  # 12 bytes: "b", the least recently used, goes
+    bodies.put("c", b"d-c", b"cccc")  # three entries: "b", the least recently used, goes
     assert bodies.get("b", b"d-b") is None
     assert bodies.get("a", b"d-a") == b"aaaa" and bodies.get("c", b"d-c") == b"cccc"
     assert bodies.get("a", b"other digest") is None
-    bodies.put("huge", b"d", b"x" * 11)  # larger than the budget: never kept
-    assert bodies.get("huge", b"d") is None and bodies.used == 8
+    bodies.put("huge", b"d", b"x" * 2 * entry)  # larger than the budget: never kept
+    assert bodies.get("huge", b"d") is None and bodies.used == 2 * entry
+
+
+def test_the_process_copies_hold_no_more_memory_than_the_budget_counts() -> None:
+    """orjson's bytes keep its 4 KiB write buffer: kept as they were, 1000 small bodies took 4 MiB
+    while the budget counted 40 KiB (the soak's web process grew by megabytes a minute)."""
+    bodies = vm_cache._Bodies(budget=1 << 30)
+    made = [orjson.dumps({"vms": index, "vcpus": 2, "memory_mb": 1024}) for index in range(1000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for index, body in enumerate(made):
+            bodies.put(f"k{index}", b"d" * 16, body)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held <= bodies.used
+    assert bodies.get("k7", b"d" * 16) == made[7]
