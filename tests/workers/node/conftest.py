@@ -22,6 +22,8 @@ import pytest
 from django.conf import settings
 
 from apps.vms.models import Image, Node
+from workers.node.config import NodeConfig
+from workers.qemu import AcceleratorSetting
 
 ROOT = Path(__file__).resolve().parents[3]
 GUEST_DIR = ROOT / "var" / "images" / "testguest"
@@ -35,6 +37,33 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def node_config(
+    data_dir: Path,
+    *,
+    name: str = "n1",
+    address: str = "127.0.0.1",
+    redis_url: str = "redis://127.0.0.1:1/0",  # never used unless a test says so
+    dwcp_port: int = 18251,  # never listened on: no transfer reaches these nodes
+    dwcp_secret: str = "s" * 32,
+    concurrency: int = 1,
+) -> NodeConfig:
+    """A node worker's configuration for tests that run its parts in the test process (TCG)."""
+    return NodeConfig(
+        name=name,
+        data_dir=data_dir,
+        dwcp_host="127.0.0.1",
+        dwcp_port=dwcp_port,
+        address=address,
+        redis_url=redis_url,
+        dwcp_secret=dwcp_secret,
+        accelerator=AcceleratorSetting.TCG,
+        concurrency=concurrency,
+        heartbeat_interval=1.0,
+        metrics_interval=10.0,
+        powerdown_timeout=1.0,
+    )
 
 
 def _database_url() -> str:

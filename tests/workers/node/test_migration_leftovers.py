@@ -31,15 +31,14 @@ from tests.apps.migrations.test_migration_leftovers import (  # noqa: F401 (fixt
 )
 from tests.conftest import vm_payload
 from tests.faults.redis_server import PrivateRedis, private_redis  # noqa: F401 (fixture)
-from tests.workers.node.conftest import Cluster, wait_for
+from tests.workers.node.conftest import Cluster, node_config, wait_for
 from tests.workers.node.test_migration import _create_running
 from tests.workers.qemu.conftest import data_dir, driver, testguest  # noqa: F401 (fixtures)
 from workers import contract
 from workers.node.__main__ import make_app
-from workers.node.config import NodeConfig
 from workers.node.migration.markers import MARKER
 from workers.node.migration.runner import MigrationRunner
-from workers.qemu import AcceleratorSetting, KernelImage, QemuDriver, VmSpec, VmState
+from workers.qemu import KernelImage, QemuDriver, VmSpec, VmState
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu, pytest.mark.django_db(transaction=True)]
 
@@ -50,20 +49,10 @@ def runner(
     data_dir: Path,  # noqa: F811
     private_redis: PrivateRedis,  # noqa: F811
 ) -> Iterator[MigrationRunner]:
-    config = NodeConfig(
-        name=DEST,
-        data_dir=data_dir,
-        dwcp_host="127.0.0.1",
-        dwcp_port=18250,  # never listened on: no transfer reaches this node here
-        address="127.0.0.1",
-        redis_url=private_redis.url,
-        dwcp_secret=settings.DWCP_SECRET,
-        accelerator=AcceleratorSetting.TCG,
+    config = node_config(
+        data_dir, name=DEST, dwcp_port=18250, redis_url=private_redis.url, dwcp_secret=settings.DWCP_SECRET,
         concurrency=2,
-        heartbeat_interval=1.0,
-        metrics_interval=10.0,
-        powerdown_timeout=1.0,
-    )
+    )  # fmt: skip
     node_app = make_app(config)
     control_app.set_current()  # a new Celery app makes itself current: shared tasks would follow it
     node_redis = redis.Redis.from_url(private_redis.url)

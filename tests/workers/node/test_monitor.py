@@ -14,13 +14,13 @@ import pytest
 import redis
 
 from tests.faults.redis_server import PrivateRedis, private_redis  # noqa: F401 (fixture)
+from tests.workers.node.conftest import node_config
 from tests.workers.qemu.conftest import data_dir, driver  # noqa: F401 (fixtures)
 from workers import contract
 from workers.node.__main__ import make_app
-from workers.node.config import NodeConfig
 from workers.node.monitor import Monitor
 from workers.node.reports import Reporter
-from workers.qemu import AcceleratorSetting, QemuDriver, VmState
+from workers.qemu import QemuDriver, VmState
 from workers.qemu.status import VmStatus
 
 
@@ -30,20 +30,7 @@ def monitor(
     data_dir: Path,  # noqa: F811
     private_redis: PrivateRedis,  # noqa: F811
 ) -> Iterator[Monitor]:
-    config = NodeConfig(
-        name="mon1",
-        data_dir=data_dir,
-        dwcp_host="127.0.0.1",
-        dwcp_port=18252,  # never listened on
-        address="127.0.0.1",
-        redis_url=private_redis.url,
-        dwcp_secret="s" * 32,
-        accelerator=AcceleratorSetting.TCG,
-        concurrency=1,
-        heartbeat_interval=1.0,
-        metrics_interval=10.0,
-        powerdown_timeout=1.0,
-    )
+    config = node_config(data_dir, name="mon1", dwcp_port=18252, redis_url=private_redis.url)
     client = redis.Redis.from_url(private_redis.url)
     yield Monitor(config, driver, Reporter(make_app(config), config.name), client)
     client.close()

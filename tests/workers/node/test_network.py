@@ -5,30 +5,17 @@ from pathlib import Path
 import pytest
 
 from tests.workers.net.conftest import network
+from tests.workers.node.conftest import node_config
 from workers import contract
 from workers.net.model import NetworkError
 from workers.node.config import NodeConfig
 from workers.node.network import NodeNetwork
-from workers.qemu import AcceleratorSetting
 
 VM_ID = "5c1f7a2e-3b4d-4e5f-8a6b-7c8d9e0f1a2b"
 
 
 def config(data_dir: Path, address: str) -> NodeConfig:
-    return NodeConfig(
-        name="n1",
-        data_dir=data_dir,
-        dwcp_host="127.0.0.1",
-        dwcp_port=18251,
-        address=address,
-        redis_url="redis://127.0.0.1:1/0",  # never used here
-        dwcp_secret="s" * 32,
-        accelerator=AcceleratorSetting.TCG,
-        concurrency=1,
-        heartbeat_interval=1.0,
-        metrics_interval=10.0,
-        powerdown_timeout=1.0,
-    )
+    return node_config(data_dir, address=address)
 
 
 def vm(nics: list[contract.NicDescription]) -> contract.VmDescription:
