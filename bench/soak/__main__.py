@@ -39,6 +39,7 @@ from typing import Any
 import psutil
 
 from bench.migration.netns import Topology, cut, mend, two_hosts
+from bench.migration.table import git_commit
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -485,11 +486,9 @@ class Soak:
         return 0 if verdict else 1
 
     def write_result(self, result: dict[str, Any]) -> None:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
+        commit = git_commit()
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        path = ROOT / "bench" / "results" / f"soak-{stamp}-{commit or 'unknown'}.json"
+        path = ROOT / "bench" / "results" / f"soak-{stamp}-{commit}.json"
         path.write_text(json.dumps({"commit": commit, "args": vars(self.args), **result}, indent=1) + "\n")
         print(f"result: {path.relative_to(ROOT)}")
 
