@@ -40,12 +40,12 @@ def migrations_watchdog() -> list[str]:
     for migration in Migration.objects.filter(status__in=RUNNING_STATUSES):
         try:
             moved: bool | None = progress.note_movement(client, str(migration.pk))
+            # A cut link the nodes are reconnecting within their outage limit counts as moving.
+            moved = moved or _reconnecting(client, str(migration.pk))
         except redis.RedisError as exc:
             moved = None  # the progress is unreadable, not still: only the switch is looked at now
             logger.warning("watchdog: progress of migration %s unreadable: %s", migration.pk, exc)
-        if moved or (moved is not None and _reconnecting(client, str(migration.pk))):
-            # A cut link the nodes are still reconnecting (within their outage limit) is not a stall:
-            # the stall clock starts again once the link is back.
+        if moved:  # the stall clock starts again (after a cut, once the link is back)
             Migration.objects.filter(pk=migration.pk).update(last_progress_at=now)
             continue
         if (migration.last_progress_at or migration.created_at) >= now - timeout:

@@ -129,3 +129,27 @@ def test_redis_stopped_while_switching_waits_then_calls_an_operator(
     control_metrics_sample(client=client, now=later)
     alerts_evaluate(now=datetime.fromtimestamp(later, tz=UTC))
     assert Alert.objects.get(pk=alert.pk).status == "resolved"
+
+
+def test_a_migration_whose_link_is_reconnecting_is_not_stalled_until_the_outage_limit(
+    running_vm,  # noqa: F811
+    user,
+    settings,
+):
+    settings.NOVACRON = settings.NOVACRON | {"MIGRATION_LINK_OUTAGE_SECONDS": 120}
+    migration = _transferring(running_vm, user)
+    Migration.objects.filter(pk=migration.pk).update(last_progress_at=timezone.now() - timedelta(hours=1))
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    key = contract.MIGRATION_PROGRESS_KEY.format(id=migration.pk)
+    client.hset(key, mapping={"wire_bytes": 1000, "link": "reconnecting", "outage_seconds": 30})
+    for _tick in range(2):  # the byte counts do not move (the second look knows), but the link is cut
+        assert services.migrations_watchdog() == []
+    kept = Migration.objects.get(pk=migration.pk)
+    assert kept.status == "transferring"
+    assert kept.last_progress_at is not None and kept.last_progress_at > timezone.now() - timedelta(minutes=1)
+
+    Migration.objects.filter(pk=migration.pk).update(last_progress_at=timezone.now() - timedelta(hours=1))
+    client.hset(key, mapping={"outage_seconds": 121})  # past the limit: a stall like any other
+    assert services.migrations_watchdog() == [str(migration.pk)]
+    assert Migration.objects.get(pk=migration.pk).status == "failed"
+    client.delete(key)
