@@ -117,19 +117,27 @@ def shape(topology: Topology, rate: str | None) -> None:
 CUT_TABLE = "nccut"
 
 
-def cut(topology: Topology) -> None:
-    """Drop every packet between A's and B's link addresses, both ways, silently (no reset)."""
+def drop_peer(netns: str, peer: str) -> None:
+    """In ``netns``, drop every packet to and from ``peer`` (an address), silently: a cut link."""
     rules = (
         f"table inet {CUT_TABLE} {{\n"
-        f"  chain out {{ type filter hook output priority 0; ip daddr {topology.b_link} drop; }}\n"
-        f"  chain in {{ type filter hook input priority 0; ip saddr {topology.b_link} drop; }}\n"
+        f"  chain out {{ type filter hook output priority 0; ip daddr {peer} drop; }}\n"
+        f"  chain in {{ type filter hook input priority 0; ip saddr {peer} drop; }}\n"
         "}\n"
     )
-    subprocess.run(
-        ["ip", "netns", "exec", topology.ns_a, "nft", "-f", "-"], input=rules, text=True, check=True
-    )
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules, text=True, check=True)
+
+
+def undrop_peer(netns: str) -> None:
+    """Undo :func:`drop_peer` (nothing to undo is fine)."""
+    sh("ip", "netns", "exec", netns, "nft", "delete", "table", "inet", CUT_TABLE, check=False)
+
+
+def cut(topology: Topology) -> None:
+    """Drop every packet between A's and B's link addresses, both ways, silently (no reset)."""
+    drop_peer(topology.ns_a, topology.b_link)
 
 
 def mend(topology: Topology) -> None:
     """Undo :func:`cut`."""
-    sh("ip", "netns", "exec", topology.ns_a, "nft", "delete", "table", "inet", CUT_TABLE, check=False)
+    undrop_peer(topology.ns_a)

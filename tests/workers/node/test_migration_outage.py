@@ -18,6 +18,7 @@ import pytest
 
 from apps.migrations.models import Migration
 from apps.vms.models import VM, Image
+from bench.migration.netns import drop_peer, undrop_peer
 from tests.netlab import NetLab
 from tests.networks.conftest import cluster_redis_url  # noqa: F401 - fixture (a private Redis on the lab)
 from tests.workers.node import test_migration_forecast as forecast_tests
@@ -54,18 +55,12 @@ class Cut:
         self.started = self.ended = 0.0
 
     def __enter__(self) -> "Cut":
-        rules = (
-            "table inet novacron_cut {\n"
-            f" chain in {{ type filter hook input priority 0; ip saddr {self.peer} drop; }}\n"
-            f" chain out {{ type filter hook output priority 0; ip daddr {self.peer} drop; }}\n"
-            "}\n"
-        )
-        subprocess.run([*self.host.command("nft", "-f", "-")], input=rules.encode(), check=True)
+        drop_peer(self.host.netns, self.peer)
         self.started = time.monotonic()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.host.run("nft", "delete", "table", "inet", "novacron_cut")
+        undrop_peer(self.host.netns)
         self.ended = time.monotonic()
 
 
