@@ -7,6 +7,7 @@ lowest first; MACs carry QEMU's locally administered prefix ``52:54:00``.
 
 import ipaddress
 import secrets
+import socket
 from collections.abc import Iterable
 from typing import Final
 
@@ -24,15 +25,21 @@ def first_host(cidr: str) -> str:
 def lowest_free(cidr: str, gateway: str, taken: Iterable[str], count: int) -> list[str]:
     """Up to ``count`` free host addresses of ``cidr``, lowest first (fewer when it runs out)."""
     subnet = ipaddress.IPv4Network(cidr)
-    used = {int(ipaddress.IPv4Address(address)) for address in taken}
-    used.add(int(ipaddress.IPv4Address(gateway)))
+    # inet_aton/ntoa, not ipaddress objects: a create reads every address of its network (a /24's
+    # 250 parsed by ipaddress cost ~2 ms of a ~14 ms create; these, ~50 us).
+    used = {_number(address) for address in taken}
+    used.add(_number(gateway))
     found: list[str] = []
     for value in range(int(subnet.network_address) + 1, int(subnet.broadcast_address)):
         if len(found) == count:
             break
         if value not in used:
-            found.append(str(ipaddress.IPv4Address(value)))
+            found.append(socket.inet_ntoa(value.to_bytes(4, "big")))
     return found
+
+
+def _number(address: str) -> int:
+    return int.from_bytes(socket.inet_aton(address), "big")
 
 
 def host_count(cidr: str) -> int:
