@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.migration.netns import remove_namespace
+
 IFNAMSIZ = 15
 
 
@@ -109,13 +111,7 @@ class NetLab:
 
     def close(self) -> None:
         for namespace in reversed(self._namespaces):
-            pids = subprocess.run(
-                ["ip", "netns", "pids", namespace.netns], capture_output=True, text=True
-            ).stdout
-            for pid in pids.split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
-            subprocess.run(["ip", "netns", "del", namespace.netns], check=False, capture_output=True)
+            remove_namespace(namespace.netns)
         subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True)
 
     def _namespace(self, name: str) -> Namespace:

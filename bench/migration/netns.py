@@ -16,6 +16,8 @@ silent, as a pulled cable or a firewall drop, not a reset) until :func:`mend`. E
 """
 
 import contextlib
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,9 +55,18 @@ class Topology:
         return ["ip", "netns", "exec", ns]
 
 
+def remove_namespace(netns: str) -> None:
+    """Kill what still runs in ``netns`` (a node worker's daemons, dnsmasq and QEMU, outlive it) and
+    delete it: a deleted namespace lives on, with its processes, as long as one of them does."""
+    for pid in sh("ip", "netns", "pids", netns, check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    sh("ip", "netns", "del", netns, check=False)
+
+
 def _cleanup(topology: Topology) -> None:
     for ns in (topology.ns_a, topology.ns_b, topology.ns_client):
-        sh("ip", "netns", "del", ns, check=False)
+        remove_namespace(ns)
     for link in (f"{topology.prefix}ha", f"{topology.prefix}hb"):
         sh("ip", "link", "del", link, check=False)
 
