@@ -22,6 +22,8 @@ import pytest
 from django.conf import settings
 
 from apps.vms.models import Image, Node
+from workers.net.dataplane import DataPlane, NetSettings
+from workers.net.names import node_tag
 from workers.node.config import NodeConfig
 from workers.qemu import AcceleratorSetting
 
@@ -126,10 +128,13 @@ class Cluster:
     control: Process
     nodes: dict[str, Process] = field(default_factory=dict)
     data_dirs: dict[str, Path] = field(default_factory=dict)
+    beside: set[str] = field(default_factory=set)  # the nodes in the test's own network namespace
 
     def node_process(self, name: str, port: int, host: NodeHost | None = None) -> Process:
         data_dir = self.short_dir / name  # unix socket paths under it must fit in 107 bytes
         self.data_dirs[name] = data_dir
+        if host is None:
+            self.beside.add(name)
         listen = f"{host.address}:7400" if host else f"127.0.0.1:{port}"
         prefix = ["ip", "netns", "exec", host.netns] if host else []
         # Nodes beside the test share its namespace (and other sessions'): each its own VXLAN port.
@@ -161,6 +166,15 @@ class Cluster:
         for process in self.nodes.values():
             process.stop()
         self.control.stop()
+
+
+def _unwire(name: str, data_dir: Path) -> None:
+    """Remove what a stopped node worker beside the test wired for its VMs (a worker leaves it on
+    purpose: its VMs keep their network across a restart), as the node would with no VM left."""
+    net = NetSettings(
+        tag=node_tag(name, data_dir), underlay_address="127.0.0.1", vxlan_port=0, state_dir=data_dir / "net"
+    )
+    DataPlane(net).reconcile({}, {})
 
 
 def _free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -293,8 +307,10 @@ def cluster(
         raise
     finally:
         cluster.stop()
-        for data_dir in cluster.data_dirs.values():
+        for name, data_dir in cluster.data_dirs.items():
             for pidfile in data_dir.glob("run/*/qemu.pid"):
                 with contextlib.suppress(ValueError, ProcessLookupError):
                     os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+            if name in cluster.beside:  # its bridges, VXLAN devices, rules and dnsmasq are in this namespace
+                _unwire(name, data_dir)
         shutil.rmtree(short_dir, ignore_errors=True)
