@@ -286,7 +286,7 @@ def test_a_resume_without_the_session_key_is_refused(
     wait_for(lambda: tunnel.transfer_id in outage_server.active_transfers(), 5, "the session")
     time.sleep(5)  # both ends have declared the link dead
     forger = Channel.connect(parse_address(outage_server.address_text), SECRET.encode())
-    with pytest.raises(TransferRefused, match=r"no tunnel .* to resume with that key"):
+    with pytest.raises(TransferRefused, match=r"no transfer .* to resume with that key"):
         negotiate(
             forger,
             FrameType.RESUME,
