@@ -1,6 +1,7 @@
 """The source's side of a migration: send (cold or live), abort, and the cleanup after the switch.
 
-Cold: the VM is stopped and its disk streamed to the destination's file over DWCP (verified there).
+Cold: the VM is stopped and its disk streamed to the destination's file over DWCP (verified there); a
+cut link is resumed by DWCP within the node's outage limit, progress showing ``link: reconnecting``.
 Live: the disk mirror and RAM migration run through two DWCP tunnels (``qmp_steps``) up to a completed
 migration with the guest paused here; then the memory check (``memory_check``) may hand the guest back
 (a mismatch: the source resumes and fails). Nothing here removes the VM before the control plane has
@@ -81,6 +82,7 @@ class Source:
         done = threading.Event()
 
         def on_progress(progress: Progress) -> None:
+            reconnecting = progress.phase == "reconnecting"
             job.publisher.update(
                 phase="disk",
                 disk_total=total,
@@ -90,6 +92,9 @@ class Source:
                 rate_bps=progress.rate_bytes_per_second * 8,
                 eta_seconds=progress.eta_seconds,
                 percent=100.0 * progress.raw_bytes / total if total else 100.0,
+                # As a live migration's: the watchdog spares a link DWCP is reconnecting.
+                link="reconnecting" if reconnecting else "up",
+                outage_seconds=(progress.outage_seconds or 0) if reconnecting else 0,
             )
 
         def poll_knobs() -> None:
@@ -110,6 +115,7 @@ class Source:
                 streams=job.streams,
                 control=job.control,
                 reporter=ProgressCallback(on_progress),
+                link_outage_seconds=self.node.config.link_outage_seconds,
             )
         finally:
             done.set()
