@@ -1,10 +1,12 @@
 """Server-side transfer sessions: the state one transfer's streams share on the receiving node.
 
-A session is created by the stream that sent OPEN; streams that ATTACH join it. Each stream's
-connection thread runs ``serve`` until END (or a failure) on that connection. The last stream to
-leave releases the session: a file transfer that did not finish keeps its partial file and journal
-for a resume, a tunnel closes its local socket. Failures are answered with an ERROR frame and a
-short linger, so the sender reads the reason instead of a TCP reset.
+A session is created by the stream that sent OPEN; streams that ATTACH (or RESUME after a cut) join
+it. Each stream's connection thread runs ``serve`` until END (or a failure) on that connection. The
+last stream to leave releases the session, unless its link was cut: then a file transfer or a tunnel
+waits for its sender's RESUME up to the outage limit. Released, a file transfer that did not finish
+keeps its partial file and journal for a resume with a new ticket, a tunnel closes its local socket.
+Failures are answered with an ERROR frame and a short linger, so the sender reads the reason
+instead of a TCP reset.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import logging
 import threading
 
 from workers import contract
-from workers.dwcp import DWCPError, Progress, TransferControl, open_tunnel, send_file
+from workers.dwcp import DWCPError, Progress, TransferControl, TransferResult, open_tunnel, send_file
 from workers.qemu import QemuError, QmpSession, VmSpec, VmState
 from workers.qemu.memory import memory_digest
 
@@ -32,6 +32,14 @@ logger = logging.getLogger(__name__)
 TUNNEL_DRAIN_SECONDS = 2.0
 # QEMU's NBD handshake through a cut tunnel waits for the link at most the outage limit, and then this.
 CONNECT_MARGIN_SECONDS = 10.0
+
+
+def _outages_survived(result: TransferResult) -> str:
+    """The link cuts a disk transfer came back from, for its report (empty when there were none)."""
+    if not result.outages:
+        return ""
+    lengths = ", ".join(f"{seconds:.1f}" for seconds in result.outages)
+    return f", {len(result.outages)} link outages survived ({lengths} s), {result.bytes_resent} bytes resent"
 
 
 class Source:
@@ -128,7 +136,8 @@ class Source:
             job.migration_id,
             "source",
             "transferred",
-            f"disk sent and verified ({result.raw_bytes} bytes, {result.wire_bytes} on the wire)",
+            f"disk sent and verified ({result.raw_bytes} bytes, {result.wire_bytes} on the wire"
+            f"{_outages_survived(result)})",
             stats={
                 "wire_bytes": result.wire_bytes,
                 "disk_bytes": result.raw_bytes,
