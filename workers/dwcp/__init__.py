@@ -64,8 +64,8 @@ Errors: ``TicketError`` (refused ticket), ``TLSError`` (TLS refused: certificate
 side without TLS), ``TransferRefused``, ``TransferInterrupted`` (the link stayed cut past the
 limit, code "link_outage", or the receiver refused the resume, code "resume_refused"; a later
 ``send_file`` with a new ticket still resumes: the receiver reports what it holds in its journal and
-only the rest is sent), ``TransferCancelled``, ``TransferError`` (base, with ``code``); protocol violations are
-``LocalProtocolError`` / ``RemoteProtocolError`` (both ``ProtocolError``).
+only the rest is sent), ``TransferCancelled``, ``TransferError`` (base, with ``code``); protocol
+violations are ``LocalProtocolError`` / ``RemoteProtocolError`` (both ``ProtocolError``).
 
 Layout: ``frames``/``protocol`` are the sans-I/O core (wire format, handshake, state machine),
 ``limits`` holds every bound, ``codecs`` the per-chunk codecs and adaptive policy, ``transport``

@@ -63,7 +63,7 @@ from .keepalive import LinkWatch
 from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .tickets import peek_ticket, secret_bytes
-from .transport import Address, Channel, ConnectionPool, default_pool, parse_address
+from .transport import Address, Channel, ConnectionPool, default_pool, parse_address, reconnect_backoff
 
 logger = logging.getLogger(__name__)
 
@@ -429,15 +429,9 @@ def _reconnect(
                 f"the DWCP server of {link.dest_node} is gone ({exc}), and this transfer's session with it"
             ) from exc
         except (ProtocolError, OSError, TransferInterrupted) as exc:
-            logger.info(
-                "DWCP transfer %s: reconnecting to %s failed (%s); retrying in %.2f s",
-                link.transfer_id,
-                link.dest_node,
-                exc,
-                delay,
+            delay = reconnect_backoff(
+                f"transfer {link.transfer_id}", link.dest_node, exc, delay, control.cancelled
             )
-            control.cancelled.wait(delay)
-            delay = min(2 * delay, limits.TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS)
 
 
 def _closed(channels: list[Channel]) -> list[Channel]:

@@ -10,7 +10,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,34 +29,12 @@ from workers.dwcp.frames import FrameType
 from workers.dwcp.sender import TransferResult, negotiate
 from workers.dwcp.transport import Channel, ConnectionPool, parse_address
 
-from .helpers import DEST, SECRET, SOURCE, Link, MiB, random_file, sha256_of
+from .helpers import DEST, SECRET, SOURCE, Link, MiB, random_file, sha256_of, wait_for
 
 STREAMS = 2
 SIZE = 48 * MiB
 # The receiver's log line for a verified file: "... verified (size bytes, W written, ...".
 VERIFIED = re.compile(r"verified \((\d+) bytes, (\d+) written")
-
-
-@pytest.fixture
-def outage_server(root: Path) -> Iterator[DWCPServer]:
-    with DWCPServer(
-        listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET, link_outage_seconds=12
-    ) as running:
-        yield running
-
-
-@pytest.fixture
-def link(outage_server: DWCPServer) -> Iterator[Link]:
-    relay = Link(outage_server.address)
-    yield relay
-    relay.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Sending:

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from workers.dwcp.sender import negotiate
 from workers.dwcp.transport import Channel, ConnectionPool, parse_address
 from workers.dwcp.tunnel import TunnelEndpoint
 
-from .helpers import DEST, SECRET, SOURCE, Link, MiB
+from .helpers import DEST, SECRET, SOURCE, Link, MiB, wait_for
 
 WINDOW = 4 * MiB
 
@@ -114,28 +114,6 @@ def carrying(link: Link, root: Path, local_path: Path, ticket: Callable[..., str
     exchange(local_path, os.urandom(20 * MiB))
     wait_for(lambda: link.forwarded > 2 * MiB, 20, "the first bytes")
     return tunnel
-
-
-@pytest.fixture
-def outage_server(root: Path) -> Iterator[DWCPServer]:
-    with DWCPServer(
-        listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET, link_outage_seconds=12
-    ) as running:
-        yield running
-
-
-@pytest.fixture
-def link(outage_server: DWCPServer) -> Iterator[Link]:
-    relay = Link(outage_server.address)
-    yield relay
-    relay.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_a_tunnel_survives_a_reset_and_a_blackhole_byte_exact_and_in_order(

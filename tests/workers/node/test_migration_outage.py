@@ -82,6 +82,13 @@ def _disk_copy(cluster: Cluster, node: str, vm_id: str, into: Path) -> Path:
     return into
 
 
+def _assert_identical(before: Path, after: Path) -> None:
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-U", str(before), str(after)], capture_output=True, text=True, check=False
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+
+
 def _cut_during(
     cluster: Cluster, net: NetLab, api, image: Image, tmp_path: Path, *, phase: str, seconds: float
 ) -> tuple[str, str, Cut, TickWatcher, list[dict[str, Any]]]:
@@ -113,20 +120,29 @@ def _cut_during(
     return vm_id, migration_id, cut, ticks, seen
 
 
-def _assert_survived(
-    cluster: Cluster, api, vm_id: str, migration_id: str, cut: Cut, ticks: TickWatcher, seen, tmp_path: Path
-) -> None:
-    dest = list(cluster.nodes)[1]
+def _completed_through(
+    api, migration_id: str, cut: Cut, seen: list[dict[str, Any]]
+) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """The migration completed, and showed the cut only as a reconnecting link (running all along).
+    Returns its history and the API's views of it while reconnecting."""
     url = f"/api/v1/migrations/{migration_id}/"
     wait_for(lambda: api.get(url).json()["status"] in ("completed", "failed", "cancelled"), 180, "the end")
     migration = Migration.objects.get(pk=migration_id)
     history = list(migration.events.order_by("at", "id").values_list("actor", "detail"))
     assert migration.status == "completed", (migration.error, history)
-    # The cut was seen, and only as a reconnecting link (the migration was running all along).
     reconnecting = [body for body in seen if body["link"] == "reconnecting"]
     assert reconnecting, [(body["status"], body["link"]) for body in seen]
     assert all(body["status"] == "transferring" for body in seen), [body["status"] for body in seen]
     assert max(body["outage_seconds"] for body in reconnecting) > (cut.ended - cut.started) - 6
+    return history, reconnecting
+
+
+def _assert_survived(
+    cluster: Cluster, api, vm_id: str, migration_id: str, cut: Cut, ticks: TickWatcher, seen, tmp_path: Path
+) -> None:
+    dest = list(cluster.nodes)[1]
+    url = f"/api/v1/migrations/{migration_id}/"
+    _history, reconnecting = _completed_through(api, migration_id, cut, seen)
     # The guest ran on the source throughout the cut: a tick (every 100 ms) in every second of it.
     during = [at for _, at in ticks.ticks if cut.started <= at <= cut.ended]
     gaps = [
@@ -138,14 +154,7 @@ def _assert_survived(
     assert Migration.objects.get(pk=migration_id).stats["memory_check"] == "match"
     vm = VM.objects.get(pk=vm_id)
     assert vm.node.name == dest and vm.state == "running"
-    dest_disk = cluster.data_dirs[dest] / "disks" / f"{vm_id}.qcow2"
-    compared = subprocess.run(
-        ["qemu-img", "compare", "-U", str(tmp_path / "before.qcow2"), str(dest_disk)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert compared.returncode == 0, compared.stdout + compared.stderr
+    _assert_identical(tmp_path / "before.qcow2", disk_path(cluster, dest, vm_id))
     print(
         f"cut {cut.ended - cut.started:.1f} s; outage seen up to "
         f"{max(body['outage_seconds'] for body in reconnecting):.1f} s; "
@@ -228,24 +237,11 @@ def test_a_cold_migration_survives_a_cut_in_the_same_transfer(
     source, dest = list(cluster.nodes)
     vm_id, migration_id, cut, seen = _cold_cut(cluster, lab, api, tmp_path, seconds=seconds)
     url = f"/api/v1/migrations/{migration_id}/"
-    wait_for(lambda: api.get(url).json()["status"] in ("completed", "failed", "cancelled"), 120, "the end")
-    migration = Migration.objects.get(pk=migration_id)
-    history = list(migration.events.order_by("at", "id").values_list("actor", "detail"))
-    assert migration.status == "completed", (migration.error, history)
-    reconnecting = [body for body in seen if body["link"] == "reconnecting"]
-    assert reconnecting, [(body["status"], body["link"]) for body in seen]
-    assert all(body["status"] == "transferring" for body in seen), [body["status"] for body in seen]
-    assert max(body["outage_seconds"] for body in reconnecting) > (cut.ended - cut.started) - 6
+    history, reconnecting = _completed_through(api, migration_id, cut, seen)
     vm = VM.objects.get(pk=vm_id)
     assert vm.node.name == dest and vm.state == "stopped"
     assert _qemu_run_dirs(vm_id) == []
-    compared = subprocess.run(
-        ["qemu-img", "compare", str(tmp_path / "before.qcow2"), str(disk_path(cluster, dest, vm_id))],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert compared.returncode == 0, compared.stdout + compared.stderr
+    _assert_identical(tmp_path / "before.qcow2", disk_path(cluster, dest, vm_id))
     wait_for(lambda: not disk_path(cluster, source, vm_id).exists(), 30, "the source copy's removal")
     detail = next(detail for actor, detail in history if "disk sent and verified" in detail)
     print(
