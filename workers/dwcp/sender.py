@@ -41,6 +41,7 @@ from . import codecs, files, limits
 from .control import TransferControl
 from .errors import (
     ConnectionLost,
+    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     TransferCancelled,
@@ -253,7 +254,7 @@ class _FileSend:
                     continue
                 try:
                     wire = channel.send(frame)
-                except OSError as exc:
+                except (OSError, ProtocolError) as exc:  # broken, or closed by its watcher's EOF
                     self.cut(f"sending failed: {exc}")
                     continue
                 with self._maps_lock:
@@ -306,7 +307,7 @@ class _Watcher:
                         code=str(message.get("code", "remote_error")),
                     )
                 raise RemoteProtocolError(f"unexpected {frame.type.name} from the receiver")
-        except (ConnectionLost, OSError) as exc:
+        except (ConnectionLost, LocalProtocolError, OSError) as exc:  # local: closed by a writer's cut
             self.transfer.cut(f"connection to the receiver broke: {exc}")
         except BaseException as exc:
             self.transfer.fail(exc)
@@ -493,7 +494,7 @@ def _run_pass(transfer: _FileSend, channels: list[Channel], held: ChunkMap, stat
             try:
                 for channel in channels[1:]:
                     channel.send(control_frame(FrameType.END, {}))
-            except OSError as exc:
+            except (OSError, ProtocolError) as exc:
                 transfer.cut(f"ending a stream failed: {exc}")
             for watcher in watchers[1:]:
                 watcher.wait()
@@ -510,7 +511,7 @@ def _run_pass(transfer: _FileSend, channels: list[Channel], held: ChunkMap, stat
         digest = files.file_digest(transfer.checksums)
         try:
             primary.send(control_frame(FrameType.END, {"digest": digest, "streams": len(channels)}))
-        except OSError as exc:
+        except (OSError, ProtocolError) as exc:
             transfer.cut(f"ending the transfer failed: {exc}")
         watchers[0].wait()
         transfer.check()
