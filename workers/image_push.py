@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from workers import contract
-from workers.dwcp import Progress, send_file
+from workers.dwcp import Progress, limits, send_file
 
 
 class StepReporter:
@@ -41,8 +41,12 @@ def push_image(
     secret: str,
     source_node: str,
     step: Callable[[float], None],
+    link_outage_seconds: float = limits.TUNNEL_LINK_OUTAGE_SECONDS,
 ) -> str:
-    """Send ``path`` as ``request`` asks; the figures of the transfer as text. Raises DWCP's errors."""
+    """Send ``path`` as ``request`` asks; the figures of the transfer as text. Raises DWCP's errors.
+
+    A cut link is resumed within ``link_outage_seconds`` in this same push (the reporter keeps
+    reporting meanwhile, so the control plane does not try another source)."""
     result = send_file(
         path,
         address=request["dest_dwcp_address"],
@@ -52,8 +56,10 @@ def push_image(
         source_node=source_node,
         streams=request["streams"],
         reporter=StepReporter(path.stat().st_size, step),
+        link_outage_seconds=link_outage_seconds,
     )
+    outages = f", {len(result.outages)} link outages survived" if result.outages else ""
     return (
-        f"{result.raw_bytes} bytes ({result.wire_bytes} on the wire, {result.resumed_bytes} resumed) "
-        f"in {result.seconds:.1f} s"
+        f"{result.raw_bytes} bytes ({result.wire_bytes} on the wire, {result.resumed_bytes} resumed"
+        f"{outages}) in {result.seconds:.1f} s"
     )

@@ -348,6 +348,7 @@ def store_push(**request: Unpack[contract.ImageSend]) -> None:
                 secret=settings.DWCP_SECRET,
                 source_node=STORE,
                 step=lambda percent: report("progress", percent=percent),
+                link_outage_seconds=novacron_setting("MIGRATION_LINK_OUTAGE_SECONDS"),
             )
         except (DWCPError, OSError) as exc:
             report("failed", detail=str(exc))

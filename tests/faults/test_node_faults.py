@@ -220,8 +220,8 @@ def test_dwcp_connection_cut_during_cold_migration(cluster: Cluster, api, fault:
         scenario="DWCP connections cut mid-transfer",
         action=f"cold-migrate a stopped VM with {DATA_MB} MiB of random data at 16 Mbit/s; destroy every "
         "TCP connection to the destination's DWCP port (ss -K) mid-transfer",
-        invariant="migration ends (completed, or failed with an error); the VM is on exactly one node, "
-        "stopped, with a byte-identical disk (sha256); capacity",
+        invariant="the disk transfer resumes and the migration completes; the VM is on exactly one node "
+        "(the destination), stopped, with a byte-identical disk (sha256); capacity",
     )
     source, dest = list(cluster.nodes)
     vm_id, checksum = _stopped_with_data(cluster, api, "cut", source, tmp_path)
@@ -230,11 +230,11 @@ def test_dwcp_connection_cut_during_cold_migration(cluster: Cluster, api, fault:
     migration = wait_terminal(migration_id, 90)
     assert_invariant(cluster)
     fault.recovered()
-    fault.note(f"migration ended {migration.status}: {migration.error}")
-    assert migration.status in ("completed", "failed")
-    if migration.status == "failed":
-        assert migration.error
+    fault.note(f"migration ended {migration.status}: {migration.error or 'no error'}")
+    # A reset is a cut (docs/migrations.md "A cut link"): DWCP resumes the file (it used to fail).
+    assert migration.status == "completed", migration.error
     vm = VM.objects.select_related("node").get(pk=vm_id)
+    assert vm.node.name == dest
     assert vm.state == "stopped"
     assert sha256(disk_path(cluster, vm.node.name, vm_id)) == checksum
 

@@ -1,5 +1,6 @@
 """Stored images reach nodes by DWCP, once per node, from the store or a peer; a live migration brings
-the base to its destination first; a small cache evicts the least recently used image no VM uses.
+the base to its destination first; a small cache evicts the least recently used image no VM uses; a
+push whose link is cut for a while resumes and completes in the same attempt.
 
 Real processes throughout: a control worker (it pushes from the store), three node workers in their
 own network namespaces, QEMU under TCG. The images are not bootable: SeaBIOS runs, which is a running
@@ -9,6 +10,7 @@ VM for these purposes. Transfers are counted in the receivers' logs, where DWCP'
 
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from apps.images.store import store_path
 from apps.migrations.models import Migration, MigrationEvent
 from apps.projects.models import Project
 from apps.vms.models import VM, Image
+from bench.migration.netns import drop_peer, undrop_peer
+from tests.netlab import NetLab
 from tests.workers.node.conftest import Cluster, wait_for
 from workers import contract
 from workers.node.images import qcow2_backing_file
@@ -189,3 +193,33 @@ def test_a_path_image_vm_runs_as_before(cluster: Cluster, api, guest_image: Imag
     assert response.status_code == 202, response.json()
     wait_for(lambda: _running("k1"), 180, "k1 to run", interval=1)
     assert not NodeImage.objects.exists()
+
+
+def test_an_image_push_across_a_cut_link_completes_in_the_same_attempt(
+    cluster: Cluster, lab: NetLab, api, make_stored_image
+):
+    n1, n2, _ = cluster.nodes
+    debian = make_stored_image("debian-12")
+    response = api.post("/api/v1/vms/", _vm("a1", debian, n1), format="json")
+    assert response.status_code == 202, response.json()
+    wait_for(lambda: _running("a1"), 180, "a1 to run", interval=1)
+    # The peer's pushes now take seconds (8.4 MB at 8 Mbit/s): cut the link between the two nodes for
+    # 10 s once the push to the second node has begun.
+    lab.hosts[0].run("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", "8mbit", "burst", "64kb",
+                     "latency", "50ms")  # fmt: skip
+    response = api.post("/api/v1/vms/", _vm("b1", debian, n2), format="json")
+    assert response.status_code == 202, response.json()
+    part = cluster.data_dirs[n2] / contract.IMAGE_INCOMING_DIR / f".{debian.sha256}.dwcp-part"
+    wait_for(part.exists, 120, "the push to begin", interval=0.05)
+    time.sleep(1)
+    drop_peer(lab.hosts[0].netns, lab.hosts[1].address)
+    try:
+        time.sleep(10)
+    finally:
+        undrop_peer(lab.hosts[0].netns)
+    wait_for(lambda: _running("b1"), 180, "b1 to run", interval=1)
+    # The same push, from the same peer, completed: no other source was tried, one transfer arrived.
+    assert _source(n2, debian) == n1
+    assert _transfers(cluster, n2, debian) == 1
+    log = (cluster.workdir / f"{n2}.log").read_text(errors="replace")
+    assert re.search(r"DWCP transfer \S+ resumed \(generation \d+\)", log), "the cut missed the push"

@@ -15,16 +15,22 @@ Public API (everything else in this package is internal)::
     server = DWCPServer(listen="0.0.0.0:7400", root="/var/lib/novacron", node_name="node-2",
                         secret=secret, tunnel_root=None,    # tunnel_root defaults to root
                         consoles=None,                      # a ConsoleProvider: attach(vm_uuid) -> socket
-                        link_outage_seconds=120)            # how long a cut tunnel waits for RESUME
+                        link_outage_seconds=120)            # how long a cut tunnel or file waits for RESUME
     server.start(); server.active_transfers() -> list[str]; server.stop()
 
     # source side: send a file or block device; blocks until the receiver verified the
     # whole-file digest and renamed it into place; name must equal the ticket's target
     send_file(path, *, address="node-2:7400", name="vms/42/disk.qcow2", ticket=token,
               secret=secret, source_node="node-1", streams=4, codec="auto" | "lz4" | "zstd" | "raw",
-              chunk_size=1 MiB, base=None, control=None, reporter=None, pool=None) -> TransferResult
+              chunk_size=1 MiB, base=None, control=None, reporter=None, pool=None,
+              link_outage_seconds=120) -> TransferResult
     # TransferResult: transfer_id, raw_bytes, wire_bytes, seconds, streams, codec_mix, digest,
-    # resumed_bytes; base names a file under the receiver's root whose equal chunks go as references
+    # resumed_bytes, bytes_resent, outages; base names a file under the receiver's root whose equal
+    # chunks go as references. A cut link (connections broken, or silent 4 s: both ends send ACK
+    # keepalives) is reconnected and the transfer resumed in this same call for up to
+    # link_outage_seconds (protocol version 3: RESUME with the session key of the ACCEPT, answered
+    # with the chunks the receiver holds; only the others are sent again), progress phase
+    # "reconnecting" with outage_seconds meanwhile; past it TransferInterrupted, code "link_outage"
 
     # migrations: listen on a local unix socket; its first client is joined to the ticket's
     # socket on the peer (one connection per tunnel, both directions, order preserved)
@@ -55,15 +61,17 @@ Public API (everything else in this package is internal)::
     DWCPServer(..., tls=...); ConnectionPool(tls=...)   # hand the pool to send_file/open_tunnel
 
 Errors: ``TicketError`` (refused ticket), ``TLSError`` (TLS refused: certificate, peer name, one
-side without TLS), ``TransferRefused``, ``TransferInterrupted`` (call
-``send_file`` again with a new ticket: the receiver reports what it holds and only the rest is
-sent), ``TransferCancelled``, ``TransferError`` (base, with ``code``); protocol violations are
-``LocalProtocolError`` / ``RemoteProtocolError`` (both ``ProtocolError``).
+side without TLS), ``TransferRefused``, ``TransferInterrupted`` (the link stayed cut past the
+limit, code "link_outage", or the receiver refused the resume, code "resume_refused"; a later
+``send_file`` with a new ticket still resumes: the receiver reports what it holds in its journal and
+only the rest is sent), ``TransferCancelled``, ``TransferError`` (base, with ``code``); protocol
+violations are ``LocalProtocolError`` / ``RemoteProtocolError`` (both ``ProtocolError``).
 
 Layout: ``frames``/``protocol`` are the sans-I/O core (wire format, handshake, state machine),
 ``limits`` holds every bound, ``codecs`` the per-chunk codecs and adaptive policy, ``transport``
 the socket adapters and pool, ``files``/``sender`` file transfers, ``tunnel`` byte streams,
-``server``/``sessions`` the node server, ``progress``/``control``/``ratelimit`` the knobs around them.
+``server``/``sessions`` the node server, ``keepalive`` the file streams' keepalives,
+``progress``/``control``/``ratelimit`` the knobs around them.
 """
 
 from .control import TransferControl

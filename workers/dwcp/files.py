@@ -330,9 +330,12 @@ class FileReceiver:
         return digest
 
     def suspend(self) -> None:
-        """Keep the partial file and journal for a later resume."""
+        """Keep the partial file and journal for a later resume; unless the part file was removed
+        meanwhile (an aborted migration cleaned up while the session waited for a resume): a journal
+        without its part file would only be litter."""
         with self._lock, contextlib.suppress(OSError):
-            self._write_journal()
+            if self.fd >= 0 and os.fstat(self.fd).st_nlink > 0:
+                self._write_journal()
         self.close()
 
     def discard(self) -> None:

@@ -13,10 +13,12 @@ TiB = 1024 * GiB
 
 # Protocol version spoken by this code. Peers negotiate min(ours, theirs). Version 2 added the
 # tunnel's ACK and RESUME frames (a tunnel survives a cut link); a tunnel needs both ends to
-# acknowledge, so version 1 peers are refused at the hello rather than half-served.
-PROTOCOL_VERSION = 2
+# acknowledge, so version 1 peers are refused at the hello rather than half-served. Version 3: file
+# transfers survive a cut too (RESUME of a file session; ACK keepalives both ways on file streams,
+# which a version 2 sender would take for a protocol error), so version 2 peers are refused as well.
+PROTOCOL_VERSION = 3
 # Oldest version we still accept; raising it is how an incompatible change is rolled out.
-MIN_PROTOCOL_VERSION = 2
+MIN_PROTOCOL_VERSION = 3
 
 # Chunks are the unit of compression, checksumming, resume and dedup. 1 MiB amortises the
 # per-frame Python overhead (one header, one hash call, one syscall) to well under 1 % while

@@ -7,19 +7,26 @@ Pipeline, bounded at every step so memory stays flat for any file size::
         v                                                              v
     codec pool (pread, zero check, dedup key, lz4/zstd, xxh3)     N TCP streams --> receiver
 
-One watcher thread per stream reads what the receiver sends back (RESULT, or ERROR at any time).
-Writers time how long they starve for encoded chunks versus sit in ``send``; the adaptive codec
-policy turns that into lighter or stronger compression. A cut connection raises
-``TransferInterrupted``: calling ``send_file`` again with a new ticket resumes, because the receiver
-reports the chunks it already holds and only the rest is sent.
+One watcher thread per stream reads what the receiver sends back (RESULT, or ERROR at any time;
+ACKs as keepalives, ``keepalive``). Writers time how long they starve for encoded chunks versus sit
+in ``send``; the adaptive codec policy turns that into lighter or stronger compression.
+
+A cut link (a connection broken, or silent for ``TUNNEL_LINK_SILENCE_SECONDS``) ends the pass, not
+the transfer: the sender reconnects and sends RESUME on each stream with the session key the
+receiver handed out at ACCEPT (the single-use ticket is not shown again), the receiver answers with
+the chunks it holds, and the next pass sends only the others, for up to ``link_outage_seconds``.
+Past that, ``TransferInterrupted``: a later ``send_file`` with a new ticket still resumes from the
+receiver's journal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +40,8 @@ import xxhash
 from . import codecs, files, limits
 from .control import TransferControl
 from .errors import (
+    ConnectionLost,
+    LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     TransferCancelled,
@@ -51,10 +60,11 @@ from .frames import (
     make_frame,
     parse_control,
 )
+from .keepalive import LinkWatch
 from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .tickets import peek_ticket, secret_bytes
-from .transport import Channel, ConnectionPool, default_pool, parse_address
+from .transport import Address, Channel, ConnectionPool, default_pool, parse_address, reconnect_backoff
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +91,8 @@ class TransferResult:
     codec_mix: dict[str, int] = field(default_factory=dict)
     digest: str = ""
     resumed_bytes: int = 0  # already held by the receiver from an earlier attempt
+    bytes_resent: int = 0  # raw bytes sent again after a cut (in flight when it came, not held)
+    outages: list[float] = field(default_factory=list)  # seconds each cut this transfer survived lasted
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,14 +101,22 @@ class TransferResult:
 _STOP = object()
 
 
+class _LinkCut(Exception):
+    """The connections of one pass broke or went silent: reconnect and resume (not a failure)."""
+
+
 class _FileSend:
+    """One file's sending pipeline, across the passes of its transfer: a pass runs on one generation
+    of streams; after a cut the next pass sends only the chunks the receiver does not hold. What is
+    known across passes: each chunk's checksum (read once), which chunks went on the wire (a second
+    time is counted as resent, not as progress)."""
+
     def __init__(
         self,
         *,
         fd: int,
         size: int,
         chunk_size: int,
-        held: ChunkMap,
         index: dict[bytes, int],
         policy: codecs.AdaptivePolicy,
         control: TransferControl,
@@ -105,23 +125,57 @@ class _FileSend:
         self.fd = fd
         self.size = size
         self.chunk_size = chunk_size
-        self.held = held
         self.index = index
         self.policy = policy
         self.control = control
         self.tracker = tracker
         count = files.chunk_count(size, chunk_size)
         self.checksums = [codecs.zero_checksum(files.chunk_length(i, size, chunk_size)) for i in range(count)]
+        self._maps_lock = threading.Lock()
+        self.hashed = ChunkMap(count)  # chunks whose checksum is in ``checksums``
+        self.sent = ChunkMap(count)  # chunks put on the wire by any pass
+        self.bytes_resent = 0  # raw bytes of chunks sent again after a cut (lost in flight)
+        self.passes = 0
+        self.held = ChunkMap(count)
+        self.channels: list[Channel] = []
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=limits.SEND_QUEUE_DEPTH)
         self.stop = threading.Event()
         self.failure: BaseException | None = None
+        self.cut_reason: str | None = None
         self._failure_lock = threading.Lock()
+
+    def begin(self, held: ChunkMap, channels: list[Channel]) -> None:
+        """Start a pass on ``channels``; the receiver holds ``held``."""
+        self.held = held
+        self.channels = list(channels)
+        self.queue = queue.Queue(maxsize=limits.SEND_QUEUE_DEPTH)
+        self.stop = threading.Event()
+        self.failure = None
+        self.cut_reason = None
+        self.passes += 1
 
     def fail(self, error: BaseException) -> None:
         with self._failure_lock:
             if self.failure is None:
                 self.failure = error
         self.stop.set()
+
+    def cut(self, reason: str) -> None:
+        """A connection of this pass broke: end the pass on all of them (the sender resumes)."""
+        with self._failure_lock:
+            if self.cut_reason is None:
+                self.cut_reason = reason
+        self.stop.set()
+        for channel in self.channels:
+            with contextlib.suppress(OSError):
+                channel.sock.shutdown(socket.SHUT_RDWR)  # wakes writers and watchers blocked on it
+
+    def check(self) -> None:
+        """Raise how the pass ended badly: a failure (fatal) before a cut (resumed)."""
+        if self.failure is not None:
+            raise self.failure
+        if self.cut_reason is not None:
+            raise _LinkCut(self.cut_reason)
 
     # -- producer --------------------------------------------------------------------------------
 
@@ -149,11 +203,16 @@ class _FileSend:
             for index in files.data_chunks(self.fd, self.size, self.chunk_size):
                 if self.stop.is_set() or self.control.cancelled.is_set():
                     return
-                future = pool.submit(self.encode_job, index, index not in self.held)
-                self.queue.put(future)
                 covered += files.chunk_length(index, self.size, self.chunk_size)
-            # Holes are never read or sent: the receiver's part file starts out as one big hole.
-            self.tracker.add(raw=self.size - covered, wire=0, codec="hole")
+                send = index not in self.held
+                with self._maps_lock:
+                    known = index in self.hashed
+                if not send and known:
+                    continue  # held, and its checksum read in an earlier pass
+                self.queue.put(pool.submit(self.encode_job, index, send))
+            if self.passes == 1:
+                # Holes are never read or sent: the receiver's part file starts out as one big hole.
+                self.tracker.add(raw=self.size - covered, wire=0, codec="hole")
         except BaseException as exc:
             self.fail(exc)
         finally:
@@ -176,6 +235,8 @@ class _FileSend:
                 index, chunk, checksum = future.result()
                 ready = time.monotonic()
                 self.checksums[index] = checksum
+                with self._maps_lock:
+                    self.hashed.add(index)
                 if chunk is None:
                     continue
                 frame = make_frame(
@@ -191,7 +252,19 @@ class _FileSend:
                 if self.control.cancelled.is_set():
                     self.stop.set()
                     continue
-                wire = channel.send(frame)
+                try:
+                    wire = channel.send(frame)
+                except (OSError, ProtocolError) as exc:  # broken, or closed by its watcher's EOF
+                    self.cut(f"sending failed: {exc}")
+                    continue
+                with self._maps_lock:
+                    resend = index in self.sent
+                    self.sent.add(index)
+                    if resend:
+                        self.bytes_resent += chunk.raw_length
+                if resend:  # progress counted it the first time
+                    self.tracker.add(raw=0, wire=wire)
+                    continue
                 self.policy.record(
                     starved_seconds=ready - started,
                     backlogged=channel.unsent_bytes() > limits.LINK_BACKLOG_BYTES,
@@ -202,11 +275,13 @@ class _FileSend:
 
 
 class _Watcher:
-    """Reads one channel until RESULT or ERROR; any other ending is an interruption."""
+    """Reads one channel until RESULT or ERROR (ACKs are the receiver's keepalives); a connection
+    that breaks or goes silent cuts the pass."""
 
-    def __init__(self, channel: Channel, transfer: _FileSend) -> None:
+    def __init__(self, channel: Channel, transfer: _FileSend, watch: LinkWatch) -> None:
         self.channel = channel
         self.transfer = transfer
+        self.watch = watch
         self.result: dict[str, Any] | None = None
         self.thread = threading.Thread(target=self._run, name="dwcp-watch", daemon=True)
         self.thread.start()
@@ -215,11 +290,13 @@ class _Watcher:
         try:
             while True:
                 try:
-                    frame = self.channel.receive()
+                    frame = self.watch.receive(self.channel)
                 except TimeoutError:
-                    continue  # the receiver has nothing to say while data flows
+                    continue  # the watch notices a silent link long before this
                 if frame is None:
-                    raise TransferInterrupted("receiver closed the connection")
+                    raise ConnectionLost("receiver closed the connection")
+                if frame.type is FrameType.ACK:
+                    continue
                 if frame.type is FrameType.RESULT:
                     self.result = parse_control(frame).fields
                     return
@@ -230,9 +307,8 @@ class _Watcher:
                         code=str(message.get("code", "remote_error")),
                     )
                 raise RemoteProtocolError(f"unexpected {frame.type.name} from the receiver")
-        except (ProtocolError, OSError) as exc:
-            if not self.transfer.stop.is_set() or self.transfer.failure is None:
-                self.transfer.fail(TransferInterrupted(f"connection to the receiver broke: {exc}"))
+        except (ConnectionLost, LocalProtocolError, OSError) as exc:  # local: closed by a writer's cut
+            self.transfer.cut(f"connection to the receiver broke: {exc}")
         except BaseException as exc:
             self.transfer.fail(exc)
 
@@ -278,6 +354,175 @@ def _parse_index(payload: bytes | bytearray | memoryview) -> dict[bytes, int]:
     return {key: offset for key, offset in INDEX_ENTRY.iter_unpack(payload)}
 
 
+@dataclass
+class _Link:
+    """Where a transfer's streams go and how they are proven: the OPEN's ticket, then the session key."""
+
+    peer: Address
+    key: bytes
+    dest_node: str
+    transfer_id: str
+    pool: ConnectionPool
+    session_key: str = ""
+    granted: int = 1
+
+    def connect(self, timeout: float = limits.HANDSHAKE_TIMEOUT_SECONDS) -> Channel:
+        return self.pool.acquire(self.peer, self.key, self.dest_node, timeout=timeout)
+
+    def join(self, channels: list[Channel], frame_type: FrameType, *, timeout: float) -> None:
+        """ATTACH (or RESUME) streams 1.. onto ``channels``; a refused one leaves the transfer with fewer."""
+        for stream in range(1, self.granted):
+            channel = self.connect(timeout)
+            channels.append(channel)
+            message = {"transfer_id": self.transfer_id, "session_key": self.session_key, "stream": stream}
+            try:
+                negotiate(channel, frame_type, message)
+            except TransferRefused as exc:
+                logger.warning(
+                    "DWCP transfer %s continues with %d streams: %s", self.transfer_id, stream, exc
+                )
+                self.pool.release(channels.pop(), self.key)
+                return
+
+    def resume(self, count: int) -> tuple[list[Channel], ChunkMap]:
+        """One reconnect attempt: RESUME every stream; the receiver's held chunks. A refusal is final."""
+        channels: list[Channel] = []
+        try:
+            primary = self.connect(limits.TUNNEL_RECONNECT_TIMEOUT_SECONDS)
+            channels.append(primary)
+            message = {"transfer_id": self.transfer_id, "session_key": self.session_key, "stream": 0}
+            answer = negotiate(primary, FrameType.RESUME, message)
+            held = ChunkMap.from_ranges(count, answer.ranges("held", limit=count))
+            self.join(channels, FrameType.RESUME, timeout=limits.TUNNEL_RECONNECT_TIMEOUT_SECONDS)
+        except BaseException:
+            for channel in channels:
+                channel.close()
+            raise
+        return channels, held
+
+
+def _reconnect(
+    link: _Link, count: int, *, reason: str, down_since: float, outage_limit: float, control: TransferControl
+) -> tuple[list[Channel], ChunkMap]:
+    """After a cut: resume, retrying with a backoff (0.25 s doubling to 2 s, each attempt bounded to
+    3 s) until ``outage_limit`` seconds after the cut. A refusal (forged key, session gone or over)
+    and a refused connection (the receiver's server is gone, and the session with it) fail at once."""
+    delay = 0.25
+    while True:
+        if control.cancelled.is_set():
+            raise TransferCancelled(f"transfer {link.transfer_id} cancelled while its link was down")
+        down = time.monotonic() - down_since
+        if down > outage_limit:
+            raise TransferInterrupted(
+                f"link to {link.dest_node} down for {down:.0f} s, above the limit of {outage_limit:g} s "
+                f"({reason})",
+                code="link_outage",
+            )
+        try:
+            return link.resume(count)
+        except TransferRefused as exc:
+            raise TransferInterrupted(
+                f"{link.dest_node} refused to resume transfer {link.transfer_id}: {exc}",
+                code="resume_refused",
+            ) from exc
+        except ConnectionRefusedError as exc:
+            raise TransferInterrupted(
+                f"the DWCP server of {link.dest_node} is gone ({exc}), and this transfer's session with it"
+            ) from exc
+        except (ProtocolError, OSError, TransferInterrupted) as exc:
+            delay = reconnect_backoff(
+                f"transfer {link.transfer_id}", link.dest_node, exc, delay, control.cancelled
+            )
+
+
+def _closed(channels: list[Channel]) -> list[Channel]:
+    """Close the connections of a pass the link cut; none are left."""
+    for channel in channels:
+        channel.close()
+    return []
+
+
+def _resume_after(
+    cut: str,
+    link: _Link,
+    *,
+    count: int,
+    tracker: ProgressTracker,
+    control: TransferControl,
+    outage_limit: float,
+) -> tuple[list[Channel], ChunkMap, float]:
+    """``_reconnect`` with the outage in the progress (phase "reconnecting", ``outage_seconds``);
+    returns the new streams, the chunks the receiver holds and how long the outage lasted."""
+    down_since = time.monotonic()
+    tracker.phase, tracker.outage_since = "reconnecting", down_since
+    logger.warning("DWCP transfer %s: link to %s lost (%s); resuming", link.transfer_id, link.dest_node, cut)
+    channels, held = _reconnect(
+        link, count, reason=cut, down_since=down_since, outage_limit=outage_limit, control=control
+    )
+    logger.info(
+        "DWCP transfer %s resumed after %.1f s: %d of %d chunks held",
+        link.transfer_id,
+        time.monotonic() - down_since,
+        held.held,
+        count,
+    )
+    tracker.outage_since = None
+    return channels, held, time.monotonic() - down_since
+
+
+def _run_pass(transfer: _FileSend, channels: list[Channel], held: ChunkMap, stat: os.stat_result) -> str:
+    """Send what the receiver does not hold on ``channels``, END, and return the digest it confirmed.
+    Raises ``_LinkCut`` when a connection broke or went silent (the caller resumes)."""
+    transfer.begin(held, channels)
+    watch = LinkWatch(
+        lambda _channel, quiet: transfer.cut(f"nothing heard from the receiver for {quiet:.1f} s")
+    )
+    try:
+        for channel in channels:
+            watch.add(channel)
+        watchers = [_Watcher(channel, transfer, watch) for channel in channels]
+        writers = [
+            threading.Thread(target=transfer.write, args=(channel,), name=f"dwcp-send-{i}", daemon=True)
+            for i, channel in enumerate(channels)
+        ]
+        for writer in writers:
+            writer.start()
+        transfer.produce()
+        for writer in writers:
+            writer.join()
+        if transfer.failure is None and transfer.cut_reason is None:
+            try:
+                for channel in channels[1:]:
+                    channel.send(control_frame(FrameType.END, {}))
+            except (OSError, ProtocolError) as exc:
+                transfer.cut(f"ending a stream failed: {exc}")
+            for watcher in watchers[1:]:
+                watcher.wait()
+        transfer.check()
+        primary = channels[0]
+        if transfer.control.cancelled.is_set():
+            primary.send(control_frame(FrameType.CANCEL, {}))
+            watchers[0].wait()
+            raise TransferCancelled(f"transfer {transfer.tracker.transfer_id} cancelled")
+        after = os.fstat(transfer.fd)
+        if (_source_size(transfer.fd, after), after.st_mtime_ns) != (transfer.size, stat.st_mtime_ns):
+            raise TransferError("the source changed while it was being sent", code="source_changed")
+        transfer.tracker.phase = "verifying"
+        digest = files.file_digest(transfer.checksums)
+        try:
+            primary.send(control_frame(FrameType.END, {"digest": digest, "streams": len(channels)}))
+        except (OSError, ProtocolError) as exc:
+            transfer.cut(f"ending the transfer failed: {exc}")
+        watchers[0].wait()
+        transfer.check()
+        result = watchers[0].result or {}
+        if not result.get("ok") or result.get("digest") != digest:
+            raise TransferError(f"receiver did not confirm the digest: {result}", code="verification_failed")
+        return digest
+    finally:
+        watch.stop()
+
+
 def send_file(
     path: str | os.PathLike[str],
     *,
@@ -293,26 +538,32 @@ def send_file(
     control: TransferControl | None = None,
     reporter: Reporter | None = None,
     pool: ConnectionPool | None = None,
+    link_outage_seconds: float = limits.TUNNEL_LINK_OUTAGE_SECONDS,
 ) -> TransferResult:
     """Send the file at ``path`` to the DWCP server at ``address`` (``HOST:PORT``) as ``name``.
 
     ``ticket`` must be a ticket for ``kind="file"`` and ``target=name``; ``base`` names a file
     under the receiver's root whose identical chunks are sent as references. Blocks until the
-    receiver verified the whole-file digest and renamed the file into place. Raises
-    ``TransferRefused``, ``TransferInterrupted`` (retry with a new ticket to resume),
-    ``TransferCancelled`` or another ``TransferError``.
+    receiver verified the whole-file digest and renamed the file into place. A cut link (connections
+    broken, or silent for ``TUNNEL_LINK_SILENCE_SECONDS``) is reconnected and the transfer resumed
+    with the session key the receiver handed out at ACCEPT, for up to ``link_outage_seconds`` (progress
+    phase "reconnecting" with ``outage_seconds`` meanwhile); only chunks the receiver does not hold are
+    sent again. Raises ``TransferRefused``, ``TransferInterrupted`` (code "link_outage" past the limit;
+    a later call with a new ticket still resumes from the receiver's journal), ``TransferCancelled`` or
+    another ``TransferError``.
     """
     if not 1 <= streams <= limits.MAX_STREAMS:
         raise ValueError(f"streams must be in 1..{limits.MAX_STREAMS}")
     if chunk_size & (chunk_size - 1) or not limits.MIN_CHUNK_SIZE <= chunk_size <= limits.MAX_CHUNK_SIZE:
         raise ValueError("chunk_size must be a power of two within the protocol limits")
+    if link_outage_seconds <= 0:
+        raise ValueError("link_outage_seconds must be positive")
     key = secret_bytes(secret)
     mode = codecs.CodecMode(codec)
     control = control or TransferControl()
-    pool = pool or default_pool()
-    peer = parse_address(address)
     claims = peek_ticket(ticket)
     transfer_id = claims.transfer_id
+    link = _Link(parse_address(address), key, claims.dest_node, transfer_id, pool or default_pool())
     source = Path(path)
     fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
     channels: list[Channel] = []
@@ -322,7 +573,7 @@ def send_file(
     tracker = ProgressTracker(transfer_id, total_bytes=size, reporter=reporter)
     phase = "failed"
     try:
-        primary = pool.acquire(peer, key, claims.dest_node)
+        primary = link.connect()
         channels.append(primary)
         accepted = negotiate(
             primary,
@@ -339,29 +590,22 @@ def send_file(
                 "base": base,
             },
         )
-        session_key = accepted.text("session_key", max_length=64)
+        link.session_key = accepted.text("session_key", max_length=64)
         count = files.chunk_count(size, chunk_size)
         held = ChunkMap.from_ranges(count, accepted.ranges("held", limit=count))
-        granted = accepted.integer("streams", low=1, high=streams)
+        link.granted = accepted.integer("streams", low=1, high=streams)
         index: dict[bytes, int] = {}
         if accepted.flag("index"):
             frame = primary.receive()
             if frame is None or frame.type is not FrameType.INDEX:
                 raise RemoteProtocolError("expected the base INDEX frame")
             index = _parse_index(frame.payload)
-        for stream in range(1, granted):
-            channel = pool.acquire(peer, key, claims.dest_node)
-            channels.append(channel)
-            try:
-                negotiate(
-                    channel,
-                    FrameType.ATTACH,
-                    {"transfer_id": transfer_id, "session_key": session_key, "stream": stream},
-                )
-            except TransferRefused as exc:
-                logger.warning("DWCP transfer %s continues with %d streams: %s", transfer_id, stream, exc)
-                pool.release(channels.pop(), key)
-                break
+        cut: str | None = None
+        try:
+            link.join(channels, FrameType.ATTACH, timeout=limits.HANDSHAKE_TIMEOUT_SECONDS)
+        except (ProtocolError, OSError, TransferInterrupted) as exc:
+            cut = f"opening a stream failed: {exc}"
+            channels = _closed(channels)
         caps = primary.protocol.capabilities
         # Files start at zstd-1: the sockets take the first ~0.5 s of a transfer before any backlog
         # shows, so a start at lz4 sent that much of every file at lz4's ratio. bench-dwcp, A/B in one
@@ -370,58 +614,45 @@ def send_file(
         # Tunnels keep lz4: they carry latency-bound streams and run beside two busy QEMUs.
         policy = codecs.AdaptivePolicy(
             mode,
-            writers=len(channels),
+            writers=max(len(channels), 1),
             allow_lz4=bool(caps & Capability.LZ4),
             allow_zstd=bool(caps & Capability.ZSTD),
             start=Codec.ZSTD,
         )
         resumed_bytes = sum(files.chunk_length(i, size, chunk_size) for i in range(count) if i in held)
         tracker.add(raw=resumed_bytes, wire=0, codec="held")
-        tracker.phase = "transferring"
         transfer = _FileSend(
             fd=fd,
             size=size,
             chunk_size=chunk_size,
-            held=held,
             index=index,
             policy=policy,
             control=control,
             tracker=tracker,
         )
-        watchers = [_Watcher(channel, transfer) for channel in channels]
-        writers = [
-            threading.Thread(target=transfer.write, args=(channel,), name=f"dwcp-send-{i}", daemon=True)
-            for i, channel in enumerate(channels)
-        ]
-        for writer in writers:
-            writer.start()
-        transfer.produce()
-        for writer in writers:
-            writer.join()
-        if transfer.failure is None:
-            for channel in channels[1:]:
-                channel.send(control_frame(FrameType.END, {}))
-            for watcher in watchers[1:]:
-                watcher.wait()
-        if transfer.failure is not None:
-            raise transfer.failure
-        if control.cancelled.is_set():
-            primary.send(control_frame(FrameType.CANCEL, {}))
-            watchers[0].wait()
+        outages: list[float] = []
+        try:
+            while True:
+                if cut is not None:
+                    channels, held, outage = _resume_after(
+                        cut,
+                        link,
+                        count=count,
+                        tracker=tracker,
+                        control=control,
+                        outage_limit=link_outage_seconds,
+                    )
+                    outages.append(outage)
+                tracker.phase = "transferring"
+                try:
+                    digest = _run_pass(transfer, channels, held, stat)
+                    break
+                except _LinkCut as exc:
+                    cut = str(exc)
+                    channels = _closed(channels)
+        except TransferCancelled:
             phase = "cancelled"
-            raise TransferCancelled(f"transfer {transfer_id} cancelled")
-        after = os.fstat(fd)
-        if (_source_size(fd, after), after.st_mtime_ns) != (size, stat.st_mtime_ns):
-            raise TransferError(f"{source} changed while it was being sent", code="source_changed")
-        tracker.phase = "verifying"
-        digest = files.file_digest(transfer.checksums)
-        primary.send(control_frame(FrameType.END, {"digest": digest, "streams": len(channels)}))
-        watchers[0].wait()
-        if transfer.failure is not None:
-            raise transfer.failure
-        result = watchers[0].result or {}
-        if not result.get("ok") or result.get("digest") != digest:
-            raise TransferError(f"receiver did not confirm the digest: {result}", code="verification_failed")
+            raise
         phase = "done"
         final = tracker.finish(phase)
         return TransferResult(
@@ -433,6 +664,8 @@ def send_file(
             codec_mix=final.codec_mix,
             digest=digest,
             resumed_bytes=resumed_bytes,
+            bytes_resent=transfer.bytes_resent,
+            outages=outages,
         )
     except (ProtocolError, OSError) as exc:
         raise TransferInterrupted(f"transfer {transfer_id} interrupted: {exc}") from exc
@@ -440,5 +673,15 @@ def send_file(
         os.close(fd)
         if phase != "done":
             tracker.finish(phase)
+            _give_up(channels, phase)
         for channel in channels:
-            pool.release(channel, key)  # closes it unless it is idle and healthy
+            link.pool.release(channel, key)  # closes it unless it is idle and healthy
+
+
+def _give_up(channels: list[Channel], phase: str) -> None:
+    """Tell the receiver this transfer is over (ERROR on every stream still streaming), so that it
+    releases the session now rather than keep it for a resume that will never come."""
+    message = {"code": "sender_failed", "message": f"the sender gave the transfer up ({phase})"}
+    for channel in channels:
+        with contextlib.suppress(OSError, ProtocolError):
+            channel.send(control_frame(FrameType.ERROR, message))

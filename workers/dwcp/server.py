@@ -4,7 +4,8 @@ One thread per connection (see ``transport`` for why threads). A connection auth
 then carries any number of transfers one after the other (the client pools it). ``OPEN`` starts a
 transfer with a ticket, verified against this node's name, the shared secret and the replay
 guard; ``ATTACH`` adds a stream to an opened transfer, proven by the session key handed out in
-``ACCEPT``; ``RESUME`` brings a cut tunnel's streams back, proven the same way (see ``tunnel``).
+``ACCEPT``; ``RESUME`` brings a cut tunnel's or file transfer's streams back, proven the same way
+(see ``tunnel`` and ``sessions.FileSession``).
 Refusals are answered with ``ERROR`` and logged; the connection stays usable.
 
 File targets and tunnel sockets are confined to the server's root directories. A ``console`` ticket
@@ -102,8 +103,8 @@ class DWCPServer:
     port actually bound. ``tls``: a ``TLSConfig``, None for plain TCP, or ``FROM_ENVIRONMENT``
     (the default; a partial or unreadable ``DWCP_TLS_*`` set raises ``ConfigurationError`` here).
     ``consoles``: the provider of ``console`` tickets; without one they are refused.
-    ``link_outage_seconds``: how long a tunnel whose link was cut waits for its client to resume
-    (plus ``TUNNEL_SERVER_OUTAGE_GRACE_SECONDS``: the client gives up first).
+    ``link_outage_seconds``: how long a tunnel or file transfer whose link was cut waits for its
+    client to resume (plus ``TUNNEL_SERVER_OUTAGE_GRACE_SECONDS``: the client gives up first).
     """
 
     def __init__(
@@ -198,6 +199,11 @@ class DWCPServer:
         with self._lock:
             channels = list(self._channels)
             pending = list(self._handshaking)
+            file_sessions = [s for s in self._sessions.values() if isinstance(s, FileSession)]
+        for (
+            session
+        ) in file_sessions:  # a stopped server is never resumed: keep part and journal for a new ticket
+            session.give_up("the DWCP server stopped")
         for channel in channels:
             with contextlib.suppress(OSError):
                 channel.sock.shutdown(socket.SHUT_RDWR)
@@ -407,13 +413,14 @@ class DWCPServer:
         return session
 
     def _supersede_cut_holder(self, ticket: Ticket) -> None:
-        """A signed ticket for a target that only a cut tunnel holds (its client gone, maybe dead)
-        closes that tunnel at once: the VM's next migration must not wait for the outage limit."""
+        """A signed ticket for a target that only a cut tunnel or file transfer holds (its client gone,
+        maybe dead) releases that session at once: the VM's next migration must not wait for the
+        outage limit (a file's part and journal stay, so the new transfer resumes from them)."""
         with self._lock:
             holders = [
                 session
                 for session in self._sessions.values()
-                if session.ticket.target == ticket.target and isinstance(session, TunnelSession)
+                if session.ticket.target == ticket.target and isinstance(session, TunnelSession | FileSession)
             ]
         for holder in holders:
             holder.supersede(ticket.transfer_id)
@@ -457,7 +464,8 @@ class DWCPServer:
                 receiver.held.held,
                 receiver.count,
             )
-        session = FileSession(ticket, streams, self._forget, receiver)
+        outage_limit = self.link_outage_seconds + limits.TUNNEL_SERVER_OUTAGE_GRACE_SECONDS
+        session = FileSession(ticket, streams, self._forget, receiver, outage_limit=outage_limit)
         return session, {"held": held, "index": bool(index_payload), "index_payload": index_payload}
 
     def _tunnel_session(self, channel: Channel, ticket: Ticket, streams: int) -> Session:
@@ -507,31 +515,52 @@ class DWCPServer:
                 refused = False
                 session.attached += 1
                 session.active += 1
+            generation = session.generation if isinstance(session, FileSession) else 0
         if refused:
             self._refuse(channel, "too_many_streams", f"transfer {transfer_id} has all its streams")
             return
         channel.send(control_frame(FrameType.ATTACHED, {}))
         try:
-            session.serve(channel, primary=False)
+            session.serve(channel, primary=False, generation=generation)
         finally:
             session.leave()
 
     def _resume(self, channel: Channel, frame: Frame) -> None:
-        """RESUME: a stream of a cut tunnel comes back. Proven by the session key of its OPEN (and
-        this connection's own handshake with the shared secret); stream 0 starts the new
-        generation and both ends send again from what the other reports delivered."""
+        """RESUME: a stream of a cut tunnel or file transfer comes back. Proven by the session key of
+        its OPEN (and this connection's own handshake with the shared secret); stream 0 starts the new
+        generation. A tunnel's ends then send again from what the other reports delivered; a file's
+        sender learns the chunks held here (ATTACHED ``held``) and sends only the others."""
         request = parse_control(frame)
         transfer_id = request.text("transfer_id", max_length=limits.MAX_NAME_LENGTH)
         key = request.text("session_key", max_length=64)
         with self._lock:
             session = self._sessions.get(transfer_id)
-        if (
-            not isinstance(session, TunnelSession)
-            or not hmac.compare_digest(session.session_key.encode(), key.encode())
-            or session.endpoint.failed.is_set()
-        ):
-            self._refuse(channel, "unknown_session", f"no tunnel {transfer_id} to resume with that key")
+        if session is None or not hmac.compare_digest(session.session_key.encode(), key.encode()):
+            self._refuse(channel, "unknown_session", f"no transfer {transfer_id} to resume with that key")
             return
+        if isinstance(session, FileSession):
+            self._resume_file(channel, request, session)
+        elif isinstance(session, TunnelSession) and not session.endpoint.failed.is_set():
+            self._resume_tunnel(channel, request, session)
+        else:
+            self._refuse(channel, "unknown_session", f"transfer {transfer_id} cannot be resumed")
+
+    def _resume_file(self, channel: Channel, request: ControlMessage, session: FileSession) -> None:
+        try:
+            self._check_certificate(channel, session.ticket.source_node)
+            stream = request.integer("stream", low=0, high=session.streams - 1)
+            generation = session.resume(stream)
+        except (TransferError, RemoteProtocolError) as exc:
+            self._refuse(channel, getattr(exc, "code", "bad_request"), str(exc))
+            return
+        try:
+            answer = {"held": session.receiver.held_ranges()} if stream == 0 else {}
+            channel.send(control_frame(FrameType.ATTACHED, answer))
+            session.serve(channel, primary=stream == 0, generation=generation)
+        finally:
+            session.leave()
+
+    def _resume_tunnel(self, channel: Channel, request: ControlMessage, session: TunnelSession) -> None:
         try:
             self._check_certificate(channel, session.ticket.source_node)
             stream = request.integer("stream", low=0, high=session.streams - 1)

@@ -520,3 +520,13 @@ _default_pool = ConnectionPool()
 def default_pool() -> ConnectionPool:
     """The process-wide pool ``send_file`` and ``open_tunnel`` use unless given another."""
     return _default_pool
+
+
+def reconnect_backoff(
+    what: str, peer: str, error: BaseException, delay: float, stop: threading.Event
+) -> float:
+    """A reconnect after a cut failed: log it, wait ``delay`` seconds (less if ``stop`` is set) and
+    return the next delay (doubling up to ``TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS``)."""
+    logger.info("DWCP %s: reconnecting to %s failed (%s); retrying in %.2f s", what, peer, error, delay)
+    stop.wait(delay)
+    return min(2 * delay, limits.TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS)

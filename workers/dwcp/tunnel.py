@@ -65,7 +65,14 @@ from .progress import ProgressTracker, Reporter
 from .protocol import Capability
 from .sender import codec_pool, negotiate
 from .tickets import peek_ticket, secret_bytes
-from .transport import Channel, ConnectionPool, default_pool, parse_address, set_tunnel_buffers
+from .transport import (
+    Channel,
+    ConnectionPool,
+    default_pool,
+    parse_address,
+    reconnect_backoff,
+    set_tunnel_buffers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -821,15 +828,9 @@ class Tunnel:
             except ConnectionRefusedError as exc:
                 endpoint.fail(TransferInterrupted(self._server_gone(exc)))
             except (ProtocolError, OSError, TransferInterrupted) as exc:
-                logger.info(
-                    "DWCP tunnel %s: reconnecting to %s failed (%s); retrying in %.2f s",
-                    self.transfer_id,
-                    self._dest_node,
-                    exc,
-                    delay,
+                delay = reconnect_backoff(
+                    f"tunnel {self.transfer_id}", self._dest_node, exc, delay, endpoint.failed
                 )
-                endpoint.failed.wait(delay)
-                delay = min(2 * delay, limits.TUNNEL_RECONNECT_BACKOFF_MAX_SECONDS)
 
     def _server_gone(self, exc: OSError) -> str:
         """A refused connection: the peer host answers but its DWCP server is gone (its worker died

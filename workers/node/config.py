@@ -39,7 +39,7 @@ class NodeConfig:
     vxlan_port: int = contract.VXLAN_PORT  # UDP port of this node's VXLAN devices
     physical_networks: Mapping[str, str] = field(default_factory=dict)  # provider network -> interface
     image_cache_gb: float = 50.0  # size limit of the stored images' cache (workers.node.images)
-    link_outage_seconds: float = 120.0  # how long a DWCP tunnel whose link was cut tries to resume
+    link_outage_seconds: float = 120.0  # how long a DWCP tunnel or file whose link was cut tries to resume
 
     @property
     def dwcp_address(self) -> str:
@@ -122,8 +122,9 @@ def parser() -> argparse.ArgumentParser:
         "--link-outage-seconds",
         type=float,
         default=float(env("NODE_LINK_OUTAGE_SECONDS", "120")),
-        help="how long a DWCP tunnel (a live migration's streams, a console) whose link to the peer node "
-        "was cut keeps reconnecting before it fails; QEMU does not see a shorter cut "
+        help="how long a DWCP tunnel (a live migration's streams, a console) or file transfer (a cold "
+        "migration's disk, an image push) whose link to the peer node was cut keeps reconnecting before "
+        "it fails; QEMU does not see a shorter cut "
         "(env NODE_LINK_OUTAGE_SECONDS, default 120)",
     )
     return p

@@ -47,7 +47,12 @@ class ImageTasks:
 
         try:
             detail = push_image(
-                path, request, secret=self.config.dwcp_secret, source_node=self.config.name, step=progress
+                path,
+                request,
+                secret=self.config.dwcp_secret,
+                source_node=self.config.name,
+                step=progress,
+                link_outage_seconds=self.config.link_outage_seconds,
             )
         except (DWCPError, OSError) as exc:
             self.reporter.image_fetch(fetch_id=fetch_id, sha256=sha256, event="failed", detail=str(exc))

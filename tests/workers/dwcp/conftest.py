@@ -1,4 +1,5 @@
-"""Fixtures for DWCP tests: a real server on 127.0.0.1, a private connection pool, tickets."""
+"""Fixtures for DWCP tests: a real server on 127.0.0.1, a private connection pool, tickets; for the
+outage tests a server that keeps cut sessions 12 s and the relay (``helpers.Link``) in front of it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from workers.dwcp import DWCPServer, sign_ticket
 from workers.dwcp.transport import ConnectionPool
 
-from .helpers import DEST, SECRET, SOURCE
+from .helpers import DEST, SECRET, SOURCE, Link
 
 
 @pytest.fixture
@@ -47,3 +48,18 @@ def ticket() -> Callable[..., str]:
         return sign_ticket(**arguments)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def outage_server(root: Path) -> Iterator[DWCPServer]:
+    with DWCPServer(
+        listen="127.0.0.1:0", root=root, node_name=DEST, secret=SECRET, link_outage_seconds=12
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def link(outage_server: DWCPServer) -> Iterator[Link]:
+    relay = Link(outage_server.address)
+    yield relay
+    relay.close()

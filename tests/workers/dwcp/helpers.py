@@ -7,7 +7,10 @@ import hashlib
 import os
 import random
 import socket
+import struct
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 SECRET = "test-secret-0123456789abcdef"
@@ -109,3 +112,87 @@ def sha256_of(path: Path) -> str:
 def random_file(path: Path, size: int) -> Path:
     path.write_bytes(os.urandom(size))
     return path
+
+
+# The relay forwards at most this many bytes a second per direction, so transfers last long enough
+# to be cut in the middle.
+LINK_BYTES_PER_SECOND = 6 * MiB
+
+
+class Link:
+    """A TCP relay on 127.0.0.1 standing for the network between two nodes. ``reset()`` kills every
+    connection with an RST (a peer's socket reset); ``blackhole()`` silently drops everything,
+    new connections included, until ``restore()`` (a link down / firewall drop)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.forwarded = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._up = threading.Event()
+        self._up.set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._sockets.append(client)
+            if not self._up.is_set():
+                continue  # a SYN into the void: held open, never answered
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._sockets.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self._up.wait()
+                with self._lock:
+                    dead = source not in self._sockets
+                    self.forwarded += len(data)
+                if dead:
+                    return
+                sink.sendall(data)
+                time.sleep(len(data) / LINK_BYTES_PER_SECOND)
+            sink.shutdown(socket.SHUT_WR)
+
+    def _kill_all(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # RST
+
+    def reset(self) -> None:
+        self._kill_all()
+
+    def blackhole(self) -> None:
+        self._up.clear()
+
+    def restore(self) -> None:
+        # What was carried during the outage is gone; the ends have given those connections up.
+        self._kill_all()
+        self._up.set()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # close() alone does not wake accept()
+        self._listener.close()
+        self._kill_all()
+        self._up.set()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -1,6 +1,7 @@
 """The source's side of a migration: send (cold or live), abort, and the cleanup after the switch.
 
-Cold: the VM is stopped and its disk streamed to the destination's file over DWCP (verified there).
+Cold: the VM is stopped and its disk streamed to the destination's file over DWCP (verified there); a
+cut link is resumed by DWCP within the node's outage limit, progress showing ``link: reconnecting``.
 Live: the disk mirror and RAM migration run through two DWCP tunnels (``qmp_steps``) up to a completed
 migration with the guest paused here; then the memory check (``memory_check``) may hand the guest back
 (a mismatch: the source resumes and fails). Nothing here removes the VM before the control plane has
@@ -12,7 +13,7 @@ import logging
 import threading
 
 from workers import contract
-from workers.dwcp import DWCPError, Progress, TransferControl, open_tunnel, send_file
+from workers.dwcp import DWCPError, Progress, TransferControl, TransferResult, open_tunnel, send_file
 from workers.qemu import QemuError, QmpSession, VmSpec, VmState
 from workers.qemu.memory import memory_digest
 
@@ -31,6 +32,14 @@ logger = logging.getLogger(__name__)
 TUNNEL_DRAIN_SECONDS = 2.0
 # QEMU's NBD handshake through a cut tunnel waits for the link at most the outage limit, and then this.
 CONNECT_MARGIN_SECONDS = 10.0
+
+
+def _outages_survived(result: TransferResult) -> str:
+    """The link cuts a disk transfer came back from, for its report (empty when there were none)."""
+    if not result.outages:
+        return ""
+    lengths = ", ".join(f"{seconds:.1f}" for seconds in result.outages)
+    return f", {len(result.outages)} link outages survived ({lengths} s), {result.bytes_resent} bytes resent"
 
 
 class Source:
@@ -81,6 +90,7 @@ class Source:
         done = threading.Event()
 
         def on_progress(progress: Progress) -> None:
+            reconnecting = progress.phase == "reconnecting"
             job.publisher.update(
                 phase="disk",
                 disk_total=total,
@@ -90,6 +100,9 @@ class Source:
                 rate_bps=progress.rate_bytes_per_second * 8,
                 eta_seconds=progress.eta_seconds,
                 percent=100.0 * progress.raw_bytes / total if total else 100.0,
+                # As a live migration's: the watchdog spares a link DWCP is reconnecting.
+                link="reconnecting" if reconnecting else "up",
+                outage_seconds=(progress.outage_seconds or 0) if reconnecting else 0,
             )
 
         def poll_knobs() -> None:
@@ -110,6 +123,7 @@ class Source:
                 streams=job.streams,
                 control=job.control,
                 reporter=ProgressCallback(on_progress),
+                link_outage_seconds=self.node.config.link_outage_seconds,
             )
         finally:
             done.set()
@@ -122,7 +136,8 @@ class Source:
             job.migration_id,
             "source",
             "transferred",
-            f"disk sent and verified ({result.raw_bytes} bytes, {result.wire_bytes} on the wire)",
+            f"disk sent and verified ({result.raw_bytes} bytes, {result.wire_bytes} on the wire"
+            f"{_outages_survived(result)})",
             stats={
                 "wire_bytes": result.wire_bytes,
                 "disk_bytes": result.raw_bytes,
