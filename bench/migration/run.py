@@ -190,6 +190,7 @@ def live_migration(vm_id: Any, user: Any, there: Any, topology: Topology) -> dic
         "progress": snapshots,  # every snapshot the source published: the forecast's inputs, to replay
         "requested_at": requested_at,
         "finished_at": migration.finished_at.timestamp(),
+        "load_average": os.getloadavg(),  # the machine's (1, 5, 15 min) as the run ended: a shared box
     }
 
 
@@ -793,12 +794,12 @@ def _native_migrate(
 # --- main ----------------------------------------------------------------------------------------------
 
 
-def namespaces(text: str) -> Topology:
+def namespaces(text: str) -> str:
     """``PREFIX:OCTET`` (``--netns``): a topology of its own, so that two benches can run at once."""
     prefix, _, octet = text.partition(":")
     if not prefix or len(prefix) > 12 or not octet.isdigit() or not 1 <= int(octet) <= 254:
         raise argparse.ArgumentTypeError(f"expected PREFIX:OCTET (prefix up to 12 characters), got {text!r}")
-    return Topology.of(prefix, int(octet))
+    return text
 
 
 def main() -> int:
@@ -861,7 +862,8 @@ def main() -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="ncbm-"))
     redis_port = free_port()
-    with two_hosts(args.netns) as topology, processes() as started:
+    prefix, _, octet = args.netns.partition(":")
+    with two_hosts(Topology.of(prefix, int(octet))) as topology, processes() as started:
         spawn(started, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", topology.host_a, topology.host_b,
                         "--save", "", "--appendonly", "no", "--protected-mode", "no"], dict(os.environ), workdir / "redis.log")  # fmt: skip
         database_url = f"postgres://postgres@127.0.0.1:5432/{args.database}"
