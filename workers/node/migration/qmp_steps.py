@@ -105,6 +105,7 @@ def mirror_and_migrate(
     watch.forecaster.downtime_limit = qemu_limit / 1000  # what decides QEMU's switch
     memory_total = float(job.spec.memory_mb) * (1 << 20)
     clear_leftovers(qmp.execute)
+    start_dirty_rate_sampling(qmp)  # first: it takes a second, and the forecast waits for it
     mark = qmp.event_mark()
     qmp.execute(
         "blockdev-add",
@@ -119,7 +120,6 @@ def mirror_and_migrate(
     qmp.execute(
         "blockdev-mirror", {"job-id": job_id, "device": "disk0", "target": MIRROR_NODE, "sync": "top"}
     )
-    start_dirty_rate_sampling(qmp)
     deadline = time.monotonic() + MIRROR_READY_TIMEOUT
     while not has_event(qmp, mark, "BLOCK_JOB_READY", job_id):
         if time.monotonic() > deadline:
@@ -152,6 +152,8 @@ def mirror_and_migrate(
         {"downtime-limit": qemu_limit, "max-bandwidth": UNLIMITED_QEMU_BANDWIDTH},
     )
     migrate_mark = qmp.event_mark()
+    # The forecast's baseline: QEMU's dirty tracking and the memory stream start with the next command.
+    job.publisher.update(**watch.memory_started(memory_total))
     qmp.execute("migrate", {"uri": f"unix:{memory_socket}"})
     stopped_by_us = False
     deadline = time.monotonic() + MIGRATE_TIMEOUT
