@@ -8,11 +8,14 @@ Model. The link rate is the wire bytes/s over the last ``WINDOW_SECONDS``, the c
 raw/wire bytes over the same window, the effective rate their product (raw bytes the link carries per
 second). QEMU's RAM migration is a series of passes: each sends what the guest dirtied during the one
 before, and QEMU switches over once what is left fits its downtime limit at its measured bandwidth.
-The next pass is ``dirty rate x this pass's duration`` (at most the guest's RAM), sent at the effective
-rate; passes are predicted until one fits the limit. The remaining time is the disk mirror's remainder,
-the current memory pass (its remainder times its share of non-zero pages: a zero page costs only a
-header; in the first pass from a profile of the guest's RAM read before the migration, later from what
-the pass sent so far), the predicted passes and the final copy with the guest paused.
+The current pass's remainder is its non-zero pages at the effective rate and its zero pages (a header
+each) at the rate QEMU reads them; the non-zero share comes, in the first pass, from a profile of the
+guest's RAM, later from what the pass sent so far. The next pass is ``dirty rate x the current pass's
+whole duration`` (at most the guest's RAM), sent at the effective rate; passes are predicted until one
+fits the limit (sent with the guest paused). The remaining time is the disk mirror's remainder, the
+current pass, the predicted passes and the switch. The dirty rate is, by preference, QEMU's own (one
+per sync), the profiled pages seen changing since the first pass began (per second: QEMU's measure),
+QMP ``calc-dirty-rate``'s one-second sample.
 
 Invariants:
   - The verdict is ``unknown`` until the guest's dirty rate is known (QMP ``calc-dirty-rate`` sampled
@@ -23,18 +26,20 @@ Invariants:
     ``MAX_PASSES`` would be needed, or when the dirty set at ``STUCK_PASSES`` pass starts in a row did
     not shrink (QEMU's dirty rate counts distinct pages since its last sync: a small working set
     rewritten fast looks slow, its pass sizes do not).
-  - The ETA is ``None`` until the link and the dirty rate were measured, and while the verdict is ``no``
-    (it would never end by itself).
+  - The ETA is ``None`` until the link was measured (one poll of the memory stream at the latest), and
+    while the verdict is ``no`` (it would never end by itself). Until the dirty rate is measured the
+    passes after the current one count as empty (at most the downtime limit's worth).
 
 Why the ETA does not saw-tooth: a naive ``remaining / rate`` drops towards zero at the end of every
 pass and jumps back at the next sync. Here the prediction includes the passes still to come, so a sync
 moves figures from "predicted" to "current" without changing the total much; the rates are differences
 of cumulative counters over a fixed window (one late sample moves them by its share of the window, not
 by its own jitter); and what is smoothed is the predicted *finish time*: the published one is the median
-of the predictions of the last ``FINISH_WINDOW_SECONDS``. A correct prediction is a constant finish time,
-so the ETA counts down one second per second; one outlying sample cannot move a median (half the window
-must agree), and a real change (the link speeding up, the guest dirtying more) is followed within half
-the window, where an EWMA would still carry a share of every early error.
+of the predictions of the last ``FINISH_WINDOW_SECONDS`` (restarted with a new phase and when the dirty
+rate is first known: the one upward step the ETA takes by design). A correct prediction is a constant
+finish time, so the ETA counts down one second per second; one outlying sample cannot move a median
+(half the window must agree), and a real change (the link speeding up, the guest dirtying more) is
+followed within half the window, where an EWMA would still carry a share of every early error.
 """
 
 import logging
@@ -56,17 +61,21 @@ from workers.qemu.memory import ram_mapping
 logger = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 2.0  # the link rate's window: 10 DWCP progress ticks, short enough to follow a ramp-up
+# The ETA's rate is the effective rate over a longer window: a short migration's whole first pass, whose
+# length is what the ETA predicts (the 2 s rate swung 2x with the tunnel's codec and the shared CPUs),
+# and still one that forgets a link cut within seconds.
+ETA_WINDOW_SECONDS = 5.0
 MIN_SPAN_SECONDS = 0.6  # a rate over less than this is noise for the verdict (a burst filling buffers)
 FIRST_ETA_SPAN_SECONDS = 0.15  # the ETA's first rate: one poll (0.2 s) after the memory stream started
-FINISH_WINDOW_SECONDS = 1.5  # the predicted finish times whose median is published
+FINISH_WINDOW_SECONDS = 1.0  # the predicted finish times whose median is published (5 polls)
 DIRTY_SMOOTHING = 0.5  # EWMA weight of a new dirty-rate measurement (one per QEMU sync)
 MARGIN = 0.1  # "converging" needs an effective rate at least 10 % above the dirty rate
 MAX_PASSES = 30  # more predicted passes than this is "no": each pass costs a full round of the dirty set
 STUCK_PASSES = 2  # this many pass starts in a row whose dirty set did not shrink: "no"
 SWITCH_SECONDS = 0.3  # the switch around QEMU's last pass (mirror end, resume): measured 0.1-0.5 s
-# QEMU finds a zero page by reading it and sends only a header: ~1 GiB/s of them measured on the
-# bench's two-core machine under TCG (a 1 GiB guest's 700 MiB of zero pages took 0.4-0.7 s).
-ZERO_PAGE_BYTES_PER_SECOND = float(1 << 30)
+# QEMU finds a zero page by reading it and sends only a header: a 1 GiB guest's 700 MiB of zero pages
+# took 0.25-0.45 s on the bench's two-core machine under TCG (1.5-2.8 GB/s; lower bounds: 0.2-0.4 s polls).
+ZERO_PAGE_BYTES_PER_SECOND = float(2 << 30)
 MEBI = float(1 << 20)
 PAGE = 4096
 RAM_PROFILE_SAMPLES = 4096  # pages read before the migration: the zero share within about +-1.5 %
@@ -195,11 +204,9 @@ class Forecaster:
         effective = link_rate * compression if link_rate is not None and compression is not None else None
         if sample.phase == "memory" and self.passes and self.passes[-1].number != self.decided_at:
             self._decide(sample, effective)
-        if effective is None:  # the ETA's first figures: the rate over a single poll
-            first_rate, first_compression = self._link(FIRST_ETA_SPAN_SECONDS)
-            if first_rate is not None and first_compression is not None:
-                effective = first_rate * first_compression
-        eta, phase_eta = self._eta(sample, effective)
+        eta_rate, eta_compression = self._link(FIRST_ETA_SPAN_SECONDS, ETA_WINDOW_SECONDS)
+        eta_effective = eta_rate * eta_compression if eta_rate is not None and eta_compression else None
+        eta, phase_eta = self._eta(sample, eta_effective)
         if self.verdict == "no":
             eta = None
         smoothed = self._smooth(sample.at, f"{sample.phase}/{self.guest_dirty_rate is not None}", eta)
@@ -238,7 +245,7 @@ class Forecaster:
         # (its first sample is taken as QEMU starts it).
         if sample.wire_bytes > 0 or sample.phase == "memory":
             self.window.append(sample)
-        while len(self.window) > 2 and sample.at - self.window[1].at >= WINDOW_SECONDS:
+        while len(self.window) > 2 and sample.at - self.window[1].at >= ETA_WINDOW_SECONDS:
             self.window.popleft()
         previous, self.last = self.last, sample
         if sample.phase != "memory" or sample.passes < 1:  # QEMU's setup: no RAM figures yet
@@ -258,11 +265,18 @@ class Forecaster:
                     else DIRTY_SMOOTHING * sample.dirty_rate + (1 - DIRTY_SMOOTHING) * self.dirty_rate
                 )
 
-    def _link(self, min_span: float = MIN_SPAN_SECONDS) -> tuple[float | None, float | None]:
-        """Wire bytes/s and the compression ratio over the window (None: it spans less than ``min_span``)."""
+    def _link(
+        self, min_span: float = MIN_SPAN_SECONDS, horizon: float = WINDOW_SECONDS
+    ) -> tuple[float | None, float | None]:
+        """Wire bytes/s and the compression ratio over the last ``horizon`` seconds of the window (None:
+        they span less than ``min_span``)."""
         if len(self.window) < 2:
             return None, None
-        first, last = self.window[0], self.window[-1]
+        last, first = self.window[-1], self.window[0]
+        for older in self.window:  # from the newest sample at least ``horizon`` old
+            if last.at - older.at < horizon:
+                break
+            first = older
         span = last.at - first.at
         wire = last.wire_bytes - first.wire_bytes
         if span < min_span or wire <= 0:
