@@ -191,6 +191,16 @@ def test_an_eta_is_published_at_the_first_poll_of_the_memory_stream():
     assert forecast.eta_seconds is not None and abs(forecast.eta_seconds - (6.2 + SWITCH_SECONDS)) < 0.01
 
 
+def test_the_watch_asks_to_publish_the_first_eta_at_once():
+    watch = ForecastWatch(lambda forecast: None, downtime_limit=2.0)
+    flags = []
+    for sample in _samples(effective=10 * MIB, dirty=MIB, total=20 * MIB, limit=2.0)[:4]:
+        fields = watch.add(sample)
+        flags.append((fields["eta_seconds"] != "", watch.publish_now))
+    # The first sample has no rate yet; the second gives the first ETA, published without waiting.
+    assert flags == [(False, False), (True, True), (True, False), (True, False)], flags
+
+
 def test_the_pages_seen_changing_in_the_first_pass_win_over_the_one_second_sample():
     forecaster = Forecaster(downtime_limit=2.0)
     sample = Sample(

@@ -435,7 +435,8 @@ class ForecastWatch:
         self._pages: tuple[float, tuple[int, ...]] | None = None  # (when, CRCs) as the memory stream began
         self._first_pass_dirty_rate: float | None = None
         self._dirty_read_at = 0.0
-        self.verdict_changed = False  # by the last sample: publish it at once
+        self.publish_now = False  # the last sample changed the verdict or gave the first ETA: publish it
+        self._eta_given = False
 
     @property
     def wants_sampled_dirty_rate(self) -> bool:
@@ -540,7 +541,11 @@ class ForecastWatch:
     def add(self, sample: Sample) -> dict[str, Any]:
         forecast = self.forecaster.add(sample)
         reported = (forecast.converging, forecast.passes if forecast.converging == "no" else 0)
-        self.verdict_changed = forecast.converging != "unknown" and reported[0] != self._reported[0]
+        first_eta = forecast.eta_seconds is not None and not self._eta_given
+        self._eta_given = self._eta_given or first_eta
+        self.publish_now = first_eta or (
+            forecast.converging != "unknown" and reported[0] != self._reported[0]
+        )
         if forecast.converging != "unknown" and reported != self._reported:
             self._reported = reported
             try:

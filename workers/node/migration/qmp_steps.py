@@ -132,13 +132,15 @@ def mirror_and_migrate(
                 # reported percent monotonic.
                 total, offset = float(block_job["len"]), float(block_job["offset"])
                 fraction = offset / total if total else 1.0
+                forecast = watch.disk(remaining=max(total - offset, 0), memory_total=memory_total)
                 job.publisher.update(
                     phase="disk",
                     disk_total=total,
                     disk_processed=offset,
                     disk_remaining=max(total - offset, 0),
                     percent=50.0 * fraction,
-                    **watch.disk(remaining=max(total - offset, 0), memory_total=memory_total),
+                    force=watch.publish_now,
+                    **forecast,
                 )
         if has_event(qmp, mark, "BLOCK_JOB_CANCELLED", job_id) or has_event(
             qmp, mark, "BLOCK_JOB_ERROR", job_id
@@ -186,7 +188,7 @@ def mirror_and_migrate(
                 rate_bps=float(ram.get("mbps", 0)) * 1_000_000,
                 wire_bytes=transferred,
                 percent=50.0 + 49.0 * (processed / total if total else 0.0),
-                force=watch.verdict_changed,
+                force=watch.publish_now,
                 **forecast,
             )
         if status == "pre-switchover":
