@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.migration.eta import EtaRecorder, errors, given
-from bench.migration.netns import Topology, shape, two_hosts
+from bench.migration.netns import PREFIX, Topology, shape, two_hosts
 from bench.migration.outage import Probe
 from bench.migration.table import Section, link_rate, links, pause_parts, report
 
@@ -190,6 +190,7 @@ def live_migration(vm_id: Any, user: Any, there: Any, topology: Topology) -> dic
         "progress": snapshots,  # every snapshot the source published: the forecast's inputs, to replay
         "requested_at": requested_at,
         "finished_at": migration.finished_at.timestamp(),
+        "load_average": os.getloadavg(),  # the machine's (1, 5, 15 min) as the run ended: a shared box
     }
 
 
@@ -793,6 +794,14 @@ def _native_migrate(
 # --- main ----------------------------------------------------------------------------------------------
 
 
+def namespaces(text: str) -> str:
+    """``PREFIX:OCTET`` (``--netns``): a topology of its own, so that two benches can run at once."""
+    prefix, _, octet = text.partition(":")
+    if not prefix or len(prefix) > 12 or not octet.isdigit() or not 1 <= int(octet) <= 254:
+        raise argparse.ArgumentTypeError(f"expected PREFIX:OCTET (prefix up to 12 characters), got {text!r}")
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -832,6 +841,15 @@ def main() -> int:
     parser.add_argument("--debian-memory-mb", type=int, default=512)
     parser.add_argument("--debian-file-mb", type=int, default=8, help="size of each file the workload writes")
     parser.add_argument("--debian-pause", type=float, default=2.0, help="seconds between two files")
+    parser.add_argument(
+        "--database",
+        default=DB_NAME,
+        help="PostgreSQL database the bench creates and drops (one per concurrent bench)",
+    )
+    parser.add_argument(
+        "--netns", default=f"{PREFIX}:231", type=namespaces,
+        help="PREFIX:OCTET of the bench's namespaces and 10.OCTET.0.0/23 addresses (one per concurrent bench)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.native_runs is None:
         args.native_runs = args.runs
@@ -844,12 +862,15 @@ def main() -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="ncbm-"))
     redis_port = free_port()
-    with two_hosts() as topology, processes() as started:
+    prefix, _, octet = args.netns.partition(":")
+    with two_hosts(Topology.of(prefix, int(octet))) as topology, processes() as started:
         spawn(started, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", topology.host_a, topology.host_b,
                         "--save", "", "--appendonly", "no", "--protected-mode", "no"], dict(os.environ), workdir / "redis.log")  # fmt: skip
-        database_url = f"postgres://postgres@127.0.0.1:5432/{DB_NAME}"
-        subprocess.run(["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", DB_NAME], check=True)
-        subprocess.run(["createdb", "-U", "postgres", "-h", "127.0.0.1", DB_NAME], check=True)
+        database_url = f"postgres://postgres@127.0.0.1:5432/{args.database}"
+        subprocess.run(
+            ["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", args.database], check=True
+        )
+        subprocess.run(["createdb", "-U", "postgres", "-h", "127.0.0.1", args.database], check=True)
         env = dict(os.environ) | {
             "DJANGO_SETTINGS_MODULE": "novacron.settings.main", "DATABASE_URL": database_url,
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SECRET_KEY": "bench", "DWCP_SECRET": SECRET,
@@ -898,7 +919,7 @@ def main() -> int:
     connections.close_all()
     # --force: this process's connection pool keeps its idle sessions open until it exits.
     subprocess.run(
-        ["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", "--force", DB_NAME], check=False
+        ["dropdb", "-U", "postgres", "-h", "127.0.0.1", "--if-exists", "--force", args.database], check=False
     )
     return 0
 

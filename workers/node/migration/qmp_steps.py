@@ -105,6 +105,7 @@ def mirror_and_migrate(
     watch.forecaster.downtime_limit = qemu_limit / 1000  # what decides QEMU's switch
     memory_total = float(job.spec.memory_mb) * (1 << 20)
     clear_leftovers(qmp.execute)
+    start_dirty_rate_sampling(qmp)  # first: it takes a second, and the forecast waits for it
     mark = qmp.event_mark()
     qmp.execute(
         "blockdev-add",
@@ -119,7 +120,6 @@ def mirror_and_migrate(
     qmp.execute(
         "blockdev-mirror", {"job-id": job_id, "device": "disk0", "target": MIRROR_NODE, "sync": "top"}
     )
-    start_dirty_rate_sampling(qmp)
     deadline = time.monotonic() + MIRROR_READY_TIMEOUT
     while not has_event(qmp, mark, "BLOCK_JOB_READY", job_id):
         if time.monotonic() > deadline:
@@ -132,13 +132,15 @@ def mirror_and_migrate(
                 # reported percent monotonic.
                 total, offset = float(block_job["len"]), float(block_job["offset"])
                 fraction = offset / total if total else 1.0
+                forecast = watch.disk(remaining=max(total - offset, 0), memory_total=memory_total)
                 job.publisher.update(
                     phase="disk",
                     disk_total=total,
                     disk_processed=offset,
                     disk_remaining=max(total - offset, 0),
                     percent=50.0 * fraction,
-                    **watch.disk(remaining=max(total - offset, 0), memory_total=memory_total),
+                    force=watch.publish_now,
+                    **forecast,
                 )
         if has_event(qmp, mark, "BLOCK_JOB_CANCELLED", job_id) or has_event(
             qmp, mark, "BLOCK_JOB_ERROR", job_id
@@ -152,6 +154,8 @@ def mirror_and_migrate(
         {"downtime-limit": qemu_limit, "max-bandwidth": UNLIMITED_QEMU_BANDWIDTH},
     )
     migrate_mark = qmp.event_mark()
+    # The forecast's baseline: QEMU's dirty tracking and the memory stream start with the next command.
+    job.publisher.update(**watch.memory_started(memory_total))
     qmp.execute("migrate", {"uri": f"unix:{memory_socket}"})
     stopped_by_us = False
     deadline = time.monotonic() + MIGRATE_TIMEOUT
@@ -184,7 +188,7 @@ def mirror_and_migrate(
                 rate_bps=float(ram.get("mbps", 0)) * 1_000_000,
                 wire_bytes=transferred,
                 percent=50.0 + 49.0 * (processed / total if total else 0.0),
-                force=watch.verdict_changed,
+                force=watch.publish_now,
                 **forecast,
             )
         if status == "pre-switchover":
