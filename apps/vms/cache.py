@@ -26,10 +26,11 @@ one Lua function :data:`ENTRY_KEY_LUA` joins them with the versions' current val
 
 One look-up is one round trip: the script reads the versions, builds the key and returns the body
 (:func:`lookup`). A stored value is the body's digest (:data:`DIGEST_SIZE` bytes of xxh3-128) and
-then the body; this process keeps copies of the bodies it stored or read (:data:`bodies`), which
-the fast path's look-up (:mod:`.fast_lookup`) answers from when Redis holds the same digest. Hits
-and misses go to ``novacron_api_cache_requests_total{view,result}`` and to the monitoring app's
-cache counters (``cache.hit_ratio``).
+then the body; this process keeps copies of the bodies it stored or read (:data:`bodies`, each for
+at most its entry's TTL), which the fast path's look-up (:mod:`.fast_lookup`) answers from when
+Redis holds the same digest. Hits and misses go to
+``novacron_api_cache_requests_total{view,result}`` and to the monitoring app's cache counters
+(``cache.hit_ratio``).
 """
 
 import functools
@@ -38,7 +39,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -222,41 +223,52 @@ def value_of(body: bytes) -> tuple[bytes, bytes]:
 
 class _Bodies:
     """This process's copies of entries' bodies, by entry key, with their digests, least recently
-    used dropped first beyond :data:`LOCAL_BODIES_BYTES`. A copy answers only a look-up whose
-    digest (read from Redis) is its own, so it is the stored body byte for byte.
+    used dropped first beyond :data:`LOCAL_BODIES_BYTES`, and none kept longer than its entry's TTL.
+    A copy answers only a look-up whose digest (read from Redis) is its own, so it is the stored body
+    byte for byte.
 
     The budget counts what the copies really hold: a copy is made to its length (a ``bytes`` from
     ``orjson.dumps`` keeps orjson's whole 4 KiB write buffer, so a 100-byte body cost 4 KiB: the
     soak's web process grew by ~2.5 MiB a minute while the budget believed the cache a tenth of its
-    size), and each entry's key and bookkeeping count too."""
+    size), and each entry's key and bookkeeping count too.
 
-    def __init__(self, budget: int) -> None:
+    A copy goes once its entry's TTL has passed since it was kept: every write makes new versions, so
+    old entries are never read again, and copies kept until the budget pushed them out made the web
+    process grow by its whole budget (about 0.25 MiB a minute in the soak, for an hour). Expired
+    copies are the least recently used ones; each ``put`` drops them from the front."""
+
+    def __init__(self, budget: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.budget = budget
+        self.clock = clock
         self.used = 0
-        self.found: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()
+        self.found: OrderedDict[str, tuple[bytes, bytes, float]] = OrderedDict()  # digest, body, until
         self.lock = threading.Lock()
 
     def get(self, key: str, digest: bytes) -> bytes | None:
         with self.lock:
             found = self.found.get(key)
-            if found is None or found[0] != digest:
+            if found is None or found[0] != digest or found[2] <= self.clock():
                 return None
             self.found.move_to_end(key)
             return found[1]
 
-    def put(self, key: str, digest: bytes, body: bytes) -> None:
+    def put(self, key: str, digest: bytes, body: bytes, ttl: float) -> None:
         if self._cost(key, body) > self.budget:
             return
         kept = bytes(memoryview(body))  # a copy of exactly its length (see the class's docstring)
+        now = self.clock()
         with self.lock:
             previous = self.found.pop(key, None)
             if previous is not None:
                 self.used -= self._cost(key, previous[1])
-            self.found[key] = (digest, kept)
+            self.found[key] = (digest, kept, now + ttl)
             self.used += self._cost(key, kept)
-            while self.used > self.budget:
-                dropped_key, (_, dropped) = self.found.popitem(last=False)
-                self.used -= self._cost(dropped_key, dropped)
+            while self.found:
+                oldest_key, (_, oldest, until) = next(iter(self.found.items()))
+                if self.used <= self.budget and until > now:
+                    break
+                del self.found[oldest_key]
+                self.used -= self._cost(oldest_key, oldest)
 
     @staticmethod
     def _cost(key: str, body: bytes) -> int:
@@ -284,7 +296,7 @@ class Entry:
         except redis.RedisError as exc:
             warn("store", exc)
             return
-        bodies.put(self.key, digest, body)
+        bodies.put(self.key, digest, body, self.ttl)
 
 
 def lookup(slot: Slot) -> Entry:

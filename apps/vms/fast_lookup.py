@@ -179,15 +179,16 @@ def fast_lookup(
     key = bytes(answer[5]).decode()
     if answer[0] == 3:
         return FastMiss(viewer, acting, Entry(slot.view, key, None, slot.ttl))
-    body = _body(key, bytes(answer[6]))
+    body = _body(key, bytes(answer[6]), slot.ttl)
     if body is None:
         return None  # gone since the script read its digest: the full path answers
     count_lookup(slot.view, hit=True)
     return FastHit(viewer, acting, body)
 
 
-def _body(key: str, digest: bytes) -> bytes | None:
-    """The body stored under ``key`` with ``digest``: this process's copy, else read from Redis."""
+def _body(key: str, digest: bytes, ttl: int) -> bytes | None:
+    """The body stored under ``key`` with ``digest``: this process's copy, else read from Redis
+    (and kept for the entry's ``ttl``)."""
     body = vm_cache.bodies.get(key, digest)
     if body is not None:
         return body
@@ -200,7 +201,7 @@ def _body(key: str, digest: bytes) -> bytes | None:
         return None
     value = bytes(value)
     body = value[DIGEST_SIZE:]
-    vm_cache.bodies.put(key, value[:DIGEST_SIZE], body)
+    vm_cache.bodies.put(key, value[:DIGEST_SIZE], body, ttl)
     return body
 
 

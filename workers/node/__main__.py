@@ -16,6 +16,7 @@ from workers.net.model import NetworkError
 from workers.qemu import DataDirError, DriverSettings, QemuDriver, QemuNotInstalled
 from workers.qemu.layout import NodeLayout
 
+from .allocator import cap_malloc_arenas
 from .config import ConfigError, NodeConfig, from_args
 from .console import ConsoleManager
 from .image_fetch import ImageTasks, register_image_tasks
@@ -55,6 +56,7 @@ def make_app(config: NodeConfig) -> Celery:
 
 
 def main(argv: list[str] | None = None) -> int:
+    cap_malloc_arenas()  # before any thread: see workers.node.allocator
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

@@ -382,15 +382,33 @@ def test_a_process_copy_of_a_body_is_served_only_while_redis_holds_the_same_byte
 def test_the_process_copies_keep_within_their_byte_budget_oldest_first() -> None:
     entry = 4 + 1 + vm_cache.BODY_ENTRY_OVERHEAD  # a 4-byte body under a 1-character key
     bodies = vm_cache._Bodies(budget=2 * entry + 1)
-    bodies.put("a", b"d-a", b"aaaa")
-    bodies.put("b", b"d-b", b"bbbb")
+    bodies.put("a", b"d-a", b"aaaa", 60)
+    bodies.put("b", b"d-b", b"bbbb", 60)
     assert bodies.get("a", b"d-a") == b"aaaa"  # now the most recently used
-    bodies.put("c", b"d-c", b"cccc")  # three entries: "b", the least recently used, goes
+    bodies.put("c", b"d-c", b"cccc", 60)  # three entries: "b", the least recently used, goes
     assert bodies.get("b", b"d-b") is None
     assert bodies.get("a", b"d-a") == b"aaaa" and bodies.get("c", b"d-c") == b"cccc"
     assert bodies.get("a", b"other digest") is None
-    bodies.put("huge", b"d", b"x" * 2 * entry)  # larger than the budget: never kept
+    bodies.put("huge", b"d", b"x" * 2 * entry, 60)  # larger than the budget: never kept
     assert bodies.get("huge", b"d") is None and bodies.used == 2 * entry
+
+
+def test_a_process_copy_goes_once_its_entrys_ttl_has_passed_though_the_budget_has_room() -> None:
+    """Every write makes new versions and old entries are never read again: copies kept until the
+    budget pushed them out made the soak's web process grow by the whole budget for an hour."""
+    now = [1000.0]
+    bodies = vm_cache._Bodies(budget=1 << 30, clock=lambda: now[0])
+    bodies.put("list-v1", b"d1", b"old list", vm_cache.LIST_TTL)
+    bodies.put("detail-v1", b"d2", b"old detail", vm_cache.DETAIL_TTL)
+    now[0] += vm_cache.LIST_TTL
+    assert bodies.get("list-v1", b"d1") is None  # expired: never answered from the copy
+    assert bodies.get("detail-v1", b"d2") == b"old detail"  # read: now the most recently used
+    bodies.put("list-v2", b"d3", b"new list", vm_cache.LIST_TTL)
+    assert "list-v1" not in bodies.found  # dropped, not only hidden
+    now[0] += vm_cache.DETAIL_TTL
+    bodies.put("list-v3", b"d4", b"newer list", vm_cache.LIST_TTL)
+    assert list(bodies.found) == ["list-v3"]
+    assert bodies.used == len(b"newer list") + len("list-v3") + vm_cache.BODY_ENTRY_OVERHEAD
 
 
 def test_the_process_copies_hold_no_more_memory_than_the_budget_counts() -> None:
@@ -402,7 +420,7 @@ def test_the_process_copies_hold_no_more_memory_than_the_budget_counts() -> None
     try:
         before = tracemalloc.get_traced_memory()[0]
         for index, body in enumerate(made):
-            bodies.put(f"k{index}", b"d" * 16, body)
+            bodies.put(f"k{index}", b"d" * 16, body, 60)
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
