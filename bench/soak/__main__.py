@@ -8,7 +8,8 @@ namespace each, as on real hosts). Needs root. Two VMs migrate back and forth
 between the nodes the whole time while client threads list, read and rename VMs and read migrations.
 Every ``--interval`` seconds it prints requests, errors and p95 latency of that interval; at the end the
 migrations completed and failed, and each process's RSS before the traffic ("cold"), after a warm-up of
-``--warmup`` seconds of traffic and at the end; growth from the warm-up to the end must stay within
+``--warmup`` seconds of traffic and at the end (each the median of the first and the last three
+samples: a node worker's reading holds its migration in flight); growth from the warm-up to the end must stay within
 ``--growth-limit`` (5 %; the first minutes load modules, fill pools and start threads once; the cold
 column shows how much), with no 5xx and no failed migration.
 
@@ -162,6 +163,7 @@ class Soak:
                 "4",
                 "--no-ws",
             ],
+            self.env | {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")},  # as the Procfile's
         )
         self.spawn(
             "control",
@@ -390,13 +392,13 @@ class Soak:
         )
         intervals: list[dict[str, Any]] = []
         total_requests = 0
-        rss_warm: dict[str, int] | None = None
+        warm_samples: list[dict[str, int]] = []  # every sample from the end of the warm-up on
         try:
             while time.monotonic() - began < self.args.seconds:
                 time.sleep(self.args.interval)
                 rss_now = self.rss()
-                if rss_warm is None and time.monotonic() - began >= self.args.warmup:
-                    rss_warm = rss_now
+                if time.monotonic() - began >= self.args.warmup:
+                    warm_samples.append(rss_now)
                 with self.lock:
                     window, self.latencies = self.latencies, []
                     requests, errors = self.requests, self.errors
@@ -437,8 +439,11 @@ class Soak:
             lengths = ", ".join(f"{entry['seconds']:.0f} s at {entry['at_s']:.0f} s" for entry in self.cuts)
             print(f"link cuts {len(self.cuts)}: {lengths}")
         # Growth is judged from the end of the warm-up: the first minutes of traffic load modules,
-        # fill connection pools and start threads once (the cold figure shows how much).
-        warm = rss_warm or rss_start
+        # fill connection pools and start threads once (the cold figure shows how much). Each end is
+        # the median of RSS_SAMPLES samples: a node worker's reading holds the buffers of the
+        # migration in flight at that moment (3-45 MiB), which one sample would take for growth.
+        warm = _median_rss(warm_samples[:RSS_SAMPLES] or [rss_start])
+        rss_end = _median_rss(warm_samples[-RSS_SAMPLES:] or [rss_end])
         print(
             f"\n{'process':<10} {'RSS cold MiB':>13} {'after warm-up':>14} {'RSS end MiB':>12} {'growth':>8}"
             f" {'(from cold)':>12}"
@@ -491,6 +496,14 @@ class Soak:
         path = ROOT / "bench" / "results" / f"soak-{stamp}-{commit}.json"
         path.write_text(json.dumps({"commit": commit, "args": vars(self.args), **result}, indent=1) + "\n")
         print(f"result: {path.relative_to(ROOT)}")
+
+
+RSS_SAMPLES = 3  # samples whose median is each end of the growth check
+
+
+def _median_rss(samples: list[dict[str, int]]) -> dict[str, int]:
+    """Each process's median RSS over ``samples``."""
+    return {name: int(statistics.median(sample.get(name, 0) for sample in samples)) for name in samples[0]}
 
 
 def main() -> int:
