@@ -28,7 +28,10 @@ pytestmark = [
 
 
 class Supervisor(threading.Thread):
-    """Restarts a node worker that exited, as the deployment's supervisor does (compose: restart)."""
+    """Restarts a node or control worker that exited, as the deployment's supervisor does (compose:
+    restart). Both exit on kombu's failure to restore a running task's message on the dead
+    connection ("Unrecoverable error: AttributeError ... hostname"): the node worker on purpose (see
+    ``workers.node.__main__``), Celery's control worker by itself (seen in CI with a report in hand)."""
 
     def __init__(self, cluster: Cluster) -> None:
         super().__init__(daemon=True)
@@ -38,10 +41,11 @@ class Supervisor(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.wait(0.5):
-            for name, process in self.cluster.nodes.items():
+            workers = {f"node worker {name}": process for name, process in self.cluster.nodes.items()}
+            for name, process in {**workers, "control worker": self.cluster.control}.items():
                 if process.popen is not None and process.popen.poll() is not None:
                     code = process.popen.returncode
-                    self.restarts.append(f"node worker {name} exited ({code}) on the broker loss; restarted")
+                    self.restarts.append(f"{name} exited ({code}) on the broker loss; restarted")
                     process.start()
 
 
