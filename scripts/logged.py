@@ -8,8 +8,11 @@ indented continuation lines, and other stdout (Celery's banner), stay in the fil
 are recognised in the formats of the processes `make run` starts: NovaCron's own
 (settings/logging.py, node workers), Celery, granian and Flower (tornado).
 
-It ignores SIGINT and SIGTERM: honcho signals the whole process group, so the command gets them
-itself, and this wrapper exits with the command's status once the command has closed its output.
+It does not act on SIGINT and SIGTERM: honcho signals the whole process group, so the command gets
+them itself, and this wrapper exits with the command's status once the command has closed its output.
+A command that exits without being told to, after running ``MIN_UPTIME_SECONDS``, is started again,
+as Compose's ``restart`` does (Celery's workers exit when kombu fails on a Redis restart, and honcho
+would stop the whole system for one process); one that fails sooner (a startup error) ends it.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO
 
+MIN_UPTIME_SECONDS = 5.0  # a command that ran this long and exited unasked is started again
+RESTART_DELAY_SECONDS = 1.0
 QUIET_LEVELS = frozenset({"DEBUG", "INFO", "D", "I"})
 RECORD_HEADERS = (
     re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[A-Z]+) "),  # NovaCron
@@ -50,6 +56,18 @@ class Splitter:
         self.lock = threading.Lock()
         self.console_open = True
 
+    def write(self, line: bytes, *, shown: bool) -> None:
+        """``line`` to the file, and to the console if ``shown``."""
+        with self.lock:
+            self.log.write(line)
+            self.log.flush()
+            if shown and self.console_open:
+                try:
+                    self.console.write(line)
+                    self.console.flush()
+                except OSError:  # honcho stopped reading first: the file still gets the rest
+                    self.console_open = False
+
     def pump(self, stream: IO[bytes], *, is_stderr: bool) -> None:
         record_shown: bool | None = None  # whether the record the last lines belong to is shown
         for line in iter(stream.readline, b""):
@@ -58,16 +76,7 @@ class Splitter:
                 record_shown = level not in QUIET_LEVELS
             elif record_shown is False and not line[:1].isspace():
                 record_shown = None  # a quiet record continues on indented lines only
-            shown = is_stderr if record_shown is None else record_shown
-            with self.lock:
-                self.log.write(line)
-                self.log.flush()
-                if shown and self.console_open:
-                    try:
-                        self.console.write(line)
-                        self.console.flush()
-                    except OSError:  # honcho stopped reading first: the file still gets the rest
-                        self.console_open = False
+            self.write(line, shown=is_stderr if record_shown is None else record_shown)
 
 
 def main(argv: list[str]) -> int:
@@ -77,21 +86,36 @@ def main(argv: list[str]) -> int:
     name, command = argv[0], argv[1:]
     log_dir = Path(os.environ.get("NOVACRON_VAR_DIR", "var")) / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
+    stopping = threading.Event()
     with (log_dir / f"{name}.log").open("ab") as log:
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        # Ignored only now, so that the command does not inherit SIG_IGN.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        assert child.stdout is not None and child.stderr is not None
         splitter = Splitter(log, sys.stdout.buffer)
-        stderr_pump = threading.Thread(
-            target=splitter.pump, args=(child.stderr,), kwargs={"is_stderr": True}, daemon=True
-        )
-        stderr_pump.start()
-        splitter.pump(child.stdout, is_stderr=False)
-        stderr_pump.join()
-        returncode = child.wait()
+        while True:
+            started = time.monotonic()
+            returncode = _run(command, splitter, stopping)
+            if stopping.is_set() or time.monotonic() - started < MIN_UPTIME_SECONDS:
+                break
+            notice = f"logged.py: {name} exited ({returncode}) unasked; starting it again\n".encode()
+            splitter.write(notice, shown=True)
+            time.sleep(RESTART_DELAY_SECONDS)
+            if stopping.is_set():
+                break
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _run(command: list[str], splitter: Splitter, stopping: threading.Event) -> int:
+    """Run ``command`` once, its output through ``splitter``; its exit status."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Set only now, so that the command inherits the default handlers.
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    assert child.stdout is not None and child.stderr is not None
+    stderr_pump = threading.Thread(
+        target=splitter.pump, args=(child.stderr,), kwargs={"is_stderr": True}, daemon=True
+    )
+    stderr_pump.start()
+    splitter.pump(child.stdout, is_stderr=False)
+    stderr_pump.join()
+    return child.wait()
 
 
 if __name__ == "__main__":

@@ -40,3 +40,30 @@ def test_the_console_gets_warnings_errors_and_stray_stderr_and_the_file_gets_eve
     ])  # fmt: skip
     logged = (tmp_path / "log" / "demo.log").read_text().splitlines()
     assert len(logged) == 11 and "celery banner line on stdout" in logged and "  continued quietly" in logged
+
+
+RESTARTED = r"""
+import pathlib, sys, time
+marker = pathlib.Path(sys.argv[1])
+if not marker.exists():
+    marker.write_text("ran")
+    time.sleep(float(sys.argv[2]))
+    sys.exit(1)  # as a Celery worker that gave up on its broker: unasked, after running a while
+print("second life", flush=True)
+sys.exit(4)  # a startup failure: not started again
+"""
+
+
+def test_a_command_that_exits_unasked_after_running_a_while_is_started_again(tmp_path: Path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from logged import MIN_UPTIME_SECONDS
+
+    command = [sys.executable, "-c", RESTARTED, str(tmp_path / "marker"), str(MIN_UPTIME_SECONDS + 0.5)]
+    result = subprocess.run(
+        [sys.executable, "scripts/logged.py", "demo", *command],
+        cwd=ROOT, env=os.environ | {"NOVACRON_VAR_DIR": str(tmp_path)}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 4
+    assert "logged.py: demo exited (1) unasked; starting it again" in result.stdout
+    assert "second life" in (tmp_path / "log" / "demo.log").read_text()
