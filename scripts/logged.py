@@ -87,11 +87,14 @@ def main(argv: list[str]) -> int:
     log_dir = Path(os.environ.get("NOVACRON_VAR_DIR", "var")) / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
     stopping = threading.Event()
+    # Handlers, not SIG_IGN: the commands inherit the default action (exec resets handlers).
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     with (log_dir / f"{name}.log").open("ab") as log:
         splitter = Splitter(log, sys.stdout.buffer)
         while True:
             started = time.monotonic()
-            returncode = _run(command, splitter, stopping)
+            returncode = _run(command, splitter)
             if stopping.is_set() or time.monotonic() - started < MIN_UPTIME_SECONDS:
                 break
             notice = f"logged.py: {name} exited ({returncode}) unasked; starting it again\n".encode()
@@ -102,12 +105,9 @@ def main(argv: list[str]) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _run(command: list[str], splitter: Splitter, stopping: threading.Event) -> int:
+def _run(command: list[str], splitter: Splitter) -> int:
     """Run ``command`` once, its output through ``splitter``; its exit status."""
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # Set only now, so that the command inherits the default handlers.
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     assert child.stdout is not None and child.stderr is not None
     stderr_pump = threading.Thread(
         target=splitter.pump, args=(child.stderr,), kwargs={"is_stderr": True}, daemon=True

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Final, cast
 
 from django.db import IntegrityError, transaction
 from django.db.models import Q
@@ -299,7 +299,7 @@ def _taken_by_orm(ids: list[int]) -> list[tuple[int, str]]:
 @postgresql_or(_taken_by_orm)
 def _taken_addresses(ids: list[int]) -> list[tuple[int, str]]:
     """(network id, address) of every NIC of the networks of ``ids``."""
-    return [(network_id, address) for network_id, address in fetch_prepared(_TAKEN_SQL, [ids])]
+    return cast(list[tuple[int, str]], fetch_prepared(_TAKEN_SQL, [ids]))
 
 
 _TAKEN_SQL: Final = "SELECT network_id, ipv4 FROM nics WHERE network_id = ANY(%s)"
